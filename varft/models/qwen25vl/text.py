@@ -1,0 +1,166 @@
+"""The Qwen2 language model of Qwen2.5-VL as pure functions over a parameter pytree.
+
+Layers are stacked along a leading axis and run with `lax.scan` (one compiled layer, fast compiles, simple
+sharding rules). Parameters:
+
+    embed (V, D); norm (D,); lm_head (D, V) only when embeddings are untied
+    layers: attn_norm (L, D); q/k/v: {w (L, D, heads*hd), b (L, heads*hd)}; o: {w (L, H*hd, D)};
+            mlp_norm (L, D); gate/up: {w (L, D, F)}; down: {w (L, F, D)}
+
+`forward` runs a chunk of embeddings either stand-alone (prefill / training) or against a fixed-size KV cache that
+it extends at per-row offsets (the sampler's extend and decode steps).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from varft.models.qwen25vl import rope
+from varft.models.qwen25vl.config import TextConfig
+
+Params = dict[str, Any]
+KVCache = dict[str, jnp.ndarray]  # k, v: (L, B, S, KV, hd); length: (B,) tokens already in the cache per row
+
+# A large finite negative rather than -inf: a row with no visible key (padding) gets uniform weights, not NaNs.
+_MASK_VALUE = -1e30
+
+
+def init_params(rng: jax.Array, cfg: TextConfig, dtype=jnp.float32) -> Params:
+  """Random parameters (normal, std 0.02; zero biases; unit norms), as transformers initialises them."""
+  d, f, hd, nl = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim, cfg.num_layers
+  q_out, kv_out = cfg.num_heads * hd, cfg.num_kv_heads * hd
+  keys = iter(jax.random.split(rng, 9))
+
+  def normal(shape):
+    return (0.02 * jax.random.normal(next(keys), shape, jnp.float32)).astype(dtype)
+
+  params = {
+      "embed": normal((cfg.vocab_size, d)),
+      "norm": jnp.ones((d,), dtype),
+      "layers": {
+          "attn_norm": jnp.ones((nl, d), dtype),
+          "q": {"w": normal((nl, d, q_out)), "b": jnp.zeros((nl, q_out), dtype)},
+          "k": {"w": normal((nl, d, kv_out)), "b": jnp.zeros((nl, kv_out), dtype)},
+          "v": {"w": normal((nl, d, kv_out)), "b": jnp.zeros((nl, kv_out), dtype)},
+          "o": {"w": normal((nl, q_out, d))},
+          "mlp_norm": jnp.ones((nl, d), dtype),
+          "gate": {"w": normal((nl, d, f))},
+          "up": {"w": normal((nl, d, f))},
+          "down": {"w": normal((nl, f, d))},
+      },
+  }
+  if not cfg.tie_word_embeddings:
+    params["lm_head"] = normal((d, cfg.vocab_size))
+  return params
+
+
+def init_cache(cfg: TextConfig, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
+  """An empty KV cache holding up to `max_len` tokens per row."""
+  shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype), "length": jnp.zeros((batch,), jnp.int32)}
+
+
+def rms_norm(x: jnp.ndarray, scale: jnp.ndarray, eps: float) -> jnp.ndarray:
+  x32 = x.astype(jnp.float32)
+  normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+  return scale.astype(x.dtype) * normed.astype(x.dtype)
+
+
+def embed_tokens(params: Params, token_ids: jnp.ndarray, dtype=jnp.float32) -> jnp.ndarray:
+  return jnp.take(params["embed"], token_ids, axis=0).astype(dtype)
+
+
+def logits(params: Params, cfg: TextConfig, hidden: jnp.ndarray) -> jnp.ndarray:
+  """Vocabulary logits (float32) of final hidden states `(..., D)`."""
+  if cfg.tie_word_embeddings:
+    return jnp.einsum("...d,vd->...v", hidden, params["embed"].astype(hidden.dtype),
+                      preferred_element_type=jnp.float32)
+  return jnp.einsum("...d,dv->...v", hidden, params["lm_head"].astype(hidden.dtype),
+                    preferred_element_type=jnp.float32)
+
+
+def _dense(x, p, dtype):
+  y = x @ p["w"].astype(dtype)
+  return y + p["b"].astype(dtype) if "b" in p else y
+
+
+def _write_rows(cache_slab: jnp.ndarray, new: jnp.ndarray, offsets: jnp.ndarray) -> jnp.ndarray:
+  """Writes `new` (B, T, ...) into `cache_slab` (B, S, ...) at a per-row start offset."""
+  def write_row(slab, chunk, offset):
+    return jax.lax.dynamic_update_slice_in_dim(slab, chunk.astype(slab.dtype), offset, axis=0)
+  return jax.vmap(write_row)(cache_slab, new, offsets)
+
+
+def _layer(cfg: TextConfig, dtype, x, layer_params, cos, sin, mask, cache_k, cache_v, offsets):
+  batch, length, _ = x.shape
+  hd = cfg.head_dim
+  h = rms_norm(x, layer_params["attn_norm"], cfg.rms_norm_eps)
+  q = _dense(h, layer_params["q"], dtype).reshape(batch, length, cfg.num_heads, hd)
+  k = _dense(h, layer_params["k"], dtype).reshape(batch, length, cfg.num_kv_heads, hd)
+  v = _dense(h, layer_params["v"], dtype).reshape(batch, length, cfg.num_kv_heads, hd)
+  q, k = rope.apply_rotary(q, cos, sin), rope.apply_rotary(k, cos, sin)
+  if cache_k is not None:
+    cache_k, cache_v = _write_rows(cache_k, k, offsets), _write_rows(cache_v, v, offsets)
+    k, v = cache_k.astype(dtype), cache_v.astype(dtype)
+  attn = _attention(q, k, v, mask, cfg)
+  x = x + attn.reshape(batch, length, -1) @ layer_params["o"]["w"].astype(dtype)
+  h = rms_norm(x, layer_params["mlp_norm"], cfg.rms_norm_eps)
+  mlp = jax.nn.silu(_dense(h, layer_params["gate"], dtype)) * _dense(h, layer_params["up"], dtype)
+  x = x + _dense(mlp, layer_params["down"], dtype)
+  return x, cache_k, cache_v
+
+
+def _attention(q, k, v, mask, cfg: TextConfig):
+  """Grouped-query attention; q (B, T, H, hd), k/v (B, S, KV, hd), mask (B, T, S) bool. Softmax in float32."""
+  batch, length, _, hd = q.shape
+  groups = cfg.num_heads // cfg.num_kv_heads
+  q = q.reshape(batch, length, cfg.num_kv_heads, groups, hd)
+  scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * hd ** -0.5
+  scores = jnp.where(mask[:, None, None], scores, _MASK_VALUE)
+  weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  return jnp.einsum("bkgts,bskd->btkgd", weights, v)
+
+
+def forward(params: Params, cfg: TextConfig, embeds: jnp.ndarray, positions: jnp.ndarray, *,
+            attention_mask: jnp.ndarray | None = None, cache: KVCache | None = None,
+            dtype=jnp.float32, remat: bool = False) -> tuple[jnp.ndarray, KVCache | None]:
+  """Runs the decoder over `embeds` (B, T, D) at M-RoPE `positions` (3, B, T).
+
+  Without a cache, tokens attend causally within the chunk to the tokens that `attention_mask` (B, T) marks valid
+  (left or right padding both work). With a cache, each row's valid chunk tokens (right-padded: valid first) are
+  written at that row's `cache['length']` and attend to everything before them; the returned cache's length grows
+  by the number of valid tokens. The caller keeps `length + T <= S`.
+
+  Returns the final-norm hidden states (B, T, D) and the updated cache (None without a cache).
+  """
+  batch, length, _ = embeds.shape
+  if attention_mask is None:
+    attention_mask = jnp.ones((batch, length), jnp.int32)
+  valid = attention_mask.astype(bool)
+  cos, sin = rope.mrope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, cfg.mrope_section)
+  query_idx = jnp.arange(length)
+  if cache is None:
+    offsets = None
+    mask = valid[:, None, :] & (query_idx[None, :, None] >= query_idx[None, None, :])
+  else:
+    offsets = cache["length"]
+    key_slot = jnp.arange(cache["k"].shape[2])
+    query_slot = offsets[:, None] + query_idx[None, :]  # (B, T)
+    new_length = offsets + valid.sum(axis=1).astype(jnp.int32)
+    mask = (key_slot[None, None, :] <= query_slot[:, :, None]) & (key_slot[None, None, :] < new_length[:, None, None])
+
+  def body(x, scanned):
+    layer_params, cache_k, cache_v = scanned
+    x, cache_k, cache_v = _layer(cfg, dtype, x, layer_params, cos, sin, mask, cache_k, cache_v, offsets)
+    return x, (cache_k, cache_v)
+
+  if remat:
+    body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
+  scanned = (params["layers"], None, None) if cache is None else (params["layers"], cache["k"], cache["v"])
+  x, (new_k, new_v) = jax.lax.scan(body, embeds.astype(dtype), scanned)
+  hidden = rms_norm(x, params["norm"], cfg.rms_norm_eps)
+  if cache is None:
+    return hidden, None
+  return hidden, {"k": new_k, "v": new_v, "length": new_length}
