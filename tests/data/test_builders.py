@@ -1,0 +1,101 @@
+"""TFDS builders: published layouts -> array_record -> uniform examples; skips counted."""
+import io
+import os
+
+import pytest
+from PIL import Image
+
+from varft.data import builders
+
+
+def test_mat_coding_benchmark_reads_real_cases_and_skips_bad_ones(mat_dir, tmp_path):
+  src = builders.load('mat_benchmark/coding', manual_dir=mat_dir, data_dir=str(tmp_path / 'tfds'))
+  examples = [src[i] for i in range(len(src))]
+  assert [e['id'] for e in examples] == ['12', '63', '119']  # published order kept
+  by_id = {e['id']: e for e in examples}
+  assert by_id['12'] == {**by_id['12'], 'task': 'coding', 'split': 'simple',
+                         'answers': ['1 Can (473ml)'], 'degradations': ['rotation180']}
+  assert by_id['119']['degradations'] == ['crop'] and by_id['119']['split'] == 'hard'
+  # crop items show the original image, the others the processed one.
+  with open(os.path.join(mat_dir, 'MAT-Benchmark', 'MAT-Coding-image', 'crop_8_ori.png'), 'rb') as f:
+    assert by_id['119']['images'] == [f.read()]
+  assert Image.open(io.BytesIO(by_id['63']['images'][0])).size[0] > 0
+  report = builders.skip_report(builders.prepare('mat_benchmark/coding', manual_dir=mat_dir,
+                                                 data_dir=str(tmp_path / 'tfds')))
+  assert report['test']['total'] == 2
+  assert report['test']['reasons'] == {'corrupt image': 1, 'unknown degradation': 1}
+
+
+def test_mat_search_benchmark_splits_halves_and_skips(mat_dir, tmp_path):
+  src = builders.load('mat_benchmark/search', manual_dir=mat_dir, data_dir=str(tmp_path / 'tfds'))
+  examples = [src[i] for i in range(len(src))]
+  assert len(examples) == 6
+  # 8 records in the file: the first 4 are simple, the rest hard (75 + 75 of 150 in MAT-Search).
+  assert [e['split'] for e in examples] == ['simple'] * 4 + ['hard'] * 2
+  assert examples[0]['answers'] == ['Answer 0'] and examples[0]['task'] == 'search'
+  assert examples[0]['degradations'] == [] and len(examples[0]['images']) == 1
+  b = builders.prepare('mat_benchmark/search', manual_dir=mat_dir, data_dir=str(tmp_path / 'tfds'))
+  assert builders.skip_report(b)['test']['reasons'] == {'missing image': 1, 'bad question': 1}
+
+
+def test_mat_training_coding_steps(mat_dir, tmp_path):
+  src = builders.load('mat_training/coding', manual_dir=mat_dir, data_dir=str(tmp_path / 'tfds'))
+  steps = [src[i] for i in range(len(src))]
+  assert [s['step_type'] for s in steps] == ['problem', 'code', 'answer', 'problem', 'answer']
+  dark = steps[:3]
+  assert all(s['question'] == 'What is written on the sign?' for s in dark)
+  assert all(s['answers'] == ['OPEN'] and s['degradations'] == ['dark'] for s in dark)
+  assert dark[0]['context'] == '' and '<problem>' in dark[1]['context']
+  assert dark[2]['solution'] == '<answer> OPEN </answer>' and dark[2]['split'] == 'train'
+  # The answer step shows the clean (_ori) image, the earlier steps the degraded one.
+  assert dark[0]['images'] == dark[1]['images'] != dark[2]['images']
+  assert steps[4]['answers'] == ['blue'] and steps[4]['degradations'] == ['none']
+  b = builders.prepare('mat_training/coding', manual_dir=mat_dir, data_dir=str(tmp_path / 'tfds'))
+  assert builders.skip_report(b)['train']['reasons'] == {'bad type': 1}
+
+
+def test_mat_training_search_infers_step_type_and_moves_chain_to_context(mat_dir, tmp_path):
+  src = builders.load('mat_training/search', manual_dir=mat_dir, data_dir=str(tmp_path / 'tfds'))
+  steps = [src[i] for i in range(len(src))]
+  assert [s['step_type'] for s in steps] == ['search', 'answer']
+  assert steps[0]['question'] == steps[1]['question'] == 'Who founded the brand?'
+  assert steps[1]['context'].startswith('<think> a </think>') and '<information>' in steps[1]['context']
+  assert steps[0]['answers'] == ['Ada'] and steps[0]['task'] == 'search'
+
+
+def test_multihop_reads_every_split_present(flashrag_dir, tmp_path):
+  data_dir = str(tmp_path / 'tfds')
+  with pytest.raises(ValueError, match='choose one'):
+    builders.load('multihop_qa/hotpotqa', manual_dir=flashrag_dir, data_dir=data_dir)
+  dev = builders.load('multihop_qa/hotpotqa', 'dev', manual_dir=flashrag_dir, data_dir=data_dir)
+  assert [dev[i]['id'] for i in range(len(dev))] == ['dev_0', 'dev_1']
+  assert dev[1]['answers'] == ['Ada', 'Ada L.'] and dev[1]['images'] == []
+  assert dev[0]['task'] == 'multihop' and dev[0]['split'] == 'dev'
+  test = builders.load('multihop_qa/hotpotqa', 'test', manual_dir=flashrag_dir, data_dir=data_dir)
+  assert test[0]['id'] == 'test_0' and test[0]['answers'] == ['single']
+  b = builders.prepare('multihop_qa/hotpotqa', manual_dir=flashrag_dir, data_dir=data_dir)
+  assert builders.skip_report(b)['dev']['reasons'] == {'bad json line': 1, 'bad question': 1}
+
+
+@pytest.mark.parametrize('name, expected', [
+    ('mat_benchmark/coding', ['MAT-Benchmark/MAT-Coding.json', 'MAT-Benchmark/MAT-Coding-image/']),
+    ('mat_training/search', ['MAT-Training/rft_agent_search_20.json',
+                             'MAT-Training/rft_agent_search_20_images/']),
+    ('multihop_qa/musique', ['musique/dev.jsonl', 'musique/test.jsonl']),
+])
+def test_missing_manual_dir_names_the_files(tmp_path, name, expected):
+  empty = tmp_path / 'empty'
+  empty.mkdir()
+  with pytest.raises(FileNotFoundError) as info:
+    builders.load(name, manual_dir=str(empty))
+  message = str(info.value)
+  for path in expected:
+    assert os.path.join(str(empty), path) in message
+  assert 'MISSING' in message and 'varft.data.demo' in message
+
+
+def test_unknown_names_are_rejected(tmp_path):
+  with pytest.raises(ValueError, match='mat_benchmark/search'):
+    builders.builder('mat_bench/search', data_dir=str(tmp_path))
+  with pytest.raises(ValueError, match='unknown config'):
+    builders.builder('multihop_qa/nq', data_dir=str(tmp_path))
