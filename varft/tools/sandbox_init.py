@@ -1,0 +1,197 @@
+"""In-sandbox init for one code-tool call (runs as a script inside the namespaces, never imported by the trainer).
+
+It is started by `varft.tools.code.CodeSandbox` with one JSON argument (the call spec) and runs with the
+privileges of the sandbox's root, trusted. It:
+  1. (unshare mode only) builds the sandbox root itself: a tmpfs with read-only binds of the Python runtime, and
+     chroots into it (bubblewrap does this part in bwrap mode);
+  2. mounts a size-limited tmpfs at /work and copies the call's inputs into it;
+  3. pre-imports the configured modules (numpy, cv2, ...) so that the program does not pay for them;
+  4. forks the program's process: rlimits, all fds but 0-2 closed, privileges dropped to an unprivileged uid
+     (whose capabilities vanish with the setuid), no_new_privs, then the program runs as `__main__`;
+  5. after it exits, kills whatever it left behind, copies the output image out (no symlinks, regular files only,
+     size-capped) and writes result.json. The host reads only files this init wrote.
+"""
+import ctypes
+import json
+import os
+import resource
+import signal
+import stat
+import sys
+
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
+MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 32, 4096, 16384, 1 << 18
+PR_SET_NO_NEW_PRIVS, PR_CAPBSET_DROP, PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 38, 24, 47, 4
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _mount(source, target, fstype, flags, data=None):
+  enc = lambda s: None if s is None else s.encode()
+  if _libc.mount(enc(source), enc(target), enc(fstype), ctypes.c_ulong(flags), enc(data)) != 0:
+    err = ctypes.get_errno()
+    raise OSError(err, f"mount {source} -> {target}: {os.strerror(err)}")
+
+
+def _build_root(spec):
+  """unshare mode: assemble the sandbox root from the host-computed mount plan, then chroot into it."""
+  root = spec["root_dir"]
+  _mount(None, "/", None, MS_REC | MS_PRIVATE)
+  _mount("tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=0755")
+  for op, src, dst in spec["mounts"]:
+    target = root + dst
+    if op == "symlink":
+      os.makedirs(os.path.dirname(target), exist_ok=True)
+      os.symlink(src, target)
+      continue
+    if op == "dir":
+      os.makedirs(target, exist_ok=True)
+      continue
+    if os.path.isdir(src):
+      os.makedirs(target, exist_ok=True)
+    else:
+      os.makedirs(os.path.dirname(target), exist_ok=True)
+      open(target, "a").close()
+    _mount(src, target, None, MS_BIND | MS_REC)
+    if op == "ro-bind":
+      _mount(None, target, None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_REC)
+  os.makedirs(root + "/proc", exist_ok=True)
+  _mount("proc", root + "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+  os.chroot(root)
+  os.chdir("/")
+
+
+def _mount_work(spec):
+  uid = spec["uid"] if spec["uid"] is not None else os.getuid()
+  opts = f"size={spec['work_mb']}m,nr_inodes={spec['work_inodes']},mode=0700,uid={uid},gid={uid}"
+  os.makedirs("/work", exist_ok=True)
+  _mount("tmpfs", "/work", "tmpfs", MS_NOSUID | MS_NODEV, opts)
+  for name in spec["inputs"]:
+    with open(os.path.join("/in", name), "rb") as src, open(os.path.join("/work", name), "wb") as dst:
+      dst.write(src.read())
+    os.chown(os.path.join("/work", name), uid, uid)
+
+
+def _drop_capabilities():
+  """Empties the capability sets (needed when no uid switch happens, i.e. inside a user namespace)."""
+  header = (ctypes.c_uint32 * 2)(_LINUX_CAPABILITY_VERSION_3, 0)
+  data = (ctypes.c_uint32 * 6)()
+  if _libc.capset(header, data) != 0:
+    raise OSError(ctypes.get_errno(), "capset failed")
+  _libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
+
+
+def _preload(modules):
+  for name in modules:
+    try:
+      __import__(name)
+    except Exception:  # The program will see the same import error itself, with its own traceback.
+      pass
+
+
+def _run_program(spec):
+  """Child: become the unprivileged program process. Never returns."""
+  code = 1
+  try:
+    os.closerange(3, 1 << 16)
+    limits = spec["rlimits"]
+    for name, value in limits.items():
+      resource.setrlimit(getattr(resource, name), (value, value))
+    for cap in range(64):  # The bounding set: nothing can ever be regained (fails harmlessly past the last cap).
+      _libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0)
+    if spec["uid"] is not None:
+      os.setgroups([])
+      os.setgid(spec["uid"])
+      os.setuid(spec["uid"])
+    _drop_capabilities()
+    _libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+    os.chdir("/work")
+    os.environ.clear()
+    os.environ.update(spec["env"])
+    sys.argv = [spec["program"]]
+    sys.path.insert(0, "/work")
+    import runpy  # pylint: disable=g-import-not-at-top
+    runpy.run_path(spec["program"], run_name="__main__")
+    code = 0
+  except SystemExit as e:
+    code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    if not isinstance(e.code, (int, type(None))):
+      print(e.code, file=sys.stderr)
+  except BaseException as e:  # pylint: disable=broad-except
+    code = 1
+    try:
+      import traceback  # pylint: disable=g-import-not-at-top
+      traceback.print_exc()
+    except BaseException:  # pylint: disable=broad-except
+      os.write(2, f"{type(e).__name__}: {e}\n".encode())
+  finally:
+    try:
+      sys.stdout.flush()
+      sys.stderr.flush()
+    finally:
+      os._exit(code)
+
+
+def _reap_everything():
+  """Kill every process of this pid namespace the program left behind (daemons, fork bombs), then reap them."""
+  try:
+    os.kill(-1, signal.SIGKILL)
+  except ProcessLookupError:
+    return
+  for _ in range(1 << 16):
+    try:
+      os.waitpid(-1, 0)
+    except ChildProcessError:
+      return
+
+
+def _collect_output(spec):
+  """Copy the program's output image to /out without following links; returns a status word."""
+  path = os.path.join("/work", spec["output_name"])
+  try:
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+  except FileNotFoundError:
+    return "missing"
+  except OSError:
+    return "symlink" if os.path.islink(path) else "unreadable"
+  try:
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+      return "not_regular"
+    cap = spec["max_output_bytes"]
+    data = os.read(fd, cap + 1)
+    if len(data) > cap:
+      return "too_large"
+  finally:
+    os.close(fd)
+  with open("/out/output.bin", "wb") as f:
+    f.write(data)
+  return "ok"
+
+
+def main():
+  spec = json.loads(sys.argv[1])
+  if spec["mode"] == "unshare":
+    _build_root(spec)
+  _mount_work(spec)
+  _preload(spec["preload"])
+  sys.stdout.flush()
+  pid = os.fork()
+  if pid == 0:
+    _run_program(spec)
+  _, status, usage = os.wait4(pid, 0)
+  _reap_everything()
+  result = {
+      "exit_code": os.WEXITSTATUS(status) if os.WIFEXITED(status) else None,
+      "signal": os.WTERMSIG(status) if os.WIFSIGNALED(status) else None,
+      "cpu_s": usage.ru_utime + usage.ru_stime,
+      "max_rss_mb": usage.ru_maxrss / 1024,
+      "output": _collect_output(spec),
+  }
+  with open("/out/result.json", "w") as f:
+    json.dump(result, f)
+
+
+if __name__ == "__main__":
+  main()
