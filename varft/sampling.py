@@ -1,0 +1,338 @@
+"""Jitted KV-cache sampler for the Qwen2.5-VL policy: extend (prefill) and decode with `lax.while_loop`.
+
+Two device programs, each compiled once per bucket shape:
+
+* `extend`: appends a right-padded chunk of tokens (text and image embeddings) to every row of a fixed-size KV cache
+  at that row's own offset and returns the next-token logits at each row's last new token. Prefill is an extend of
+  an empty cache.
+* `generate`: samples up to `max_new_tokens` tokens per row (greedy, temperature, top-k, top-p) and feeds each back
+  through the decoder, stopping a row on EOS / `<|im_end|>`, on a stop tag (`</search>`, `</code>`, ...: matched on
+  device as a suffix of token classes, see `StopTable`), or when it exhausts its own token budget.
+
+Every sampled token, including the one that stopped the row, is written to the cache, so a rollout can extend the
+same cache with the tool's observation and go on. The cache is donated to both programs.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from varft.models.qwen25vl import text
+from varft.models.qwen25vl.config import Qwen25VLConfig
+
+# Why a row stopped (`GenerateOutput.stop_reason`).
+NOT_RUN, EOS, STOP_TAG, LENGTH = 0, 1, 2, 3
+STOP_REASON_NAMES = {NOT_RUN: "not_run", EOS: "eos", STOP_TAG: "stop_tag", LENGTH: "length"}
+
+# <|im_end|> and <|endoftext|> of the Qwen2.5 vocabulary.
+QWEN_EOS_IDS = (151645, 151643)
+DEFAULT_STOP_TAGS = ("</search>", "</code>", "</answer>", "</problem>")
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+  """How tokens are drawn. `temperature == 0` is greedy; `top_k == 0` and `top_p == 1` disable those filters.
+
+  `max_new_tokens` is the (static) length of the output buffer of one `generate` call; each row may also get a
+  smaller budget of its own. Log-probs are those of the temperature-scaled distribution before top-k/top-p
+  truncation (`log_softmax(logits / temperature)`; the raw `log_softmax(logits)` when greedy).
+  """
+  temperature: float = 1.0
+  top_k: int = 0
+  top_p: float = 1.0
+  max_new_tokens: int = 256
+  eos_ids: tuple[int, ...] = QWEN_EOS_IDS
+
+  def __post_init__(self):
+    if self.temperature < 0:
+      raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+    if self.top_k < 0:
+      raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+    if not 0 < self.top_p <= 1:
+      raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+    if self.max_new_tokens < 1:
+      raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+  @property
+  def greedy(self) -> bool:
+    return self.temperature == 0
+
+
+class StopTable(NamedTuple):
+  """Stop strings as suffixes of token classes, checked on device after each sampled token.
+
+  A stop string such as `</search>` spans several tokens and its first and last tokens vary with the neighbouring
+  text (`</`, `?</`, `.</`; `>`, `>\\n`). Each (string, position) pair is one bit; `token_bits[v]` has the bits of
+  every pair that token `v` may fill, and `pattern_bits[s]` holds string `s`'s bits right-aligned in a window of
+  the last W tokens (0 = any token).
+  """
+  token_bits: np.ndarray  # (V,) int32
+  pattern_bits: np.ndarray  # (S, W) int32
+  strings: tuple[str, ...]
+
+
+def _token_ids(tokenizer, text_: str) -> list[int]:
+  ids = tokenizer.encode(text_)
+  return list(ids.ids) if hasattr(ids, "ids") else list(ids)
+
+
+def token_texts(tokenizer, vocab_size: int) -> list[str]:
+  """The decoded text of every token id below `vocab_size` ('' for ids the tokenizer does not know)."""
+  known = tokenizer.get_vocab_size() if hasattr(tokenizer, "get_vocab_size") else len(tokenizer)
+  ids = [[i] for i in range(min(known, vocab_size))]
+  if hasattr(tokenizer, "decode_batch"):
+    texts = tokenizer.decode_batch(ids, skip_special_tokens=False)
+  else:
+    texts = tokenizer.batch_decode(ids, skip_special_tokens=False)
+  return list(texts) + [""] * (vocab_size - len(texts))
+
+
+def make_stop_table(tokenizer, vocab_size: int, stop_strings: Sequence[str] = DEFAULT_STOP_TAGS,
+                    texts: Sequence[str] | None = None) -> StopTable:
+  """Builds the token classes of each stop string from its canonical tokenization `p_1 .. p_n`.
+
+  The first token may carry any text before `p_1` (`?</`), the last token any whitespace after `p_n` (`>\\n`),
+  the middle tokens are exact. A one-token string matches any token that ends with it (up to trailing whitespace).
+  """
+  texts = token_texts(tokenizer, vocab_size) if texts is None else list(texts)
+  pieces = []
+  for s in stop_strings:
+    ids = _token_ids(tokenizer, s)
+    if not ids:
+      raise ValueError(f"Stop string {s!r} tokenizes to nothing.")
+    pieces.append([texts[i] for i in ids])
+  num_pairs = sum(len(p) for p in pieces)
+  if num_pairs > 31:
+    raise ValueError(f"{len(stop_strings)} stop strings use {num_pairs} token positions; at most 31 fit.")
+  window = max(len(p) for p in pieces)
+  token_bits = np.zeros((vocab_size,), np.int64)
+  pattern_bits = np.zeros((len(pieces), window), np.int32)
+  bit = 0
+  for s, parts in enumerate(pieces):
+    n = len(parts)
+    for j, part in enumerate(parts):
+      if n == 1:
+        members = [v for v, t in enumerate(texts) if t and t.rstrip().endswith(part)]
+      elif j == 0:
+        members = [v for v, t in enumerate(texts) if t.endswith(part)]
+      elif j == n - 1:
+        members = [v for v, t in enumerate(texts) if t.startswith(part) and not t[len(part):].strip()]
+      else:
+        members = [v for v, t in enumerate(texts) if t == part]
+      token_bits[members] |= 1 << bit
+      pattern_bits[s, window - n + j] = 1 << bit
+      bit += 1
+  return StopTable(token_bits.astype(np.int32), pattern_bits, tuple(stop_strings))
+
+
+class Chunk(NamedTuple):
+  """A right-padded chunk to append to the cache. Image tokens take their embedding from `image_embeds`."""
+  tokens: np.ndarray  # (B, T) int32
+  positions: np.ndarray  # (3, B, T) int32, M-RoPE
+  mask: np.ndarray  # (B, T) int32, 1 on real tokens (valid first)
+  image_index: np.ndarray  # (B, T) int32, row of image_embeds, -1 for text tokens
+
+
+class GenerateOutput(NamedTuple):
+  tokens: jax.Array  # (B, max_new_tokens) int32, row b's first num_tokens[b] are its sample
+  logps: jax.Array  # (B, max_new_tokens) float32 sampler log-probs of those tokens
+  num_tokens: jax.Array  # (B,) int32
+  stop_reason: jax.Array  # (B,) int32: NOT_RUN, EOS, STOP_TAG, LENGTH
+  stop_index: jax.Array  # (B,) int32: which stop string matched (-1 if none)
+  next_positions: jax.Array  # (B,) int32: text position of the next token
+  logits: jax.Array  # (B, V) float32 next-token logits after the last fed token
+
+
+def embed_chunk(text_params, model_config: Qwen25VLConfig, tokens, image_embeds, image_index):
+  """Token embeddings of a chunk with the image tokens' rows taken from the merged image embeddings."""
+  dtype = jnp.dtype(model_config.dtype)
+  embeds = text.embed_tokens(text_params, tokens, dtype)
+  if image_embeds is None:
+    return embeds
+  rows = jnp.take(image_embeds.astype(dtype), jnp.maximum(image_index, 0), axis=0)
+  return jnp.where((image_index >= 0)[..., None], rows, embeds)
+
+
+def _extend(params, cache, chunk: Chunk, image_embeds, *, model_config: Qwen25VLConfig):
+  cfg = model_config.text
+  dtype = jnp.dtype(model_config.dtype)
+  embeds = embed_chunk(params["text"], model_config, chunk.tokens, image_embeds, chunk.image_index)
+  hidden, cache = text.forward(params["text"], cfg, embeds, chunk.positions, attention_mask=chunk.mask,
+                               cache=cache, dtype=dtype)
+  last = jnp.maximum(chunk.mask.sum(axis=1) - 1, 0)
+  last_hidden = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
+  return text.logits(params["text"], cfg, last_hidden), cache
+
+
+def _sample(logits, rng, sampling: SamplingConfig):
+  """Draws one token per row; returns it and its log-prob under the temperature-scaled distribution."""
+  if sampling.greedy:
+    token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logp_all = jax.nn.log_softmax(logits, axis=-1)
+  else:
+    scaled = logits / sampling.temperature
+    logp_all = jax.nn.log_softmax(scaled, axis=-1)
+    if sampling.top_k or sampling.top_p < 1:
+      k = sampling.top_k or logits.shape[-1]
+      values, indices = jax.lax.top_k(scaled, k)  # sorted, descending
+      if sampling.top_p < 1:
+        probs = jax.nn.softmax(values, axis=-1)
+        before = jnp.cumsum(probs, axis=-1) - probs
+        values = jnp.where(before < sampling.top_p, values, -jnp.inf)
+      choice = jax.random.categorical(rng, values, axis=-1)
+      token = jnp.take_along_axis(indices, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+    else:
+      token = jax.random.categorical(rng, scaled, axis=-1).astype(jnp.int32)
+  logp = jnp.take_along_axis(logp_all, token[:, None], axis=-1)[:, 0]
+  return token, logp
+
+
+def _token_logp(logits, token, sampling: SamplingConfig):
+  scaled = logits if sampling.greedy else logits / sampling.temperature
+  return jnp.take_along_axis(jax.nn.log_softmax(scaled, axis=-1), token[:, None], axis=-1)[:, 0]
+
+
+def _generate(params, cache, logits, next_positions, rng, budget, forced, token_bits, pattern_bits, *,
+              model_config: Qwen25VLConfig, sampling: SamplingConfig):
+  cfg = model_config.text
+  dtype = jnp.dtype(model_config.dtype)
+  batch = logits.shape[0]
+  steps = sampling.max_new_tokens
+  window = pattern_bits.shape[1]
+  eos = jnp.asarray(sampling.eos_ids, jnp.int32)
+
+  def cond(state):
+    step, done = state[0], state[5]
+    return (step < steps) & ~jnp.all(done)
+
+  def body(state):
+    step, cache, logits, positions, rng, done, tokens, logps, count, reason, stop_index, recent = state
+    rng, key = jax.random.split(rng)
+    token, logp = _sample(logits, key, sampling)
+    forced_token = forced[:, step]
+    token = jnp.where(forced_token >= 0, forced_token, token)
+    logp = jnp.where(forced_token >= 0, _token_logp(logits, forced_token, sampling), logp)
+    live = ~done
+    token = jnp.where(live, token, 0)
+    tokens = tokens.at[:, step].set(token)
+    logps = logps.at[:, step].set(jnp.where(live, logp, 0.0))
+    count = count + live
+    recent = jnp.concatenate([recent[:, 1:], jnp.where(live, token_bits[token], 0)[:, None]], axis=1)
+    tag_hits = jnp.all((recent[:, None, :] & pattern_bits[None]) == pattern_bits[None], axis=-1)  # (B, S)
+    is_eos = jnp.any(token[:, None] == eos[None], axis=-1)
+    is_tag = jnp.any(tag_hits, axis=-1) & ~is_eos
+    out_of_budget = count >= budget
+    reason = jnp.where(live & is_eos, EOS,
+                       jnp.where(live & is_tag, STOP_TAG, jnp.where(live & out_of_budget, LENGTH, reason)))
+    stop_index = jnp.where(live & is_tag, jnp.argmax(tag_hits, axis=-1).astype(jnp.int32), stop_index)
+    # Feed the token (also a stopping one, so that the cache holds the whole sample) for the live rows only.
+    embeds = text.embed_tokens(params["text"], token[:, None], dtype)
+    pos3 = jnp.broadcast_to(positions[None, :, None], (3, batch, 1))
+    hidden, cache = text.forward(params["text"], cfg, embeds, pos3, attention_mask=live[:, None].astype(jnp.int32),
+                                 cache=cache, dtype=dtype)
+    logits = jnp.where(live[:, None], text.logits(params["text"], cfg, hidden[:, 0]), logits)
+    positions = positions + live
+    done = done | (live & (is_eos | is_tag | out_of_budget))
+    return step + 1, cache, logits, positions, rng, done, tokens, logps, count, reason, stop_index, recent
+
+  done = budget <= 0
+  state = (jnp.int32(0), cache, logits, next_positions, rng, done,
+           jnp.zeros((batch, steps), jnp.int32), jnp.zeros((batch, steps), jnp.float32),
+           jnp.zeros((batch,), jnp.int32), jnp.zeros((batch,), jnp.int32), jnp.full((batch,), -1, jnp.int32),
+           jnp.zeros((batch, window), jnp.int32))
+  state = jax.lax.while_loop(cond, body, state)
+  _, cache, logits, positions, _, _, tokens, logps, count, reason, stop_index, _ = state
+  return GenerateOutput(tokens, logps, count, reason, stop_index, positions, logits), cache
+
+
+class Sampler:
+  """Jitted extend/generate for one model config and sampling config, optionally on a mesh.
+
+  On a mesh the batch axis of the cache and of every per-row array is sharded over `data_axis`; parameters are
+  used as given (with the trainer's shardings, so the sampler and the trainer share one copy).
+  """
+
+  def __init__(self, model_config: Qwen25VLConfig, sampling: SamplingConfig, stop_table: StopTable, *,
+               mesh: jax.sharding.Mesh | None = None, data_axis: str = "data"):
+    self.model_config = model_config
+    self.sampling = sampling
+    self.stop_table = stop_table
+    self.mesh = mesh
+    self.data_axis = data_axis
+    self._token_bits = jnp.asarray(stop_table.token_bits)
+    self._pattern_bits = jnp.asarray(stop_table.pattern_bits)
+    self._extend = jax.jit(lambda *a: _extend(*a, model_config=model_config), donate_argnums=(1,))
+    self._generate = jax.jit(lambda *a: _generate(*a, model_config=model_config, sampling=sampling),
+                             donate_argnums=(1,))
+
+  def _shard(self, x, batch_axis: int = 0):
+    if self.mesh is None:
+      return jnp.asarray(x)
+    spec = [None] * np.ndim(x)
+    spec[batch_axis] = self.data_axis
+    return jax.device_put(x, NamedSharding(self.mesh, P(*spec)))
+
+  def new_cache(self, batch: int, max_len: int) -> text.KVCache:
+    """An empty cache (compute dtype) of `max_len` slots per row, batch-sharded on the mesh."""
+    cache = text.init_cache(self.model_config.text, batch, max_len, jnp.dtype(self.model_config.dtype))
+    return {"k": self._shard(cache["k"], 1), "v": self._shard(cache["v"], 1), "length": self._shard(cache["length"])}
+
+  def extend(self, params, cache, chunk: Chunk, image_embeds: jax.Array | None = None):
+    """Appends `chunk` to each row of `cache` (donated); returns (next-token logits (B, V), new cache).
+
+    Each row needs `cache length + T <= cache size` (the padded chunk is written whole).
+    """
+    chunk = Chunk(self._shard(np.asarray(chunk.tokens, np.int32)),
+                  self._shard(np.asarray(chunk.positions, np.int32), 1),
+                  self._shard(np.asarray(chunk.mask, np.int32)),
+                  self._shard(np.asarray(chunk.image_index, np.int32)))
+    return self._extend(params, cache, chunk, image_embeds)
+
+  def generate(self, params, cache, logits, next_positions, rng, budget,
+               forced: np.ndarray | None = None) -> tuple[GenerateOutput, text.KVCache]:
+    """Samples up to `min(budget[b], max_new_tokens)` tokens for every row with `budget[b] > 0`.
+
+    `logits` are the next-token logits from the last extend/generate, `next_positions` (B,) the text position of
+    the first new token. `forced` (B, max_new_tokens), optional: where >= 0, that token is taken instead of a
+    sampled one (teacher forcing through the same program; its log-prob and the stop rules apply as usual).
+    Returns the output and the cache (donated) holding every sampled token.
+    """
+    batch, steps = len(next_positions), self.sampling.max_new_tokens
+    budget = np.minimum(np.asarray(budget, np.int32), steps)
+    forced = np.full((batch, steps), -1, np.int32) if forced is None else np.asarray(forced, np.int32)
+    if forced.shape != (batch, steps):
+      raise ValueError(f"forced tokens have shape {forced.shape}, expected {(batch, steps)}")
+    return self._generate(params, cache, logits, self._shard(np.asarray(next_positions, np.int32)), rng,
+                          self._shard(budget), self._shard(forced), self._token_bits, self._pattern_bits)
+
+  def compile_count(self) -> int:
+    """How many programs the jitted functions hold (one per distinct shape signature)."""
+    return self._extend._cache_size() + self._generate._cache_size()
+
+
+def bucket(n: int, buckets: Sequence[int]) -> int:
+  """The smallest bucket >= n."""
+  for b in sorted(buckets):
+    if n <= b:
+      return b
+  raise ValueError(f"Length {n} exceeds the largest bucket {max(buckets)}; add a larger bucket to the config.")
+
+
+def text_chunk(rows: Sequence[Sequence[int]], starts: Sequence[int], length: int) -> Chunk:
+  """A right-padded text-only chunk of token rows, row b starting at text position `starts[b]`."""
+  batch = len(rows)
+  tokens = np.zeros((batch, length), np.int32)
+  mask = np.zeros((batch, length), np.int32)
+  positions = np.zeros((3, batch, length), np.int32)
+  for b, (row, start) in enumerate(zip(rows, starts)):
+    n = len(row)
+    tokens[b, :n] = row
+    mask[b, :n] = 1
+    positions[:, b, :n] = np.arange(start, start + n, dtype=np.int32)
+  return Chunk(tokens, positions, mask, np.full((batch, length), -1, np.int32))
+
