@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 INIT_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sandbox_init.py")
 PROGRAM_NAME = "main.py"
+SPEC_NAME = "spec.json"  # The call spec for sandbox_init.py, next to the inputs (not in argv: /proc is visible).
 OUTPUT_FORMATS = ("JPEG", "PNG", "BMP", "WEBP")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
 _CODE_RE = re.compile(r"<code>(.*?)(?:</code>|$)", re.S)
@@ -181,13 +182,15 @@ def load_output_image(data, max_pixels, max_side):
   """Decodes untrusted image bytes into an RGB PIL image; raises ValueError with a model-readable reason."""
   try:
     image = Image.open(io.BytesIO(data))
-  except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+  except Image.DecompressionBombError:
+    raise ValueError("output image is too large (its header claims a decompression bomb)") from None
+  except (OSError, SyntaxError, ValueError) as e:
     raise ValueError(f"output image is not a readable image file ({type(e).__name__})") from None
   if image.format not in OUTPUT_FORMATS:
     raise ValueError(f"output image format {image.format} not supported; write JPEG or PNG")
   w, h = image.size
   if w < 1 or h < 1 or w > max_side or h > max_side or w * h > max_pixels:
-    raise ValueError(f"output image size {w}x{h} is too large (max {max_side} per side, {max_pixels} pixels)")
+    raise ValueError(f"output image is too large: {w}x{h} (max {max_side} per side, {max_pixels} pixels)")
   try:
     with warnings.catch_warnings():
       warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -320,8 +323,9 @@ class CodeSandbox:
   def _check_inputs(self, images):
     inputs = {}
     for name, image in images.items():
-      if not _NAME_RE.match(name) or name == PROGRAM_NAME:
-        raise ValueError(f"input file name {name!r} is not allowed (plain names only, not {PROGRAM_NAME!r})")
+      if not _NAME_RE.match(name) or name in (PROGRAM_NAME, SPEC_NAME):
+        raise ValueError(f"input file name {name!r} is not allowed (plain names only, not {PROGRAM_NAME!r} or "
+                         f"{SPEC_NAME!r})")
       if isinstance(image, Image.Image):
         buf = io.BytesIO()
         fmt = self.config.input_format
@@ -360,11 +364,11 @@ class CodeSandbox:
         "env": _program_env(),
     }
 
-  def _command(self, call_dir, spec_json):
+  def _command(self, call_dir):
     in_dir, out_dir = os.path.join(call_dir, "in"), os.path.join(call_dir, "out")
     py = [sandbox_python(self.config), "-I", "-B"]
     if self.isolation == "bwrap":
-      cmd = ["bwrap", "--die-with-parent", "--new-session", "--unshare-ipc", "--unshare-pid", "--unshare-net",
+      cmd = ["bwrap", "--die-with-parent", "--new-session", "--as-pid-1", "--unshare-ipc", "--unshare-pid", "--unshare-net",
              "--unshare-uts", "--unshare-cgroup-try", "--hostname", "sandbox"]
       if not self._root:
         cmd.append("--unshare-user")
@@ -377,12 +381,12 @@ class CodeSandbox:
         cmd += ["--symlink", src, dst] if op == "symlink" else [f"--{op}", src, dst]
       cmd += ["--dev", "/dev", "--proc", "/proc", "--ro-bind", in_dir, "/in", "--bind", out_dir, "/out",
               "--ro-bind", INIT_SCRIPT, "/init.py", "--dir", "/work", "--chdir", "/", "--"]
-      return cmd + py + ["/init.py", spec_json]
+      return cmd + py + ["/init.py", "/in/" + SPEC_NAME]
     cmd = ["unshare", "--mount", "--net", "--pid", "--ipc", "--uts", "--fork", "--kill-child",
            "--propagation", "private"]
     if not self._root:
       cmd += ["--user", "--map-root-user"]
-    return cmd + py + [INIT_SCRIPT, spec_json]
+    return cmd + py + [INIT_SCRIPT, os.path.join(in_dir, SPEC_NAME)]
 
   def _run(self, program, inputs, timeout, uid, start):
     c = self.config
@@ -403,7 +407,9 @@ class CodeSandbox:
       spec = self._spec(self.isolation, uid, sorted([*inputs, PROGRAM_NAME]), root_dir)
       if spec_mounts:
         spec["mounts"] += spec_mounts
-      proc = subprocess.Popen(self._command(call_dir, json.dumps(spec)), stdin=subprocess.DEVNULL,
+      with open(os.path.join(in_dir, SPEC_NAME), "w") as f:
+        json.dump(spec, f)
+      proc = subprocess.Popen(self._command(call_dir), stdin=subprocess.DEVNULL,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_init_env(),
                               start_new_session=True)
       with proc:
@@ -470,6 +476,8 @@ def _exit_error(result, stderr, config):
   last = lines[-1].strip() if lines else ""
   if "MemoryError" in last:
     return f"memory limit exceeded ({config.memory_mb} MB): {last}"
+  if "[Errno 27]" in last:  # EFBIG: Python ignores SIGXFSZ, so RLIMIT_FSIZE surfaces as an OSError.
+    return f"file size limit exceeded ({config.max_file_mb} MB per file): {last}"
   return f"exception: {last}" if last else f"the program exited with code {code}"
 
 

@@ -1,7 +1,7 @@
 """In-sandbox init for one code-tool call (runs as a script inside the namespaces, never imported by the trainer).
 
-It is started by `varft.tools.code.CodeSandbox` with one JSON argument (the call spec) and runs with the
-privileges of the sandbox's root, trusted. It:
+It is started by `varft.tools.code.CodeSandbox` with the path of the call spec (JSON) and runs as pid 1 of the
+sandbox's pid namespace with the privileges of the sandbox's root, trusted. It:
   1. (unshare mode only) builds the sandbox root itself: a tmpfs with read-only binds of the Python runtime, and
      chroots into it (bubblewrap does this part in bwrap mode);
   2. mounts a size-limited tmpfs at /work and copies the call's inputs into it;
@@ -171,7 +171,8 @@ def _collect_output(spec):
 
 
 def main():
-  spec = json.loads(sys.argv[1])
+  with open(sys.argv[1]) as f:
+    spec = json.load(f)
   if spec["mode"] == "unshare":
     _build_root(spec)
   _mount_work(spec)
