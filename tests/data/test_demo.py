@@ -1,0 +1,117 @@
+"""The embedded demo: deterministic, in the published layouts, answerable only with tools."""
+import hashlib
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from varft.data import builders, demo, input_pipeline
+
+
+def _tree_digest(root):
+  digest = hashlib.sha256()
+  for folder, _, files in sorted(os.walk(root)):
+    for name in sorted(files):
+      path = os.path.join(folder, name)
+      digest.update(os.path.relpath(path, root).encode())
+      with open(path, 'rb') as f:
+        digest.update(f.read())
+  return digest.hexdigest()
+
+
+@pytest.fixture(scope='module')
+def demo_dir(tmp_path_factory):
+  out = str(tmp_path_factory.mktemp('demo'))
+  demo.main(['--out', out])
+  return out
+
+
+def test_generation_is_deterministic(demo_dir, tmp_path):
+  again = demo.generate(str(tmp_path / 'again'))
+  assert _tree_digest(demo_dir) == _tree_digest(again['root'])
+  other = demo.generate(str(tmp_path / 'other'), seed=1)
+  assert _tree_digest(demo_dir) != _tree_digest(other['root'])
+
+
+def test_builders_read_every_demo_file_without_skips(demo_dir, tmp_path):
+  paths = demo.layout(demo_dir)
+  data_dir = str(tmp_path / 'tfds')
+  sizes = {}
+  for name, manual_dir in [('mat_benchmark/coding', paths['mat_dir']),
+                           ('mat_benchmark/search', paths['mat_dir']),
+                           ('mat_training/coding', paths['mat_dir']),
+                           ('mat_training/search', paths['mat_dir']),
+                           ('multihop_qa/demo', paths['flashrag_dir'])]:
+    src = builders.load(name, manual_dir=manual_dir, data_dir=data_dir)
+    b = builders.prepare(name, manual_dir=manual_dir, data_dir=data_dir)
+    assert all(r['total'] == 0 for r in builders.skip_report(b).values()), name
+    sizes[name] = len(src)
+  assert sizes == {'mat_benchmark/coding': 16, 'mat_benchmark/search': 12,
+                   'mat_training/coding': 35, 'mat_training/search': 21, 'multihop_qa/demo': 12}
+
+  coding = builders.load('mat_benchmark/coding', manual_dir=paths['mat_dir'], data_dir=data_dir)
+  kinds = {k for i in range(len(coding)) for k in coding[i]['degradations']}
+  assert kinds == set(demo.SINGLE_TYPES)
+  splits = [coding[i]['split'] for i in range(len(coding))]
+  assert splits == sorted(splits, key=lambda s: s != 'simple') and 'hard' in splits
+
+  steps = builders.load('mat_training/coding', manual_dir=paths['mat_dir'], data_dir=data_dir)
+  batch = next(input_pipeline.batches(steps, batch_size=5, seed=0, shard=(0, 1)))
+  assert len(batch) == 5 and all(e['step_type'] in ('problem', 'code', 'answer') for e in batch)
+
+
+def _run_fix(code, src, tmp_path):
+  """Runs a reference fix (our own demo program, not model output) on an image."""
+  src.save(tmp_path / 'in.png')
+  code = (code.replace('path_to_input_image.jpg', str(tmp_path / 'in.png'))
+          .replace('path_to_output_image.jpg', str(tmp_path / 'out.png')))
+  exec(code, {})  # pylint: disable=exec-used
+  return np.asarray(Image.open(tmp_path / 'out.png').convert('RGB'), np.float32)
+
+
+@pytest.mark.parametrize('kinds', [('rotation90',), ('rotation180',), ('dark',), ('overexposure',),
+                                   ('noise',), ('rotation90', 'dark'), ('rotation180', 'blur')])
+def test_reference_code_restores_the_degraded_image(kinds, tmp_path):
+  item = demo._coding_item(0, kinds, np.random.default_rng(0))  # pylint: disable=protected-access
+  clean = np.asarray(item['clean'], np.float32)
+  restored = _run_fix(item['code'], item['processed'], tmp_path)
+  assert restored.shape == clean.shape
+  error = np.abs(restored - clean).mean()
+  if item['processed'].size == item['clean'].size:
+    assert error < 0.5 * np.abs(np.asarray(item['processed'], np.float32) - clean).mean()
+  if kinds in (('rotation90',), ('rotation180',)):
+    assert error == 0
+
+
+def test_crop_code_cuts_out_the_asked_region(tmp_path):
+  item = demo._coding_item(0, ('crop',), np.random.default_rng(0))  # pylint: disable=protected-access
+  cropped = _run_fix(item['code'], item['clean'], tmp_path)
+  np.testing.assert_array_equal(cropped, np.asarray(item['processed'], np.float32))
+  assert item['question'].startswith('Recognize the text within the [')
+
+
+def test_search_answers_need_the_corpus(demo_dir):
+  paths = demo.layout(demo_dir)
+  with open(paths['corpus']) as f:
+    docs = [json.loads(line) for line in f]
+  assert all(set(d) == {'id', 'title', 'text'} for d in docs)
+  with open(os.path.join(paths['mat_dir'], 'MAT-Benchmark', 'MAT-Search.json')) as f:
+    bench = json.load(f)
+  entities = {e['company'].split()[0].lower(): e for e in demo.world(0, demo.Sizes().companies)}
+  for k, item in enumerate(bench):
+    e = entities[item['image_path'][:-4]]
+    # The question never names the company: the image does.
+    assert e['company'] not in item['question']
+    pages = [d for d in docs if item['answer'] in d['text']]
+    assert pages, item
+    naming_both = [d for d in pages if e['company'] in d['text']]
+    if k < len(bench) // 2:  # simple: one search for the company finds the answer
+      assert naming_both, item
+    else:  # hard: no page names the company and holds the answer
+      assert not naming_both, item
+  with open(os.path.join(paths['flashrag_dir'], 'demo', 'test.jsonl')) as f:
+    multihop = [json.loads(line) for line in f]
+  assert {m['metadata']['hops'] for m in multihop} == {1, 2}
+  assert all(' Works' in m['question'] for m in multihop)
