@@ -1,0 +1,330 @@
+"""GRPO: group-relative advantages, the clipped surrogate with a k3 KL penalty, and the jitted train step.
+
+Conventions (the rollout batch of interfaces.md): `logps[:, t]` is the log-probability of `tokens[:, t]` predicted
+from position `t - 1`; `logps[:, 0]` is 0. `loss_mask[:, t]` is 1 only where the policy sampled `tokens[:, t]`, so
+prompt, tool-output and padding tokens never carry loss.
+
+The loss of one token is
+
+    -min(r * A, clip(r, 1 - eps_low, 1 + eps_high) * A) + beta * k3(ref, logp),   r = exp(logp - logp_old)
+
+optionally times a truncated importance weight min(exp(logp_old - logp_sampler), tis_cap) that corrects for the
+sampler and the trainer computing slightly different probabilities. Tokens are aggregated either per sequence
+(token mean within a sequence, then mean over sequences, as the paper's trainer) or by one global token mean. The
+aggregation is turned into per-token weights over the whole batch first, so accumulating gradients over micro-batches
+gives exactly the full-batch gradient.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from varft.models.qwen25vl import text as text_model
+from varft.models.qwen25vl.config import Qwen25VLConfig
+
+Params = dict[str, Any]
+Batch = dict[str, Any]
+TrainState = dict[str, Any]  # params, opt_state, step
+
+ADVANTAGE_MODES = ("std", "no_std", "leave_one_out")
+AGGREGATION_MODES = ("sequence_mean", "token_mean")
+# Batch entries with one row per sequence (leading axis N); `positions` has N on axis 1. Everything else in a batch
+# (pixel_values, vision_inputs) describes the batch's images as a whole.
+_ROW_KEYS = ("tokens", "attention_mask", "loss_mask", "image_index", "old_logps", "ref_logps", "is_weights",
+             "advantages", "loss_weights")
+
+
+@dataclasses.dataclass(frozen=True)
+class GRPOConfig:
+  """Static loss hyperparameters (hashable: part of the jitted step's closure)."""
+  beta: float = 0.04
+  eps_low: float = 0.2
+  eps_high: float = 0.2
+  advantage: str = "std"
+  aggregation: str = "sequence_mean"
+  tis_cap: float = 0.0  # > 0: truncated importance weights between the sampler and the trainer
+  temperature: float = 1.0  # the sampling temperature: log-probs are taken of logits / temperature
+  micro_batches: int = 1
+  logits_chunk: int = 256  # sequence positions per chunk of vocabulary logits
+  train_vision: bool = True
+
+  def __post_init__(self):
+    if self.advantage not in ADVANTAGE_MODES:
+      raise ValueError(f"grpo.advantage {self.advantage!r} is not one of {ADVANTAGE_MODES}")
+    if self.aggregation not in AGGREGATION_MODES:
+      raise ValueError(f"grpo.aggregation {self.aggregation!r} is not one of {AGGREGATION_MODES}")
+    if self.micro_batches < 1 or self.logits_chunk < 1:
+      raise ValueError("grpo.micro_batches and grpo.logits_chunk must be >= 1")
+    if not (0 <= self.eps_low < 1 and self.eps_high >= 0 and self.beta >= 0 and self.temperature > 0):
+      raise ValueError(f"grpo: need 0 <= eps_low < 1, eps_high >= 0, beta >= 0, temperature > 0; got {self}")
+
+
+# --------------------------------------------------------------------------------------------------- advantages
+
+def group_advantages(rewards: jnp.ndarray, group_ids: jnp.ndarray, num_groups: int, mode: str = "std",
+                     eps: float = 1e-4) -> jnp.ndarray:
+  """Advantages (N,) of rewards (N,) relative to the other samples of the same prompt (`group_ids`).
+
+  `std`: (r - mean) / (std + eps) with the unbiased std, as the paper's trainer; `no_std`: r - mean (Dr. GRPO);
+  `leave_one_out`: r - mean of the *other* samples of the group (RLOO).
+  """
+  rewards = rewards.astype(jnp.float32)
+  count = jax.ops.segment_sum(jnp.ones_like(rewards), group_ids, num_groups)
+  total = jax.ops.segment_sum(rewards, group_ids, num_groups)
+  mean = (total / jnp.maximum(count, 1.0))[group_ids]
+  n = count[group_ids]
+  if mode == "no_std":
+    return rewards - mean
+  if mode == "leave_one_out":
+    return jnp.where(n > 1, (rewards - mean) * n / jnp.maximum(n - 1.0, 1.0), 0.0)
+  if mode == "std":
+    sq = jax.ops.segment_sum((rewards - mean) ** 2, group_ids, num_groups)[group_ids]
+    std = jnp.sqrt(sq / jnp.maximum(n - 1.0, 1.0))
+    return (rewards - mean) / (std + eps)
+  raise ValueError(f"Unknown advantage mode {mode!r}: use one of {ADVANTAGE_MODES}")
+
+
+# --------------------------------------------------------------------------------------------------- log-probs
+
+def _chunked_logps(text_params: Params, text_cfg, hidden: jnp.ndarray, targets: jnp.ndarray, temperature: float,
+                   chunk: int) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """Log-probs and entropies of `targets` (N, T) under the logits of `hidden` (N, T, D), `chunk` positions at a
+  time, so that (N, T, V) logits never exist at once (also not in the backward pass: each chunk is rematerialised).
+  """
+  n, length, d = hidden.shape
+  chunk = min(chunk, length)
+  padded = -(-length // chunk) * chunk
+  hidden = jnp.pad(hidden, ((0, 0), (0, padded - length), (0, 0)))
+  targets = jnp.pad(targets, ((0, 0), (0, padded - length)))
+  hidden = hidden.reshape(n, padded // chunk, chunk, d).swapaxes(0, 1)
+  targets = targets.reshape(n, padded // chunk, chunk).swapaxes(0, 1)
+
+  @jax.checkpoint
+  def one_chunk(h, t):
+    logits = text_model.logits(text_params, text_cfg, h) / temperature  # (N, C, V) float32
+    log_norm = jax.nn.logsumexp(logits, axis=-1)
+    logp = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0] - log_norm
+    probs = jax.nn.softmax(jax.lax.stop_gradient(logits), axis=-1)
+    entropy = jax.lax.stop_gradient(log_norm) - jnp.sum(probs * jax.lax.stop_gradient(logits), axis=-1)
+    return logp, entropy
+
+  _, (logps, entropy) = jax.lax.scan(lambda c, xs: (c, one_chunk(*xs)), None, (hidden, targets))
+  logps = logps.swapaxes(0, 1).reshape(n, padded)[:, :length]
+  entropy = entropy.swapaxes(0, 1).reshape(n, padded)[:, :length]
+  return logps, entropy
+
+
+def encode_images(params: Params, config: Qwen25VLConfig, batch: Batch) -> jnp.ndarray | None:
+  """The merged image embeddings (M, D) of the batch's images, or None for a text-only batch."""
+  if batch.get("pixel_values") is None or batch["pixel_values"].shape[0] == 0:
+    return None
+  from varft.models.qwen25vl import model  # the vision tower; text-only use needs none of it
+  return model.encode_images(params, config, batch["pixel_values"], batch["vision_inputs"])
+
+
+def _embed(params: Params, config: Qwen25VLConfig, tokens: jnp.ndarray, image_index: jnp.ndarray | None,
+           image_embeds: jnp.ndarray | None) -> jnp.ndarray:
+  """Token embeddings with image rows scattered in where `image_index >= 0`."""
+  embeds = text_model.embed_tokens(params["text"], tokens, jnp.dtype(config.dtype))
+  if image_embeds is None or image_index is None:
+    return embeds
+  rows = jnp.take(image_embeds.astype(embeds.dtype), jnp.maximum(image_index, 0), axis=0)
+  return jnp.where((image_index >= 0)[..., None], rows, embeds)
+
+
+def sequence_logps(params: Params, config: Qwen25VLConfig, batch: Batch, image_embeds: jnp.ndarray | None,
+                   temperature: float = 1.0, logits_chunk: int = 256) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """Per-token log-probs and entropies (N, L) of `batch['tokens']` under the policy; column 0 is 0."""
+  tokens = batch["tokens"]
+  embeds = _embed(params, config, tokens, batch.get("image_index"), image_embeds)
+  hidden, _ = text_model.forward(params["text"], config.text, embeds, batch["positions"],
+                                 attention_mask=batch["attention_mask"], dtype=jnp.dtype(config.dtype),
+                                 remat=config.remat)
+  logps, entropy = _chunked_logps(params["text"], config.text, hidden[:, :-1], tokens[:, 1:], temperature,
+                                  logits_chunk)
+  zero = jnp.zeros_like(logps[:, :1])
+  return jnp.concatenate([zero, logps], axis=1), jnp.concatenate([zero, entropy], axis=1)
+
+
+def make_logps_fn(config: Qwen25VLConfig, gcfg: GRPOConfig) -> Callable[[Params, Batch], jnp.ndarray]:
+  """`logps(params, batch) -> (N, L)`: the reference policy's (or the pre-update trainer's) token log-probs."""
+  def logps_fn(params, batch):
+    image_embeds = encode_images(params, config, batch)
+    return sequence_logps(params, config, batch, image_embeds, gcfg.temperature, gcfg.logits_chunk)[0]
+  return logps_fn
+
+
+# --------------------------------------------------------------------------------------------------- the loss
+
+def loss_weights(loss_mask: jnp.ndarray, aggregation: str) -> jnp.ndarray:
+  """Per-token weights (N, L) that sum the per-token losses into the aggregated batch loss."""
+  mask = loss_mask.astype(jnp.float32)
+  if aggregation == "token_mean":
+    return mask / jnp.maximum(mask.sum(), 1.0)
+  if aggregation == "sequence_mean":
+    seq_tokens = mask.sum(axis=1, keepdims=True)
+    num_seqs = jnp.maximum((seq_tokens > 0).sum(), 1)
+    return mask / (jnp.maximum(seq_tokens, 1.0) * num_seqs)
+  raise ValueError(f"Unknown aggregation {aggregation!r}: use one of {AGGREGATION_MODES}")
+
+
+def per_token_loss(logps: jnp.ndarray, old_logps: jnp.ndarray, advantages: jnp.ndarray, loss_mask: jnp.ndarray,
+                   gcfg: GRPOConfig, ref_logps: jnp.ndarray | None = None, is_weights: jnp.ndarray | None = None
+                   ) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
+  """The per-token GRPO loss (N, L) and per-token statistics (clipping indicators, ratio, KL); 0 off the mask.
+
+  Log-prob differences are zeroed off the mask before any exp, so that padding can never overflow into NaN grads.
+  """
+  on = loss_mask > 0
+  adv = advantages[:, None].astype(jnp.float32)
+  ratio = jnp.exp(jnp.where(on, logps - old_logps, 0.0))
+  clipped = jnp.clip(ratio, 1.0 - gcfg.eps_low, 1.0 + gcfg.eps_high)
+  surrogate = jnp.minimum(ratio * adv, clipped * adv)
+  loss = -surrogate
+  stats = {
+      "clip_low": ((ratio < 1.0 - gcfg.eps_low) & (adv < 0)).astype(jnp.float32),
+      "clip_high": ((ratio > 1.0 + gcfg.eps_high) & (adv > 0)).astype(jnp.float32),
+      "ratio": ratio,
+  }
+  if ref_logps is not None and gcfg.beta > 0:
+    delta = jnp.where(on, ref_logps - logps, 0.0)
+    kl = jnp.exp(delta) - delta - 1.0  # k3: unbiased, non-negative estimate of KL(policy || reference)
+    loss = loss + gcfg.beta * kl
+    stats["kl"] = kl
+  if is_weights is not None:
+    loss = loss * is_weights
+  return jnp.where(on, loss, 0.0), stats
+
+
+# --------------------------------------------------------------------------------------------------- the step
+
+def make_optimizer(learning_rate: float, total_steps: int, warmup_steps: int = 0, schedule: str = "cosine",
+                   end_ratio: float = 0.0, weight_decay: float = 0.0, b1: float = 0.9, b2: float = 0.999,
+                   eps: float = 1e-8, max_grad_norm: float = 1.0) -> tuple[optax.GradientTransformation, Callable]:
+  """AdamW after global-norm clipping, with a linear warm-up into a cosine / linear / constant schedule.
+
+  Returns the optimizer and its learning-rate schedule (for logging).
+  """
+  decay_steps = max(total_steps - warmup_steps, 1)
+  end_value = learning_rate * end_ratio
+  if schedule == "cosine":
+    after = optax.cosine_decay_schedule(learning_rate, decay_steps, alpha=end_ratio)
+  elif schedule == "linear":
+    after = optax.linear_schedule(learning_rate, end_value, decay_steps)
+  elif schedule == "constant":
+    after = optax.constant_schedule(learning_rate)
+  else:
+    raise ValueError(f"optim.schedule {schedule!r} is not one of cosine, linear, constant")
+  lr = optax.join_schedules([optax.linear_schedule(0.0, learning_rate, warmup_steps), after], [warmup_steps]) \
+      if warmup_steps > 0 else after
+  chain = []
+  if max_grad_norm > 0:
+    chain.append(optax.clip_by_global_norm(max_grad_norm))
+  chain.append(optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay))
+  return optax.chain(*chain), lr
+
+
+def init_train_state(params: Params, optimizer: optax.GradientTransformation) -> TrainState:
+  return {"params": params, "opt_state": optimizer.init(params), "step": jnp.zeros((), jnp.int32)}
+
+
+def prepare_batch(batch: Batch, advantages: jnp.ndarray, old_logps: jnp.ndarray, gcfg: GRPOConfig,
+                  ref_logps: jnp.ndarray | None = None, trainer_logps: jnp.ndarray | None = None) -> Batch:
+  """The rollout batch plus what the step needs: advantages, old/reference log-probs, weights.
+
+  `old_logps` are the sampler's log-probs. With `gcfg.tis_cap > 0`, `trainer_logps` (the trainer's log-probs before
+  the update) become the old log-probs of the ratio and min(exp(trainer - sampler), tis_cap) weights each token.
+  """
+  keys = ("tokens", "attention_mask", "positions", "loss_mask", "image_index", "pixel_values", "vision_inputs")
+  out = {k: batch[k] for k in keys if k in batch and batch[k] is not None}
+  mask = out["loss_mask"].astype(jnp.float32)
+  out["advantages"] = jnp.asarray(advantages, jnp.float32)
+  out["loss_weights"] = loss_weights(mask, gcfg.aggregation)
+  if gcfg.tis_cap > 0:
+    if trainer_logps is None:
+      raise ValueError("grpo.tis_cap > 0 needs the trainer's pre-update log-probs")
+    out["is_weights"] = jnp.minimum(jnp.exp((trainer_logps - old_logps) * mask), gcfg.tis_cap) * mask
+    old_logps = trainer_logps
+  out["old_logps"] = jnp.asarray(old_logps, jnp.float32) * mask
+  if gcfg.beta > 0:
+    if ref_logps is None:
+      raise ValueError("grpo.beta > 0 needs the reference policy's log-probs")
+    out["ref_logps"] = jnp.asarray(ref_logps, jnp.float32)
+  return out
+
+
+def _split_micro(batch: Batch, m: int) -> Batch:
+  """Row entries reshaped to (m, N/m, ...): micro-batch i holds rows i, i+m, ... (keeps a row-sharded layout)."""
+  def split(x, axis):
+    n = x.shape[axis]
+    shape = x.shape[:axis] + (n // m, m) + x.shape[axis + 1:]
+    return jnp.moveaxis(x.reshape(shape), axis + 1, 0)
+  out = {k: split(v, 0) for k, v in batch.items() if k in _ROW_KEYS}
+  out["positions"] = split(batch["positions"], 1)
+  return out
+
+
+def make_train_step(config: Qwen25VLConfig, gcfg: GRPOConfig, optimizer: optax.GradientTransformation
+                    ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jnp.ndarray]]]:
+  """`train_step(state, batch) -> (state, metrics)` for a batch from `prepare_batch` (jit it with shardings)."""
+
+  def micro_loss(params, image_embeds, mb):
+    logps, entropy = sequence_logps(params, config, mb, image_embeds, gcfg.temperature, gcfg.logits_chunk)
+    per_token, stats = per_token_loss(logps, mb["old_logps"], mb["advantages"], mb["loss_mask"], gcfg,
+                                      mb.get("ref_logps"), mb.get("is_weights"))
+    mask = mb["loss_mask"].astype(jnp.float32)
+    sums = {k: jnp.sum(v * mask) for k, v in stats.items()}
+    sums["entropy"] = jnp.sum(entropy * mask)
+    sums["tokens"] = jnp.sum(mask)
+    return jnp.sum(per_token * mb["loss_weights"]), sums
+
+  grad_fn = jax.value_and_grad(micro_loss, argnums=(0, 1), has_aux=True)
+
+  def train_step(state, batch):
+    params = state["params"]
+    encode = lambda p: encode_images(p, config, batch)
+    image_embeds = vision_vjp = None
+    has_images = batch.get("pixel_values") is not None and batch["pixel_values"].shape[0] > 0
+    if has_images and gcfg.train_vision:
+      # Encode the batch's images once; micro-batches accumulate gradients w.r.t. the embeddings, pulled back
+      # through the vision tower once at the end.
+      image_embeds, vision_vjp = jax.vjp(encode, params)
+    elif has_images:
+      image_embeds = jax.lax.stop_gradient(encode(params))
+    m = gcfg.micro_batches
+    if m == 1:
+      (loss, sums), (grads, embed_grads) = grad_fn(params, image_embeds, batch)
+    else:
+      micro = _split_micro(batch, m)
+      for k in ("pixel_values", "vision_inputs"):
+        micro.pop(k, None)
+      zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), (params, image_embeds))
+
+      def accumulate(carry, mb):
+        (loss, sums), g = grad_fn(params, image_embeds, mb)
+        acc_loss, acc_sums, acc_g = carry
+        return (acc_loss + loss, jax.tree.map(jnp.add, acc_sums, sums),
+                jax.tree.map(lambda a, b: a + b.astype(jnp.float32), acc_g, g)), None
+
+      first_sums = jax.eval_shape(lambda: grad_fn(params, image_embeds, jax.tree.map(lambda x: x[0], micro)))[0][1]
+      init = (jnp.zeros((), jnp.float32), jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), first_sums), zeros)
+      (loss, sums, (grads, embed_grads)), _ = jax.lax.scan(accumulate, init, micro)
+    if vision_vjp is not None:
+      (vision_grads,) = vision_vjp(embed_grads.astype(image_embeds.dtype))
+      grads = jax.tree.map(jnp.add, grads, vision_grads)
+    grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
+    updates, opt_state = optimizer.update(grads, state["opt_state"], params)
+    new_params = optax.apply_updates(params, updates)
+    tokens = jnp.maximum(sums.pop("tokens"), 1.0)
+    metrics = {f"train/{k}": v / tokens for k, v in sums.items()}
+    metrics["train/clip_fraction"] = metrics["train/clip_low"] + metrics["train/clip_high"]
+    metrics.update({"train/loss": loss, "train/grad_norm": optax.global_norm(grads),
+                    "train/param_norm": optax.global_norm(new_params), "train/loss_tokens": tokens})
+    new_state = {"params": new_params, "opt_state": opt_state, "step": state["step"] + 1}
+    return new_state, metrics
+
+  return train_step

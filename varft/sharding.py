@@ -1,0 +1,246 @@
+"""The device mesh, logical-axis rules -> PartitionSpecs, and the multi-host plumbing.
+
+One mesh with axes (`data`, `fsdp`, `tensor`). Parameters get logical axes from their path in the model's pytree
+(`vocab`, `embed`, `heads`, `kv_heads`, `mlp`, `layers`); rules map logical axes to mesh axes. Any leaf of another
+tree whose trailing keys form a parameter path (AdamW's `mu`/`nu`, the reference params) is sharded like that
+parameter. A dimension that a mesh axis does not divide stays replicated, so small models run on any mesh.
+
+Batches are sharded by rows over (`data`, `fsdp`). On several hosts each host holds its own rows (it sampled them);
+`shard_batch` assembles the global arrays from every host's local rows.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Mapping, Sequence
+
+import jax
+import numpy as np
+from absl import logging
+from jax.experimental import multihost_utils
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+# Logical axes -> mesh axes (None: replicated).
+DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", BATCH_AXES),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("layers", None),
+)
+
+# Logical axes of parameters, by the last one or two keys of their path. Unlisted leaves (norm scales, biases of
+# outputs, scalars) are replicated.
+_PARAM_AXES: dict[tuple[str, ...], tuple[str | None, ...]] = {
+    ("embed",): ("vocab", "embed"),
+    ("lm_head",): ("embed", "vocab"),
+    ("q", "w"): ("layers", "embed", "heads"),
+    ("q", "b"): ("layers", "heads"),
+    ("k", "w"): ("layers", "embed", "kv_heads"),
+    ("k", "b"): ("layers", "kv_heads"),
+    ("v", "w"): ("layers", "embed", "kv_heads"),
+    ("v", "b"): ("layers", "kv_heads"),
+    ("o", "w"): ("layers", "heads", "embed"),
+    ("gate", "w"): ("layers", "embed", "mlp"),
+    ("gate", "b"): ("layers", "mlp"),
+    ("up", "w"): ("layers", "embed", "mlp"),
+    ("up", "b"): ("layers", "mlp"),
+    ("down", "w"): ("layers", "mlp", "embed"),
+    # Vision tower.
+    ("patch_embed", "w"): (None, "embed"),
+    ("qkv", "w"): ("layers", "embed", "heads"),
+    ("qkv", "b"): ("layers", "heads"),
+    ("proj", "w"): ("layers", "heads", "embed"),
+    ("fc1", "w"): ("embed", "mlp"),
+    ("fc1", "b"): ("mlp",),
+    ("fc2", "w"): ("mlp", "embed"),
+}
+
+
+def initialize_distributed(enabled: str | bool = "auto", coordinator_address: str | None = None,
+                           num_processes: int | None = None, process_id: int | None = None) -> None:
+  """`jax.distributed.initialize()` for multi-host runs (TPU pods, multi-node GPU, several CPU processes).
+
+  `auto` initialises when the environment describes a cluster (TPU pod worker, SLURM, or the JAX_COORDINATOR_ADDRESS
+  / JAX_NUM_PROCESSES / JAX_PROCESS_ID variables); explicit arguments override the environment.
+  """
+  env = os.environ
+  coordinator_address = coordinator_address or env.get("JAX_COORDINATOR_ADDRESS")
+  if num_processes is None and env.get("JAX_NUM_PROCESSES"):
+    num_processes = int(env["JAX_NUM_PROCESSES"])
+  if process_id is None and env.get("JAX_PROCESS_ID"):
+    process_id = int(env["JAX_PROCESS_ID"])
+  if enabled == "auto":
+    enabled = bool(coordinator_address) or "SLURM_JOB_ID" in env or "TPU_WORKER_HOSTNAMES" in env
+  if not enabled:
+    return
+  jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                             process_id=process_id)
+  logging.info("jax.distributed: process %d of %d, %d devices (%d local)", jax.process_index(),
+               jax.process_count(), jax.device_count(), jax.local_device_count())
+
+
+def mesh_shape(axes: Mapping[str, int], num_devices: int) -> tuple[int, ...]:
+  """Sizes of (data, fsdp, tensor) from a config mapping; one size may be -1 (= the remaining devices)."""
+  unknown = set(axes) - set(MESH_AXES)
+  if unknown:
+    raise ValueError(f"mesh: unknown axes {sorted(unknown)}; the mesh axes are {MESH_AXES}")
+  sizes = [int(axes.get(name, 1)) for name in MESH_AXES]
+  if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
+    raise ValueError(f"mesh {dict(axes)}: sizes must be positive, with at most one -1 (the rest)")
+  known = math.prod(s for s in sizes if s != -1)
+  if -1 in sizes:
+    if num_devices % known:
+      raise ValueError(f"mesh {dict(axes)}: {num_devices} devices are not divisible by {known}")
+    sizes[sizes.index(-1)] = num_devices // known
+  if math.prod(sizes) != num_devices:
+    raise ValueError(f"mesh {dict(axes)} needs {math.prod(sizes)} devices but {num_devices} are available")
+  return tuple(sizes)
+
+
+def make_mesh(axes: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A mesh over all devices (or `devices`) with Auto axis types (sharding propagates as in classic pjit)."""
+  devices = list(jax.devices() if devices is None else devices)
+  shape = mesh_shape(axes, len(devices))
+  return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+
+
+def _path_names(path) -> tuple[str, ...]:
+  names = []
+  for entry in path:
+    key = getattr(entry, "key", getattr(entry, "name", None))
+    if isinstance(key, str):
+      names.append(key)
+  return tuple(names)
+
+
+def logical_axes(path_names: tuple[str, ...], ndim: int) -> tuple[str | None, ...]:
+  """Logical axes of a leaf from the names along its path (None everywhere when it is not a known parameter)."""
+  for suffix_len in (2, 1):
+    axes = _PARAM_AXES.get(path_names[-suffix_len:]) if len(path_names) >= suffix_len else None
+    if axes is not None:
+      if len(axes) != ndim:
+        raise ValueError(f"Parameter {'/'.join(path_names)} has {ndim} dims, its sharding rule expects "
+                         f"{len(axes)} {axes}")
+      return axes
+  return (None,) * ndim
+
+
+def spec_for(axes: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh,
+             rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> P:
+  """The PartitionSpec of logical `axes`; dimensions that the mesh axes do not divide stay replicated."""
+  rule = dict(rules)
+  used: set[str] = set()
+  spec = []
+  for name, size in zip(axes, shape):
+    mesh_axes = rule.get(name) if name else None
+    if isinstance(mesh_axes, str):
+      mesh_axes = (mesh_axes,)
+    mesh_axes = tuple(a for a in (mesh_axes or ()) if mesh.shape[a] > 1 and a not in used)
+    if mesh_axes and size % math.prod(mesh.shape[a] for a in mesh_axes) == 0:
+      used.update(mesh_axes)
+      spec.append(mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes)
+    else:
+      spec.append(None)
+  return P(*spec)
+
+
+def tree_specs(tree: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> Any:
+  """PartitionSpecs for params, optimizer state or any tree whose leaves sit under parameter paths."""
+  def leaf_spec(path, leaf):
+    shape = tuple(np.shape(leaf))
+    return spec_for(logical_axes(_path_names(path), len(shape)), shape, mesh, rules)
+  return jax.tree_util.tree_map_with_path(leaf_spec, tree)
+
+
+def tree_shardings(tree: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> Any:
+  return jax.tree.map(lambda spec: NamedSharding(mesh, spec), tree_specs(tree, mesh, rules),
+                      is_leaf=lambda x: isinstance(x, P))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def batch_shardings(batch: Mapping[str, Any], mesh: Mesh) -> dict[str, Any]:
+  """Row-sharded entries over (data, fsdp); `positions` (3, N, L) on axis 1; image tables replicated."""
+  out = {}
+  for key, value in batch.items():
+    if key in ("pixel_values", "vision_inputs"):
+      out[key] = jax.tree.map(lambda _: replicated(mesh), value)
+    elif key == "positions":
+      out[key] = NamedSharding(mesh, P(None, BATCH_AXES))
+    else:
+      out[key] = NamedSharding(mesh, P(BATCH_AXES))
+  return out
+
+
+def batch_size_multiple(mesh: Mesh) -> int:
+  """Global batch rows must be a multiple of this (the devices along the batch axes)."""
+  return math.prod(mesh.shape[a] for a in BATCH_AXES)
+
+
+def shard_batch(local_batch: Mapping[str, Any], mesh: Mesh) -> dict[str, Any]:
+  """Global device arrays from this host's rows (its share of every row-sharded entry).
+
+  Image tables (`pixel_values`, `vision_inputs`) are replicated and must be the same on every host.
+  """
+  shardings = batch_shardings(local_batch, mesh)
+  multiple = batch_size_multiple(mesh)
+
+  def put(x, sharding):
+    x = np.asarray(x)
+    if sharding.spec == P():
+      return jax.make_array_from_process_local_data(sharding, x, x.shape)
+    axis = 1 if sharding.spec[0] is None else 0
+    rows = x.shape[axis] * jax.process_count()
+    if rows % multiple:
+      raise ValueError(f"The batch has {rows} rows, not a multiple of the {multiple} devices of the mesh's "
+                       f"{BATCH_AXES} axes: change the batch size or the mesh.")
+    global_shape = x.shape[:axis] + (rows,) + x.shape[axis + 1:]
+    return jax.make_array_from_process_local_data(sharding, x, global_shape)
+
+  return {k: jax.tree.map(put, v, shardings[k]) for k, v in local_batch.items()}
+
+
+def local_rows(x: jax.Array) -> np.ndarray:
+  """This host's rows of a row-sharded global array (the inverse of `shard_batch`), in order."""
+  if jax.process_count() == 1:
+    return np.asarray(x)
+  shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
+  seen, rows = set(), []
+  for shard in shards:
+    start = shard.index[0].start or 0
+    if start not in seen:
+      seen.add(start)
+      rows.append(np.asarray(shard.data))
+  return np.concatenate(rows, axis=0)
+
+
+def to_host(tree: Any) -> Any:
+  """Fully replicated device values (e.g. metrics) as numpy on every host."""
+  def get(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      return np.asarray(x.addressable_data(0))
+    return np.asarray(x)
+  return jax.tree.map(get, tree)
+
+
+def host_mean(metrics: Mapping[str, float]) -> dict[str, float]:
+  """The mean over hosts of host-side scalar metrics (rollout statistics, timings); identity on one host."""
+  if jax.process_count() == 1 or not metrics:
+    return {k: float(v) for k, v in metrics.items()}
+  keys = sorted(metrics)
+  values = np.asarray([float(metrics[k]) for k in keys], np.float64)
+  gathered = multihost_utils.process_allgather(values)
+  return dict(zip(keys, (float(v) for v in np.mean(gathered, axis=0))))
+
+
+def is_writer() -> bool:
+  """Only process 0 writes logs, sample rollouts and exports."""
+  return jax.process_index() == 0

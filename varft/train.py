@@ -1,0 +1,290 @@
+"""The GRPO training loop: rollouts -> rewards -> group advantages -> mu sharded updates; checkpoints, metrics.
+
+    state = init or resume (params, AdamW state, step; data position)
+    for step:
+      experience = env.collect(params, rng_step)          # host: sampler + tools + rewards, this host's rows
+      batch = shard_batch(experience)                     # global arrays, rows over (data, fsdp)
+      advantages = group_advantages(rewards)              # device, over the global groups
+      ref_logps = logps(ref_params, batch)                # frozen reference (beta > 0)
+      for epoch in range(mu): state = train_step(state, batch)   # old log-probs = the sampler's
+      log / samples / eval / checkpoint
+
+Per-step randomness is `fold_in(seed, step)`, and the data position is checkpointed, so a resumed run repeats the
+uninterrupted run exactly.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from jax.experimental import multihost_utils
+
+from varft import checkpoint as ckpt_lib
+from varft import grpo
+from varft import metrics_writer
+from varft import sharding
+from varft.models.qwen25vl import config as model_config_lib
+from varft.models.qwen25vl import text as text_model
+
+_CHOICES = {
+    "mode": ("train", "eval"),
+    "task": ("echo", "agent"),
+    "grpo.advantage": grpo.ADVANTAGE_MODES,
+    "grpo.aggregation": grpo.AGGREGATION_MODES,
+    "optim.schedule": ("cosine", "linear", "constant"),
+    "model.param_dtype": ("float32", "bfloat16"),
+    "model.dtype": ("float32", "bfloat16", "float16"),
+}
+_POSITIVE_INTS = ("total_steps", "grpo.epochs", "grpo.micro_batches", "grpo.logits_chunk", "rollout.num_samples",
+                  "rollout.prompts_per_host", "log_every")
+_NON_NEGATIVE = ("grpo.beta", "grpo.eps_low", "grpo.eps_high", "grpo.tis_cap", "optim.learning_rate",
+                 "optim.warmup_steps", "optim.weight_decay", "optim.max_grad_norm", "checkpoint_every",
+                 "samples_every", "eval_every")
+
+
+def _get(config: ml_collections.ConfigDict, dotted: str) -> Any:
+  value = config
+  for part in dotted.split("."):
+    if part not in value:
+      raise ValueError(f"config.{dotted} is missing: add it to the experiment config (see experiments/).")
+    value = value[part]
+  return value
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Fails at start, naming the key, on values the run would otherwise trip over later."""
+  for key, choices in _CHOICES.items():
+    value = _get(config, key)
+    if value not in choices:
+      raise ValueError(f"config.{key}={value!r} is not one of {choices}")
+  for key in _POSITIVE_INTS:
+    value = _get(config, key)
+    if not isinstance(value, int) or value < 1:
+      raise ValueError(f"config.{key}={value!r} must be a positive integer")
+  for key in _NON_NEGATIVE:
+    value = _get(config, key)
+    if not isinstance(value, (int, float)) or value < 0:
+      raise ValueError(f"config.{key}={value!r} must be a non-negative number")
+  if not 0 <= config.grpo.eps_low < 1:
+    raise ValueError(f"config.grpo.eps_low={config.grpo.eps_low} must be in [0, 1)")
+  if config.rollout.temperature <= 0:
+    raise ValueError(f"config.rollout.temperature={config.rollout.temperature} must be > 0")
+  rows = config.rollout.prompts_per_host * config.rollout.num_samples
+  if rows % config.grpo.micro_batches:
+    raise ValueError(f"config.grpo.micro_batches={config.grpo.micro_batches} must divide the rows per host "
+                     f"(rollout.prompts_per_host x rollout.num_samples = {rows})")
+  try:
+    sharding.mesh_shape(dict(config.mesh), jax.device_count())
+  except ValueError as e:
+    raise ValueError(f"config.mesh: {e}") from None
+  if config.model.get("hf_dir") and not os.path.isdir(config.model.hf_dir):
+    raise ValueError(f"config.model.hf_dir={config.model.hf_dir!r} is not a folder: point it at a downloaded "
+                     "Qwen2.5-VL checkpoint (config.json + *.safetensors)")
+
+
+def grpo_config(config: ml_collections.ConfigDict) -> grpo.GRPOConfig:
+  g = config.grpo
+  return grpo.GRPOConfig(beta=g.beta, eps_low=g.eps_low, eps_high=g.eps_high, advantage=g.advantage,
+                         aggregation=g.aggregation, tis_cap=g.tis_cap, temperature=config.rollout.temperature,
+                         micro_batches=g.micro_batches, logits_chunk=g.logits_chunk, train_vision=g.train_vision)
+
+
+def make_optimizer(config: ml_collections.ConfigDict):
+  o = config.optim
+  return grpo.make_optimizer(o.learning_rate, config.total_steps * config.grpo.epochs, warmup_steps=o.warmup_steps,
+                             schedule=o.schedule, end_ratio=o.end_ratio, weight_decay=o.weight_decay, b1=o.b1,
+                             b2=o.b2, eps=o.eps, max_grad_norm=o.max_grad_norm)
+
+
+def model_config(config: ml_collections.ConfigDict) -> model_config_lib.Qwen25VLConfig:
+  m = config.model
+  if config.task == "echo":
+    from varft import echo_task
+    base = echo_task.model_config(**dict(m.get("echo", {})))
+  else:
+    base = model_config_lib.get_config(m.hf_dir or m.name)
+  return base.replace(dtype=m.dtype, remat=m.remat)
+
+
+def init_params(model_cfg, rng: jax.Array, text_only: bool, param_dtype) -> dict:
+  if text_only:
+    return {"text": text_model.init_params(rng, model_cfg.text, param_dtype)}
+  from varft.models.qwen25vl import model
+  return model.init_params(rng, model_cfg, param_dtype)
+
+
+def load_params(config, model_cfg, mesh) -> dict:
+  """Policy params, created directly in their sharded layout (random init, or an HF checkpoint)."""
+  param_dtype = jnp.dtype(config.model.param_dtype)
+  if config.model.get("hf_dir"):
+    from varft.models.qwen25vl import hf
+    text_only = config.task == "echo"
+    abstract = jax.eval_shape(lambda: init_params(model_cfg, jax.random.key(0), text_only, param_dtype))
+    _, params = hf.load_pretrained(config.model.hf_dir, dtype=param_dtype, mesh=mesh,
+                                   shardings=sharding.tree_shardings(abstract, mesh))
+    return params
+  init = functools.partial(init_params, model_cfg, text_only=config.task == "echo", param_dtype=param_dtype)
+  rng = jax.random.key(config.model.init_seed)
+  shardings = sharding.tree_shardings(jax.eval_shape(init, rng), mesh)
+  return jax.jit(init, out_shardings=shardings)(rng)
+
+
+def make_environment(config, model_cfg, mesh, workdir: str):
+  if config.task == "echo":
+    from varft import echo_task
+    return echo_task.EchoEnvironment(model_cfg, mesh, config.rollout.prompts_per_host, config.rollout.num_samples,
+                                     temperature=config.rollout.temperature, seed=config.seed,
+                                     eval_prompts=config.eval.num_prompts)
+  from varft import agent_task
+  return agent_task.AgentEnvironment(config, model_cfg, mesh, workdir)
+
+
+def _gather_json(value: Any) -> list[Any]:
+  """Every host's JSON-serialisable `value`, in process order (the data positions of all hosts)."""
+  if jax.process_count() == 1:
+    return [value]
+  encoded = np.frombuffer(json.dumps(value).encode(), np.uint8)
+  length = int(np.max(multihost_utils.process_allgather(np.asarray([len(encoded)]))))
+  padded = np.zeros(length, np.uint8)
+  padded[:len(encoded)] = encoded
+  gathered = multihost_utils.process_allgather(padded)
+  return [json.loads(bytes(row).rstrip(b"\0").decode()) for row in np.asarray(gathered).reshape(-1, length)]
+
+
+class Trainer:
+  """Holds the mesh, jitted functions, state and environment of one run (`run()` trains to the end)."""
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+    validate(config)
+    self.config, self.workdir = config, workdir
+    self.mesh = sharding.make_mesh(dict(config.mesh))
+    self.model_cfg = model_config(config)
+    self.gcfg = grpo_config(config)
+    self.optimizer, self.lr_fn = make_optimizer(config)
+    params = load_params(config, self.model_cfg, self.mesh)
+    state_shapes = jax.eval_shape(lambda p: grpo.init_train_state(p, self.optimizer), params)
+    self.state_shardings = sharding.tree_shardings(state_shapes, self.mesh)
+    self.state = jax.jit(lambda p: grpo.init_train_state(p, self.optimizer),
+                         out_shardings=self.state_shardings)(params)
+    # The frozen reference is the initial policy (separate buffers: the train state is donated every step).
+    self.ref_params = params if self.gcfg.beta > 0 else None
+    self.env = make_environment(config, self.model_cfg, self.mesh, workdir)
+    num_groups = config.rollout.prompts_per_host * jax.process_count()
+    replicated = sharding.replicated(self.mesh)
+    self._advantages = jax.jit(functools.partial(grpo.group_advantages, num_groups=num_groups,
+                                                 mode=self.gcfg.advantage))
+    self._logps = jax.jit(grpo.make_logps_fn(self.model_cfg, self.gcfg))
+    self._prepare = jax.jit(functools.partial(grpo.prepare_batch, gcfg=self.gcfg))
+    self._train_step = jax.jit(grpo.make_train_step(self.model_cfg, self.gcfg, self.optimizer),
+                               out_shardings=(self.state_shardings, replicated), donate_argnums=0)
+    self.checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                              max_to_keep=config.keep_checkpoints,
+                                              async_save=config.async_checkpoints)
+    self.step = 0
+    self.rng = jax.random.key(config.seed)
+    self.last_samples: list[dict[str, Any]] = []
+
+  def maybe_restore(self) -> bool:
+    """Resumes from the latest complete checkpoint in the workdir, if any."""
+    if self.checkpointer.latest_step() is None:
+      return False
+    abstract = ckpt_lib.abstract_like(self.state, self.state_shardings)
+    self.step, self.state, data_state, _ = self.checkpointer.restore(abstract)
+    hosts = data_state.get("hosts") or [{}]
+    self.env.restore_data_state(hosts[min(jax.process_index(), len(hosts) - 1)])
+    logging.info("Resumed at step %d", self.step)
+    return True
+
+  def save(self, force: bool = False) -> None:
+    data = {"hosts": _gather_json(self.env.data_state())}
+    self.checkpointer.save(self.step, self.state, data, {"step": self.step}, force=force)
+
+  def train_step(self) -> dict[str, float]:
+    """One rollout step and its `grpo.epochs` updates; returns the metrics (all hosts agree)."""
+    config, timer = self.config, time.perf_counter
+    start = timer()
+    rollout_rng = jax.random.fold_in(self.rng, self.step)
+    experience = self.env.collect(self.state["params"], rollout_rng)
+    self.last_samples = experience.samples
+    collected = timer()
+    local = dict(experience.batch)
+    local["rewards"] = np.asarray(experience.rewards, np.float32)
+    local["group_ids"] = (np.asarray(local["group_ids"], np.int32)
+                          + jax.process_index() * config.rollout.prompts_per_host)
+    batch = sharding.shard_batch(local, self.mesh)
+    advantages = self._advantages(batch["rewards"], batch["group_ids"])
+    ref_logps = self._logps(self.ref_params, batch) if self.gcfg.beta > 0 else None
+    trainer_logps = self._logps(self.state["params"], batch) if self.gcfg.tis_cap > 0 else None
+    prepared = self._prepare(batch, advantages, batch["sampler_logps"], ref_logps=ref_logps,
+                             trainer_logps=trainer_logps)
+    for _ in range(config.grpo.epochs):
+      self.state, device_metrics = self._train_step(self.state, prepared)
+    device_metrics = sharding.to_host(device_metrics)
+    updated = timer()
+    self.step += 1
+
+    host = {f"reward/{k}": float(np.mean(v)) for k, v in experience.components.items()}
+    host.update({k: float(v) for k, v in experience.stats.items()})
+    local_tokens = float(np.sum(local["attention_mask"]))
+    host.update({"reward/mean": float(np.mean(local["rewards"])), "reward/std": float(np.std(local["rewards"])),
+                 "rollout/tokens": local_tokens,
+                 "rollout/sequence_length": local_tokens / max(len(local["rewards"]), 1)})
+    metrics = sharding.host_mean(host)
+    metrics.update({k: float(v) for k, v in device_metrics.items()})
+    metrics["train/learning_rate"] = float(self.lr_fn(self.step * config.grpo.epochs - 1))
+    metrics["time/collect_s"] = collected - start
+    metrics["time/update_s"] = updated - collected
+    metrics["time/step_s"] = updated - start
+    metrics["perf/tokens_per_s"] = metrics["rollout/tokens"] * jax.process_count() / max(updated - start, 1e-9)
+    return metrics
+
+  def evaluate(self) -> dict[str, float]:
+    out_dir = os.path.join(self.workdir, "eval", f"step_{self.step:06d}")
+    rng = jax.random.fold_in(jax.random.key(self.config.seed + 1), self.step)
+    return sharding.host_mean(self.env.evaluate(self.state["params"], rng,
+                                                out_dir if sharding.is_writer() else None))
+
+  def run(self) -> dict[str, float]:
+    """Trains (resuming if possible) to `total_steps`; returns the last logged metrics."""
+    from tqdm import tqdm
+    config = self.config
+    self.maybe_restore()
+    writer = metrics_writer.MetricsWriter(self.workdir, enabled=sharding.is_writer())
+    metrics: dict[str, float] = {}
+    bar = tqdm(total=config.total_steps, initial=self.step, disable=not sharding.is_writer(), desc="train")
+    try:
+      while self.step < config.total_steps:
+        metrics = self.train_step()
+        last = self.step == config.total_steps
+        if config.eval_every and (self.step % config.eval_every == 0 or last):
+          metrics.update(self.evaluate())
+        if self.step % config.log_every == 0 or last:
+          writer.write(self.step, metrics)
+        if sharding.is_writer() and config.samples_every and (self.step % config.samples_every == 0 or last):
+          metrics_writer.write_samples(os.path.join(self.workdir, "samples"), self.step, self.last_samples)
+        if config.checkpoint_every and (self.step % config.checkpoint_every == 0 or last):
+          self.save(force=last)
+        bar.set_postfix(reward=f"{metrics.get('reward/mean', float('nan')):.3f}")
+        bar.update(1)
+      self.checkpointer.wait()
+      if config.export_hf:
+        ckpt_lib.export_hf(self.state["params"], self.model_cfg, os.path.join(self.workdir, "hf"))
+    finally:
+      bar.close()
+      writer.close()
+      self.checkpointer.close()
+    return metrics
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  """Trains `config` in `workdir` (resuming from its checkpoints); returns the last metrics."""
+  sharding.initialize_distributed(config.distributed)
+  return Trainer(config, workdir).run()
