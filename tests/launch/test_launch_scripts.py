@@ -1,7 +1,9 @@
 """Launch scripts: syntax, usage, argument errors, the commands they run (fake gcloud/srun)."""
 import os
+import shutil
 import stat
 import subprocess
+import tarfile
 
 import pytest
 
@@ -14,10 +16,10 @@ REQUIRED = {
 }
 
 
-def _run(script, args, env=None):
+def _run(script, args, env=None, launch_dir=LAUNCH):
   full_env = {k: v for k, v in os.environ.items() if not k.startswith('SLURM_')}
   full_env.update(env or {})
-  return subprocess.run(['bash', os.path.join(LAUNCH, script), *args], capture_output=True,
+  return subprocess.run(['bash', os.path.join(launch_dir, script), *args], capture_output=True,
                         text=True, env=full_env, timeout=30)
 
 
@@ -76,10 +78,15 @@ def test_tpu_pod_runs_every_step_on_all_workers(tmp_path):
   # The run step (`ssh ... python3 -m varft.main`) fails with 3: logs are still copied back.
   env = _fake(tmp_path, 'gcloud', 'if [[ "$*" == *varft.main* ]]; then exit 3; fi\n')
   logs = tmp_path / 'logs'
+  # A copy of the script in a tiny repo, so --setup packs that instead of the real tree.
+  repo = tmp_path / 'repo'
+  (repo / 'launch').mkdir(parents=True)
+  shutil.copy(os.path.join(LAUNCH, 'tpu_pod.sh'), repo / 'launch' / 'tpu_pod.sh')
+  (repo / 'setup.py').write_text('# stand-in\n')
   out = _run('tpu_pod.sh', REQUIRED['tpu_pod.sh'] + [
       '--create', '--accelerator', 'v4-32', '--version', 'tpu-ubuntu2204-base', '--setup',
       '--delete', '--logs', str(logs), '--project', 'p1', '--', '--config.mode=eval'],
-             {**env, 'TMPDIR': str(tmp_path)})
+             {**env, 'TMPDIR': str(tmp_path)}, launch_dir=str(repo / 'launch'))
   assert out.returncode == 3, out.stderr
   calls = (tmp_path / 'calls.log').read_text().split('== gcloud\n')[1:]
   verbs = [c.splitlines()[3] for c in calls]
@@ -90,7 +97,8 @@ def test_tpu_pod_runs_every_step_on_all_workers(tmp_path):
   run = calls[3]
   assert 'python3 -m varft.main --config=c.py --workdir=gs://b/w --config.mode=eval' in run
   assert 'pipefail' in run and logs.is_dir()
-  assert (tmp_path / 'varft_src_t.tar.gz').stat().st_size > 0
+  with tarfile.open(tmp_path / 'varft_src_t.tar.gz') as tar:
+    assert './setup.py' in tar.getnames()
 
 
 def test_tpu_pod_create_needs_accelerator_and_version():
