@@ -83,13 +83,9 @@ def _token_ids(tokenizer, text_: str) -> list[int]:
 
 def token_texts(tokenizer, vocab_size: int) -> list[str]:
   """The decoded text of every token id below `vocab_size` ('' for ids the tokenizer does not know)."""
-  known = tokenizer.get_vocab_size() if hasattr(tokenizer, "get_vocab_size") else len(tokenizer)
-  ids = [[i] for i in range(min(known, vocab_size))]
-  if hasattr(tokenizer, "decode_batch"):
-    texts = tokenizer.decode_batch(ids, skip_special_tokens=False)
-  else:
-    texts = tokenizer.batch_decode(ids, skip_special_tokens=False)
-  return list(texts) + [""] * (vocab_size - len(texts))
+  known = tokenizer.vocab_size if hasattr(tokenizer, "vocab_size") else tokenizer.get_vocab_size()
+  texts = [tokenizer.decode([i]) for i in range(min(known, vocab_size))]
+  return texts + [""] * (vocab_size - len(texts))
 
 
 def make_stop_table(tokenizer, vocab_size: int, stop_strings: Sequence[str] = DEFAULT_STOP_TAGS,

@@ -1,0 +1,557 @@
+"""Batched multi-turn agentic rollouts: the jitted sampler in a host loop with the tool executor.
+
+One `RolloutEngine.run` takes B examples x G samples through up to `max_turns` turns:
+
+    prompt (chat template, images -> vision embeddings once per distinct image) -> extend the KV cache
+    repeat: generate until a stop tag / EOS / budget -> parse each row's action -> one `executor.execute(calls)`
+            for the whole batch -> tokenize each observation once -> extend that row's cache with it
+
+Token-in/token-out: every row keeps a ledger of exactly the tokens the sampler saw (sampled tokens with their
+log-probs and loss_mask 1; prompt and observation tokens with loss_mask 0), their M-RoPE positions and image tokens.
+A search result comes back as a user turn `<information> 1. Content:... </information>` (the paper's format), a code
+result as a user turn carrying the output image (vision tokens at their 3-D positions) and any printed text/error,
+and a `<problem>` step as the paper's `<tips>` hint. Step-wise mode (the paper's training) makes one turn per sample
+from a prompt that already carries the earlier steps (`example['context']`).
+
+The result is the padded, device-ready training batch of interfaces.md plus readable transcripts.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+import logging
+import time
+from typing import Any, Callable, Mapping, Protocol, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+
+from varft import actions as actions_lib
+from varft import prompts, sampling
+from varft.models.qwen25vl import rope
+from varft.models.qwen25vl.config import Qwen25VLConfig
+from varft.processing import chat
+from varft.processing import image as image_lib
+
+log = logging.getLogger(__name__)
+
+MODES = ("multiturn", "stepwise")
+# Why a trajectory ended.
+STOP_REASONS = ("answer", "step", "malformed", "max_turns", "max_new_tokens", "max_tokens")
+TRUNCATION_NOTE = " ... [tool output truncated: {} more tokens]"
+
+
+class Executor(Protocol):
+  def execute(self, calls: Sequence[Any]) -> Sequence[Any]:
+    ...
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutConfig:
+  """Rollout limits, sampling settings and static-shape buckets.
+
+  max_new_tokens: tokens per turn; max_total_tokens: prompt + all turns + observations per trajectory;
+  max_tool_output_tokens: text tokens of one observation (longer ones are cut with a note saying so).
+  length_buckets: prompt and final batch lengths; chunk_buckets: observation chunks; patch_buckets: vision patches
+  per encoder call. system_prompt: 'auto' (by the example's task), a name in `prompts.SYSTEM_PROMPTS`, or text.
+  """
+  mode: str = "multiturn"
+  max_turns: int = 5
+  max_new_tokens: int = 512
+  max_total_tokens: int = 4096
+  max_tool_output_tokens: int = 512
+  temperature: float = 1.0
+  top_k: int = 0
+  top_p: float = 1.0
+  stop_tags: tuple[str, ...] = sampling.DEFAULT_STOP_TAGS
+  length_buckets: tuple[int, ...] = (256, 512, 1024, 2048, 4096)
+  chunk_buckets: tuple[int, ...] = (32, 64, 128, 256, 512, 1024)
+  patch_buckets: tuple[int, ...] = (1024, 4096, 16384)
+  image_min_pixels: int = image_lib.DEFAULT_MIN_PIXELS
+  image_max_pixels: int = 1024 * 28 * 28
+  system_prompt: str = "auto"
+
+  def __post_init__(self):
+    problems = []
+    if self.mode not in MODES:
+      problems.append(f"mode {self.mode!r} is not one of {MODES}")
+    if min(self.max_turns, self.max_new_tokens, self.max_total_tokens, self.max_tool_output_tokens) < 1:
+      problems.append("max_turns, max_new_tokens, max_total_tokens and max_tool_output_tokens must be >= 1")
+    if max(self.length_buckets) < self.max_total_tokens:
+      problems.append(f"the largest length bucket {max(self.length_buckets)} is below max_total_tokens "
+                      f"{self.max_total_tokens}")
+    if max(self.patch_buckets) < self.image_max_pixels // (14 * 14):
+      problems.append(f"the largest patch bucket {max(self.patch_buckets)} cannot hold one image of "
+                      f"image_max_pixels {self.image_max_pixels} ({self.image_max_pixels // 196} patches)")
+    if problems:
+      raise ValueError("Invalid rollout config: " + "; ".join(problems))
+
+  @classmethod
+  def from_config(cls, config: Mapping[str, Any]) -> "RolloutConfig":
+    """From a dict / ConfigDict; unknown keys are an error, lists become tuples."""
+    config = dict(config.to_dict() if hasattr(config, "to_dict") else config)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(config) - names)
+    if unknown:
+      raise ValueError(f"Unknown rollout config keys {unknown}; valid keys: {sorted(names)}")
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items()})
+
+  def sampling_config(self, eos_ids: tuple[int, ...]) -> sampling.SamplingConfig:
+    return sampling.SamplingConfig(self.temperature, self.top_k, self.top_p, self.max_new_tokens, eos_ids)
+
+
+@dataclasses.dataclass
+class Transcript:
+  """A readable trajectory for logging and rewards. Images are referenced by name (`prompt:0`, `turn2:output`);
+  `images` holds the tool-output images (prompt images are the example's)."""
+  example_id: str
+  group_id: int
+  sample_index: int
+  messages: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # role, text, images (refs)
+  actions: list[actions_lib.Action] = dataclasses.field(default_factory=list)
+  observations: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # kind, ok, error, truncated, image
+  images: dict[str, Image.Image] = dataclasses.field(default_factory=dict)
+  stop_reason: str = ""
+  num_tokens: int = 0
+
+  @property
+  def completion(self) -> str:
+    """The text of the last assistant turn (what the rewards score)."""
+    turns = [m["text"] for m in self.messages if m["role"] == "assistant"]
+    return turns[-1] if turns else ""
+
+  @property
+  def answer(self) -> str | None:
+    answers = [a.content for a in self.actions if a.kind == "answer"]
+    return answers[-1] if answers else None
+
+  def tool_stats(self) -> dict[str, Any]:
+    """Counts the rewards use: calls, failed calls, whether every turn parsed, successful code runs."""
+    tools = [o for o in self.observations if o["kind"] in ("search", "code")]
+    return {"num_calls": len(tools), "num_failed": sum(not o["ok"] for o in tools),
+            "all_valid": all(a.kind != "malformed" for a in self.actions),
+            "num_code_success": sum(o["ok"] for o in tools if o["kind"] == "code")}
+
+  def render(self) -> str:
+    lines = []
+    for m in self.messages:
+      refs = "".join(f"[image {r}]" for r in m.get("images", ()))
+      lines.append(f"--- {m['role']} ---\n{refs}{m['text']}")
+    lines.append(f"--- stop: {self.stop_reason} ({self.num_tokens} tokens) ---")
+    return "\n".join(lines)
+
+
+@dataclasses.dataclass
+class RolloutResult:
+  batch: dict[str, Any]
+  transcripts: list[Transcript]
+  stats: dict[str, Any]
+
+
+@dataclasses.dataclass
+class _Image:
+  key: str
+  pil: Image.Image
+  patches: np.ndarray
+  grid: np.ndarray
+  num_tokens: int
+  embeds: jax.Array | None = None
+
+
+@dataclasses.dataclass
+class _Row:
+  """The ledger of one trajectory."""
+  group: int
+  tokens: list[int]
+  image_key: list[str | None]  # per token: which image it belongs to (None for text)
+  image_local: list[int]  # per token: index within that image's merged tokens
+  positions: list[np.ndarray]  # (3, n) chunks
+  next_position: int
+  images: list[str]  # image keys in order of appearance
+  transcript: Transcript
+  loss_mask: list[int] = dataclasses.field(default_factory=list)
+  logps: list[float] = dataclasses.field(default_factory=list)
+  turns: int = 0
+  done: bool = False
+
+  def append(self, tokens, positions, next_position, sampled_logps=None, image_key=None, image_local=None):
+    n = len(tokens)
+    self.tokens.extend(int(t) for t in tokens)
+    self.loss_mask.extend([1 if sampled_logps is not None else 0] * n)
+    self.logps.extend([float(x) for x in sampled_logps] if sampled_logps is not None else [0.0] * n)
+    self.image_key.extend(image_key if image_key is not None else [None] * n)
+    self.image_local.extend(image_local if image_local is not None else [-1] * n)
+    self.positions.append(positions)
+    self.next_position = next_position
+
+  def finish(self, reason: str):
+    self.done = True
+    self.transcript.stop_reason = reason
+
+
+class RolloutEngine:
+  """Runs batched multi-turn (or step-wise) rollouts of a Qwen2.5-VL policy with tools."""
+
+  def __init__(self, model_config: Qwen25VLConfig, tokenizer: chat.Tokenizer, executor: Executor,
+               config: RolloutConfig, *, mesh: jax.sharding.Mesh | None = None,
+               stop_table: sampling.StopTable | None = None):
+    self.model_config = model_config
+    self.tokenizer = tokenizer
+    self.executor = executor
+    self.config = config
+    self.merge = model_config.vision.spatial_merge_size
+    stop_table = stop_table or sampling.make_stop_table(tokenizer, model_config.text.vocab_size, config.stop_tags)
+    eos = (tokenizer.im_end_id, tokenizer.end_of_text_id)
+    self.sampler = sampling.Sampler(model_config, config.sampling_config(eos), stop_table, mesh=mesh)
+    self.cache_len = config.max_total_tokens + max(config.chunk_buckets)
+    self._turn_open = tokenizer.encode(f"{chat.IM_END}\n{chat.IM_START}user\n")
+    self._turn_close = tokenizer.encode(f"{chat.IM_END}\n{chat.IM_START}assistant\n")
+    self._encode_images = None
+
+  # ---- images ---------------------------------------------------------------------------------------------------
+
+  def _add_image(self, table: dict[str, _Image], source) -> str:
+    pil = image_lib.load_image(source)
+    key = hashlib.sha1(pil.tobytes() + repr(pil.size).encode()).hexdigest()
+    if key not in table:
+      patches, grid = image_lib.process_image(pil, self.config.image_min_pixels, self.config.image_max_pixels)
+      tokens = int(np.prod(grid)) // self.merge ** 2
+      table[key] = _Image(key, pil, patches, np.asarray(grid, np.int64), tokens)
+    return key
+
+  def _vision_batch(self, entries: Sequence[_Image]) -> tuple[np.ndarray, dict[str, np.ndarray], int]:
+    """Patches of `entries` padded to a patch bucket, and their vision_inputs."""
+    from varft.models.qwen25vl import vision
+    total = sum(len(e.patches) for e in entries)
+    padded = sampling.bucket(max(total, 1), self.config.patch_buckets)
+    pixel_values = np.zeros((padded, self.model_config.vision.patch_dim), np.float32)
+    if entries:
+      pixel_values[:total] = np.concatenate([e.patches for e in entries])
+    grids = np.stack([e.grid for e in entries]) if entries else np.zeros((0, 3), np.int64)
+    return pixel_values, vision.vision_inputs(grids, self.model_config.vision, padded), total
+
+  def _encode_pending(self, params, table: dict[str, _Image]) -> None:
+    """Vision embeddings of every image not yet encoded, in as few bucketed encoder calls as fit."""
+    pending = [e for e in table.values() if e.embeds is None]
+    if not pending:
+      return
+    from varft.models.qwen25vl import model as qwen_model
+    if self._encode_images is None:
+      cfg = self.model_config
+      self._encode_images = jax.jit(lambda p, pv, vi: qwen_model.encode_images(p, cfg, pv, vi))
+    limit = max(self.config.patch_buckets)
+    while pending:
+      group, size = [], 0
+      while pending and size + len(pending[0].patches) <= limit:
+        size += len(pending[0].patches)
+        group.append(pending.pop(0))
+      pixel_values, vision_inputs, _ = self._vision_batch(group)
+      merged = self._encode_images(params, pixel_values, vision_inputs)
+      start = 0
+      for e in group:
+        e.embeds = merged[start:start + e.num_tokens]
+        start += e.num_tokens
+
+  def _image_table(self, table, keys: Sequence[str]) -> tuple[jax.Array | None, dict[str, int]]:
+    """The concatenated embeddings of `keys` (padded to a bucket of rows) and each image's first row."""
+    if not keys:
+      return None, {}
+    offsets, start = {}, 0
+    for k in keys:
+      offsets[k] = start
+      start += table[k].num_tokens
+    rows = sampling.bucket(start, [b // self.merge ** 2 for b in self.config.patch_buckets] + [start])
+    embeds = jnp.concatenate([table[k].embeds for k in keys], axis=0)
+    return jnp.pad(embeds, ((0, rows - start), (0, 0))), offsets
+
+  # ---- prompts and observations -------------------------------------------------------------------------------
+
+  def _system_prompt(self, example) -> str:
+    name = self.config.system_prompt
+    return prompts.system_prompt(example.get("task", "search") if name == "auto" else name)
+
+  def _prompt(self, example, table) -> tuple[list[int], list[str]]:
+    keys = [self._add_image(table, img) for img in example.get("images", ())]
+    context = example.get("context", "") if self.config.mode == "stepwise" else ""
+    text = prompts.user_text(self._system_prompt(example), example["question"], context)
+    content = [{"type": "image"} for _ in keys] + [{"type": "text", "text": text}]
+    ids = chat.encode_messages(self.tokenizer, [{"role": "user", "content": content}],
+                               [table[k].grid for k in keys] or None, self.merge)
+    return ids, keys
+
+  def _observation(self, row: _Row, action: actions_lib.Action, obs, table, turn: int):
+    """Tokens of the user turn answering `action` (text truncated to the limit) and its transcript entry."""
+    text, image_key, ok, error = "", None, True, ""
+    if action.kind == "problem":
+      text = prompts.problem_tip(action.problems)
+    elif action.kind == "search":
+      ok, error = bool(obs.ok), obs.error or ""
+      body = obs.text if ok else f"Search failed: {error}"
+      text = body if body.lstrip().startswith("<information>") else prompts.search_observation(body)
+    else:
+      ok, error = bool(obs.ok), obs.error or ""
+      if ok and obs.image is not None:
+        try:
+          image_key = self._add_image(table, obs.image)
+        except (image_lib.ImageError, OSError, ValueError) as e:
+          ok, error = False, f"the output image cannot be read: {e}"
+      text = (obs.text or "").strip() if ok else f"The code failed: {error}"
+    body = self.tokenizer.encode(text) if text else []
+    truncated = len(body) > self.config.max_tool_output_tokens
+    if truncated:
+      cut = len(body) - self.config.max_tool_output_tokens
+      body = body[:self.config.max_tool_output_tokens] + self.tokenizer.encode(TRUNCATION_NOTE.format(cut))
+    opening = self._turn_open[1:] if row.tokens[-1] == self.tokenizer.im_end_id else self._turn_open
+    pieces = [(list(opening), None)]
+    if image_key is not None:
+      n = table[image_key].num_tokens
+      pieces += [([self.tokenizer.vision_start_id], None), ([self.tokenizer.image_pad_id] * n, image_key),
+                 ([self.tokenizer.vision_end_id], None)]
+    pieces += [(body, None), (list(self._turn_close), None)]
+    ref = f"turn{turn}:output" if image_key is not None else None
+    entry = {"kind": action.kind, "ok": ok, "error": error, "truncated": truncated, "image": ref}
+    return pieces, image_key, entry, self.tokenizer.decode(body)
+
+  def _place(self, pieces, start: int, table):
+    """Flattens (tokens, image_key) pieces into tokens, M-RoPE positions and per-token image refs."""
+    tokens, positions, keys, local = [], [], [], []
+    for ids, key in pieces:
+      if key is None:
+        pos, start = rope.text_positions(start, len(ids))
+        keys += [None] * len(ids)
+        local += [-1] * len(ids)
+      else:
+        pos, start = rope.image_positions(start, table[key].grid, self.merge)
+        keys += [key] * len(ids)
+        local += list(range(len(ids)))
+      tokens += ids
+      positions.append(pos)
+    return tokens, np.concatenate(positions, axis=1), keys, local, start
+
+  # ---- device chunks ------------------------------------------------------------------------------------------
+
+  def _extend(self, params, cache, rows: Sequence[_Row], news: Sequence[tuple | None], length: int, table):
+    """Extends each row's cache with its new (tokens, positions, keys, local) chunk (None: nothing)."""
+    batch = len(rows)
+    used = list(dict.fromkeys(k for new in news if new is not None for k in new[2] if k is not None))
+    image_embeds, offsets = self._image_table(table, used)
+    tokens = np.zeros((batch, length), np.int32)
+    mask = np.zeros((batch, length), np.int32)
+    positions = np.zeros((3, batch, length), np.int32)
+    image_index = np.full((batch, length), -1, np.int32)
+    for b, new in enumerate(news):
+      if new is None:
+        continue
+      ids, pos, keys, local = new
+      n = len(ids)
+      tokens[b, :n], mask[b, :n], positions[:, b, :n] = ids, 1, pos
+      image_index[b, :n] = [-1 if k is None else offsets[k] + i for k, i in zip(keys, local)]
+    return self.sampler.extend(params, cache, sampling.Chunk(tokens, positions, mask, image_index), image_embeds)
+
+  # ---- the loop -----------------------------------------------------------------------------------------------
+
+  def run(self, params, examples: Sequence[Mapping[str, Any]], rng: jax.Array, num_samples: int = 1,
+          script: Callable[[int, int], Sequence[int] | None] | None = None) -> RolloutResult:
+    """Rolls out `num_samples` trajectories per example; returns the training batch, transcripts and stats.
+
+    Examples that cannot be prompted (unreadable image, prompt over the length limit) are skipped, counted in
+    `stats['skipped']` and logged. `script(row, turn)`, optional, forces that row's tokens for that turn (the rest
+    of the turn is sampled): a scripted policy through the real sampler.
+    """
+    cfg = self.config
+    timings = collections.Counter()
+    table: dict[str, _Image] = {}
+    rows: list[_Row] = []
+    skipped = []
+    for group, example in enumerate(examples):
+      try:
+        ids, keys = self._prompt(example, table)
+        if len(ids) >= cfg.max_total_tokens:
+          raise ValueError(f"prompt of {len(ids)} tokens leaves no room under max_total_tokens "
+                           f"{cfg.max_total_tokens}")
+      except (image_lib.ImageError, OSError, ValueError, KeyError) as e:
+        log.warning("Skipping example %r: %s", example.get("id"), e)
+        skipped.append(str(example.get("id")))
+        continue
+      pos, _ = rope.sequence_positions(np.asarray([ids]), [table[k].grid for k in keys] or None, self.model_config)
+      image_refs = [f"prompt:{i}" for i in range(len(keys))]
+      key_per_token, local_per_token = [None] * len(ids), [-1] * len(ids)
+      image_slots = iter(np.flatnonzero(np.asarray(ids) == self.tokenizer.image_pad_id))
+      for k in keys:
+        for i in range(table[k].num_tokens):
+          t = next(image_slots)
+          key_per_token[t], local_per_token[t] = k, i
+      for s in range(num_samples):
+        transcript = Transcript(str(example.get("id", group)), len(rows) // num_samples, s,
+                                messages=[{"role": "user", "text": self.tokenizer.decode(ids), "images": image_refs}])
+        rows.append(_Row(len(rows) // num_samples, [], [], [], [], 0, list(keys), transcript))
+        rows[-1].append(ids, pos[:, 0], int(pos.max()) + 1, image_key=key_per_token, image_local=local_per_token)
+    if not rows:
+      raise ValueError(f"No example could be prompted ({len(skipped)} skipped: {skipped[:5]}).")
+
+    start = time.perf_counter()
+    self._encode_pending(params, table)
+    timings["vision_s"] += time.perf_counter() - start
+    start = time.perf_counter()
+    cache = self.sampler.new_cache(len(rows), self.cache_len)
+    prompt_len = min(sampling.bucket(max(len(r.tokens) for r in rows), cfg.length_buckets), self.cache_len)
+    news = [(r.tokens, np.concatenate(r.positions, axis=1), r.image_key, r.image_local) for r in rows]
+    logits, cache = self._extend(params, cache, rows, news, prompt_len, table)
+    timings["prefill_s"] += time.perf_counter() - start
+
+    max_turns = 1 if cfg.mode == "stepwise" else cfg.max_turns
+    for turn in range(1, max_turns + 1):
+      live = [b for b, r in enumerate(rows) if not r.done]
+      if not live:
+        break
+      rng, key = jax.random.split(rng)
+      budget = np.zeros((len(rows),), np.int32)
+      for b in live:
+        budget[b] = min(cfg.max_new_tokens, cfg.max_total_tokens - len(rows[b].tokens))
+      forced = None
+      if script is not None:
+        forced = np.full((len(rows), cfg.max_new_tokens), -1, np.int32)
+        for b in live:
+          ids = list(script(b, turn) or ())[:cfg.max_new_tokens]
+          forced[b, :len(ids)] = ids
+      start = time.perf_counter()
+      out, cache = self.sampler.generate(params, cache, logits, [r.next_position for r in rows], key, budget,
+                                         forced)
+      out = jax.device_get(out)
+      timings["generate_s"] += time.perf_counter() - start
+
+      calls, pending = [], []  # pending: (row, action, index into calls or None)
+      for b in live:
+        row = rows[b]
+        n = int(out.num_tokens[b])
+        new = out.tokens[b, :n]
+        pos, nxt = rope.text_positions(row.next_position, n)
+        row.append(new, pos, nxt, sampled_logps=out.logps[b, :n])
+        row.turns = turn
+        text = self.tokenizer.decode(new)
+        row.transcript.messages.append({"role": "assistant", "text": text, "images": []})
+        action = actions_lib.parse_action(text)
+        row.transcript.actions.append(action)
+        reason = int(out.stop_reason[b])
+        if action.kind == "answer":
+          row.finish("answer")
+        elif cfg.mode == "stepwise":
+          row.finish("step" if action.kind != "malformed" else "malformed")
+        elif action.kind == "malformed":
+          if reason == sampling.LENGTH:
+            row.finish("max_tokens" if len(row.tokens) >= cfg.max_total_tokens else "max_new_tokens")
+          else:
+            row.finish("malformed")
+        elif turn == max_turns:
+          row.finish("max_turns")
+        elif action.kind == "problem":
+          pending.append((b, action, None))
+        else:
+          call_index = len(calls)
+          calls.append(self._tool_call(row, action, table, f"{b}:{turn}"))
+          pending.append((b, action, call_index))
+      if not pending:
+        continue
+
+      start = time.perf_counter()
+      observations = list(self.executor.execute(calls)) if calls else []
+      if len(observations) != len(calls):
+        raise RuntimeError(f"The tool executor returned {len(observations)} observations for {len(calls)} calls.")
+      timings["tools_s"] += time.perf_counter() - start
+
+      news = [None] * len(rows)
+      for b, action, call_index in pending:
+        row = rows[b]
+        obs = observations[call_index] if call_index is not None else None
+        pieces, image_key, entry, body_text = self._observation(row, action, obs, table, turn)
+        chunk_len = sum(len(ids) for ids, _ in pieces)
+        if len(row.tokens) + chunk_len >= cfg.max_total_tokens or chunk_len > max(cfg.chunk_buckets):
+          row.finish("max_tokens")
+          continue
+        ids, pos, keys, local, nxt = self._place(pieces, row.next_position, table)
+        row.append(ids, pos, nxt, image_key=keys, image_local=local)
+        news[b] = (ids, pos, keys, local)
+        refs = []
+        if image_key is not None:
+          row.images.append(image_key)
+          row.transcript.images[entry["image"]] = table[image_key].pil
+          refs = [entry["image"]]
+        row.transcript.observations.append(entry)
+        row.transcript.messages.append({"role": "user", "text": body_text, "images": refs})
+      if not any(n is not None for n in news):
+        continue
+      start = time.perf_counter()
+      self._encode_pending(params, table)
+      timings["vision_s"] += time.perf_counter() - start
+      start = time.perf_counter()
+      chunk_len = sampling.bucket(max(len(n[0]) for n in news if n is not None), cfg.chunk_buckets)
+      logits, cache = self._extend(params, cache, rows, news, chunk_len, table)
+      timings["extend_s"] += time.perf_counter() - start
+
+    for r in rows:
+      if not r.done:
+        r.finish("max_turns")
+      r.transcript.num_tokens = len(r.tokens)
+    batch = self._batch(rows, table)
+    transcripts = [r.transcript for r in rows]
+    reasons = collections.Counter(t.stop_reason for t in transcripts)
+    stats = {
+        "num_trajectories": len(rows),
+        "skipped": len(skipped),
+        "mean_turns": float(np.mean([r.turns for r in rows])),
+        "tool_calls": sum(t.tool_stats()["num_calls"] for t in transcripts),
+        "tool_failures": sum(t.tool_stats()["num_failed"] for t in transcripts),
+        "sampled_tokens": int(sum(sum(r.loss_mask) for r in rows)),
+        "mean_length": float(np.mean([len(r.tokens) for r in rows])),
+        "stop_reasons": dict(reasons),
+        "temperature": cfg.temperature,
+        **{k: round(v, 4) for k, v in timings.items()},
+    }
+    return RolloutResult(batch, transcripts, stats)
+
+  def _tool_call(self, row: _Row, action: actions_lib.Action, table, call_id: str):
+    from varft.tools.executor import ToolCall
+    if action.kind == "code":
+      images = {"path_to_input_image.jpg": table[row.images[-1]].pil} if row.images else None
+      return ToolCall("code", action.content, images, call_id)
+    return ToolCall("search", action.content, None, call_id)
+
+  # ---- the training batch -------------------------------------------------------------------------------------
+
+  def _batch(self, rows: Sequence[_Row], table) -> dict[str, Any]:
+    """The padded batch of interfaces.md; images are the distinct images of all rows, in order of first use."""
+    n = len(rows)
+    length = sampling.bucket(max(len(r.tokens) for r in rows), self.config.length_buckets)
+    keys = list(dict.fromkeys(k for r in rows for k in r.images))
+    offsets, start = {}, 0
+    for k in keys:
+      offsets[k] = start
+      start += table[k].num_tokens
+    batch = {
+        "tokens": np.zeros((n, length), np.int32),
+        "attention_mask": np.zeros((n, length), np.int32),
+        "positions": np.zeros((3, n, length), np.int32),
+        "loss_mask": np.zeros((n, length), np.float32),
+        "sampler_logps": np.zeros((n, length), np.float32),
+        "image_index": np.full((n, length), -1, np.int32),
+        "group_ids": np.asarray([r.group for r in rows], np.int32),
+    }
+    for b, r in enumerate(rows):
+      m = len(r.tokens)
+      batch["tokens"][b, :m] = r.tokens
+      batch["attention_mask"][b, :m] = 1
+      batch["positions"][:, b, :m] = np.concatenate(r.positions, axis=1)
+      batch["loss_mask"][b, :m] = r.loss_mask
+      batch["sampler_logps"][b, :m] = r.logps
+      batch["image_index"][b, :m] = [-1 if k is None else offsets[k] + i for k, i in zip(r.image_key, r.image_local)]
+    if keys:
+      batch["pixel_values"], batch["vision_inputs"], _ = self._vision_batch([table[k] for k in keys])
+      batch["image_grid_thw"] = np.stack([table[k].grid for k in keys])
+    else:
+      batch["pixel_values"] = np.zeros((0, self.model_config.vision.patch_dim), np.float32)
+      batch["vision_inputs"] = {}
+      batch["image_grid_thw"] = np.zeros((0, 3), np.int64)
+    return batch
