@@ -28,6 +28,13 @@ def demo_dir(tmp_path_factory):
   return out
 
 
+def test_regenerating_drops_stale_prepared_data(tmp_path):
+  paths = demo.generate(str(tmp_path / 'd'), sizes=demo.Sizes(coding_benchmark=9))
+  assert len(builders.load('mat_benchmark/coding', manual_dir=paths['mat_dir'])) == 9
+  demo.generate(str(tmp_path / 'd'), sizes=demo.Sizes(coding_benchmark=10))
+  assert len(builders.load('mat_benchmark/coding', manual_dir=paths['mat_dir'])) == 10
+
+
 def test_generation_is_deterministic(demo_dir, tmp_path):
   again = demo.generate(str(tmp_path / 'again'))
   assert _tree_digest(demo_dir) == _tree_digest(again['root'])

@@ -26,6 +26,7 @@ import dataclasses
 import io
 import json
 import os
+import shutil
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
@@ -468,8 +469,14 @@ def write_search(out_dir: str, mat_dir: str, sizes: Sizes, rng: np.random.Genera
 
 
 def generate(out_dir: str, seed: int = 0, sizes: Sizes = Sizes()) -> dict:
-  """Writes the whole demo under `out_dir`; returns `layout(out_dir)` plus item counts."""
+  """Writes the whole demo under `out_dir`; returns `layout(out_dir)` plus item counts.
+
+  TFDS folders prepared from an earlier demo in the same place (`<manual dir>/tfds`, the
+  builders' default) are removed so that they are rebuilt from the new files.
+  """
   paths = layout(out_dir)
+  for manual_dir in (paths['mat_dir'], paths['flashrag_dir']):
+    shutil.rmtree(os.path.join(manual_dir, 'tfds'), ignore_errors=True)
   rng = np.random.default_rng(seed)
   counts = {
       'coding_benchmark': len(write_coding_benchmark(paths['mat_dir'], sizes.coding_benchmark,
