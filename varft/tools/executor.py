@@ -1,0 +1,198 @@
+"""Runs a batch of tool calls for the rollout engine: concurrently, bounded, and without ever raising.
+
+Every failure (sandbox error, timeout, search service down, HTTP 500, malformed reply, unknown tool) becomes an
+`Observation` with ok=False and a short error the model reads; a training step never dies on a tool.
+
+  executor = ToolExecutor({'search': {'name': 'bm25', 'index_dir': ...}, 'code': {'timeout_s': 10}})
+  observations = executor.execute([ToolCall('search', 'who painted ...'), ToolCall('code', text, images)])
+  metrics = executor.stats()
+"""
+import collections
+import concurrent.futures
+import dataclasses
+import logging
+import threading
+import time
+from typing import Any
+
+from PIL import Image
+
+from varft.tools import code as code_lib
+from varft.tools import search as search_lib
+
+log = logging.getLogger(__name__)
+KINDS = ("search", "code")
+
+
+@dataclasses.dataclass
+class ToolCall:
+  """One tool request: kind 'search' (payload = query) or 'code' (payload = program or the model's text)."""
+  kind: str
+  payload: str
+  images: dict[str, Image.Image] | None = None  # For code: file name -> image (path_to_input_image.jpg).
+  call_id: Any = None
+
+
+@dataclasses.dataclass
+class Observation:
+  """What the model sees back: text (search results / program output + error) and maybe an image."""
+  text: str
+  image: Image.Image | None
+  ok: bool
+  error: str | None
+  wall_s: float
+  kind: str
+  call_id: Any = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ExecutorConfig:
+  max_workers: int = 8  # Concurrent tool calls (code calls are also bounded by the sandbox's slots).
+  topk: int = 4  # Documents per search (the paper shows the top 4).
+  search_format: str = "paper"  # 'paper' or 'search_r1'.
+  search_timeout_s: float = 60.0  # Wall limit for one batch of searches.
+  code_timeout_s: float | None = None  # Per-call wall limit; default: the sandbox's.
+  max_doc_chars: int = 1000
+  max_query_chars: int = 1000
+  max_text_chars: int = 4000  # Cap on the text of one code observation.
+
+
+class ToolExecutor:
+  """Dispatches tool calls to the search backend and the code sandbox; thread-safe; see module doc."""
+
+  def __init__(self, config=None, *, search_backend=None, sandbox=None):
+    cfg = dict(config or {})
+    search_cfg, code_cfg = cfg.pop("search", None), cfg.pop("code", None)
+    known = {f.name for f in dataclasses.fields(ExecutorConfig)}
+    if set(cfg) - known:
+      raise ValueError(f"unknown tool executor config keys {sorted(set(cfg) - known)}; known: "
+                       f"{sorted(known | {'search', 'code'})}")
+    self.config = ExecutorConfig(**cfg)
+    search_lib.format_results([], self.config.search_format)  # Fails early on an unknown format.
+    self.search_backend = search_backend or (search_lib.make_search_backend(search_cfg) if search_cfg else None)
+    self.sandbox = sandbox or (code_lib.CodeSandbox(code_cfg) if code_cfg is not None else None)
+    self._pool = concurrent.futures.ThreadPoolExecutor(self.config.max_workers, thread_name_prefix="tool-code")
+    # Searches get their own threads so that a batch of slow programs never delays them into their timeout.
+    self._search_pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="tool-search")
+    self._lock = threading.Lock()
+    self._stats = collections.defaultdict(float)
+
+  def execute(self, calls):
+    """Runs all calls (searches batched into one backend request) and returns one Observation per call, in
+    order. Never raises for a failing tool."""
+    calls = list(calls)
+    out = [None] * len(calls)
+    searches = []
+    futures = {}
+    for i, call in enumerate(calls):
+      if call.kind == "search":
+        searches.append(i)
+      elif call.kind == "code":
+        futures[self._pool.submit(self._run_code, call)] = i
+      else:
+        out[i] = self._failure(call, f"unknown tool {call.kind!r}; use <search> or <code>", 0.0)
+    if searches:
+      for i, obs in zip(searches, self._run_searches([calls[i] for i in searches])):
+        out[i] = obs
+    for future, i in futures.items():
+      try:
+        out[i] = future.result()
+      except Exception as e:  # pylint: disable=broad-except
+        log.exception("code tool crashed")
+        out[i] = self._failure(calls[i], f"code tool failed: {type(e).__name__}", 0.0)
+    for obs in out:
+      self._record(obs)
+    return out
+
+  def _failure(self, call, error, wall_s):
+    return Observation(f"Error: {error}", None, False, error, wall_s, call.kind, call.call_id)
+
+  def _run_code(self, call):
+    start = time.monotonic()
+    if self.sandbox is None:
+      return self._failure(call, "the code tool is not enabled", 0.0)
+    r = self.sandbox.run(call.payload, call.images, timeout_s=self.config.code_timeout_s)
+    parts = [r.stdout.strip()] if r.stdout.strip() else []
+    if r.error:
+      parts.append(f"Error: {r.error}")
+    text = "\n".join(parts)
+    if len(text) > self.config.max_text_chars:
+      text = text[:self.config.max_text_chars] + " ..."
+    return Observation(text, r.output_image, r.ok, r.error, time.monotonic() - start, "code", call.call_id)
+
+  def _run_searches(self, calls):
+    """One batched backend request for all valid queries, under the search wall limit."""
+    start = time.monotonic()
+    c = self.config
+    out = [None] * len(calls)
+    todo = []
+    for j, call in enumerate(calls):
+      query = " ".join(str(call.payload or "").split())
+      if self.search_backend is None:
+        out[j] = self._failure(call, "the search tool is not enabled", 0.0)
+      elif not query:
+        out[j] = self._failure(call, "empty search query", 0.0)
+      else:
+        todo.append((j, query[:c.max_query_chars]))
+    if todo:
+      future = self._search_pool.submit(self.search_backend.search, [q for _, q in todo], c.topk)
+      try:
+        rows = future.result(timeout=c.search_timeout_s)
+        if len(rows) != len(todo):
+          raise search_lib.SearchError("search backend returned the wrong number of result lists")
+        error = None
+      except concurrent.futures.TimeoutError:
+        error = f"search timed out after {c.search_timeout_s:g} s"
+      except search_lib.SearchError as e:
+        error = str(e)
+      except Exception as e:  # pylint: disable=broad-except
+        log.exception("search backend crashed")
+        error = f"search failed: {type(e).__name__}"
+      wall = time.monotonic() - start
+      for n, (j, _) in enumerate(todo):
+        if error:
+          out[j] = self._failure(calls[j], error, wall)
+        else:
+          text = search_lib.format_results(rows[n], c.search_format, c.max_doc_chars)
+          out[j] = Observation(text, None, True, None, wall, "search", calls[j].call_id)
+    return out
+
+  def _record(self, obs):
+    kind = obs.kind if obs.kind in KINDS else "other"
+    with self._lock:
+      s = self._stats
+      s[f"{kind}/calls"] += 1
+      s[f"{kind}/errors"] += not obs.ok
+      s[f"{kind}/timeouts"] += bool(obs.error) and ("timed out" in obs.error or obs.error.startswith("timeout"))
+      s[f"{kind}/wall_s_sum"] += obs.wall_s
+      s[f"{kind}/wall_s_max"] = max(s[f"{kind}/wall_s_max"], obs.wall_s)
+
+  def stats(self, reset=False):
+    """Metrics since the last reset: per kind calls, errors, timeouts, mean/max wall seconds, error rate; plus
+    cache hits/misses of a cached search backend. Keys look like 'tools/code/errors'."""
+    with self._lock:
+      s = dict(self._stats)
+      if reset:
+        self._stats.clear()
+    out = {f"tools/{k}": v for k, v in s.items()}
+    for kind in ("search", "code", "other"):
+      n = s.get(f"{kind}/calls", 0)
+      if n:
+        out[f"tools/{kind}/wall_s_mean"] = s[f"{kind}/wall_s_sum"] / n
+        out[f"tools/{kind}/error_rate"] = s[f"{kind}/errors"] / n
+    backend = self.search_backend
+    if isinstance(backend, search_lib.CachedBackend):
+      out["tools/search/cache_hits"] = backend.hits
+      out["tools/search/cache_misses"] = backend.misses
+    return out
+
+  def close(self):
+    """Stops the worker threads (waits for running calls)."""
+    self._pool.shutdown(wait=True)
+    self._search_pool.shutdown(wait=True)
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
