@@ -22,6 +22,8 @@ Embedder = Callable[[list[str]], np.ndarray]
 # Degradation types of MAT-Coding; the rotations must keep ids ops.ROTATION90/ROTATION180.
 PROBLEM_TYPES = ("rotation90", "rotation180", "dark", "overexposure", "blur", "noise", "crop", "none")
 TOOL_STATS = ("num_calls", "num_failed", "all_valid", "num_code_success")
+# Smallest bucket per padded axis; pass larger values (bucket_mins=...) to pin shapes for a run.
+DEFAULT_BUCKET_MINS = {"batch": 8, "events": 16, "pred_words": 8, "gold_words": 8, "golds": 1, "problems": 4}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,21 +148,26 @@ def prepare_reward_inputs(completions: Sequence[str], references: Sequence[Mappi
                           options: RewardOptions = RewardOptions(),
                           embedder: Optional[Embedder] = None,
                           tool_stats: Optional[Mapping[str, Sequence]] = None,
-                          batch_bucket_min: int = 8) -> dict[str, np.ndarray]:
+                          bucket_mins: Optional[Mapping[str, int]] = None) -> dict[str, np.ndarray]:
   """Padded arrays for the reward ops `names` (see ops.REGISTRY).
 
   completions: the generated text of each trajectory (step-wise: the step; multi-turn: the final
   assistant turn). references: see `parse_reference`. step_types: overrides each reference's
   step type. tool_stats (multi-turn): per-trajectory `num_calls`, `num_failed`, `all_valid`,
-  `num_code_success`. Rows past len(completions) are padding (`valid` False).
+  `num_code_success`. Rows past len(completions) are padding (`valid` False). bucket_mins: the
+  smallest size per padded axis (keys of DEFAULT_BUCKET_MINS); sizes are powers of two above.
   """
   if len(completions) != len(references):
     raise ValueError(f"{len(completions)} completions but {len(references)} references")
   if step_types is not None and len(step_types) != len(completions):
     raise ValueError(f"{len(step_types)} step_types for {len(completions)} completions")
   groups = input_groups(names)
+  unknown = set(bucket_mins or {}) - set(DEFAULT_BUCKET_MINS)
+  if unknown:
+    raise ValueError(f"unknown bucket_mins keys {sorted(unknown)}; known: {sorted(DEFAULT_BUCKET_MINS)}")
+  mins = {**DEFAULT_BUCKET_MINS, **(bucket_mins or {})}
   n = len(completions)
-  size = bucket(n, batch_bucket_min)
+  size = bucket(n, mins["batch"])
   texts = ["" if c is None else str(c) for c in completions]
   targets = [parse_reference(ref, task=options.task, index=i, step_type=None if step_types is None else step_types[i])
              for i, ref in enumerate(references)]
@@ -171,16 +178,16 @@ def prepare_reward_inputs(completions: Sequence[str], references: Sequence[Mappi
       "task": np.array([ops.TASKS.index(t.task) for t in targets] + [0] * (size - n), np.int32),
       "step_type": np.array([ops.STEP_TYPES.index(t.step_type or "none") for t in targets] + [0] * (size - n),
                             np.int32),
-      "events": _pad_rows(events, (size, bucket(max(map(len, events), default=0), 16)), tags.PAD),
+      "events": _pad_rows(events, (size, bucket(max(map(len, events), default=0), mins["events"])), tags.PAD),
   }
   if "words" in groups:
     vocab = {}
     pred = [_intern(vocab, text_norm.answer_tokens(reference.extract_tag(text, "answer")))
             if t.step_type == "answer" else [] for text, t in zip(texts, targets)]
     golds = [[_intern(vocab, text_norm.answer_tokens(a)) for a in t.answers] for t in targets]
-    num_golds = bucket(max(map(len, golds), default=0), 1)
-    gold_len = bucket(max((len(g) for gs in golds for g in gs), default=0), 8)
-    arrays["pred_words"] = _pad_rows(pred, (size, bucket(max(map(len, pred), default=0), 8)), -1)
+    num_golds = bucket(max(map(len, golds), default=0), mins["golds"])
+    gold_len = bucket(max((len(g) for gs in golds for g in gs), default=0), mins["gold_words"])
+    arrays["pred_words"] = _pad_rows(pred, (size, bucket(max(map(len, pred), default=0), mins["pred_words"])), -1)
     arrays["gold_words"] = np.full((size, num_golds, gold_len), -1, np.int32)
     arrays["gold_mask"] = np.zeros((size, num_golds), bool)
     for i, gs in enumerate(golds):
@@ -192,7 +199,7 @@ def prepare_reward_inputs(completions: Sequence[str], references: Sequence[Mappi
     pred = [_intern(vocab, reference.extract_problems(text)) if t.step_type == "problem" else []
             for text, t in zip(texts, targets)]
     gold = [_intern(vocab, t.problems) for t in targets]
-    width = bucket(max(map(len, pred + gold), default=0), 4)
+    width = bucket(max(map(len, pred + gold), default=0), mins["problems"])
     arrays["pred_problems"] = _pad_rows(pred, (size, width), -1)
     arrays["gold_problems"] = _pad_rows(gold, (size, width), -1)
   if "query" in groups:
