@@ -37,6 +37,7 @@ PROGRAM_NAME = "main.py"
 SPEC_NAME = "spec.json"  # The call spec for sandbox_init.py, next to the inputs (not in argv: /proc is visible).
 OUTPUT_FORMATS = ("JPEG", "PNG", "BMP", "WEBP")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
+_MODEL_TEXT_MARKERS = ("<code>", "```", "<think>", "<answer>", "<search>")  # Else the text is the program.
 _CODE_RE = re.compile(r"<code>(.*?)(?:</code>|$)", re.S)
 _FENCE_RE = re.compile(r"```[ \t]*(?:python|py|python3)?[ \t]*\n?(.*?)```", re.S | re.I)
 
@@ -303,7 +304,7 @@ class CodeSandbox:
       a CodeResult; failures of the program are reported in it, never raised.
     """
     start = time.monotonic()
-    program = extract_program(code) if ("<code>" in code or "```" in code) else code
+    program = extract_program(code) if any(tag in code for tag in _MODEL_TEXT_MARKERS) else code
     if not program:
       return CodeResult(False, "", "", None, "no program found: write <code>```python ...```</code>",
                         time.monotonic() - start)

@@ -153,7 +153,7 @@ class ToolExecutor:
         if error:
           out[j] = self._failure(calls[j], error, wall)
         else:
-          text = search_lib.format_results(rows[n], c.search_format, c.max_doc_chars)
+          text = search_lib.format_results(rows[n][:c.topk], c.search_format, c.max_doc_chars)
           out[j] = Observation(text, None, True, None, wall, "search", calls[j].call_id)
     return out
 
@@ -187,9 +187,10 @@ class ToolExecutor:
     return out
 
   def close(self):
-    """Stops the worker threads (waits for running calls)."""
+    """Stops the worker threads: waits for running programs (they are time-limited); a search that already
+    timed out is left to finish on its own (its backend has its own timeout)."""
     self._pool.shutdown(wait=True)
-    self._search_pool.shutdown(wait=True)
+    self._search_pool.shutdown(wait=False, cancel_futures=True)
 
   def __enter__(self):
     return self
