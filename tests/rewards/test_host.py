@@ -1,0 +1,91 @@
+"""The host adapter: references, padding buckets, embeddings, tool statistics."""
+import numpy as np
+import pytest
+
+from varft import rewards
+from varft.rewards import host
+from varft.rewards import ops
+from varft.rewards import tags
+
+
+def test_parse_reference_from_solution_and_fields():
+  t = host.parse_reference({"solution": "<think>r</think>\n<problem>{'dark', 'blur'}</problem>"}, task="coding")
+  assert (t.task, t.step_type, t.problems) == ("coding", "problem", ("blur", "dark"))
+  t = host.parse_reference({"solution": "<think>r</think><answer> Play well. </answer>"}, task="search")
+  assert (t.step_type, t.answers) == ("answer", ("Play well.",))
+  t = host.parse_reference({"step_type": "answer", "gt": "Paris", "task": "coding"}, task="search")
+  assert (t.task, t.answers) == ("coding", ("Paris",))
+  t = host.parse_reference({"solution": "<think>r</think><search>q</search>"}, task="coding")
+  assert t.step_type is None  # the coding agent has no search action: scores 0, as in the paper
+
+
+@pytest.mark.parametrize("ref, message", [
+    ({"step_type": "answer", "answers": [1]}, "answers must be a string or a list of strings"),
+    ({"solution": 3}, "solution must be a string"),
+    ({"step_type": "search", "query": None}, "query must be a string"),
+    ("just text", "must be a dict"),
+])
+def test_bad_references_name_the_problem(ref, message):
+  with pytest.raises(ValueError, match=message):
+    host.parse_reference(ref, task="search", index=4)
+
+
+def test_buckets_are_powers_of_two_with_minimums():
+  assert [host.bucket(n, 8) for n in (0, 1, 8, 9, 100)] == [8, 8, 8, 16, 128]
+  arrays = rewards.prepare_reward_inputs(["<think>a</think><answer>one two three</answer>"] * 9,
+                                         [{"step_type": "answer", "answers": ["one"]}] * 9, names=["answer_f1"])
+  assert arrays["events"].shape == (16, 16) and arrays["pred_words"].shape == (16, 8)
+  assert arrays["gold_words"].shape == (16, 1, 8) and arrays["valid"].sum() == 9
+  assert (arrays["events"][9:] == tags.PAD).all() and (arrays["pred_words"][9:] == -1).all()
+  with pytest.raises(ValueError, match="unknown bucket_mins"):
+    rewards.prepare_reward_inputs(["x"], [{"step_type": "answer"}], names=["format"], bucket_mins={"batchsize": 4})
+
+
+def test_only_requested_inputs_are_built_and_embedder_only_for_search_steps():
+  calls = []
+
+  def embedder(texts):
+    calls.append(list(texts))
+    return np.ones((len(texts), 4), np.float32)
+
+  arrays = rewards.prepare_reward_inputs(["<think>a</think><answer>x</answer>"], [{"step_type": "answer"}],
+                                         names=["format"], embedder=embedder)
+  assert set(arrays) == {"valid", "task", "step_type", "events"} and not calls
+  arrays = rewards.prepare_reward_inputs(
+      ["<think>a</think><search> lego </search>", "<think>a</think><answer>x</answer>"],
+      [{"step_type": "search", "query": "q"}, {"step_type": "answer"}], names=["accuracy"], embedder=embedder)
+  assert calls == [["lego", "q"]]
+  assert arrays["pred_query_emb"].shape == (8, 4) and not arrays["pred_query_emb"][1].any()
+  assert arrays["code_step_reward"] == np.float32(0.9) and arrays["step_type"][1] == ops.ANSWER
+
+
+def test_problem_ids_reserve_the_rotations():
+  arrays = rewards.prepare_reward_inputs(["<think>a</think><problem>{'rotation180', 'odd'}</problem>"],
+                                         [{"step_type": "problem", "problems": ["rotation90"]}],
+                                         names=["problem_match"])
+  assert sorted(arrays["pred_problems"][0][:2]) == [ops.ROTATION180, len(host.PROBLEM_TYPES)]
+  assert arrays["gold_problems"][0][0] == ops.ROTATION90
+
+
+def test_tool_stats_are_checked():
+  refs = [{"step_type": "answer"}] * 2
+  with pytest.raises(ValueError, match="lacks"):
+    rewards.prepare_reward_inputs(["a", "b"], refs, names=["failed_calls"], tool_stats={"num_calls": [1, 2]})
+  stats = {"num_calls": [1], "num_failed": [0], "all_valid": [True], "num_code_success": [0]}
+  with pytest.raises(ValueError, match=r"must have shape \(2,\)"):
+    rewards.prepare_reward_inputs(["a", "b"], refs, names=["failed_calls"], tool_stats=stats)
+
+
+@pytest.mark.slow
+def test_real_minilm_query_similarity():
+  """The paper's embedder (offline package): a paraphrase clears 0.5, an unrelated query scores 0."""
+  embedder = host.default_embedder()
+  texts = ["<think>.</think><search>What does the brand name LEGO mean?</search>",
+           "<think>.</think><search>population of Tokyo in 2020</search>"]
+  refs = [{"step_type": "search", "query": "meaning of the name LEGO"}] * 2
+  arrays = rewards.prepare_reward_inputs(texts, refs, names=["query_similarity"], embedder=embedder)
+  _, c = rewards.compute_rewards(arrays, [("query_similarity", 1.0)])
+  emb = embedder(["What does the brand name LEGO mean?", "meaning of the name LEGO"])
+  assert emb.shape == (2, 384)
+  assert float(c["query_similarity"][0]) == pytest.approx(float(emb[0] @ emb[1]), abs=1e-5)
+  assert float(c["query_similarity"][0]) > 0.5 and float(c["query_similarity"][1]) == 0.0
