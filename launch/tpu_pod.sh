@@ -25,7 +25,8 @@
 #
 # jax.distributed: on TPU VMs `jax.distributed.initialize()` finds the coordinator, process count
 # and process id from the TPU metadata, so no addresses are passed; every worker runs the same
-# command and `varft.main` initialises the distributed runtime before building the mesh.
+# command with `--config.distributed=True`, so `varft.main` initialises the distributed runtime
+# before building the mesh.
 #
 # Example:
 #   launch/tpu_pod.sh --tpu varft-v4-32 --zone us-central2-b --create --accelerator v4-32 \
@@ -95,6 +96,7 @@ fi
 
 REMOTE_RUN="set -o pipefail; cd ~/varft && mkdir -p ~/varft_logs && python3 -m varft.main"
 REMOTE_RUN+=" --config=$(printf '%q' "$CONFIG") --workdir=$(printf '%q' "$WORKDIR")"
+REMOTE_RUN+=" --config.distributed=True"
 for flag in "${EXTRA[@]}"; do REMOTE_RUN+=" $(printf '%q' "$flag")"; done
 REMOTE_RUN+=' 2>&1 | tee ~/varft_logs/$(hostname).log'
 STATUS=0

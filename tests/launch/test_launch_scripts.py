@@ -95,7 +95,8 @@ def test_tpu_pod_runs_every_step_on_all_workers(tmp_path):
   assert '--accelerator-type=v4-32' in calls[0] and '--version=tpu-ubuntu2204-base' in calls[0]
   assert all('--worker=all' in calls[i] for i in (1, 2, 3, 4))
   run = calls[3]
-  assert 'python3 -m varft.main --config=c.py --workdir=gs://b/w --config.mode=eval' in run
+  assert ('python3 -m varft.main --config=c.py --workdir=gs://b/w --config.distributed=True '
+          '--config.mode=eval') in run
   assert 'pipefail' in run and logs.is_dir()
   with tarfile.open(tmp_path / 'varft_src_t.tar.gz') as tar:
     assert './setup.py' in tar.getnames()
