@@ -122,3 +122,15 @@ def test_search_answers_need_the_corpus(demo_dir):
     multihop = [json.loads(line) for line in f]
   assert {m['metadata']['hops'] for m in multihop} == {1, 2}
   assert all(' Works' in m['question'] for m in multihop)
+
+
+def test_bm25_backend_serves_every_reference_search(demo_dir, tmp_path):
+  from varft.tools import search  # the backend the demo's search runs use
+  backend = search.build_index(demo.layout(demo_dir)['corpus'], str(tmp_path / 'index'))
+  for e in demo.world(0, demo.Sizes().companies):
+    for question, _, answers, hops in demo.questions(e):
+      queries = demo.reference_queries(e, hops, question)
+      assert len(queries) == hops
+      results = backend.search(queries, 4)
+      assert any(e['company'] == d.title for d in results[0]), queries
+      assert any(answers[0] in d.text for d in results[-1]), (queries, answers)

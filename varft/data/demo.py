@@ -145,7 +145,7 @@ def corpus(entities: list[dict]) -> list[dict]:
   return [{'id': str(i), **row} for i, row in enumerate(rows)]
 
 
-def _questions(e: dict) -> list[tuple[str, str, list[str], int]]:
+def questions(e: dict) -> list[tuple[str, str, list[str], int]]:
   """(question about the image, the same naming the company, answer, searches needed)."""
   return [
       ('In which year was the company whose logo is shown founded?',
@@ -159,7 +159,8 @@ def _questions(e: dict) -> list[tuple[str, str, list[str], int]]:
   ]
 
 
-def _search_queries(e: dict, hops: int, question: str) -> list[str]:
+def reference_queries(e: dict, hops: int, question: str) -> list[str]:
+  """The searches of the reference chain: the company page, then (two-hop) the next page."""
   if hops == 1:
     return [f"{e['company']} founded"]
   if 'river' in question:
@@ -429,7 +430,7 @@ def write_search(out_dir: str, mat_dir: str, sizes: Sizes, rng: np.random.Genera
   bench = []
   for k in range(n):
     e = entities[k % len(entities)]
-    one_hop, two_hop = _questions(e)[0], _questions(e)[1 + k % 2]
+    one_hop, two_hop = questions(e)[0], questions(e)[1 + k % 2]
     question, _, answers, _ = one_hop if k < n // 2 else two_hop
     bench.append({'id': k + 1, 'question': question, 'answer': answers[0],
                   'image_path': f"{e['company'].split()[0].lower()}.png"})
@@ -441,11 +442,11 @@ def write_search(out_dir: str, mat_dir: str, sizes: Sizes, rng: np.random.Genera
   order = rng.permutation(len(entities))
   for k in range(sizes.search_training):
     e = entities[int(order[k % len(entities)])]
-    question, _, answers, hops = _questions(e)[k % 3]
+    question, _, answers, hops = questions(e)[k % 3]
     image_name = f"train_{k}_{e['company'].split()[0].lower()}.png"
     _save(logo_image(e), os.path.join(image_dir, image_name))
     chain = f'<query> {question} </query>'
-    for step, query in enumerate(_search_queries(e, hops, question)):
+    for step, query in enumerate(reference_queries(e, hops, question)):
       think = ('<think> The logo shows ' + e['company'] + '; I need to look it up. </think>'
                if step == 0 else '<think> Now I need the next fact. </think>')
       search = f'<search> {query} </search>'
@@ -460,9 +461,9 @@ def write_search(out_dir: str, mat_dir: str, sizes: Sizes, rng: np.random.Genera
   multihop = []
   for k in range(sizes.multihop):
     e = entities[(k + 5) % len(entities)]
-    _, question, answers, _ = _questions(e)[k % 3]
+    _, question, answers, _ = questions(e)[k % 3]
     multihop.append({'id': f'test_{k}', 'question': question, 'golden_answers': answers,
-                     'metadata': {'hops': _questions(e)[k % 3][3]}})
+                     'metadata': {'hops': questions(e)[k % 3][3]}})
   _write_jsonl(os.path.join(out_dir, 'FlashRAG_datasets', 'demo', 'test.jsonl'), multihop)
   return {'corpus': len(docs), 'search_benchmark': len(bench), 'search_training': len(train),
           'multihop': len(multihop)}
