@@ -80,8 +80,9 @@ def mat_dir(tmp_path):
   search_train_images = root / 'MAT-Training' / 'rft_agent_search_20_images'
   write_png(str(search_train_images / 'logo_1.png'))
   search_rows = [
-      {'image_path': 'logo_1.png', 'problem': '<query> Who founded the brand? </query>',
-       'solution': '<search> brand founder </search>'},
+      {'type': 'pre_problem', 'image_path': 'logo_1.png',
+       'problem': '<query> Who founded the brand? </query>',
+       'solution': '<search> brand founder </search>'},  # the tag decides, not `type`
       {'image_path': 'logo_1.png',
        'problem': '<query> Who founded the brand? </query>\n<think> a </think>\n<search> brand '
                   'founder </search>\n<information> 1. Content: Ada founded it. </information>',

@@ -275,15 +275,16 @@ def multihop_example(record: Any, line_no: int, split: str) -> dict:
 # MAT-Training step-wise samples.
 
 
-def step_type(record: dict) -> str:
-  """The step a record trains: its `type` ('pre_code' -> 'code') checked against the tag its
-  `solution` emits; search records may carry no `type`, then the tag decides."""
+def step_type(record: dict, use_declared: bool = True) -> str:
+  """The step a record trains: the tag its `solution` emits, checked against its `type`
+  ('pre_code' -> 'code') when `use_declared` and the record has one. The paper's search trainer
+  reads only image_path / problem / solution, so search data is judged by the tag alone."""
   solution = _text(record, 'solution')
   tags = [m.group(1) for m in _STEP_TAG_RE.finditer(solution)]
   if len(set(tags)) != 1:
     raise MalformedRecord('bad solution', f'expected exactly one step tag in {solution!r:.120}')
   declared = record.get('type')
-  if declared is None:
+  if declared is None or not use_declared:
     return tags[0]
   declared = str(declared).removeprefix('pre_')
   if declared not in STEP_TYPES or declared != tags[0]:
@@ -317,7 +318,7 @@ def mat_training_examples(records: Iterable[Any], image_dir: str, task: str,
     try:
       if not isinstance(record, dict):
         raise MalformedRecord('not an object', f'{record!r:.80}')
-      step = step_type(record)
+      step = step_type(record, use_declared=task == 'coding')
       if task == 'search' and step not in ('search', 'answer'):
         raise MalformedRecord('bad type', f'{step!r} step in search data')
       if task == 'coding' and step == 'search':
