@@ -31,10 +31,12 @@ from PIL import Image
 
 from varft import actions as actions_lib
 from varft import prompts, sampling
-from varft.models.qwen25vl import rope
+from varft.models.qwen25vl import model as qwen_model
+from varft.models.qwen25vl import rope, vision
 from varft.models.qwen25vl.config import Qwen25VLConfig
 from varft.processing import chat
 from varft.processing import image as image_lib
+from varft.tools.executor import ToolCall
 
 log = logging.getLogger(__name__)
 
@@ -224,7 +226,6 @@ class RolloutEngine:
 
   def _vision_batch(self, entries: Sequence[_Image]) -> tuple[np.ndarray, dict[str, np.ndarray], int]:
     """Patches of `entries` padded to a patch bucket, and their vision_inputs."""
-    from varft.models.qwen25vl import vision
     total = sum(len(e.patches) for e in entries)
     padded = sampling.bucket(max(total, 1), self.config.patch_buckets)
     pixel_values = np.zeros((padded, self.model_config.vision.patch_dim), np.float32)
@@ -238,7 +239,6 @@ class RolloutEngine:
     pending = [e for e in table.values() if e.embeds is None]
     if not pending:
       return
-    from varft.models.qwen25vl import model as qwen_model
     if self._encode_images is None:
       cfg = self.model_config
       self._encode_images = jax.jit(lambda p, pv, vi: qwen_model.encode_images(p, cfg, pv, vi))
@@ -289,7 +289,7 @@ class RolloutEngine:
       text = prompts.problem_tip(action.problems)
     elif action.kind == "search":
       ok, error = bool(obs.ok), obs.error or ""
-      body = obs.text if ok else f"Search failed: {error}"
+      body = obs.text or f"Error: {error}"
       text = body if body.lstrip().startswith("<information>") else prompts.search_observation(body)
     else:
       ok, error = bool(obs.ok), obs.error or ""
@@ -298,7 +298,7 @@ class RolloutEngine:
           image_key = self._add_image(table, obs.image)
         except (image_lib.ImageError, OSError, ValueError) as e:
           ok, error = False, f"the output image cannot be read: {e}"
-      text = (obs.text or "").strip() if ok else f"The code failed: {error}"
+      text = (obs.text or "").strip() or ("" if ok else f"Error: {error}")
     body = self.tokenizer.encode(text) if text else []
     truncated = len(body) > self.config.max_tool_output_tokens
     if truncated:
@@ -513,7 +513,6 @@ class RolloutEngine:
     return RolloutResult(batch, transcripts, stats)
 
   def _tool_call(self, row: _Row, action: actions_lib.Action, table, call_id: str):
-    from varft.tools.executor import ToolCall
     if action.kind == "code":
       images = {"path_to_input_image.jpg": table[row.images[-1]].pil} if row.images else None
       return ToolCall("code", action.content, images, call_id)

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from varft.models.qwen25vl import text
+from varft.models.qwen25vl import model, text
 from varft.models.qwen25vl.config import Qwen25VLConfig
 
 # Why a row stopped (`GenerateOutput.stop_reason`).
@@ -144,20 +144,10 @@ class GenerateOutput(NamedTuple):
   logits: jax.Array  # (B, V) float32 next-token logits after the last fed token
 
 
-def embed_chunk(text_params, model_config: Qwen25VLConfig, tokens, image_embeds, image_index):
-  """Token embeddings of a chunk with the image tokens' rows taken from the merged image embeddings."""
-  dtype = jnp.dtype(model_config.dtype)
-  embeds = text.embed_tokens(text_params, tokens, dtype)
-  if image_embeds is None:
-    return embeds
-  rows = jnp.take(image_embeds.astype(dtype), jnp.maximum(image_index, 0), axis=0)
-  return jnp.where((image_index >= 0)[..., None], rows, embeds)
-
-
 def _extend(params, cache, chunk: Chunk, image_embeds, *, model_config: Qwen25VLConfig):
   cfg = model_config.text
   dtype = jnp.dtype(model_config.dtype)
-  embeds = embed_chunk(params["text"], model_config, chunk.tokens, image_embeds, chunk.image_index)
+  embeds = model.embed(params, model_config, chunk.tokens, image_embeds, chunk.image_index)
   hidden, cache = text.forward(params["text"], cfg, embeds, chunk.positions, attention_mask=chunk.mask,
                                cache=cache, dtype=dtype)
   last = jnp.maximum(chunk.mask.sum(axis=1) - 1, 0)
