@@ -1,0 +1,141 @@
+"""Whole-model behaviour without a peer: bf16 vs fp32, compile caching, host index arrays, input checks, remat."""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tests import hf_tiny
+from varft.models import qwen25vl
+from varft.models.qwen25vl import config as config_lib
+from varft.models.qwen25vl import model, vision
+
+IMAGE = config_lib.IMAGE_TOKEN_ID
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+  path, _ = hf_tiny.make_tiny_hf_checkpoint(tmp_path_factory.mktemp("ckpt"))
+  return path
+
+
+@pytest.fixture(scope="module")
+def random_model():
+  config = config_lib.get_config("tiny")
+  return config, model.init_params(jax.random.key(0), config)
+
+
+def _sequence(rng, grids, text_len=12):
+  """Token ids with one run of image tokens per image, text between them, and random patches."""
+  ids = [rng.integers(0, 150000, text_len)]
+  for t, h, w in grids:
+    ids += [np.full(t * h * w // 4, IMAGE), rng.integers(0, 150000, 3)]
+  patches = rng.standard_normal((int(np.prod(grids, axis=1).sum()), 1176)).astype(np.float32)
+  return np.concatenate(ids)[None], patches
+
+
+def test_bf16_close_to_fp32(checkpoint):
+  config32, params32 = qwen25vl.load_pretrained(checkpoint, dtype=jnp.float32)
+  config16, params16 = qwen25vl.load_pretrained(checkpoint, dtype=jnp.bfloat16)
+  grids = np.array([[1, 16, 12]])
+  ids, patches = _sequence(np.random.default_rng(0), grids)
+  full = np.asarray(qwen25vl.apply(params32, config32, ids, None, patches, grids))
+  half = np.asarray(qwen25vl.apply(params16, config16, ids, None, patches, grids))
+  assert half.dtype == np.float32
+  assert np.abs(full - half).max() <= 0.02 * np.abs(full).max() + 0.02
+
+  def probs(x):
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+  assert 0.5 * np.abs(probs(full) - probs(half)).sum(-1).max() < 0.01  # total variation per position
+
+
+def test_no_recompilation_for_the_same_buckets(random_model):
+  config, params = random_model
+  rng = np.random.default_rng(1)
+  bucket = 512
+  # Different images (different grids, even a different number of images), same token length and patch bucket.
+  first = [np.array([[1, 16, 16]])]
+  second = [np.array([[1, 8, 12], [1, 6, 20], [1, 4, 4]])]
+  ids1, patches1 = _sequence(rng, first[0], text_len=40)
+  ids2, patches2 = _sequence(rng, second[0], text_len=40 + 64 - 24 - 30 - 4 - 6)
+  assert ids1.shape == ids2.shape
+  model.apply(params, config, ids1, None, patches1, first[0], num_patches_padded=bucket)
+  compiled = model._apply_jit._cache_size()
+  model.apply(params, config, ids2, None, patches2, second[0], num_patches_padded=bucket)
+  assert model._apply_jit._cache_size() == compiled
+
+
+def test_window_index_matches_transformers():
+  torch = pytest.importorskip("torch")
+  from transformers.vision_utils import get_vision_cu_seqlens, get_vision_position_ids, get_vision_window_index
+  cfg = config_lib.get_config("3b").vision
+  grids = np.array([[1, 18, 14], [1, 16, 32], [2, 4, 6], [1, 2, 2]])
+  inputs = vision.vision_inputs(grids, cfg)
+  order, cu_windows = get_vision_window_index(torch.from_numpy(grids), 2, 112, 14)
+  np.testing.assert_array_equal(inputs["window_order"], order.numpy())
+  np.testing.assert_array_equal(inputs["window_order"][inputs["window_inverse"]], np.arange(len(order)))
+  # Window segments change exactly at transformers' cumulative window boundaries.
+  boundaries = np.flatnonzero(np.diff(inputs["window_segment"])) + 1
+  np.testing.assert_array_equal(np.r_[0, boundaries, len(inputs["window_segment"])], cu_windows.numpy())
+  frames = np.r_[0, np.flatnonzero(np.diff(inputs["full_segment"])) + 1, len(inputs["full_segment"])]
+  np.testing.assert_array_equal(frames, get_vision_cu_seqlens(torch.from_numpy(grids)).numpy())
+  positions = get_vision_position_ids(torch.from_numpy(grids), 2).numpy()
+  windowed = positions.reshape(-1, 4, 2)[order.numpy()].reshape(-1, 2)
+  np.testing.assert_array_equal(inputs["rotary_ids"], windowed)
+
+
+def test_vision_inputs_padding_and_errors():
+  cfg = config_lib.get_config("tiny").vision
+  grids = np.array([[1, 4, 6]])
+  inputs = vision.vision_inputs(grids, cfg, num_patches_padded=40)
+  assert inputs["window_order"].shape == (10,) and inputs["window_segment"].shape == (40,)
+  np.testing.assert_array_equal(inputs["window_order"][6:], np.arange(6, 10))
+  assert (inputs["window_segment"][24:] == 0).all() and (inputs["window_segment"][:24] >= 1).all()
+  assert (inputs["full_segment"][24:] == 0).all()
+  with pytest.raises(ValueError, match="multiple of 4"):
+    vision.vision_inputs(grids, cfg, num_patches_padded=26)
+  with pytest.raises(ValueError, match="at least"):
+    vision.vision_inputs(grids, cfg, num_patches_padded=20)
+  with pytest.raises(ValueError, match="not a multiple of 2"):
+    vision.vision_inputs(np.array([[1, 3, 4]]), cfg)
+
+
+def test_image_tokens_take_image_embeddings_in_order(random_model):
+  config, params = random_model
+  ids = np.array([[5, IMAGE, IMAGE, 7], [IMAGE, 9, 9, 0]])
+  index = model.image_index_for(ids, config)
+  np.testing.assert_array_equal(index, [[-1, 0, 1, -1], [2, -1, -1, -1]])
+  table = jnp.arange(3 * 64, dtype=jnp.float32).reshape(3, 64)
+  embeds = model.embed(params, config, jnp.asarray(ids), table, jnp.asarray(index))
+  np.testing.assert_array_equal(embeds[1, 0], table[2])
+  np.testing.assert_array_equal(embeds[0, 0], params["text"]["embed"][5])
+
+
+def test_input_mismatches_are_rejected(random_model):
+  config, _ = random_model
+  grids = np.array([[1, 4, 4]])
+  ids, patches = _sequence(np.random.default_rng(2), grids)
+  with pytest.raises(ValueError, match="image tokens"):
+    model.prepare_inputs(config, ids[:, 1:-4], None, patches, grids)
+  with pytest.raises(ValueError, match="patches"):
+    model.prepare_inputs(config, ids, None, patches[:8], grids)
+  with pytest.raises(ValueError, match="together"):
+    model.prepare_inputs(config, ids, None, patches, None)
+
+
+def test_vision_remat_gives_the_same_gradients(random_model):
+  config, params = random_model
+  grids = np.array([[1, 8, 8]])
+  patches = np.random.default_rng(3).standard_normal((64, 1176)).astype(np.float32)
+  inputs = vision.vision_inputs(grids, config.vision)
+
+  def loss(vision_params, remat):
+    out = vision.forward(vision_params, config.vision, patches, inputs, remat=remat)
+    return jnp.sum(jnp.sin(out))
+
+  grads = jax.jit(jax.grad(loss), static_argnums=1)(params["vision"], False)
+  remat_grads = jax.jit(jax.grad(loss), static_argnums=1)(params["vision"], True)
+  for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(remat_grads)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
