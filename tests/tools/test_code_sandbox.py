@@ -173,3 +173,17 @@ def test_unshare_fallback_contains_hostile_programs(fallback, tmp_path):
       pass
   assert hang.error.startswith("timeout") and hang.wall_s < 6
   assert memory.error.startswith("memory limit exceeded")
+
+
+def test_cgroup_caps_memory_of_the_whole_call():
+  sb = code_lib.CodeSandbox({**FAST, "memory_mb": 1024, "call_memory_mb": 384, "max_concurrency": 1})
+  if sb.cgroups is None:
+    pytest.skip("this host does not let us create memory cgroups")
+  # Four processes of ~300 MB each: every one is within RLIMIT_AS, together they exceed the call's budget.
+  bomb = ("import os, time\nfor _ in range(2):\n  os.fork()\nx = bytearray(300 << 20)\n"
+          "for i in range(0, len(x), 4096):\n  x[i] = 1\ntime.sleep(3)\n")
+  r = sb.run(bomb, timeout_s=15)
+  assert not r.ok and r.error.startswith("memory limit exceeded (384 MB for the whole call)"), r.error
+  slot_dirs = [d for dirs in sb.cgroups.slot_dirs.values() for d in dirs]
+  sb.cgroups.close()
+  assert not any(os.path.exists(d) for d in slot_dirs)

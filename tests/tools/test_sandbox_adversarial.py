@@ -240,7 +240,7 @@ def test_daemon_does_not_outlive_the_call(outcome):
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="per-slot uids are used only when the trainer runs as root")
 def test_no_sandbox_process_survives(outcome):
-  slot_uids = {str(code_lib.SandboxConfig.uid_base + i) for i in range(CONFIG["max_concurrency"])}
+  slot_uids = {str(uid) for uid in outcome["sandbox"].slot_uids}
   survivors = []
   for pid in filter(str.isdigit, os.listdir("/proc")):
     try:

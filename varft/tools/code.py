@@ -11,6 +11,7 @@ The paper's convention: the program reads `path_to_input_image.jpg` and writes `
 import dataclasses
 import functools
 import io
+import itertools
 import json
 import logging
 import math
@@ -26,9 +27,12 @@ import sysconfig
 import tempfile
 import time
 import warnings
+import weakref
 from importlib import util as importlib_util
 
 from PIL import Image
+
+from varft.tools import cgroups as cgroups_lib
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +41,7 @@ PROGRAM_NAME = "main.py"
 SPEC_NAME = "spec.json"  # The call spec for sandbox_init.py, next to the inputs (not in argv: /proc is visible).
 OUTPUT_FORMATS = ("JPEG", "PNG", "BMP", "WEBP")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
+_INSTANCES = itertools.count()
 _MODEL_TEXT_MARKERS = ("<code>", "```", "<think>", "<answer>", "<search>")  # Else the text is the program.
 _CODE_RE = re.compile(r"<code>(.*?)(?:</code>|$)", re.S)
 _FENCE_RE = re.compile(r"```[ \t]*(?:python|py|python3)?[ \t]*\n?(.*?)```", re.S | re.I)
@@ -58,10 +63,12 @@ class SandboxConfig:
   max_output_pixels: int = 40_000_000
   max_output_side: int = 16384
   require_output_image: bool = True  # A program that writes no output image is an error (paper's tool).
+  call_memory_mb: int | None = None  # Cgroup cap on the whole call (all processes + tmpfs); default memory_mb.
+  cgroup: str = "auto"  # 'auto': use per-slot cgroups where the host allows it; 'off': rlimits only.
   isolation: str = "auto"  # 'auto' (bwrap, else unshare), 'bwrap' or 'unshare'.
   preload: tuple[str, ...] = ("numpy", "cv2", "PIL.Image")  # Imported before the program starts.
   max_concurrency: int = 8
-  uid_base: int = 1_700_000  # Unprivileged uids uid_base .. uid_base+max_concurrency-1 (root only).
+  uid_base: int = 1_700_000  # Start of the unprivileged uids the slots run as (root only; see slot_uids).
   input_name: str = "path_to_input_image.jpg"
   output_name: str = "path_to_output_image.jpg"
   input_format: str = "PNG"  # Lossless; cv2/PIL detect the format from the bytes, not the name.
@@ -276,10 +283,14 @@ class CodeSandbox:
 
   Attributes:
     isolation: 'bwrap' or 'unshare', whichever is active (also logged at construction).
+    cgroups: the per-slot cgroups capping each call's total memory, or None (rlimits only).
+    slot_uids: the unprivileged uid of each slot (None unless the trainer runs as root).
   """
 
   def __init__(self, config=None):
     self.config = config if isinstance(config, SandboxConfig) else SandboxConfig.from_dict(config)
+    if not 1 <= self.config.max_concurrency <= 256:
+      raise ValueError(f"code.max_concurrency must be in [1, 256], got {self.config.max_concurrency}")
     if not os.path.exists(self.config.python):
       raise FileNotFoundError(f"sandbox python {self.config.python} does not exist; set code.python")
     self.isolation = detect_isolation(self.config.isolation)
@@ -287,10 +298,30 @@ class CodeSandbox:
     self._mounts = runtime_mounts(self.config)
     self._slots = queue.SimpleQueue()  # Bounds concurrency; as root each slot is also a distinct uid.
     for i in range(self.config.max_concurrency):
-      self._slots.put(self.config.uid_base + i if self._root else None)
-    log.info("code sandbox: isolation=%s, %s, timeout %.1fs, memory %d MiB, %d slots", self.isolation,
-             "per-slot unprivileged uids" if self._root else "same uid (user namespace)", self.config.timeout_s,
-             self.config.memory_mb, self.config.max_concurrency)
+      self._slots.put(i)
+    # Distinct uids per slot *and* per sandbox instance/process (RLIMIT_NPROC counts per uid system-wide, so
+    # several trainer processes on one host must not share them).
+    block = ((os.getpid() << 4) | (next(_INSTANCES) & 15)) % (1 << 22)
+    self.slot_uids = ([self.config.uid_base + block * self.config.max_concurrency + i
+                       for i in range(self.config.max_concurrency)] if self._root else None)
+    if self.config.cgroup not in ("auto", "off"):
+      raise ValueError(f"code.cgroup must be 'auto' or 'off', got {self.config.cgroup!r}")
+    self.cgroups = None
+    if self.config.cgroup == "auto" and self._root:
+      self.cgroups = cgroups_lib.SlotCgroups.create(
+          range(self.config.max_concurrency), self.call_memory_mb << 20, self.config.max_procs + 8,
+          f"varft-sandbox-{os.getpid()}-{id(self):x}")
+      if self.cgroups:
+        weakref.finalize(self, self.cgroups.close)
+    log.info("code sandbox: isolation=%s, %s, timeout %.1fs, memory %d MiB per process, %s, %d slots",
+             self.isolation, "per-slot unprivileged uids" if self._root else "same uid (user namespace)",
+             self.config.timeout_s, self.config.memory_mb,
+             f"cgroup v{self.cgroups.version} cap {self.call_memory_mb} MiB per call" if self.cgroups else
+             "no cgroup (rlimits only)", self.config.max_concurrency)
+
+  @property
+  def call_memory_mb(self):
+    return self.config.call_memory_mb or self.config.memory_mb
 
   def run(self, code, images=None, timeout_s=None):
     """Runs `code` (a program, or a model turn with <code>```python ...```</code>) on `images`.
@@ -315,11 +346,11 @@ class CodeSandbox:
     except ValueError as e:
       return CodeResult(False, "", "", None, str(e), time.monotonic() - start)
     timeout = float(timeout_s if timeout_s is not None else self.config.timeout_s)
-    uid = self._slots.get()
+    slot = self._slots.get()
     try:
-      return self._run(program, inputs, timeout, uid, start)
+      return self._run(program, inputs, timeout, slot, start)
     finally:
-      self._slots.put(uid)
+      self._slots.put(slot)
 
   def _check_inputs(self, images):
     inputs = {}
@@ -389,8 +420,9 @@ class CodeSandbox:
       cmd += ["--user", "--map-root-user"]
     return cmd + py + [INIT_SCRIPT, os.path.join(in_dir, SPEC_NAME)]
 
-  def _run(self, program, inputs, timeout, uid, start):
+  def _run(self, program, inputs, timeout, slot, start):
     c = self.config
+    uid = self.slot_uids[slot] if self._root else None
     call_dir = tempfile.mkdtemp(prefix="varft-sandbox-", dir=c.tmp_dir)
     try:
       in_dir, out_dir = os.path.join(call_dir, "in"), os.path.join(call_dir, "out")
@@ -410,12 +442,18 @@ class CodeSandbox:
         spec["mounts"] += spec_mounts
       with open(os.path.join(in_dir, SPEC_NAME), "w") as f:
         json.dump(spec, f)
-      proc = subprocess.Popen(self._command(call_dir), stdin=subprocess.DEVNULL,
+      cmd = self._command(call_dir)
+      oom_before = 0
+      if self.cgroups:
+        cmd = self.cgroups.wrap(slot, cmd)
+        oom_before = self.cgroups.oom_kills(slot)
+      proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_init_env(),
                               start_new_session=True)
       with proc:
         stdout, stderr, timed_out = _drain(proc, start + timeout, c.stdout_cap)
       wall = time.monotonic() - start
+      oom_killed = bool(self.cgroups) and self.cgroups.oom_kills(slot) > oom_before
       result = _read_json(os.path.join(out_dir, "result.json"))
       output_path = os.path.join(out_dir, "output.bin")
       output_data = None
@@ -424,11 +462,14 @@ class CodeSandbox:
           output_data = f.read()
     finally:
       shutil.rmtree(call_dir, ignore_errors=True)
-    return self._result(stdout, stderr, timed_out, timeout, result, output_data, wall)
+    return self._result(stdout, stderr, timed_out, oom_killed, timeout, result, output_data, wall)
 
-  def _result(self, stdout, stderr, timed_out, timeout, result, output_data, wall):
+  def _result(self, stdout, stderr, timed_out, oom_killed, timeout, result, output_data, wall):
     c = self.config
     cpu = result.get("cpu_s") if result else None
+    if oom_killed:
+      error = f"memory limit exceeded ({self.call_memory_mb} MB for the whole call): killed by the kernel"
+      return CodeResult(False, stdout, stderr, None, error, wall, cpu)
     if timed_out:
       error = f"timeout: the program ran longer than {timeout:g} s and was killed"
       return CodeResult(False, stdout, stderr, None, error, wall, cpu)
