@@ -15,7 +15,7 @@ from PIL import Image
 
 from varft.tools import code as code_lib
 
-FAST = dict(timeout_s=30, preload=(), max_concurrency=4)
+FAST = dict(timeout_s=30, preload=(), max_concurrency=4, prewarm=False)
 
 
 @pytest.mark.parametrize("text,expected", [
@@ -111,12 +111,24 @@ def test_inputs_are_checked_and_placed(sandbox):
   assert r.ok
 
 
-def test_calls_are_isolated_from_each_other(sandbox):
-  first = sandbox.run("open('/work/left-behind', 'w').write('x')\nimport os\nprint(os.getuid())")
-  second = sandbox.run("import os\nprint(os.path.exists('/work/left-behind'), os.getuid())")
+@pytest.mark.parametrize("prewarm", [False, True])
+def test_calls_are_isolated_from_each_other(prewarm):
+  sb = code_lib.CodeSandbox({**FAST, "prewarm": prewarm, "max_concurrency": 1})  # One slot, reused.
+  first = sb.run("open('/work/left-behind', 'w').write('x')\nimport os\nprint(os.getuid())")
+  second = sb.run("import os\nprint(os.path.exists('/work/left-behind'), os.getuid())")
   assert second.stdout.split()[0] == "False"
   if os.geteuid() == 0:
     assert int(first.stdout) >= code_lib.SandboxConfig.uid_base  # Never root inside.
+  sb.close()
+
+
+def test_prewarmed_sandbox_waits_and_close_stops_it():
+  sb = code_lib.CodeSandbox({**FAST, "prewarm": True, "max_concurrency": 1})
+  assert sb.run("print('warm')").stdout == "warm\n"
+  waiting = sb._warm[0].result(timeout=30)  # pylint: disable=protected-access
+  assert waiting.proc.poll() is None and os.path.isdir(waiting.call_dir)
+  sb.close()
+  assert waiting.proc.poll() is not None and not os.path.exists(waiting.call_dir)
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ limit, and the pid namespace guarantees nothing outlives the call. There is no n
 
 The paper's convention: the program reads `path_to_input_image.jpg` and writes `path_to_output_image.jpg`.
 """
+import concurrent.futures
 import dataclasses
 import functools
 import io
@@ -67,6 +68,7 @@ class SandboxConfig:
   cgroup: str = "auto"  # 'auto': use per-slot cgroups where the host allows it; 'off': rlimits only.
   isolation: str = "auto"  # 'auto' (bwrap, else unshare), 'bwrap' or 'unshare'.
   preload: tuple[str, ...] = ("numpy", "cv2", "PIL.Image")  # Imported before the program starts.
+  prewarm: bool = True  # Keep one started (namespaces + preload done) sandbox per idle slot; each runs once.
   max_concurrency: int = 8
   uid_base: int = 1_700_000  # Start of the unprivileged uids the slots run as (root only; see slot_uids).
   input_name: str = "path_to_input_image.jpg"
@@ -311,13 +313,24 @@ class CodeSandbox:
       self.cgroups = cgroups_lib.SlotCgroups.create(
           range(self.config.max_concurrency), self.call_memory_mb << 20, self.config.max_procs + 8,
           f"varft-sandbox-{os.getpid()}-{id(self):x}")
-      if self.cgroups:
-        weakref.finalize(self, self.cgroups.close)
-    log.info("code sandbox: isolation=%s, %s, timeout %.1fs, memory %d MiB per process, %s, %d slots",
+    # Warm sandboxes are started from one long-lived thread: bwrap/unshare tie their lifetime to the thread
+    # that forked them (PR_SET_PDEATHSIG), so they must not be forked from short-lived caller threads.
+    self._spawner = (concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="sandbox-spawn")
+                     if self.config.prewarm else None)
+    self._launcher = _Launcher(self.config, self.isolation, self._root, self._mounts, self.slot_uids, self.cgroups)
+    self._warm = {}  # slot -> Future[_Started]: a started sandbox waiting for its one program.
+    self._close = weakref.finalize(self, _shutdown, self._spawner, self._warm, self.cgroups)
+    for slot in range(self.config.max_concurrency if self._spawner else 0):
+      self._warm[slot] = self._spawner.submit(self._launcher.start, slot)
+    log.info("code sandbox: isolation=%s, %s, timeout %.1fs, memory %d MiB per process, %s, %d slots%s",
              self.isolation, "per-slot unprivileged uids" if self._root else "same uid (user namespace)",
              self.config.timeout_s, self.config.memory_mb,
              f"cgroup v{self.cgroups.version} cap {self.call_memory_mb} MiB per call" if self.cgroups else
-             "no cgroup (rlimits only)", self.config.max_concurrency)
+             "no cgroup (rlimits only)", self.config.max_concurrency, ", prewarmed" if self._spawner else "")
+
+  def close(self):
+    """Stops the idle warm sandboxes and removes the cgroups (also done at exit). Call after the last run."""
+    self._close()
 
   @property
   def call_memory_mb(self):
@@ -348,9 +361,29 @@ class CodeSandbox:
     timeout = float(timeout_s if timeout_s is not None else self.config.timeout_s)
     slot = self._slots.get()
     try:
-      return self._run(program, inputs, timeout, slot, start)
+      started = self._take_warm(slot) or self._launcher.start(slot)
+      try:
+        return self._call(started, program, inputs, timeout, start)
+      finally:
+        if self._spawner and self._close.alive:
+          self._warm[slot] = self._spawner.submit(self._launcher.start, slot)
     finally:
       self._slots.put(slot)
+
+  def _take_warm(self, slot):
+    """The slot's warm sandbox if it is alive, else None (the caller starts a cold one)."""
+    future = self._warm.pop(slot, None)
+    if future is None:
+      return None
+    try:
+      started = future.result(timeout=60)
+    except Exception:  # pylint: disable=broad-except
+      log.exception("code sandbox: starting a warm sandbox failed; starting one on demand")
+      return None
+    if started.proc.poll() is not None:
+      _discard(started)
+      return None
+    return started
 
   def _check_inputs(self, images):
     inputs = {}
@@ -369,89 +402,25 @@ class CodeSandbox:
         raise ValueError(f"input {name!r} must be a PIL image or encoded bytes, got {type(image).__name__}")
     return inputs
 
-  def _spec(self, mode, uid, names, root_dir):
+  def _call(self, started, program, inputs, timeout, start):
+    """Hands the program to a started sandbox, waits (up to `timeout`), collects and cleans up."""
     c = self.config
-    cpu = c.cpu_s if c.cpu_s is not None else c.timeout_s + 1
-    mb = 1 << 20
-    return {
-        "mode": mode,
-        "root_dir": root_dir,
-        "mounts": [list(m) for m in self._mounts],
-        "uid": uid,
-        "work_mb": c.work_mb,
-        "work_inodes": c.work_inodes,
-        "inputs": names,
-        "program": PROGRAM_NAME,
-        "output_name": c.output_name,
-        "max_output_bytes": c.max_output_mb * mb,
-        "preload": list(c.preload),
-        "rlimits": {
-            "RLIMIT_AS": c.memory_mb * mb,
-            "RLIMIT_CPU": max(1, math.ceil(cpu)),
-            "RLIMIT_NPROC": c.max_procs,
-            "RLIMIT_FSIZE": c.max_file_mb * mb,
-            "RLIMIT_NOFILE": c.max_open_files,
-            "RLIMIT_CORE": 0,
-        },
-        "env": _program_env(),
-    }
-
-  def _command(self, call_dir):
-    in_dir, out_dir = os.path.join(call_dir, "in"), os.path.join(call_dir, "out")
-    py = [sandbox_python(self.config), "-I", "-B"]
-    if self.isolation == "bwrap":
-      cmd = ["bwrap", "--die-with-parent", "--new-session", "--as-pid-1", "--unshare-ipc", "--unshare-pid", "--unshare-net",
-             "--unshare-uts", "--unshare-cgroup-try", "--hostname", "sandbox"]
-      if not self._root:
-        cmd.append("--unshare-user")
-      cmd += ["--cap-drop", "ALL"]
-      for cap in _INIT_CAPS:
-        cmd += ["--cap-add", cap]
-      for parent in _ancestors(dst for _, _, dst in self._mounts):  # bwrap would create them 0700.
-        cmd += ["--perms", "0755", "--dir", parent]
-      for op, src, dst in self._mounts:
-        cmd += ["--symlink", src, dst] if op == "symlink" else [f"--{op}", src, dst]
-      cmd += ["--dev", "/dev", "--proc", "/proc", "--ro-bind", in_dir, "/in", "--bind", out_dir, "/out",
-              "--ro-bind", INIT_SCRIPT, "/init.py", "--dir", "/work", "--chdir", "/", "--"]
-      return cmd + py + ["/init.py", "/in/" + SPEC_NAME]
-    cmd = ["unshare", "--mount", "--net", "--pid", "--ipc", "--uts", "--fork", "--kill-child",
-           "--propagation", "private"]
-    if not self._root:
-      cmd += ["--user", "--map-root-user"]
-    return cmd + py + [INIT_SCRIPT, os.path.join(in_dir, SPEC_NAME)]
-
-  def _run(self, program, inputs, timeout, slot, start):
-    c = self.config
-    uid = self.slot_uids[slot] if self._root else None
-    call_dir = tempfile.mkdtemp(prefix="varft-sandbox-", dir=c.tmp_dir)
+    proc, slot = started.proc, started.slot
+    in_dir, out_dir = os.path.join(started.call_dir, "in"), os.path.join(started.call_dir, "out")
     try:
-      in_dir, out_dir = os.path.join(call_dir, "in"), os.path.join(call_dir, "out")
-      os.mkdir(in_dir, 0o700)
-      os.mkdir(out_dir, 0o700)
       for name, data in {**inputs, PROGRAM_NAME: program.encode()}.items():
         with open(os.path.join(in_dir, name), "wb") as f:
           f.write(data)
-      root_dir = None
-      spec_mounts = None
-      if self.isolation == "unshare":
-        root_dir = os.path.join(call_dir, "root")
-        os.mkdir(root_dir, 0o700)
-        spec_mounts = _unshare_extra_mounts(in_dir, out_dir)
-      spec = self._spec(self.isolation, uid, sorted([*inputs, PROGRAM_NAME]), root_dir)
-      if spec_mounts:
-        spec["mounts"] += spec_mounts
-      with open(os.path.join(in_dir, SPEC_NAME), "w") as f:
-        json.dump(spec, f)
-      cmd = self._command(call_dir)
-      oom_before = 0
-      if self.cgroups:
-        cmd = self.cgroups.wrap(slot, cmd)
-        oom_before = self.cgroups.oom_kills(slot)
-      proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_init_env(),
-                              start_new_session=True)
+      oom_before = self.cgroups.oom_kills(slot) if self.cgroups else 0
+      cpu = c.cpu_s if c.cpu_s is not None else timeout + 1
+      go = {"inputs": sorted([*inputs, PROGRAM_NAME]), "cpu_s": max(1, math.ceil(cpu))}
+      try:
+        proc.stdin.write(json.dumps(go).encode() + b"\n")
+        proc.stdin.close()
+      except BrokenPipeError:
+        pass  # It died while waiting; reported below as a sandbox failure with its stderr.
       with proc:
-        stdout, stderr, timed_out = _drain(proc, start + timeout, c.stdout_cap)
+        stdout, stderr, timed_out = _drain(proc, time.monotonic() + timeout, c.stdout_cap)
       wall = time.monotonic() - start
       oom_killed = bool(self.cgroups) and self.cgroups.oom_kills(slot) > oom_before
       result = _read_json(os.path.join(out_dir, "result.json"))
@@ -461,7 +430,7 @@ class CodeSandbox:
         with open(output_path, "rb") as f:
           output_data = f.read()
     finally:
-      shutil.rmtree(call_dir, ignore_errors=True)
+      _discard(started)
     return self._result(stdout, stderr, timed_out, oom_killed, timeout, result, output_data, wall)
 
   def _result(self, stdout, stderr, timed_out, oom_killed, timeout, result, output_data, wall):
@@ -532,6 +501,123 @@ def _ancestors(paths):
       found.add(parent)
       parent = os.path.dirname(parent)
   return sorted(found, key=lambda p: (p.count("/"), p))
+
+
+class _Launcher:
+  """Starts sandbox processes. Holds no reference to its CodeSandbox, so the warm-up thread never keeps one
+  alive (and never runs its finalizer)."""
+
+  def __init__(self, config, isolation, root, mounts, slot_uids, cgroups):
+    self.config, self.isolation, self._root = config, isolation, root
+    self._mounts, self.slot_uids, self.cgroups = mounts, slot_uids, cgroups
+
+  def _spec(self, mode, uid, root_dir):
+    c = self.config
+    mb = 1 << 20
+    return {
+        "mode": mode,
+        "root_dir": root_dir,
+        "mounts": [list(m) for m in self._mounts],
+        "uid": uid,
+        "work_mb": c.work_mb,
+        "work_inodes": c.work_inodes,
+        "program": PROGRAM_NAME,
+        "output_name": c.output_name,
+        "max_output_bytes": c.max_output_mb * mb,
+        "preload": list(c.preload),
+        "rlimits": {
+            "RLIMIT_AS": c.memory_mb * mb,
+            "RLIMIT_NPROC": c.max_procs,
+            "RLIMIT_FSIZE": c.max_file_mb * mb,
+            "RLIMIT_NOFILE": c.max_open_files,
+            "RLIMIT_CORE": 0,
+        },
+        "env": _program_env(),
+    }
+
+  def _command(self, call_dir):
+    in_dir, out_dir = os.path.join(call_dir, "in"), os.path.join(call_dir, "out")
+    py = [sandbox_python(self.config), "-I", "-B"]
+    if self.isolation == "bwrap":
+      cmd = ["bwrap", "--die-with-parent", "--new-session", "--as-pid-1", "--unshare-ipc", "--unshare-pid", "--unshare-net",
+             "--unshare-uts", "--unshare-cgroup-try", "--hostname", "sandbox"]
+      if not self._root:
+        cmd.append("--unshare-user")
+      cmd += ["--cap-drop", "ALL"]
+      for cap in _INIT_CAPS:
+        cmd += ["--cap-add", cap]
+      for parent in _ancestors(dst for _, _, dst in self._mounts):  # bwrap would create them 0700.
+        cmd += ["--perms", "0755", "--dir", parent]
+      for op, src, dst in self._mounts:
+        cmd += ["--symlink", src, dst] if op == "symlink" else [f"--{op}", src, dst]
+      cmd += ["--dev", "/dev", "--proc", "/proc", "--ro-bind", in_dir, "/in", "--bind", out_dir, "/out",
+              "--ro-bind", INIT_SCRIPT, "/init.py", "--dir", "/work", "--chdir", "/", "--"]
+      return cmd + py + ["/init.py", "/in/" + SPEC_NAME]
+    cmd = ["unshare", "--mount", "--net", "--pid", "--ipc", "--uts", "--fork", "--kill-child",
+           "--propagation", "private"]
+    if not self._root:
+      cmd += ["--user", "--map-root-user"]
+    return cmd + py + [INIT_SCRIPT, os.path.join(in_dir, SPEC_NAME)]
+
+  def start(self, slot):
+    """Starts a sandbox for `slot` up to the point where it waits for its program (on stdin)."""
+    c = self.config
+    call_dir = tempfile.mkdtemp(prefix="varft-sandbox-", dir=c.tmp_dir)
+    try:
+      in_dir, out_dir = os.path.join(call_dir, "in"), os.path.join(call_dir, "out")
+      os.mkdir(in_dir, 0o700)
+      os.mkdir(out_dir, 0o700)
+      root_dir = None
+      spec = self._spec(self.isolation, self.slot_uids[slot] if self._root else None, None)
+      if self.isolation == "unshare":
+        root_dir = os.path.join(call_dir, "root")
+        os.mkdir(root_dir, 0o700)
+        spec["root_dir"] = root_dir
+        spec["mounts"] += _unshare_extra_mounts(in_dir, out_dir)
+      with open(os.path.join(in_dir, SPEC_NAME), "w") as f:
+        json.dump(spec, f)
+      cmd = self._command(call_dir)
+      if self.cgroups:
+        cmd = self.cgroups.wrap(slot, cmd)
+      proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              env=_init_env(), start_new_session=True)
+    except BaseException:
+      shutil.rmtree(call_dir, ignore_errors=True)
+      raise
+    return _Started(proc, call_dir, slot)
+
+
+@dataclasses.dataclass
+class _Started:
+  """A sandbox process waiting for (or running) its one program."""
+  proc: subprocess.Popen
+  call_dir: str
+  slot: int
+
+
+def _discard(started):
+  """Kills what is left of a sandbox process tree and removes its host directory."""
+  if started.proc.poll() is None:
+    _kill_group(started.proc)
+  for f in (started.proc.stdin, started.proc.stdout, started.proc.stderr):
+    if f:
+      f.close()
+  started.proc.wait()
+  shutil.rmtree(started.call_dir, ignore_errors=True)
+
+
+def _shutdown(spawner, warm, cgroups):
+  """Finalizer of a CodeSandbox: no reference to it, only to what must be cleaned up."""
+  if spawner:
+    spawner.shutdown(wait=True)
+  for future in list(warm.values()):
+    try:
+      _discard(future.result())
+    except Exception:  # pylint: disable=broad-except
+      pass
+  warm.clear()
+  if cgroups:
+    cgroups.close()
 
 
 def _read_json(path):

@@ -4,8 +4,10 @@ It is started by `varft.tools.code.CodeSandbox` with the path of the call spec (
 sandbox's pid namespace with the privileges of the sandbox's root, trusted. It:
   1. (unshare mode only) builds the sandbox root itself: a tmpfs with read-only binds of the Python runtime, and
      chroots into it (bubblewrap does this part in bwrap mode);
-  2. mounts a size-limited tmpfs at /work and copies the call's inputs into it;
+  2. mounts a size-limited tmpfs at /work;
   3. pre-imports the configured modules (numpy, cv2, ...) so that the program does not pay for them;
+     then waits for the call on stdin (a warm sandbox can wait here, started ahead of its call) and copies
+     the call's inputs into /work;
   4. forks the program's process: rlimits, all fds but 0-2 closed, privileges dropped to an unprivileged uid
      (whose capabilities vanish with the setuid), no_new_privs, then the program runs as `__main__`;
   5. after it exits, kills whatever it left behind, copies the output image out (no symlinks, regular files only,
@@ -67,7 +69,11 @@ def _mount_work(spec):
   opts = f"size={spec['work_mb']}m,nr_inodes={spec['work_inodes']},mode=0700,uid={uid},gid={uid}"
   os.makedirs("/work", exist_ok=True)
   _mount("tmpfs", "/work", "tmpfs", MS_NOSUID | MS_NODEV, opts)
-  for name in spec["inputs"]:
+
+
+def _copy_inputs(spec, names):
+  uid = spec["uid"] if spec["uid"] is not None else os.getuid()
+  for name in names:
     with open(os.path.join("/in", name), "rb") as src, open(os.path.join("/work", name), "wb") as dst:
       dst.write(src.read())
     os.chown(os.path.join("/work", name), uid, uid)
@@ -177,6 +183,15 @@ def main():
     _build_root(spec)
   _mount_work(spec)
   _preload(spec["preload"])
+  line = sys.stdin.buffer.readline()  # The host sends the call once the program and inputs are in /in.
+  if not line:
+    return  # Closed unused (a warm sandbox at shutdown).
+  go = json.loads(line)
+  _copy_inputs(spec, go["inputs"])
+  spec["rlimits"]["RLIMIT_CPU"] = go["cpu_s"]
+  devnull = os.open("/dev/null", os.O_RDONLY)
+  os.dup2(devnull, 0)
+  os.close(devnull)
   sys.stdout.flush()
   pid = os.fork()
   if pid == 0:
