@@ -1,0 +1,148 @@
+"""GRPO pieces against hand-computed values, and the train step's invariances (micro-batching, masks)."""
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from varft import echo_task, grpo
+from tests.trainer import step_script
+
+
+def test_group_advantages_by_hand():
+  rewards = jnp.array([1.0, 0.0, 0.0, 0.0, 2.0, 2.0, 2.0, 2.0])
+  groups = jnp.array([0, 0, 0, 0, 1, 1, 1, 1])
+  # Group 0: mean 0.25, unbiased std sqrt((0.75^2 + 3 * 0.25^2) / 3) = 0.5. Group 1: all equal -> 0.
+  std = grpo.group_advantages(rewards, groups, 2, "std")
+  np.testing.assert_allclose(std, [0.75 / 0.5001, -0.25 / 0.5001, -0.25 / 0.5001, -0.25 / 0.5001, 0, 0, 0, 0],
+                             rtol=1e-6)
+  np.testing.assert_allclose(grpo.group_advantages(rewards, groups, 2, "no_std"),
+                             [0.75, -0.25, -0.25, -0.25, 0, 0, 0, 0], atol=1e-7)
+  # Leave-one-out: r_i minus the mean of the other three.
+  np.testing.assert_allclose(grpo.group_advantages(rewards, groups, 2, "leave_one_out"),
+                             [1.0, -1 / 3, -1 / 3, -1 / 3, 0, 0, 0, 0], atol=1e-6)
+  # Groups may be interleaved in any order.
+  perm = jnp.array([3, 6, 0, 5, 1, 7, 2, 4])
+  np.testing.assert_allclose(grpo.group_advantages(rewards[perm], groups[perm], 2, "std"), std[perm], rtol=1e-6)
+
+
+def test_per_token_loss_clipping_and_k3_by_hand():
+  gcfg = grpo.GRPOConfig(beta=0.5, eps_low=0.2, eps_high=0.2)
+  logps = jnp.log(jnp.array([[0.5, 0.5, 0.2, 0.5]]))
+  old = jnp.log(jnp.array([[0.4, 0.4, 0.4, 0.4]]))
+  ref = jnp.log(jnp.array([[0.4, 0.4, 0.4, 0.1]]))
+  mask = jnp.array([[1.0, 1.0, 1.0, 0.0]])
+  loss_pos, stats = grpo.per_token_loss(logps, old, jnp.array([1.0]), mask, gcfg, ref)
+  loss_neg, stats_neg = grpo.per_token_loss(logps, old, jnp.array([-1.0]), mask, gcfg, ref)
+  k3 = lambda p, r: r / p - math.log(r / p) - 1  # exp(ref - logp) - (ref - logp) - 1
+  # ratio 1.25 (A=+1): clipped to 1.2; ratio 0.5 (A=+1): unclipped 0.5.
+  np.testing.assert_allclose(loss_pos[0, :3], [-1.2 + 0.5 * k3(0.5, 0.4), -1.2 + 0.5 * k3(0.5, 0.4),
+                                               -0.5 + 0.5 * k3(0.2, 0.4)], rtol=1e-5)
+  # A=-1: ratio 1.25 -> min(-1.25, -1.2) = -1.25 (no clip); ratio 0.5 -> min(-0.5, -0.8) = -0.8 (clipped low).
+  np.testing.assert_allclose(loss_neg[0, :3], [1.25 + 0.5 * k3(0.5, 0.4), 1.25 + 0.5 * k3(0.5, 0.4),
+                                               0.8 + 0.5 * k3(0.2, 0.4)], rtol=1e-5)
+  assert float(loss_pos[0, 3]) == 0.0  # off the mask
+  np.testing.assert_array_equal(stats["clip_high"][0, :3], [1, 1, 0])
+  np.testing.assert_array_equal(stats_neg["clip_low"][0, :3], [0, 0, 1])
+
+
+def test_off_mask_garbage_cannot_reach_the_loss_or_make_nans():
+  gcfg = grpo.GRPOConfig(beta=0.04)
+  mask = jnp.array([[0.0, 1.0, 0.0]])
+  logps = jnp.array([[-200.0, -1.0, -300.0]])
+  old = jnp.array([[0.0, -1.5, 0.0]])
+  ref = jnp.array([[-0.1, -1.2, -0.1]])  # exp(ref - logp) would overflow at the masked positions
+  loss_fn = lambda lp: jnp.sum(grpo.per_token_loss(lp, old, jnp.array([1.0]), mask, gcfg, ref)[0])
+  grads = jax.grad(loss_fn)(logps)
+  assert np.all(np.isfinite(grads)) and float(grads[0, 0]) == 0.0 and float(grads[0, 2]) == 0.0
+
+
+def test_loss_weights_by_hand():
+  mask = jnp.array([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+  np.testing.assert_allclose(grpo.loss_weights(mask, "sequence_mean"),
+                             [[0.25, 0.25, 0], [0.5, 0, 0], [0, 0, 0]])
+  np.testing.assert_allclose(grpo.loss_weights(mask, "token_mean"), mask / 3)
+
+
+def test_chunked_logps_and_entropy_equal_full_softmax():
+  cfg = echo_task.model_config(vocab_size=64)
+  params = {"text": echo_task.text_model.init_params(jax.random.key(1), cfg.text)}
+  batch = {k: jnp.asarray(v) for k, v in step_script.toy_batch().items()}
+  logps, entropy = grpo.sequence_logps(params, cfg, batch, None, temperature=0.7, logits_chunk=5)
+  embeds = echo_task.text_model.embed_tokens(params["text"], batch["tokens"])
+  hidden, _ = echo_task.text_model.forward(params["text"], cfg.text, embeds, batch["positions"],
+                                           attention_mask=batch["attention_mask"])
+  full = jax.nn.log_softmax(echo_task.text_model.logits(params["text"], cfg.text, hidden) / 0.7)
+  expected = jnp.take_along_axis(full[:, :-1], batch["tokens"][:, 1:, None], -1)[..., 0]
+  np.testing.assert_allclose(logps[:, 1:], expected, atol=1e-5)
+  np.testing.assert_array_equal(logps[:, 0], 0.0)
+  np.testing.assert_allclose(entropy[:, 1:], -jnp.sum(jnp.exp(full) * full, -1)[:, :-1], atol=1e-4)
+
+
+_OPTIMIZER = grpo.make_optimizer(1e-2, 10, eps=1e-3)[0]
+
+
+@functools.cache
+def _jitted(gcfg):
+  """(logps, train_step) compiled once per config and shared by the tests (compiling dominates their time)."""
+  cfg = step_script.MODEL
+  return jax.jit(grpo.make_logps_fn(cfg, gcfg)), jax.jit(grpo.make_train_step(cfg, gcfg, _OPTIMIZER))
+
+
+def _one_update(gcfg, batch_np):
+  logps_fn, step_fn = _jitted(gcfg)
+  params = {"text": echo_task.text_model.init_params(jax.random.key(0), step_script.MODEL.text)}
+  batch = {k: jnp.asarray(v) for k, v in batch_np.items()}
+  adv = grpo.group_advantages(batch["rewards"], batch["group_ids"], step_script.GROUPS)
+  prepared = grpo.prepare_batch(batch, adv, batch["sampler_logps"], gcfg, ref_logps=logps_fn(params, batch))
+  state, metrics = step_fn(grpo.init_train_state(params, _OPTIMIZER), prepared)
+  return state["params"], metrics
+
+
+def test_micro_batches_accumulate_to_the_full_batch_update():
+  batch = step_script.toy_batch()
+  full, m1 = _one_update(grpo.GRPOConfig(), batch)
+  micro, m4 = _one_update(grpo.GRPOConfig(micro_batches=4), batch)
+  for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(micro)):
+    np.testing.assert_allclose(a, b, atol=2e-6)
+  np.testing.assert_allclose(m1["train/loss"], m4["train/loss"], atol=1e-6)
+  np.testing.assert_allclose(m1["train/grad_norm"], m4["train/grad_norm"], rtol=1e-5)
+
+
+def test_tokens_outside_the_loss_mask_do_not_change_the_update():
+  batch = step_script.toy_batch()
+  changed = {k: v.copy() for k, v in batch.items()}
+  off = (changed["loss_mask"] == 0) & (changed["attention_mask"] == 0)  # padding after the sequence
+  changed["tokens"][off] = 5
+  changed["sampler_logps"][changed["loss_mask"] == 0] = -50.0
+  a, _ = _one_update(grpo.GRPOConfig(), batch)
+  b, _ = _one_update(grpo.GRPOConfig(), changed)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(x, y, atol=1e-6)
+
+
+def test_importance_correction_uses_trainer_logps_as_old_and_caps_weights():
+  gcfg = grpo.GRPOConfig(beta=0.0, tis_cap=2.0)
+  batch = {"tokens": jnp.zeros((1, 3), jnp.int32), "attention_mask": jnp.ones((1, 3), jnp.int32),
+           "positions": jnp.zeros((3, 1, 3), jnp.int32), "loss_mask": jnp.array([[0.0, 1.0, 1.0]])}
+  sampler = jnp.array([[0.0, -1.0, -3.0]])
+  trainer = jnp.array([[-9.0, -1.5, -1.0]])
+  out = grpo.prepare_batch(batch, jnp.array([1.0]), sampler, gcfg, trainer_logps=trainer)
+  np.testing.assert_allclose(out["is_weights"], [[0.0, math.exp(-0.5), 2.0]], rtol=1e-6)
+  np.testing.assert_allclose(out["old_logps"], [[0.0, -1.5, -1.0]])
+  with pytest.raises(ValueError, match="trainer's pre-update log-probs"):
+    grpo.prepare_batch(batch, jnp.array([1.0]), sampler, gcfg)
+
+
+def test_config_errors_name_the_field():
+  with pytest.raises(ValueError, match="grpo.advantage 'mean'"):
+    grpo.GRPOConfig(advantage="mean")
+  with pytest.raises(ValueError, match="optim.schedule"):
+    grpo.make_optimizer(1e-3, 10, schedule="step")
+
+
+def test_warmup_then_cosine_schedule():
+  _, lr = grpo.make_optimizer(1.0, 110, warmup_steps=10, schedule="cosine")
+  np.testing.assert_allclose([lr(0), lr(5), lr(10), lr(60), lr(110)], [0, 0.5, 1.0, 0.5, 0.0], atol=1e-6)
