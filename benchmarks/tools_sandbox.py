@@ -32,7 +32,9 @@ from PIL import Image
 from varft.tools import code as code_lib
 
 # The sandbox runs programs with one BLAS/OpenMP thread; the baseline gets the same, so that the comparison
-# measures isolation, not thread oversubscription (8 concurrent programs on a few cores).
+# measures isolation, not thread oversubscription (8 concurrent programs on a few cores). Both sides start each
+# call in a new session (as any executor that kills process groups must): with the kernel's autogroup
+# scheduling a session is a CPU-share unit, so giving only one side new sessions skews throughput on a busy host.
 THREAD_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 PROGRAM = """import cv2
@@ -60,7 +62,7 @@ def baseline_call(jpeg):
     with open(os.path.join(d, "path_to_input_image.jpg"), "wb") as f:
       f.write(jpeg)
     proc = subprocess.run([sys.executable, "main.py"], cwd=d, capture_output=True, timeout=60, check=False,
-                          env={**os.environ, **THREAD_ENV})
+                          env={**os.environ, **THREAD_ENV}, start_new_session=True)
     assert proc.returncode == 0, proc.stderr
     with open(os.path.join(d, "path_to_output_image.jpg"), "rb") as f:
       image = Image.open(io.BytesIO(f.read()))

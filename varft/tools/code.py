@@ -3,8 +3,13 @@
 Every call gets one fresh process tree in new mount/pid/net/ipc/uts namespaces (bubblewrap, or `unshare` when
 bubblewrap is missing) that sees only a read-only Python runtime and a size-limited tmpfs holding its input image.
 Inside, `sandbox_init.py` drops to an unprivileged uid (one per concurrency slot when the trainer runs as root)
-with rlimits on CPU, memory, processes, file size and open files; the host kills the whole tree at the wall-clock
-limit, and the pid namespace guarantees nothing outlives the call. There is no network (a fresh net namespace).
+with rlimits on CPU, memory, processes, file size and open files; where the host allows it, a per-slot cgroup
+caps the memory of the whole call. The host kills the whole tree at the wall-clock limit, and the pid namespace
+guarantees nothing outlives the call. There is no network (a fresh net namespace).
+
+Speed: with `prewarm` (default) each idle slot holds one sandbox already started up to the point where it waits
+for its program (namespaces built, numpy/cv2/PIL imported); a call takes it, runs once, and a new one is started
+for the slot in the background. No process ever runs two programs.
 
 The paper's convention: the program reads `path_to_input_image.jpg` and writes `path_to_output_image.jpg`.
 """
