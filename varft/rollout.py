@@ -46,6 +46,9 @@ STOP_REASONS = ("answer", "step", "malformed", "max_turns", "max_new_tokens", "m
 TRUNCATION_NOTE = " ... [tool output truncated: {} more tokens]"
 
 
+_encode_images_jit = jax.jit(qwen_model.encode_images, static_argnums=(1,))
+
+
 class Executor(Protocol):
   def execute(self, calls: Sequence[Any]) -> Sequence[Any]:
     ...
@@ -211,7 +214,7 @@ class RolloutEngine:
     self.cache_len = config.max_total_tokens + max(config.chunk_buckets)
     self._turn_open = tokenizer.encode(f"{chat.IM_END}\n{chat.IM_START}user\n")
     self._turn_close = tokenizer.encode(f"{chat.IM_END}\n{chat.IM_START}assistant\n")
-    self._encode_images = None
+    self.images_encoded = 0  # distinct images run through the vision tower, over all runs
 
   # ---- images ---------------------------------------------------------------------------------------------------
 
@@ -239,9 +242,6 @@ class RolloutEngine:
     pending = [e for e in table.values() if e.embeds is None]
     if not pending:
       return
-    if self._encode_images is None:
-      cfg = self.model_config
-      self._encode_images = jax.jit(lambda p, pv, vi: qwen_model.encode_images(p, cfg, pv, vi))
     limit = max(self.config.patch_buckets)
     while pending:
       group, size = [], 0
@@ -249,7 +249,8 @@ class RolloutEngine:
         size += len(pending[0].patches)
         group.append(pending.pop(0))
       pixel_values, vision_inputs, _ = self._vision_batch(group)
-      merged = self._encode_images(params, pixel_values, vision_inputs)
+      merged = _encode_images_jit(params, self.model_config, pixel_values, vision_inputs)
+      self.images_encoded += len(group)
       start = 0
       for e in group:
         e.embeds = merged[start:start + e.num_tokens]
@@ -263,7 +264,9 @@ class RolloutEngine:
     for k in keys:
       offsets[k] = start
       start += table[k].num_tokens
-    rows = sampling.bucket(start, [b // self.merge ** 2 for b in self.config.patch_buckets] + [start])
+    buckets = [b // self.merge ** 2 for b in self.config.patch_buckets]
+    # A batch may hold more distinct images than one encoder call: beyond the buckets, round up to the largest.
+    rows = sampling.bucket(start, buckets) if start <= max(buckets) else -(-start // max(buckets)) * max(buckets)
     embeds = jnp.concatenate([table[k].embeds for k in keys], axis=0)
     return jnp.pad(embeds, ((0, rows - start), (0, 0))), offsets
 
@@ -363,6 +366,7 @@ class RolloutEngine:
     """
     cfg = self.config
     timings = collections.Counter()
+    encoded_before = self.images_encoded
     table: dict[str, _Image] = {}
     rows: list[_Row] = []
     skipped = []
@@ -435,16 +439,15 @@ class RolloutEngine:
         row.transcript.messages.append({"role": "assistant", "text": text, "images": []})
         action = actions_lib.parse_action(text)
         row.transcript.actions.append(action)
-        reason = int(out.stop_reason[b])
-        if action.kind == "answer":
-          row.finish("answer")
-        elif cfg.mode == "stepwise":
-          row.finish("step" if action.kind != "malformed" else "malformed")
-        elif action.kind == "malformed":
-          if reason == sampling.LENGTH:
+        if action.kind == "malformed":
+          if int(out.stop_reason[b]) == sampling.LENGTH:
             row.finish("max_tokens" if len(row.tokens) >= cfg.max_total_tokens else "max_new_tokens")
           else:
             row.finish("malformed")
+        elif action.kind == "answer":
+          row.finish("answer")
+        elif cfg.mode == "stepwise":
+          row.finish("step")
         elif turn == max_turns:
           row.finish("max_turns")
         elif action.kind == "problem":
@@ -467,6 +470,7 @@ class RolloutEngine:
         row = rows[b]
         obs = observations[call_index] if call_index is not None else None
         pieces, image_key, entry, body_text = self._observation(row, action, obs, table, turn)
+        row.transcript.observations.append(entry)
         chunk_len = sum(len(ids) for ids, _ in pieces)
         if len(row.tokens) + chunk_len >= cfg.max_total_tokens or chunk_len > max(cfg.chunk_buckets):
           row.finish("max_tokens")
@@ -479,7 +483,6 @@ class RolloutEngine:
           row.images.append(image_key)
           row.transcript.images[entry["image"]] = table[image_key].pil
           refs = [entry["image"]]
-        row.transcript.observations.append(entry)
         row.transcript.messages.append({"role": "user", "text": body_text, "images": refs})
       if not any(n is not None for n in news):
         continue
@@ -507,6 +510,7 @@ class RolloutEngine:
         "sampled_tokens": int(sum(sum(r.loss_mask) for r in rows)),
         "mean_length": float(np.mean([len(r.tokens) for r in rows])),
         "stop_reasons": dict(reasons),
+        "images_encoded": self.images_encoded - encoded_before,
         "temperature": cfg.temperature,
         **{k: round(v, 4) for k, v in timings.items()},
     }

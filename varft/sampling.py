@@ -236,6 +236,11 @@ def _generate(params, cache, logits, next_positions, rng, budget, forced, token_
   return GenerateOutput(tokens, logps, count, reason, stop_index, positions, logits), cache
 
 
+# Module-level so that samplers with equal configs (e.g. a multi-turn and a step-wise engine) share programs.
+_extend_jit = jax.jit(_extend, static_argnames=("model_config",), donate_argnums=(1,))
+_generate_jit = jax.jit(_generate, static_argnames=("model_config", "sampling"), donate_argnums=(1,))
+
+
 class Sampler:
   """Jitted extend/generate for one model config and sampling config, optionally on a mesh.
 
@@ -252,9 +257,6 @@ class Sampler:
     self.data_axis = data_axis
     self._token_bits = jnp.asarray(stop_table.token_bits)
     self._pattern_bits = jnp.asarray(stop_table.pattern_bits)
-    self._extend = jax.jit(lambda *a: _extend(*a, model_config=model_config), donate_argnums=(1,))
-    self._generate = jax.jit(lambda *a: _generate(*a, model_config=model_config, sampling=sampling),
-                             donate_argnums=(1,))
 
   def _shard(self, x, batch_axis: int = 0):
     if self.mesh is None:
@@ -277,7 +279,7 @@ class Sampler:
                   self._shard(np.asarray(chunk.positions, np.int32), 1),
                   self._shard(np.asarray(chunk.mask, np.int32)),
                   self._shard(np.asarray(chunk.image_index, np.int32)))
-    return self._extend(params, cache, chunk, image_embeds)
+    return _extend_jit(params, cache, chunk, image_embeds, model_config=self.model_config)
 
   def generate(self, params, cache, logits, next_positions, rng, budget,
                forced: np.ndarray | None = None) -> tuple[GenerateOutput, text.KVCache]:
@@ -293,12 +295,14 @@ class Sampler:
     forced = np.full((batch, steps), -1, np.int32) if forced is None else np.asarray(forced, np.int32)
     if forced.shape != (batch, steps):
       raise ValueError(f"forced tokens have shape {forced.shape}, expected {(batch, steps)}")
-    return self._generate(params, cache, logits, self._shard(np.asarray(next_positions, np.int32)), rng,
-                          self._shard(budget), self._shard(forced), self._token_bits, self._pattern_bits)
+    return _generate_jit(params, cache, logits, self._shard(np.asarray(next_positions, np.int32)), rng,
+                         self._shard(budget), self._shard(forced), self._token_bits, self._pattern_bits,
+                         model_config=self.model_config, sampling=self.sampling)
 
-  def compile_count(self) -> int:
-    """How many programs the jitted functions hold (one per distinct shape signature)."""
-    return self._extend._cache_size() + self._generate._cache_size()
+  @staticmethod
+  def compile_count() -> int:
+    """How many programs extend/generate hold, over all samplers (one per config and shape signature)."""
+    return _extend_jit._cache_size() + _generate_jit._cache_size()
 
 
 def bucket(n: int, buckets: Sequence[int]) -> int:

@@ -194,7 +194,6 @@ def test_no_recompiles_after_warmup_and_cache_donated(params, stop_table):
     logits, _ = sampler.extend(params, newer, sampling.text_chunk([[1, 2]] * 3, np.asarray(out.next_positions), 32))
     if i == 0:
       warm = sampler.compile_count()
-  assert warm == 2
   assert sampler.compile_count() == warm
 
 
