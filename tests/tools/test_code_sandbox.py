@@ -123,8 +123,11 @@ def test_calls_are_isolated_from_each_other(prewarm):
 
 
 def test_prewarmed_sandbox_waits_and_close_stops_it():
-  sb = code_lib.CodeSandbox({**FAST, "prewarm": True, "max_concurrency": 1})
-  assert sb.run("print('warm')").stdout == "warm\n"
+  sb = code_lib.CodeSandbox({**FAST, "prewarm": True, "max_concurrency": 1, "preload": ("cv2",)})
+  probe = "import sys\nprint('cv2' in sys.modules)"
+  assert sb.run(probe).stdout == "True\n"  # Imported while it waited.
+  cold = code_lib.CodeSandbox({**FAST, "preload": ("cv2",)})
+  assert cold.run(probe).stdout == "False\n"  # A cold start does not pay for imports up front.
   waiting = sb._warm[0].result(timeout=30)  # pylint: disable=protected-access
   assert waiting.proc.poll() is None and os.path.isdir(waiting.call_dir)
   sb.close()
@@ -135,7 +138,10 @@ def test_prewarmed_sandbox_waits_and_close_stops_it():
 def fallback():
   if not shutil.which("unshare"):
     pytest.skip("util-linux unshare is not installed")
-  return code_lib.CodeSandbox({**FAST, "isolation": "unshare", "preload": ("numpy", "cv2")})
+  sb = code_lib.CodeSandbox({**FAST, "isolation": "unshare", "preload": ("numpy", "cv2"), "prewarm": True,
+                             "max_concurrency": 2})
+  yield sb
+  sb.close()
 
 
 def test_unshare_fallback_runs_opencv_programs(fallback):

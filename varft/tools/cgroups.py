@@ -7,6 +7,8 @@ with the controllers delegated); elsewhere the sandbox runs on rlimits alone and
 """
 import logging
 import os
+import signal
+import time
 
 log = logging.getLogger(__name__)
 
@@ -155,19 +157,45 @@ class SlotCgroups:
       pass
     return 0
 
-  def close(self):
-    """Removes the cgroups (they are empty once every call has returned)."""
-    tags = set()
-    for dirs in self.slot_dirs.values():
-      for d in dirs:
-        tags.add(os.path.dirname(d))
+  def kill_all(self, slot):
+    """SIGKILLs every process still in the slot's cgroups (a dying sandbox's stragglers)."""
+    for procs in self.procs_files.get(slot, []):
+      try:
+        with open(procs) as f:
+          pids = [int(p) for p in f.read().split()]
+      except OSError:
+        continue
+      for pid in pids:
         try:
-          os.rmdir(d)
-        except OSError:
+          os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
           pass
+
+  def close(self, wait_s=2.0):
+    """Kills what is left in the cgroups and removes them, waiting up to `wait_s` for dying processes to leave;
+    safe to call again later for any that could not go yet."""
+    deadline = time.monotonic() + wait_s
+    tags = {os.path.dirname(d) for dirs in self.slot_dirs.values() for d in dirs}
+    while self.slot_dirs:
+      for slot, dirs in list(self.slot_dirs.items()):
+        self.kill_all(slot)
+        left = []
+        for d in dirs:
+          try:
+            os.rmdir(d)
+          except FileNotFoundError:
+            pass
+          except OSError:
+            left.append(d)
+        if left:
+          self.slot_dirs[slot] = left
+        else:
+          del self.slot_dirs[slot]
+      if not self.slot_dirs or time.monotonic() > deadline:
+        break
+      time.sleep(0.02)
     for t in tags:
       try:
         os.rmdir(t)
       except OSError:
         pass
-    self.slot_dirs.clear()

@@ -72,7 +72,9 @@ class SandboxConfig:
   call_memory_mb: int | None = None  # Cgroup cap on the whole call (all processes + tmpfs); default memory_mb.
   cgroup: str = "auto"  # 'auto': use per-slot cgroups where the host allows it; 'off': rlimits only.
   isolation: str = "auto"  # 'auto' (bwrap, else unshare), 'bwrap' or 'unshare'.
-  preload: tuple[str, ...] = ("numpy", "cv2", "PIL.Image")  # Imported before the program starts.
+  # Imported by a prewarmed sandbox while it waits, so that the program finds them loaded. (Not on a cold start:
+  # there it would only lengthen the critical path, by modules the program may not even use.)
+  preload: tuple[str, ...] = ("numpy", "cv2", "PIL.Image")
   prewarm: bool = True  # Keep one started (namespaces + preload done) sandbox per idle slot; each runs once.
   max_concurrency: int = 8
   uid_base: int = 1_700_000  # Start of the unprivileged uids the slots run as (root only; see slot_uids).
@@ -326,7 +328,7 @@ class CodeSandbox:
     self._warm = {}  # slot -> Future[_Started]: a started sandbox waiting for its one program.
     self._close = weakref.finalize(self, _shutdown, self._spawner, self._warm, self.cgroups)
     for slot in range(self.config.max_concurrency if self._spawner else 0):
-      self._warm[slot] = self._spawner.submit(self._launcher.start, slot)
+      self._warm[slot] = self._spawner.submit(self._launcher.start, slot, True)
     log.info("code sandbox: isolation=%s, %s, timeout %.1fs, memory %d MiB per process, %s, %d slots%s",
              self.isolation, "per-slot unprivileged uids" if self._root else "same uid (user namespace)",
              self.config.timeout_s, self.config.memory_mb,
@@ -366,12 +368,12 @@ class CodeSandbox:
     timeout = float(timeout_s if timeout_s is not None else self.config.timeout_s)
     slot = self._slots.get()
     try:
-      started = self._take_warm(slot) or self._launcher.start(slot)
+      started = self._take_warm(slot) or self._launcher.start(slot, False)
       try:
         return self._call(started, program, inputs, timeout, start)
       finally:
         if self._spawner and self._close.alive:
-          self._warm[slot] = self._spawner.submit(self._launcher.start, slot)
+          self._warm[slot] = self._spawner.submit(self._launcher.start, slot, True)
     finally:
       self._slots.put(slot)
 
@@ -516,7 +518,7 @@ class _Launcher:
     self.config, self.isolation, self._root = config, isolation, root
     self._mounts, self.slot_uids, self.cgroups = mounts, slot_uids, cgroups
 
-  def _spec(self, mode, uid, root_dir):
+  def _spec(self, mode, uid, root_dir, warm):
     c = self.config
     mb = 1 << 20
     return {
@@ -529,7 +531,7 @@ class _Launcher:
         "program": PROGRAM_NAME,
         "output_name": c.output_name,
         "max_output_bytes": c.max_output_mb * mb,
-        "preload": list(c.preload),
+        "preload": list(c.preload) if warm else [],
         "rlimits": {
             "RLIMIT_AS": c.memory_mb * mb,
             "RLIMIT_NPROC": c.max_procs,
@@ -564,8 +566,9 @@ class _Launcher:
       cmd += ["--user", "--map-root-user"]
     return cmd + py + [INIT_SCRIPT, os.path.join(in_dir, SPEC_NAME)]
 
-  def start(self, slot):
-    """Starts a sandbox for `slot` up to the point where it waits for its program (on stdin)."""
+  def start(self, slot, warm):
+    """Starts a sandbox for `slot` up to the point where it waits for its program (on stdin); a `warm` one
+    (started ahead of its call) also pre-imports config.preload while it waits."""
     c = self.config
     call_dir = tempfile.mkdtemp(prefix="varft-sandbox-", dir=c.tmp_dir)
     try:
@@ -573,7 +576,7 @@ class _Launcher:
       os.mkdir(in_dir, 0o700)
       os.mkdir(out_dir, 0o700)
       root_dir = None
-      spec = self._spec(self.isolation, self.slot_uids[slot] if self._root else None, None)
+      spec = self._spec(self.isolation, self.slot_uids[slot] if self._root else None, None, warm)
       if self.isolation == "unshare":
         root_dir = os.path.join(call_dir, "root")
         os.mkdir(root_dir, 0o700)
@@ -589,7 +592,7 @@ class _Launcher:
     except BaseException:
       shutil.rmtree(call_dir, ignore_errors=True)
       raise
-    return _Started(proc, call_dir, slot)
+    return _Started(proc, call_dir, slot, self.cgroups)
 
 
 @dataclasses.dataclass
@@ -598,6 +601,7 @@ class _Started:
   proc: subprocess.Popen
   call_dir: str
   slot: int
+  cgroups: cgroups_lib.SlotCgroups | None = None
 
 
 def _discard(started):
@@ -608,18 +612,25 @@ def _discard(started):
     if f:
       f.close()
   started.proc.wait()
+  if started.cgroups:
+    started.cgroups.kill_all(started.slot)  # Belt and braces: the pid namespace is already going down.
   shutil.rmtree(started.call_dir, ignore_errors=True)
 
 
 def _shutdown(spawner, warm, cgroups):
-  """Finalizer of a CodeSandbox: no reference to it, only to what must be cleaned up."""
-  if spawner:
-    spawner.shutdown(wait=True)
-  for future in list(warm.values()):
-    try:
+  """Finalizer of a CodeSandbox: no reference to it, only to what must be cleaned up. Never blocks (it may run
+  in any thread, the spawner's included, when the garbage collector finds the sandbox): a warm sandbox still
+  being started is discarded by a callback once its start completes."""
+  def discard(future):
+    if not future.cancelled() and future.exception() is None:
       _discard(future.result())
-    except Exception:  # pylint: disable=broad-except
-      pass
+    if cgroups:
+      cgroups.close()  # Retried after each discard: a cgroup can only go once it is empty.
+
+  if spawner:
+    spawner.shutdown(wait=False, cancel_futures=True)
+  for future in list(warm.values()):
+    future.add_done_callback(discard)
   warm.clear()
   if cgroups:
     cgroups.close()
