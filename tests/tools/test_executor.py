@@ -115,3 +115,18 @@ def test_long_code_output_is_capped(sandbox):
   with executor_lib.ToolExecutor({"max_text_chars": 100}, sandbox=sandbox) as ex:
     obs = ex.execute([ToolCall("code", "print('y' * 5000)\nopen('path_to_output_image.jpg', 'w')")])
   assert len(obs[0].text) <= 104 and obs[0].text.startswith("yyy")
+
+
+def test_executor_builds_both_tools_from_config(tmp_path):
+  corpus = tmp_path / "corpus.jsonl"
+  corpus.write_text('{"id": "1", "title": "Louvre", "text": "The Louvre museum in Paris holds the Mona Lisa."}\n'
+                    '{"id": "2", "title": "Prado", "text": "The Prado museum in Madrid."}\n')
+  cfg = {"search": {"name": "bm25", "index_dir": str(tmp_path / "idx"), "corpus": str(corpus)},
+         "code": {"max_concurrency": 1, "prewarm": False, "preload": []}, "topk": 1}
+  with executor_lib.ToolExecutor(cfg) as ex:
+    obs = ex.execute([ToolCall("search", "where is the Mona Lisa"), ToolCall("code", "print(6 * 7)")])
+    assert obs[0].text == "<information> 1. Content: Louvre. The Louvre museum in Paris holds the Mona Lisa. " \
+                          "</information>"
+    assert obs[1].text.startswith("42\nError: no output image")
+    assert ex.sandbox.isolation in ("bwrap", "unshare")
+  assert not ex.sandbox._close.alive  # pylint: disable=protected-access  # close() closed the sandbox it made.

@@ -90,7 +90,13 @@ def _programs(tmp, port, canary):
                                       " == 0"),
                             ("setuid0", "assert ctypes.CDLL(None).setuid(0) == 0"),
                             ("chroot", "os.chroot('/work')"),
-                            ("unshare", "assert ctypes.CDLL(None).unshare(0x40000000) == 0")]), LONG),
+                            ("unshare", "assert ctypes.CDLL(None).unshare(0x40000000) == 0"),
+                            ("userns", "assert ctypes.CDLL(None).unshare(0x10000000) == 0"),
+                            ("bpf", "assert ctypes.CDLL(None).syscall(321 if os.uname().machine == 'x86_64' "
+                                    "else 280, 0, 0, 0) >= 0")]), LONG),
+      "threads_and_children": ("import threading, subprocess, sys\nt = threading.Thread(target=print, args=('thread',))"
+                               "\nt.start()\nt.join()\nprint(subprocess.run([sys.executable, '-c', 'print(7)'], "
+                               "capture_output=True, text=True).stdout.strip())\n", LONG),
       "signals": (_attempts([("parent", "os.kill(os.getppid(), signal.SIGKILL)"),
                              ("init", "os.kill(1, signal.SIGKILL)"),
                              ("host", f"os.kill({os.getpid()}, signal.SIGKILL)")]), LONG),
@@ -215,7 +221,12 @@ def test_no_shell_and_children_stay_inside(outcome):
 def test_ctypes_cannot_regain_privileges(outcome):
   r = outcome["results"]["ctypes"]
   assert {l.split()[1] for l in _lines(r)} == {"failed"}, r.stdout
-  assert len(_lines(r)) == 4
+  assert len(_lines(r)) == 6  # mount, setuid0, chroot, unshare(net), user namespace, bpf.
+
+
+def test_seccomp_leaves_threads_and_subprocesses_working(outcome):
+  r = outcome["results"]["threads_and_children"]
+  assert r.stdout.split() == ["thread", "7"], (r.stdout, r.stderr)
 
 
 def test_signals_cannot_reach_parent_or_host(outcome):

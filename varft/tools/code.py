@@ -72,6 +72,7 @@ class SandboxConfig:
   call_memory_mb: int | None = None  # Cgroup cap on the whole call (all processes + tmpfs); default memory_mb.
   cgroup: str = "auto"  # 'auto': use per-slot cgroups where the host allows it; 'off': rlimits only.
   isolation: str = "auto"  # 'auto' (bwrap, else unshare), 'bwrap' or 'unshare'.
+  seccomp: bool = True  # Deny namespace/mount/ptrace/bpf/... syscalls to the program (x86_64 and aarch64).
   # Imported by a prewarmed sandbox while it waits, so that the program finds them loaded. (Not on a cold start:
   # there it would only lengthen the critical path, by modules the program may not even use.)
   preload: tuple[str, ...] = ("numpy", "cv2", "PIL.Image")
@@ -532,6 +533,7 @@ class _Launcher:
         "output_name": c.output_name,
         "max_output_bytes": c.max_output_mb * mb,
         "preload": list(c.preload) if warm else [],
+        "seccomp": c.seccomp,
         "rlimits": {
             "RLIMIT_AS": c.memory_mb * mb,
             "RLIMIT_NPROC": c.max_procs,

@@ -70,6 +70,7 @@ class ToolExecutor:
     self.config = ExecutorConfig(**cfg)
     search_lib.format_results([], self.config.search_format)  # Fails early on an unknown format.
     self.search_backend = search_backend or (search_lib.make_search_backend(search_cfg) if search_cfg else None)
+    self._owns_sandbox = sandbox is None and code_cfg is not None
     self.sandbox = sandbox or (code_lib.CodeSandbox(code_cfg) if code_cfg is not None else None)
     self._pool = concurrent.futures.ThreadPoolExecutor(self.config.max_workers, thread_name_prefix="tool-code")
     # Searches get their own threads so that a batch of slow programs never delays them into their timeout.
@@ -187,10 +188,12 @@ class ToolExecutor:
     return out
 
   def close(self):
-    """Stops the worker threads: waits for running programs (they are time-limited); a search that already
-    timed out is left to finish on its own (its backend has its own timeout)."""
+    """Stops the worker threads and a sandbox it created: waits for running programs (they are time-limited);
+    a search that already timed out is left to finish on its own (its backend has its own timeout)."""
     self._pool.shutdown(wait=True)
     self._search_pool.shutdown(wait=False, cancel_futures=True)
+    if self._owns_sandbox:
+      self.sandbox.close()
 
   def __enter__(self):
     return self
