@@ -8,10 +8,11 @@ import re
 import string
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
-_ASCII_PUNCT = frozenset(string.punctuation)
 # Full-width and CJK punctuation removed by the MAT-Coding scoring script.
 CJK_PUNCTUATION = "！？｡＂＃＄％＆＇（）＊＋，－．／：；＜＝＞＠［＼］＾＿｀｛｜｝～“”‘’、。：《》【】"
-_ASCII_AND_CJK_PUNCT = _ASCII_PUNCT | frozenset(CJK_PUNCTUATION)
+# str.translate tables that delete the punctuation characters.
+_DROP_ASCII_PUNCT = str.maketrans("", "", string.punctuation)
+_DROP_ASCII_AND_CJK_PUNCT = str.maketrans("", "", string.punctuation + CJK_PUNCTUATION)
 
 
 def has_cjk(text: str) -> bool:
@@ -25,9 +26,7 @@ def normalize_answer(text: str, *, cjk: bool = False) -> str:
   The MAT-Coding variant also strips CJK punctuation and, when the text holds CJK characters,
   removes every space and keeps articles (the text is then compared per character).
   """
-  text = text.lower()
-  punct = _ASCII_AND_CJK_PUNCT if cjk else _ASCII_PUNCT
-  text = "".join(ch for ch in text if ch not in punct)
+  text = text.lower().translate(_DROP_ASCII_AND_CJK_PUNCT if cjk else _DROP_ASCII_PUNCT)
   if cjk and has_cjk(text):
     return text.replace(" ", "")
   return " ".join(_ARTICLES.sub(" ", text).split())

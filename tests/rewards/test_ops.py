@@ -40,6 +40,14 @@ def _reference_scores(text, task, ref, embedder):
   }
 
 
+def _score(texts, refs, task="search", **options):
+  """All step rewards with the property test's weights and buckets (one shared compilation)."""
+  arrays = rewards.prepare_reward_inputs(texts, refs, names=[n for n, _ in ALL_STEP_REWARDS], embedder=FakeEmbedder(),
+                                         options=rewards.RewardOptions(task=task, **options), bucket_mins=PINNED)
+  _, comps = rewards.compute_rewards(arrays, ALL_STEP_REWARDS)
+  return None, {k: np.asarray(v)[:len(texts)] for k, v in comps.items()}
+
+
 @settings(max_examples=30, deadline=None, derandomize=True)
 @given(st.lists(strategies.samples(), min_size=8, max_size=32))
 def test_jitted_ops_equal_paper_rules(batch):
@@ -83,54 +91,47 @@ def test_adversarial_completions_equal_paper_rules():
                "problem": "<think>r</think><problem>{'rotation90', 'dark'}</problem>"}
   cases = [(text, task, {"solution": solutions[step], "task": task})
            for text in ADVERSARIAL for task, steps in reference.STEP_TYPE_PRIORITY.items() for step in steps]
-  embedder = FakeEmbedder()
-  arrays = rewards.prepare_reward_inputs([c[0] for c in cases], [c[2] for c in cases],
-                                         names=["accuracy", "format"], embedder=embedder)
-  _, comps = rewards.compute_rewards(arrays, [("accuracy", 1.0), ("format", 1.0)])
-  for i, (text, task, ref) in enumerate(cases):
-    expected = _reference_scores(text, task, ref, embedder)
-    assert comps["format"][i] == expected["format"], (text, ref)
-    assert comps["accuracy"][i] == pytest.approx(expected["accuracy"], abs=1e-6), (text, ref)
+  for start in range(0, len(cases), PINNED["batch"]):
+    chunk = cases[start:start + PINNED["batch"]]
+    _, comps = _score([c[0] for c in chunk], [c[2] for c in chunk])  # each reference names its task
+    for i, (text, task, ref) in enumerate(chunk):
+      expected = _reference_scores(text, task, ref, FakeEmbedder())
+      assert comps["format"][i] == expected["format"], (text, ref)
+      assert comps["accuracy"][i] == pytest.approx(expected["accuracy"], abs=1e-6), (text, ref)
 
 
-def test_pinned_buckets_compile_once(fake_embedder):
+def test_pinned_buckets_compile_once():
   texts = ["<think>a</think><answer>x</answer>", "<think>b</think><search>q</search>"]
   refs = [{"step_type": "answer", "answers": ["x"]}, {"step_type": "search", "query": "q"}]
-  before = rewards._compute._cache_size()
-  for n in (1, 2):
-    arrays = rewards.prepare_reward_inputs(texts[:n] * 3, refs[:n] * 3, names=["accuracy", "format"],
-                                           embedder=fake_embedder, bucket_mins=PINNED)
-    rewards.compute_rewards(arrays, [("accuracy", 1.0), ("format", 0.5)])
-  assert rewards._compute._cache_size() == before + 1
-
-
-def _score(texts, refs, names, task="search", **kw):
-  config = ml_collections.ConfigDict({"rewards": [(n, 1.0) for n in names], "reward_options": {"task": task}})
-  return rewards.score_batch(texts, refs, config, embedder=FakeEmbedder(), **kw)
+  sizes = []
+  for n in (1, 2, 5):
+    arrays = rewards.prepare_reward_inputs((texts * 3)[:n], (refs * 3)[:n], names=[n for n, _ in ALL_STEP_REWARDS],
+                                           embedder=FakeEmbedder(), bucket_mins=PINNED)
+    rewards.compute_rewards(arrays, ALL_STEP_REWARDS)
+    sizes.append(rewards._compute._cache_size())
+  assert sizes[0] == sizes[1] == sizes[2]
 
 
 def test_answer_rewards_by_hand():
   refs = [{"step_type": "answer", "answers": ["cat cat dog", "bird"]}]
-  _, c = _score(["<think>.</think><answer>The cat, cat!</answer>"], refs,
-                ["answer_f1", "answer_squad_f1", "answer_em"])
+  _, c = _score(["<think>.</think><answer>The cat, cat!</answer>"], refs)
   assert c["answer_f1"][0] == pytest.approx(0.4)  # set: 1 common, P=1/2, R=1/3
   assert c["answer_squad_f1"][0] == pytest.approx(0.8)  # multiset: 2 common, P=1, R=2/3
   assert c["answer_em"][0] == 0.0
-  _, c = _score(["<think>.</think><answer>Bird.</answer>"], refs, ["answer_em", "answer_f1"])
+  _, c = _score(["<think>.</think><answer>Bird.</answer>"], refs)
   assert c["answer_em"][0] == 1.0 and c["answer_f1"][0] == 1.0
 
 
 def test_wrong_action_tag_zeroes_accuracy_but_not_format_in_search_task():
   ref = [{"solution": "<think>r</think><answer>Paris</answer>"}]
   text = "<think>try <search></think><answer>Paris</answer>"
-  _, c = _score([text], ref, ["accuracy", "format"])
+  _, c = _score([text], ref)
   assert c["accuracy"][0] == 0.0 and c["format"][0] == 1.0
 
 
 def test_repeated_tags_void_format():
   ref = [{"step_type": "answer", "answers": ["x"]}]
-  _, c = _score(["<think>a</think><answer>x</answer><answer>", "<think>a</think><answer>x</answer>"], ref * 2,
-                ["format"])
+  _, c = _score(["<think>a</think><answer>x</answer><answer>", "<think>a</think><answer>x</answer>"], ref * 2)
   np.testing.assert_array_equal(c["format"], [0.0, 1.0])
 
 
@@ -141,7 +142,7 @@ def test_problem_partial_credit_follows_the_paper():
            "<think>.</think><problem>{'dark','rotation90'}</problem>",
            "<think>.</think><problem>{'rotation180'}</problem>", "<think>.</think><problem>{'rotation180'}</problem>"]
   refs = [{"solution": gold}] * 3 + [{"solution": both}, {"step_type": "problem", "problems": ["dark", "blur"]}]
-  _, c = _score(texts, refs, ["problem_match"], task="coding")
+  _, c = _score(texts, refs, task="coding")
   # rotation90 alone earns half; with both rotations in the gold set only rotation90 is checked (if/elif).
   np.testing.assert_array_equal(c["problem_match"], [0.5, 0.0, 1.0, 0.0, 0.0])
 
@@ -149,7 +150,7 @@ def test_problem_partial_credit_follows_the_paper():
 def test_code_step_constant_and_format():
   ref = [{"step_type": "code"}]
   good = "<think>fix</think>\n<code>\n```python\nimport cv2\n```\n</code>"
-  _, c = _score([good, good.replace("```\n</code>", "</code>")], ref * 2, ["code_step", "format"], task="coding")
+  _, c = _score([good, good.replace("```\n</code>", "</code>")], ref * 2, task="coding")
   np.testing.assert_allclose(c["code_step"], [0.9, 0.9])
   np.testing.assert_array_equal(c["format"], [1.0, 0.0])
 
@@ -157,13 +158,11 @@ def test_code_step_constant_and_format():
 def test_query_similarity_threshold(fake_embedder):
   refs = [{"step_type": "search", "query": "lego brand meaning"}] * 2
   texts = ["<think>.</think><search>lego brand meaning</search>", "<think>.</think><search>zzzz qqq</search>"]
-  _, c = _score(texts, refs, ["query_similarity"])
+  _, c = _score(texts, refs)
   assert c["query_similarity"][0] == pytest.approx(1.0, abs=1e-6)
   expected = fake_embedder.similarity("zzzz qqq", "lego brand meaning")
   assert c["query_similarity"][1] == (pytest.approx(expected) if expected >= 0.5 else 0.0)
-  config = ml_collections.ConfigDict({"rewards": [("query_similarity", 1.0)],
-                                      "reward_options": {"similarity_threshold": 1.01}})
-  _, c = rewards.score_batch(texts[:1], refs[:1], config, embedder=fake_embedder)
+  _, c = _score(texts, refs, similarity_threshold=1.01)
   assert c["query_similarity"][0] == 0.0
 
 
@@ -181,34 +180,39 @@ def test_multiturn_outcome_rewards_use_tool_stats():
   np.testing.assert_allclose(total, [1 + 0.2 + 0.5, 1 - 0.2, 1 + 0.2])
 
 
-def test_padding_rows_score_zero_and_are_vmappable():
+def test_padding_rows_score_zero_and_ops_are_vmappable():
   arrays = rewards.prepare_reward_inputs(["<think>a</think><answer>x</answer>"], [{"step_type": "answer",
                                                                                   "answers": ["x"]}],
-                                         names=["answer_f1", "format"])
-  total, _ = rewards.compute_rewards(arrays, {"answer_f1": 1.0, "format": 1.0})
-  assert total.shape == (8,) and float(total[0]) == 2.0 and not np.asarray(total[1:]).any()
+                                         names=[n for n, _ in ALL_STEP_REWARDS], embedder=FakeEmbedder(),
+                                         bucket_mins=PINNED)
+  total, _ = rewards.compute_rewards(arrays, ALL_STEP_REWARDS)
+  assert total.shape == (32,) and float(total[0]) == 5.0 and not np.asarray(total[1:]).any()
+  # A batch op vmaps over an extra leading axis (e.g. groups of trajectories).
   stacked = jax.tree.map(lambda a: np.stack([a, a]) if np.ndim(a) else a, arrays)
-  op = rewards.ops.batch_op("answer_f1")
-  nested = jax.vmap(op, in_axes=({k: (None if np.ndim(v) == 0 else 0) for k, v in stacked.items()},))(stacked)
-  assert nested.shape == (2, 8) and float(nested[1, 0]) == 1.0
+  in_axes = ({k: (None if np.ndim(v) == 0 else 0) for k, v in stacked.items()},)
+  nested = jax.jit(jax.vmap(rewards.ops.batch_op("format"), in_axes=in_axes))(stacked)
+  assert nested.shape == (2, 32) and float(nested[1, 0]) == 1.0 and not np.asarray(nested[:, 1:]).any()
 
 
 def test_very_long_completion_matches_reference():
   text = "<think>" + "long thought, 'quoted' {x} " * 800 + "</think>\n<answer>" + "Play well " * 300 + "</answer>"
   ref = {"step_type": "answer", "answers": ["play well"]}
-  _, c = _score([text], [ref], ["format", "answer_f1"])
+  _, c = rewards.score_batch([text], [ref], ml_collections.ConfigDict({"rewards": [("format", 1.0), ("answer_f1", 1.0)]}))
   assert c["format"][0] == reference.format_reward(text, "search", "answer") == 1.0
   assert c["answer_f1"][0] == pytest.approx(metrics.f1_score(reference.extract_tag(text, "answer"), "play well"))
 
 
 def test_config_errors_are_clear():
+  config = lambda names: ml_collections.ConfigDict({"rewards": [(n, 1.0) for n in names]})
   with pytest.raises(ValueError, match="unknown or no rewards"):
-    _score(["x"], [{"step_type": "answer"}], ["answer_f2"])
+    rewards.score_batch(["x"], [{"step_type": "answer"}], config(["answer_f2"]))
   with pytest.raises(ValueError, match="tool_stats"):
-    _score(["x"], [{"step_type": "answer"}], ["failed_calls"])
+    rewards.score_batch(["x"], [{"step_type": "answer"}], config(["failed_calls"]))
   with pytest.raises(ValueError, match="step_type must be one of"):
-    _score(["x"], [{"step_type": "dance"}], ["format"])
+    rewards.score_batch(["x"], [{"step_type": "dance"}], config(["format"]))
   with pytest.raises(ValueError, match="reward task"):
     rewards.RewardOptions(task="chess")
+  with pytest.raises(ValueError, match=r"unknown reward_options \['threshold'\]"):
+    rewards.options_from_config(ml_collections.ConfigDict({"reward_options": {"threshold": 0.4}}))
   with pytest.raises(ValueError, match="2 completions but 1 references"):
-    _score(["x", "y"], [{"step_type": "answer"}], ["format"])
+    rewards.score_batch(["x", "y"], [{"step_type": "answer"}], config(["format"]))

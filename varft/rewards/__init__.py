@@ -54,8 +54,11 @@ def compute_rewards(arrays: Mapping[str, Any], weights) -> tuple[jax.Array, dict
 
 def options_from_config(config) -> RewardOptions:
   """RewardOptions from `config.reward_options` (absent: the paper's search-agent settings)."""
-  given = config.get("reward_options", None) if hasattr(config, "get") else None
-  return RewardOptions(**dict(given or {}))
+  given = dict(config.get("reward_options", None) or {}) if hasattr(config, "get") else {}
+  unknown = set(given) - set(RewardOptions.__dataclass_fields__)
+  if unknown:
+    raise ValueError(f"unknown reward_options {sorted(unknown)}; known: {sorted(RewardOptions.__dataclass_fields__)}")
+  return RewardOptions(**given)
 
 
 def score_batch(completions: Sequence[str], references: Sequence[Mapping[str, Any]], config, *,

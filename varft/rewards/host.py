@@ -9,7 +9,7 @@ import dataclasses
 import functools
 import importlib.util
 import os
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence
 
 import numpy as np
 
@@ -38,8 +38,7 @@ class RewardOptions:
       raise ValueError(f"reward task must be one of {ops.TASKS}, got {self.task!r}")
 
 
-@dataclasses.dataclass(frozen=True)
-class Target:
+class Target(NamedTuple):
   """What a completion is scored against: the reference step's action and its content."""
   task: str
   step_type: Optional[str]
@@ -59,7 +58,7 @@ def _as_strings(value, what: str, index: int) -> tuple[str, ...]:
     return ()
   if isinstance(value, str):
     return (value,)
-  if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+  if type(value) in (list, tuple) and all(type(v) is str for v in value):
     return tuple(value)
   raise ValueError(f"reference {index}: {what} must be a string or a list of strings, got {value!r}")
 
@@ -84,9 +83,11 @@ def parse_reference(ref: Mapping[str, Any], *, task: str, index: int = 0,
     if not isinstance(solution, str):
       raise ValueError(f"reference {index}: solution must be a string, got {type(solution).__name__}")
     step_type = step_type or reference.step_type_of(solution, task)
-    return Target(task, step_type, answers=(reference.extract_tag(solution, "answer"),),
-                  query=reference.extract_tag(solution, "search"),
-                  problems=tuple(reference.extract_problems(solution)))
+    # Only the reference action's content is read (the others are never scored).
+    return Target(task, step_type,
+                  answers=(reference.extract_tag(solution, "answer"),) if step_type == "answer" else (),
+                  query=reference.extract_tag(solution, "search") if step_type == "search" else "",
+                  problems=tuple(reference.extract_problems(solution)) if step_type == "problem" else ())
   if step_type not in ops.STEP_TYPES[1:]:
     raise ValueError(f"reference {index}: step_type must be one of {ops.STEP_TYPES[1:]} (or give a "
                      f"'solution'), got {step_type!r}")

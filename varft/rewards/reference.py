@@ -58,9 +58,12 @@ def step_type_of(solution: str, task: str) -> Optional[str]:
   return None
 
 
+_TAG_CONTENT = {tag: re.compile(f"<{tag}>(.*?)</{tag}>") for tag in ("answer", "search", "code")}
+
+
 def extract_tag(text: str, tag: str) -> str:
   """Content of the first single-line <tag>…</tag>, else the whole text (both stripped)."""
-  match = re.search(f"<{tag}>(.*?)</{tag}>", text)
+  match = _TAG_CONTENT[tag].search(text)
   return match.group(1).strip() if match else text.strip()
 
 
