@@ -1,1 +1,9 @@
-"""tools package."""
+"""Host-side tools the policy calls during rollouts.
+
+  code.py             CodeSandbox: model-written Python in an isolated, throw-away sandbox (bubblewrap/unshare).
+  sandbox_init.py     the trusted init that runs inside each sandbox (a script, never imported).
+  cgroups.py          per-slot cgroups capping a call's total memory where the host allows it.
+  search.py           search backends (bm25, dense, serper, http) and the observation formats.
+  retrieval_server.py Search-R1-compatible /retrieve server over a local index.
+  executor.py         ToolExecutor: a batch of ToolCalls -> Observations, concurrent, never raising.
+"""
