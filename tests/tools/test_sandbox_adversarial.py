@@ -6,7 +6,6 @@ actually happened inside (the read failed, the connection never arrived, the dae
 import base64
 import concurrent.futures
 import os
-import signal
 import socket
 import struct
 import uuid
