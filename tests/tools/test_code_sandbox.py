@@ -205,3 +205,11 @@ def test_cgroup_caps_memory_of_the_whole_call():
   slot_dirs = [d for dirs in sb.cgroups.slot_dirs.values() for d in dirs]
   sb.cgroups.close()
   assert not any(os.path.exists(d) for d in slot_dirs)
+
+
+def test_init_kills_at_wall_limit_even_if_the_host_does_not(monkeypatch):
+  sb = code_lib.CodeSandbox({**FAST, "max_concurrency": 1})
+  drain = code_lib._drain  # pylint: disable=protected-access
+  monkeypatch.setattr(code_lib, "_drain", lambda proc, deadline, cap: drain(proc, deadline + 60, cap))
+  r = sb.run("import time\ntime.sleep(60)", timeout_s=1.0)
+  assert r.error.startswith("timeout") and r.wall_s < 1.0 + 5  # Not the host's (now 61 s) deadline.

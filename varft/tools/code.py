@@ -421,7 +421,8 @@ class CodeSandbox:
           f.write(data)
       oom_before = self.cgroups.oom_kills(slot) if self.cgroups else 0
       cpu = c.cpu_s if c.cpu_s is not None else timeout + 1
-      go = {"inputs": sorted([*inputs, PROGRAM_NAME]), "cpu_s": max(1, math.ceil(cpu))}
+      go = {"inputs": sorted([*inputs, PROGRAM_NAME]), "cpu_s": max(1, math.ceil(cpu)),
+            "wall_s": timeout + _INIT_GRACE_S}
       try:
         proc.stdin.write(json.dumps(go).encode() + b"\n")
         proc.stdin.close()
@@ -447,7 +448,7 @@ class CodeSandbox:
     if oom_killed:
       error = f"memory limit exceeded ({self.call_memory_mb} MB for the whole call): killed by the kernel"
       return CodeResult(False, stdout, stderr, None, error, wall, cpu)
-    if timed_out:
+    if timed_out or (result and result.get("wall_limit")):
       error = f"timeout: the program ran longer than {timeout:g} s and was killed"
       return CodeResult(False, stdout, stderr, None, error, wall, cpu)
     if result is None:
@@ -467,6 +468,8 @@ class CodeSandbox:
                                                                              mb=c.max_output_mb)
     return CodeResult(error is None, stdout, stderr, image, error, wall, cpu)
 
+
+_INIT_GRACE_S = 1.0  # The init's own wall-clock kill comes this long after the host's (a backstop).
 
 _INIT_CAPS = ("CAP_SYS_ADMIN", "CAP_SETUID", "CAP_SETGID", "CAP_KILL", "CAP_CHOWN", "CAP_DAC_OVERRIDE",
               "CAP_DAC_READ_SEARCH", "CAP_FOWNER", "CAP_SYS_CHROOT", "CAP_SETPCAP")

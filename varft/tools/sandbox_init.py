@@ -12,7 +12,8 @@ sandbox's pid namespace with the privileges of the sandbox's root, trusted. It:
      (whose capabilities vanish with the setuid), no_new_privs, a seccomp denylist, then the program runs as
      `__main__`;
   5. after it exits, kills whatever it left behind, copies the output image out (no symlinks, regular files only,
-     size-capped) and writes result.json. The host reads only files this init wrote.
+     size-capped) and writes result.json. The host reads only files this init wrote. Should the host fail to
+     kill a program at its wall-clock limit, the init does so itself a little later.
 """
 import ctypes
 import json
@@ -257,9 +258,19 @@ def main():
   pid = os.fork()
   if pid == 0:
     _run_program(spec)
+  # Backstop for the host's wall-clock kill (e.g. if the trainer itself died mid-call): past the limit plus a
+  # grace period, kill the program's whole tree from inside.
+  expired = []
+  def on_alarm(signum, frame):  # pylint: disable=unused-argument
+    expired.append(True)
+    os.kill(-1, signal.SIGKILL)
+  signal.signal(signal.SIGALRM, on_alarm)
+  signal.setitimer(signal.ITIMER_REAL, go["wall_s"])
   _, status, usage = os.wait4(pid, 0)
+  signal.setitimer(signal.ITIMER_REAL, 0)
   _reap_everything()
   result = {
+      "wall_limit": bool(expired),
       "exit_code": os.WEXITSTATUS(status) if os.WIFEXITED(status) else None,
       "signal": os.WTERMSIG(status) if os.WIFSIGNALED(status) else None,
       "cpu_s": usage.ru_utime + usage.ru_stime,
