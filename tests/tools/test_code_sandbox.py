@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from varft.tools import cgroups as cgroups_lib
 from varft.tools import code as code_lib
 
 FAST = dict(timeout_s=30, preload=(), max_concurrency=4, prewarm=False)
@@ -213,3 +214,16 @@ def test_init_kills_at_wall_limit_even_if_the_host_does_not(monkeypatch):
   monkeypatch.setattr(code_lib, "_drain", lambda proc, deadline, cap: drain(proc, deadline + 60, cap))
   r = sb.run("import time\ntime.sleep(60)", timeout_s=1.0)
   assert r.error.startswith("timeout") and r.wall_s < 1.0 + 5  # Not the host's (now 61 s) deadline.
+
+
+def test_stale_cgroups_of_dead_processes_are_swept(tmp_path):
+  probe = code_lib.CodeSandbox({**FAST, "max_concurrency": 1})
+  if probe.cgroups is None:
+    pytest.skip("this host does not let us create cgroups")
+  parent = os.path.dirname(os.path.dirname(probe.cgroups.slot_dirs[0][0]))
+  probe.close()
+  dead_pid = 2**22 + 7  # Above pid_max: never a live process.
+  stale = os.path.join(parent, f"{cgroups_lib.TAG_PREFIX}{dead_pid}-0")
+  os.makedirs(os.path.join(stale, "slot0"))
+  code_lib.CodeSandbox({**FAST, "max_concurrency": 1}).close()
+  assert not os.path.exists(stale)

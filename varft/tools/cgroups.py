@@ -5,12 +5,15 @@ holds the whole call (tmpfs pages included) to one budget, and the kernel OOM-ki
 Used where the host lets us create cgroups (root with a cgroup v1 memory/pids hierarchy, or a cgroup v2 subtree
 with the controllers delegated); elsewhere the sandbox runs on rlimits alone and says so.
 """
+import itertools
 import logging
 import os
 import signal
 import time
 
 log = logging.getLogger(__name__)
+TAG_PREFIX = "varft-sandbox-"  # Followed by "<pid>-<n>": stale ones (dead pid) are removed on sight.
+_COUNTER = itertools.count()
 
 
 def _mounts():
@@ -50,6 +53,29 @@ def _dir(mount, own_path):
   return os.path.normpath(os.path.join(point, rel))
 
 
+def _remove_stale(parent):
+  """Removes (empty) sandbox cgroups left by processes that no longer exist, e.g. after a crash."""
+  try:
+    names = [n for n in os.listdir(parent) if n.startswith(TAG_PREFIX)]
+  except OSError:
+    return
+  for name in names:
+    pid = name[len(TAG_PREFIX):].split("-")[0]
+    if not pid.isdigit() or os.path.exists(f"/proc/{pid}"):
+      continue
+    tag_dir = os.path.join(parent, name)
+    for slot in os.listdir(tag_dir):
+      if slot.startswith("slot"):
+        try:
+          os.rmdir(os.path.join(tag_dir, slot))
+        except OSError:
+          pass
+    try:
+      os.rmdir(tag_dir)
+    except OSError:
+      pass
+
+
 def _write(path, value):
   with open(path, "w") as f:
     f.write(str(value))
@@ -66,8 +92,9 @@ class SlotCgroups:
     self.version = version
 
   @classmethod
-  def create(cls, slots, memory_bytes, max_tasks, tag):
+  def create(cls, slots, memory_bytes, max_tasks):
     """Returns SlotCgroups, or None (with the reason logged) where cgroups cannot be used here."""
+    tag = f"{TAG_PREFIX}{os.getpid()}-{next(_COUNTER)}"
     if not os.path.exists("/bin/sh"):
       log.info("code sandbox: no /bin/sh to join cgroups; per-call memory relies on rlimits only")
       return None
@@ -87,6 +114,8 @@ class SlotCgroups:
     parents = [_dir(mounts["memory"], own["memory"])]
     if "pids" in mounts and "pids" in own:
       parents.append(_dir(mounts["pids"], own["pids"]))
+    for parent in parents:
+      _remove_stale(parent)
     made = cls({}, {}, {}, 1)
     try:
       for slot in slots:
@@ -115,6 +144,7 @@ class SlotCgroups:
     if "memory" not in enabled:
       log.info("code sandbox: cgroup v2 memory controller not delegated to %s; rlimits only", parent)
       return None
+    _remove_stale(parent)
     made = cls({}, {}, {}, 2)
     try:
       base = os.path.join(parent, tag)

@@ -319,8 +319,7 @@ class CodeSandbox:
     self.cgroups = None
     if self.config.cgroup == "auto" and self._root:
       self.cgroups = cgroups_lib.SlotCgroups.create(
-          range(self.config.max_concurrency), self.call_memory_mb << 20, self.config.max_procs + 8,
-          f"varft-sandbox-{os.getpid()}-{id(self):x}")
+          range(self.config.max_concurrency), self.call_memory_mb << 20, self.config.max_procs + 8)
     # Warm sandboxes are started from one long-lived thread: bwrap/unshare tie their lifetime to the thread
     # that forked them (PR_SET_PDEATHSIG), so they must not be forked from short-lived caller threads.
     self._spawner = (concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="sandbox-spawn")
