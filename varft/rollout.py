@@ -336,9 +336,9 @@ class RolloutEngine:
 
   # ---- device chunks ------------------------------------------------------------------------------------------
 
-  def _extend(self, params, cache, rows: Sequence[_Row], news: Sequence[tuple | None], length: int, table):
+  def _extend(self, params, cache, news: Sequence[tuple | None], length: int, table):
     """Extends each row's cache with its new (tokens, positions, keys, local) chunk (None: nothing)."""
-    batch = len(rows)
+    batch = len(news)
     used = list(dict.fromkeys(k for new in news if new is not None for k in new[2] if k is not None))
     image_embeds, offsets = self._image_table(table, used)
     tokens = np.zeros((batch, length), np.int32)
@@ -400,10 +400,15 @@ class RolloutEngine:
     self._encode_pending(params, table)
     timings["vision_s"] += time.perf_counter() - start
     start = time.perf_counter()
-    cache = self.sampler.new_cache(len(rows), self.cache_len)
+    # On a mesh the device batch is padded with empty rows (never live) to a multiple of the data axis.
+    device_rows = len(rows)
+    if self.sampler.mesh is not None:
+      shards = self.sampler.mesh.shape[self.sampler.data_axis]
+      device_rows = -(-len(rows) // shards) * shards
+    cache = self.sampler.new_cache(device_rows, self.cache_len)
     prompt_len = min(sampling.bucket(max(len(r.tokens) for r in rows), cfg.length_buckets), self.cache_len)
     news = [(r.tokens, np.concatenate(r.positions, axis=1), r.image_key, r.image_local) for r in rows]
-    logits, cache = self._extend(params, cache, rows, news, prompt_len, table)
+    logits, cache = self._extend(params, cache, news + [None] * (device_rows - len(rows)), prompt_len, table)
     timings["prefill_s"] += time.perf_counter() - start
 
     max_turns = 1 if cfg.mode == "stepwise" else cfg.max_turns
@@ -412,18 +417,18 @@ class RolloutEngine:
       if not live:
         break
       rng, key = jax.random.split(rng)
-      budget = np.zeros((len(rows),), np.int32)
+      budget = np.zeros((device_rows,), np.int32)
       for b in live:
         budget[b] = min(cfg.max_new_tokens, cfg.max_total_tokens - len(rows[b].tokens))
       forced = None
       if script is not None:
-        forced = np.full((len(rows), cfg.max_new_tokens), -1, np.int32)
+        forced = np.full((device_rows, cfg.max_new_tokens), -1, np.int32)
         for b in live:
           ids = list(script(b, turn) or ())[:cfg.max_new_tokens]
           forced[b, :len(ids)] = ids
       start = time.perf_counter()
-      out, cache = self.sampler.generate(params, cache, logits, [r.next_position for r in rows], key, budget,
-                                         forced)
+      next_positions = [r.next_position for r in rows] + [0] * (device_rows - len(rows))
+      out, cache = self.sampler.generate(params, cache, logits, next_positions, key, budget, forced)
       out = jax.device_get(out)
       timings["generate_s"] += time.perf_counter() - start
 
@@ -465,7 +470,7 @@ class RolloutEngine:
         raise RuntimeError(f"The tool executor returned {len(observations)} observations for {len(calls)} calls.")
       timings["tools_s"] += time.perf_counter() - start
 
-      news = [None] * len(rows)
+      news = [None] * device_rows
       for b, action, call_index in pending:
         row = rows[b]
         obs = observations[call_index] if call_index is not None else None
@@ -491,7 +496,7 @@ class RolloutEngine:
       timings["vision_s"] += time.perf_counter() - start
       start = time.perf_counter()
       chunk_len = sampling.bucket(max(len(n[0]) for n in news if n is not None), cfg.chunk_buckets)
-      logits, cache = self._extend(params, cache, rows, news, chunk_len, table)
+      logits, cache = self._extend(params, cache, news, chunk_len, table)
       timings["extend_s"] += time.perf_counter() - start
 
     for r in rows:

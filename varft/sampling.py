@@ -99,8 +99,9 @@ def make_stop_table(tokenizer, vocab_size: int, stop_strings: Sequence[str] = DE
   pieces = []
   for s in stop_strings:
     ids = _token_ids(tokenizer, s)
-    if not ids:
-      raise ValueError(f"Stop string {s!r} tokenizes to nothing.")
+    if not ids or max(ids) >= vocab_size:
+      raise ValueError(f"Stop string {s!r} tokenizes to {ids}: nothing, or ids beyond the model's vocabulary "
+                       f"({vocab_size}); is this the model's tokenizer?")
     pieces.append([texts[i] for i in ids])
   num_pairs = sum(len(p) for p in pieces)
   if num_pairs > 31:

@@ -231,6 +231,16 @@ _MESH_SCRIPT = textwrap.dedent("""
         assert len(cache["k"].sharding.device_set) == 4, cache["k"].sharding
         assert cache["k"].sharding.spec[1] == "data", cache["k"].sharding
     np.testing.assert_array_equal(outs[0], outs[1])
+    # The rollout engine on the same mesh: 3 trajectories padded to 4 device rows, the batch holds the real 3.
+    from varft import rollout
+    mesh = jax.make_mesh((4,), ("data",), axis_types=(AxisType.Auto,))
+    config = rollout.RolloutConfig(max_turns=1, max_new_tokens=6, max_total_tokens=512, length_buckets=(512,),
+                                   temperature=0.0)
+    engine = rollout.RolloutEngine(cfg, chat.load_tokenizer(), None, config, mesh=mesh, stop_table=table)
+    examples = [{"id": str(i), "task": "search", "question": "Q" * (i + 1), "images": []} for i in range(3)]
+    result = engine.run(params, examples, jax.random.PRNGKey(0))
+    assert result.batch["tokens"].shape == (3, 512), result.batch["tokens"].shape
+    assert result.batch["loss_mask"].sum() == 3 * 6
     print("OK")
 """)
 
