@@ -6,7 +6,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests import hf_tiny
 from varft.models import qwen25vl
 from varft.models.qwen25vl import config as config_lib
 from varft.models.qwen25vl import model, vision
@@ -15,31 +14,29 @@ IMAGE = config_lib.IMAGE_TOKEN_ID
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-  path, _ = hf_tiny.make_tiny_hf_checkpoint(tmp_path_factory.mktemp("ckpt"))
-  return path
-
-
-@pytest.fixture(scope="module")
 def random_model():
-  config = config_lib.get_config("tiny")
+  """The tiny preset with a 1,024-token vocabulary (image token 1000): fast to initialise and to compile."""
+  tiny = config_lib.get_config("tiny")
+  config = tiny.replace(text=dataclasses.replace(tiny.text, vocab_size=1024), image_token_id=1000)
   return config, model.init_params(jax.random.key(0), config)
 
 
-def _sequence(rng, grids, text_len=12):
+def _sequence(rng, grids, text_len=12, image_token=IMAGE):
   """Token ids with one run of image tokens per image, text between them, and random patches."""
-  ids = [rng.integers(0, 150000, text_len)]
+  ids = [rng.integers(0, 1000, text_len)]
   for t, h, w in grids:
-    ids += [np.full(t * h * w // 4, IMAGE), rng.integers(0, 150000, 3)]
+    ids += [np.full(t * h * w // 4, image_token), rng.integers(0, 1000, 3)]
   patches = rng.standard_normal((int(np.prod(grids, axis=1).sum()), 1176)).astype(np.float32)
   return np.concatenate(ids)[None], patches
 
 
-def test_bf16_close_to_fp32(checkpoint):
-  config32, params32 = qwen25vl.load_pretrained(checkpoint, dtype=jnp.float32)
-  config16, params16 = qwen25vl.load_pretrained(checkpoint, dtype=jnp.bfloat16)
+def test_bf16_close_to_fp32(random_model):
+  config32, params = random_model
+  params32 = jax.tree.map(lambda x: 3.0 * x, params)  # std 0.06 weights: activations of a realistic size
+  params16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params32)
+  config16 = config32.replace(dtype="bfloat16")
   grids = np.array([[1, 16, 12]])
-  ids, patches = _sequence(np.random.default_rng(0), grids)
+  ids, patches = _sequence(np.random.default_rng(0), grids, image_token=config32.image_token_id)
   full = np.asarray(qwen25vl.apply(params32, config32, ids, None, patches, grids))
   half = np.asarray(qwen25vl.apply(params16, config16, ids, None, patches, grids))
   assert half.dtype == np.float32
@@ -48,7 +45,7 @@ def test_bf16_close_to_fp32(checkpoint):
   def probs(x):
     e = np.exp(x - x.max(-1, keepdims=True))
     return e / e.sum(-1, keepdims=True)
-  assert 0.5 * np.abs(probs(full) - probs(half)).sum(-1).max() < 0.01  # total variation per position
+  assert 0.5 * np.abs(probs(full) - probs(half)).sum(-1).max() < 0.03  # total variation per position
 
 
 def test_no_recompilation_for_the_same_buckets(random_model):
@@ -58,8 +55,8 @@ def test_no_recompilation_for_the_same_buckets(random_model):
   # Different images (different grids, even a different number of images), same token length and patch bucket.
   first = [np.array([[1, 16, 16]])]
   second = [np.array([[1, 8, 12], [1, 6, 20], [1, 4, 4]])]
-  ids1, patches1 = _sequence(rng, first[0], text_len=40)
-  ids2, patches2 = _sequence(rng, second[0], text_len=40 + 64 - 24 - 30 - 4 - 6)
+  ids1, patches1 = _sequence(rng, first[0], text_len=40, image_token=config.image_token_id)
+  ids2, patches2 = _sequence(rng, second[0], text_len=40 + 64 - 24 - 30 - 4 - 6, image_token=config.image_token_id)
   assert ids1.shape == ids2.shape
   model.apply(params, config, ids1, None, patches1, first[0], num_patches_padded=bucket)
   compiled = model._apply_jit._cache_size()
@@ -102,9 +99,37 @@ def test_vision_inputs_padding_and_errors():
     vision.vision_inputs(np.array([[1, 3, 4]]), cfg)
 
 
+def test_full_attention_key_blocks_cover_each_image_and_bound_holds():
+  cfg = config_lib.get_config("tiny").vision  # blocks of 64 patches
+  grids = np.array([[1, 8, 12], [1, 4, 4], [1, 20, 8], [1, 2, 2]])  # 96, 16, 160, 4 patches
+  tight = vision.vision_inputs(grids, cfg)
+  blocks = tight["full_key_blocks"]
+  segment = tight["full_segment"]
+  nb = blocks.shape[0]
+  for b in range(nb):
+    visited = set(blocks[b][blocks[b] < nb].tolist())
+    for s in set(segment[b * 64:(b + 1) * 64].tolist()) - {0}:
+      assert set((np.flatnonzero(segment == s) // 64).tolist()) <= visited
+  assert blocks.shape[1] == 5  # block 1 holds the end of image 1 (from block 0), image 2 and image 3 (to block 4)
+  bound = vision.max_key_blocks(160, cfg)
+  assert vision.vision_inputs(grids, cfg, num_key_blocks=bound)["full_key_blocks"].shape == (nb, bound)
+  with pytest.raises(ValueError, match="num_key_blocks=4 is too small"):
+    vision.vision_inputs(grids, cfg, num_key_blocks=4)
+
+
+def test_tight_and_dense_key_blocks_agree(random_model):
+  config, params = random_model
+  grids = np.array([[1, 8, 12], [1, 4, 4], [1, 20, 8]])
+  patches = np.random.default_rng(4).standard_normal((272, 1176)).astype(np.float32)
+  tight = model.encode_images(params, config, patches, vision.vision_inputs(grids, config.vision))
+  dense = model.encode_images(params, config, patches, vision.vision_inputs(grids, config.vision, 272, 5))
+  np.testing.assert_allclose(tight, dense, atol=1e-5)
+
+
 def test_image_tokens_take_image_embeddings_in_order(random_model):
   config, params = random_model
-  ids = np.array([[5, IMAGE, IMAGE, 7], [IMAGE, 9, 9, 0]])
+  image = config.image_token_id
+  ids = np.array([[5, image, image, 7], [image, 9, 9, 0]])
   index = model.image_index_for(ids, config)
   np.testing.assert_array_equal(index, [[-1, 0, 1, -1], [2, -1, -1, -1]])
   table = jnp.arange(3 * 64, dtype=jnp.float32).reshape(3, 64)
@@ -116,7 +141,7 @@ def test_image_tokens_take_image_embeddings_in_order(random_model):
 def test_input_mismatches_are_rejected(random_model):
   config, _ = random_model
   grids = np.array([[1, 4, 4]])
-  ids, patches = _sequence(np.random.default_rng(2), grids)
+  ids, patches = _sequence(np.random.default_rng(2), grids, image_token=config.image_token_id)
   with pytest.raises(ValueError, match="image tokens"):
     model.prepare_inputs(config, ids[:, 1:-4], None, patches, grids)
   with pytest.raises(ValueError, match="patches"):
@@ -125,17 +150,14 @@ def test_input_mismatches_are_rejected(random_model):
     model.prepare_inputs(config, ids, None, patches, None)
 
 
-def test_vision_remat_gives_the_same_gradients(random_model):
+def test_remat_switch_rematerialises_the_vision_blocks(random_model):
   config, params = random_model
-  grids = np.array([[1, 8, 8]])
-  patches = np.random.default_rng(3).standard_normal((64, 1176)).astype(np.float32)
+  grids = np.array([[1, 4, 4]])
+  patches = np.zeros((16, 1176), np.float32)
   inputs = vision.vision_inputs(grids, config.vision)
 
-  def loss(vision_params, remat):
-    out = vision.forward(vision_params, config.vision, patches, inputs, remat=remat)
-    return jnp.sum(jnp.sin(out))
-
-  grads = jax.jit(jax.grad(loss), static_argnums=1)(params["vision"], False)
-  remat_grads = jax.jit(jax.grad(loss), static_argnums=1)(params["vision"], True)
-  for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(remat_grads)):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+  def grad_jaxpr(remat):
+    loss = lambda p: vision.forward(p, config.vision, patches, inputs, remat=remat).sum()
+    return str(jax.make_jaxpr(jax.grad(loss))(params["vision"]))
+  assert "remat" in grad_jaxpr(True) or "checkpoint" in grad_jaxpr(True)
+  assert "remat" not in grad_jaxpr(False) and "checkpoint" not in grad_jaxpr(False)

@@ -80,7 +80,7 @@ def _apply_jit(params, config, input_ids, attention_mask, positions, pixel_value
 
 
 def prepare_inputs(config: Qwen25VLConfig, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
-                   num_patches_padded: int | None = None) -> dict[str, Any]:
+                   num_patches_padded: int | None = None, num_key_blocks: int | None = None) -> dict[str, Any]:
   """Host side of `apply`: numpy arrays (positions, image index, vision index arrays) for the jitted forward."""
   input_ids = np.asarray(input_ids)
   if input_ids.ndim != 2:
@@ -103,19 +103,22 @@ def prepare_inputs(config: Qwen25VLConfig, input_ids, attention_mask=None, pixel
   if int((image_index >= 0).sum()) != real // merge:
     raise ValueError(f"input_ids hold {(image_index >= 0).sum()} image tokens but the images give {real // merge}; "
                      "expand <|image_pad|> with the processor's image_grid_thw.")
-  padded = real if num_patches_padded is None else num_patches_padded
-  inputs.update(pixel_values=np.pad(pixel_values, [(0, padded - real), (0, 0)]),
-                vision_inputs=vision.vision_inputs(grids, config.vision, padded), image_index=image_index)
+  vision_inputs = vision.vision_inputs(grids, config.vision, num_patches_padded, num_key_blocks)
+  padded = len(vision_inputs["full_segment"])
+  inputs.update(pixel_values=np.pad(pixel_values, [(0, padded - real), (0, 0)]), vision_inputs=vision_inputs,
+                image_index=image_index)
   return inputs
 
 
 def apply(params: Params, config: Qwen25VLConfig, input_ids, attention_mask=None, pixel_values=None,
-          image_grid_thw=None, num_patches_padded: int | None = None) -> jnp.ndarray:
+          image_grid_thw=None, num_patches_padded: int | None = None, num_key_blocks: int | None = None) -> jnp.ndarray:
   """Logits (B, T, V) float32 for the arrays an HF Qwen2.5-VL processor produces (numpy, jax or torch-free lists).
 
   Positions (M-RoPE) and the window/segment index arrays are computed on the host; the forward is jitted and
-  recompiles only for new shapes (pad `input_ids` and `num_patches_padded` to buckets to avoid that).
+  recompiles only for new shapes: pad `input_ids`, and fix `num_patches_padded` and `num_key_blocks` (see
+  `vision.max_key_blocks`) to buckets to avoid that.
   """
-  inputs = prepare_inputs(config, input_ids, attention_mask, pixel_values, image_grid_thw, num_patches_padded)
+  inputs = prepare_inputs(config, input_ids, attention_mask, pixel_values, image_grid_thw, num_patches_padded,
+                          num_key_blocks)
   return _apply_jit(params, config, inputs["input_ids"], inputs["attention_mask"], inputs["positions"],
                     inputs["pixel_values"], inputs["vision_inputs"], inputs["image_index"])

@@ -9,9 +9,11 @@ image. Inside the tower the patches are in *window order* (each window's cells c
 in the processor's order. All index and segment arrays come from `vision_inputs` (host numpy, static shapes), so
 nothing loops over windows or images inside jit:
 
-* window attention is banded: a window is at most one block of `B = (window_size / patch_size)**2` patches, so a
-  query block only needs the key blocks before and after it, masked by window segment id;
-* full attention masks by image (frame) segment id;
+* the sequence is cut into blocks of `B = (window_size / patch_size)**2` patches (one full window); each query block
+  attends, with an online softmax scanned over key blocks, only to a static list of key blocks, masked by segment id;
+* window attention: a window spans at most two blocks, so the key blocks are the block itself and its neighbours;
+* full attention: the key blocks covering the image (frame) of the query block, listed on the host
+  (`full_key_blocks`); its static length bounds the compute by the largest image, not by the whole batch;
 * padded patches get segment 0 (their own group), so they never touch real ones.
 
 Parameters (blocks stacked along a leading axis and run with `lax.scan`):
@@ -35,8 +37,8 @@ from varft.models.qwen25vl.text import rms_norm
 
 Params = dict[str, Any]
 
-_MASK_VALUE = -1e30
-_NO_MATCH = -1  # segment id of the internal padding up to a whole number of blocks
+_INTERNAL_PAD = -1  # segment id of the internal padding up to a whole number of blocks
+_NEVER = -2  # segment id of the empty key block that pads key-block lists
 
 
 def init_params(rng: jax.Array, cfg: VisionConfig, dtype=jnp.float32) -> Params:
@@ -84,17 +86,21 @@ def num_patches(image_grid_thw) -> int:
   return int(np.prod(grids, axis=1).sum())
 
 
-def vision_inputs(image_grid_thw, cfg: VisionConfig, num_patches_padded: int | None = None) -> dict[str, np.ndarray]:
+def vision_inputs(image_grid_thw, cfg: VisionConfig, num_patches_padded: int | None = None,
+                  num_key_blocks: int | None = None) -> dict[str, np.ndarray]:
   """Host-built index arrays for `forward` over the images of `image_grid_thw` (N, 3), patches concatenated in order.
 
   `num_patches_padded` (a multiple of merge**2, at least the real count) fixes the static size P; padded patches
-  follow the real ones. Returns, with M = P / merge**2 merged cells:
+  follow the real ones. `num_key_blocks` fixes the static number K of key blocks a query block visits in full
+  attention (see `max_key_blocks`); by default K is all blocks when P is fixed (static, dense cost) and the least
+  needed otherwise. Returns, with M = P / merge**2 merged cells and nb = ceil(P / B) blocks:
 
     window_order (M,) int32     cell (original order) at each window-order slot; padding cells stay at the end
     window_inverse (M,) int32   window-order slot of each original cell
     window_segment (P,) int32   window id (>= 1) of each window-ordered patch, 0 for padding
     full_segment (P,) int32     image frame id (>= 1) of each window-ordered patch, 0 for padding
     rotary_ids (P, 2) int32     (row, column) patch coordinates of each window-ordered patch
+    full_key_blocks (nb, K) int32  key blocks of each query block in full attention; nb marks "none"
   """
   grids = np.asarray(image_grid_thw, np.int64).reshape(-1, 3)
   merge, ws = cfg.spatial_merge_size, window_cells(cfg)
@@ -136,13 +142,45 @@ def vision_inputs(image_grid_thw, cfg: VisionConfig, num_patches_padded: int | N
   frame_of_cell = np.concatenate(frames + [np.full(pad_cells, -1)]) + 1
   patch_rows = np.concatenate(rows + [np.zeros(padded - real, np.int64)]).reshape(-1, unit)[order].reshape(-1)
   patch_cols = np.concatenate(cols + [np.zeros(padded - real, np.int64)]).reshape(-1, unit)[order].reshape(-1)
+  full_segment = np.repeat(frame_of_cell, unit).astype(np.int32)
+  if num_key_blocks is None and num_patches_padded is not None:
+    num_key_blocks = -(-padded // block_patches(cfg))
   return {
       "window_order": order,
       "window_inverse": inverse,
       "window_segment": np.repeat(window_of_cell, unit).astype(np.int32),
-      "full_segment": np.repeat(frame_of_cell, unit).astype(np.int32),
+      "full_segment": full_segment,
       "rotary_ids": np.stack([patch_rows, patch_cols], axis=1).astype(np.int32),
+      "full_key_blocks": _full_key_blocks(full_segment, block_patches(cfg), num_key_blocks),
   }
+
+
+def _full_key_blocks(segment: np.ndarray, block: int, num_key_blocks: int | None) -> np.ndarray:
+  """For each query block, the contiguous run of blocks spanning every segment (frame) it holds, padded with nb."""
+  nb = -(-len(segment) // block)
+  blocks = np.arange(len(segment)) // block
+  real = segment > 0
+  first = np.full(segment.max(initial=0) + 1, nb)
+  last = np.full(segment.max(initial=0) + 1, -1)
+  np.minimum.at(first, segment[real], blocks[real])
+  np.maximum.at(last, segment[real], blocks[real])
+  lo, hi = np.arange(nb), np.arange(nb)  # blocks without real patches visit only themselves
+  np.minimum.at(lo, blocks[real], first[segment[real]])
+  np.maximum.at(hi, blocks[real], last[segment[real]])
+  needed = int((hi - lo).max(initial=0)) + 1
+  count = needed if num_key_blocks is None else int(num_key_blocks)
+  if count < needed:
+    raise ValueError(f"num_key_blocks={count} is too small: these images need {needed} key blocks of {block} "
+                     f"patches (see max_key_blocks).")
+  run = lo[:, None] + np.arange(count)[None, :]
+  return np.where(run <= hi[:, None], run, nb).astype(np.int32)
+
+
+def max_key_blocks(max_image_patches: int, cfg: VisionConfig) -> int:
+  """A static `num_key_blocks` enough for any batch whose images have at most `max_image_patches` patches each
+  (e.g. max_pixels // 14**2): a query block can touch the end of one image and the start of another."""
+  block = block_patches(cfg)
+  return -(-(2 * max_image_patches + block) // block) + 1
 
 
 def rotary_cos_sin(rotary_ids: jnp.ndarray, head_dim: int, theta: float) -> tuple[jnp.ndarray, jnp.ndarray]:
@@ -155,40 +193,55 @@ def rotary_cos_sin(rotary_ids: jnp.ndarray, head_dim: int, theta: float) -> tupl
   return jnp.cos(emb), jnp.sin(emb)
 
 
-def _softmax_attend(q, k, v, mask):
-  """q (..., Q, H, hd), k/v (..., K, H, hd), mask (..., Q, K) -> (..., Q, H, hd); softmax in float32."""
-  scores = jnp.einsum("...qhd,...khd->...hqk", q, k, preferred_element_type=jnp.float32) * q.shape[-1] ** -0.5
-  scores = jnp.where(mask[..., None, :, :], scores, _MASK_VALUE)
-  weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  return jnp.einsum("...hqk,...khd->...qhd", weights, v)
+def _blocked_attention(q, k, v, segment, key_blocks, block):
+  """Attention of each block of `block` queries over the key blocks `key_blocks` (nb, K) (index nb: none),
+  restricted to equal segment ids. Online softmax in float32, scanned over the K key blocks.
 
-
-def _window_attention(q, k, v, segment, block):
-  """Banded attention: each block of `block` queries sees keys of its own and both neighbouring blocks."""
+  q, k, v: (nb * block, H, hd); segment: (nb * block,). Rows with no visible key get zeros.
+  """
   length, heads, hd = q.shape
   nb = length // block
 
-  def neighbours(x, fill):
+  def with_empty_block(x, fill):
     x = x.reshape((nb, block) + x.shape[1:])
-    pad = jnp.full((1,) + x.shape[1:], fill, x.dtype)
-    x = jnp.concatenate([pad, x, pad], axis=0)
-    return jnp.concatenate([x[:-2], x[1:-1], x[2:]], axis=1)  # (nb, 3 * block, ...)
+    return jnp.concatenate([x, jnp.full((1,) + x.shape[1:], fill, x.dtype)])
 
-  key_segment = neighbours(segment, _NO_MATCH - 1)
-  mask = segment.reshape(nb, block)[:, :, None] == key_segment[:, None, :]
-  out = _softmax_attend(q.reshape(nb, block, heads, hd), neighbours(k, 0), neighbours(v, 0), mask)
-  return out.reshape(length, heads, hd)
+  k_blocks, v_blocks, key_segment = with_empty_block(k, 0), with_empty_block(v, 0), with_empty_block(segment, _NEVER)
+  q_blocks, query_segment = q.reshape(nb, block, heads, hd), segment.reshape(nb, block)
+
+  def step(carry, index):
+    running_max, denom, acc = carry
+    scores = jnp.einsum("nqhd,nkhd->nhqk", q_blocks, k_blocks[index],
+                        preferred_element_type=jnp.float32) * hd ** -0.5
+    visible = (query_segment[:, :, None] == key_segment[index][:, None, :])[:, None]
+    scores = jnp.where(visible, scores, -jnp.inf)
+    new_max = jnp.maximum(running_max, scores.max(axis=-1))
+    shift = jnp.where(jnp.isfinite(new_max), new_max, 0.0)
+    probs = jnp.exp(scores - shift[..., None])
+    rescale = jnp.exp(running_max - shift)
+    denom = denom * rescale + probs.sum(axis=-1)
+    acc = acc * rescale[..., None] + jnp.einsum("nhqk,nkhd->nhqd", probs.astype(v.dtype), v_blocks[index],
+                                                preferred_element_type=jnp.float32)
+    return (new_max, denom, acc), None
+
+  init = (jnp.full((nb, heads, block), -jnp.inf, jnp.float32), jnp.zeros((nb, heads, block), jnp.float32),
+          jnp.zeros((nb, heads, block, hd), jnp.float32))
+  (_, denom, acc), _ = jax.lax.scan(step, init, jnp.asarray(key_blocks).T)
+  out = acc / jnp.where(denom > 0, denom, 1.0)[..., None]
+  return out.transpose(0, 2, 1, 3).reshape(length, heads, hd).astype(q.dtype)
 
 
-def _full_attention(q, k, v, segment):
-  return _softmax_attend(q, k, v, segment[:, None] == segment[None, :])
+def _window_key_blocks(nb: int) -> jnp.ndarray:
+  """A window spans at most two consecutive blocks: each query block visits itself and both neighbours."""
+  run = jnp.arange(nb)[:, None] + jnp.arange(-1, 2)[None, :]
+  return jnp.where((run >= 0) & (run < nb), run, nb)
 
 
 def _dense(x, p, dtype):
   return x @ p["w"].astype(dtype) + p["b"].astype(dtype)
 
 
-def _block(cfg: VisionConfig, dtype, block_len, x, layer_params, is_full, cos, sin, window_segment, full_segment):
+def _block(cfg: VisionConfig, dtype, block_len, x, layer_params, is_full, cos, sin, segments, key_blocks):
   length, d = x.shape
   heads = cfg.num_heads
   h = rms_norm(x, layer_params["norm1"], cfg.rms_norm_eps)
@@ -196,8 +249,8 @@ def _block(cfg: VisionConfig, dtype, block_len, x, layer_params, is_full, cos, s
   q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
   q, k = rope.apply_rotary(q, cos, sin), rope.apply_rotary(k, cos, sin)
   attn = jax.lax.cond(is_full,
-                      lambda q, k, v: _full_attention(q, k, v, full_segment),
-                      lambda q, k, v: _window_attention(q, k, v, window_segment, block_len),
+                      lambda q, k, v: _blocked_attention(q, k, v, segments[1], key_blocks[1], block_len),
+                      lambda q, k, v: _blocked_attention(q, k, v, segments[0], key_blocks[0], block_len),
                       q, k, v)
   x = x + _dense(attn.reshape(length, d), layer_params["proj"], dtype)
   h = rms_norm(x, layer_params["norm2"], cfg.rms_norm_eps)
@@ -209,7 +262,7 @@ def forward(params: Params, cfg: VisionConfig, pixel_values: jnp.ndarray, inputs
             dtype=jnp.float32, remat: bool = False) -> jnp.ndarray:
   """Image embeddings (P / merge**2, out_hidden_size) of `pixel_values` (P, 1176), in the processor's cell order.
 
-  `inputs` is `vision_inputs(image_grid_thw, cfg, P)` (numpy or device arrays). Rows of padded cells are
+  `inputs` is `vision_inputs(image_grid_thw, cfg, P, ...)` (numpy or device arrays). Rows of padded cells are
   meaningless but finite.
   """
   length = pixel_values.shape[0]
@@ -225,13 +278,13 @@ def forward(params: Params, cfg: VisionConfig, pixel_values: jnp.ndarray, inputs
     return jnp.pad(jnp.asarray(a), [(0, padded - length)] + [(0, 0)] * (a.ndim - 1), constant_values=value)
 
   x, cos, sin = pad(x, 0), pad(cos, 1), pad(sin, 0)
-  window_segment, full_segment = pad(inputs["window_segment"], _NO_MATCH), pad(inputs["full_segment"], _NO_MATCH)
+  segments = (pad(inputs["window_segment"], _INTERNAL_PAD), pad(inputs["full_segment"], _INTERNAL_PAD))
+  key_blocks = (_window_key_blocks(padded // block_len), jnp.asarray(inputs["full_key_blocks"]))
   is_full = jnp.zeros((cfg.depth,), bool).at[jnp.array(cfg.fullatt_block_indexes, jnp.int32)].set(True)
 
   def body(x, scanned):
     layer_params, layer_is_full = scanned
-    return _block(cfg, dtype, block_len, x, layer_params, layer_is_full, cos, sin, window_segment,
-                  full_segment), None
+    return _block(cfg, dtype, block_len, x, layer_params, layer_is_full, cos, sin, segments, key_blocks), None
 
   if remat:
     body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
