@@ -93,6 +93,17 @@ def test_make_search_backend_builds_once_then_loads(corpus, tmp_path):
   assert second.search(["Great Wall fortifications"], 1)[0][0].id == "wall"
 
 
+def test_build_index_refuses_a_foreign_directory_and_leaves_no_temp(corpus, tmp_path):
+  (tmp_path / "taken").mkdir()
+  (tmp_path / "taken" / "notes.txt").write_text("mine")
+  with pytest.raises(FileExistsError, match="not an index"):
+    search_lib.build_index(corpus, str(tmp_path / "taken"))
+  assert sorted(os.listdir(tmp_path)) == ["taken"]  # No half-built index left behind.
+  (tmp_path / "empty").mkdir()
+  search_lib.build_index(corpus, str(tmp_path / "empty"))  # An empty directory is fine.
+  assert os.path.exists(tmp_path / "empty" / "index.json")
+
+
 def test_make_search_backend_config_errors(bm25_dir, tmp_path, monkeypatch):
   with pytest.raises(ValueError, match="unknown search backend"):
     search_lib.make_search_backend({"name": "bing"})

@@ -15,6 +15,8 @@ import json
 import logging
 import os
 import random
+import shutil
+import tempfile
 import threading
 import time
 import urllib.error
@@ -263,10 +265,31 @@ LOCAL_BACKENDS = {"bm25": BM25Backend, "dense": DenseBackend}
 
 
 def build_index(corpus_path, index_dir, kind="bm25", **kwargs):
-  """Builds and saves a local index ('bm25' or 'dense') for a JSONL corpus; returns the loaded backend."""
+  """Builds and saves a local index ('bm25' or 'dense') for a JSONL corpus; returns the loaded backend.
+
+  The index is built in a sibling temp dir and renamed into place, so that readers (other hosts sharing the
+  directory) never see half an index; if another process finished first, its index is kept.
+  """
   if kind not in LOCAL_BACKENDS:
     raise ValueError(f"unknown local index kind {kind!r}; use one of {sorted(LOCAL_BACKENDS)}")
-  return LOCAL_BACKENDS[kind].build(read_corpus(corpus_path), index_dir, **kwargs)
+  docs = read_corpus(corpus_path)
+  index_dir = os.path.abspath(index_dir)
+  os.makedirs(os.path.dirname(index_dir), exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(index_dir)}.building-", dir=os.path.dirname(index_dir))
+  try:
+    backend = LOCAL_BACKENDS[kind].build(docs, tmp, **kwargs)
+    if os.path.isdir(index_dir) and not os.listdir(index_dir):
+      os.rmdir(index_dir)
+    try:
+      os.rename(tmp, index_dir)
+    except OSError:
+      if not os.path.exists(os.path.join(index_dir, INDEX_META)):
+        raise FileExistsError(f"cannot build a search index in {index_dir}: it exists and is not an index; "
+                              "choose an empty or new directory") from None
+      log.info("search index %s was built by another process meanwhile; keeping that one", index_dir)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+  return backend
 
 
 def load_index(index_dir, **kwargs):
