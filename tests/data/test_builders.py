@@ -99,3 +99,37 @@ def test_unknown_names_are_rejected(tmp_path):
     builders.builder('mat_bench/search', data_dir=str(tmp_path))
   with pytest.raises(ValueError, match='unknown config'):
     builders.builder('multihop_qa/nq', data_dir=str(tmp_path))
+
+
+def test_concurrent_prepare_accepts_the_winners_dataset(mat_dir, tmp_path, monkeypatch):
+  """A host whose final rename fails because another host prepared the same data_dir goes on."""
+  data_dir = str(tmp_path / 'shared')
+  real_builder = builders.builder
+
+  def racing_builder(name, *, data_dir):
+    b = real_builder(name, data_dir=data_dir)
+    if not b.is_prepared():
+      def lose_the_race(**kwargs):
+        real_builder(name, data_dir=data_dir).download_and_prepare(**kwargs)  # the other host
+        raise OSError('rename: directory not empty')
+      b.download_and_prepare = lose_the_race
+    return b
+
+  monkeypatch.setattr(builders, 'builder', racing_builder)
+  b = builders.prepare('mat_benchmark/coding', manual_dir=mat_dir, data_dir=data_dir)
+  assert b.is_prepared() and b.info.splits['test'].num_examples == 3
+
+
+def test_prepare_reraises_real_errors(mat_dir, tmp_path, monkeypatch):
+  real_builder = builders.builder
+
+  def failing_builder(name, *, data_dir):
+    b = real_builder(name, data_dir=data_dir)
+    def fail(**kwargs):
+      raise OSError('disk full')
+    b.download_and_prepare = fail
+    return b
+
+  monkeypatch.setattr(builders, 'builder', failing_builder)
+  with pytest.raises(OSError, match='disk full'):
+    builders.prepare('mat_benchmark/coding', manual_dir=mat_dir, data_dir=str(tmp_path / 'd'))

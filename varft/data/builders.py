@@ -282,7 +282,9 @@ def prepare(name: str, *, manual_dir: str | None, data_dir: str | None = None,
   """Builds `name` from `manual_dir` unless already prepared; returns the builder.
 
   `data_dir` defaults to `<manual_dir>/tfds`, so the demo and the real data never share
-  prepared files. A prepared dataset is reused as it is: delete its folder to rebuild.
+  prepared files. A prepared dataset is reused as it is: delete its folder to rebuild. Hosts of
+  one run may prepare into a shared `data_dir` at once; preparing first on one host (e.g.
+  `python -m varft.data.builders NAME --manual_dir DIR --data_dir DIR2`) avoids the duplicate work.
   """
   if data_dir is None:
     if manual_dir is None:
@@ -290,8 +292,15 @@ def prepare(name: str, *, manual_dir: str | None, data_dir: str | None = None,
     data_dir = os.path.join(manual_dir, 'tfds')
   b = builder(name, data_dir=data_dir)
   if not b.is_prepared():
-    b.download_and_prepare(download_config=tfds.download.DownloadConfig(
-        manual_dir=os.fspath(manual_dir) if manual_dir else None, try_download_gcs=False))
+    try:
+      b.download_and_prepare(download_config=tfds.download.DownloadConfig(
+          manual_dir=os.fspath(manual_dir) if manual_dir else None, try_download_gcs=False))
+    except OSError:
+      # Several processes (hosts of one run) preparing into a shared data_dir: the ones that lose
+      # the final rename find the dataset prepared by the winner.
+      b = builder(name, data_dir=data_dir)
+      if not b.is_prepared():
+        raise
   return b
 
 
