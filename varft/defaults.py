@@ -16,6 +16,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3
   c.async_checkpoints = True
   c.samples_every = 10  # write readable sample rollouts (HTML + PNGs) every N steps; 0 = never
+  c.samples_per_step = 8  # trajectories in each samples page
   c.eval_every = 0  # evaluate every N steps and at the end; 0 = never
   c.export_hf = True
   c.distributed = "auto"  # jax.distributed.initialize(): auto | True | False
@@ -53,11 +54,56 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.eps = 1e-8
   c.optim.max_grad_norm = 1.0
 
+  # Rollouts: the trainer's batch keys plus every field of varft.rollout.RolloutConfig.
   c.rollout = ml_collections.ConfigDict()
   c.rollout.prompts_per_host = 8
   c.rollout.num_samples = 8  # G
   c.rollout.temperature = 1.0
+  c.rollout.top_k = 0
+  c.rollout.top_p = 1.0
+  c.rollout.mode = "stepwise"  # stepwise (the paper) | multiturn (real tool calls, outcome reward)
+  c.rollout.max_turns = 5
+  c.rollout.max_new_tokens = 512
+  c.rollout.max_total_tokens = 4096
+  c.rollout.max_tool_output_tokens = 512
+  c.rollout.length_buckets = (256, 512, 1024, 2048, 4096)
+  c.rollout.chunk_buckets = (32, 64, 128, 256, 512, 1024)
+  c.rollout.patch_buckets = (1024, 4096, 16384)
+  c.rollout.image_min_pixels = 4 * 28 * 28
+  c.rollout.image_max_pixels = 401408  # the paper's max_pixels
+  c.rollout.system_prompt = "auto"
+
+  # Data (varft.data): the downloaded folders, or the embedded demo generated under the workdir.
+  c.data = ml_collections.ConfigDict()
+  c.data.demo = False
+  c.data.mat_dir = ""  # holds MAT-Benchmark/ and MAT-Training/
+  c.data.flashrag_dir = ""  # holds <dataset>/<split>.jsonl
+  c.data.tfds_dir = ""  # prepared TFDS data; '' = <manual dir>/tfds
+  c.data.train = "mat_training/search"
+  c.data.train_split = ""
+  c.data.resize = 0  # > 0: resize every input image to resize x resize first (the paper: 720)
+
+  # Tools (varft.tools.executor.ToolExecutor config).
+  c.tools = ml_collections.ConfigDict()
+  c.tools.max_workers = 8
+  c.tools.topk = 4
+  c.tools.search_format = "paper"
+  c.tools.search_timeout_s = 60.0
+  c.tools.max_doc_chars = 1000
+  c.tools.search = ml_collections.ConfigDict({"name": "bm25", "index_dir": "", "corpus": ""})
+  c.tools.use_code = True
+  c.tools.code = ml_collections.ConfigDict({"timeout_s": 10.0, "max_concurrency": 4, "prewarm": True})
+
+  # Rewards (varft.rewards): (name, weight) pairs and the paper's options.
+  c.rewards = [("accuracy", 1.0), ("format", 1.0)]
+  c.reward_options = ml_collections.ConfigDict({"task": "search", "similarity_threshold": 0.5,
+                                                "code_step_reward": 0.9})
 
   c.eval = ml_collections.ConfigDict()
-  c.eval.num_prompts = 64
+  c.eval.benchmarks = ("mat_search",)  # names in varft.agent_task.BENCHMARKS
+  c.eval.num_prompts = 0  # 0 = the whole benchmark
+  c.eval.batch_size = 8
+  c.eval.temperature = 0.0  # greedy
+  c.eval.max_turns = 5
+  c.eval.checkpoint_step = -1  # eval mode: the checkpoint to evaluate (-1 = latest, or the initial weights)
   return c

@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from varft.models.qwen25vl import text as text_model
@@ -136,25 +137,54 @@ def _embed(params: Params, config: Qwen25VLConfig, tokens: jnp.ndarray, image_in
   return jnp.where((image_index >= 0)[..., None], rows, embeds)
 
 
+def loss_token_bucket(loss_mask, micro_batches: int = 1, minimum: int = 64) -> int:
+  """A static count >= the loss tokens of any micro-batch (a power of two): the positions that get logits.
+
+  Host-side (numpy). Micro-batch i holds rows i, i + m, ... (see `make_train_step`).
+  """
+  mask = np.asarray(loss_mask) > 0
+  per_micro = max(int(mask[i::micro_batches].sum()) for i in range(micro_batches))
+  return 1 << (max(per_micro, minimum) - 1).bit_length()
+
+
 def sequence_logps(params: Params, config: Qwen25VLConfig, batch: Batch, image_embeds: jnp.ndarray | None,
-                   temperature: float = 1.0, logits_chunk: int = 256) -> tuple[jnp.ndarray, jnp.ndarray]:
-  """Per-token log-probs and entropies (N, L) of `batch['tokens']` under the policy; column 0 is 0."""
+                   temperature: float = 1.0, logits_chunk: int = 256, num_loss_tokens: int | None = None
+                   ) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """Per-token log-probs and entropies (N, L) of `batch['tokens']` under the policy; column 0 is 0.
+
+  With `num_loss_tokens` (static, >= the tokens on `batch['loss_mask']`), vocabulary logits are computed only at
+  the loss-mask positions (gathered into that many slots) and every other position gets 0: prompts and tool
+  outputs are most of a sequence, and the vocabulary projection dominates the cost of small models.
+  """
   tokens = batch["tokens"]
   embeds = _embed(params, config, tokens, batch.get("image_index"), image_embeds)
   hidden, _ = text_model.forward(params["text"], config.text, embeds, batch["positions"],
                                  attention_mask=batch["attention_mask"], dtype=jnp.dtype(config.dtype),
                                  remat=config.remat)
-  logps, entropy = _chunked_logps(params["text"], config.text, hidden[:, :-1], tokens[:, 1:], temperature,
-                                  logits_chunk)
+  hidden, targets = hidden[:, :-1], tokens[:, 1:]
+  n, length, d = hidden.shape
+  if num_loss_tokens is None:
+    logps, entropy = _chunked_logps(params["text"], config.text, hidden, targets, temperature, logits_chunk)
+  else:
+    selected = batch["loss_mask"][:, 1:].reshape(-1) > 0
+    index = jnp.nonzero(selected, size=num_loss_tokens, fill_value=n * length)[0]
+    picked_hidden = jnp.take(hidden.reshape(-1, d), index, axis=0, mode="fill", fill_value=0)
+    picked_targets = jnp.take(targets.reshape(-1), index, axis=0, mode="fill", fill_value=0)
+    picked = _chunked_logps(params["text"], config.text, picked_hidden[None], picked_targets[None], temperature,
+                            logits_chunk)
+    scatter = lambda v: jnp.zeros((n * length,), v.dtype).at[index].set(v[0], mode="drop").reshape(n, length)
+    logps, entropy = scatter(picked[0]), scatter(picked[1])
   zero = jnp.zeros_like(logps[:, :1])
   return jnp.concatenate([zero, logps], axis=1), jnp.concatenate([zero, entropy], axis=1)
 
 
-def make_logps_fn(config: Qwen25VLConfig, gcfg: GRPOConfig) -> Callable[[Params, Batch], jnp.ndarray]:
-  """`logps(params, batch) -> (N, L)`: the reference policy's (or the pre-update trainer's) token log-probs."""
-  def logps_fn(params, batch):
+def make_logps_fn(config: Qwen25VLConfig, gcfg: GRPOConfig) -> Callable[..., jnp.ndarray]:
+  """`logps(params, batch, num_loss_tokens=None) -> (N, L)`: the reference policy's (or the pre-update
+  trainer's) token log-probs (jit with `static_argnames='num_loss_tokens'`)."""
+  def logps_fn(params, batch, num_loss_tokens=None):
     image_embeds = encode_images(params, config, batch)
-    return sequence_logps(params, config, batch, image_embeds, gcfg.temperature, gcfg.logits_chunk)[0]
+    return sequence_logps(params, config, batch, image_embeds, gcfg.temperature, gcfg.logits_chunk,
+                          num_loss_tokens)[0]
   return logps_fn
 
 
@@ -270,10 +300,15 @@ def _split_micro(batch: Batch, m: int) -> Batch:
 
 def make_train_step(config: Qwen25VLConfig, gcfg: GRPOConfig, optimizer: optax.GradientTransformation
                     ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jnp.ndarray]]]:
-  """`train_step(state, batch) -> (state, metrics)` for a batch from `prepare_batch` (jit it with shardings)."""
+  """`train_step(state, batch, num_loss_tokens=None) -> (state, metrics)` for a batch from `prepare_batch`.
 
-  def micro_loss(params, image_embeds, mb):
-    logps, entropy = sequence_logps(params, config, mb, image_embeds, gcfg.temperature, gcfg.logits_chunk)
+  Jit it with shardings and `static_argnames='num_loss_tokens'` (see `loss_token_bucket`; None: logits at every
+  position).
+  """
+
+  def micro_loss(params, image_embeds, mb, num_loss_tokens):
+    logps, entropy = sequence_logps(params, config, mb, image_embeds, gcfg.temperature, gcfg.logits_chunk,
+                                    num_loss_tokens)
     per_token, stats = per_token_loss(logps, mb["old_logps"], mb["advantages"], mb["loss_mask"], gcfg,
                                       mb.get("ref_logps"), mb.get("is_weights"))
     mask = mb["loss_mask"].astype(jnp.float32)
@@ -284,7 +319,7 @@ def make_train_step(config: Qwen25VLConfig, gcfg: GRPOConfig, optimizer: optax.G
 
   grad_fn = jax.value_and_grad(micro_loss, argnums=(0, 1), has_aux=True)
 
-  def train_step(state, batch):
+  def train_step(state, batch, num_loss_tokens=None):
     params = state["params"]
     encode = lambda p: encode_images(p, config, batch)
     image_embeds = vision_vjp = None
@@ -297,7 +332,7 @@ def make_train_step(config: Qwen25VLConfig, gcfg: GRPOConfig, optimizer: optax.G
       image_embeds = jax.lax.stop_gradient(encode(params))
     m = gcfg.micro_batches
     if m == 1:
-      (loss, sums), (grads, embed_grads) = grad_fn(params, image_embeds, batch)
+      (loss, sums), (grads, embed_grads) = grad_fn(params, image_embeds, batch, num_loss_tokens)
     else:
       micro = _split_micro(batch, m)
       for k in ("pixel_values", "vision_inputs"):
@@ -305,12 +340,13 @@ def make_train_step(config: Qwen25VLConfig, gcfg: GRPOConfig, optimizer: optax.G
       zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), (params, image_embeds))
 
       def accumulate(carry, mb):
-        (loss, sums), g = grad_fn(params, image_embeds, mb)
+        (loss, sums), g = grad_fn(params, image_embeds, mb, num_loss_tokens)
         acc_loss, acc_sums, acc_g = carry
         return (acc_loss + loss, jax.tree.map(jnp.add, acc_sums, sums),
                 jax.tree.map(lambda a, b: a + b.astype(jnp.float32), acc_g, g)), None
 
-      first_sums = jax.eval_shape(lambda: grad_fn(params, image_embeds, jax.tree.map(lambda x: x[0], micro)))[0][1]
+      first_sums = jax.eval_shape(
+          lambda: grad_fn(params, image_embeds, jax.tree.map(lambda x: x[0], micro), num_loss_tokens))[0][1]
       init = (jnp.zeros((), jnp.float32), jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), first_sums), zeros)
       (loss, sums, (grads, embed_grads)), _ = jax.lax.scan(accumulate, init, micro)
     if vision_vjp is not None:

@@ -52,8 +52,11 @@ def read_metrics(workdir: str) -> list[dict[str, float]]:
 
 
 def _save_image(image: Any, path: str) -> None:
+  import io
   from PIL import Image
-  if isinstance(image, (str, bytes, os.PathLike)) and os.path.exists(image):
+  if isinstance(image, bytes):
+    image = Image.open(io.BytesIO(image))
+  elif isinstance(image, (str, os.PathLike)):
     image = Image.open(image)
   elif isinstance(image, np.ndarray):
     array = image
@@ -66,8 +69,8 @@ def _save_image(image: Any, path: str) -> None:
 def write_samples(out_dir: str, step: int, samples: Sequence[Mapping[str, Any]]) -> str:
   """Writes `samples` as `<out_dir>/step_<step>.html` (+ PNGs) and returns the page's path.
 
-  Each sample is a mapping with `text` (the transcript), optional `images` (PIL images, arrays or paths, in the
-  order they appear), and any scalar fields (reward, components, prompt id) shown in its header.
+  Each sample is a mapping with `text` (the transcript), optional `images` (PIL images, encoded bytes, arrays or
+  paths, in the order they appear), and any scalar fields (reward, components, prompt id) shown in its header.
   """
   os.makedirs(out_dir, exist_ok=True)
   parts = [f"<html><head><meta charset='utf-8'><title>step {step}</title></head><body>",

@@ -10,6 +10,7 @@ Batches are sharded by rows over (`data`, `fsdp`). On several hosts each host ho
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 from typing import Any, Mapping, Sequence
@@ -239,6 +240,18 @@ def host_mean(metrics: Mapping[str, float]) -> dict[str, float]:
   values = np.asarray([float(metrics[k]) for k in keys], np.float64)
   gathered = multihost_utils.process_allgather(values)
   return dict(zip(keys, (float(v) for v in np.mean(gathered, axis=0))))
+
+
+def gather_json(value: Any) -> list[Any]:
+  """Every host's JSON-serialisable `value`, in process order (data positions, eval predictions)."""
+  if jax.process_count() == 1:
+    return [value]
+  encoded = np.frombuffer(json.dumps(value).encode(), np.uint8)
+  length = int(np.max(multihost_utils.process_allgather(np.asarray([len(encoded)]))))
+  padded = np.zeros(length, np.uint8)
+  padded[:len(encoded)] = encoded
+  gathered = np.asarray(multihost_utils.process_allgather(padded)).reshape(-1, length)
+  return [json.loads(bytes(row).rstrip(b"\0").decode()) for row in gathered]
 
 
 def is_writer() -> bool:

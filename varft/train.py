@@ -15,7 +15,6 @@ uninterrupted run exactly.
 from __future__ import annotations
 
 import functools
-import json
 import os
 import time
 from typing import Any
@@ -25,7 +24,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
-from jax.experimental import multihost_utils
 
 from varft import checkpoint as ckpt_lib
 from varft import grpo
@@ -147,16 +145,40 @@ def make_environment(config, model_cfg, mesh, workdir: str):
   return agent_task.AgentEnvironment(config, model_cfg, mesh, workdir)
 
 
-def _gather_json(value: Any) -> list[Any]:
-  """Every host's JSON-serialisable `value`, in process order (the data positions of all hosts)."""
+def merge_host_images(batch: dict[str, Any], vision_cfg) -> dict[str, Any]:
+  """One image table for all hosts: each host's images concatenated in process order, `image_index` offset.
+
+  Each host sampled its own rows with its own images; the train step encodes one replicated table, so the hosts
+  exchange their (real) patches and grids and rebuild the vision index arrays for the whole table.
+  """
+  from jax.experimental import multihost_utils
+  from varft.models.qwen25vl import vision
+  grids = np.asarray(batch.pop("image_grid_thw"), np.int64).reshape(-1, 3)
   if jax.process_count() == 1:
-    return [value]
-  encoded = np.frombuffer(json.dumps(value).encode(), np.uint8)
-  length = int(np.max(multihost_utils.process_allgather(np.asarray([len(encoded)]))))
-  padded = np.zeros(length, np.uint8)
-  padded[:len(encoded)] = encoded
-  gathered = multihost_utils.process_allgather(padded)
-  return [json.loads(bytes(row).rstrip(b"\0").decode()) for row in np.asarray(gathered).reshape(-1, length)]
+    return batch
+  real = vision.num_patches(grids)
+  sizes = np.asarray(multihost_utils.process_allgather(np.asarray([real, len(grids),
+                                                                   batch["pixel_values"].shape[0]])))
+  sizes = sizes.reshape(-1, 3)
+  max_patches, max_images = int(sizes[:, 0].max()), int(sizes[:, 1].max())
+  patches = np.zeros((max(max_patches, 1), batch["pixel_values"].shape[1]), np.float32)
+  patches[:real] = batch["pixel_values"][:real]
+  padded_grids = np.zeros((max(max_images, 1), 3), np.int64)
+  padded_grids[:len(grids)] = grids
+  all_patches = np.asarray(multihost_utils.process_allgather(patches))
+  all_grids = np.asarray(multihost_utils.process_allgather(padded_grids))
+  merge = vision_cfg.spatial_merge_size ** 2
+  table_rows = np.concatenate([[0], np.cumsum(sizes[:, 0] // merge)])
+  out = dict(batch)
+  out["image_index"] = np.where(batch["image_index"] >= 0,
+                                batch["image_index"] + table_rows[jax.process_index()], -1).astype(np.int32)
+  merged_grids = np.concatenate([all_grids[h, :sizes[h, 1]] for h in range(len(sizes))])
+  total = int(sizes[:, 2].max()) * len(sizes)  # static per bucket: hosts x the largest local bucket
+  pixel_values = np.zeros((total, patches.shape[1]), np.float32)
+  pixel_values[:int(sizes[:, 0].sum())] = np.concatenate([all_patches[h, :sizes[h, 0]] for h in range(len(sizes))])
+  out["pixel_values"] = pixel_values
+  out["vision_inputs"] = vision.vision_inputs(merged_grids, vision_cfg, total) if len(merged_grids) else {}
+  return out
 
 
 class Trainer:
@@ -181,10 +203,11 @@ class Trainer:
     replicated = sharding.replicated(self.mesh)
     self._advantages = jax.jit(functools.partial(grpo.group_advantages, num_groups=num_groups,
                                                  mode=self.gcfg.advantage))
-    self._logps = jax.jit(grpo.make_logps_fn(self.model_cfg, self.gcfg))
+    self._logps = jax.jit(grpo.make_logps_fn(self.model_cfg, self.gcfg), static_argnames="num_loss_tokens")
     self._prepare = jax.jit(functools.partial(grpo.prepare_batch, gcfg=self.gcfg))
     self._train_step = jax.jit(grpo.make_train_step(self.model_cfg, self.gcfg, self.optimizer),
-                               out_shardings=(self.state_shardings, replicated), donate_argnums=0)
+                               out_shardings=(self.state_shardings, replicated), donate_argnums=0,
+                               static_argnames="num_loss_tokens")
     self.checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                               max_to_keep=config.keep_checkpoints,
                                               async_save=config.async_checkpoints)
@@ -204,7 +227,7 @@ class Trainer:
     return True
 
   def save(self, force: bool = False) -> None:
-    data = {"hosts": _gather_json(self.env.data_state())}
+    data = {"hosts": sharding.gather_json(self.env.data_state())}
     self.checkpointer.save(self.step, self.state, data, {"step": self.step}, force=force)
 
   def train_step(self) -> dict[str, float]:
@@ -219,14 +242,24 @@ class Trainer:
     local["rewards"] = np.asarray(experience.rewards, np.float32)
     local["group_ids"] = (np.asarray(local["group_ids"], np.int32)
                           + jax.process_index() * config.rollout.prompts_per_host)
+    if "pixel_values" in local and np.shape(local["pixel_values"])[0] == 0:
+      for key in ("pixel_values", "vision_inputs", "image_grid_thw"):
+        local.pop(key, None)
+    if "image_grid_thw" in local:
+      local = merge_host_images(local, self.model_cfg.vision)
     batch = sharding.shard_batch(local, self.mesh)
+    # Logits only at the sampled positions: a static bucket (agreed by all hosts) >= any micro-batch's count.
+    whole = grpo.loss_token_bucket(local["loss_mask"], 1) * jax.process_count()
+    micro = grpo.loss_token_bucket(local["loss_mask"], self.gcfg.micro_batches) * jax.process_count()
+    whole, micro = (int(x) for x in np.max(np.asarray(sharding.gather_json([whole, micro])), axis=0))
     advantages = self._advantages(batch["rewards"], batch["group_ids"])
-    ref_logps = self._logps(self.ref_params, batch) if self.gcfg.beta > 0 else None
-    trainer_logps = self._logps(self.state["params"], batch) if self.gcfg.tis_cap > 0 else None
+    ref_logps = self._logps(self.ref_params, batch, num_loss_tokens=whole) if self.gcfg.beta > 0 else None
+    trainer_logps = (self._logps(self.state["params"], batch, num_loss_tokens=whole)
+                     if self.gcfg.tis_cap > 0 else None)
     prepared = self._prepare(batch, advantages, batch["sampler_logps"], ref_logps=ref_logps,
                              trainer_logps=trainer_logps)
     for _ in range(config.grpo.epochs):
-      self.state, device_metrics = self._train_step(self.state, prepared)
+      self.state, device_metrics = self._train_step(self.state, prepared, num_loss_tokens=micro)
     device_metrics = sharding.to_host(device_metrics)
     updated = timer()
     self.step += 1

@@ -6,6 +6,7 @@ Every process feeds only its own rows (as hosts do in training); process 0 write
 """
 from __future__ import annotations
 
+import functools
 import sys
 
 import jax
@@ -56,14 +57,14 @@ def run(mesh_axes: dict[str, int], devices=None) -> tuple[dict[str, np.ndarray],
   rows = slice(jax.process_index() * per_host, (jax.process_index() + 1) * per_host)
   local = {k: (v[:, rows] if k == "positions" else v[rows]) for k, v in full.items()}
   batch = sharding.shard_batch(local, mesh)
-  logps = jax.jit(grpo.make_logps_fn(MODEL, GCFG))
+  logps = jax.jit(functools.partial(grpo.make_logps_fn(MODEL, GCFG), num_loss_tokens=128))
   advantages = jax.jit(lambda r, g: grpo.group_advantages(r, g, GROUPS))(batch["rewards"], batch["group_ids"])
   ref = logps(params, batch)
   prepared = jax.jit(lambda b, a, r, t: grpo.prepare_batch(b, a, b["sampler_logps"], GCFG, r, t))(
       batch, advantages, ref, logps(state["params"], batch))
-  step = jax.jit(grpo.make_train_step(MODEL, GCFG, optimizer), out_shardings=(state_shardings,
-                                                                               sharding.replicated(mesh)),
-                 donate_argnums=0)
+  # Logits only at the loss positions (the training path): 64 slots hold every micro-batch's loss tokens.
+  step = jax.jit(functools.partial(grpo.make_train_step(MODEL, GCFG, optimizer), num_loss_tokens=64),
+                 out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0)
   for _ in range(2):
     state, metrics = step(state, prepared)
   gathered = jax.experimental.multihost_utils.process_allgather(state["params"], tiled=True)

@@ -146,3 +146,26 @@ def test_config_errors_name_the_field():
 def test_warmup_then_cosine_schedule():
   _, lr = grpo.make_optimizer(1.0, 110, warmup_steps=10, schedule="cosine")
   np.testing.assert_allclose([lr(0), lr(5), lr(10), lr(60), lr(110)], [0, 0.5, 1.0, 0.5, 0.0], atol=1e-6)
+
+
+def test_logits_only_at_loss_positions_equal_logits_everywhere():
+  cfg = step_script.MODEL
+  params = {"text": echo_task.text_model.init_params(jax.random.key(2), cfg.text)}
+  batch_np = step_script.toy_batch()
+  batch = {k: jnp.asarray(v) for k, v in batch_np.items()}
+  k = grpo.loss_token_bucket(batch_np["loss_mask"], 1, minimum=8)
+  assert k >= batch_np["loss_mask"].sum() and grpo.loss_token_bucket(batch_np["loss_mask"], 4, minimum=8) < k
+
+  def loss(p, num):
+    logps, entropy = grpo.sequence_logps(p, cfg, batch, None, logits_chunk=16, num_loss_tokens=num)
+    return jnp.sum(logps * batch["loss_mask"]), (logps * batch["loss_mask"], entropy * batch["loss_mask"])
+
+  (full, (lp_full, ent_full)), g_full = jax.value_and_grad(loss, has_aux=True)(params, None)
+  (picked, (lp_picked, ent_picked)), g_picked = jax.value_and_grad(loss, has_aux=True)(params, k)
+  np.testing.assert_allclose(lp_picked, lp_full, atol=1e-5)
+  np.testing.assert_allclose(ent_picked, ent_full, atol=1e-4)
+  for a, b in zip(jax.tree.leaves(g_full), jax.tree.leaves(g_picked)):
+    np.testing.assert_allclose(a, b, atol=1e-5)
+  # Too few slots drop tokens: the bucket really is what decides which positions get logits.
+  (short, _), _ = jax.value_and_grad(loss, has_aux=True)(params, 8)
+  assert abs(float(short) - float(full)) > 1e-3

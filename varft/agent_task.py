@@ -1,0 +1,302 @@
+"""The agentic task: data pipeline -> multi-turn (or step-wise) rollouts with real tools -> rewards.
+
+Wires the pieces the training loop and the evaluation need: the TFDS/grain input (`varft.data`), the rollout engine
+(`varft.rollout`, sampler + tool executor), the reward ops (`varft.rewards`) and the benchmark scoring
+(`varft.eval.score`). Everything here is host-side Python around the jitted sampler.
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+import time
+from typing import Any, Mapping, Sequence
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+
+from varft import rewards as rewards_lib
+from varft import rollout as rollout_lib
+from varft.environment import Experience
+
+# Evaluation benchmarks: name -> (dataset, which manual dir holds it, split or None for the only one).
+BENCHMARKS = {
+    "mat_search": ("mat_benchmark/search", "mat_dir", None),
+    "mat_coding": ("mat_benchmark/coding", "mat_dir", None),
+    "2wiki": ("multihop_qa/2wikimultihopqa", "flashrag_dir", "dev"),
+    "hotpotqa": ("multihop_qa/hotpotqa", "flashrag_dir", "dev"),
+    "musique": ("multihop_qa/musique", "flashrag_dir", "dev"),
+    "bamboogle": ("multihop_qa/bamboogle", "flashrag_dir", "test"),
+    "multihop_demo": ("multihop_qa/demo", "flashrag_dir", "test"),
+}
+
+
+def data_paths(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
+  """Where the data lives: the configured folders, or the embedded demo generated once under the workdir."""
+  d = config.data
+  if d.demo:
+    from varft.data import demo
+    root = os.path.join(workdir, "demo_data")
+    marker = os.path.join(root, "layout.json")
+    if jax.process_index() == 0 and not os.path.exists(marker):
+      info = demo.generate(root, seed=0)
+      with open(marker, "w") as f:
+        json.dump({k: v for k, v in info.items() if k != "counts"}, f)
+    paths = demo.layout(root)
+  else:
+    paths = {"mat_dir": d.mat_dir, "flashrag_dir": d.flashrag_dir, "corpus": config.tools.search.get("corpus", "")}
+  return paths
+
+
+def _manual_dir_key(dataset: str) -> str:
+  return "flashrag_dir" if dataset.startswith("multihop_qa/") else "mat_dir"
+
+
+def _load(dataset: str, split: str | None, manual_dir: str, tfds_dir: str):
+  from varft.data import builders
+  if not manual_dir and not tfds_dir:
+    raise ValueError(f"Dataset {dataset} needs its download folder: set config.data.mat_dir / "
+                     "config.data.flashrag_dir (or config.data.demo=True for the embedded demo)")
+  data_dir = os.path.join(tfds_dir, dataset.replace("/", "_")) if tfds_dir else None
+  return builders.load(dataset, split or None, manual_dir=manual_dir or None, data_dir=data_dir)
+
+
+def tool_executor_config(config: ml_collections.ConfigDict, paths: Mapping[str, str], workdir: str) -> dict:
+  t = config.tools
+  out = {k: t[k] for k in ("max_workers", "topk", "search_format", "search_timeout_s", "max_doc_chars")}
+  if t.search.name:
+    search = dict(t.search)
+    if search["name"] in ("bm25", "dense"):
+      search["corpus"] = search.get("corpus") or paths.get("corpus", "")
+      search["index_dir"] = search.get("index_dir") or os.path.join(workdir, f"search_index_{search['name']}")
+    out["search"] = {k: v for k, v in search.items() if v not in ("", None)}
+  if t.use_code:
+    out["code"] = dict(t.code)
+  return out
+
+
+def resizer(size: int):
+  """An example transform resizing every image to size x size (the paper's 720 x 720), or None for size 0."""
+  if not size:
+    return None
+
+  def resize(example: dict) -> dict:
+    from PIL import Image
+    images = []
+    for data in example.get("images") or ():
+      try:
+        image = Image.open(io.BytesIO(data)).convert("RGB").resize((size, size), Image.BICUBIC)
+      except (OSError, ValueError):
+        images.append(data)  # left for the rollout, which skips and counts unreadable images
+        continue
+      buffer = io.BytesIO()
+      image.save(buffer, format="PNG")
+      images.append(buffer.getvalue())
+    return {**example, "images": images}
+
+  return resize
+
+
+def rollout_config(rollout: ml_collections.ConfigDict, **overrides) -> rollout_lib.RolloutConfig:
+  names = {f.name for f in dataclasses.fields(rollout_lib.RolloutConfig)}
+  values = {k: rollout[k] for k in rollout.keys() if k in names}
+  values.update(overrides)
+  return rollout_lib.RolloutConfig.from_config(values)
+
+
+def references(examples: Sequence[Mapping[str, Any]], mode: str) -> tuple[list[dict], list[str] | None]:
+  """What each trajectory is scored against: the reference step (step-wise) or the gold answers (multi-turn)."""
+  if mode == "stepwise":
+    return [{"solution": ex["solution"], "step_type": ex.get("step_type") or None} for ex in examples], None
+  return [{"answers": list(ex.get("answers") or [])} for ex in examples], ["answer"] * len(examples)
+
+
+def pad_rows(batch: dict[str, Any], rows: int, num_samples: int) -> dict[str, Any]:
+  """Pads a rollout batch to `rows` rows (prompts the rollout had to skip): empty rows, no loss, own groups."""
+  n = len(batch["group_ids"])
+  if n == rows:
+    return batch
+  out = dict(batch)
+  for key in ("tokens", "attention_mask", "loss_mask", "sampler_logps", "image_index"):
+    fill = -1 if key == "image_index" else 0
+    out[key] = np.concatenate([batch[key], np.full((rows - n,) + batch[key].shape[1:], fill, batch[key].dtype)])
+  out["positions"] = np.concatenate(
+      [batch["positions"], np.zeros((3, rows - n) + batch["positions"].shape[2:], batch["positions"].dtype)], axis=1)
+  out["group_ids"] = np.concatenate([batch["group_ids"], np.arange(n, rows, dtype=np.int32) // num_samples])
+  return out
+
+
+def _flat_stats(stats: Mapping[str, Any], prefix: str = "rollout/") -> dict[str, float]:
+  out = {}
+  for key, value in stats.items():
+    if isinstance(value, Mapping):
+      total = max(sum(value.values()), 1)
+      out.update({f"{prefix}stop_{k}": v / total for k, v in value.items()})
+    elif key.endswith("_s"):
+      out[f"time/{key}"] = float(value)
+    elif isinstance(value, (int, float, np.number)):
+      out[f"{prefix}{key}"] = float(value)
+  return out
+
+
+def transcript_sample(transcript: rollout_lib.Transcript, example: Mapping[str, Any], **fields) -> dict[str, Any]:
+  """A transcript as a `metrics_writer.write_samples` entry: prompt images first, then the tools' images."""
+  images = list(example.get("images") or ()) + list(transcript.images.values())
+  return {"text": transcript.render(), "images": images, "id": transcript.example_id,
+          "stop": transcript.stop_reason, **fields}
+
+
+class AgentEnvironment:
+  """Training rollouts on `config.data.train` and evaluation on `config.eval.benchmarks`."""
+
+  def __init__(self, config: ml_collections.ConfigDict, model_cfg, mesh, workdir: str):
+    from varft.data import input_pipeline
+    from varft.processing import chat
+    from varft.tools.executor import ToolExecutor
+    self.config = config
+    self.mode = config.rollout.mode
+    self.prompts_per_host = config.rollout.prompts_per_host
+    self.num_samples = config.rollout.num_samples
+    self.paths = data_paths(config, workdir)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices("varft_data_ready")
+    tokenizer = chat.load_tokenizer(config.model.hf_dir or None)
+    self.executor = ToolExecutor(tool_executor_config(config, self.paths, workdir))
+    self.engine = rollout_lib.RolloutEngine(model_cfg, tokenizer, self.executor, rollout_config(config.rollout),
+                                            mesh=mesh)
+    eval_overrides = {"mode": "multiturn", "temperature": config.eval.temperature,
+                      "max_turns": config.eval.max_turns}
+    self.eval_engine = rollout_lib.RolloutEngine(model_cfg, tokenizer, self.executor,
+                                                 rollout_config(config.rollout, **eval_overrides), mesh=mesh)
+    d = config.data
+    self.train_source = _load(d.train, d.train_split or None, self.paths[_manual_dir_key(d.train)], d.tfds_dir)
+    self.batches = input_pipeline.batches(self.train_source, batch_size=self.prompts_per_host, seed=config.seed,
+                                          transform=resizer(d.resize))
+
+  def collect(self, params, rng) -> Experience:
+    """One step's rollouts on this host's next prompts, scored."""
+    start = time.perf_counter()
+    skipped_batches = 0
+    while True:
+      examples = next(self.batches)
+      try:
+        result = self.engine.run(params, examples, rng, num_samples=self.num_samples)
+        break
+      except ValueError as e:  # not one example of the batch could be prompted: take the next batch
+        skipped_batches += 1
+        logging.warning("Skipping a training batch: %s", e)
+        if skipped_batches >= 10:
+          raise ValueError(f"10 training batches in a row could not be prompted (last: {e}); check "
+                           "config.rollout.max_total_tokens and the data") from e
+    rolled = time.perf_counter()
+    by_row = [examples[_example_index(examples, t)] for t in result.transcripts]
+    refs, step_types = references(by_row, self.mode)
+    tool_stats = None
+    if self.mode == "multiturn":
+      stats = [t.tool_stats() for t in result.transcripts]
+      tool_stats = {k: [s[k] for s in stats] for k in stats[0]}
+    completions = [t.completion for t in result.transcripts]
+    total, components = rewards_lib.score_batch(completions, refs, self.config, step_types=step_types,
+                                                tool_stats=tool_stats)
+    scored = time.perf_counter()
+    rows = self.prompts_per_host * self.num_samples
+    batch = pad_rows(result.batch, rows, self.num_samples)
+    rewards = np.zeros((rows,), np.float32)
+    rewards[:len(total)] = total
+    padded_components = {}
+    for name, values in components.items():
+      padded_components[name] = np.zeros((rows,), np.float32)
+      padded_components[name][:len(values)] = values
+    stats = _flat_stats(result.stats)
+    stats.update({"time/rollout_s": rolled - start, "time/rewards_s": scored - rolled,
+                  "rollout/padded_rows": float(rows - len(total)), "rollout/skipped_batches": float(skipped_batches)})
+    samples = [transcript_sample(t, ex, reward=float(r))
+               for t, ex, r in zip(result.transcripts, by_row, total)][:self.config.samples_per_step]
+    return Experience(batch=batch, rewards=rewards, components=padded_components, stats=stats, samples=samples)
+
+  def evaluate(self, params, rng, out_dir: str | None = None) -> dict[str, float]:
+    """Greedy multi-turn evaluation on each configured benchmark: predictions JSON + score table under out_dir."""
+    metrics = {}
+    for name in self.config.eval.benchmarks:
+      metrics.update(evaluate_benchmark(self, name, params, rng, out_dir))
+    return metrics
+
+  def data_state(self) -> dict[str, Any]:
+    return self.batches.get_state()
+
+  def restore_data_state(self, state: dict[str, Any]) -> None:
+    if state:
+      self.batches.set_state(state)
+
+
+def _example_index(examples: Sequence[Mapping[str, Any]], transcript: rollout_lib.Transcript) -> int:
+  for i, ex in enumerate(examples):
+    if str(ex.get("id", i)) == transcript.example_id:
+      return i
+  raise KeyError(f"No example with id {transcript.example_id!r} in the batch")
+
+
+def evaluate_benchmark(env: AgentEnvironment, name: str, params, rng, out_dir: str | None) -> dict[str, float]:
+  """Runs one benchmark (this host's share), gathers predictions on process 0, writes and scores them."""
+  from varft.data import input_pipeline
+  from varft.eval import score
+  if name not in BENCHMARKS:
+    raise ValueError(f"config.eval.benchmarks: unknown benchmark {name!r}; known: {sorted(BENCHMARKS)}")
+  dataset, dir_key, split = BENCHMARKS[name]
+  source = _load(dataset, split, env.paths[dir_key], env.config.data.tfds_dir)
+  limit = env.config.eval.num_prompts
+  items = []
+  batches = input_pipeline.batches(source, batch_size=env.config.eval.batch_size, shuffle=False, num_epochs=1,
+                                   drop_remainder=False, transform=resizer(env.config.data.resize))
+  seen = 0
+  for i, examples in enumerate(batches):
+    if limit and seen >= limit:
+      break
+    examples = examples[:limit - seen] if limit else examples
+    seen += len(examples)
+    result = env.eval_engine.run(params, examples, jax.random.fold_in(rng, i), num_samples=1)
+    answered = {t.example_id: t for t in result.transcripts}
+    for j, ex in enumerate(examples):
+      t = answered.get(str(ex.get("id", j)))
+      items.append({"id": ex.get("id"), "question": ex["question"], "pred_answer": t.answer if t else None,
+                    "gt": list(ex.get("answers") or []), "trajectory": t.render() if t else "",
+                    "stop_reason": t.stop_reason if t else "skipped"})
+  from varft.sharding import gather_json
+  items = [item for host_items in gather_json(items) for item in host_items]
+  result = score_items(items, name)
+  if out_dir:
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
+      json.dump(items, f, indent=1, ensure_ascii=False)
+    with open(os.path.join(out_dir, f"{name}_scores.json"), "w") as f:
+      json.dump(result, f, indent=2)
+    table = score.format_table(result)
+    with open(os.path.join(out_dir, f"{name}_scores.txt"), "w") as f:
+      f.write(table + "\n")
+    logging.info("Eval %s:\n%s", name, table)
+  out = {f"eval/{name}/f1": result["all"]["f1"], f"eval/{name}/em": result["all"]["em"],
+         f"eval/{name}/answered": 1.0 - result["num_missing"] / max(len(items), 1)}
+  return out
+
+
+def score_items(items: Sequence[Mapping[str, Any]], name: str) -> dict[str, Any]:
+  """The paper's scores; a subset of a MAT benchmark (e.g. the demo, eval.num_prompts) is scored as one split."""
+  from varft.eval import metrics, score
+  spec = score.BENCHMARKS.get(name)
+  if spec is not None and (spec.num_items is None or spec.num_items == len(items)):
+    return score.score_predictions(list(items), name)
+  cjk = bool(spec and spec.cjk)
+  f1s, ems = [], []
+  for item in items:
+    golds = [item["gt"]] if isinstance(item["gt"], str) else list(item["gt"])
+    f1, em = metrics.score_item(item["pred_answer"], golds, cjk=cjk)
+    f1s.append(f1)
+    ems.append(em)
+  mean = lambda v: 100.0 * sum(v) / len(v) if v else 0.0
+  return {"benchmark": name, "name": f"{spec.name if spec else name} ({len(items)} items)",
+          "num_missing": sum(i["pred_answer"] is None for i in items),
+          "all": {"f1": mean(f1s), "em": mean(ems), "count": len(items)}}
