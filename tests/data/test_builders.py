@@ -133,3 +133,11 @@ def test_prepare_reraises_real_errors(mat_dir, tmp_path, monkeypatch):
   monkeypatch.setattr(builders, 'builder', failing_builder)
   with pytest.raises(OSError, match='disk full'):
     builders.prepare('mat_benchmark/coding', manual_dir=mat_dir, data_dir=str(tmp_path / 'd'))
+
+
+def test_cli_prepares_and_reports(flashrag_dir, tmp_path, capsys):
+  builders.main(['multihop_qa/hotpotqa', '--manual_dir', flashrag_dir, '--data_dir', str(tmp_path)])
+  out = capsys.readouterr().out
+  assert "multihop_qa/hotpotqa: {'dev': 2, 'test': 1}" in out and "'bad json line': 1" in out
+  with pytest.raises(SystemExit, match='error: multihop_qa/musique: the manual dir'):
+    builders.main(['multihop_qa/musique', '--manual_dir', flashrag_dir, '--data_dir', str(tmp_path)])

@@ -68,12 +68,14 @@ class _Layout:
   files: Sequence[str]
   dirs: Sequence[str]
   source: str
+  need: str = 'these exist'
 
 
 def missing_files_message(builder_name: str, manual_dir: str, layout: _Layout) -> str:
   """The exact files and folders a config needs, as a user-facing message."""
+  manual_dir = os.fspath(manual_dir)
   lines = [f'{builder_name}: the manual dir {manual_dir!r} is missing required data.',
-           f'Download {layout.source} and arrange it so that these exist:']
+           f'Download {layout.source} and arrange it so that {layout.need}:']
   for f in layout.files:
     mark = 'ok  ' if os.path.isfile(os.path.join(manual_dir, f)) else 'MISSING'
     lines.append(f'  [{mark}] {os.path.join(manual_dir, f)}  (file)')
@@ -243,7 +245,8 @@ class MultihopQa(_Builder):
                if manual_dir and os.path.isfile(os.path.join(manual_dir, name, f'{s}.jsonl'))]
     if not present:
       layout = _Layout(files=[f'{name}/{s}.jsonl' for s in MULTIHOP_SPLITS], dirs=[],
-                       source=f'FlashRAG datasets ({_FLASHRAG_URL}); any one split is enough')
+                       source=f'the FlashRAG datasets ({_FLASHRAG_URL})',
+                       need='at least one of these exists')
       raise FileNotFoundError(missing_files_message(f'{self.name}/{name}', manual_dir or
                                                     '<manual_dir>', layout))
     return {s: self._generate_examples(os.path.join(manual_dir, name, f'{s}.jsonl'), s)
@@ -357,7 +360,10 @@ def main(argv=None) -> None:
   parser.add_argument('--data_dir', default=None)
   args = parser.parse_args(argv)
   for name in args.names:
-    b = prepare(name, manual_dir=args.manual_dir, data_dir=args.data_dir)
+    try:
+      b = prepare(name, manual_dir=args.manual_dir, data_dir=args.data_dir)
+    except (FileNotFoundError, ValueError) as e:
+      raise SystemExit(f'error: {e}') from e
     sizes = {s: info.num_examples for s, info in b.info.splits.items()}
     print(f'{name}: {sizes} at {b.data_dir}; skipped: {skip_report(b)}')
 
