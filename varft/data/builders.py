@@ -17,7 +17,7 @@ the root of the FlashRAG datasets download (2wikimultihopqa, hotpotqa, musique, 
 DIR/FlashRAG_datasets (config `multihop_qa/demo`).
 
 Skipped records (malformed JSON, missing or corrupt images) are counted per reason, logged, and
-stored in the prepared dataset's metadata (`skip_report(name, ...)` reads them back).
+stored in the prepared dataset's metadata (`skip_report(prepare(name, ...))` reads them back).
 """
 from __future__ import annotations
 
