@@ -152,7 +152,7 @@ def transcript_sample(transcript: rollout_lib.Transcript, example: Mapping[str, 
 class AgentEnvironment:
   """Training rollouts on `config.data.train` and evaluation on `config.eval.benchmarks`."""
 
-  def __init__(self, config: ml_collections.ConfigDict, model_cfg, mesh, workdir: str):
+  def __init__(self, config: ml_collections.ConfigDict, model_cfg, mesh, workdir: str, training: bool = True):
     from varft.data import input_pipeline
     from varft.processing import chat
     from varft.tools.executor import ToolExecutor
@@ -172,10 +172,12 @@ class AgentEnvironment:
                       "max_turns": config.eval.max_turns}
     self.eval_engine = rollout_lib.RolloutEngine(model_cfg, tokenizer, self.executor,
                                                  rollout_config(config.rollout, **eval_overrides), mesh=mesh)
-    d = config.data
-    self.train_source = _load(d.train, d.train_split or None, self.paths[_manual_dir_key(d.train)], d.tfds_dir)
-    self.batches = input_pipeline.batches(self.train_source, batch_size=self.prompts_per_host, seed=config.seed,
-                                          transform=resizer(d.resize))
+    self.batches = None  # evaluation only: no training data needed
+    if training:
+      d = config.data
+      source = _load(d.train, d.train_split or None, self.paths[_manual_dir_key(d.train)], d.tfds_dir)
+      self.batches = input_pipeline.batches(source, batch_size=self.prompts_per_host, seed=config.seed,
+                                            transform=resizer(d.resize))
 
   def collect(self, params, rng) -> Experience:
     """One step's rollouts on this host's next prompts, scored."""
@@ -226,10 +228,10 @@ class AgentEnvironment:
     return metrics
 
   def data_state(self) -> dict[str, Any]:
-    return self.batches.get_state()
+    return self.batches.get_state() if self.batches is not None else {}
 
   def restore_data_state(self, state: dict[str, Any]) -> None:
-    if state:
+    if state and self.batches is not None:
       self.batches.set_state(state)
 
 

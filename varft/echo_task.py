@@ -2,8 +2,9 @@
 
 The prompt shows one token; the policy answers with one token and earns reward 1 when it repeats the shown token.
 A random policy over a vocabulary of V tokens scores about 1/V; a correct GRPO loop drives the mean reward to ~1.
-Its rollout is one jitted forward pass and one categorical draw per sample (single-token answers need no KV-cache
-sampler), and its batches follow the rollout batch layout of interfaces.md exactly.
+Rollouts go through the real sampler (`varft.sampling`: prefill into the KV cache, one sampled token), so the
+sampler's log-probs are the old log-probs of the update exactly as in the agentic task, and the batches follow the
+rollout batch layout of interfaces.md. Single host (the sampler is fed this host's rows as the whole batch).
 """
 from __future__ import annotations
 
@@ -11,10 +12,9 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from varft import sharding
+from varft import sampling
 from varft.environment import Experience
 from varft.models.qwen25vl import text as text_model
 from varft.models.qwen25vl.config import Qwen25VLConfig, TextConfig, VisionConfig
@@ -46,16 +46,13 @@ class EchoEnvironment:
     self.seed = seed
     self.eval_prompts = eval_prompts
     self._next_prompt = 0
-    self._sample = jax.jit(self._sample_fn)
-
-  def _sample_fn(self, params, tokens, positions, rng, greedy):
-    cfg = self.model_cfg.text
-    embeds = text_model.embed_tokens(params["text"], tokens)
-    hidden, _ = text_model.forward(params["text"], cfg, embeds, positions)
-    logits = text_model.logits(params["text"], cfg, hidden[:, -1]) / self.temperature
-    answer = jnp.where(greedy, jnp.argmax(logits, -1), jax.random.categorical(rng, logits)).astype(jnp.int32)
-    logp = jnp.take_along_axis(jax.nn.log_softmax(logits), answer[:, None], axis=-1)[:, 0]
-    return answer, logp
+    # One stop pattern that no token can fill (no token carries its bit): answers end by length only.
+    no_stops = sampling.StopTable(np.zeros((model_cfg.text.vocab_size,), np.int32), np.ones((1, 1), np.int32),
+                                  ("<never>",))
+    self._samplers = {
+        greedy: sampling.Sampler(model_cfg, sampling.SamplingConfig(0.0 if greedy else temperature, max_new_tokens=1,
+                                                                    eos_ids=()), no_stops, mesh=mesh)
+        for greedy in (False, True)}
 
   def _shown_tokens(self, start: int, count: int, salt: int) -> np.ndarray:
     host_rng = np.random.default_rng([self.seed, salt, jax.process_index(), start])
@@ -64,10 +61,11 @@ class EchoEnvironment:
   def _rollout(self, params, shown: np.ndarray, rng, greedy: bool) -> tuple[dict[str, np.ndarray], np.ndarray]:
     n = len(shown)
     prompt = np.stack([np.full(n, SHOW_TOKEN), shown, np.full(n, ANSWER_TOKEN)], axis=1).astype(np.int32)
-    positions = np.broadcast_to(np.arange(3, dtype=np.int32), (3, n, 3)).copy()
-    device = sharding.shard_batch({"tokens": prompt, "positions": positions}, self.mesh)
-    answer, logp = self._sample(params, device["tokens"], device["positions"], rng, greedy)
-    answer, logp = sharding.local_rows(answer), sharding.local_rows(logp)
+    sampler = self._samplers[greedy]
+    cache = sampler.new_cache(n, 4)
+    logits, cache = sampler.extend(params, cache, sampling.text_chunk(prompt, [0] * n, 3))
+    out, _ = sampler.generate(params, cache, logits, [3] * n, rng, [1] * n)
+    answer, logp = np.asarray(out.tokens[:, 0]), np.asarray(out.logps[:, 0])
     tokens = np.concatenate([prompt, answer[:, None]], axis=1)
     loss_mask = np.zeros(tokens.shape, np.float32)
     loss_mask[:, 3] = 1.0

@@ -135,14 +135,14 @@ def load_params(config, model_cfg, mesh) -> dict:
   return jax.jit(init, out_shardings=shardings)(rng)
 
 
-def make_environment(config, model_cfg, mesh, workdir: str):
+def make_environment(config, model_cfg, mesh, workdir: str, training: bool = True):
   if config.task == "echo":
     from varft import echo_task
     return echo_task.EchoEnvironment(model_cfg, mesh, config.rollout.prompts_per_host, config.rollout.num_samples,
                                      temperature=config.rollout.temperature, seed=config.seed,
                                      eval_prompts=config.eval.num_prompts)
   from varft import agent_task
-  return agent_task.AgentEnvironment(config, model_cfg, mesh, workdir)
+  return agent_task.AgentEnvironment(config, model_cfg, mesh, workdir, training=training)
 
 
 def merge_host_images(batch: dict[str, Any], vision_cfg) -> dict[str, Any]:
@@ -184,7 +184,7 @@ def merge_host_images(batch: dict[str, Any], vision_cfg) -> dict[str, Any]:
 class Trainer:
   """Holds the mesh, jitted functions, state and environment of one run (`run()` trains to the end)."""
 
-  def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str, training: bool = True):
     validate(config)
     self.config, self.workdir = config, workdir
     self.mesh = sharding.make_mesh(dict(config.mesh))
@@ -198,7 +198,7 @@ class Trainer:
                          out_shardings=self.state_shardings)(params)
     # The frozen reference is the initial policy (separate buffers: the train state is donated every step).
     self.ref_params = params if self.gcfg.beta > 0 else None
-    self.env = make_environment(config, self.model_cfg, self.mesh, workdir)
+    self.env = make_environment(config, self.model_cfg, self.mesh, workdir, training)
     num_groups = config.rollout.prompts_per_host * jax.process_count()
     replicated = sharding.replicated(self.mesh)
     self._advantages = jax.jit(functools.partial(grpo.group_advantages, num_groups=num_groups,
@@ -215,12 +215,14 @@ class Trainer:
     self.rng = jax.random.key(config.seed)
     self.last_samples: list[dict[str, Any]] = []
 
-  def maybe_restore(self) -> bool:
-    """Resumes from the latest complete checkpoint in the workdir, if any."""
+  def maybe_restore(self, step: int | None = None) -> bool:
+    """Resumes from the latest (or the given) complete checkpoint in the workdir, if any."""
     if self.checkpointer.latest_step() is None:
+      if step is not None:
+        raise FileNotFoundError(f"No checkpoint in {self.checkpointer.directory} to restore step {step} from")
       return False
     abstract = ckpt_lib.abstract_like(self.state, self.state_shardings)
-    self.step, self.state, data_state, _ = self.checkpointer.restore(abstract)
+    self.step, self.state, data_state, _ = self.checkpointer.restore(abstract, step)
     hosts = data_state.get("hosts") or [{}]
     self.env.restore_data_state(hosts[min(jax.process_index(), len(hosts) - 1)])
     logging.info("Resumed at step %d", self.step)
