@@ -1,14 +1,14 @@
 """Prefill forward of a mid-size Qwen2.5-VL: varft (jax.jit) vs transformers (torch, CPU), same weights and inputs.
 
 Config: text hidden 512, 8 layers (8 heads, 2 KV heads), vision hidden 256, 4 blocks (block 3 full attention, the
-others 112-px windows), the real 151,936-token vocabulary. Batch 4; each row: 127 text tokens, <|vision_start|>, one 448x448 image
-(32x32 patches -> 256 image tokens), <|vision_end|>, 126 text tokens (511 tokens).
+others 112-px windows), the real 151,936-token vocabulary. Batch 4; each row: 127 text tokens, <|vision_start|>,
+one 448x448 image (32x32 patches -> 256 image tokens), <|vision_end|>, 126 text tokens (511 tokens).
 
     PYTHONPATH=. python benchmarks/model_forward.py [--repeats 5] [--batch 4] [--vocab 151936]
 
-Prints the median wall time of each side over `--repeats` alternating forwards (after one warm-up), their ratio, our compile
-time, and the max logit difference (fp32). Our time includes the host work of `apply` (M-RoPE positions, window
-index arrays); transformers computes the same inside its forward.
+Prints the median wall time of each side over `--repeats` alternating forwards (after one warm-up), their ratio, our
+compile time, the max logit difference (fp32), and the same timing for the vision tower alone. Our time includes the
+host work of `apply` (M-RoPE positions, window index arrays); transformers computes the same inside its forward.
 """
 import argparse
 import json
@@ -21,7 +21,7 @@ import torch
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 from varft.models.qwen25vl import config as config_lib
-from varft.models.qwen25vl import hf, model
+from varft.models.qwen25vl import hf, model, vision
 
 
 def hf_config(vocab: int) -> Qwen2_5_VLConfig:
@@ -86,7 +86,18 @@ def main():
     with torch.inference_mode():
       return torch_model(**torch_inputs).logits
 
+  vision_inputs = vision.vision_inputs(grids, config.vision)
+  encode = jax.jit(model.encode_images, static_argnums=1)
+
+  def ours_vision():
+    return encode(params, config, pixel_values, vision_inputs).block_until_ready()
+
+  def theirs_vision():
+    with torch.inference_mode():
+      return torch_model.model.visual(torch_inputs["pixel_values"], grid_thw=torch_inputs["image_grid_thw"])
+
   (ours_first, theirs_first), (ours_times, theirs_times) = timed_alternating([ours, theirs], args.repeats)
+  _, (ours_vision_times, theirs_vision_times) = timed_alternating([ours_vision, theirs_vision], args.repeats)
   diff = float(np.abs(np.asarray(ours()) - theirs().numpy()).max())
   ours_median, theirs_median = statistics.median(ours_times), statistics.median(theirs_times)
   result = {
@@ -94,6 +105,9 @@ def main():
       "tokens_per_row": int(input_ids.shape[1]), "patches": int(pixel_values.shape[0]), "vocab": args.vocab,
       "ours_median_s": round(ours_median, 3), "transformers_median_s": round(theirs_median, 3),
       "speedup": round(theirs_median / ours_median, 2),
+      "vision_tower_ours_median_s": round(statistics.median(ours_vision_times), 3),
+      "vision_tower_transformers_median_s": round(statistics.median(theirs_vision_times), 3),
+      "vision_tower_speedup": round(statistics.median(theirs_vision_times) / statistics.median(ours_vision_times), 2),
       "ours_compile_s": round(ours_first - ours_median, 2), "transformers_first_call_s": round(theirs_first, 3),
       "ours_times_s": [round(t, 3) for t in ours_times], "transformers_times_s": [round(t, 3) for t in theirs_times],
       "max_abs_logit_diff": diff,
