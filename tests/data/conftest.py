@@ -29,7 +29,7 @@ def mat_dir(tmp_path):
   root = tmp_path / 'MAT'
   coding_images = root / 'MAT-Benchmark' / 'MAT-Coding-image'
   coding_images.mkdir(parents=True)
-  for name in ('none_2_proc.png', 'crop_8_ori.png', 'rotation180_1_proc.png'):
+  for name in ('none_2_proc.png', 'crop_8_ori.png', 'rotation180_1_proc.png', 'dark_1_proc.png'):
     shutil.copy(os.path.join(FIXTURES, name), coding_images / name)
   with open(os.path.join(FIXTURES, 'mat_coding_cases.json'), encoding='utf-8') as f:
     coding = json.load(f)

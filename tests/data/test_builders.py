@@ -11,11 +11,13 @@ from varft.data import builders
 def test_mat_coding_benchmark_reads_real_cases_and_skips_bad_ones(mat_dir, tmp_path):
   src = builders.load('mat_benchmark/coding', manual_dir=mat_dir, data_dir=str(tmp_path / 'tfds'))
   examples = [src[i] for i in range(len(src))]
-  assert [e['id'] for e in examples] == ['12', '63', '119']  # published order kept
+  assert [e['id'] for e in examples] == ['12', '22', '63', '119']  # published order kept
   by_id = {e['id']: e for e in examples}
   assert by_id['12'] == {**by_id['12'], 'task': 'coding', 'split': 'simple',
                          'answers': ['1 Can (473ml)'], 'degradations': ['rotation180']}
   assert by_id['119']['degradations'] == ['crop'] and by_id['119']['split'] == 'hard'
+  assert by_id['22']['question'] == '从图中提取: 发票号码, 发票代码'  # CJK text round-trips
+  assert by_id['22']['answers'] == ["{'发票号码': '16734841', '发票代码': '112001970102'}"]
   # crop items show the original image, the others the processed one.
   with open(os.path.join(mat_dir, 'MAT-Benchmark', 'MAT-Coding-image', 'crop_8_ori.png'), 'rb') as f:
     assert by_id['119']['images'] == [f.read()]
@@ -117,7 +119,7 @@ def test_concurrent_prepare_accepts_the_winners_dataset(mat_dir, tmp_path, monke
 
   monkeypatch.setattr(builders, 'builder', racing_builder)
   b = builders.prepare('mat_benchmark/coding', manual_dir=mat_dir, data_dir=data_dir)
-  assert b.is_prepared() and b.info.splits['test'].num_examples == 3
+  assert b.is_prepared() and b.info.splits['test'].num_examples == 4
 
 
 def test_prepare_reraises_real_errors(mat_dir, tmp_path, monkeypatch):
