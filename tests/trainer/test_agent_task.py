@@ -1,0 +1,57 @@
+"""Host-side pieces of the agentic task: row padding, reward references, scoring subsets, image resizing."""
+import io
+
+import numpy as np
+from PIL import Image
+
+from varft import agent_task
+
+
+def _batch(rows, length=6):
+  return {"tokens": np.ones((rows, length), np.int32), "attention_mask": np.ones((rows, length), np.int32),
+          "positions": np.ones((3, rows, length), np.int32), "loss_mask": np.ones((rows, length), np.float32),
+          "sampler_logps": -np.ones((rows, length), np.float32), "image_index": np.zeros((rows, length), np.int32),
+          "group_ids": np.repeat(np.arange(rows // 2, dtype=np.int32), 2)}
+
+
+def test_pad_rows_adds_empty_rows_in_their_own_groups():
+  padded = agent_task.pad_rows(_batch(4), rows=8, num_samples=2)
+  assert padded["tokens"].shape == (8, 6) and padded["positions"].shape == (3, 8, 6)
+  np.testing.assert_array_equal(padded["group_ids"], [0, 0, 1, 1, 2, 2, 3, 3])
+  assert padded["loss_mask"][4:].sum() == 0 and padded["attention_mask"][4:].sum() == 0
+  assert np.all(padded["image_index"][4:] == -1)
+  assert agent_task.pad_rows(_batch(8), rows=8, num_samples=2)["tokens"].shape == (8, 6)
+
+
+def test_references_per_mode():
+  examples = [{"solution": "<answer> 7 </answer>", "step_type": "answer", "answers": ["7"], "task": "multihop"}]
+  refs, types = agent_task.references(examples, "stepwise")
+  assert refs == [{"solution": "<answer> 7 </answer>", "step_type": "answer"}] and types is None
+  refs, types = agent_task.references(examples, "multiturn")
+  assert refs == [{"answers": ["7"]}] and types == ["answer"]
+
+
+def test_score_items_full_benchmark_and_subset():
+  items = [{"pred_answer": "Paris", "gt": ["paris"]}, {"pred_answer": None, "gt": "Rome"}]
+  subset = agent_task.score_items(items, "mat_search")  # 2 of 150 items: one split, no simple/hard
+  assert subset["all"] == {"f1": 50.0, "em": 50.0, "count": 2} and subset["num_missing"] == 1
+  assert "simple" not in subset
+  full = agent_task.score_items(items * 75, "mat_search")
+  assert full["simple"]["count"] == 75 and full["all"]["em"] == 50.0
+  assert agent_task.score_items(items, "multihop_demo")["all"]["f1"] == 50.0
+
+
+def test_resizer_resizes_and_keeps_unreadable_images():
+  buffer = io.BytesIO()
+  Image.new("RGB", (40, 20), (255, 0, 0)).save(buffer, format="PNG")
+  out = agent_task.resizer(32)({"id": "a", "images": [buffer.getvalue(), b"not an image"]})
+  assert Image.open(io.BytesIO(out["images"][0])).size == (32, 32)
+  assert out["images"][1] == b"not an image" and out["id"] == "a"
+  assert agent_task.resizer(0) is None
+
+
+def test_rollout_stats_are_flattened_for_logging():
+  flat = agent_task._flat_stats({"tool_calls": 3, "generate_s": 1.5, "stop_reasons": {"answer": 3, "malformed": 1},
+                                 "note": "text"})
+  assert flat == {"rollout/tool_calls": 3.0, "time/generate_s": 1.5, "rollout/stop_answer": 0.75,
+                  "rollout/stop_malformed": 0.25}
