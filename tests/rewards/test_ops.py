@@ -202,6 +202,14 @@ def test_very_long_completion_matches_reference():
   assert c["answer_f1"][0] == pytest.approx(metrics.f1_score(reference.extract_tag(text, "answer"), "play well"))
 
 
+def test_reward_spec_forms():
+  expected = (("accuracy", 1.0), ("format", 0.5))
+  assert rewards.reward_weights([("accuracy", 1), ("format", 0.5)]) == expected
+  assert rewards.reward_weights(ml_collections.ConfigDict({"r": {"accuracy": 1.0, "format": 0.5}}).r) == expected
+  with pytest.raises(ValueError, match="must be \\(name, weight\\) pairs"):
+    rewards.reward_weights(["accuracy"])
+
+
 def test_config_errors_are_clear():
   config = lambda names: ml_collections.ConfigDict({"rewards": [(n, 1.0) for n in names]})
   with pytest.raises(ValueError, match="unknown or no rewards"):

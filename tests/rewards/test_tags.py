@@ -61,3 +61,10 @@ def test_dfa_equals_paper_regex(text):
 @given(st.text(alphabet=st.sampled_from("<>/{}',` \n\u3000thinkswerpoblmcdy猫"), max_size=60))
 def test_dfa_equals_paper_regex_on_tag_alphabet(text):
   assert _dfa_accepts(text) == _regex_accepts(text)
+
+
+def test_whitespace_events_agree_with_regex_whitespace_on_every_code_point():
+  chars = "".join(chr(i) for i in range(0x110000) if not 0xD800 <= i < 0xE000)
+  regex_ws = set(re.findall(r"\s", chars))
+  assert {ch for ch in regex_ws if tags.text_to_events(ch) != [tags.WS]} == set()
+  assert len(regex_ws) == sum(1 for ch in chars if not ch.strip())

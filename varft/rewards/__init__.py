@@ -15,7 +15,6 @@ import functools
 from typing import Any, Mapping, Optional, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from varft.rewards import ops
@@ -29,7 +28,7 @@ __all__ = ["REGISTRY", "Embedder", "MiniLMEmbedder", "RewardOptions", "compute_r
 
 def reward_weights(spec) -> tuple[tuple[str, float], ...]:
   """Normalises a reward spec (list of (name, weight) pairs, or a name -> weight mapping)."""
-  pairs = spec.items() if isinstance(spec, Mapping) else spec
+  pairs = spec.items() if hasattr(spec, "items") else spec  # a dict or a nested ConfigDict
   try:
     weights = tuple((str(name), float(weight)) for name, weight in pairs)
   except (TypeError, ValueError) as e:
