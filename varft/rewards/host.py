@@ -72,7 +72,7 @@ def parse_reference(ref: Mapping[str, Any], *, task: str, index: int = 0,
   ('answer' | 'search' | 'code' | 'problem'), `answers` (or `answer`/`gt`: str or list), `query`,
   `problems` (list of degradation names). An optional `task` overrides the default task.
   """
-  if not isinstance(ref, Mapping):
+  if not (type(ref) is dict or isinstance(ref, Mapping)):  # dict first: the ABC check is slow
     raise ValueError(f"reference {index} must be a dict, got {type(ref).__name__}")
   task = ref.get("task", task)
   if task not in ops.TASKS:
