@@ -3,7 +3,9 @@
 They state the rules with the paper's own regular expressions and are the reference that the
 jitted batch ops are tested against (and the peer in benchmarks/rewards_throughput.py).
 `task` is 'search' (Visual-ARFT search agent) or 'coding' (coding agent); their format and
-wrong-action rules differ slightly, as in the paper.
+wrong-action rules differ slightly, as in the paper. Not reproduced: the search agent's reward
+first tries `math_verify` symbolic equality of the whole completion and solution; we score
+answers by token F1 only (MAT answers are short entities, not formulas).
 """
 import re
 from typing import Callable, Optional, Sequence
