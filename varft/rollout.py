@@ -230,7 +230,7 @@ class RolloutEngine:
   def _vision_batch(self, entries: Sequence[_Image]) -> tuple[np.ndarray, dict[str, np.ndarray], int]:
     """Patches of `entries` padded to a patch bucket, and their vision_inputs."""
     total = sum(len(e.patches) for e in entries)
-    padded = sampling.bucket(max(total, 1), self.config.patch_buckets)
+    padded = sampling.bucket(max(total, 1), self.config.patch_buckets, beyond="multiple")
     pixel_values = np.zeros((padded, self.model_config.vision.patch_dim), np.float32)
     if entries:
       pixel_values[:total] = np.concatenate([e.patches for e in entries])
@@ -264,9 +264,8 @@ class RolloutEngine:
     for k in keys:
       offsets[k] = start
       start += table[k].num_tokens
-    buckets = [b // self.merge ** 2 for b in self.config.patch_buckets]
     # A batch may hold more distinct images than one encoder call: beyond the buckets, round up to the largest.
-    rows = sampling.bucket(start, buckets) if start <= max(buckets) else -(-start // max(buckets)) * max(buckets)
+    rows = sampling.bucket(start, [b // self.merge ** 2 for b in self.config.patch_buckets], beyond="multiple")
     embeds = jnp.concatenate([table[k].embeds for k in keys], axis=0)
     return jnp.pad(embeds, ((0, rows - start), (0, 0))), offsets
 
@@ -276,14 +275,15 @@ class RolloutEngine:
     name = self.config.system_prompt
     return prompts.system_prompt(example.get("task", "search") if name == "auto" else name)
 
-  def _prompt(self, example, table) -> tuple[list[int], list[str]]:
+  def _prompt(self, example, table) -> tuple[list[int], list[str], str]:
     keys = [self._add_image(table, img) for img in example.get("images", ())]
     context = example.get("context", "") if self.config.mode == "stepwise" else ""
     text = prompts.user_text(self._system_prompt(example), example["question"], context)
     content = [{"type": "image"} for _ in keys] + [{"type": "text", "text": text}]
-    ids = chat.encode_messages(self.tokenizer, [{"role": "user", "content": content}],
-                               [table[k].grid for k in keys] or None, self.merge)
-    return ids, keys
+    rendered = chat.render_messages([{"role": "user", "content": content}])
+    ids = chat.expand_image_pads(self.tokenizer.encode(rendered), [table[k].grid for k in keys] or None, self.merge,
+                                 self.tokenizer.image_pad_id)
+    return ids, keys, rendered
 
   def _observation(self, row: _Row, action: actions_lib.Action, obs, table, turn: int):
     """Tokens of the user turn answering `action` (text truncated to the limit) and its transcript entry."""
@@ -361,8 +361,8 @@ class RolloutEngine:
     """Rolls out `num_samples` trajectories per example; returns the training batch, transcripts and stats.
 
     Examples that cannot be prompted (unreadable image, prompt over the length limit) are skipped, counted in
-    `stats['skipped']` and logged. `script(row, turn)`, optional, forces that row's tokens for that turn (the rest
-    of the turn is sampled): a scripted policy through the real sampler.
+    `stats['skipped']` and logged. `script(row, turn)`, optional, forces that row's tokens for that turn (entries
+    < 0 and the rest of the turn are sampled): a scripted policy through the real sampler.
     """
     cfg = self.config
     timings = collections.Counter()
@@ -372,7 +372,7 @@ class RolloutEngine:
     skipped = []
     for group, example in enumerate(examples):
       try:
-        ids, keys = self._prompt(example, table)
+        ids, keys, rendered = self._prompt(example, table)
         if len(ids) >= cfg.max_total_tokens:
           raise ValueError(f"prompt of {len(ids)} tokens leaves no room under max_total_tokens "
                            f"{cfg.max_total_tokens}")
@@ -390,7 +390,7 @@ class RolloutEngine:
           key_per_token[t], local_per_token[t] = k, i
       for s in range(num_samples):
         transcript = Transcript(str(example.get("id", group)), len(rows) // num_samples, s,
-                                messages=[{"role": "user", "text": self.tokenizer.decode(ids), "images": image_refs}])
+                                messages=[{"role": "user", "text": rendered, "images": image_refs}])
         rows.append(_Row(len(rows) // num_samples, [], [], [], [], 0, list(keys), transcript))
         rows[-1].append(ids, pos[:, 0], int(pos.max()) + 1, image_key=key_per_token, image_local=local_per_token)
     if not rows:

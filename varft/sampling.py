@@ -156,10 +156,18 @@ def _extend(params, cache, chunk: Chunk, image_embeds, *, model_config: Qwen25VL
   return text.logits(params["text"], cfg, last_hidden), cache
 
 
-def _sample(logits, rng, sampling: SamplingConfig):
-  """Draws one token per row; returns it and its log-prob under the temperature-scaled distribution."""
+def _first_argmax(x):
+  """argmax over the last axis (first maximum), as two plain reductions: much faster on CPU than a variadic one."""
+  top = jnp.max(x, axis=-1, keepdims=True)
+  index = jnp.arange(x.shape[-1], dtype=jnp.int32)
+  return jnp.min(jnp.where(x == top, index, x.shape[-1]), axis=-1)
+
+
+def _sample(logits, rng, sampling: SamplingConfig, forced):
+  """One token per row (the forced one where `forced >= 0`) and its log-prob under the temperature-scaled
+  distribution."""
   if sampling.greedy:
-    token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    token = _first_argmax(logits)
     logp_all = jax.nn.log_softmax(logits, axis=-1)
   else:
     scaled = logits / sampling.temperature
@@ -175,13 +183,9 @@ def _sample(logits, rng, sampling: SamplingConfig):
       token = jnp.take_along_axis(indices, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
     else:
       token = jax.random.categorical(rng, scaled, axis=-1).astype(jnp.int32)
+  token = jnp.where(forced >= 0, forced, token)
   logp = jnp.take_along_axis(logp_all, token[:, None], axis=-1)[:, 0]
   return token, logp
-
-
-def _token_logp(logits, token, sampling: SamplingConfig):
-  scaled = logits if sampling.greedy else logits / sampling.temperature
-  return jnp.take_along_axis(jax.nn.log_softmax(scaled, axis=-1), token[:, None], axis=-1)[:, 0]
 
 
 def _generate(params, cache, logits, next_positions, rng, budget, forced, token_bits, pattern_bits, *,
@@ -200,10 +204,7 @@ def _generate(params, cache, logits, next_positions, rng, budget, forced, token_
   def body(state):
     step, cache, logits, positions, rng, done, tokens, logps, count, reason, stop_index, recent = state
     rng, key = jax.random.split(rng)
-    token, logp = _sample(logits, key, sampling)
-    forced_token = forced[:, step]
-    token = jnp.where(forced_token >= 0, forced_token, token)
-    logp = jnp.where(forced_token >= 0, _token_logp(logits, forced_token, sampling), logp)
+    token, logp = _sample(logits, key, sampling, forced[:, step])
     live = ~done
     token = jnp.where(live, token, 0)
     tokens = tokens.at[:, step].set(token)
@@ -274,7 +275,8 @@ class Sampler:
   def extend(self, params, cache, chunk: Chunk, image_embeds: jax.Array | None = None):
     """Appends `chunk` to each row of `cache` (donated); returns (next-token logits (B, V), new cache).
 
-    Each row needs `cache length + T <= cache size` (the padded chunk is written whole).
+    The padded chunk is written whole at each row's length, so every row needs `length + T <= cache size`
+    (rows without tokens included: they get scratch writes past their length).
     """
     chunk = Chunk(self._shard(np.asarray(chunk.tokens, np.int32)),
                   self._shard(np.asarray(chunk.positions, np.int32), 1),
@@ -289,7 +291,8 @@ class Sampler:
     `logits` are the next-token logits from the last extend/generate, `next_positions` (B,) the text position of
     the first new token. `forced` (B, max_new_tokens), optional: where >= 0, that token is taken instead of a
     sampled one (teacher forcing through the same program; its log-prob and the stop rules apply as usual).
-    Returns the output and the cache (donated) holding every sampled token.
+    Returns the output and the cache (donated) holding every sampled token. Rows with budget 0 get a scratch write
+    at slot `length`, so they need `length < cache size` if their cache is used again.
     """
     batch, steps = len(next_positions), self.sampling.max_new_tokens
     budget = np.minimum(np.asarray(budget, np.int32), steps)
@@ -306,11 +309,13 @@ class Sampler:
     return _extend_jit._cache_size() + _generate_jit._cache_size()
 
 
-def bucket(n: int, buckets: Sequence[int]) -> int:
-  """The smallest bucket >= n."""
+def bucket(n: int, buckets: Sequence[int], beyond: str = "error") -> int:
+  """The smallest bucket >= n. Past the largest bucket: an error, or (`beyond='multiple'`) the next multiple of it."""
   for b in sorted(buckets):
     if n <= b:
       return b
+  if beyond == "multiple":
+    return -(-n // max(buckets)) * max(buckets)
   raise ValueError(f"Length {n} exceeds the largest bucket {max(buckets)}; add a larger bucket to the config.")
 
 

@@ -151,20 +151,23 @@ def test_stop_on_tag_eos_and_budget(params, tokenizer, stop_table):
 def test_filters_restrict_the_support():
   logits = jnp.asarray(np.random.default_rng(0).normal(size=(256, 50)).astype(np.float32) * 3)
   keys = jax.random.split(jax.random.PRNGKey(0), 4)
-  greedy, _ = sampling._sample(logits, keys[0], sampling.SamplingConfig(temperature=0))
+  no_force = jnp.full((256,), -1, jnp.int32)
+  greedy, _ = sampling._sample(logits, keys[0], sampling.SamplingConfig(temperature=0), no_force)
   np.testing.assert_array_equal(greedy, jnp.argmax(logits, -1))
-  top1, _ = sampling._sample(logits, keys[1], sampling.SamplingConfig(temperature=1.0, top_k=1))
+  tied = jnp.zeros((2, 7)).at[0, 3].set(1.0).at[0, 5].set(1.0)
+  np.testing.assert_array_equal(sampling._first_argmax(tied), [3, 0])
+  top1, _ = sampling._sample(logits, keys[1], sampling.SamplingConfig(temperature=1.0, top_k=1), no_force)
   np.testing.assert_array_equal(top1, greedy)
-  nucleus, _ = sampling._sample(logits, keys[2], sampling.SamplingConfig(temperature=1.0, top_p=1e-6))
+  nucleus, _ = sampling._sample(logits, keys[2], sampling.SamplingConfig(temperature=1.0, top_p=1e-6), no_force)
   np.testing.assert_array_equal(nucleus, greedy)
-  top3, logp = sampling._sample(logits, keys[3], sampling.SamplingConfig(temperature=0.7, top_k=3))
+  top3, logp = sampling._sample(logits, keys[3], sampling.SamplingConfig(temperature=0.7, top_k=3), no_force)
   ranks = jnp.sum(logits > jnp.take_along_axis(logits, top3[:, None], -1), axis=-1)
   assert int(ranks.max()) <= 2 and int(ranks.max()) > 0
   np.testing.assert_allclose(logp, jnp.take_along_axis(jax.nn.log_softmax(logits / 0.7), top3[:, None], -1)[:, 0],
                              atol=1e-5)
   # top_p=0.9 keeps the smallest prefix of the sorted distribution holding 90% of the mass.
   probs = jax.nn.softmax(logits, -1)
-  sampled, _ = sampling._sample(logits, keys[0], sampling.SamplingConfig(temperature=1.0, top_p=0.9))
+  sampled, _ = sampling._sample(logits, keys[0], sampling.SamplingConfig(temperature=1.0, top_p=0.9), no_force)
   mass_above = jnp.sum(jnp.where(probs > jnp.take_along_axis(probs, sampled[:, None], -1), probs, 0), -1)
   assert float(mass_above.max()) < 0.9
 
@@ -202,6 +205,7 @@ def test_bucket():
   assert sampling.bucket(16, (8, 16)) == 16
   with pytest.raises(ValueError, match="largest bucket 16"):
     sampling.bucket(17, (8, 16))
+  assert sampling.bucket(17, (8, 16), beyond="multiple") == 32
 
 
 def test_config_errors():
