@@ -1,8 +1,9 @@
 """Prefill forward of a mid-size Qwen2.5-VL: varft (jax.jit) vs transformers (torch, CPU), same weights and inputs.
 
 Config: text hidden 512, 8 layers (8 heads, 2 KV heads), vision hidden 256, 4 blocks (block 3 full attention, the
-others 112-px windows), the real 151,936-token vocabulary. Batch 4; each row: 127 text tokens, <|vision_start|>,
-one 448x448 image (32x32 patches -> 256 image tokens), <|vision_end|>, 126 text tokens (511 tokens).
+others 112-px windows), the real 151,936-token vocabulary (`--vocab` to change it). Batch 4; each row: 127 text
+tokens, <|vision_start|>, one 448x448 image (32x32 patches -> 256 image tokens), <|vision_end|>, 126 text tokens
+(511 tokens).
 
     PYTHONPATH=. python benchmarks/model_forward.py [--repeats 5] [--batch 4] [--vocab 151936]
 
@@ -30,16 +31,21 @@ def hf_config(vocab: int) -> Qwen2_5_VLConfig:
               rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [8, 12, 12]})
   vision = dict(depth=4, hidden_size=256, intermediate_size=768, num_heads=4, out_hidden_size=512,
                 fullatt_block_indexes=[3], window_size=112, tokens_per_second=2)
-  return Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True)
+  # A smaller vocabulary moves the special tokens to its end (the real ids would not fit).
+  special = {} if vocab > config_lib.IMAGE_TOKEN_ID else dict(image_token_id=vocab - 1, video_token_id=vocab - 2,
+                                                               vision_start_token_id=vocab - 3,
+                                                               vision_end_token_id=vocab - 4)
+  return Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True, **special)
 
 
-def inputs(batch: int, rng: np.random.Generator, image_token: int):
+def inputs(batch: int, rng: np.random.Generator, config: config_lib.Qwen25VLConfig):
   grid = np.array([1, 32, 32])
+  text_ids = min(150000, config.text.vocab_size - 4)
   rows = []
   for _ in range(batch):
-    rows.append(np.concatenate([rng.integers(0, 150000, 127), [config_lib.VISION_START_TOKEN_ID],
-                                np.full(256, image_token), [config_lib.VISION_END_TOKEN_ID],
-                                rng.integers(0, 150000, 126)]))
+    rows.append(np.concatenate([rng.integers(0, text_ids, 127), [config.vision_start_token_id],
+                                np.full(256, config.image_token_id), [config.vision_end_token_id],
+                                rng.integers(0, text_ids, 126)]))
   input_ids = np.stack(rows).astype(np.int64)
   pixel_values = rng.standard_normal((batch * 1024, 1176)).astype(np.float32)
   return input_ids, np.ones_like(input_ids), pixel_values, np.tile(grid, (batch, 1))
@@ -74,7 +80,7 @@ def main():
   torch_model = Qwen2_5_VLForConditionalGeneration(cfg).eval()
   config = config_lib.from_hf_config(cfg.to_dict())
   params = hf.params_from_state_dict(torch_model.state_dict(), config)
-  input_ids, mask, pixel_values, grids = inputs(args.batch, np.random.default_rng(0), config.image_token_id)
+  input_ids, mask, pixel_values, grids = inputs(args.batch, np.random.default_rng(0), config)
   torch_inputs = dict(input_ids=torch.from_numpy(input_ids), attention_mask=torch.from_numpy(mask),
                       pixel_values=torch.from_numpy(pixel_values), image_grid_thw=torch.from_numpy(grids),
                       mm_token_type_ids=torch.from_numpy((input_ids == config.image_token_id).astype(np.int64)))
