@@ -227,7 +227,7 @@ class RolloutEngine:
       table[key] = _Image(key, pil, patches, np.asarray(grid, np.int64), tokens)
     return key
 
-  def _vision_batch(self, entries: Sequence[_Image]) -> tuple[np.ndarray, dict[str, np.ndarray], int]:
+  def _vision_batch(self, entries: Sequence[_Image]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Patches of `entries` padded to a patch bucket, and their vision_inputs."""
     total = sum(len(e.patches) for e in entries)
     padded = sampling.bucket(max(total, 1), self.config.patch_buckets, beyond="multiple")
@@ -235,7 +235,7 @@ class RolloutEngine:
     if entries:
       pixel_values[:total] = np.concatenate([e.patches for e in entries])
     grids = np.stack([e.grid for e in entries]) if entries else np.zeros((0, 3), np.int64)
-    return pixel_values, vision.vision_inputs(grids, self.model_config.vision, padded), total
+    return pixel_values, vision.vision_inputs(grids, self.model_config.vision, padded)
 
   def _encode_pending(self, params, table: dict[str, _Image]) -> None:
     """Vision embeddings of every image not yet encoded, in as few bucketed encoder calls as fit."""
@@ -245,10 +245,10 @@ class RolloutEngine:
     limit = max(self.config.patch_buckets)
     while pending:
       group, size = [], 0
-      while pending and size + len(pending[0].patches) <= limit:
+      while pending and (not group or size + len(pending[0].patches) <= limit):
         size += len(pending[0].patches)
         group.append(pending.pop(0))
-      pixel_values, vision_inputs, _ = self._vision_batch(group)
+      pixel_values, vision_inputs = self._vision_batch(group)
       merged = _encode_images_jit(params, self.model_config, pixel_values, vision_inputs)
       self.images_encoded += len(group)
       start = 0
@@ -556,7 +556,7 @@ class RolloutEngine:
       batch["sampler_logps"][b, :m] = r.logps
       batch["image_index"][b, :m] = [-1 if k is None else offsets[k] + i for k, i in zip(r.image_key, r.image_local)]
     if keys:
-      batch["pixel_values"], batch["vision_inputs"], _ = self._vision_batch([table[k] for k in keys])
+      batch["pixel_values"], batch["vision_inputs"] = self._vision_batch([table[k] for k in keys])
       batch["image_grid_thw"] = np.stack([table[k].grid for k in keys])
     else:
       batch["pixel_values"] = np.zeros((0, self.model_config.vision.patch_dim), np.float32)
