@@ -78,10 +78,10 @@ def abstract_like(tree: Any, shardings: Any = None) -> Any:
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
-def export_hf(params: Any, model_config: Any, out_dir: str) -> str:
-  """Writes `params` as a transformers-loadable Qwen2.5-VL checkpoint folder (safetensors + config.json)."""
+def export_hf(params: Any, model_config: Any, out_dir: str, tokenizer_dir: str | None = None) -> str:
+  """Writes `params` as a transformers-loadable Qwen2.5-VL folder (safetensors + config.json; the tokenizer files
+  of `tokenizer_dir` alongside). Call it on every host: `hf.save_pretrained` gathers and process 0 writes."""
   from varft.models.qwen25vl import hf
-  params = jax.device_get(params)
-  hf.save_pretrained(params, model_config, out_dir)
+  hf.save_pretrained(params, model_config, out_dir, tokenizer_dir=tokenizer_dir)
   logging.info("Exported HF checkpoint to %s", out_dir)
   return out_dir

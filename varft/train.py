@@ -230,7 +230,8 @@ class Trainer:
 
   def save(self, force: bool = False) -> None:
     data = {"hosts": sharding.gather_json(self.env.data_state())}
-    self.checkpointer.save(self.step, self.state, data, {"step": self.step}, force=force)
+    meta = {"step": self.step, "config": self.config.to_json_best_effort()}
+    self.checkpointer.save(self.step, self.state, data, meta, force=force)
 
   def train_step(self) -> dict[str, float]:
     """One rollout step and its `grpo.epochs` updates; returns the metrics (all hosts agree)."""
@@ -268,10 +269,11 @@ class Trainer:
 
     host = {f"reward/{k}": float(np.mean(v)) for k, v in experience.components.items()}
     host.update({k: float(v) for k, v in experience.stats.items()})
+    real = np.asarray(local["attention_mask"]).any(axis=1)  # rows of prompts the rollout could not run are empty
+    rewards = local["rewards"][real] if real.any() else np.zeros((1,), np.float32)
     local_tokens = float(np.sum(local["attention_mask"]))
-    host.update({"reward/mean": float(np.mean(local["rewards"])), "reward/std": float(np.std(local["rewards"])),
-                 "rollout/tokens": local_tokens,
-                 "rollout/sequence_length": local_tokens / max(len(local["rewards"]), 1)})
+    host.update({"reward/mean": float(np.mean(rewards)), "reward/std": float(np.std(rewards)),
+                 "rollout/tokens": local_tokens, "rollout/sequence_length": local_tokens / max(int(real.sum()), 1)})
     metrics = sharding.host_mean(host)
     metrics.update({k: float(v) for k, v in device_metrics.items()})
     metrics["train/learning_rate"] = float(self.lr_fn(self.step * config.grpo.epochs - 1))
@@ -311,7 +313,8 @@ class Trainer:
         bar.update(1)
       self.checkpointer.wait()
       if config.export_hf:
-        ckpt_lib.export_hf(self.state["params"], self.model_cfg, os.path.join(self.workdir, "hf"))
+        ckpt_lib.export_hf(self.state["params"], self.model_cfg, os.path.join(self.workdir, "hf"),
+                           tokenizer_dir=config.model.hf_dir or None)
     finally:
       bar.close()
       writer.close()

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from experiments import echo
-from varft import metrics_writer, train
+from varft import evaluate, metrics_writer, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -41,7 +41,9 @@ def _deterministic(rows):
 
 def test_kill_9_then_restart_resumes_exactly(tmp_path):
   steps = 150
-  env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
+  # The three runs compile the same programs: share them through JAX's persistent cache.
+  env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
   reference = tmp_path / "reference"
   subprocess.run(_command(reference, steps), cwd=REPO, env=env, check=True, capture_output=True, timeout=300)
 
@@ -73,6 +75,14 @@ def test_kill_9_then_restart_resumes_exactly(tmp_path):
   assert not half_written.exists()
   assert complete == [] or complete[-1] < steps
   assert expected[-1]["reward/mean"] > expected[0]["reward/mean"]
+  kept = sorted(int(d) for d in os.listdir(run / "checkpoints") if d.isdigit())
+  assert kept[-1] == steps and len(kept) <= 3  # keep_checkpoints
+
+  # Eval mode restores the latest checkpoint and evaluates it.
+  config = echo.get_config()
+  config.mode = "eval"
+  metrics = evaluate.run(config, str(reference))
+  assert metrics["eval/accuracy"] >= 0.8
 
 
 def test_bad_config_values_fail_at_start_naming_the_key(tmp_path):
