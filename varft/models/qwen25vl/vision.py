@@ -39,6 +39,7 @@ Params = dict[str, Any]
 
 _INTERNAL_PAD = -1  # segment id of the internal padding up to a whole number of blocks
 _NEVER = -2  # segment id of the empty key block that pads key-block lists
+FULL_ATTENTION_CHUNK = 4  # key blocks per online-softmax step in full attention
 
 
 def init_params(rng: jax.Array, cfg: VisionConfig, dtype=jnp.float32) -> Params:
@@ -193,14 +194,18 @@ def rotary_cos_sin(rotary_ids: jnp.ndarray, head_dim: int, theta: float) -> tupl
   return jnp.cos(emb), jnp.sin(emb)
 
 
-def _blocked_attention(q, k, v, segment, key_blocks, block):
+def _blocked_attention(q, k, v, segment, key_blocks, block, chunk):
   """Attention of each block of `block` queries over the key blocks `key_blocks` (nb, K) (index nb: none),
-  restricted to equal segment ids. Online softmax in float32, scanned over the K key blocks.
+  restricted to equal segment ids. Online softmax in float32, scanned over the key blocks `chunk` at a time.
 
   q, k, v: (nb * block, H, hd); segment: (nb * block,). Rows with no visible key get zeros.
   """
   length, heads, hd = q.shape
   nb = length // block
+  key_blocks = jnp.asarray(key_blocks)
+  steps = -(-key_blocks.shape[1] // chunk)
+  key_blocks = jnp.pad(key_blocks, [(0, 0), (0, steps * chunk - key_blocks.shape[1])], constant_values=nb)
+  key_blocks = key_blocks.reshape(nb, steps, chunk).transpose(1, 0, 2)  # (steps, nb, chunk)
 
   def with_empty_block(x, fill):
     x = x.reshape((nb, block) + x.shape[1:])
@@ -209,24 +214,28 @@ def _blocked_attention(q, k, v, segment, key_blocks, block):
   k_blocks, v_blocks, key_segment = with_empty_block(k, 0), with_empty_block(v, 0), with_empty_block(segment, _NEVER)
   q_blocks, query_segment = q.reshape(nb, block, heads, hd), segment.reshape(nb, block)
 
+  def gather(x, index):  # (nb + 1, block, ...) -> (nb, chunk * block, ...)
+    x = x[index]
+    return x.reshape((nb, chunk * block) + x.shape[3:])
+
   def step(carry, index):
     running_max, denom, acc = carry
-    scores = jnp.einsum("nqhd,nkhd->nhqk", q_blocks, k_blocks[index],
+    scores = jnp.einsum("nqhd,nkhd->nhqk", q_blocks, gather(k_blocks, index),
                         preferred_element_type=jnp.float32) * hd ** -0.5
-    visible = (query_segment[:, :, None] == key_segment[index][:, None, :])[:, None]
+    visible = (query_segment[:, :, None] == gather(key_segment, index)[:, None, :])[:, None]
     scores = jnp.where(visible, scores, -jnp.inf)
     new_max = jnp.maximum(running_max, scores.max(axis=-1))
     shift = jnp.where(jnp.isfinite(new_max), new_max, 0.0)
     probs = jnp.exp(scores - shift[..., None])
     rescale = jnp.exp(running_max - shift)
     denom = denom * rescale + probs.sum(axis=-1)
-    acc = acc * rescale[..., None] + jnp.einsum("nhqk,nkhd->nhqd", probs.astype(v.dtype), v_blocks[index],
+    acc = acc * rescale[..., None] + jnp.einsum("nhqk,nkhd->nhqd", probs.astype(v.dtype), gather(v_blocks, index),
                                                 preferred_element_type=jnp.float32)
     return (new_max, denom, acc), None
 
   init = (jnp.full((nb, heads, block), -jnp.inf, jnp.float32), jnp.zeros((nb, heads, block), jnp.float32),
           jnp.zeros((nb, heads, block, hd), jnp.float32))
-  (_, denom, acc), _ = jax.lax.scan(step, init, jnp.asarray(key_blocks).T)
+  (_, denom, acc), _ = jax.lax.scan(step, init, key_blocks)
   out = acc / jnp.where(denom > 0, denom, 1.0)[..., None]
   return out.transpose(0, 2, 1, 3).reshape(length, heads, hd).astype(q.dtype)
 
@@ -249,8 +258,9 @@ def _block(cfg: VisionConfig, dtype, block_len, x, layer_params, is_full, cos, s
   q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
   q, k = rope.apply_rotary(q, cos, sin), rope.apply_rotary(k, cos, sin)
   attn = jax.lax.cond(is_full,
-                      lambda q, k, v: _blocked_attention(q, k, v, segments[1], key_blocks[1], block_len),
-                      lambda q, k, v: _blocked_attention(q, k, v, segments[0], key_blocks[0], block_len),
+                      lambda q, k, v: _blocked_attention(q, k, v, segments[1], key_blocks[1], block_len,
+                                                         FULL_ATTENTION_CHUNK),
+                      lambda q, k, v: _blocked_attention(q, k, v, segments[0], key_blocks[0], block_len, 3),
                       q, k, v)
   x = x + _dense(attn.reshape(length, d), layer_params["proj"], dtype)
   h = rms_norm(x, layer_params["norm2"], cfg.rms_norm_eps)
