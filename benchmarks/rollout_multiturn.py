@@ -65,7 +65,7 @@ def make_tasks(n: int):
 
 def ours(config, params, tokenizer, tasks, repeats):
   engine = rollout.RolloutEngine(config, tokenizer, LocalSearch(), rollout.RolloutConfig(
-      max_turns=TOOL_TURNS + 1, max_new_tokens=32, max_total_tokens=768, length_buckets=(512, 768),
+      max_turns=TOOL_TURNS + 1, max_new_tokens=40, max_total_tokens=768, length_buckets=(512, 768),
       chunk_buckets=(64,), patch_buckets=(256,), image_max_pixels=224 * 224, temperature=1.0))
   forced = {t: [-1] * FREE_TOKENS + tokenizer.encode(action_text(t)) for t in range(1, TOOL_TURNS + 2)}
   times, stats = [], None
