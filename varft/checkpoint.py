@@ -31,9 +31,6 @@ class Checkpointer:
     """The last *complete* checkpoint's step, or None."""
     return self._manager.latest_step()
 
-  def all_steps(self) -> list[int]:
-    return list(self._manager.all_steps())
-
   def save(self, step: int, state: Any, data_state: Mapping[str, Any] | None = None,
            meta: Mapping[str, Any] | None = None, force: bool = False) -> bool:
     """Starts saving `state` (device arrays), the data pipeline position and JSON metadata at `step`."""

@@ -209,20 +209,6 @@ def shard_batch(local_batch: Mapping[str, Any], mesh: Mesh) -> dict[str, Any]:
   return {k: jax.tree.map(put, v, shardings[k]) for k, v in local_batch.items()}
 
 
-def local_rows(x: jax.Array) -> np.ndarray:
-  """This host's rows of a row-sharded global array (the inverse of `shard_batch`), in order."""
-  if jax.process_count() == 1:
-    return np.asarray(x)
-  shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
-  seen, rows = set(), []
-  for shard in shards:
-    start = shard.index[0].start or 0
-    if start not in seen:
-      seen.add(start)
-      rows.append(np.asarray(shard.data))
-  return np.concatenate(rows, axis=0)
-
-
 def to_host(tree: Any) -> Any:
   """Fully replicated device values (e.g. metrics) as numpy on every host."""
   def get(x):
