@@ -145,40 +145,47 @@ def make_environment(config, model_cfg, mesh, workdir: str, training: bool = Tru
   return agent_task.AgentEnvironment(config, model_cfg, mesh, workdir, training=training)
 
 
+def merge_image_tables(hosts: list[dict[str, np.ndarray]], host_index: int, image_index: np.ndarray,
+                       vision_cfg) -> dict[str, Any]:
+  """One image table from every host's `{pixel_values, image_grid_thw}` (in process order): the real patches
+  concatenated, padded to hosts x the largest local size, new vision index arrays, and this host's `image_index`
+  shifted past the earlier hosts' merged image tokens."""
+  from varft.models.qwen25vl import vision
+  merge = vision_cfg.spatial_merge_size ** 2
+  real = [vision.num_patches(h["image_grid_thw"]) for h in hosts]
+  offset = sum(real[:host_index]) // merge
+  total = max(h["pixel_values"].shape[0] for h in hosts) * len(hosts)  # static per bucket
+  pixel_values = np.zeros((total, hosts[0]["pixel_values"].shape[1]), np.float32)
+  pixel_values[:sum(real)] = np.concatenate([h["pixel_values"][:n] for h, n in zip(hosts, real)])
+  grids = np.concatenate([np.asarray(h["image_grid_thw"], np.int64).reshape(-1, 3) for h in hosts])
+  return {"pixel_values": pixel_values, "vision_inputs": vision.vision_inputs(grids, vision_cfg, total),
+          "image_index": np.where(image_index >= 0, image_index + offset, -1).astype(np.int32)}
+
+
 def merge_host_images(batch: dict[str, Any], vision_cfg) -> dict[str, Any]:
-  """One image table for all hosts: each host's images concatenated in process order, `image_index` offset.
+  """This host's batch with the image table of all hosts (see `merge_image_tables`).
 
   Each host sampled its own rows with its own images; the train step encodes one replicated table, so the hosts
-  exchange their (real) patches and grids and rebuild the vision index arrays for the whole table.
+  exchange their patches and grids (padded to common shapes for the all-gather).
   """
   from jax.experimental import multihost_utils
   from varft.models.qwen25vl import vision
+  batch = dict(batch)
   grids = np.asarray(batch.pop("image_grid_thw"), np.int64).reshape(-1, 3)
   if jax.process_count() == 1:
     return batch
-  real = vision.num_patches(grids)
-  sizes = np.asarray(multihost_utils.process_allgather(np.asarray([real, len(grids),
-                                                                   batch["pixel_values"].shape[0]])))
-  sizes = sizes.reshape(-1, 3)
-  max_patches, max_images = int(sizes[:, 0].max()), int(sizes[:, 1].max())
-  patches = np.zeros((max(max_patches, 1), batch["pixel_values"].shape[1]), np.float32)
-  patches[:real] = batch["pixel_values"][:real]
-  padded_grids = np.zeros((max(max_images, 1), 3), np.int64)
+  local = np.asarray([vision.num_patches(grids), len(grids), batch["pixel_values"].shape[0]])
+  sizes = np.asarray(multihost_utils.process_allgather(local)).reshape(-1, 3)
+  patches = np.zeros((int(sizes[:, 2].max()), batch["pixel_values"].shape[1]), np.float32)
+  patches[:batch["pixel_values"].shape[0]] = batch["pixel_values"]
+  padded_grids = np.zeros((max(int(sizes[:, 1].max()), 1), 3), np.int64)
   padded_grids[:len(grids)] = grids
   all_patches = np.asarray(multihost_utils.process_allgather(patches))
   all_grids = np.asarray(multihost_utils.process_allgather(padded_grids))
-  merge = vision_cfg.spatial_merge_size ** 2
-  table_rows = np.concatenate([[0], np.cumsum(sizes[:, 0] // merge)])
-  out = dict(batch)
-  out["image_index"] = np.where(batch["image_index"] >= 0,
-                                batch["image_index"] + table_rows[jax.process_index()], -1).astype(np.int32)
-  merged_grids = np.concatenate([all_grids[h, :sizes[h, 1]] for h in range(len(sizes))])
-  total = int(sizes[:, 2].max()) * len(sizes)  # static per bucket: hosts x the largest local bucket
-  pixel_values = np.zeros((total, patches.shape[1]), np.float32)
-  pixel_values[:int(sizes[:, 0].sum())] = np.concatenate([all_patches[h, :sizes[h, 0]] for h in range(len(sizes))])
-  out["pixel_values"] = pixel_values
-  out["vision_inputs"] = vision.vision_inputs(merged_grids, vision_cfg, total) if len(merged_grids) else {}
-  return out
+  hosts = [{"pixel_values": all_patches[h, :sizes[h, 2]], "image_grid_thw": all_grids[h, :sizes[h, 1]]}
+           for h in range(len(sizes))]
+  batch.update(merge_image_tables(hosts, jax.process_index(), batch["image_index"], vision_cfg))
+  return batch
 
 
 class Trainer:
