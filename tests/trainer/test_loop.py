@@ -102,3 +102,26 @@ def test_bad_config_values_fail_at_start_naming_the_key(tmp_path):
                         "--config.grpo.no_such_key=1"], cwd=REPO, capture_output=True, text=True, timeout=120,
                        env=dict(os.environ, PYTHONPATH=REPO))
   assert out.returncode != 0 and "no_such_key" in out.stderr
+
+
+def test_search_demo_step_runs_the_agentic_loop_and_writes_every_output(tmp_path):
+  """One GRPO step of the real pipeline (demo data, tiny Qwen2.5-VL, sampler, BM25 tool, rewards) + eval."""
+  import json
+  from experiments import search
+  config = search.get_config("demo,multiturn")
+  config.total_steps = 1
+  config.rollout.num_samples = 2
+  config.rollout.max_new_tokens = 8
+  config.eval.benchmarks = ("mat_search",)
+  config.eval.num_prompts = 2
+  config.eval.max_turns = 1
+  metrics = train.train(config, str(tmp_path))
+  for key in ("reward/answer_f1", "reward/format", "time/rollout_s", "time/rewards_s", "time/update_s",
+              "train/loss", "train/kl", "train/entropy", "rollout/tool_calls", "eval/mat_search/f1"):
+    assert key in metrics, key
+  assert metrics["train/loss_tokens"] == 2 * 2 * 8  # only sampled tokens carry loss
+  predictions = json.loads((tmp_path / "eval" / "step_000001" / "mat_search.json").read_text())
+  assert len(predictions) == 2 and {"id", "question", "pred_answer", "gt"} <= set(predictions[0])
+  assert (tmp_path / "eval" / "step_000001" / "mat_search_scores.txt").exists()
+  assert (tmp_path / "checkpoints" / "1").is_dir() and (tmp_path / "hf" / "config.json").exists()
+  assert list((tmp_path / "samples").glob("step_000001_*.png"))  # the prompt images of the sample rollouts
