@@ -83,6 +83,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     sharding.mesh_shape(dict(config.mesh), jax.device_count())
   except ValueError as e:
     raise ValueError(f"config.mesh: {e}") from None
+  if config.task == "agent" and config.model.name in ("3b", "7b") and not config.model.hf_dir:
+    raise ValueError(f"config.model.hf_dir is empty: the {config.model.name} configs fine-tune a pretrained "
+                     f"Qwen2.5-VL; pass --config.model.hf_dir=/path/to/Qwen2.5-VL-{config.model.name.upper()}-Instruct")
   if config.model.get("hf_dir") and not os.path.isdir(config.model.hf_dir):
     raise ValueError(f"config.model.hf_dir={config.model.hf_dir!r} is not a folder: point it at a downloaded "
                      "Qwen2.5-VL checkpoint (config.json + *.safetensors)")

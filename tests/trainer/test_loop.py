@@ -98,6 +98,17 @@ def test_bad_config_values_fail_at_start_naming_the_key(tmp_path):
   config.mesh.tensor = 3
   with pytest.raises(ValueError, match=r"config\.mesh"):
     train.validate(config)
+  from experiments import coding, search
+  for module in (search, coding):
+    for arg in ("demo", "3b", "7b,multiturn", "demo,stepwise"):
+      config = module.get_config(arg)
+      if config.model.name != "tiny":
+        with pytest.raises(ValueError, match=r"config\.model\.hf_dir is empty"):
+          train.validate(config)
+        config.model.hf_dir = str(tmp_path)
+      train.validate(config)
+    with pytest.raises(ValueError, match="must be demo"):
+      module.get_config("13b")
   out = subprocess.run([sys.executable, "-m", "varft.main", "--config=experiments/echo.py", f"--workdir={tmp_path}",
                         "--config.grpo.no_such_key=1"], cwd=REPO, capture_output=True, text=True, timeout=120,
                        env=dict(os.environ, PYTHONPATH=REPO))
