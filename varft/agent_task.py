@@ -100,8 +100,16 @@ def resizer(size: int):
   return resize
 
 
+TRAINER_ROLLOUT_KEYS = ("prompts_per_host", "num_samples")
+
+
 def rollout_config(rollout: ml_collections.ConfigDict, **overrides) -> rollout_lib.RolloutConfig:
+  """The engine's RolloutConfig from `config.rollout` (every key but the trainer's batch keys)."""
   names = {f.name for f in dataclasses.fields(rollout_lib.RolloutConfig)}
+  unknown = sorted(set(rollout.keys()) - names - set(TRAINER_ROLLOUT_KEYS))
+  if unknown:
+    raise ValueError(f"config.rollout has keys {unknown} that varft.rollout.RolloutConfig does not know; "
+                     f"its fields: {sorted(names)}")
   values = {k: rollout[k] for k in rollout.keys() if k in names}
   values.update(overrides)
   return rollout_lib.RolloutConfig.from_config(values)

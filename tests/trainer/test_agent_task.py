@@ -81,3 +81,16 @@ def test_merged_image_table_gives_every_host_its_own_embeddings():
     rows = index[host][index[host] >= 0]
     np.testing.assert_allclose(table[merged["image_index"][index[host] >= 0]], own[host][rows], atol=1e-5)
     assert np.all(merged["image_index"][index[host] < 0] == -1)
+
+
+def test_rollout_config_from_the_experiment_config():
+  from experiments import search
+  config = search.get_config("demo,multiturn")
+  engine_config = agent_task.rollout_config(config.rollout, temperature=0.0)
+  assert engine_config.mode == "multiturn" and engine_config.temperature == 0.0
+  assert engine_config.max_total_tokens == config.rollout.max_total_tokens
+  config.rollout.unlock()
+  config.rollout.max_new_tokns = 3
+  import pytest
+  with pytest.raises(ValueError, match="max_new_tokns"):
+    agent_task.rollout_config(config.rollout)
