@@ -218,3 +218,21 @@ def test_vision_gradients_pulled_back_once_equal_direct_gradients():
     for key in path:
       original = original[key.key]
     np.testing.assert_allclose(original - updated, g, atol=2e-6, err_msg=jax.tree_util.keystr(path))
+
+
+def test_bf16_compute_keeps_fp32_master_weights():
+  batch = step_script.toy_batch()
+  _, m32 = _one_update(grpo.GRPOConfig(), batch)
+  cfg16 = step_script.MODEL.replace(dtype="bfloat16")
+  gcfg = grpo.GRPOConfig()
+  params = {"text": echo_task.text_model.init_params(jax.random.key(0), cfg16.text)}
+  b = {k: jnp.asarray(v) for k, v in batch.items()}
+  adv = grpo.group_advantages(b["rewards"], b["group_ids"], step_script.GROUPS)
+  ref = grpo.make_logps_fn(step_script.MODEL, gcfg)(params, b)
+  prepared = grpo.prepare_batch(b, adv, b["sampler_logps"], gcfg, ref_logps=ref)
+  state, m16 = jax.jit(grpo.make_train_step(cfg16, gcfg, _OPTIMIZER))(grpo.init_train_state(params, _OPTIMIZER),
+                                                                      prepared)
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state["params"]))
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state["opt_state"]) if x.ndim)
+  np.testing.assert_allclose(m16["train/loss"], m32["train/loss"], atol=2e-2)
+  np.testing.assert_allclose(m16["train/grad_norm"], m32["train/grad_norm"], rtol=5e-2)

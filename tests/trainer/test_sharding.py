@@ -100,3 +100,29 @@ def test_shard_batch_rejects_rows_the_mesh_cannot_split():
                                 "positions": np.zeros((3, 2, 3), np.int32)}, mesh)
   assert batch["positions"].sharding.spec == P(None, ("data", "fsdp"))
   assert sharding.spec_for(("vocab", "embed"), (10, 4), mesh) == P(None, None)
+
+
+class _MeshShape:
+  """Only what `spec_for` reads from a mesh: its axis sizes (no devices needed)."""
+
+  def __init__(self, **shape):
+    self.shape = {"data": 1, "fsdp": 1, "tensor": 1, **shape}
+
+
+def test_every_parameter_of_the_vision_language_model_gets_a_valid_spec():
+  from varft.models.qwen25vl import config as config_lib, model
+  cfg = config_lib.get_config("tiny")
+  shapes = jax.eval_shape(lambda: model.init_params(jax.random.key(0), cfg))
+  mesh = _MeshShape(fsdp=4, tensor=2)
+  specs = sharding.tree_specs(shapes, mesh)
+  flat = {jax.tree_util.keystr(p): s for p, s in jax.tree_util.tree_leaves_with_path(
+      specs, is_leaf=lambda x: isinstance(x, P))}
+  assert flat["['text']['embed']"] == P("tensor", "fsdp")
+  assert flat["['vision']['blocks']['qkv']['w']"] == P(None, "fsdp", "tensor")
+  assert flat["['vision']['merger']['fc2']['w']"] == P("tensor", "fsdp")
+  assert flat["['vision']['blocks']['norm1']"] == P(None, None)
+  for path, leaf in jax.tree_util.tree_leaves_with_path(shapes):
+    spec = flat[jax.tree_util.keystr(path)]
+    for dim, axes in zip(leaf.shape, spec):
+      size = 1 if axes is None else np.prod([mesh.shape[a] for a in (axes if isinstance(axes, tuple) else (axes,))])
+      assert dim % size == 0, (path, spec)
