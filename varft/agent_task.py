@@ -137,6 +137,33 @@ def pad_rows(batch: dict[str, Any], rows: int, num_samples: int) -> dict[str, An
   return out
 
 
+def score_rows(completions: Sequence[str], refs: Sequence[Mapping[str, Any]], config, step_types=None,
+               tool_stats=None) -> tuple[np.ndarray, dict[str, np.ndarray], int]:
+  """`rewards.score_batch`, and when one row's reference cannot be scored, row by row: such rows get reward 0 and
+  are counted (a long run never dies on one bad sample). Returns (total, components, rows that failed)."""
+  try:
+    return (*rewards_lib.score_batch(completions, refs, config, step_types=step_types, tool_stats=tool_stats), 0)
+  except ValueError as e:
+    logging.warning("Scoring the batch failed (%s); scoring row by row", e)
+  n = len(completions)
+  total = np.zeros((n,), np.float32)
+  components = {name: np.zeros((n,), np.float32) for name, _ in rewards_lib.reward_weights(config.rewards)}
+  errors = 0
+  for i in range(n):
+    try:
+      row_total, row_components = rewards_lib.score_batch(
+          [completions[i]], [refs[i]], config, step_types=None if step_types is None else [step_types[i]],
+          tool_stats=None if tool_stats is None else {k: [v[i]] for k, v in tool_stats.items()})
+    except ValueError as e:
+      errors += 1
+      logging.warning("Reward of row %d skipped: %s", i, e)
+      continue
+    total[i] = row_total[0]
+    for name, values in row_components.items():
+      components[name][i] = values[0]
+  return total, components, errors
+
+
 def _flat_stats(stats: Mapping[str, Any], prefix: str = "rollout/") -> dict[str, float]:
   out = {}
   for key, value in stats.items():
@@ -210,8 +237,7 @@ class AgentEnvironment:
       stats = [t.tool_stats() for t in result.transcripts]
       tool_stats = {k: [s[k] for s in stats] for k in stats[0]}
     completions = [t.completion for t in result.transcripts]
-    total, components = rewards_lib.score_batch(completions, refs, self.config, step_types=step_types,
-                                                tool_stats=tool_stats)
+    total, components, reward_errors = score_rows(completions, refs, self.config, step_types, tool_stats)
     scored = time.perf_counter()
     rows = self.prompts_per_host * self.num_samples
     batch = pad_rows(result.batch, rows, self.num_samples)
@@ -223,7 +249,8 @@ class AgentEnvironment:
       padded_components[name][:len(values)] = values
     stats = _flat_stats(result.stats)
     stats.update({"time/rollout_s": rolled - start, "time/rewards_s": scored - rolled,
-                  "rollout/padded_rows": float(rows - len(total)), "rollout/skipped_batches": float(skipped_batches)})
+                  "rollout/padded_rows": float(rows - len(total)), "rollout/skipped_batches": float(skipped_batches),
+                  "rollout/reward_errors": float(reward_errors)})
     samples = [transcript_sample(t, ex, reward=float(r))
                for t, ex, r in zip(result.transcripts, by_row, total)][:self.config.samples_per_step]
     return Experience(batch=batch, rewards=rewards, components=padded_components, stats=stats, samples=samples)

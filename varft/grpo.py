@@ -255,7 +255,9 @@ def make_optimizer(learning_rate: float, total_steps: int, warmup_steps: int = 0
   if max_grad_norm > 0:
     chain.append(optax.clip_by_global_norm(max_grad_norm))
   chain.append(optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay))
-  return optax.chain(*chain), lr
+  # A non-finite gradient (one pathological batch) skips its update instead of poisoning the weights; only a
+  # long streak of them (a diverged run) goes through and shows up as NaN params.
+  return optax.apply_if_finite(optax.chain(*chain), max_consecutive_errors=20), lr
 
 
 def init_train_state(params: Params, optimizer: optax.GradientTransformation) -> TrainState:
@@ -359,6 +361,7 @@ def make_train_step(config: Qwen25VLConfig, gcfg: GRPOConfig, optimizer: optax.G
     metrics = {f"train/{k}": v / tokens for k, v in sums.items()}
     metrics["train/clip_fraction"] = metrics["train/clip_low"] + metrics["train/clip_high"]
     metrics.update({"train/loss": loss, "train/grad_norm": optax.global_norm(grads),
+                    "train/nonfinite_grads": 1.0 - jnp.isfinite(optax.global_norm(grads)).astype(jnp.float32),
                     "train/param_norm": optax.global_norm(new_params), "train/loss_tokens": tokens})
     new_state = {"params": new_params, "opt_state": opt_state, "step": state["step"] + 1}
     return new_state, metrics

@@ -94,3 +94,16 @@ def test_rollout_config_from_the_experiment_config():
   import pytest
   with pytest.raises(ValueError, match="max_new_tokns"):
     agent_task.rollout_config(config.rollout)
+
+
+def test_a_reference_that_cannot_be_scored_costs_only_its_own_row():
+  import ml_collections
+  config = ml_collections.ConfigDict({"rewards": [("format", 1.0)], "reward_options": {"task": "search"}})
+  good = "<think> ok </think><answer> 7 </answer>"
+  refs = [{"solution": "<answer> 7 </answer>"}, {"solution": 7}, {"solution": "<answer> 7 </answer>"}]
+  total, components, errors = agent_task.score_rows([good, good, "no tags"], refs, config)
+  assert errors == 1
+  np.testing.assert_array_equal(total, [1.0, 0.0, 0.0])
+  np.testing.assert_array_equal(components["format"], [1.0, 0.0, 0.0])
+  total, _, errors = agent_task.score_rows([good], refs[:1], config)
+  assert errors == 0 and total[0] == 1.0

@@ -143,6 +143,16 @@ def test_config_errors_name_the_field():
     grpo.make_optimizer(1e-3, 10, schedule="step")
 
 
+def test_a_nonfinite_gradient_skips_the_update():
+  optimizer, _ = grpo.make_optimizer(1e-2, 10)
+  params = {"w": jnp.ones((3,))}
+  state = optimizer.init(params)
+  updates, state = optimizer.update({"w": jnp.array([1.0, jnp.nan, 0.0])}, state, params)
+  np.testing.assert_array_equal(updates["w"], 0.0)
+  updates, state = optimizer.update({"w": jnp.array([1.0, 1.0, 0.0])}, state, params)
+  assert float(jnp.abs(updates["w"]).max()) > 0
+
+
 def test_warmup_then_cosine_schedule():
   _, lr = grpo.make_optimizer(1.0, 110, warmup_steps=10, schedule="cosine")
   np.testing.assert_allclose([lr(0), lr(5), lr(10), lr(60), lr(110)], [0, 0.5, 1.0, 0.5, 0.0], atol=1e-6)

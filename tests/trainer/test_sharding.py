@@ -49,7 +49,7 @@ reference, _ = step_script.run({"data": 1}, jax.devices()[:1])
 for axes in ({"fsdp": 8}, {"data": 2, "fsdp": 2, "tensor": 2}):
   flat, shardings = step_script.run(axes)
   q = shardings["params"]["text"]["layers"]["q"]["w"].spec
-  mu = shardings["opt_state"][1][0].mu["text"]["layers"]["q"]["w"].spec
+  mu = shardings["opt_state"].inner_state[1][0].mu["text"]["layers"]["q"]["w"].spec
   print("SPEC", axes, q, mu)
   worst = max(float(np.max(np.abs(flat[k] - reference[k]))) for k in reference)
   print("DIFF", worst)
