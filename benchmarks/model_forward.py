@@ -102,7 +102,13 @@ def main():
     with torch.inference_mode():
       return torch_model.model.visual(torch_inputs["pixel_values"], grid_thw=torch_inputs["image_grid_thw"])
 
-  (ours_first, theirs_first), (ours_times, theirs_times) = timed_alternating([ours, theirs], args.repeats)
+  prepared = model.prepare_inputs(config, input_ids, mask, pixel_values, grids)
+  start = time.perf_counter()
+  model._apply_jit.lower(params, config, prepared["input_ids"], prepared["attention_mask"], prepared["positions"],
+                         prepared["pixel_values"], prepared["vision_inputs"], prepared["image_index"]).compile()
+  ours_compile = time.perf_counter() - start
+
+  (_, theirs_first), (ours_times, theirs_times) = timed_alternating([ours, theirs], args.repeats)
   _, (ours_vision_times, theirs_vision_times) = timed_alternating([ours_vision, theirs_vision], args.repeats)
   diff = float(np.abs(np.asarray(ours()) - theirs().numpy()).max())
   ours_median, theirs_median = statistics.median(ours_times), statistics.median(theirs_times)
@@ -114,7 +120,7 @@ def main():
       "vision_tower_ours_median_s": round(statistics.median(ours_vision_times), 3),
       "vision_tower_transformers_median_s": round(statistics.median(theirs_vision_times), 3),
       "vision_tower_speedup": round(statistics.median(theirs_vision_times) / statistics.median(ours_vision_times), 2),
-      "ours_compile_s": round(ours_first - ours_median, 2), "transformers_first_call_s": round(theirs_first, 3),
+      "ours_compile_s": round(ours_compile, 2), "transformers_first_call_s": round(theirs_first, 3),
       "ours_times_s": [round(t, 3) for t in ours_times], "transformers_times_s": [round(t, 3) for t in theirs_times],
       "max_abs_logit_diff": diff,
   }
