@@ -16,7 +16,6 @@ import numpy as np
 
 from varft import sampling
 from varft.environment import Experience
-from varft.models.qwen25vl import text as text_model
 from varft.models.qwen25vl.config import Qwen25VLConfig, TextConfig, VisionConfig
 
 SHOW_TOKEN, ANSWER_TOKEN = 0, 1  # the prompt is [SHOW, x, ANSWER]; the sampled answer follows

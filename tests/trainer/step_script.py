@@ -11,8 +11,10 @@ import sys
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from varft import echo_task, grpo, sharding
+from varft.models.qwen25vl import text as text_model
 
 GCFG = grpo.GRPOConfig(beta=0.04, eps_low=0.2, eps_high=0.28, tis_cap=2.0, micro_batches=2, logits_chunk=4)
 MODEL = echo_task.model_config(vocab_size=64, hidden_size=32)
@@ -45,7 +47,7 @@ def run(mesh_axes: dict[str, int], devices=None) -> tuple[dict[str, np.ndarray],
   # Adam's eps well above the gradient noise: directions with an exactly-zero gradient (e.g. the key bias, which
   # softmax ignores) must not turn float rounding into full-size updates.
   optimizer, _ = grpo.make_optimizer(1e-2, 10, warmup_steps=1, eps=1e-3)
-  init = lambda rng: {"text": echo_task.text_model.init_params(rng, MODEL.text)}
+  init = lambda rng: {"text": text_model.init_params(rng, MODEL.text)}
   rng = jax.random.key(0)
   params = jax.jit(init, out_shardings=sharding.tree_shardings(jax.eval_shape(init, rng), mesh))(rng)
   state_shapes = jax.eval_shape(lambda p: grpo.init_train_state(p, optimizer), params)
@@ -67,7 +69,7 @@ def run(mesh_axes: dict[str, int], devices=None) -> tuple[dict[str, np.ndarray],
                  out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0)
   for _ in range(2):
     state, metrics = step(state, prepared)
-  gathered = jax.experimental.multihost_utils.process_allgather(state["params"], tiled=True)
+  gathered = multihost_utils.process_allgather(state["params"], tiled=True)
   flat = {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(gathered)}
   flat["loss"] = np.asarray(sharding.to_host(metrics)["train/loss"])
   return flat, state_shardings

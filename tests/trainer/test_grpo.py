@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from varft import echo_task, grpo
+from varft.models.qwen25vl import text as text_model
 from tests.trainer import step_script
 
 
@@ -68,13 +69,13 @@ def test_loss_weights_by_hand():
 
 def test_chunked_logps_and_entropy_equal_full_softmax():
   cfg = echo_task.model_config(vocab_size=64)
-  params = {"text": echo_task.text_model.init_params(jax.random.key(1), cfg.text)}
+  params = {"text": text_model.init_params(jax.random.key(1), cfg.text)}
   batch = {k: jnp.asarray(v) for k, v in step_script.toy_batch().items()}
   logps, entropy = grpo.sequence_logps(params, cfg, batch, None, temperature=0.7, logits_chunk=5)
-  embeds = echo_task.text_model.embed_tokens(params["text"], batch["tokens"])
-  hidden, _ = echo_task.text_model.forward(params["text"], cfg.text, embeds, batch["positions"],
+  embeds = text_model.embed_tokens(params["text"], batch["tokens"])
+  hidden, _ = text_model.forward(params["text"], cfg.text, embeds, batch["positions"],
                                            attention_mask=batch["attention_mask"])
-  full = jax.nn.log_softmax(echo_task.text_model.logits(params["text"], cfg.text, hidden) / 0.7)
+  full = jax.nn.log_softmax(text_model.logits(params["text"], cfg.text, hidden) / 0.7)
   expected = jnp.take_along_axis(full[:, :-1], batch["tokens"][:, 1:, None], -1)[..., 0]
   np.testing.assert_allclose(logps[:, 1:], expected, atol=1e-5)
   np.testing.assert_array_equal(logps[:, 0], 0.0)
@@ -93,7 +94,7 @@ def _jitted(gcfg):
 
 def _one_update(gcfg, batch_np):
   logps_fn, step_fn = _jitted(gcfg)
-  params = {"text": echo_task.text_model.init_params(jax.random.key(0), step_script.MODEL.text)}
+  params = {"text": text_model.init_params(jax.random.key(0), step_script.MODEL.text)}
   batch = {k: jnp.asarray(v) for k, v in batch_np.items()}
   adv = grpo.group_advantages(batch["rewards"], batch["group_ids"], step_script.GROUPS)
   prepared = grpo.prepare_batch(batch, adv, batch["sampler_logps"], gcfg, ref_logps=logps_fn(params, batch))
@@ -160,7 +161,7 @@ def test_warmup_then_cosine_schedule():
 
 def test_logits_only_at_loss_positions_equal_logits_everywhere():
   cfg = step_script.MODEL
-  params = {"text": echo_task.text_model.init_params(jax.random.key(2), cfg.text)}
+  params = {"text": text_model.init_params(jax.random.key(2), cfg.text)}
   batch_np = step_script.toy_batch()
   batch = {k: jnp.asarray(v) for k, v in batch_np.items()}
   k = grpo.loss_token_bucket(batch_np["loss_mask"], 1, minimum=8)
@@ -235,7 +236,7 @@ def test_bf16_compute_keeps_fp32_master_weights():
   _, m32 = _one_update(grpo.GRPOConfig(), batch)
   cfg16 = step_script.MODEL.replace(dtype="bfloat16")
   gcfg = grpo.GRPOConfig()
-  params = {"text": echo_task.text_model.init_params(jax.random.key(0), cfg16.text)}
+  params = {"text": text_model.init_params(jax.random.key(0), cfg16.text)}
   b = {k: jnp.asarray(v) for k, v in batch.items()}
   adv = grpo.group_advantages(b["rewards"], b["group_ids"], step_script.GROUPS)
   ref = grpo.make_logps_fn(step_script.MODEL, gcfg)(params, b)
