@@ -111,8 +111,13 @@ def write_processor_files(out_dir: str, min_pixels: int = TINY_MIN_PIXELS, max_p
   """Tokenizer (real Qwen2.5 vocabulary), chat template and PIL image-processor config, loadable by transformers."""
   from transformers import Qwen2TokenizerFast
   from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+  from varft.processing.chat import offline_tokenizer_json
   src = tokenizer_files_dir()
-  tokenizer = Qwen2TokenizerFast(tokenizer_file=os.path.join(src, "tokenizer.json"),
+  os.makedirs(out_dir, exist_ok=True)
+  qwen25_json = os.path.join(out_dir, "tokenizer.json")
+  with open(qwen25_json, "w") as f:
+    f.write(offline_tokenizer_json())
+  tokenizer = Qwen2TokenizerFast(tokenizer_file=qwen25_json,
                                  vocab_file=os.path.join(src, "vocab.json"),
                                  merges_file=os.path.join(src, "merges.txt"),
                                  eos_token="<|im_end|>", pad_token="<|endoftext|>")

@@ -85,3 +85,11 @@ def test_expand_image_pads_counts_per_image(tokenizer):
 def test_rejects_unknown_message_parts():
   with pytest.raises(ValueError, match="neither text nor an image"):
     chat.render_messages([{"role": "user", "content": [{"type": "audio"}]}])
+
+
+def test_vocabulary_is_qwen25_without_qwen3_added_tokens(tokenizer, tokenizer_dir):
+  # The offline files list Qwen3's <think> (151667); Qwen2.5-VL splits the tag into ordinary tokens.
+  ids = tokenizer.encode("<think>x</think>")
+  assert max(ids) <= chat.LAST_QWEN25_TOKEN_ID and len(ids) > 3
+  assert tokenizer.vocab_size == chat.LAST_QWEN25_TOKEN_ID + 1
+  assert chat.load_tokenizer(tokenizer_dir).encode("<think>x</think>") == ids

