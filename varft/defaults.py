@@ -90,7 +90,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.tools.search_format = "paper"
   c.tools.search_timeout_s = 60.0
   c.tools.max_doc_chars = 1000
-  c.tools.search = ml_collections.ConfigDict({"name": "bm25", "index_dir": "", "corpus": ""})
+  # Empty values are left out: bm25/dense use index_dir + corpus, http a Search-R1 `url`, serper SERPER_API_KEY.
+  c.tools.search = ml_collections.ConfigDict({"name": "bm25", "index_dir": "", "corpus": "", "url": ""})
   c.tools.use_code = True
   c.tools.code = ml_collections.ConfigDict({"timeout_s": 10.0, "max_concurrency": 4, "prewarm": True})
 
