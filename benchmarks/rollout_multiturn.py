@@ -18,9 +18,13 @@ ours is the median of `--repeats` full runs after a warm-up run.
 import argparse
 import io
 import json
+import os
 import statistics
 import tempfile
 import time
+
+# One thread per side: on a shared 2-core machine torch's 2 OpenMP threads slow it down several times over.
+os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
 
 import jax
 import numpy as np
@@ -74,7 +78,7 @@ def ours(config, params, tokenizer, tasks, repeats):
     result = engine.run(params, tasks, jax.random.PRNGKey(i), num_samples=1, script=lambda row, turn: forced[turn])
     times.append(time.perf_counter() - start)
     stats = result.stats
-  assert stats["stop_reasons"] == {"answer": len(tasks)}, stats["stop_reasons"]
+  assert stats["stop_reasons"]["answer"] == len(tasks), stats["stop_reasons"]
   assert stats["tool_calls"] == TOOL_TURNS * len(tasks)
   return statistics.median(times[1:]), times[0], stats
 
@@ -114,6 +118,7 @@ def main():
   parser.add_argument("--paper-tasks", type=int, default=8)
   parser.add_argument("--repeats", type=int, default=3)
   args = parser.parse_args()
+  torch.set_num_threads(1)
   hf_dir, torch_model = hf_tiny.make_tiny_hf_checkpoint(tempfile.mkdtemp(), tie=True)
   torch_model.generation_config.eos_token_id = None  # exactly FREE_TOKENS per turn, like ours
   torch_model.generation_config.pad_token_id = 0

@@ -16,8 +16,12 @@ with our decode step time.
 """
 import argparse
 import json
+import os
 import statistics
 import time
+
+# One thread per side: on a shared 2-core machine torch's 2 OpenMP threads slow it down several times over.
+os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
 
 import jax
 import jax.numpy as jnp
@@ -95,7 +99,7 @@ def matmul_loop(config, cache_len: int):
         return x, None
       layers = {k: w[k] for k in ("q", "k", "v", "o", "gate", "up", "down")}
       x, _ = jax.lax.scan(layer, x, (layers, cache, cache))
-      logits = x @ w["embed"].T
+      logits = jnp.einsum("bd,vd->bv", x, w["embed"])  # tied embeddings, as text.logits
       return x + logits[:, :d] * 1e-9
     return jax.lax.fori_loop(0, NEW, step, x)
 
@@ -162,6 +166,7 @@ def main():
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--configs", default="small,tiny,40m")
   args = parser.parse_args()
+  torch.set_num_threads(1)
   tokenizer = chat.load_tokenizer()
   print(f"jax {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__} "
         f"({torch.get_num_threads()} threads); batch {BATCH}, prompt {PROMPT}, {NEW} new tokens, top-k {TOP_K}")

@@ -514,7 +514,7 @@ class RolloutEngine:
         "tool_failures": sum(t.tool_stats()["num_failed"] for t in transcripts),
         "sampled_tokens": int(sum(sum(r.loss_mask) for r in rows)),
         "mean_length": float(np.mean([len(r.tokens) for r in rows])),
-        "stop_reasons": dict(reasons),
+        "stop_reasons": {r: reasons[r] for r in STOP_REASONS},
         "images_encoded": self.images_encoded - encoded_before,
         "temperature": cfg.temperature,
         **{k: round(v, 4) for k, v in timings.items()},

@@ -27,7 +27,6 @@ from varft.models.qwen25vl.config import Qwen25VLConfig
 
 # Why a row stopped (`GenerateOutput.stop_reason`).
 NOT_RUN, EOS, STOP_TAG, LENGTH = 0, 1, 2, 3
-STOP_REASON_NAMES = {NOT_RUN: "not_run", EOS: "eos", STOP_TAG: "stop_tag", LENGTH: "length"}
 
 # <|im_end|> and <|endoftext|> of the Qwen2.5 vocabulary.
 QWEN_EOS_IDS = (151645, 151643)

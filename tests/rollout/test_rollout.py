@@ -203,16 +203,16 @@ def test_stepwise_mode_makes_one_turn_from_the_carried_context(setup):
   stepwise = rollout.RolloutEngine(config, tokenizer, executor,
                                    dataclasses.replace(engine.config, mode="stepwise"),
                                    stop_table=engine.sampler.stop_table)
-  example = dict(EXAMPLES[0], step_type="answer", context="<think> earlier </think>\n<search> q </search>\n"
-                 "<information> 1. Content:Paris </information>")
+  context = "<think> earlier </think>\n<search> q </search>\n<information> 1. Content:Paris </information>"
+  examples = [dict(ex, step_type="answer", context=context) for ex in EXAMPLES]
   before = sampling.Sampler.compile_count()
-  result = stepwise.run(params, [example] * 3, jax.random.PRNGKey(1), num_samples=G,
+  result = stepwise.run(params, examples, jax.random.PRNGKey(1), num_samples=G,
                         script=lambda row, turn: tokenizer.encode("<search> again </search>") if row == 0 else None)
-  assert sampling.Sampler.compile_count() == before  # same shapes and sampling config: no new programs
+  assert sampling.Sampler.compile_count() == before  # same buckets and sampling config: no new programs
   assert [t.stop_reason for t in result.transcripts] == ["step"] + ["max_new_tokens"] * 8
   assert executor.batches == []  # a step-wise sample never calls a tool
   prompt = result.transcripts[0].messages[0]["text"]
-  assert prompt.endswith("<query> Where is this? </query>\n" + example["context"] + "<|im_end|>\n"
+  assert prompt.endswith("<query> Where is this? </query>\n" + context + "<|im_end|>\n"
                          "<|im_start|>assistant\n")
   assert result.transcripts[0].completion == "<search> again </search>"
 
