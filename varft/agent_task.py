@@ -14,12 +14,14 @@ import time
 from typing import Any, Mapping, Sequence
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
 
 from varft import rewards as rewards_lib
 from varft import rollout as rollout_lib
+from varft import sharding
 from varft.environment import Experience
 
 # Evaluation benchmarks: name -> (dataset, which manual dir holds it, split or None for the only one).
@@ -201,12 +203,16 @@ class AgentEnvironment:
       multihost_utils.sync_global_devices("varft_data_ready")
     tokenizer = chat.load_tokenizer(config.model.hf_dir or None)
     self.executor = ToolExecutor(tool_executor_config(config, self.paths, workdir))
+    self.mesh = mesh
+    self.rollout_mesh = sharding.rollout_mesh(mesh)
     self.engine = rollout_lib.RolloutEngine(model_cfg, tokenizer, self.executor, rollout_config(config.rollout),
-                                            mesh=mesh)
+                                            mesh=self.rollout_mesh)
     eval_overrides = {"mode": "multiturn", "temperature": config.eval.temperature,
                       "max_turns": config.eval.max_turns}
     self.eval_engine = rollout_lib.RolloutEngine(model_cfg, tokenizer, self.executor,
-                                                 rollout_config(config.rollout, **eval_overrides), mesh=mesh)
+                                                 rollout_config(config.rollout, **eval_overrides),
+                                                 mesh=self.rollout_mesh)
+    self.compute_dtype = jnp.dtype(model_cfg.dtype)
     self.batches = None  # evaluation only: no training data needed
     if training:
       d = config.data
@@ -216,6 +222,7 @@ class AgentEnvironment:
 
   def collect(self, params, rng) -> Experience:
     """One step's rollouts on this host's next prompts, scored."""
+    params, rng = sharding.rollout_inputs(params, rng, self.mesh, self.rollout_mesh, self.compute_dtype)
     start = time.perf_counter()
     skipped_batches = 0
     while True:
@@ -258,6 +265,7 @@ class AgentEnvironment:
   def evaluate(self, params, rng, out_dir: str | None = None) -> dict[str, float]:
     """Greedy multi-turn evaluation on each configured benchmark: predictions JSON + score table under out_dir."""
     metrics = {}
+    params, rng = sharding.rollout_inputs(params, rng, self.mesh, self.rollout_mesh, self.compute_dtype)
     for name in self.config.eval.benchmarks:
       metrics.update(evaluate_benchmark(self, name, params, rng, out_dir))
     return metrics

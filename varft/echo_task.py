@@ -4,7 +4,7 @@ The prompt shows one token; the policy answers with one token and earns reward 1
 A random policy over a vocabulary of V tokens scores about 1/V; a correct GRPO loop drives the mean reward to ~1.
 Rollouts go through the real sampler (`varft.sampling`: prefill into the KV cache, one sampled token), so the
 sampler's log-probs are the old log-probs of the update exactly as in the agentic task, and the batches follow the
-rollout batch layout of interfaces.md. Single host (the sampler is fed this host's rows as the whole batch).
+rollout batch layout of interfaces.md. With several hosts each samples its own prompts on its own devices.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from varft import sampling
+from varft import sampling, sharding
 from varft.environment import Experience
 from varft.models.qwen25vl.config import Qwen25VLConfig, TextConfig, VisionConfig
 
@@ -39,6 +39,7 @@ class EchoEnvironment:
                temperature: float = 1.0, seed: int = 0, eval_prompts: int = 64):
     self.model_cfg = model_cfg
     self.mesh = mesh
+    self.rollout_mesh = sharding.rollout_mesh(mesh)
     self.prompts_per_host = prompts_per_host
     self.num_samples = num_samples
     self.temperature = temperature
@@ -49,8 +50,9 @@ class EchoEnvironment:
     no_stops = sampling.StopTable(np.zeros((model_cfg.text.vocab_size,), np.int32), np.ones((1, 1), np.int32),
                                   ("<never>",))
     self._samplers = {
-        greedy: sampling.Sampler(model_cfg, sampling.SamplingConfig(0.0 if greedy else temperature, max_new_tokens=1,
-                                                                    eos_ids=()), no_stops, mesh=mesh)
+        greedy: sampling.Sampler(model_cfg,
+                                 sampling.SamplingConfig(0.0 if greedy else temperature, max_new_tokens=1, eos_ids=()),
+                                 no_stops, mesh=self.rollout_mesh)
         for greedy in (False, True)}
 
   def _shown_tokens(self, start: int, count: int, salt: int) -> np.ndarray:
@@ -58,6 +60,7 @@ class EchoEnvironment:
     return host_rng.integers(FIRST_SHOWN, self.model_cfg.text.vocab_size, count).astype(np.int32)
 
   def _rollout(self, params, shown: np.ndarray, rng, greedy: bool) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    params, rng = sharding.rollout_inputs(params, rng, self.mesh, self.rollout_mesh)
     n = len(shown)
     prompt = np.stack([np.full(n, SHOW_TOKEN), shown, np.full(n, ANSWER_TOKEN)], axis=1).astype(np.int32)
     sampler = self._samplers[greedy]

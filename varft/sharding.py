@@ -168,6 +168,45 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
+def rollout_mesh(mesh: Mesh) -> Mesh:
+  """The mesh rollouts run on: `mesh` on one host; with several hosts, this host's devices only.
+
+  Hosts hold different prompts, tool results and turn counts, so each samples on its own devices from a local copy
+  of the parameters (`rollout_inputs`) instead of running one lock-step program across hosts.
+  """
+  if jax.process_count() == 1:
+    return mesh
+  return make_mesh({"data": -1, "fsdp": 1, "tensor": 1}, jax.local_devices())
+
+
+def rollout_inputs(params: Any, rng: jax.Array, mesh: Mesh, sampler_mesh: Mesh,
+                   dtype=None) -> tuple[Any, jax.Array]:
+  """Parameters and RNG key for sampling on `sampler_mesh`: unchanged on one host; a local replica (cast to
+  `dtype`) and a per-host key on several."""
+  if sampler_mesh is mesh:
+    return params, rng
+  return host_local_copy(params, mesh, sampler_mesh, dtype), jax.random.fold_in(rng, jax.process_index())
+
+
+def host_local_copy(tree: Any, mesh: Mesh, local_mesh: Mesh, dtype=None) -> Any:
+  """A full copy of a (globally sharded) `tree` on every device of `local_mesh`, optionally cast to `dtype`.
+
+  Host-local rollouts need whole parameters on each host: one on-device all-gather over the global mesh, then each
+  host wraps its own replicas (no host copy). The replica costs one model's worth of memory per device.
+  """
+  def cast(t):
+    return t if dtype is None else jax.tree.map(lambda x: x.astype(dtype), t)
+
+  full = jax.jit(cast, out_shardings=replicated(mesh))(tree)
+  local_devices = list(local_mesh.devices.flat)
+
+  def wrap(x):
+    by_device = {shard.device: shard.data for shard in x.addressable_shards}
+    return jax.make_array_from_single_device_arrays(x.shape, replicated(local_mesh),
+                                                    [by_device[d] for d in local_devices])
+  return jax.tree.map(wrap, full)
+
+
 def batch_shardings(batch: Mapping[str, Any], mesh: Mesh) -> dict[str, Any]:
   """Row-sharded entries over (data, fsdp); `positions` (3, N, L) on axis 1; image tables replicated."""
   out = {}

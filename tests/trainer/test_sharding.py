@@ -126,3 +126,25 @@ def test_every_parameter_of_the_vision_language_model_gets_a_valid_spec():
     for dim, axes in zip(leaf.shape, spec):
       size = 1 if axes is None else np.prod([mesh.shape[a] for a in (axes if isinstance(axes, tuple) else (axes,))])
       assert dim % size == 0, (path, spec)
+
+
+def test_two_hosts_sample_their_own_prompts_from_sharded_params(tmp_path):
+  from tests.trainer import rollout_script
+  port = str(_free_port())
+  env = _env(XLA_FLAGS="--xla_force_host_platform_device_count=2")  # 2 hosts x 2 devices: params over 4
+  procs = [subprocess.Popen([sys.executable, "-m", "tests.trainer.rollout_script", str(tmp_path / "out"), str(i),
+                             "2", port], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True) for i in range(2)]
+  for p in procs:
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err[-3000:]
+  hosts = [np.load(tmp_path / f"out_{i}.npz") for i in range(2)]
+  assert not np.array_equal(hosts[0]["shown"], hosts[1]["shown"])
+  mesh = sharding.make_mesh({"data": 1}, jax.devices()[:1])
+  params = rollout_script.init_params(mesh)
+  for host in hosts:
+    assert int(host["rollout_devices"]) == 2  # this host's devices only
+    env = rollout_script.echo_task.EchoEnvironment(rollout_script.MODEL, mesh, prompts_per_host=4, num_samples=2)
+    expected, _ = env._rollout(params, host["shown"], jax.random.key(1), greedy=True)
+    np.testing.assert_array_equal(host["tokens"], expected["tokens"])
+    np.testing.assert_allclose(host["sampler_logps"], expected["sampler_logps"], atol=1e-5)
