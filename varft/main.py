@@ -5,6 +5,9 @@
 """
 from __future__ import annotations
 
+import logging as std_logging
+import os
+
 from absl import app
 from absl import flags
 from absl import logging
@@ -16,9 +19,15 @@ flags.DEFINE_string("workdir", None, "Run folder: checkpoints, metrics, samples,
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def _quiet_orbax_info(record) -> bool:
+  """orbax logs every step of every save at INFO; keep its warnings and errors on the console."""
+  return record.levelno >= std_logging.WARNING or f"{os.sep}orbax{os.sep}" not in record.pathname
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  logging.get_absl_handler().addFilter(_quiet_orbax_info)
   config = flags.FLAGS.config
   workdir = flags.FLAGS.workdir
   logging.info("Config:\n%s", config)
