@@ -17,13 +17,7 @@ from varft import defaults
 
 
 def get_config(arg="demo"):
-  size, _, mode = arg.partition(",")
-  mode = mode or "stepwise"
-  if size not in ("demo", "3b", "7b") or mode not in ("stepwise", "multiturn"):
-    raise ValueError(f"experiments/coding.py: arg {arg!r} must be demo|3b|7b[,stepwise|multiturn]")
-  c = defaults.base_config()
-  c.task = "agent"
-  c.rollout.mode = mode
+  c, size, mode = defaults.agent_config(arg, "experiments/coding.py")
   c.data.train = "mat_training/coding"
   c.reward_options.task = "coding"
   c.tools.use_code = True
@@ -35,59 +29,10 @@ def get_config(arg="demo"):
   c.eval.benchmarks = ("mat_coding",)
 
   if size == "demo":
-    return _demo(c)
-  c.model.name = size
-  c.model.dtype = "bfloat16"
-  c.model.param_dtype = "float32"
-  c.model.remat = True
+    defaults.apply_demo(c)
+    c.tools.code.max_concurrency = 2
+    return c
+  defaults.apply_paper_recipe(c, size, mode)
   c.total_steps = 2100
-  c.checkpoint_every = 100
-  c.samples_every = 20
   c.eval_every = 500
-  c.grpo.beta = 0.04
-  c.grpo.epochs = 1
-  c.grpo.micro_batches = 16
-  c.optim.learning_rate = 1e-6
-  c.optim.schedule = "linear"
-  c.optim.warmup_steps = 0
-  c.rollout.prompts_per_host = 16
-  c.rollout.num_samples = 8
-  c.rollout.temperature = 1.0
-  c.rollout.max_new_tokens = 256 if mode == "stepwise" else 512
-  c.rollout.max_total_tokens = 4096
-  c.rollout.image_max_pixels = 401408
-  c.data.resize = 720
-  c.mesh = {"data": 1, "fsdp": -1, "tensor": 1}
-  return c
-
-
-def _demo(c):
-  """The tiny model on the embedded demo: finishes on 2 CPU cores in a few minutes."""
-  c.data.demo = True
-  c.model.name = "tiny"
-  c.model.dtype = "float32"
-  c.model.remat = False
-  c.total_steps = 6
-  c.checkpoint_every = 3
-  c.samples_every = 3
-  c.eval_every = 6
-  c.export_hf = True
-  c.optim.learning_rate = 1e-4
-  c.optim.schedule = "constant"
-  c.rollout.prompts_per_host = 2
-  c.rollout.num_samples = 4
-  c.rollout.max_turns = 2
-  c.rollout.max_new_tokens = 24
-  c.rollout.max_total_tokens = 1024
-  c.rollout.max_tool_output_tokens = 96
-  c.rollout.length_buckets = (1024,)
-  c.rollout.chunk_buckets = (128,)
-  c.rollout.patch_buckets = (1024,)
-  c.rollout.image_max_pixels = 224 * 224
-  c.tools.code.prewarm = False
-  c.tools.code.max_concurrency = 2
-  c.samples_per_step = 4
-  c.eval.num_prompts = 8
-  c.eval.batch_size = 4
-  c.eval.max_turns = 2
   return c

@@ -108,3 +108,71 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.max_turns = 5
   c.eval.checkpoint_step = -1  # eval mode: the checkpoint to evaluate (-1 = latest, or the initial weights)
   return c
+
+
+def agent_config(arg: str, experiment: str) -> tuple[ml_collections.ConfigDict, str, str]:
+  """Base config of an agent experiment from its `size[,mode]` argument: (config, size, mode)."""
+  size, _, mode = arg.partition(",")
+  mode = mode or "stepwise"
+  if size not in ("demo", "3b", "7b") or mode not in ("stepwise", "multiturn"):
+    raise ValueError(f"{experiment}: arg {arg!r} must be demo|3b|7b[,stepwise|multiturn]")
+  c = base_config()
+  c.task = "agent"
+  c.rollout.mode = mode
+  return c, size, mode
+
+
+def apply_paper_recipe(c: ml_collections.ConfigDict, size: str, mode: str) -> None:
+  """The paper's training recipe (Visual-ARFT scripts, 8 GPUs) on the 3b / 7b presets: G=8, 1 prompt per GPU x 2
+  accumulation steps (16 prompts per update), beta 0.04, lr 1e-6 (AdamW with HF defaults: linear decay, no warm-up,
+  clip 1.0), bf16 + gradient checkpointing, max_pixels 401408 with inputs resized to 720x720, mu = 1."""
+  c.model.name = size
+  c.model.dtype = "bfloat16"
+  c.model.param_dtype = "float32"
+  c.model.remat = True
+  c.checkpoint_every = 100
+  c.samples_every = 20
+  c.grpo.beta = 0.04
+  c.grpo.epochs = 1
+  c.grpo.micro_batches = 16
+  c.optim.learning_rate = 1e-6
+  c.optim.schedule = "linear"
+  c.optim.warmup_steps = 0
+  c.rollout.prompts_per_host = 16
+  c.rollout.num_samples = 8
+  c.rollout.temperature = 1.0
+  c.rollout.max_new_tokens = 256 if mode == "stepwise" else 512
+  c.rollout.max_total_tokens = 4096
+  c.rollout.image_max_pixels = 401408
+  c.data.resize = 720
+  c.mesh = {"data": 1, "fsdp": -1, "tensor": 1}
+
+
+def apply_demo(c: ml_collections.ConfigDict) -> None:
+  """The tiny model on the embedded demo: finishes on 2 CPU cores in a few minutes."""
+  c.data.demo = True
+  c.model.name = "tiny"
+  c.model.dtype = "float32"
+  c.model.remat = False
+  c.total_steps = 6
+  c.checkpoint_every = 3
+  c.samples_every = 3
+  c.eval_every = 6
+  c.export_hf = True
+  c.optim.learning_rate = 1e-4
+  c.optim.schedule = "constant"
+  c.rollout.prompts_per_host = 2
+  c.rollout.num_samples = 4
+  c.rollout.max_turns = 2
+  c.rollout.max_new_tokens = 24
+  c.rollout.max_total_tokens = 1024
+  c.rollout.max_tool_output_tokens = 96
+  c.rollout.length_buckets = (1024,)
+  c.rollout.chunk_buckets = (128,)
+  c.rollout.patch_buckets = (1024,)
+  c.rollout.image_max_pixels = 224 * 224
+  c.tools.code.prewarm = False
+  c.samples_per_step = 4
+  c.eval.num_prompts = 8
+  c.eval.batch_size = 4
+  c.eval.max_turns = 2
