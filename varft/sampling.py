@@ -162,50 +162,67 @@ def _first_argmax(x):
   return jnp.min(jnp.where(x == top, index, x.shape[-1]), axis=-1)
 
 
-def _categorical(rng, logits, block: int = 256):
-  """One draw per row from softmax(logits) by inverse CDF with a single uniform per row.
+def _cdf_block(vocab: int, target: int = 256) -> int:
+  """Block length of the two-level CDF: a divisor of `vocab` near `target` when there is one, because padding the
+  vocabulary to whole blocks copies the (B, V) array every step."""
+  divisors = [size for size in range(32, 4 * target + 1) if vocab % size == 0]
+  return min(divisors, key=lambda size: abs(size - target)) if divisors else target
+
+
+def _categorical_from_weights(rng, weights, block: int | None = None):
+  """One draw per row with probability proportional to `weights` (B, V) >= 0, by inverse CDF with a single uniform
+  per row.
 
   Equivalent to `jax.random.categorical` in distribution, but draws B random numbers instead of B x V (threefry over
   a 152k vocabulary dominates a CPU decode step). The CDF is taken in two levels (block masses, then within the
   chosen block) so that both cumulative sums stay short.
   """
-  batch, vocab = logits.shape
+  batch, vocab = weights.shape
+  block = block or _cdf_block(vocab)
   blocks = -(-vocab // block)
-  probs = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
-  probs = jnp.pad(probs, ((0, 0), (0, blocks * block - vocab))).reshape(batch, blocks, block)
-  cum_blocks = jnp.cumsum(probs.sum(axis=-1), axis=-1)  # (B, blocks)
+  if blocks * block != vocab:
+    weights = jnp.pad(weights, ((0, 0), (0, blocks * block - vocab)))
+  weights = weights.reshape(batch, blocks, block)
+  cum_blocks = jnp.cumsum(weights.sum(axis=-1), axis=-1)  # (B, blocks)
   u = jax.random.uniform(rng, (batch,)) * cum_blocks[:, -1]
   b = jnp.minimum(jnp.sum(cum_blocks <= u[:, None], axis=-1), blocks - 1)
   before = jnp.where(b > 0, jnp.take_along_axis(cum_blocks, jnp.maximum(b - 1, 0)[:, None], axis=-1)[:, 0], 0.0)
-  inner = jnp.take_along_axis(probs, b[:, None, None], axis=1)[:, 0]  # (B, block)
+  inner = jnp.take_along_axis(weights, b[:, None, None], axis=1)[:, 0]  # (B, block)
   i = jnp.sum(jnp.cumsum(inner, axis=-1) <= (u - before)[:, None], axis=-1)
   # Rounding may push `i` past the block's last token of non-zero probability: clamp to it.
   last = jnp.max(jnp.where(inner > 0, jnp.arange(block), 0), axis=-1)
   return (b * block + jnp.minimum(i, last)).astype(jnp.int32)
 
 
+def _categorical(rng, logits, block: int | None = None):
+  """One draw per row from softmax(logits) (B, V); see `_categorical_from_weights`."""
+  return _categorical_from_weights(rng, jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True)), block)
+
+
 def _sample(logits, rng, sampling: SamplingConfig, forced):
   """One token per row (the forced one where `forced >= 0`) and its log-prob under the temperature-scaled
-  distribution."""
+  distribution (the raw one when greedy)."""
+  scaled = logits if sampling.greedy else logits / sampling.temperature
+  # log p = shifted - log_norm, gathered at the chosen token only: no (B, V) log-softmax is written, and the full-
+  # vocabulary draw reuses the same exponentials.
+  shifted = scaled - jnp.max(scaled, axis=-1, keepdims=True)
+  weights = jnp.exp(shifted)
+  log_norm = jnp.log(jnp.sum(weights, axis=-1))
   if sampling.greedy:
     token = _first_argmax(logits)
-    logp_all = jax.nn.log_softmax(logits, axis=-1)
+  elif sampling.top_k or sampling.top_p < 1:
+    k = sampling.top_k or logits.shape[-1]
+    values, indices = jax.lax.top_k(scaled, k)  # sorted, descending
+    if sampling.top_p < 1:
+      probs = jax.nn.softmax(values, axis=-1)
+      before = jnp.cumsum(probs, axis=-1) - probs
+      values = jnp.where(before < sampling.top_p, values, -jnp.inf)
+    choice = _categorical(rng, values)
+    token = jnp.take_along_axis(indices, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
   else:
-    scaled = logits / sampling.temperature
-    logp_all = jax.nn.log_softmax(scaled, axis=-1)
-    if sampling.top_k or sampling.top_p < 1:
-      k = sampling.top_k or logits.shape[-1]
-      values, indices = jax.lax.top_k(scaled, k)  # sorted, descending
-      if sampling.top_p < 1:
-        probs = jax.nn.softmax(values, axis=-1)
-        before = jnp.cumsum(probs, axis=-1) - probs
-        values = jnp.where(before < sampling.top_p, values, -jnp.inf)
-      choice = _categorical(rng, values)
-      token = jnp.take_along_axis(indices, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
-    else:
-      token = _categorical(rng, scaled)
+    token = _categorical_from_weights(rng, weights)
   token = jnp.where(forced >= 0, forced, token)
-  logp = jnp.take_along_axis(logp_all, token[:, None], axis=-1)[:, 0]
+  logp = jnp.take_along_axis(shifted, token[:, None], axis=-1)[:, 0] - log_norm
   return token, logp
 
 

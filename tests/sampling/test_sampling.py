@@ -272,3 +272,14 @@ def test_batch_sharded_over_a_mesh():
   env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
   result = subprocess.run([sys.executable, "-c", _MESH_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
   assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-3000:]
+
+
+def test_cdf_block_divides_the_vocabulary_when_it_can():
+  assert sampling._cdf_block(151936) == 128  # 2**7 * 1187: no padding copy of the (B, V) logits
+  assert sampling._cdf_block(50) == 50
+  assert sampling._cdf_block(3) == 256  # no divisor in range: pad
+  logits = jax.random.normal(jax.random.PRNGKey(0), (4, 151936)) * 3
+  token, logp = sampling._sample(logits, jax.random.PRNGKey(1), sampling.SamplingConfig(temperature=0.7),
+                                 jnp.full((4,), -1, jnp.int32))
+  expected = jnp.take_along_axis(jax.nn.log_softmax(logits / 0.7, axis=-1), token[:, None], axis=-1)[:, 0]
+  np.testing.assert_allclose(logp, expected, atol=1e-5)
