@@ -1,6 +1,5 @@
 """Greedy decoding is token-identical to transformers `generate(do_sample=False)` on the tiny checkpoint."""
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
