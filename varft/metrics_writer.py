@@ -17,18 +17,24 @@ class MetricsWriter:
     self.enabled = enabled
     self._tb = None
     self._jsonl = None
+    self._texts_written: set[str] = set()
     if enabled:
       from tensorboardX import SummaryWriter
       os.makedirs(workdir, exist_ok=True)
       self._tb = SummaryWriter(os.path.join(workdir, "tb"))
       self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
 
-  def write(self, step: int, metrics: Mapping[str, float]) -> None:
+  def write(self, step: int, metrics: Mapping[str, float | str]) -> None:
+    """Numbers become scalars; text values (a run's resolved choices) become text summaries, once per key."""
     if not self.enabled:
       return
-    clean = {k: float(v) for k, v in sorted(metrics.items())}
+    clean = {k: v if isinstance(v, str) else float(v) for k, v in sorted(metrics.items())}
     for key, value in clean.items():
-      self._tb.add_scalar(key, value, step)
+      if not isinstance(value, str):
+        self._tb.add_scalar(key, value, step)
+      elif key not in self._texts_written:
+        self._tb.add_text(key, value, step)
+        self._texts_written.add(key)
     self._jsonl.write(json.dumps({"step": step, **clean}) + "\n")
     self._jsonl.flush()
     self._tb.flush()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 import time
 from typing import Any
 
@@ -26,8 +27,11 @@ import numpy as np
 from absl import logging
 
 from varft import checkpoint as ckpt_lib
+from varft import console
 from varft import grpo
 from varft import metrics_writer
+from varft import preflight
+from varft.preflight import ConfigError
 from varft import sharding
 from varft.models.qwen25vl import config as model_config_lib
 from varft.models.qwen25vl import text as text_model
@@ -52,7 +56,7 @@ def _get(config: ml_collections.ConfigDict, dotted: str) -> Any:
   value = config
   for part in dotted.split("."):
     if part not in value:
-      raise ValueError(f"config.{dotted} is missing: add it to the experiment config (see experiments/).")
+      raise ConfigError(f"config.{dotted} is missing: add it to the experiment config (see experiments/).")
     value = value[part]
   return value
 
@@ -62,33 +66,34 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for key, choices in _CHOICES.items():
     value = _get(config, key)
     if value not in choices:
-      raise ValueError(f"config.{key}={value!r} is not one of {choices}")
+      raise ConfigError(f"config.{key}={value!r} is not one of {choices}")
   for key in _POSITIVE_INTS:
     value = _get(config, key)
     if not isinstance(value, int) or value < 1:
-      raise ValueError(f"config.{key}={value!r} must be a positive integer")
+      raise ConfigError(f"config.{key}={value!r} must be a positive integer")
   for key in _NON_NEGATIVE:
     value = _get(config, key)
     if not isinstance(value, (int, float)) or value < 0:
-      raise ValueError(f"config.{key}={value!r} must be a non-negative number")
+      raise ConfigError(f"config.{key}={value!r} must be a non-negative number")
   if not 0 <= config.grpo.eps_low < 1:
-    raise ValueError(f"config.grpo.eps_low={config.grpo.eps_low} must be in [0, 1)")
+    raise ConfigError(f"config.grpo.eps_low={config.grpo.eps_low} must be in [0, 1)")
   if config.rollout.temperature <= 0:
-    raise ValueError(f"config.rollout.temperature={config.rollout.temperature} must be > 0")
+    raise ConfigError(f"config.rollout.temperature={config.rollout.temperature} must be > 0")
   rows = config.rollout.prompts_per_host * config.rollout.num_samples
   if rows % config.grpo.micro_batches:
-    raise ValueError(f"config.grpo.micro_batches={config.grpo.micro_batches} must divide the rows per host "
-                     f"(rollout.prompts_per_host x rollout.num_samples = {rows})")
+    raise ConfigError(f"config.grpo.micro_batches={config.grpo.micro_batches} must divide the rows per "
+                      f"host (rollout.prompts_per_host x rollout.num_samples = {rows})")
   try:
     sharding.mesh_shape(dict(config.mesh), jax.device_count())
   except ValueError as e:
-    raise ValueError(f"config.mesh: {e}") from None
-  if config.task == "agent" and config.model.name in ("3b", "7b") and not config.model.hf_dir:
-    raise ValueError(f"config.model.hf_dir is empty: the {config.model.name} configs fine-tune a pretrained "
-                     f"Qwen2.5-VL; pass --config.model.hf_dir=/path/to/Qwen2.5-VL-{config.model.name.upper()}-Instruct")
+    raise ConfigError(f"config.mesh: {e}") from None
+  size = config.model.name
+  if config.task == "agent" and size in ("3b", "7b") and not config.model.hf_dir:
+    raise ConfigError(f"config.model.hf_dir is empty: the {size} configs fine-tune a pretrained Qwen2.5-VL; "
+                      f"pass --config.model.hf_dir=/path/to/Qwen2.5-VL-{size.upper()}-Instruct")
   if config.model.get("hf_dir") and not os.path.isdir(config.model.hf_dir):
-    raise ValueError(f"config.model.hf_dir={config.model.hf_dir!r} is not a folder: point it at a downloaded "
-                     "Qwen2.5-VL checkpoint (config.json + *.safetensors)")
+    raise ConfigError(f"config.model.hf_dir={config.model.hf_dir!r} is not a folder: point it at a "
+                      "downloaded Qwen2.5-VL checkpoint (config.json + *.safetensors)")
 
 
 def grpo_config(config: ml_collections.ConfigDict) -> grpo.GRPOConfig:
@@ -196,11 +201,14 @@ class Trainer:
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str, training: bool = True):
     validate(config)
+    self.choices = preflight.check(config)
     self.config, self.workdir = config, workdir
     self.mesh = sharding.make_mesh(dict(config.mesh))
     self.model_cfg = model_config(config)
     self.gcfg = grpo_config(config)
     self.optimizer, self.lr_fn = make_optimizer(config)
+    # Data, tools and the sandbox start before the weights load: a run that cannot work fails in seconds.
+    self.env = make_environment(config, self.model_cfg, self.mesh, workdir, training)
     params = load_params(config, self.model_cfg, self.mesh)
     state_shapes = jax.eval_shape(lambda p: grpo.init_train_state(p, self.optimizer), params)
     self.state_shardings = sharding.tree_shardings(state_shapes, self.mesh)
@@ -208,7 +216,6 @@ class Trainer:
                          out_shardings=self.state_shardings)(params)
     # The frozen reference is the initial policy (separate buffers: the train state is donated every step).
     self.ref_params = params if self.gcfg.beta > 0 else None
-    self.env = make_environment(config, self.model_cfg, self.mesh, workdir, training)
     num_groups = config.rollout.prompts_per_host * jax.process_count()
     replicated = sharding.replicated(self.mesh)
     self._advantages = jax.jit(functools.partial(grpo.group_advantages, num_groups=num_groups,
@@ -301,12 +308,18 @@ class Trainer:
 
   def run(self) -> dict[str, float]:
     """Trains (resuming if possible) to `total_steps`; returns the last logged metrics."""
-    from tqdm import tqdm
-    config = self.config
+    config, writer_host = self.config, sharding.is_writer()
     self.maybe_restore()
-    writer = metrics_writer.MetricsWriter(self.workdir, enabled=sharding.is_writer())
+    if writer_host:
+      console.write_config(self.workdir, config)
+      num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.state["params"]))
+      print(console.start_summary(config, self.workdir, jax.devices(), dict(self.mesh.shape), num_params,
+                                  self.choices), file=sys.stderr, flush=True)
+    writer = metrics_writer.MetricsWriter(self.workdir, enabled=writer_host)
+    choices = {f"run/{k}": str(v) for k, v in self.choices.items()}
     metrics: dict[str, float] = {}
-    bar = tqdm(total=config.total_steps, initial=self.step, disable=not sharding.is_writer(), desc="train")
+    progress = console.Progress(config.total_steps, self.step, enabled=writer_host)
+    exported = None
     try:
       while self.step < config.total_steps:
         metrics = self.train_step()
@@ -314,21 +327,25 @@ class Trainer:
         if config.eval_every and (self.step % config.eval_every == 0 or last):
           metrics.update(self.evaluate())
         if self.step % config.log_every == 0 or last:
-          writer.write(self.step, metrics)
-        if sharding.is_writer() and config.samples_every and (self.step % config.samples_every == 0 or last):
+          writer.write(self.step, {**metrics, **choices})
+        if writer_host and config.samples_every and (self.step % config.samples_every == 0 or last):
           metrics_writer.write_samples(os.path.join(self.workdir, "samples"), self.step, self.last_samples)
         if config.checkpoint_every and (self.step % config.checkpoint_every == 0 or last):
           self.save(force=last)
-        bar.set_postfix(reward=f"{metrics.get('reward/mean', float('nan')):.3f}")
-        bar.update(1)
+        progress.update(self.step, metrics)
       self.checkpointer.wait()
       if config.export_hf:
-        ckpt_lib.export_hf(self.state["params"], self.model_cfg, os.path.join(self.workdir, "hf"),
-                           tokenizer_dir=config.model.hf_dir or None)
+        exported = ckpt_lib.export_hf(self.state["params"], self.model_cfg, os.path.join(self.workdir, "hf"),
+                                      tokenizer_dir=config.model.hf_dir or None,
+                                      min_pixels=config.rollout.image_min_pixels,
+                                      max_pixels=config.rollout.image_max_pixels)
     finally:
-      bar.close()
+      progress.close()
       writer.close()
       self.checkpointer.close()
+    if writer_host:
+      print(console.end_summary(self.workdir, metrics_writer.read_metrics(self.workdir), exported),
+            file=sys.stderr, flush=True)
     return metrics
 
 

@@ -64,19 +64,25 @@ def test_single_host_dry_run_and_real_run(tmp_path):
   assert out.returncode == 0
   assert out.stdout.split() == ['python3', '-m', 'varft.main', '--config=c.py', '--workdir=/w',
                                 '--config.mode=eval']
-  env = _fake(tmp_path, 'fakepython', 'exit 7\n')
+  # The fake interpreter names one optional part, accepts its install and the check, and fails the run with 7.
+  env = _fake(tmp_path, 'fakepython', (
+      'case "$*" in *--action=requirements*) echo "--no-deps some-part" ;; *--action=check*|*pip*) ;;\n'
+      '  *) exit 7 ;; esac\n'))
   workdir = tmp_path / 'work dir'
   out = _run('single_host.sh', ['--python', 'fakepython', '--config', 'experiments/x.py:demo',
                                 '--workdir', str(workdir), '--', '--config.seed=1'], env)
   assert out.returncode == 7 and workdir.is_dir()  # the interpreter's status comes back
-  calls = (tmp_path / 'calls.log').read_text().splitlines()
-  assert calls == ['== fakepython', '-m', 'varft.main', '--config=experiments/x.py:demo',
-                   f'--workdir={workdir}', '--config.seed=1']
+  calls = [c.splitlines() for c in (tmp_path / 'calls.log').read_text().split('== fakepython\n')[1:]]
+  assert calls == [
+      ['-m', 'varft.main', '--action=requirements', '--config=experiments/x.py:demo', '--config.seed=1'],
+      ['-m', 'pip', 'install', '-q', '--no-deps', 'some-part'],
+      ['-m', 'varft.main', '--action=check', '--config=experiments/x.py:demo', '--config.seed=1'],
+      ['-m', 'varft.main', '--config=experiments/x.py:demo', f'--workdir={workdir}', '--config.seed=1']]
 
 
 def test_tpu_pod_runs_every_step_on_all_workers(tmp_path):
   # The run step (`ssh ... python3 -m varft.main`) fails with 3: logs are still copied back.
-  env = _fake(tmp_path, 'gcloud', 'if [[ "$*" == *varft.main* ]]; then exit 3; fi\n')
+  env = _fake(tmp_path, 'gcloud', 'if [[ "$*" == *config.distributed=True* ]]; then exit 3; fi\n')
   logs = tmp_path / 'logs'
   # A copy of the script in a tiny repo, so --setup packs that instead of the real tree.
   repo = tmp_path / 'repo'
@@ -94,9 +100,11 @@ def test_tpu_pod_runs_every_step_on_all_workers(tmp_path):
   assert all('--zone=z' in c and '--project=p1' in c for c in calls)
   assert '--accelerator-type=v4-32' in calls[0] and '--version=tpu-ubuntu2204-base' in calls[0]
   assert all('--worker=all' in calls[i] for i in (1, 2, 3, 4))
-  run = calls[3]
-  assert ('python3 -m varft.main --config=c.py --workdir=gs://b/w --config.distributed=True '
-          '--config.mode=eval') in run
+  setup, run = calls[2], calls[3]
+  assert 'python3 -m varft.main --action=requirements --config=c.py --config.mode=eval' in setup
+  assert 'pip install -q $args' in setup
+  assert ('python3 -m varft.main --action=check --config=c.py --config.mode=eval && python3 -m varft.main '
+          '--config=c.py --workdir=gs://b/w --config.distributed=True --config.mode=eval') in run
   assert 'pipefail' in run and logs.is_dir()
   with tarfile.open(tmp_path / 'varft_src_t.tar.gz') as tar:
     assert './setup.py' in tar.getnames()
@@ -116,10 +124,14 @@ def test_tpu_pod_dry_run_prints_without_running(tmp_path):
 
 def test_slurm_submits_itself_without_dry_run_flag(tmp_path):
   env = _fake(tmp_path, 'sbatch', 'exit 0\n')
+  _fake(tmp_path, 'fakepython', 'exit 0\n')  # the login node's requirements and start-up check pass
   out = _run('slurm_gpu.sh', REQUIRED['slurm_gpu.sh'] + [
-      '--workdir', str(tmp_path / 'w'), '--partition', 'gpu', '--', '--config.mode=eval'], env)
+      '--workdir', str(tmp_path / 'w'), '--partition', 'gpu', '--python', 'fakepython', '--',
+      '--config.mode=eval'], env)
   assert out.returncode == 0, out.stderr
-  args = (tmp_path / 'calls.log').read_text().splitlines()[1:]
+  log = (tmp_path / 'calls.log').read_text()
+  assert '--action=check' in log.split('== sbatch')[0]
+  args = log.split('== sbatch\n')[1].splitlines()
   assert '--nodes=2' in args and '--ntasks-per-node=1' in args and '--gpus-per-node=8' in args
   assert '--partition=gpu' in args and args[-2:] == ['--', '--config.mode=eval']
   assert args[args.index('--config') + 1] == 'c.py' and '--dry-run' not in args

