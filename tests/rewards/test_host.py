@@ -114,7 +114,7 @@ def test_auto_similarity_falls_back_to_lexical_once_and_minilm_is_required_when_
   texts = ["<think>.</think><search>meaning of the name LEGO</search>"]
   refs = [{"step_type": "search", "query": "the meaning of the name lego"}]
   config = {"rewards": [("query_similarity", 1.0)], "reward_options": {"query_similarity": "lexical"}}
-  total, _ = rewards.score_batch(texts, refs, _Config(config))
+  total, _ = rewards.score_batch(texts, refs, config)
   assert total[0] == pytest.approx(1.0)
 
 
@@ -123,8 +123,3 @@ def test_a_batch_without_search_steps_never_builds_an_encoder(monkeypatch):
   arrays = rewards.prepare_reward_inputs(["<think>.</think><answer>4</answer>"], [{"step_type": "answer"}],
                                          names=["accuracy"], options=host.RewardOptions(query_similarity="minilm"))
   assert arrays["pred_query_emb"].shape[0] == 8 and not arrays["pred_query_emb"].any()
-
-
-class _Config(dict):
-  """A dict with attribute access, as score_batch reads `config.rewards`."""
-  __getattr__ = dict.__getitem__

@@ -65,7 +65,7 @@ def score_batch(completions: Sequence[str], references: Sequence[Mapping[str, An
                 step_types: Optional[Sequence[str]] = None, embedder: Optional[Embedder] = None,
                 tool_stats: Optional[Mapping[str, Sequence]] = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
   """Host adapter + jitted ops in one call; numpy (total (N,), components {name: (N,)})."""
-  weights = reward_weights(config.rewards)
+  weights = reward_weights(config["rewards"])  # a dict or an ml_collections.ConfigDict
   arrays = prepare_reward_inputs(completions, references, names=[n for n, _ in weights], step_types=step_types,
                                  options=options_from_config(config), embedder=embedder, tool_stats=tool_stats)
   total, components = compute_rewards(arrays, weights)
