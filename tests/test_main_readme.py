@@ -109,6 +109,19 @@ def placeholders(tmp_path_factory):
           "/tmp/run": str(root / "run"), "/shared/run": str(root / "shared_run"), "scores.json": str(root / "s.json")}
 
 
+def _full_benchmark_predictions(runs):
+  """MAT-Search scoring needs its 150 items in order: the eval's demo predictions (a few items) repeated to 150, in
+  the file layout the eval wrote; returns the name of the step folder holding it."""
+  step = sorted(os.listdir(os.path.join(runs, "search7b", "eval")))[-1]
+  path = os.path.join(runs, "search7b", "eval", step, "mat_search.json")
+  items = json.load(open(path))
+  full = [dict(items[i % len(items)], id=str(i)) for i in range(150)]
+  folder = os.path.join(runs, "search7b", "eval", "full")
+  os.makedirs(folder, exist_ok=True)
+  json.dump(full, open(os.path.join(folder, "mat_search.json"), "w"))
+  return "full"
+
+
 def _run(command, placeholders):
   for placeholder, path in placeholders.items():
     command = command.replace(placeholder, path)
@@ -129,9 +142,7 @@ def test_commands_run_as_written(placeholders):
   ran = 0
   for command in list(commands())[2:]:
     if command.startswith("python -m varft.eval.score"):
-      runs = placeholders["/runs/"]
-      step = sorted(os.listdir(os.path.join(runs, "search7b", "eval")))[-1]
-      command = command.replace("step_001600", step)
+      command = command.replace("step_001600", _full_benchmark_predictions(placeholders["/runs/"]))
     out = _run(command, placeholders)
     assert out.returncode == 0, f"{command}\n{out.stderr[-4000:]}"
     ran += 1
