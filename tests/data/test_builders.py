@@ -143,3 +143,22 @@ def test_cli_prepares_and_reports(flashrag_dir, tmp_path, capsys):
   assert "multihop_qa/hotpotqa: {'dev': 2, 'test': 1}" in out and "'bad json line': 1" in out
   with pytest.raises(SystemExit, match='error: multihop_qa/musique: the manual dir'):
     builders.main(['multihop_qa/musique', '--manual_dir', flashrag_dir, '--data_dir', str(tmp_path)])
+
+
+def test_cli_prepared_data_is_what_the_trainer_loads_without_regenerating(mat_dir, tmp_path):
+  """`python -m varft.data.builders ... --data_dir X` then `config.data.tfds_dir=X`: one folder, built once."""
+  import shutil
+  import subprocess
+  import sys
+  from varft import agent_task
+  repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  data_dir = tmp_path / 'prepared'
+  out = subprocess.run([sys.executable, '-m', 'varft.data.builders', 'mat_training/search', '--manual_dir', mat_dir,
+                        '--data_dir', str(data_dir)], cwd=repo, env=dict(os.environ, PYTHONPATH=repo),
+                       capture_output=True, text=True, timeout=300, check=True)
+  folder = data_dir / 'mat_training' / 'search' / '1.0.0'
+  assert f'at {folder}' in out.stdout
+  assert builders.dataset_dir('mat_training/search', data_dir=str(data_dir)) == str(folder)
+  shutil.rmtree(mat_dir)  # regenerating would now fail: the trainer must read the prepared folder
+  source = agent_task._load('mat_training/search', None, mat_dir, str(data_dir))  # what AgentEnvironment calls
+  assert len(source) == 2 and source[1]['step_type'] == 'answer'

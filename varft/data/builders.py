@@ -280,12 +280,22 @@ def builder(name: str, *, data_dir: str) -> tfds.core.GeneratorBasedBuilder:
   return BUILDERS[family](config=config, data_dir=os.fspath(data_dir), file_format='array_record')
 
 
+def dataset_dir(name: str, *, data_dir: str) -> str:
+  """The folder `name` is prepared in: `<data_dir>/<family>/<config>/<version>` (TFDS's layout).
+
+  This is the one naming rule: the CLI (`--data_dir`), the trainer (`config.data.tfds_dir`) and
+  `load` / `prepare` all pass the same `data_dir` root, so each finds what the others prepared.
+  """
+  return os.fspath(builder(name, data_dir=data_dir).data_dir)
+
+
 def prepare(name: str, *, manual_dir: str | None, data_dir: str | None = None,
             ) -> tfds.core.GeneratorBasedBuilder:
   """Builds `name` from `manual_dir` unless already prepared; returns the builder.
 
-  `data_dir` defaults to `<manual_dir>/tfds`, so the demo and the real data never share
-  prepared files. A prepared dataset is reused as it is: delete its folder to rebuild. Hosts of
+  `data_dir` is the root of every prepared dataset (see `dataset_dir`); it defaults to
+  `<manual_dir>/tfds`, so the demo and the real data never share prepared files. A prepared
+  dataset is reused as it is (`manual_dir` is then not read): delete its folder to rebuild. Hosts of
   one run may prepare into a shared `data_dir` at once; preparing first on one host (e.g.
   `python -m varft.data.builders NAME --manual_dir DIR --data_dir DIR2`) avoids the duplicate work.
   """
