@@ -1,5 +1,6 @@
 """TFDS builders: published layouts -> array_record -> uniform examples; skips counted."""
 import io
+import json
 import os
 
 import pytest
@@ -162,3 +163,27 @@ def test_cli_prepared_data_is_what_the_trainer_loads_without_regenerating(mat_di
   shutil.rmtree(mat_dir)  # regenerating would now fail: the trainer must read the prepared folder
   source = agent_task._load('mat_training/search', None, mat_dir, str(data_dir))  # what AgentEnvironment calls
   assert len(source) == 2 and source[1]['step_type'] == 'answer'
+
+
+def test_mat_json_with_a_bom_and_bad_utf8_skips_that_record_naming_file_and_line(mat_dir, tmp_path):
+  path = os.path.join(mat_dir, 'MAT-Benchmark', 'MAT-Search.json')
+  with open(path, encoding='utf-8') as f:
+    rows = json.load(f)
+  text = json.dumps(rows, indent=1, ensure_ascii=False).replace('Question 2?', 'Question \udcff?')
+  with open(path, 'wb') as f:
+    f.write(b'\xef\xbb\xbf' + text.encode('utf-8', 'surrogateescape'))
+  b = builders.prepare('mat_benchmark/search', manual_dir=mat_dir, data_dir=str(tmp_path / 'tfds'))
+  src = builders.load('mat_benchmark/search', manual_dir=mat_dir, data_dir=str(tmp_path / 'tfds'))
+  assert [src[i]['id'] for i in range(len(src))] == ['1', '2', '4', '5', '6']  # the BOM kept the first record
+  report = builders.skip_report(b)['test']
+  assert report['reasons'] == {'invalid utf-8': 1, 'missing image': 1, 'bad question': 1}
+  assert report['first'][0].startswith('MAT-Search.json:14 (item 2): invalid utf-8: question holds text')
+
+
+def test_cli_reports_too_deep_mat_json_in_one_line(mat_dir, tmp_path):
+  path = os.path.join(mat_dir, 'MAT-Benchmark', 'MAT-Coding.json')
+  with open(path, 'w') as f:
+    f.write('[' + '[' * 5000 + ']' * 5000 + ']')
+  with pytest.raises(SystemExit) as info:
+    builders.main(['mat_benchmark/coding', '--manual_dir', mat_dir, '--data_dir', str(tmp_path)])
+  assert str(info.value) == f'error: {path}:1: item 0 is nested too deeply to parse; fix or remove it.'

@@ -168,14 +168,14 @@ class MatBenchmark(_Builder):
     image_dir = os.path.join(manual_dir, c.image_dir)
     rows = records.read_json_list(json_path)
     report = records.SkipReport(f'{self.name}/{c.name} ({json_path})')
-    for position, record in enumerate(rows):
+    for position, record in enumerate(rows.records):
       try:
         if c.name == 'search':
-          example = records.mat_search_example(record, position, len(rows), image_dir)
+          example = records.mat_search_example(record, position, len(rows.records), image_dir)
         else:
           example = records.mat_coding_example(record, position, image_dir)
       except records.MalformedRecord as e:
-        report.skip(f'item {position}', e)
+        report.skip(rows.where(position), e)
         continue
       yield position, example
     _finish(self, 'test', report)
@@ -225,7 +225,7 @@ class MatTraining(_Builder):
     c = self.builder_config
     report = records.SkipReport(f'{self.name}/{c.name} ({json_path})')
     rows = records.read_json_list(json_path)
-    yield from records.mat_training_examples(rows, image_dir, c.task, report)
+    yield from records.mat_training_examples(rows.records, image_dir, c.task, report, where=rows.where)
     _finish(self, 'train', report)
 
 

@@ -34,7 +34,7 @@ import io
 import json
 import os
 import re
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from PIL import Image
 
@@ -94,28 +94,86 @@ class SkipReport:
 # Files.
 
 
-def read_json_list(path: str) -> list:
-  """Reads a JSON file holding a list of records; a broken file is an error, not a skip."""
+_BOM = b'\xef\xbb\xbf'
+_JSON_SPACE = re.compile(r'[ \t\n\r]*')
+# Bytes that are not UTF-8 are decoded as lone surrogates (`surrogateescape`) so that one bad
+# record does not reject its file; a field holding one is rejected when it is read.
+_LONE_SURROGATE = re.compile('[\ud800-\udfff]')
+
+
+@dataclasses.dataclass(frozen=True)
+class JsonRecords:
+  """The records of a JSON list file and the line each one starts on."""
+  path: str
+  records: list
+  lines: list
+
+  def where(self, index: int) -> str:
+    """`'MAT-Search.json:12 (item 3)'`: what a skip message names."""
+    return f'{os.path.basename(self.path)}:{self.lines[index]} (item {index})'
+
+
+def read_json_list(path: str) -> JsonRecords:
+  """Reads a JSON file holding a list of records (a UTF-8 BOM is accepted).
+
+  A file that is not a JSON list is an error naming the file and line; text that is not UTF-8
+  only rejects the records whose fields hold it (see `_text`).
+  """
+  with open(path, 'rb') as f:
+    text = f.read().removeprefix(_BOM).decode('utf-8', 'surrogateescape')
+  decoder = json.JSONDecoder()
+  values, starts = [], []
+  index = _JSON_SPACE.match(text).end()
   try:
-    with open(path, encoding='utf-8') as f:
-      data = json.load(f)
+    if text[index:index + 1] != '[':
+      data = json.loads(text)  # not a list: raises for broken JSON, else reports the type below
+      raise ValueError(f'{path} must hold a JSON list of records, got {type(data).__name__}.')
+    index = _JSON_SPACE.match(text, index + 1).end()
+    while text[index:index + 1] != ']':
+      if values:
+        if text[index:index + 1] != ',':
+          raise json.JSONDecodeError("Expecting ',' delimiter", text, index)
+        index = _JSON_SPACE.match(text, index + 1).end()
+      starts.append(index)
+      value, index = decoder.raw_decode(text, index)
+      values.append(value)
+      index = _JSON_SPACE.match(text, index).end()
+    index = _JSON_SPACE.match(text, index + 1).end()
+    if index < len(text):
+      raise json.JSONDecodeError('Extra data', text, index)
   except json.JSONDecodeError as e:
-    raise ValueError(f'{path} is not valid JSON ({e}); re-download it.') from e
-  if not isinstance(data, list):
-    raise ValueError(f'{path} must hold a JSON list of records, got {type(data).__name__}.')
-  return data
+    raise ValueError(f'{path} is not valid JSON ({e}); re-download it.') from None
+  except RecursionError:
+    line = text.count('\n', 0, starts[-1]) + 1 if starts else 1
+    raise ValueError(f'{path}:{line}: item {len(values)} is nested too deeply to parse; fix or remove '
+                     'it.') from None
+  lines, line, last = [], 1, 0
+  for start in starts:
+    line += text.count('\n', last, start)
+    lines.append(line)
+    last = start
+  return JsonRecords(path, values, lines)
 
 
 def iter_jsonl(path: str, report: SkipReport) -> Iterator[tuple[int, Any]]:
-  """Yields (line number, parsed object) from a JSONL file, skipping unparsable lines."""
-  with open(path, encoding='utf-8') as f:
-    for line_no, line in enumerate(f, start=1):
+  """Yields (line number, parsed object) from a JSONL file (a UTF-8 BOM is accepted), skipping
+  and counting lines that are not UTF-8 or not JSON."""
+  name = os.path.basename(path)
+  with open(path, 'rb') as f:
+    for line_no, raw in enumerate(f, start=1):
+      try:
+        line = (raw.removeprefix(_BOM) if line_no == 1 else raw).decode('utf-8')
+      except UnicodeDecodeError as e:
+        report.skip(f'{name}:{line_no}', MalformedRecord('invalid utf-8', str(e)))
+        continue
       if not line.strip():
         continue
       try:
         yield line_no, json.loads(line)
       except json.JSONDecodeError as e:
-        report.skip(f'{os.path.basename(path)}:{line_no}', MalformedRecord('bad json line', str(e)))
+        report.skip(f'{name}:{line_no}', MalformedRecord('bad json line', str(e)))
+      except RecursionError:
+        report.skip(f'{name}:{line_no}', MalformedRecord('bad json line', 'nested too deeply to parse'))
 
 
 def resolve_image(image_dir: str, name: str) -> str:
@@ -154,6 +212,12 @@ def read_image(path: str) -> bytes:
 # Field helpers.
 
 
+def _utf8(value: str, key: str) -> str:
+  if _LONE_SURROGATE.search(value):
+    raise MalformedRecord('invalid utf-8', f'{key} holds text that is not UTF-8: {value!r:.80}')
+  return value
+
+
 def _text(record: dict, key: str, *, required: bool = True) -> str:
   value = record.get(key)
   if value is None and not required:
@@ -162,7 +226,7 @@ def _text(record: dict, key: str, *, required: bool = True) -> str:
     value = str(value)
   if not isinstance(value, str) or (required and not value.strip()):
     raise MalformedRecord(f'bad {key}', f'expected a non-empty string, got {value!r:.80}')
-  return value
+  return _utf8(value, key)
 
 
 def _answer_list(record: dict, key: str) -> list[str]:
@@ -172,12 +236,12 @@ def _answer_list(record: dict, key: str) -> list[str]:
   if (not isinstance(value, list) or not value
       or not all(isinstance(v, (str, int, float)) for v in value)):
     raise MalformedRecord(f'bad {key}', f'expected a string or a list of strings, got {value!r:.80}')
-  return [str(v) for v in value]
+  return [_utf8(str(v), key) for v in value]
 
 
 def _record_id(record: dict, fallback: str) -> str:
   value = record.get('id')
-  return fallback if value is None or value == '' else str(value)
+  return fallback if value is None or value == '' else _utf8(str(value), 'id')
 
 
 def strip_query(problem: str) -> tuple[str, str]:
@@ -303,12 +367,13 @@ def _tag_content(solution: str, tag: str) -> str:
   return match.group(1).strip() if match else ''
 
 
-def mat_training_examples(records: Iterable[Any], image_dir: str, task: str,
-                          report: SkipReport) -> Iterator[tuple[int, dict]]:
+def mat_training_examples(records: Iterable[Any], image_dir: str, task: str, report: SkipReport,
+                          where: Callable[[int], str] = 'row {}'.format) -> Iterator[tuple[int, dict]]:
   """MAT-Training rows `{type, image_path, problem, context, solution, gt}` -> (row, example).
 
   Rows are grouped into trajectories so that every step carries the trajectory's final answer
   (from its `<answer>` step) and, for coding, its degradations (from its `<problem>` step).
+  `where(row)` names a row in skip messages.
   """
   if task not in ('search', 'coding'):
     raise ValueError(f'task must be search or coding, got {task!r}')
@@ -335,13 +400,13 @@ def mat_training_examples(records: Iterable[Any], image_dir: str, task: str,
         trajectories[traj]['degradations'] = parse_degradations(_tag_content(solution, 'problem'))
       parsed.append((row, step, question, context, image_path, solution, traj))
     except MalformedRecord as e:
-      report.skip(f'row {row}', e)
+      report.skip(where(row), e)
 
   for row, step, question, context, image_path, solution, traj in parsed:
     try:
       image = read_image(resolve_image(image_dir, image_path))
     except MalformedRecord as e:
-      report.skip(f'row {row}', e)
+      report.skip(where(row), e)
       continue
     yield row, {
         'id': f'{row}:{traj[0]}:{step}',
