@@ -187,3 +187,30 @@ def test_cli_reports_too_deep_mat_json_in_one_line(mat_dir, tmp_path):
   with pytest.raises(SystemExit) as info:
     builders.main(['mat_benchmark/coding', '--manual_dir', mat_dir, '--data_dir', str(tmp_path)])
   assert str(info.value) == f'error: {path}:1: item 0 is nested too deeply to parse; fix or remove it.'
+
+
+def test_builders_skip_what_the_rollout_would_reject_sizes_and_duplicate_ids(mat_dir, flashrag_dir, tmp_path):
+  images = os.path.join(mat_dir, 'MAT-Benchmark', 'MAT-Search-image')
+  Image.new('RGB', (60000, 10), (5, 5, 5)).save(os.path.join(images, 'strip.png'))
+  path = os.path.join(mat_dir, 'MAT-Benchmark', 'MAT-Search.json')
+  with open(path, encoding='utf-8') as f:
+    rows = json.load(f)
+  rows += [{'id': 20, 'question': 'Strip?', 'answer': 'x', 'image_path': 'strip.png'},
+           {'id': 2, 'question': 'Same id as item 1?', 'answer': 'y', 'image_path': 'annotation2.jpg'}]
+  with open(path, 'w', encoding='utf-8') as f:
+    json.dump(rows, f)
+  src = builders.load('mat_benchmark/search', manual_dir=mat_dir, data_dir=str(tmp_path / 'tfds'))
+  assert [src[i]['id'] for i in range(len(src))] == ['1', '2', '3', '4', '5', '6']
+  assert src[1]['question'] == 'Question 1?'  # the first of an id is kept
+  report = builders.skip_report(builders.prepare('mat_benchmark/search', manual_dir=mat_dir,
+                                                 data_dir=str(tmp_path / 'tfds')))['test']
+  assert report['reasons'] == {'missing image': 1, 'bad question': 1, 'bad image size': 1, 'duplicate id': 1}
+  assert any('aspect ratio 6000.0 > 200' in m for m in report['first'])
+  assert "MAT-Search.json:1 (item 9): duplicate id: id '2' is already used at MAT-Search.json:1 (item 1)" in (
+      report['first'])
+
+  dev = os.path.join(flashrag_dir, 'hotpotqa', 'dev.jsonl')
+  with open(dev, 'a') as f:
+    f.write(json.dumps({'id': 'dev_0', 'question': 'Again?', 'golden_answers': ['no']}) + '\n')
+  b = builders.prepare('multihop_qa/hotpotqa', manual_dir=flashrag_dir, data_dir=str(tmp_path / 'mh'))
+  assert builders.skip_report(b)['dev']['reasons'] == {'bad json line': 1, 'bad question': 1, 'duplicate id': 1}

@@ -125,3 +125,24 @@ def test_iter_jsonl_accepts_a_bom_and_skips_lines_that_are_not_utf8_or_too_deep(
   assert report.counts == {'invalid utf-8': 1, 'bad json line': 1}
   assert report.first[0].startswith('dev.jsonl:2: invalid utf-8')
   assert report.first[1] == 'dev.jsonl:3: bad json line: nested too deeply to parse'
+
+
+def test_read_image_rejects_sizes_the_image_processor_rejects(tmp_path):
+  wide, limit = tmp_path / 'wide.png', tmp_path / 'limit.png'
+  Image.new('RGB', (60000, 10)).save(wide)
+  Image.new('RGB', (2000, 10)).save(limit)  # aspect ratio 200: the processor's limit, still accepted
+  with pytest.raises(records.MalformedRecord, match='aspect ratio 6000.0 > 200') as info:
+    records.read_image(str(wide))
+  assert info.value.reason == 'bad image size'
+  assert records.read_image(str(limit)) == limit.read_bytes()
+
+
+def test_read_image_reencodes_a_float_tiff_scaled_not_clipped(tmp_path):
+  import numpy as np
+  path = tmp_path / 'depth.tiff'
+  values = np.linspace(0, 1, 32 * 8, dtype=np.float32).reshape(8, 32)
+  Image.fromarray(values).save(path)
+  with Image.open(io.BytesIO(records.read_image(str(path)))) as image:
+    assert image.format == 'PNG' and image.mode == 'RGB'
+    got = np.asarray(image)[..., 0].astype(int)
+  np.testing.assert_array_equal(got, np.round(values * 255).astype(int))

@@ -16,8 +16,9 @@ the root of the FlashRAG datasets download (2wikimultihopqa, hotpotqa, musique, 
 `python -m varft.data.demo --out DIR` writes the same layouts under DIR/MAT and
 DIR/FlashRAG_datasets (config `multihop_qa/demo`).
 
-Skipped records (malformed JSON, missing or corrupt images) are counted per reason, logged, and
-stored in the prepared dataset's metadata (`skip_report(prepare(name, ...))` reads them back).
+Skipped records (malformed JSON or text that is not UTF-8, missing or corrupt images, images the
+processor would reject for their size, duplicate ids) are counted per reason, logged, and stored
+in the prepared dataset's metadata (`skip_report(prepare(name, ...))` reads them back).
 """
 from __future__ import annotations
 
@@ -168,12 +169,14 @@ class MatBenchmark(_Builder):
     image_dir = os.path.join(manual_dir, c.image_dir)
     rows = records.read_json_list(json_path)
     report = records.SkipReport(f'{self.name}/{c.name} ({json_path})')
+    ids = records.UniqueIds()
     for position, record in enumerate(rows.records):
       try:
         if c.name == 'search':
           example = records.mat_search_example(record, position, len(rows.records), image_dir)
         else:
           example = records.mat_coding_example(record, position, image_dir)
+        ids.claim(example['id'], rows.where(position))
       except records.MalformedRecord as e:
         report.skip(rows.where(position), e)
         continue
@@ -254,11 +257,14 @@ class MultihopQa(_Builder):
 
   def _generate_examples(self, path, split):
     report = records.SkipReport(f'{self.name}/{self.builder_config.name} ({path})')
+    ids = records.UniqueIds()
     for line_no, record in records.iter_jsonl(path, report):
+      where = f'{os.path.basename(path)}:{line_no}'
       try:
         example = records.multihop_example(record, line_no, split)
+        ids.claim(example['id'], where)
       except records.MalformedRecord as e:
-        report.skip(f'line {line_no}', e)
+        report.skip(where, e)
         continue
       yield line_no, example
     _finish(self, split, report)

@@ -38,6 +38,8 @@ from typing import Any, Callable, Iterable, Iterator
 
 from PIL import Image
 
+from varft.processing import image as image_lib
+
 TASKS = ('search', 'coding', 'multihop')
 DEGRADATIONS = ('rotation90', 'rotation180', 'dark', 'overexposure', 'blur', 'noise', 'crop',
                 'none')
@@ -59,6 +61,18 @@ class MalformedRecord(ValueError):
     super().__init__(f'{reason}: {detail}' if detail else reason)
     self.reason = reason
     self.detail = detail
+
+
+class UniqueIds:
+  """Keeps the first example of each id: a duplicate would map two transcripts to one example."""
+
+  def __init__(self):
+    self._first: dict[str, str] = {}
+
+  def claim(self, example_id: str, where: str) -> None:
+    first = self._first.setdefault(example_id, where)
+    if first != where:
+      raise MalformedRecord('duplicate id', f'id {example_id!r} is already used at {first}')
 
 
 @dataclasses.dataclass
@@ -189,7 +203,8 @@ def resolve_image(image_dir: str, name: str) -> str:
 
 
 def read_image(path: str) -> bytes:
-  """Returns encoded PNG/JPEG bytes of an image file after checking that it decodes fully.
+  """Returns encoded PNG/JPEG bytes of an image file after checking that it decodes fully and
+  that the image processor accepts its size (the rollout would reject it otherwise).
 
   Other formats (WebP, BMP, GIF, ...) are re-encoded as PNG so that every consumer only needs
   PNG/JPEG support.
@@ -199,13 +214,19 @@ def read_image(path: str) -> bytes:
   try:
     with Image.open(io.BytesIO(data)) as image:
       image.load()
-      if image.format in ('PNG', 'JPEG'):
-        return data
-      out = io.BytesIO()
-      image.convert('RGBA' if 'A' in image.getbands() else 'RGB').save(out, format='PNG')
-      return out.getvalue()
+      size, fmt = image.size, image.format
+      if fmt not in ('PNG', 'JPEG'):
+        out = io.BytesIO()
+        eight_bit = image_lib.to_8bit(image)  # high-bit-depth TIFFs scaled, not clipped
+        eight_bit.convert('RGBA' if 'A' in eight_bit.getbands() else 'RGB').save(out, format='PNG')
+        data = out.getvalue()
   except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as e:
     raise MalformedRecord('corrupt image', f'{path}: {e}') from e
+  try:
+    image_lib.smart_resize(size[1], size[0])  # the processor's aspect and size limits
+  except image_lib.ImageError as e:
+    raise MalformedRecord('bad image size', f'{path}: {e}') from None
+  return data
 
 
 # ---------------------------------------------------------------------------------------------
