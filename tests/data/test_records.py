@@ -5,6 +5,7 @@ import json
 import pytest
 from PIL import Image
 
+from varft.data import json_files
 from varft.data import records
 
 
@@ -74,11 +75,11 @@ def test_read_json_list_accepts_a_bom_and_knows_each_records_line(tmp_path):
   path = tmp_path / 'MAT-Search.json'
   rows = [{'id': 1, 'question': 'a?'}, {'id': 2, 'question': 'b?'}, {'id': 3, 'question': 'c?'}]
   path.write_bytes(b'\xef\xbb\xbf' + json.dumps(rows, indent=1).encode())
-  read = records.read_json_list(str(path))
+  read = json_files.read_json_list(str(path))
   assert read.records == rows  # the BOM neither rejects the file nor eats the first record
   assert read.lines == [2, 6, 10] and read.where(1) == 'MAT-Search.json:6 (item 1)'
   path.write_bytes(b'[]')
-  assert records.read_json_list(str(path)).records == []
+  assert json_files.read_json_list(str(path)).records == []
 
 
 @pytest.mark.parametrize('text, message', [
@@ -92,14 +93,14 @@ def test_read_json_list_names_file_and_line_of_broken_json(tmp_path, text, messa
   path = tmp_path / 'x.json'
   path.write_text(text)
   with pytest.raises(ValueError, match=message):
-    records.read_json_list(str(path))
+    json_files.read_json_list(str(path))
 
 
 def test_read_json_list_rejects_5000_deep_json_in_one_line_without_recursion_error(tmp_path):
   path = tmp_path / 'deep.json'
   path.write_text('[{"id": 1},\n' + '[' * 5000 + ']' * 5000 + ']')
   with pytest.raises(ValueError) as info:
-    records.read_json_list(str(path))
+    json_files.read_json_list(str(path))
   assert info.value.__suppress_context__  # no RecursionError traceback under the message
   assert str(info.value) == f'{path}:2: item 1 is nested too deeply to parse; fix or remove it.'
 
@@ -108,7 +109,7 @@ def test_fields_holding_text_that_is_not_utf8_reject_only_their_record(tmp_path)
   path = tmp_path / 'x.json'
   path.write_bytes(b'[{"question": "caf\xe9?", "answer": "a"},\n {"question": "ok?", "answer": "b\xff"},\n'
                    b' {"question": "fine?", "answer": "c", "note": "\xff ignored: not read"}]')
-  rows = records.read_json_list(str(path)).records
+  rows = json_files.read_json_list(str(path)).records
   for record in rows[:2]:
     with pytest.raises(records.MalformedRecord) as info:
       records.mat_search_example(record, 0, 3, str(tmp_path))
@@ -121,7 +122,7 @@ def test_iter_jsonl_accepts_a_bom_and_skips_lines_that_are_not_utf8_or_too_deep(
   path = tmp_path / 'dev.jsonl'
   path.write_bytes(b'\xef\xbb\xbf{"id": "a"}\n{"id": "\xff"}\n' + b'[' * 5000 + b']' * 5000 + b'\n{"id": "b"}\n')
   report = records.SkipReport('dev')
-  assert list(records.iter_jsonl(str(path), report)) == [(1, {'id': 'a'}), (4, {'id': 'b'})]
+  assert list(json_files.iter_jsonl(str(path), report)) == [(1, {'id': 'a'}), (4, {'id': 'b'})]
   assert report.counts == {'invalid utf-8': 1, 'bad json line': 1}
   assert report.first[0].startswith('dev.jsonl:2: invalid utf-8')
   assert report.first[1] == 'dev.jsonl:3: bad json line: nested too deeply to parse'

@@ -32,6 +32,7 @@ from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
 
+from varft.data import json_files
 from varft.data import records
 
 _MAT_URL = 'https://huggingface.co/datasets/laolao77/MAT'
@@ -167,7 +168,7 @@ class MatBenchmark(_Builder):
     c = self.builder_config
     json_path = os.path.join(manual_dir, c.json_file)
     image_dir = os.path.join(manual_dir, c.image_dir)
-    rows = records.read_json_list(json_path)
+    rows = json_files.read_json_list(json_path)
     report = records.SkipReport(f'{self.name}/{c.name} ({json_path})')
     ids = records.UniqueIds()
     for position, record in enumerate(rows.records):
@@ -227,7 +228,7 @@ class MatTraining(_Builder):
   def _generate_examples(self, json_path, image_dir):
     c = self.builder_config
     report = records.SkipReport(f'{self.name}/{c.name} ({json_path})')
-    rows = records.read_json_list(json_path)
+    rows = json_files.read_json_list(json_path)
     yield from records.mat_training_examples(rows.records, image_dir, c.task, report, where=rows.where)
     _finish(self, 'train', report)
 
@@ -258,7 +259,7 @@ class MultihopQa(_Builder):
   def _generate_examples(self, path, split):
     report = records.SkipReport(f'{self.name}/{self.builder_config.name} ({path})')
     ids = records.UniqueIds()
-    for line_no, record in records.iter_jsonl(path, report):
+    for line_no, record in json_files.iter_jsonl(path, report):
       where = f'{os.path.basename(path)}:{line_no}'
       try:
         example = records.multihop_example(record, line_no, split)

@@ -31,7 +31,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import io
-import json
 import os
 import re
 from typing import Any, Callable, Iterable, Iterator
@@ -105,89 +104,12 @@ class SkipReport:
 
 
 # ---------------------------------------------------------------------------------------------
-# Files.
+# Files (JSON and JSONL files are read by `varft.data.json_files`).
 
-
-_BOM = b'\xef\xbb\xbf'
-_JSON_SPACE = re.compile(r'[ \t\n\r]*')
-# Bytes that are not UTF-8 are decoded as lone surrogates (`surrogateescape`) so that one bad
-# record does not reject its file; a field holding one is rejected when it is read.
+# Files hold bytes that are not UTF-8 as lone surrogates (`json_files` decodes with
+# `surrogateescape`) so that one bad record does not reject its file; a field holding one is
+# rejected when it is read.
 _LONE_SURROGATE = re.compile('[\ud800-\udfff]')
-
-
-@dataclasses.dataclass(frozen=True)
-class JsonRecords:
-  """The records of a JSON list file and the line each one starts on."""
-  path: str
-  records: list
-  lines: list
-
-  def where(self, index: int) -> str:
-    """`'MAT-Search.json:12 (item 3)'`: what a skip message names."""
-    return f'{os.path.basename(self.path)}:{self.lines[index]} (item {index})'
-
-
-def read_json_list(path: str) -> JsonRecords:
-  """Reads a JSON file holding a list of records (a UTF-8 BOM is accepted).
-
-  A file that is not a JSON list is an error naming the file and line; text that is not UTF-8
-  only rejects the records whose fields hold it (see `_text`).
-  """
-  with open(path, 'rb') as f:
-    text = f.read().removeprefix(_BOM).decode('utf-8', 'surrogateescape')
-  decoder = json.JSONDecoder()
-  values, starts = [], []
-  index = _JSON_SPACE.match(text).end()
-  try:
-    if text[index:index + 1] != '[':
-      data = json.loads(text)  # not a list: raises for broken JSON, else reports the type below
-      raise ValueError(f'{path} must hold a JSON list of records, got {type(data).__name__}.')
-    index = _JSON_SPACE.match(text, index + 1).end()
-    while text[index:index + 1] != ']':
-      if values:
-        if text[index:index + 1] != ',':
-          raise json.JSONDecodeError("Expecting ',' delimiter", text, index)
-        index = _JSON_SPACE.match(text, index + 1).end()
-      starts.append(index)
-      value, index = decoder.raw_decode(text, index)
-      values.append(value)
-      index = _JSON_SPACE.match(text, index).end()
-    index = _JSON_SPACE.match(text, index + 1).end()
-    if index < len(text):
-      raise json.JSONDecodeError('Extra data', text, index)
-  except json.JSONDecodeError as e:
-    raise ValueError(f'{path} is not valid JSON ({e}); re-download it.') from None
-  except RecursionError:
-    line = text.count('\n', 0, starts[-1]) + 1 if starts else 1
-    raise ValueError(f'{path}:{line}: item {len(values)} is nested too deeply to parse; fix or remove '
-                     'it.') from None
-  lines, line, last = [], 1, 0
-  for start in starts:
-    line += text.count('\n', last, start)
-    lines.append(line)
-    last = start
-  return JsonRecords(path, values, lines)
-
-
-def iter_jsonl(path: str, report: SkipReport) -> Iterator[tuple[int, Any]]:
-  """Yields (line number, parsed object) from a JSONL file (a UTF-8 BOM is accepted), skipping
-  and counting lines that are not UTF-8 or not JSON."""
-  name = os.path.basename(path)
-  with open(path, 'rb') as f:
-    for line_no, raw in enumerate(f, start=1):
-      try:
-        line = (raw.removeprefix(_BOM) if line_no == 1 else raw).decode('utf-8')
-      except UnicodeDecodeError as e:
-        report.skip(f'{name}:{line_no}', MalformedRecord('invalid utf-8', str(e)))
-        continue
-      if not line.strip():
-        continue
-      try:
-        yield line_no, json.loads(line)
-      except json.JSONDecodeError as e:
-        report.skip(f'{name}:{line_no}', MalformedRecord('bad json line', str(e)))
-      except RecursionError:
-        report.skip(f'{name}:{line_no}', MalformedRecord('bad json line', 'nested too deeply to parse'))
 
 
 def resolve_image(image_dir: str, name: str) -> str:
