@@ -67,6 +67,10 @@ class WorkdirLock:
       os.close(fd)
       raise RunFolderError(f"workdir {self.workdir} is in use by another run ({holder}; lock {self.path}): wait "
                            "for it to end, or pass another --workdir") from None
+    except OSError as e:  # a filesystem without locks (some FUSE mounts): run, but say what is not guarded
+      os.close(fd)
+      logging.warning("Cannot lock workdir %s (%s): a second run on it would not be stopped", self.workdir, e)
+      return
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
     self._fd = fd
@@ -133,20 +137,20 @@ class Checkpointer:
   def __init__(self, directory: str, max_to_keep: int = 3, save_interval_steps: int = 1,
                async_save: bool = True, *, fingerprint: Mapping[str, Any] | None = None, resume: str = "auto",
                lock: WorkdirLock | None = None):
-    if resume not in RESUME_MODES:
-      raise ValueError(f"config.resume={resume!r} is not one of {RESUME_MODES}")
     self.directory = os.path.abspath(directory)
-    self.fingerprint, self._lock = fingerprint, lock
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep, save_interval_steps=save_interval_steps, create=True,
-        enable_async_checkpointing=async_save, cleanup_tmp_directories=True)
-    self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=(STATE, DATA, META))
-    if fingerprint is not None:
-      try:
+    self.fingerprint, self._lock, self._manager = fingerprint, lock, None
+    try:
+      if resume not in RESUME_MODES:
+        raise ValueError(f"config.resume={resume!r} is not one of {RESUME_MODES}")
+      options = ocp.CheckpointManagerOptions(
+          max_to_keep=max_to_keep, save_interval_steps=save_interval_steps, create=True,
+          enable_async_checkpointing=async_save, cleanup_tmp_directories=True)
+      self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=(STATE, DATA, META))
+      if fingerprint is not None:
         self._check_recipe(force=resume == "force")
-      except RunFolderError:
-        self.close()  # drops the lock now, not whenever the traceback is collected
-        raise
+    except BaseException:
+      self.close()  # drops the lock now, not whenever the traceback is collected
+      raise
 
   def _check_recipe(self, force: bool) -> None:
     """Refuses to resume from a checkpoint of another recipe (naming the keys that differ) unless `force`."""
@@ -211,8 +215,9 @@ class Checkpointer:
   def close(self) -> None:
     """Finishes pending saves, then releases the workdir lock (if this checkpointer holds it)."""
     try:
-      self._manager.wait_until_finished()
-      self._manager.close()
+      if self._manager is not None:
+        self._manager.wait_until_finished()
+        self._manager.close()
     finally:
       if self._lock is not None:
         self._lock.release()

@@ -140,8 +140,10 @@ def test_checkpoints_store_the_fingerprint_and_old_ones_are_checked_through_thei
   other = ckpt_lib.fingerprint(_echo(**{"grpo.beta": 0.5}))
   with pytest.raises(ckpt_lib.RunFolderError, match=r"grpo\.beta: 0\.0 -> 0\.5"):
     ckpt_lib.Checkpointer(str(tmp_path / "old"), fingerprint=other)
+  lock = ckpt_lib.WorkdirLock(str(tmp_path))
   with pytest.raises(ValueError, match=r"config\.resume='always' is not one of"):
-    ckpt_lib.Checkpointer(str(tmp_path / "old"), fingerprint=other, resume="always")
+    ckpt_lib.Checkpointer(str(tmp_path / "old"), fingerprint=other, resume="always", lock=lock)
+  ckpt_lib.WorkdirLock(str(tmp_path)).release()  # a checkpointer that failed to start let go of the lock
 
 
 def test_recipe_keeps_what_changes_the_run_and_drops_run_only_keys():
@@ -157,3 +159,16 @@ def test_recipe_keeps_what_changes_the_run_and_drops_run_only_keys():
   assert ckpt_lib.fingerprint(config) == ckpt_lib.fingerprint(json.loads(config.to_json_best_effort()))
   assert ckpt_lib.recipe_changes({"a": 1, "b": 2, "log_every": 1}, {"a": 1, "c": 3, "log_every": 5}) == [
       "b: 2 -> '<absent>'", "c: '<absent>' -> 3"]
+
+
+def test_a_filesystem_without_locks_warns_and_runs(tmp_path, monkeypatch, caplog):
+  import errno
+  import fcntl
+
+  def no_locks(fd, operation):
+    raise OSError(errno.ENOLCK, "No locks available")
+
+  monkeypatch.setattr(fcntl, "flock", no_locks)
+  lock = ckpt_lib.WorkdirLock(str(tmp_path))
+  assert "a second run on it would not be stopped" in caplog.text and "No locks available" in caplog.text
+  lock.release()
