@@ -62,8 +62,7 @@ def _load(dataset: str, split: str | None, manual_dir: str, tfds_dir: str):
   if not manual_dir and not tfds_dir:
     raise ValueError(f"Dataset {dataset} needs its download folder: set config.data.mat_dir / "
                      "config.data.flashrag_dir (or config.data.demo=True for the embedded demo)")
-  data_dir = os.path.join(tfds_dir, dataset.replace("/", "_")) if tfds_dir else None
-  return builders.load(dataset, split or None, manual_dir=manual_dir or None, data_dir=data_dir)
+  return builders.load(dataset, split or None, manual_dir=manual_dir or None, data_dir=tfds_dir or None)
 
 
 def tool_executor_config(config: ml_collections.ConfigDict, paths: Mapping[str, str], workdir: str) -> dict:

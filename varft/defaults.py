@@ -20,6 +20,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval_every = 0  # evaluate every N steps and at the end; 0 = never
   c.export_hf = True
   c.distributed = "auto"  # jax.distributed.initialize(): auto | True | False
+  # auto: resume from the workdir's checkpoints when they were made with the same recipe (varft.checkpoint.recipe),
+  # refuse otherwise, naming the keys that differ | force: resume them under this config anyway.
+  c.resume = "auto"
 
   c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
 

@@ -203,6 +203,11 @@ class Trainer:
     validate(config)
     self.choices = preflight.check(config)
     self.config, self.workdir = config, workdir
+    # Before any weights load: a training run locks its workdir and refuses checkpoints of another recipe.
+    self.checkpointer = ckpt_lib.Checkpointer(
+        os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints,
+        async_save=config.async_checkpoints, fingerprint=ckpt_lib.fingerprint(config) if training else None,
+        resume=config.resume, lock=ckpt_lib.lock_workdir(workdir) if training else None)
     self.mesh = sharding.make_mesh(dict(config.mesh))
     self.model_cfg = model_config(config)
     self.gcfg = grpo_config(config)
@@ -225,9 +230,6 @@ class Trainer:
     self._train_step = jax.jit(grpo.make_train_step(self.model_cfg, self.gcfg, self.optimizer),
                                out_shardings=(self.state_shardings, replicated), donate_argnums=0,
                                static_argnames="num_loss_tokens")
-    self.checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                              max_to_keep=config.keep_checkpoints,
-                                              async_save=config.async_checkpoints)
     self.step = 0
     self.rng = jax.random.key(config.seed)
     self.last_samples: list[dict[str, Any]] = []

@@ -1,5 +1,6 @@
 """TFDS builders: published layouts -> array_record -> uniform examples; skips counted."""
 import io
+import json
 import os
 
 import pytest
@@ -143,3 +144,73 @@ def test_cli_prepares_and_reports(flashrag_dir, tmp_path, capsys):
   assert "multihop_qa/hotpotqa: {'dev': 2, 'test': 1}" in out and "'bad json line': 1" in out
   with pytest.raises(SystemExit, match='error: multihop_qa/musique: the manual dir'):
     builders.main(['multihop_qa/musique', '--manual_dir', flashrag_dir, '--data_dir', str(tmp_path)])
+
+
+def test_cli_prepared_data_is_what_the_trainer_loads_without_regenerating(mat_dir, tmp_path):
+  """`python -m varft.data.builders ... --data_dir X` then `config.data.tfds_dir=X`: one folder, built once."""
+  import shutil
+  import subprocess
+  import sys
+  from varft import agent_task
+  repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  data_dir = tmp_path / 'prepared'
+  out = subprocess.run([sys.executable, '-m', 'varft.data.builders', 'mat_training/search', '--manual_dir', mat_dir,
+                        '--data_dir', str(data_dir)], cwd=repo, env=dict(os.environ, PYTHONPATH=repo),
+                       capture_output=True, text=True, timeout=300, check=True)
+  folder = data_dir / 'mat_training' / 'search' / '1.0.0'
+  assert f'at {folder}' in out.stdout
+  assert builders.dataset_dir('mat_training/search', data_dir=str(data_dir)) == str(folder)
+  shutil.rmtree(mat_dir)  # regenerating would now fail: the trainer must read the prepared folder
+  source = agent_task._load('mat_training/search', None, mat_dir, str(data_dir))  # what AgentEnvironment calls
+  assert len(source) == 2 and source[1]['step_type'] == 'answer'
+
+
+def test_mat_json_with_a_bom_and_bad_utf8_skips_that_record_naming_file_and_line(mat_dir, tmp_path):
+  path = os.path.join(mat_dir, 'MAT-Benchmark', 'MAT-Search.json')
+  with open(path, encoding='utf-8') as f:
+    rows = json.load(f)
+  text = json.dumps(rows, indent=1, ensure_ascii=False).replace('Question 2?', 'Question \udcff?')
+  with open(path, 'wb') as f:
+    f.write(b'\xef\xbb\xbf' + text.encode('utf-8', 'surrogateescape'))
+  b = builders.prepare('mat_benchmark/search', manual_dir=mat_dir, data_dir=str(tmp_path / 'tfds'))
+  src = builders.load('mat_benchmark/search', manual_dir=mat_dir, data_dir=str(tmp_path / 'tfds'))
+  assert [src[i]['id'] for i in range(len(src))] == ['1', '2', '4', '5', '6']  # the BOM kept the first record
+  report = builders.skip_report(b)['test']
+  assert report['reasons'] == {'invalid utf-8': 1, 'missing image': 1, 'bad question': 1}
+  assert report['first'][0].startswith('MAT-Search.json:14 (item 2): invalid utf-8: question holds text')
+
+
+def test_cli_reports_too_deep_mat_json_in_one_line(mat_dir, tmp_path):
+  path = os.path.join(mat_dir, 'MAT-Benchmark', 'MAT-Coding.json')
+  with open(path, 'w') as f:
+    f.write('[' + '[' * 5000 + ']' * 5000 + ']')
+  with pytest.raises(SystemExit) as info:
+    builders.main(['mat_benchmark/coding', '--manual_dir', mat_dir, '--data_dir', str(tmp_path)])
+  assert str(info.value) == f'error: {path}:1: item 0 is nested too deeply to parse; fix or remove it.'
+
+
+def test_builders_skip_what_the_rollout_would_reject_sizes_and_duplicate_ids(mat_dir, flashrag_dir, tmp_path):
+  images = os.path.join(mat_dir, 'MAT-Benchmark', 'MAT-Search-image')
+  Image.new('RGB', (60000, 10), (5, 5, 5)).save(os.path.join(images, 'strip.png'))
+  path = os.path.join(mat_dir, 'MAT-Benchmark', 'MAT-Search.json')
+  with open(path, encoding='utf-8') as f:
+    rows = json.load(f)
+  rows += [{'id': 20, 'question': 'Strip?', 'answer': 'x', 'image_path': 'strip.png'},
+           {'id': 2, 'question': 'Same id as item 1?', 'answer': 'y', 'image_path': 'annotation2.jpg'}]
+  with open(path, 'w', encoding='utf-8') as f:
+    json.dump(rows, f)
+  src = builders.load('mat_benchmark/search', manual_dir=mat_dir, data_dir=str(tmp_path / 'tfds'))
+  assert [src[i]['id'] for i in range(len(src))] == ['1', '2', '3', '4', '5', '6']
+  assert src[1]['question'] == 'Question 1?'  # the first of an id is kept
+  report = builders.skip_report(builders.prepare('mat_benchmark/search', manual_dir=mat_dir,
+                                                 data_dir=str(tmp_path / 'tfds')))['test']
+  assert report['reasons'] == {'missing image': 1, 'bad question': 1, 'bad image size': 1, 'duplicate id': 1}
+  assert any('aspect ratio 6000.0 > 200' in m for m in report['first'])
+  assert "MAT-Search.json:1 (item 9): duplicate id: id '2' is already used at MAT-Search.json:1 (item 1)" in (
+      report['first'])
+
+  dev = os.path.join(flashrag_dir, 'hotpotqa', 'dev.jsonl')
+  with open(dev, 'a') as f:
+    f.write(json.dumps({'id': 'dev_0', 'question': 'Again?', 'golden_answers': ['no']}) + '\n')
+  b = builders.prepare('multihop_qa/hotpotqa', manual_dir=flashrag_dir, data_dir=str(tmp_path / 'mh'))
+  assert builders.skip_report(b)['dev']['reasons'] == {'bad json line': 1, 'bad question': 1, 'duplicate id': 1}

@@ -120,3 +120,53 @@ def test_processor_settings_read_both_layouts(tmp_path):
   settings = image_lib.processor_settings(str(tmp_path))
   assert (settings["min_pixels"], settings["max_pixels"]) == (3136, 12845056)
   assert image_lib.processor_settings(None)["max_pixels"] == image_lib.DEFAULT_MAX_PIXELS
+
+
+def _gradient(dtype, low, high, shape=(16, 64)):
+  return np.linspace(low, high, shape[0] * shape[1]).reshape(shape).astype(dtype)
+
+
+def _decoded(array, fmt):
+  buffer = io.BytesIO()
+  Image.fromarray(array).save(buffer, format=fmt)
+  return image_lib.load_image(buffer.getvalue())
+
+
+def test_16_bit_png_is_scaled_to_8_bits_not_clipped():
+  values = _gradient(np.uint16, 0, 65535)
+  rgb = _decoded(values, "PNG")
+  assert rgb.mode == "RGB"
+  got = np.asarray(rgb)[..., 0].astype(int)
+  np.testing.assert_array_equal(got, np.round(values / 257).astype(int))  # as PIL maps 48-bit RGB
+  assert got.min() == 0 and got.max() == 255 and len(np.unique(got)) == 256
+  eight_bit = Image.fromarray(np.round(values / 257).astype(np.uint8)).convert("RGB")
+  np.testing.assert_array_equal(image_lib.process_image(rgb)[0], image_lib.process_image(eight_bit)[0])
+
+
+@pytest.mark.parametrize("values, expected", [
+    (_gradient(np.float32, 0, 1), lambda v: v * 255),  # normalised floats
+    (_gradient(np.float32, -2, 6), lambda v: (v + 2) * 255 / 8),  # no nominal range: min..max stretched
+    (_gradient(np.float32, 0, 255), lambda v: v),  # 8-bit data stored as float
+    (_gradient(np.int32, 0, 1_000_000), lambda v: v * 255 / 1_000_000),
+    (_gradient(np.int32, -500, 500), lambda v: (v + 500) * 255 / 1000),
+    (_gradient(np.int32, 0, 255), lambda v: v),
+])
+def test_float_and_int32_tiff_are_scaled_to_8_bits_not_clipped(values, expected):
+  got = np.asarray(_decoded(values, "TIFF"))
+  assert got.shape == values.shape + (3,) and (got[..., 0] == got[..., 2]).all()
+  np.testing.assert_allclose(got[..., 0], np.round(expected(values.astype(np.float64))), atol=1)
+  assert got.max() - got.min() >= 250  # the full range is used, nothing collapsed to black or white
+
+
+@pytest.mark.parametrize("high", [1, 1000])
+def test_non_finite_float_pixels_become_black(high):
+  values = _gradient(np.float32, high / 2, high)
+  values[0, :4] = [np.nan, np.inf, -np.inf, np.nan]
+  got = np.asarray(image_lib.to_8bit(Image.fromarray(values)))
+  assert (got[0, :4] == 0).all() and got.max() == 255
+
+
+def test_eight_bit_images_are_left_as_they_are():
+  for mode in ("L", "RGB", "RGBA"):
+    image = _random_image(9, 7, mode)
+    assert image_lib.to_8bit(image) is image

@@ -16,8 +16,9 @@ the root of the FlashRAG datasets download (2wikimultihopqa, hotpotqa, musique, 
 `python -m varft.data.demo --out DIR` writes the same layouts under DIR/MAT and
 DIR/FlashRAG_datasets (config `multihop_qa/demo`).
 
-Skipped records (malformed JSON, missing or corrupt images) are counted per reason, logged, and
-stored in the prepared dataset's metadata (`skip_report(prepare(name, ...))` reads them back).
+Skipped records (malformed JSON or text that is not UTF-8, missing or corrupt images, images the
+processor would reject for their size, duplicate ids) are counted per reason, logged, and stored
+in the prepared dataset's metadata (`skip_report(prepare(name, ...))` reads them back).
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
 
+from varft.data import json_files
 from varft.data import records
 
 _MAT_URL = 'https://huggingface.co/datasets/laolao77/MAT'
@@ -166,16 +168,18 @@ class MatBenchmark(_Builder):
     c = self.builder_config
     json_path = os.path.join(manual_dir, c.json_file)
     image_dir = os.path.join(manual_dir, c.image_dir)
-    rows = records.read_json_list(json_path)
+    rows = json_files.read_json_list(json_path)
     report = records.SkipReport(f'{self.name}/{c.name} ({json_path})')
-    for position, record in enumerate(rows):
+    ids = records.UniqueIds()
+    for position, record in enumerate(rows.records):
       try:
         if c.name == 'search':
-          example = records.mat_search_example(record, position, len(rows), image_dir)
+          example = records.mat_search_example(record, position, len(rows.records), image_dir)
         else:
           example = records.mat_coding_example(record, position, image_dir)
+        ids.claim(example['id'], rows.where(position))
       except records.MalformedRecord as e:
-        report.skip(f'item {position}', e)
+        report.skip(rows.where(position), e)
         continue
       yield position, example
     _finish(self, 'test', report)
@@ -224,8 +228,8 @@ class MatTraining(_Builder):
   def _generate_examples(self, json_path, image_dir):
     c = self.builder_config
     report = records.SkipReport(f'{self.name}/{c.name} ({json_path})')
-    rows = records.read_json_list(json_path)
-    yield from records.mat_training_examples(rows, image_dir, c.task, report)
+    rows = json_files.read_json_list(json_path)
+    yield from records.mat_training_examples(rows.records, image_dir, c.task, report, where=rows.where)
     _finish(self, 'train', report)
 
 
@@ -254,11 +258,14 @@ class MultihopQa(_Builder):
 
   def _generate_examples(self, path, split):
     report = records.SkipReport(f'{self.name}/{self.builder_config.name} ({path})')
-    for line_no, record in records.iter_jsonl(path, report):
+    ids = records.UniqueIds()
+    for line_no, record in json_files.iter_jsonl(path, report):
+      where = f'{os.path.basename(path)}:{line_no}'
       try:
         example = records.multihop_example(record, line_no, split)
+        ids.claim(example['id'], where)
       except records.MalformedRecord as e:
-        report.skip(f'line {line_no}', e)
+        report.skip(where, e)
         continue
       yield line_no, example
     _finish(self, split, report)
@@ -280,12 +287,22 @@ def builder(name: str, *, data_dir: str) -> tfds.core.GeneratorBasedBuilder:
   return BUILDERS[family](config=config, data_dir=os.fspath(data_dir), file_format='array_record')
 
 
+def dataset_dir(name: str, *, data_dir: str) -> str:
+  """The folder `name` is prepared in: `<data_dir>/<family>/<config>/<version>` (TFDS's layout).
+
+  This is the one naming rule: the CLI (`--data_dir`), the trainer (`config.data.tfds_dir`) and
+  `load` / `prepare` all pass the same `data_dir` root, so each finds what the others prepared.
+  """
+  return os.fspath(builder(name, data_dir=data_dir).data_dir)
+
+
 def prepare(name: str, *, manual_dir: str | None, data_dir: str | None = None,
             ) -> tfds.core.GeneratorBasedBuilder:
   """Builds `name` from `manual_dir` unless already prepared; returns the builder.
 
-  `data_dir` defaults to `<manual_dir>/tfds`, so the demo and the real data never share
-  prepared files. A prepared dataset is reused as it is: delete its folder to rebuild. Hosts of
+  `data_dir` is the root of every prepared dataset (see `dataset_dir`); it defaults to
+  `<manual_dir>/tfds`, so the demo and the real data never share prepared files. A prepared
+  dataset is reused as it is (`manual_dir` is then not read): delete its folder to rebuild. Hosts of
   one run may prepare into a shared `data_dir` at once; preparing first on one host (e.g.
   `python -m varft.data.builders NAME --manual_dir DIR --data_dir DIR2`) avoids the duplicate work.
   """

@@ -31,12 +31,13 @@ from __future__ import annotations
 import collections
 import dataclasses
 import io
-import json
 import os
 import re
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from PIL import Image
+
+from varft.processing import image as image_lib
 
 TASKS = ('search', 'coding', 'multihop')
 DEGRADATIONS = ('rotation90', 'rotation180', 'dark', 'overexposure', 'blur', 'noise', 'crop',
@@ -59,6 +60,18 @@ class MalformedRecord(ValueError):
     super().__init__(f'{reason}: {detail}' if detail else reason)
     self.reason = reason
     self.detail = detail
+
+
+class UniqueIds:
+  """Keeps the first example of each id: a duplicate would map two transcripts to one example."""
+
+  def __init__(self):
+    self._first: dict[str, str] = {}
+
+  def claim(self, example_id: str, where: str) -> None:
+    first = self._first.setdefault(example_id, where)
+    if first != where:
+      raise MalformedRecord('duplicate id', f'id {example_id!r} is already used at {first}')
 
 
 @dataclasses.dataclass
@@ -91,31 +104,12 @@ class SkipReport:
 
 
 # ---------------------------------------------------------------------------------------------
-# Files.
+# Files (JSON and JSONL files are read by `varft.data.json_files`).
 
-
-def read_json_list(path: str) -> list:
-  """Reads a JSON file holding a list of records; a broken file is an error, not a skip."""
-  try:
-    with open(path, encoding='utf-8') as f:
-      data = json.load(f)
-  except json.JSONDecodeError as e:
-    raise ValueError(f'{path} is not valid JSON ({e}); re-download it.') from e
-  if not isinstance(data, list):
-    raise ValueError(f'{path} must hold a JSON list of records, got {type(data).__name__}.')
-  return data
-
-
-def iter_jsonl(path: str, report: SkipReport) -> Iterator[tuple[int, Any]]:
-  """Yields (line number, parsed object) from a JSONL file, skipping unparsable lines."""
-  with open(path, encoding='utf-8') as f:
-    for line_no, line in enumerate(f, start=1):
-      if not line.strip():
-        continue
-      try:
-        yield line_no, json.loads(line)
-      except json.JSONDecodeError as e:
-        report.skip(f'{os.path.basename(path)}:{line_no}', MalformedRecord('bad json line', str(e)))
+# Files hold bytes that are not UTF-8 as lone surrogates (`json_files` decodes with
+# `surrogateescape`) so that one bad record does not reject its file; a field holding one is
+# rejected when it is read.
+_LONE_SURROGATE = re.compile('[\ud800-\udfff]')
 
 
 def resolve_image(image_dir: str, name: str) -> str:
@@ -131,7 +125,8 @@ def resolve_image(image_dir: str, name: str) -> str:
 
 
 def read_image(path: str) -> bytes:
-  """Returns encoded PNG/JPEG bytes of an image file after checking that it decodes fully.
+  """Returns encoded PNG/JPEG bytes of an image file after checking that it decodes fully and
+  that the image processor accepts its size (the rollout would reject it otherwise).
 
   Other formats (WebP, BMP, GIF, ...) are re-encoded as PNG so that every consumer only needs
   PNG/JPEG support.
@@ -141,17 +136,29 @@ def read_image(path: str) -> bytes:
   try:
     with Image.open(io.BytesIO(data)) as image:
       image.load()
-      if image.format in ('PNG', 'JPEG'):
-        return data
-      out = io.BytesIO()
-      image.convert('RGBA' if 'A' in image.getbands() else 'RGB').save(out, format='PNG')
-      return out.getvalue()
+      size, fmt = image.size, image.format
+      if fmt not in ('PNG', 'JPEG'):
+        out = io.BytesIO()
+        eight_bit = image_lib.to_8bit(image)  # high-bit-depth TIFFs scaled, not clipped
+        eight_bit.convert('RGBA' if 'A' in eight_bit.getbands() else 'RGB').save(out, format='PNG')
+        data = out.getvalue()
   except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as e:
     raise MalformedRecord('corrupt image', f'{path}: {e}') from e
+  try:
+    image_lib.smart_resize(size[1], size[0])  # the processor's aspect and size limits
+  except image_lib.ImageError as e:
+    raise MalformedRecord('bad image size', f'{path}: {e}') from None
+  return data
 
 
 # ---------------------------------------------------------------------------------------------
 # Field helpers.
+
+
+def _utf8(value: str, key: str) -> str:
+  if _LONE_SURROGATE.search(value):
+    raise MalformedRecord('invalid utf-8', f'{key} holds text that is not UTF-8: {value!r:.80}')
+  return value
 
 
 def _text(record: dict, key: str, *, required: bool = True) -> str:
@@ -162,7 +169,7 @@ def _text(record: dict, key: str, *, required: bool = True) -> str:
     value = str(value)
   if not isinstance(value, str) or (required and not value.strip()):
     raise MalformedRecord(f'bad {key}', f'expected a non-empty string, got {value!r:.80}')
-  return value
+  return _utf8(value, key)
 
 
 def _answer_list(record: dict, key: str) -> list[str]:
@@ -172,12 +179,12 @@ def _answer_list(record: dict, key: str) -> list[str]:
   if (not isinstance(value, list) or not value
       or not all(isinstance(v, (str, int, float)) for v in value)):
     raise MalformedRecord(f'bad {key}', f'expected a string or a list of strings, got {value!r:.80}')
-  return [str(v) for v in value]
+  return [_utf8(str(v), key) for v in value]
 
 
 def _record_id(record: dict, fallback: str) -> str:
   value = record.get('id')
-  return fallback if value is None or value == '' else str(value)
+  return fallback if value is None or value == '' else _utf8(str(value), 'id')
 
 
 def strip_query(problem: str) -> tuple[str, str]:
@@ -303,12 +310,13 @@ def _tag_content(solution: str, tag: str) -> str:
   return match.group(1).strip() if match else ''
 
 
-def mat_training_examples(records: Iterable[Any], image_dir: str, task: str,
-                          report: SkipReport) -> Iterator[tuple[int, dict]]:
+def mat_training_examples(records: Iterable[Any], image_dir: str, task: str, report: SkipReport,
+                          where: Callable[[int], str] = 'row {}'.format) -> Iterator[tuple[int, dict]]:
   """MAT-Training rows `{type, image_path, problem, context, solution, gt}` -> (row, example).
 
   Rows are grouped into trajectories so that every step carries the trajectory's final answer
   (from its `<answer>` step) and, for coding, its degradations (from its `<problem>` step).
+  `where(row)` names a row in skip messages.
   """
   if task not in ('search', 'coding'):
     raise ValueError(f'task must be search or coding, got {task!r}')
@@ -335,13 +343,13 @@ def mat_training_examples(records: Iterable[Any], image_dir: str, task: str,
         trajectories[traj]['degradations'] = parse_degradations(_tag_content(solution, 'problem'))
       parsed.append((row, step, question, context, image_path, solution, traj))
     except MalformedRecord as e:
-      report.skip(f'row {row}', e)
+      report.skip(where(row), e)
 
   for row, step, question, context, image_path, solution, traj in parsed:
     try:
       image = read_image(resolve_image(image_dir, image_path))
     except MalformedRecord as e:
-      report.skip(f'row {row}', e)
+      report.skip(where(row), e)
       continue
     yield row, {
         'id': f'{row}:{traj[0]}:{step}',

@@ -4,7 +4,8 @@ An image becomes `(num_patches, 1176)` float32 patches plus its `grid_thw = (1, 
 convert to RGB (transparency composited onto white), resize with PIL bicubic so that both sides are multiples of 28
 and the pixel count lies in [min_pixels, max_pixels] (`smart_resize`), scale to [0, 1], normalise with the CLIP
 mean/std, and cut into 2x2 groups of 14x14 patches (merge-block order), each patch repeated over the 2 temporal
-slots. Equal to transformers' `Qwen2VLImageProcessorPil`.
+slots. Equal to transformers' `Qwen2VLImageProcessorPil` on 8-bit images; 16-bit, int32 and float images are first
+scaled to 8 bits (`to_8bit`) where transformers clips them.
 """
 from __future__ import annotations
 
@@ -38,8 +39,37 @@ def _describe(source) -> str:
   return "image"
 
 
+def to_8bit(image: Image.Image) -> Image.Image:
+  """An 8-bit 'L' copy of a high-bit-depth one-band image (16-bit 'I;16*', 32-bit int 'I', float 'F'); any other
+  image as it is.
+
+  PIL's `convert` clips these to 0..255 (a 16-bit PNG turns white, a float image in [0, 1] black). Here 16-bit data
+  (the I;16 modes, and 'I' from a PNG) maps 0..65535 to 0..255, as PIL does for 48-bit RGB; float data in [0, 1]
+  maps to 0..255; 'I' or 'F' data already in 0..255 is kept; anything else (negative or larger values, whose
+  nominal range is unknown) is stretched from its min..max to 0..255. Non-finite values become 0.
+  """
+  mode = image.mode
+  if not (mode.startswith("I") or mode == "F"):
+    return image
+  values = np.asarray(image, np.float32)  # float32 is exact enough for an 8-bit result
+  finite = np.isfinite(values)
+  low, high = (float(values[finite].min()), float(values[finite].max())) if finite.any() else (0.0, 0.0)
+  if mode.startswith("I;16") or (mode == "I" and image.format == "PNG"):
+    scaled = values * (255 / 65535)
+  elif mode == "F" and low >= 0 and high <= 1:
+    scaled = values * 255
+  elif low >= 0 and high <= 255:
+    scaled = values
+  else:
+    scaled = (values - low) * (255 / (high - low)) if high > low else np.zeros_like(values)
+  scaled = np.where(finite, np.clip(np.round(scaled), 0, 255), 0)
+  return Image.fromarray(scaled.astype(np.uint8), "L")
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
-  """RGB copy of `image`; any transparency (alpha band or palette transparency) is composited onto white."""
+  """RGB copy of `image`; high-bit-depth data scaled to 8 bits (`to_8bit`); any transparency (alpha band or palette
+  transparency) composited onto white."""
+  image = to_8bit(image)
   if "A" in image.getbands() or image.info.get("transparency") is not None:
     rgba = image.convert("RGBA")
     background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
