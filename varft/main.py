@@ -86,6 +86,7 @@ def main(argv):
     user_error(f"unexpected arguments {argv[1:]}: flags take the form --config.a.b=value")
   logging.get_absl_handler().addFilter(_quiet_library_info)
   config, workdir, action = flags.FLAGS.config, flags.FLAGS.workdir, flags.FLAGS.action
+  from varft import checkpoint
   from varft import preflight
   if action == "requirements":
     print("\n".join(preflight.requirements(config)))
@@ -103,7 +104,7 @@ def main(argv):
     else:
       from varft import train
       train.train(config, workdir)
-  except preflight.ConfigError as e:
+  except (preflight.ConfigError, checkpoint.RunFolderError) as e:
     user_error(str(e))
 
 

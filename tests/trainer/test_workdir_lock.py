@@ -89,8 +89,9 @@ def test_the_cli_refuses_a_second_run_on_a_locked_workdir(tmp_path, holder):
   out = subprocess.run([sys.executable, "-m", "varft.main", "--config=experiments/echo.py", f"--workdir={workdir}"],
                        cwd=REPO, capture_output=True, text=True, timeout=120,
                        env=dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu"))
-  assert out.returncode != 0
-  assert f"workdir {workdir} is in use by another run (pid {proc.pid} on " in out.stderr
+  lines = [line for line in out.stderr.splitlines() if line.strip()]
+  assert out.returncode == 2 and len(lines) == 1, out.stderr[-3000:]  # one line, no traceback
+  assert f"workdir {workdir} is in use by another run (pid {proc.pid} on " in lines[0]
   assert not (workdir / "checkpoints").exists() and not (workdir / "metrics.jsonl").exists()
 
 

@@ -22,8 +22,10 @@ in the prepared dataset's metadata (`skip_report(prepare(name, ...))` reads them
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
+import io
 import logging
 import os
 from typing import Sequence
@@ -312,9 +314,14 @@ def prepare(name: str, *, manual_dir: str | None, data_dir: str | None = None,
     data_dir = os.path.join(manual_dir, 'tfds')
   b = builder(name, data_dir=data_dir)
   if not b.is_prepared():
+    logging.info('Preparing %s from %s into %s', name, manual_dir, b.data_dir)
     try:
-      b.download_and_prepare(download_config=tfds.download.DownloadConfig(
-          manual_dir=os.fspath(manual_dir) if manual_dir else None, try_download_gcs=False))
+      # Local files only: TFDS's "Downloading and preparing" banner (printed, with escape codes) and its
+      # progress bars say nothing here.
+      tfds.display_progress_bar(False)
+      with contextlib.redirect_stdout(io.StringIO()):
+        b.download_and_prepare(download_config=tfds.download.DownloadConfig(
+            manual_dir=os.fspath(manual_dir) if manual_dir else None, try_download_gcs=False))
     except OSError:
       # Several processes (hosts of one run) preparing into a shared data_dir: the ones that lose
       # the final rename find the dataset prepared by the winner.
