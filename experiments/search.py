@@ -7,7 +7,8 @@
     ... --config.mode=eval   (MAT-Search + multi-hop QA, predictions in the paper's JSON format)
 
 arg: `demo` | `3b` | `7b`, optionally with `,stepwise` (default: the paper's step-wise training on
-rft_agent_search_20.json) or `,multiturn` (full rollouts with real searches, outcome reward).
+rft_agent_search_20.json) or `,multiturn` (full rollouts with real searches, outcome reward), and `,paper` (as the
+released code does where varft differs: math_verify in the accuracy reward; see the README).
 
 The paper's recipe (Visual-ARFT scripts, 8 GPUs): G=8 samples per prompt, 1 prompt per GPU and 2 accumulation
 steps (16 prompts per update), beta 0.04, lr 1e-6 (AdamW, HF defaults: linear decay, no warm-up, clip 1.0),
@@ -25,6 +26,7 @@ def get_config(arg="demo"):
   c.tools.search.name = "bm25"
   if mode == "stepwise":
     c.rewards = [("accuracy", 1.0), ("format", 1.0)]
+    c.reward_options.math_verify = c.paper  # the released search trainer tries math_verify first
   else:
     c.rewards = [("answer_f1", 1.0), ("format", 0.5), ("failed_calls", 0.1)]
   c.eval.benchmarks = ("mat_search", "2wiki", "hotpotqa", "musique", "bamboogle")

@@ -20,6 +20,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval_every = 0  # evaluate every N steps and at the end; 0 = never
   c.export_hf = True
   c.distributed = "auto"  # jax.distributed.initialize(): auto | True | False
+  c.paper = False  # the released Visual-ARFT code's behaviour where varft differs (experiment arg `,paper`)
   # auto: resume from the workdir's checkpoints when they were made with the same recipe (varft.checkpoint.recipe),
   # refuse otherwise, naming the keys that differ | force: resume them under this config anyway.
   c.resume = "auto"
@@ -103,7 +104,8 @@ def base_config() -> ml_collections.ConfigDict:
   # query_similarity: the step-wise search reward's encoder: minilm (the paper's all-MiniLM-L6-v2) | lexical (word
   # overlap, needs nothing) | auto (minilm when installed, else lexical, said once; the choice is in the metrics).
   c.reward_options = ml_collections.ConfigDict({"task": "search", "similarity_threshold": 0.5,
-                                                "code_step_reward": 0.9, "query_similarity": "auto"})
+                                                "code_step_reward": 0.9, "query_similarity": "auto",
+                                                "math_verify": False})
 
   c.eval = ml_collections.ConfigDict()
   c.eval.benchmarks = ("mat_search",)  # names in varft.agent_task.BENCHMARKS
@@ -116,14 +118,22 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def agent_config(arg: str, experiment: str) -> tuple[ml_collections.ConfigDict, str, str]:
-  """Base config of an agent experiment from its `size[,mode]` argument: (config, size, mode)."""
-  size, _, mode = arg.partition(",")
-  mode = mode or "stepwise"
-  if size not in ("demo", "3b", "7b") or mode not in ("stepwise", "multiturn"):
-    raise ValueError(f"{experiment}: arg {arg!r} must be demo|3b|7b[,stepwise|multiturn]")
+  """Base config of an agent experiment from its `size[,mode][,paper]` argument: (config, size, mode).
+
+  `paper` (step-wise only) sets `config.paper`: behave as the released Visual-ARFT code does where it differs.
+  """
+  size, *options = arg.split(",")
+  paper = "paper" in options
+  modes = [o for o in options if o != "paper"]
+  mode = modes[0] if modes else "stepwise"
+  if (size not in ("demo", "3b", "7b") or len(modes) > 1 or mode not in ("stepwise", "multiturn")
+      or (paper and mode != "stepwise")):
+    raise ValueError(f"{experiment}: arg {arg!r} must be demo|3b|7b[,stepwise|multiturn][,paper] "
+                     "(paper: step-wise only)")
   c = base_config()
   c.task = "agent"
   c.rollout.mode = mode
+  c.paper = paper
   return c, size, mode
 
 

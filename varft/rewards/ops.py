@@ -143,8 +143,10 @@ def problem_match(x):
 
 
 def accuracy(x):
-  """The paper's accuracy reward: whichever of the four step rewards fits the reference step."""
-  return answer_f1(x) + query_similarity(x) + code_step(x) + problem_match(x)
+  """The paper's accuracy reward: whichever of the four step rewards fits the reference step (1.0 first when
+  math_verify agrees, with `RewardOptions.math_verify`)."""
+  score = answer_f1(x) + query_similarity(x) + code_step(x) + problem_match(x)
+  return jnp.where(x["math_verified"], 1.0, score) if "math_verified" in x else score
 
 
 def code_success(x):
@@ -171,7 +173,7 @@ REGISTRY = {
     "query_similarity": (query_similarity, ("text", "query")),
     "code_step": (code_step, ("text", "options")),
     "problem_match": (problem_match, ("text", "problems")),
-    "accuracy": (accuracy, ("text", "words", "query", "options", "problems")),
+    "accuracy": (accuracy, ("text", "words", "query", "options", "problems", "math")),
     "code_success": (code_success, ("tools",)),
     "tool_validity": (tool_validity, ("tools",)),
     "failed_calls": (failed_calls, ("tools",)),
