@@ -34,5 +34,6 @@ def get_config(arg="demo"):
     return c
   defaults.apply_paper_recipe(c, size, mode)
   c.total_steps = 2100
+  c.keep_checkpoint_steps = (1400,)  # the step the paper reports
   c.eval_every = 500
   return c

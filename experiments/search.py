@@ -37,5 +37,6 @@ def get_config(arg="demo"):
     return c
   defaults.apply_paper_recipe(c, size, mode)
   c.total_steps = 1600
+  c.keep_checkpoint_steps = (200,)  # the step the paper reports
   c.eval_every = 400
   return c

@@ -16,11 +16,12 @@ import hashlib
 import json
 import os
 import socket
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as cm
 from absl import logging
 
 STATE, DATA, META = "state", "data", "meta"
@@ -32,8 +33,8 @@ RESUME_MODES = ("auto", "force")
 # (workers, timeouts, concurrency). Every other key (task, seed, total_steps, model, data selection, rollout, tools'
 # behaviour, rewards, GRPO, optimizer) is recipe: its value is stored with each checkpoint and checked on resume.
 NOT_RECIPE = (
-    "mode", "resume", "log_every", "checkpoint_every", "keep_checkpoints", "async_checkpoints", "samples_every",
-    "samples_per_step", "eval_every", "eval", "export_hf", "distributed", "mesh",
+    "mode", "resume", "log_every", "checkpoint_every", "keep_checkpoints", "keep_checkpoint_steps",
+    "async_checkpoints", "samples_every", "samples_per_step", "eval_every", "eval", "export_hf", "distributed", "mesh",
     "model.remat", "grpo.micro_batches", "grpo.logits_chunk",
     "rollout.length_buckets", "rollout.chunk_buckets", "rollout.patch_buckets",
     "data.mat_dir", "data.flashrag_dir", "data.tfds_dir",
@@ -136,14 +137,16 @@ class Checkpointer:
 
   def __init__(self, directory: str, max_to_keep: int = 3, save_interval_steps: int = 1,
                async_save: bool = True, *, fingerprint: Mapping[str, Any] | None = None, resume: str = "auto",
-               lock: WorkdirLock | None = None):
+               lock: WorkdirLock | None = None, keep_steps: Sequence[int] = ()):
     self.directory = os.path.abspath(directory)
     self.fingerprint, self._lock, self._manager = fingerprint, lock, None
     try:
       if resume not in RESUME_MODES:
         raise ValueError(f"config.resume={resume!r} is not one of {RESUME_MODES}")
+      # The latest `max_to_keep`, and every step of `keep_steps` (the paper evaluates steps 200 / 1400) for good.
+      preservation = cm.AnyPreservationPolicy([cm.LatestN(max_to_keep), cm.CustomSteps(list(keep_steps))])
       options = ocp.CheckpointManagerOptions(
-          max_to_keep=max_to_keep, save_interval_steps=save_interval_steps, create=True,
+          save_interval_steps=save_interval_steps, create=True, preservation_policy=preservation,
           enable_async_checkpointing=async_save, cleanup_tmp_directories=True)
       self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=(STATE, DATA, META))
       if fingerprint is not None:

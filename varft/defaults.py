@@ -14,6 +14,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.log_every = 1
   c.checkpoint_every = 50
   c.keep_checkpoints = 3
+  c.keep_checkpoint_steps = ()  # also saved, and never deleted by keep_checkpoints (the paper's evaluated steps)
   c.async_checkpoints = True
   c.samples_every = 10  # write readable sample rollouts (HTML + PNGs) every N steps; 0 = never
   c.samples_per_step = 8  # trajectories in each samples page

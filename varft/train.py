@@ -207,7 +207,8 @@ class Trainer:
     self.checkpointer = ckpt_lib.Checkpointer(
         os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints,
         async_save=config.async_checkpoints, fingerprint=ckpt_lib.fingerprint(config) if training else None,
-        resume=config.resume, lock=ckpt_lib.lock_workdir(workdir) if training else None)
+        resume=config.resume, lock=ckpt_lib.lock_workdir(workdir) if training else None,
+        keep_steps=config.keep_checkpoint_steps)
     self.mesh = sharding.make_mesh(dict(config.mesh))
     self.model_cfg = model_config(config)
     self.gcfg = grpo_config(config)
@@ -332,7 +333,8 @@ class Trainer:
           writer.write(self.step, {**metrics, **choices})
         if writer_host and config.samples_every and (self.step % config.samples_every == 0 or last):
           metrics_writer.write_samples(os.path.join(self.workdir, "samples"), self.step, self.last_samples)
-        if config.checkpoint_every and (self.step % config.checkpoint_every == 0 or last):
+        if (config.checkpoint_every and (self.step % config.checkpoint_every == 0 or last)
+            or self.step in config.keep_checkpoint_steps):
           self.save(force=last)
         progress.update(self.step, metrics)
       self.checkpointer.wait()
