@@ -157,6 +157,7 @@ def apply_paper_recipe(c: ml_collections.ConfigDict, size: str, mode: str) -> No
   c.rollout.prompts_per_host = 16
   c.rollout.num_samples = 8
   c.rollout.temperature = 1.0
+  c.rollout.top_k = 50 if c.paper else 0  # the released trainer samples with transformers' default top-k 50
   c.rollout.max_new_tokens = 256 if mode == "stepwise" else 512
   c.rollout.max_total_tokens = 4096
   c.rollout.image_max_pixels = 401408

@@ -149,5 +149,6 @@ def test_paper_setting_turns_on_math_verify_for_search_only():
   assert not search.get_config("7b").reward_options.math_verify
   assert not coding.get_config("7b,paper").reward_options.math_verify
   assert "math-verify==0.9.0" in preflight.requirements(search.get_config("7b,paper"))
+  assert search.get_config("7b,paper").rollout.top_k == 50 and search.get_config("7b").rollout.top_k == 0
   with pytest.raises(ValueError, match="paper: step-wise only"):
     search.get_config("7b,multiturn,paper")
