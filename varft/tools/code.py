@@ -1,23 +1,33 @@
 """The code tool: runs model-written Python in an isolated, throw-away sandbox.
 
 Every call gets one fresh process tree in new mount/pid/net/ipc/uts namespaces (bubblewrap, or `unshare` when
-bubblewrap is missing) that sees only a read-only Python runtime and a size-limited tmpfs holding its input image.
-Inside, `sandbox_init.py` drops to an unprivileged uid (one per concurrency slot when the trainer runs as root)
-with rlimits on CPU, memory, processes, file size and open files; where the host allows it, a per-slot cgroup
-caps the memory of the whole call. The host kills the whole tree at the wall-clock limit, and the pid namespace
-guarantees nothing outlives the call. There is no network (a fresh net namespace).
+bubblewrap is missing or cannot run here) that sees only a read-only Python runtime and a size-limited tmpfs
+holding its inputs. Inside, `sandbox_init.py` drops to an unprivileged uid (one per concurrency slot when the
+trainer runs as root) with rlimits on CPU, memory, processes, file size and open files, no capabilities and a
+seccomp filter (no new namespaces or mounts, AF_UNIX stream sockets only, no connect()); where the host allows it,
+a per-slot cgroup caps the memory of the whole call. There is no network (a fresh net namespace).
+
+Nothing the program controls is read from the host's file system: inputs go in over the sandbox's stdin, and the
+output image comes back over a pipe as raw RGB pixels, decoded inside the sandbox by a confined decoder under its
+own clock (`output_decode_s`) and downscaled to what the model will see (`observe_max_pixels`). The init kills
+the program at the wall-clock limit; the host kills the whole tree a little later should the init fail to.
+
+The mechanism is chosen by starting a real sandbox with the real command line at construction (bwrap first, then
+unshare): a sandbox that cannot start Python fails there, with one error naming the interpreter and what to install.
 
 Speed: with `prewarm` (default) each idle slot holds one sandbox already started up to the point where it waits
 for its program (namespaces built, numpy/cv2/PIL imported); a call takes it, runs once, and a new one is started
 for the slot in the background. No process ever runs two programs.
 
+What a program can still see: the paths of the runtime it runs on (the interpreter, its prefix or venv, its
+site-packages, `extra_ro_paths`) appear under their own names in /proc/self/mountinfo, as they must be mounted
+where the interpreter expects them; the checkout, the trainer's folders and any scratch folder do not.
+
 The paper's convention: the program reads `path_to_input_image.jpg` and writes `path_to_output_image.jpg`.
 """
 import concurrent.futures
 import dataclasses
-import functools
 import io
-import itertools
 import json
 import logging
 import math
@@ -25,32 +35,30 @@ import os
 import queue
 import re
 import selectors
-import shutil
 import signal
 import subprocess
 import sys
-import sysconfig
-import tempfile
 import time
-import warnings
 import weakref
-from importlib import util as importlib_util
 
 from PIL import Image
 
 from varft.tools import cgroups as cgroups_lib
+from varft.tools import sandbox_init
+from varft.tools import sandbox_launch as launch
 
 log = logging.getLogger(__name__)
 
-INIT_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sandbox_init.py")
 PROGRAM_NAME = "main.py"
-SPEC_NAME = "spec.json"  # The call spec for sandbox_init.py, next to the inputs (not in argv: /proc is visible).
-OUTPUT_FORMATS = ("JPEG", "PNG", "BMP", "WEBP")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
-_INSTANCES = itertools.count()
 _MODEL_TEXT_MARKERS = ("<code>", "```", "<think>", "<answer>", "<search>")  # Else the text is the program.
 _CODE_RE = re.compile(r"<code>(.*?)(?:</code>|$)", re.S)
 _FENCE_RE = re.compile(r"```[ \t]*(?:python|py|python3)?[ \t]*\n?(.*?)```", re.S | re.I)
+_INIT_GRACE_S = 1.0  # The host's wall-clock kill comes this long after the init's own (a backstop).
+_STARTUP_TIMEOUT_S = 60.0
+_STARTED_OK = set()  # Command lines + limits that already started Python here (the check runs once each).
+# Tasks of the sandbox's own uid that are not the program's, in a user namespace (RLIMIT_NPROC counts them).
+_INIT_TASKS = {"bwrap": 1, "unshare": 2}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,13 +74,17 @@ class SandboxConfig:
   work_inodes: int = 4096
   stdout_cap: int = 8192  # Bytes of stdout/stderr kept (head and tail).
   max_output_mb: int = 32
-  max_output_pixels: int = 40_000_000
+  max_output_pixels: int = 40_000_000  # Largest output image decoded at all.
   max_output_side: int = 16384
+  observe_max_pixels: int = 802_816  # Output images are downscaled to this (what the model sees); 0: keep size.
+  output_decode_s: float = 5.0  # Wall clock for decoding the output image, inside the sandbox.
   require_output_image: bool = True  # A program that writes no output image is an error (paper's tool).
-  call_memory_mb: int | None = None  # Cgroup cap on the whole call (all processes + tmpfs); default memory_mb.
+  # Cap on the whole call (all processes + tmpfs) by a cgroup; without cgroups (rlimit-only mode) the bound of
+  # tasks x per-process memory instead. Default: memory_mb.
+  call_memory_mb: int | None = None
   cgroup: str = "auto"  # 'auto': use per-slot cgroups where the host allows it; 'off': rlimits only.
   isolation: str = "auto"  # 'auto' (bwrap, else unshare), 'bwrap' or 'unshare'.
-  seccomp: bool = True  # Deny namespace/mount/ptrace/bpf/... syscalls to the program (x86_64 and aarch64).
+  seccomp: bool = True  # Deny namespace/mount/ptrace/bpf/socket/... syscalls to the program (x86_64, aarch64).
   # Imported by a prewarmed sandbox while it waits, so that the program finds them loaded. (Not on a cold start:
   # there it would only lengthen the critical path, by modules the program may not even use.)
   preload: tuple[str, ...] = ("numpy", "cv2", "PIL.Image")
@@ -84,7 +96,7 @@ class SandboxConfig:
   input_format: str = "PNG"  # Lossless; cv2/PIL detect the format from the bytes, not the name.
   python: str = sys.executable
   extra_ro_paths: tuple[str, ...] = ()  # More read-only paths the programs may see (e.g. a venv elsewhere).
-  tmp_dir: str | None = None  # Host directory for per-call scratch dirs.
+  tmp_dir: str | None = None  # Host directory for unshare mode's (empty) mount points.
 
   @classmethod
   def from_dict(cls, d):
@@ -154,14 +166,23 @@ class _Capped:
     return bytes(self.head + middle + self.tail).decode("utf-8", "replace")
 
 
-def _drain(proc, deadline, cap):
-  """Reads stdout/stderr (capped) until EOF or the deadline; kills the process group at the deadline."""
-  bufs = {proc.stdout: _Capped(cap), proc.stderr: _Capped(cap)}
+def _drain(proc, deadline, cap, send, result_fd, result_cap):
+  """Writes `send` to the sandbox's stdin and reads stdout/stderr (capped) and the result pipe (up to
+  `result_cap` bytes) until EOF or the deadline; kills the process group at the deadline.
+  Returns (stdout, stderr, result bytes, timed_out)."""
+  bufs = {proc.stdout.fileno(): _Capped(cap), proc.stderr.fileno(): _Capped(cap)}
+  result = bytearray()
+  pending = memoryview(send)
   timed_out = False
   with selectors.DefaultSelector() as sel:
-    for f in bufs:
-      os.set_blocking(f.fileno(), False)
-      sel.register(f, selectors.EVENT_READ)
+    for fd in (*bufs, result_fd):
+      os.set_blocking(fd, False)
+      sel.register(fd, selectors.EVENT_READ)
+    if pending:
+      os.set_blocking(proc.stdin.fileno(), False)
+      sel.register(proc.stdin.fileno(), selectors.EVENT_WRITE)
+    else:
+      proc.stdin.close()
     while sel.get_map():
       remaining = deadline - time.monotonic()
       if remaining <= 0:
@@ -172,21 +193,34 @@ def _drain(proc, deadline, cap):
         deadline = time.monotonic() + 5.0
         continue
       for key, _ in sel.select(timeout=remaining):
+        if key.events & selectors.EVENT_WRITE:
+          try:
+            pending = pending[os.write(key.fd, pending):]
+          except BlockingIOError:
+            continue
+          except BrokenPipeError:  # It died; reported as a sandbox failure with its stderr.
+            pending = pending[:0]
+          if not pending:
+            sel.unregister(key.fd)
+            proc.stdin.close()
+          continue
         try:
           chunk = os.read(key.fd, 1 << 16)
         except BlockingIOError:
           continue
-        if chunk:
-          bufs[key.fileobj].add(chunk)
+        if not chunk:
+          sel.unregister(key.fd)
+        elif key.fd == result_fd:
+          result += chunk[:max(result_cap + 1 - len(result), 0)]
         else:
-          sel.unregister(key.fileobj)
+          bufs[key.fd].add(chunk)
   try:
     proc.wait(timeout=max(deadline - time.monotonic(), 0.1))
   except subprocess.TimeoutExpired:
     timed_out = True
     _kill_group(proc)
     proc.wait()
-  return bufs[proc.stdout].text(), bufs[proc.stderr].text(), timed_out
+  return bufs[proc.stdout.fileno()].text(), bufs[proc.stderr.fileno()].text(), bytes(result), timed_out
 
 
 def _kill_group(proc):
@@ -196,144 +230,116 @@ def _kill_group(proc):
     pass
 
 
-def load_output_image(data, max_pixels, max_side):
-  """Decodes untrusted image bytes into an RGB PIL image; raises ValueError with a model-readable reason."""
+def load_output_image(data, max_pixels, max_side, observe_pixels=None):
+  """Decodes untrusted image bytes into an RGB PIL image (the sandbox's own rules, see sandbox_init.decode_image);
+  raises ValueError with a model-readable reason. The sandbox itself decodes inside, never on the host."""
+  return sandbox_init.decode_image(data, max_pixels, max_side, observe_pixels)
+
+
+def _parse_result(raw, max_pixels):
+  """(header dict or None, image or None) from the result pipe's bytes: one JSON line, then raw RGB pixels."""
+  line, _, pixels = raw.partition(b"\n")
   try:
-    image = Image.open(io.BytesIO(data))
-  except Image.DecompressionBombError:
-    raise ValueError("output image is too large (its header claims a decompression bomb)") from None
-  except (OSError, SyntaxError, ValueError) as e:
-    raise ValueError(f"output image is not a readable image file ({type(e).__name__})") from None
-  if image.format not in OUTPUT_FORMATS:
-    raise ValueError(f"output image format {image.format} not supported; write JPEG or PNG")
-  w, h = image.size
-  if w < 1 or h < 1 or w > max_side or h > max_side or w * h > max_pixels:
-    raise ValueError(f"output image is too large: {w}x{h} (max {max_side} per side, {max_pixels} pixels)")
-  try:
-    with warnings.catch_warnings():
-      warnings.simplefilter("error", Image.DecompressionBombWarning)
-      image.load()
-  except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombWarning,
-          Image.DecompressionBombError) as e:
-    raise ValueError(f"output image is corrupt or truncated ({type(e).__name__})") from None
-  return image.convert("RGB")
+    header = json.loads(line)
+  except ValueError:
+    return None, None
+  if not isinstance(header, dict):
+    return None, None
+  if header.get("output") != "ok":
+    return header, None
+  w, h = header.get("width"), header.get("height")
+  if not (isinstance(w, int) and isinstance(h, int) and 1 <= w and 1 <= h and w * h <= max_pixels
+          and len(pixels) == 3 * w * h):
+    return {**header, "output": "decode_failed"}, None
+  return header, Image.frombytes("RGB", (w, h), pixels)
 
 
-def _existing(path):
-  return path if os.path.lexists(path) else None
-
-
-def runtime_mounts(config):
-  """The read-only view of the host the sandbox gets: (op, source, target) tuples, op in ro-bind/symlink."""
-  ops = []
-  for top in ("/lib", "/lib64", "/lib32", "/libx32"):
-    if os.path.islink(top):
-      ops.append(("symlink", os.readlink(top), top))
-    elif os.path.isdir(top):
-      ops.append(("ro-bind", top, top))
-  paths = ["/usr/lib", "/usr/lib64", "/usr/lib32", "/etc/ld.so.cache"]
-  exe = os.path.realpath(config.python)
-  paths.append(exe)
-  for scheme_paths in (sysconfig.get_paths(), sysconfig.get_paths(vars={"base": sys.base_prefix})):
-    paths += [scheme_paths[k] for k in ("stdlib", "platstdlib", "purelib", "platlib")]
-  libdir, soname = sysconfig.get_config_var("LIBDIR"), sysconfig.get_config_var("INSTSONAME")
-  if libdir and soname:
-    paths.append(os.path.join(libdir, soname))
-  if sys.prefix != sys.base_prefix:  # A venv: its pyvenv.cfg and bin/python must be visible too.
-    paths.append(sys.prefix)
-  for name in config.preload:
-    spec = importlib_util.find_spec(name.split(".")[0])
-    if spec and spec.submodule_search_locations:
-      paths.append(os.path.dirname(list(spec.submodule_search_locations)[0]))
-  paths += list(config.extra_ro_paths)
-  chosen = []
-  for p in sorted({os.path.realpath(p) for p in paths if p and _existing(p)}, key=len):
-    if not any(p == c or p.startswith(c.rstrip("/") + "/") for c in chosen):
-      chosen.append(p)
-  ops += [("ro-bind", p, p) for p in sorted(chosen)]
-  return ops
-
-
-def sandbox_python(config):
-  """The interpreter path to exec inside the sandbox: a venv's own bin/python (bound with the venv), else the
-  resolved interpreter (the bound file itself, symlinks such as bin/python -> python3.11 are not recreated)."""
-  in_venv = sys.prefix != sys.base_prefix and os.path.abspath(config.python).startswith(sys.prefix + "/")
-  return os.path.abspath(config.python) if in_venv else os.path.realpath(config.python)
-
-
-def _probe(cmd):
-  try:
-    return subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, timeout=20).returncode == 0
-  except (OSError, subprocess.TimeoutExpired):
-    return False
-
-
-@functools.lru_cache(maxsize=None)
-def detect_isolation(preference="auto"):
-  """Picks the isolation mechanism: 'bwrap' when bubblewrap works here, else 'unshare'; raises if neither."""
-  if preference not in ("auto", "bwrap", "unshare"):
-    raise ValueError(f"sandbox isolation must be 'auto', 'bwrap' or 'unshare', got {preference!r}")
-  root = os.geteuid() == 0
-  userns = [] if root else ["--unshare-user"]
-  if preference in ("auto", "bwrap") and shutil.which("bwrap"):
-    if _probe(["bwrap", *userns, "--ro-bind", "/", "/", "--unshare-net", "--unshare-pid", "--", "true"]):
-      return "bwrap"
-  if preference == "bwrap":
-    raise RuntimeError("bubblewrap is not usable here: install it (apt-get install bubblewrap) or set "
-                       "isolation='auto' to fall back to unshare")
-  userns = [] if root else ["--user", "--map-root-user"]
-  if shutil.which("unshare") and _probe(["unshare", *userns, "--mount", "--net", "--pid", "--fork", "true"]):
-    return "unshare"
-  raise RuntimeError("no code sandbox is available: install bubblewrap (apt-get install bubblewrap), or allow "
-                     "unprivileged user namespaces for the util-linux `unshare` fallback")
+def detect_isolation(preference="auto", config=None):
+  """The mechanism ('bwrap' or 'unshare') whose real sandbox command line starts Python here, for `config`
+  (a dict of SandboxConfig keys); raises ValueError for an unknown preference, RuntimeError when none works."""
+  launch.candidates(preference)
+  sandbox = CodeSandbox({**dict(config or {}), "isolation": preference, "prewarm": False, "max_concurrency": 1})
+  sandbox.close()
+  return sandbox.isolation
 
 
 class CodeSandbox:
   """Runs untrusted Python programs, one fresh isolated process tree per call; thread-safe.
 
   Attributes:
-    isolation: 'bwrap' or 'unshare', whichever is active (also logged at construction).
-    cgroups: the per-slot cgroups capping each call's total memory, or None (rlimits only).
-    slot_uids: the unprivileged uid of each slot (None unless the trainer runs as root).
+    isolation: 'bwrap' or 'unshare', whichever started Python here (also logged at construction).
+    cgroups: the per-slot cgroups capping each call's total memory, or None (rlimit-only mode, with a WARNING).
+    slot_uids: the unprivileged uid of each slot (None unless the trainer runs as root); unique on the host.
+    rlimits: the per-process limits the programs get.
   """
 
   def __init__(self, config=None):
-    self.config = config if isinstance(config, SandboxConfig) else SandboxConfig.from_dict(config)
-    if not 1 <= self.config.max_concurrency <= 256:
-      raise ValueError(f"code.max_concurrency must be in [1, 256], got {self.config.max_concurrency}")
-    if not os.path.exists(self.config.python):
-      raise FileNotFoundError(f"sandbox python {self.config.python} does not exist; set code.python")
-    self.isolation = detect_isolation(self.config.isolation)
+    self.config = c = config if isinstance(config, SandboxConfig) else SandboxConfig.from_dict(config)
+    if not 1 <= c.max_concurrency <= launch.UID_BLOCK:
+      raise ValueError(f"code.max_concurrency must be in [1, {launch.UID_BLOCK}], got {c.max_concurrency}")
+    if c.cgroup not in ("auto", "off"):
+      raise ValueError(f"code.cgroup must be 'auto' or 'off', got {c.cgroup!r}")
+    if not os.path.exists(c.python):
+      raise FileNotFoundError(f"sandbox python {c.python} does not exist; set code.python")
+    candidates = launch.candidates(c.isolation)
     self._root = os.geteuid() == 0
-    self._mounts = runtime_mounts(self.config)
+    facts = launch.interpreter_facts(os.path.abspath(c.python), tuple(c.preload))
+    for name in c.preload:
+      if not facts["modules"].get(name):
+        log.warning("code sandbox: %s is not installed for %s; programs importing it will fail", name, c.python)
+    self._modules = [name for name in c.preload if facts["modules"].get(name)]
+    self._python = launch.exec_path(facts)
+    self._mounts = launch.runtime_mounts(facts, c.extra_ro_paths)
+    if launch.sweep_scratch(c.tmp_dir):
+      log.info("code sandbox: removed scratch folders left by dead trainer processes")
     self._slots = queue.SimpleQueue()  # Bounds concurrency; as root each slot is also a distinct uid.
-    for i in range(self.config.max_concurrency):
+    for i in range(c.max_concurrency):
       self._slots.put(i)
-    # Distinct uids per slot *and* per sandbox instance/process (RLIMIT_NPROC counts per uid system-wide, so
-    # several trainer processes on one host must not share them).
-    block = ((os.getpid() << 4) | (next(_INSTANCES) & 15)) % (1 << 22)
-    self.slot_uids = ([self.config.uid_base + block * self.config.max_concurrency + i
-                       for i in range(self.config.max_concurrency)] if self._root else None)
-    if self.config.cgroup not in ("auto", "off"):
-      raise ValueError(f"code.cgroup must be 'auto' or 'off', got {self.config.cgroup!r}")
+    self.slot_uids, uid_lock = None, None
+    if self._root:  # RLIMIT_NPROC counts per uid host-wide: no two sandboxes on the host share one.
+      first, uid_lock = launch.claim_uid_block(c.uid_base)
+      self.slot_uids = [first + i for i in range(c.max_concurrency)]
     self.cgroups = None
-    if self.config.cgroup == "auto" and self._root:
+    if c.cgroup == "auto" and self._root:
       self.cgroups = cgroups_lib.SlotCgroups.create(
-          range(self.config.max_concurrency), self.call_memory_mb << 20, self.config.max_procs + 8)
+          range(c.max_concurrency), self.call_memory_mb << 20, c.max_procs + 8)
     # Warm sandboxes are started from one long-lived thread: bwrap/unshare tie their lifetime to the thread
     # that forked them (PR_SET_PDEATHSIG), so they must not be forked from short-lived caller threads.
     self._spawner = (concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="sandbox-spawn")
-                     if self.config.prewarm else None)
-    self._launcher = _Launcher(self.config, self.isolation, self._root, self._mounts, self.slot_uids, self.cgroups)
+                     if c.prewarm else None)
     self._warm = {}  # slot -> Future[_Started]: a started sandbox waiting for its one program.
-    self._close = weakref.finalize(self, _shutdown, self._spawner, self._warm, self.cgroups)
-    for slot in range(self.config.max_concurrency if self._spawner else 0):
+    self._close = weakref.finalize(self, _shutdown, self._spawner, self._warm, self.cgroups, uid_lock)
+    self._launcher = self._first_that_starts(candidates)
+    self.isolation, self.rlimits = self._launcher.isolation, self._launcher.rlimits
+    for slot in range(c.max_concurrency if self._spawner else 0):
       self._warm[slot] = self._spawner.submit(self._launcher.start, slot, True)
-    log.info("code sandbox: isolation=%s, %s, timeout %.1fs, memory %d MiB per process, %s, %d slots%s",
-             self.isolation, "per-slot unprivileged uids" if self._root else "same uid (user namespace)",
-             self.config.timeout_s, self.config.memory_mb,
+    if self.cgroups is None:
+      log.warning("code sandbox: no per-call memory cgroup (%s); rlimit-only mode: at most %d tasks (processes "
+                  "and threads) of %d MiB each per call", "not root" if not self._root else "cgroups unusable",
+                  self.rlimits["RLIMIT_NPROC"] - self._launcher.own_tasks, self.rlimits["RLIMIT_AS"] >> 20)
+    log.info("code sandbox: isolation=%s, python %s, %s, timeout %.1fs, memory %d MiB per process, %s, %d slots%s",
+             self.isolation, self._python,
+             "per-slot unprivileged uids" if self._root else "same uid (user namespace)", c.timeout_s,
+             self.rlimits["RLIMIT_AS"] >> 20,
              f"cgroup v{self.cgroups.version} cap {self.call_memory_mb} MiB per call" if self.cgroups else
-             "no cgroup (rlimits only)", self.config.max_concurrency, ", prewarmed" if self._spawner else "")
+             "no cgroup (rlimits only)", c.max_concurrency, ", prewarmed" if self._spawner else "")
+
+  def _first_that_starts(self, candidates):
+    """The launcher of the first mechanism whose real sandbox runs Python and imports the preloaded modules."""
+    failures = []
+    for isolation in candidates:
+      launcher = _Launcher(self.config, isolation, self._root, self._mounts, self._python, self.slot_uids,
+                           self.cgroups)
+      reason = launcher.check_startup(self._modules)
+      if reason is None:
+        return launcher
+      failures.append(f"{isolation}: {reason}")
+    self.close()
+    raise RuntimeError(
+        f"code sandbox cannot start Python {self._python} ({'; '.join(failures)}). Install bubblewrap "
+        "(apt-get install bubblewrap) or allow unprivileged user namespaces for `unshare`, and make sure that "
+        f"interpreter has {', '.join(self.config.preload) or 'its packages'} installed (pip install numpy "
+        "opencv-python-headless pillow), or list the folders it needs in code.extra_ro_paths")
 
   def close(self):
     """Stops the idle warm sandboxes and removes the cgroups (also done at exit). Call after the last run."""
@@ -370,12 +376,13 @@ class CodeSandbox:
     try:
       started = self._take_warm(slot) or self._launcher.start(slot, False)
       try:
-        return self._call(started, program, inputs, timeout, start)
+        raw = self._launcher.call(started, program, inputs, timeout)
       finally:
         if self._spawner and self._close.alive:
           self._warm[slot] = self._spawner.submit(self._launcher.start, slot, True)
     finally:
       self._slots.put(slot)
+    return self._result(*raw, timeout, time.monotonic() - start)
 
   def _take_warm(self, slot):
     """The slot's warm sandbox if it is alive, else None (the caller starts a cold one)."""
@@ -395,9 +402,8 @@ class CodeSandbox:
   def _check_inputs(self, images):
     inputs = {}
     for name, image in images.items():
-      if not _NAME_RE.match(name) or name in (PROGRAM_NAME, SPEC_NAME):
-        raise ValueError(f"input file name {name!r} is not allowed (plain names only, not {PROGRAM_NAME!r} or "
-                         f"{SPEC_NAME!r})")
+      if not _NAME_RE.match(name) or name == PROGRAM_NAME:
+        raise ValueError(f"input file name {name!r} is not allowed (plain names only, not {PROGRAM_NAME!r})")
       if isinstance(image, Image.Image):
         buf = io.BytesIO()
         fmt = self.config.input_format
@@ -409,39 +415,7 @@ class CodeSandbox:
         raise ValueError(f"input {name!r} must be a PIL image or encoded bytes, got {type(image).__name__}")
     return inputs
 
-  def _call(self, started, program, inputs, timeout, start):
-    """Hands the program to a started sandbox, waits (up to `timeout`), collects and cleans up."""
-    c = self.config
-    proc, slot = started.proc, started.slot
-    in_dir, out_dir = os.path.join(started.call_dir, "in"), os.path.join(started.call_dir, "out")
-    try:
-      for name, data in {**inputs, PROGRAM_NAME: program.encode()}.items():
-        with open(os.path.join(in_dir, name), "wb") as f:
-          f.write(data)
-      oom_before = self.cgroups.oom_kills(slot) if self.cgroups else 0
-      cpu = c.cpu_s if c.cpu_s is not None else timeout + 1
-      go = {"inputs": sorted([*inputs, PROGRAM_NAME]), "cpu_s": max(1, math.ceil(cpu)),
-            "wall_s": timeout + _INIT_GRACE_S}
-      try:
-        proc.stdin.write(json.dumps(go).encode() + b"\n")
-        proc.stdin.close()
-      except BrokenPipeError:
-        pass  # It died while waiting; reported below as a sandbox failure with its stderr.
-      with proc:
-        stdout, stderr, timed_out = _drain(proc, time.monotonic() + timeout, c.stdout_cap)
-      wall = time.monotonic() - start
-      oom_killed = bool(self.cgroups) and self.cgroups.oom_kills(slot) > oom_before
-      result = _read_json(os.path.join(out_dir, "result.json"))
-      output_path = os.path.join(out_dir, "output.bin")
-      output_data = None
-      if result and result.get("output") == "ok" and os.path.getsize(output_path) <= c.max_output_mb << 20:
-        with open(output_path, "rb") as f:
-          output_data = f.read()
-    finally:
-      _discard(started)
-    return self._result(stdout, stderr, timed_out, oom_killed, timeout, result, output_data, wall)
-
-  def _result(self, stdout, stderr, timed_out, oom_killed, timeout, result, output_data, wall):
+  def _result(self, stdout, stderr, result, image, timed_out, oom_killed, timeout, wall):
     c = self.config
     cpu = result.get("cpu_s") if result else None
     if oom_killed:
@@ -454,24 +428,16 @@ class CodeSandbox:
       tail = stderr.strip().splitlines()[-1:] or ["no diagnostics"]
       return CodeResult(False, stdout, stderr, None, f"sandbox failed: {tail[0]}", wall, cpu)
     error = _exit_error(result, stderr, c)
-    image = None
     if error is None:
       status = result.get("output")
-      if status == "ok":
-        try:
-          image = load_output_image(output_data, c.max_output_pixels, c.max_output_side)
-        except ValueError as e:
-          error = str(e)
-      elif status != "missing" or c.require_output_image:
-        error = _OUTPUT_ERRORS.get(status, "output image unreadable").format(name=c.output_name,
-                                                                             mb=c.max_output_mb)
-    return CodeResult(error is None, stdout, stderr, image, error, wall, cpu)
+      if status == "invalid":
+        error = str(result.get("reason"))[:300]
+      elif status != "ok" and (status != "missing" or c.require_output_image):
+        error = _OUTPUT_ERRORS.get(status, "output image unreadable").format(
+            name=c.output_name, mb=c.max_output_mb, s=c.output_decode_s)
+    ok = error is None
+    return CodeResult(ok, stdout, stderr, image if ok else None, error, wall, cpu)
 
-
-_INIT_GRACE_S = 1.0  # The init's own wall-clock kill comes this long after the host's (a backstop).
-
-_INIT_CAPS = ("CAP_SYS_ADMIN", "CAP_SETUID", "CAP_SETGID", "CAP_KILL", "CAP_CHOWN", "CAP_DAC_OVERRIDE",
-              "CAP_DAC_READ_SEARCH", "CAP_FOWNER", "CAP_SYS_CHROOT", "CAP_SETPCAP")
 
 _OUTPUT_ERRORS = {
     "missing": "no output image: the program did not write {name}",
@@ -479,6 +445,8 @@ _OUTPUT_ERRORS = {
     "not_regular": "output image rejected: {name} is not a regular file",
     "too_large": "output image rejected: {name} is larger than {mb} MB",
     "unreadable": "output image rejected: {name} could not be opened",
+    "decode_timeout": "output image rejected: decoding {name} took longer than {s:g} s",
+    "decode_failed": "output image rejected: {name} could not be decoded",
 }
 
 
@@ -502,126 +470,126 @@ def _exit_error(result, stderr, config):
   return f"exception: {last}" if last else f"the program exited with code {code}"
 
 
-def _ancestors(paths):
-  """All proper ancestor directories of absolute paths, parents first ("/" excluded)."""
-  found = set()
-  for path in paths:
-    parent = os.path.dirname(path)
-    while parent not in ("/", ""):
-      found.add(parent)
-      parent = os.path.dirname(parent)
-  return sorted(found, key=lambda p: (p.count("/"), p))
-
-
 class _Launcher:
-  """Starts sandbox processes. Holds no reference to its CodeSandbox, so the warm-up thread never keeps one
-  alive (and never runs its finalizer)."""
+  """Starts and runs the sandbox processes of one mechanism. Holds no reference to its CodeSandbox, so the warm-up
+  thread never keeps one alive (and never runs its finalizer)."""
 
-  def __init__(self, config, isolation, root, mounts, slot_uids, cgroups):
+  def __init__(self, config, isolation, root, mounts, python, slot_uids, cgroups):
     self.config, self.isolation, self._root = config, isolation, root
-    self._mounts, self.slot_uids, self.cgroups = mounts, slot_uids, cgroups
+    self._mounts, self.python, self.slot_uids, self.cgroups = mounts, python, slot_uids, cgroups
+    self.own_tasks = 0 if root else _INIT_TASKS[isolation]
+    self.work_dir = launch.work_dir(mounts)
+    self.rlimits = self._rlimits()
 
-  def _spec(self, mode, uid, root_dir, warm):
+  def _rlimits(self):
     c = self.config
+    memory_mb, tasks = c.memory_mb, c.max_procs
+    if self.cgroups is None:  # rlimit-only mode: tasks x memory per task stays within the call's budget.
+      budget = c.call_memory_mb or c.memory_mb
+      tasks = min(c.max_procs, max(1, budget // c.memory_mb))
+      memory_mb = min(c.memory_mb, budget // tasks)
     mb = 1 << 20
-    return {
-        "mode": mode,
-        "root_dir": root_dir,
-        "mounts": [list(m) for m in self._mounts],
-        "uid": uid,
-        "work_mb": c.work_mb,
-        "work_inodes": c.work_inodes,
-        "program": PROGRAM_NAME,
-        "output_name": c.output_name,
-        "max_output_bytes": c.max_output_mb * mb,
-        "preload": list(c.preload) if warm else [],
-        "seccomp": c.seccomp,
-        "rlimits": {
-            "RLIMIT_AS": c.memory_mb * mb,
-            "RLIMIT_NPROC": c.max_procs,
-            "RLIMIT_FSIZE": c.max_file_mb * mb,
-            "RLIMIT_NOFILE": c.max_open_files,
-            "RLIMIT_CORE": 0,
-        },
-        "env": _program_env(),
-    }
+    return {"RLIMIT_AS": memory_mb * mb, "RLIMIT_NPROC": tasks + self.own_tasks, "RLIMIT_FSIZE": c.max_file_mb * mb,
+            "RLIMIT_NOFILE": c.max_open_files, "RLIMIT_CORE": 0}
 
-  def _command(self, call_dir):
-    in_dir, out_dir = os.path.join(call_dir, "in"), os.path.join(call_dir, "out")
-    py = [sandbox_python(self.config), "-I", "-B"]
-    if self.isolation == "bwrap":
-      cmd = ["bwrap", "--die-with-parent", "--new-session", "--as-pid-1", "--unshare-ipc", "--unshare-pid", "--unshare-net",
-             "--unshare-uts", "--unshare-cgroup-try", "--hostname", "sandbox"]
-      if not self._root:
-        cmd.append("--unshare-user")
-      cmd += ["--cap-drop", "ALL"]
-      for cap in _INIT_CAPS:
-        cmd += ["--cap-add", cap]
-      for parent in _ancestors(dst for _, _, dst in self._mounts):  # bwrap would create them 0700.
-        cmd += ["--perms", "0755", "--dir", parent]
-      for op, src, dst in self._mounts:
-        cmd += ["--symlink", src, dst] if op == "symlink" else [f"--{op}", src, dst]
-      cmd += ["--dev", "/dev", "--proc", "/proc", "--ro-bind", in_dir, "/in", "--bind", out_dir, "/out",
-              "--ro-bind", INIT_SCRIPT, "/init.py", "--dir", "/work", "--chdir", "/", "--"]
-      return cmd + py + ["/init.py", "/in/" + SPEC_NAME]
-    cmd = ["unshare", "--mount", "--net", "--pid", "--ipc", "--uts", "--fork", "--kill-child",
-           "--propagation", "private"]
-    if not self._root:
-      cmd += ["--user", "--map-root-user"]
-    return cmd + py + [INIT_SCRIPT, os.path.join(in_dir, SPEC_NAME)]
+  def _spec(self, uid, warm):
+    c = self.config
+    return {
+        "mode": self.isolation, "root_dir": None, "mounts": [list(m) for m in self._mounts], "uid": uid,
+        "work_mb": c.work_mb, "work_inodes": c.work_inodes, "program": PROGRAM_NAME, "output_name": c.output_name,
+        "max_output_bytes": c.max_output_mb << 20, "max_output_pixels": c.max_output_pixels,
+        "max_output_side": c.max_output_side, "observe_pixels": c.observe_max_pixels,
+        "preload": list(c.preload) if warm else [], "seccomp": c.seccomp, "rlimits": self.rlimits,
+        "work_dir": self.work_dir, "env": launch.program_env(self.work_dir),
+    }
 
   def start(self, slot, warm):
     """Starts a sandbox for `slot` up to the point where it waits for its program (on stdin); a `warm` one
     (started ahead of its call) also pre-imports config.preload while it waits."""
-    c = self.config
-    call_dir = tempfile.mkdtemp(prefix="varft-sandbox-", dir=c.tmp_dir)
+    spec = self._spec(self.slot_uids[slot] if self._root else None, warm)
+    scratch = None
     try:
-      in_dir, out_dir = os.path.join(call_dir, "in"), os.path.join(call_dir, "out")
-      os.mkdir(in_dir, 0o700)
-      os.mkdir(out_dir, 0o700)
-      root_dir = None
-      spec = self._spec(self.isolation, self.slot_uids[slot] if self._root else None, None, warm)
       if self.isolation == "unshare":
-        root_dir = os.path.join(call_dir, "root")
-        os.mkdir(root_dir, 0o700)
-        spec["root_dir"] = root_dir
-        spec["mounts"] += _unshare_extra_mounts(in_dir, out_dir)
-      with open(os.path.join(in_dir, SPEC_NAME), "w") as f:
-        json.dump(spec, f)
-      cmd = self._command(call_dir)
-      if self.cgroups:
-        cmd = self.cgroups.wrap(slot, cmd)
-      proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              env=_init_env(), start_new_session=True)
+        scratch = spec["root_dir"] = launch.make_scratch(self.config.tmp_dir)
+        spec["mounts"] += [list(m) for m in launch.unshare_extra_mounts(self._mounts)]
+      proc, result_fd = launch.start(
+          lambda fd: launch.command(self.isolation, self._root, self._mounts, self.python, fd), spec,
+          self.cgroups, slot)
     except BaseException:
-      shutil.rmtree(call_dir, ignore_errors=True)
+      if scratch:
+        os.rmdir(scratch)
       raise
-    return _Started(proc, call_dir, slot, self.cgroups)
+    return _Started(proc, result_fd, scratch, slot, self.cgroups)
+
+  def call(self, started, program, inputs, timeout):
+    """Hands the program and inputs to a started sandbox, waits, cleans up. Returns (stdout, stderr, result
+    header or None, image or None, timed_out, oom_killed)."""
+    c = self.config
+    files = {**inputs, PROGRAM_NAME: program.encode()}
+    cpu = c.cpu_s if c.cpu_s is not None else timeout + 1
+    go = {"inputs": [[name, len(data)] for name, data in files.items()], "cpu_s": max(1, math.ceil(cpu)),
+          "wall_s": timeout, "decode_s": c.output_decode_s}
+    max_pixels = c.observe_max_pixels or c.max_output_pixels
+    deadline = time.monotonic() + timeout + c.output_decode_s + 2 * _INIT_GRACE_S
+    try:
+      oom_before = self.cgroups.oom_kills(started.slot) if self.cgroups else 0
+      stdout, stderr, raw, timed_out = _drain(
+          started.proc, deadline, c.stdout_cap, json.dumps(go).encode() + b"\n" + b"".join(files.values()),
+          started.result_fd, sandbox_init.HEADER_CAP + 3 * max_pixels)
+      oom_killed = bool(self.cgroups) and self.cgroups.oom_kills(started.slot) > oom_before
+    finally:
+      _discard(started)
+    header, image = _parse_result(raw, max_pixels)
+    return stdout, stderr, header, image, timed_out, oom_killed
+
+  def check_startup(self, modules):
+    """Runs one real program (importing `modules`) the way every call will; None if it worked, else why not."""
+    c = self.config
+    key = (self.isolation, self.python, tuple(self._mounts), self._root, tuple(sorted(self.rlimits.items())),
+           c.seccomp, tuple(modules), c.work_mb, c.work_inodes)
+    if key in _STARTED_OK:
+      return None
+    program = "".join(f"import {name}\n" for name in modules) + "print('varft-sandbox-ok')\n"
+    try:
+      started = self.start(0, False)
+    except OSError as e:
+      return f"cannot start it ({e})"
+    stdout, stderr, header, _, timed_out, _ = self.call(started, program, {}, _STARTUP_TIMEOUT_S)
+    if header and header.get("exit_code") == 0 and "varft-sandbox-ok" in stdout:
+      _STARTED_OK.add(key)
+      return None
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    return (lines[-1] if lines else "timed out" if timed_out else "exited without a word")[:300]
 
 
 @dataclasses.dataclass
 class _Started:
   """A sandbox process waiting for (or running) its one program."""
   proc: subprocess.Popen
-  call_dir: str
+  result_fd: int
+  scratch: str | None
   slot: int
   cgroups: cgroups_lib.SlotCgroups | None = None
 
 
 def _discard(started):
-  """Kills what is left of a sandbox process tree and removes its host directory."""
+  """Kills what is left of a sandbox process tree and closes its pipes (and removes its mount point)."""
   if started.proc.poll() is None:
     _kill_group(started.proc)
   for f in (started.proc.stdin, started.proc.stdout, started.proc.stderr):
     if f:
       f.close()
+  if started.result_fd >= 0:
+    os.close(started.result_fd)
+    started.result_fd = -1
   started.proc.wait()
   if started.cgroups:
     started.cgroups.kill_all(started.slot)  # Belt and braces: the pid namespace is already going down.
-  shutil.rmtree(started.call_dir, ignore_errors=True)
+  if started.scratch:
+    os.rmdir(started.scratch)
 
 
-def _shutdown(spawner, warm, cgroups):
+def _shutdown(spawner, warm, cgroups, uid_lock):
   """Finalizer of a CodeSandbox: no reference to it, only to what must be cleaned up. Never blocks (it may run
   in any thread, the spawner's included, when the garbage collector finds the sandbox): a warm sandbox still
   being started is discarded by a callback once its start completes."""
@@ -638,27 +606,6 @@ def _shutdown(spawner, warm, cgroups):
   warm.clear()
   if cgroups:
     cgroups.close()
+  if uid_lock is not None:
+    os.close(uid_lock)
 
-
-def _read_json(path):
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except (OSError, ValueError):
-    return None
-
-
-def _unshare_extra_mounts(in_dir, out_dir):
-  devices = [("dev-bind", f"/dev/{d}", f"/dev/{d}") for d in ("null", "zero", "random", "urandom")]
-  return devices + [("ro-bind", in_dir, "/in"), ("bind", out_dir, "/out"), ("dir", "", "/work")]
-
-
-def _program_env():
-  return {"HOME": "/work", "TMPDIR": "/work", "LANG": "C.UTF-8", "PATH": "/usr/bin:/bin", **_THREAD_ENV}
-
-
-_THREAD_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-
-
-def _init_env():
-  return {"LANG": "C.UTF-8", "PATH": os.environ.get("PATH", "/usr/bin:/bin"), **_THREAD_ENV}
