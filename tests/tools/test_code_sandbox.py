@@ -115,8 +115,8 @@ def test_inputs_are_checked_and_placed(sandbox):
 @pytest.mark.parametrize("prewarm", [False, True])
 def test_calls_are_isolated_from_each_other(prewarm):
   sb = code_lib.CodeSandbox({**FAST, "prewarm": prewarm, "max_concurrency": 1})  # One slot, reused.
-  first = sb.run("open('/work/left-behind', 'w').write('x')\nimport os\nprint(os.getuid())")
-  second = sb.run("import os\nprint(os.path.exists('/work/left-behind'), os.getuid())")
+  first = sb.run("import os\nopen(os.environ['HOME'] + '/left-behind', 'w').write('x')\nprint(os.getuid())")
+  second = sb.run("import os\nprint(os.path.exists(os.environ['HOME'] + '/left-behind'), os.getuid())")
   assert second.stdout.split()[0] == "False"
   if os.geteuid() == 0:
     assert int(first.stdout) >= code_lib.SandboxConfig.uid_base  # Never root inside.
@@ -130,9 +130,9 @@ def test_prewarmed_sandbox_waits_and_close_stops_it():
   cold = code_lib.CodeSandbox({**FAST, "preload": ("cv2",)})
   assert cold.run(probe).stdout == "False\n"  # A cold start does not pay for imports up front.
   waiting = sb._warm[0].result(timeout=30)  # pylint: disable=protected-access
-  assert waiting.proc.poll() is None and os.path.isdir(waiting.call_dir)
+  assert waiting.proc.poll() is None and waiting.result_fd >= 0
   sb.close()
-  assert waiting.proc.poll() is not None and not os.path.exists(waiting.call_dir)
+  assert waiting.proc.poll() is not None and waiting.result_fd == -1
 
 
 @pytest.fixture(scope="module")
@@ -211,7 +211,7 @@ def test_cgroup_caps_memory_of_the_whole_call():
 def test_init_kills_at_wall_limit_even_if_the_host_does_not(monkeypatch):
   sb = code_lib.CodeSandbox({**FAST, "max_concurrency": 1})
   drain = code_lib._drain  # pylint: disable=protected-access
-  monkeypatch.setattr(code_lib, "_drain", lambda proc, deadline, cap: drain(proc, deadline + 60, cap))
+  monkeypatch.setattr(code_lib, "_drain", lambda proc, deadline, *rest: drain(proc, deadline + 60, *rest))
   r = sb.run("import time\ntime.sleep(60)", timeout_s=1.0)
   assert r.error.startswith("timeout") and r.wall_s < 1.0 + 5  # Not the host's (now 61 s) deadline.
 

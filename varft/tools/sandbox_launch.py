@@ -18,7 +18,7 @@ import tempfile
 
 INIT_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sandbox_init.py")
 # Reads the init's source (argv[1] bytes) from stdin and runs it: nothing of the checkout is mounted.
-BOOT = ("import sys;exec(compile(sys.stdin.buffer.read(int(sys.argv[1])),'/init.py','exec'),"
+BOOT = ("name='/init.py';import sys;exec(compile(sys.stdin.buffer.read(int(sys.argv[1])),name,'exec'),"
         "{'__name__':'__main__'})")
 SCRATCH_PREFIX = "varft-sandbox-"  # Followed by "<pid>-": unshare mode's mount points; stale ones are swept.
 SYSTEM_PREFIXES = ("/", "/usr", "/usr/local")
