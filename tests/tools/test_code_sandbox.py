@@ -140,7 +140,7 @@ def fallback():
   if not shutil.which("unshare"):
     pytest.skip("util-linux unshare is not installed")
   sb = code_lib.CodeSandbox({**FAST, "isolation": "unshare", "preload": ("numpy", "cv2"), "prewarm": True,
-                             "max_concurrency": 2})
+                             "max_concurrency": 2, "call_memory_mb": 4096})  # 2 tasks without cgroups.
   yield sb
   sb.close()
 

@@ -67,6 +67,7 @@ def _build_root(spec):
       _mount(None, target, None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_REC)
   os.makedirs(root + "/proc", exist_ok=True)
   _mount("proc", root + "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+  _mount(None, root, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)  # Writable: the work dir only.
   os.chroot(root)
   os.chdir("/")
 
@@ -125,6 +126,9 @@ _SYSCALLS = {  # name: (x86_64, aarch64)
 }
 _SOCKET_CALLS = {"socket": (41, 198), "socketpair": (53, 199)}
 _NR_CONNECT = (42, 203)
+# Signals aimed at pid 1, the init (which in a user namespace has the program's uid, so kill() alone would be let
+# through): kill, tkill, tgkill, rt_sigqueueinfo, rt_tgsigqueueinfo, and pidfd_open for pidfd_send_signal.
+_SIGNAL_CALLS = ((62, 129), (200, 130), (234, 131), (129, 138), (297, 240), (434, 434))
 _NR_CLONE, _NR_CLONE3 = {"x86_64": 56, "aarch64": 220}, 435
 _CLONE_NEW_FLAGS = 0x7E020000  # NEWNS | NEWCGROUP | NEWUTS | NEWIPC | NEWUSER | NEWPID | NEWNET
 _EPERM, _EACCES, _ENOSYS, _EAFNOSUPPORT = 1, 13, 38, 97
@@ -161,6 +165,8 @@ def _seccomp_program(machine):
                         (ld, 0, 0, arg1), (alu_and, 0, 0, _SOCK_TYPE_MASK), (jeq, 2, 0, _SOCK_STREAM),
                         (jeq, 1, 0, _SOCK_SEQPACKET), (ret, 0, 0, errno | _EPERM), (ret, 0, 0, allow)])
   when(_NR_CONNECT[col], [(ret, 0, 0, errno | _EACCES)])
+  for numbers in _SIGNAL_CALLS:
+    when(numbers[col], [(ld, 0, 0, arg0), (jeq, 0, 1, 1), (ret, 0, 0, errno | _EPERM), (ret, 0, 0, allow)])
   when(_NR_CLONE[machine], [(ld, 0, 0, arg0), (jset, 0, 1, _CLONE_NEW_FLAGS), (ret, 0, 0, errno | _EPERM),
                             (ret, 0, 0, allow)])
   prog.append((ret, 0, 0, allow))
@@ -189,9 +195,10 @@ def _preload(modules):
 
 
 def _confine(spec, limits):
-  """Turns this (forked) process into an unprivileged one: fds 3+ closed, rlimits, no capabilities (bounding
-  set included), the slot's uid, no_new_privs, seccomp; cwd the work dir and the program's environment."""
+  """Turns this (forked) process into an unprivileged one: fds 3+ closed, its own session, rlimits, no
+  capabilities (bounding set included), the slot's uid, no_new_privs, seccomp; cwd the work dir and the program's environment."""
   os.closerange(3, 1 << 16)
+  os.setsid()  # Its own process group: kill(0, ...) never reaches the init.
   for name, value in limits.items():
     resource.setrlimit(getattr(resource, name), (value, value))
   for cap in range(64):  # The bounding set: nothing can ever be regained (fails harmlessly past the last cap).

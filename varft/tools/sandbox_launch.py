@@ -168,7 +168,8 @@ def command(isolation, root, mounts, python, result_fd):
       cmd += ["--perms", "0755", "--dir", parent]
     for op, src, dst in mounts:
       cmd += ["--symlink", src, dst] if op == "symlink" else [f"--{op}", src, dst]
-    return cmd + ["--dev", "/dev", "--proc", "/proc", "--dir", work_dir(mounts), "--chdir", "/", "--"] + init
+    return cmd + ["--dev", "/dev", "--proc", "/proc", "--dir", work_dir(mounts), "--remount-ro", "/", "--chdir", "/",
+                 "--"] + init
   cmd = ["unshare", "--mount", "--net", "--pid", "--ipc", "--uts", "--fork", "--kill-child",
          "--propagation", "private"]
   if not root:
