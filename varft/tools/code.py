@@ -545,8 +545,8 @@ class _Launcher:
   def check_startup(self, modules):
     """Runs one real program (importing `modules`) the way every call will; None if it worked, else why not."""
     c = self.config
-    key = (self.isolation, self.python, tuple(self._mounts), self._root, tuple(sorted(self.rlimits.items())),
-           c.seccomp, tuple(modules), c.work_mb, c.work_inodes)
+    key = (tuple(launch.command(self.isolation, self._root, self._mounts, self.python, 0)),
+           tuple(sorted(self.rlimits.items())), c.seccomp, tuple(modules), c.work_mb, c.work_inodes)
     if key in _STARTED_OK:
       return None
     program = "".join(f"import {name}\n" for name in modules) + "print('varft-sandbox-ok')\n"
