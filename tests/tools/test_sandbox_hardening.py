@@ -6,8 +6,12 @@ actually happened. Memory, uid-slot and scratch-folder faults have their own san
 """
 import concurrent.futures
 import os
+import shutil
 import socket
+import subprocess
+import sys
 import tempfile
+import time
 import uuid
 
 import numpy as np
@@ -225,3 +229,76 @@ def test_a_legitimate_opencv_program_still_works(outcome):
   assert r.ok, (r.error, r.stderr)
   expected = np.rot90(np.asarray(outcome["image"])[:400, :300], k=-1)  # Lossless, within observe_max_pixels.
   np.testing.assert_array_equal(np.asarray(r.output_image), expected)
+
+
+def test_rlimit_only_mode_warns_and_bounds_the_call(caplog):
+  """Without cgroups, 5 children of 300 MB must not be able to hold more than the call's budget."""
+  with caplog.at_level("WARNING", logger="varft.tools.code"):
+    sb = code_lib.CodeSandbox({**CONFIG, "cgroup": "off", "memory_mb": 1024, "call_memory_mb": 768,
+                               "max_concurrency": 1})
+  assert "rlimit-only mode" in caplog.text and sb.cgroups is None
+  assert sb.rlimits["RLIMIT_AS"] == 768 << 20
+  r = sb.run("import os, time\nkids = 0\nfor _ in range(5):\n  try:\n    pid = os.fork()\n  except OSError:\n"
+             "    print('fork refused')\n    break\n  if pid == 0:\n    x = bytearray(300 << 20)\n"
+             "    time.sleep(1)\n    os._exit(0)\n  kids += 1\nprint('kids', kids)\nx = bytearray(300 << 20)\n"
+             "print('parent holds 300 MB')\n")
+  sb.close()
+  assert r.stdout.split("\n")[:3] == ["fork refused", "kids 0", "parent holds 300 MB"], (r.stdout, r.stderr)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="per-slot uids are used only when the trainer runs as root")
+def test_uid_slots_are_unique_across_sandboxes_and_processes():
+  sandboxes = [code_lib.CodeSandbox({**CONFIG, "max_concurrency": 2, "cgroup": "off"}) for _ in range(18)]
+  uids = [uid for sb in sandboxes for uid in sb.slot_uids]
+  try:
+    assert len(set(uids)) == len(uids)  # The 17th no longer reuses the 1st one's uids.
+    other = subprocess.run([sys.executable, "-c", "from varft.tools import sandbox_launch as l; "
+                            f"print(l.claim_uid_block({code_lib.SandboxConfig.uid_base})[0])"],
+                           capture_output=True, text=True, check=True, env={**os.environ, "PYTHONPATH": CHECKOUT})
+    assert int(other.stdout) not in uids  # Another trainer process on the host gets a block of its own.
+  finally:
+    for sb in sandboxes:
+      sb.close()
+  again = code_lib.CodeSandbox({**CONFIG, "max_concurrency": 2, "cgroup": "off"})
+  assert again.slot_uids[0] == min(uids)  # Blocks are released on close and reused.
+  again.close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="per-slot uids are used only when the trainer runs as root")
+def test_a_thread_hog_in_one_sandbox_does_not_starve_another():
+  limits = {**CONFIG, "max_procs": 8, "call_memory_mb": 8 << 10, "max_concurrency": 1}  # 8 tasks either way.
+  hog_box, box = code_lib.CodeSandbox(limits), code_lib.CodeSandbox(limits)
+  hog = ("import threading, time\nn = 0\nwhile True:\n  try:\n    threading.Thread(target=time.sleep, args=(5,),"
+         " daemon=True).start()\n    n += 1\n  except RuntimeError:\n    break\nprint('hog', n, flush=True)\n"
+         "time.sleep(3)\n")
+  four = ("import threading\nout = []\nts = [threading.Thread(target=out.append, args=(i,)) for i in range(4)]\n"
+          "[t.start() for t in ts]\n[t.join() for t in ts]\nprint(sorted(out))\n")
+  with concurrent.futures.ThreadPoolExecutor(2) as pool:
+    hogging = pool.submit(hog_box.run, hog)
+    time.sleep(1.0)
+    r = box.run(four)
+    h = hogging.result()
+  hog_box.close()
+  box.close()
+  assert h.stdout.startswith("hog 7")  # The hog filled its own uid's task limit ...
+  assert r.ok and r.stdout == "[0, 1, 2, 3]\n", (r.error, r.stderr)  # ... and only its own.
+
+
+@pytest.mark.skipif(not shutil.which("unshare"), reason="util-linux unshare is not installed")
+def test_scratch_folders_of_a_killed_trainer_are_swept(tmp_path):
+  trainer = subprocess.Popen(
+      [sys.executable, "-c", "import sys, time\nfrom varft.tools import code\n"
+       f"sb = code.CodeSandbox(dict(isolation='unshare', prewarm=True, max_concurrency=2, preload=(), "
+       f"tmp_dir={str(tmp_path)!r}, cgroup='off'))\nsb._warm[1].result()\nprint('ready', flush=True)\n"
+       "time.sleep(60)\n"], stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": CHECKOUT})
+  try:
+    assert trainer.stdout.readline() == "ready\n"
+    leaked = [n for n in os.listdir(tmp_path) if n.startswith(f"varft-sandbox-{trainer.pid}-")]
+    assert len(leaked) == 2  # One mount point per warm sandbox.
+  finally:
+    trainer.kill()
+    trainer.wait()
+  assert all(os.path.exists(tmp_path / n) for n in leaked)  # SIGKILL: nothing cleaned up.
+  code_lib.CodeSandbox({**CONFIG, "isolation": "unshare", "prewarm": False, "tmp_dir": str(tmp_path),
+                        "max_concurrency": 1}).close()
+  assert not any(os.path.exists(tmp_path / n) for n in leaked)
