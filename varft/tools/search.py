@@ -6,21 +6,24 @@ Backends share one interface, `SearchBackend.search(queries, k) -> list[list[Doc
   'serper' Serper web search (the paper's backend; key from an environment variable);
   'http'   a Search-R1-compatible `/retrieve` endpoint, e.g. `python -m varft.tools.retrieval_server`.
 `make_search_backend(config)` builds one by name; identical queries are cached. Web backends retry with
-exponential backoff, honour a request rate limit, and raise `SearchError` (never hang) when a service fails.
+exponential backoff, honour a request rate limit, bound each attempt's total time and reply size, and raise
+`SearchError` (never hang) when a service fails.
 """
 import abc
+import codecs
 import collections
 import dataclasses
+import http.client
 import json
 import logging
 import os
 import random
 import shutil
+import socket
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
+import urllib.parse
 
 import numpy as np
 
@@ -57,24 +60,35 @@ class SearchBackend(abc.ABC):
 
 def read_corpus(path):
   """Reads a JSONL corpus: `{"id", "title", "text"}` per line (Search-R1's `{"id", "contents"}` also accepted,
-  contents = '"Title"\\ntext'). Malformed lines are skipped, counted and logged; an empty result is an error."""
+  contents = '"Title"\\ntext'). A UTF-8 byte-order mark is accepted; lines that are not UTF-8 or not a record are
+  skipped, counted and logged with their line number; an empty result is an error naming the file."""
   if not os.path.exists(path):
     raise FileNotFoundError(f"search corpus {path} does not exist (expected JSONL with id, title, text)")
   docs, bad = [], 0
-  with open(path, encoding="utf-8") as f:
-    for line_no, line in enumerate(f, 1):
-      if not line.strip():
-        continue
+  with open(path, "rb") as f:
+    for line_no, raw in enumerate(f, 1):
+      if line_no == 1 and raw.startswith(codecs.BOM_UTF8):
+        raw = raw[len(codecs.BOM_UTF8):]
       try:
+        line = raw.decode("utf-8")
+        if not line.strip():
+          continue
         docs.append(_doc_from_record(json.loads(line), default_id=str(line_no)))
-      except (ValueError, TypeError, AttributeError) as e:
+      except UnicodeDecodeError as e:
         bad += 1
-        if bad <= 5:
-          log.warning("corpus %s line %d skipped: %s", path, line_no, e)
+        reason = f"not UTF-8 (byte {e.start})"
+      except (ValueError, TypeError, AttributeError, RecursionError) as e:
+        bad += 1
+        reason = "nested too deeply" if isinstance(e, RecursionError) else str(e)
+      else:
+        continue
+      if bad <= 5:
+        log.warning("corpus %s line %d skipped: %s", path, line_no, reason)
   if bad:
     log.warning("corpus %s: skipped %d malformed lines of %d", path, bad, len(docs) + bad)
   if not docs:
-    raise ValueError(f"search corpus {path} has no valid documents (expected JSONL with id, title, text)")
+    raise ValueError(f"search corpus {path} has no valid documents ({bad} malformed lines skipped; expected JSONL "
+                     "with id, title, text, UTF-8)")
   return docs
 
 
@@ -330,35 +344,86 @@ class _Retryable(Exception):
   pass
 
 
-def post_json(url, body, *, headers=None, timeout_s=10.0, retries=3, backoff_s=0.5, limiter=None):
-  """POSTs JSON and returns the decoded reply; retries timeouts, connection errors, 429/5xx and malformed
-  replies with exponential backoff (+ jitter); raises SearchError once retries are spent or on other 4xx."""
+class _Deadline:
+  """Shuts a connection's socket down when its total time is up, so that no read (headers included) outlives it:
+  a socket timeout alone applies per read, and a service dripping bytes would hold the call for ever."""
+
+  def __init__(self, conn, seconds):
+    self.conn, self.expired = conn, threading.Event()
+    self._timer = threading.Timer(seconds, self._expire)
+    self._timer.daemon = True
+    self._timer.start()
+
+  def _expire(self):
+    self.expired.set()
+    if self.conn.sock is not None:
+      try:
+        socket.socket.shutdown(self.conn.sock, socket.SHUT_RDWR)  # The plain socket's, also under TLS.
+      except OSError:
+        pass
+
+  def cancel(self):
+    self._timer.cancel()
+
+
+def _post_once(url, data, headers, timeout_s, max_reply_bytes):
+  """One POST under a total deadline of `timeout_s`, reply capped at `max_reply_bytes`: (status, body)."""
+  parts = urllib.parse.urlsplit(url)
+  conn_class = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+  conn = conn_class(parts.hostname, parts.port, timeout=timeout_s)
+  deadline = _Deadline(conn, timeout_s)
+  try:
+    conn.request("POST", (parts.path or "/") + (f"?{parts.query}" if parts.query else ""), body=data,
+                 headers=headers)
+    resp = conn.getresponse()
+    length = resp.getheader("Content-Length", "")
+    if length.isdigit() and int(length) > max_reply_bytes:
+      raise SearchError(f"search service reply is larger than {max_reply_bytes >> 20} MB")
+    body = bytearray()
+    while chunk := resp.read(min(1 << 16, max_reply_bytes + 1 - len(body))):
+      body += chunk
+      if len(body) > max_reply_bytes:
+        raise SearchError(f"search service reply is larger than {max_reply_bytes >> 20} MB")
+    if deadline.expired.is_set():
+      raise TimeoutError("total deadline")
+    return resp.status, bytes(body)
+  except (OSError, http.client.HTTPException):
+    if deadline.expired.is_set():
+      raise TimeoutError("total deadline") from None
+    raise
+  finally:
+    deadline.cancel()
+    conn.close()
+
+
+def post_json(url, body, *, headers=None, timeout_s=10.0, retries=3, backoff_s=0.5, limiter=None,
+              max_reply_bytes=64 << 20):
+  """POSTs JSON and returns the decoded reply; each attempt has a total deadline of `timeout_s` and a reply cap.
+  Retries timeouts, connection errors, 429/5xx and malformed replies with exponential backoff (+ jitter); raises
+  SearchError once retries are spent, on other 4xx, or on a reply over the cap."""
   data = json.dumps(body).encode()
+  headers = {"Content-Type": "application/json", **(headers or {})}
   last = "no attempt"
   for attempt in range(retries + 1):
     if attempt:
       time.sleep(backoff_s * (2 ** (attempt - 1)) * (1 + 0.25 * random.random()))
     if limiter:
       limiter.wait()
-    req = urllib.request.Request(url, data=data, method="POST",
-                                 headers={"Content-Type": "application/json", **(headers or {})})
     try:
-      with urllib.request.urlopen(req, timeout=timeout_s) as resp:
-        raw = resp.read()
+      status, raw = _post_once(url, data, headers, timeout_s, max_reply_bytes)
+      if status == 429 or status >= 500:
+        raise _Retryable(f"HTTP {status}")
+      if status >= 300:
+        raise SearchError(f"search service rejected the request: HTTP {status}")
       try:
         return json.loads(raw)
-      except ValueError:
+      except (ValueError, RecursionError):
         raise _Retryable(f"malformed JSON reply ({len(raw)} bytes)") from None
-    except urllib.error.HTTPError as e:
-      last = f"HTTP {e.code}"
-      if e.code != 429 and e.code < 500:
-        raise SearchError(f"search service rejected the request: HTTP {e.code}") from None
     except _Retryable as e:
       last = str(e)
-    except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as e:
-      reason = getattr(e, "reason", e)
-      last = "timeout" if isinstance(reason, TimeoutError) or "timed out" in str(reason) else (
-          f"connection failed ({type(reason).__name__})")
+    except (TimeoutError, ConnectionError, OSError, http.client.HTTPException) as e:
+      last = "timeout" if isinstance(e, TimeoutError) or "timed out" in str(e) else (
+          f"connection failed ({type(e).__name__})")
   raise SearchError(f"search service unavailable after {retries + 1} attempts: {last}")
 
 
@@ -368,7 +433,7 @@ class SerperBackend(SearchBackend):
   name = "serper"
 
   def __init__(self, api_key_env="SERPER_API_KEY", base_url="https://google.serper.dev", timeout_s=10.0,
-               retries=3, backoff_s=0.5, max_qps=5.0, batch_size=20, extra_params=None):
+               retries=3, backoff_s=0.5, max_qps=5.0, batch_size=20, extra_params=None, max_reply_mb=64):
     self.api_key = os.environ.get(api_key_env)
     if not self.api_key:
       raise ValueError(f"Serper search needs an API key in the environment variable {api_key_env}")
@@ -377,6 +442,7 @@ class SerperBackend(SearchBackend):
     self.batch_size = batch_size
     self.extra_params = dict(extra_params or {})
     self.limiter = RateLimiter(max_qps)
+    self.max_reply_bytes = int(max_reply_mb) << 20
 
   def search(self, queries, k):
     out = []
@@ -384,7 +450,7 @@ class SerperBackend(SearchBackend):
       chunk = list(queries[start:start + self.batch_size])
       reply = post_json(self.url, [{"q": q, "num": k, **self.extra_params} for q in chunk],
                         headers={"X-API-KEY": self.api_key}, timeout_s=self.timeout_s, retries=self.retries,
-                        backoff_s=self.backoff_s, limiter=self.limiter)
+                        backoff_s=self.backoff_s, limiter=self.limiter, max_reply_bytes=self.max_reply_bytes)
       if isinstance(reply, dict):
         reply = [reply]
       if not isinstance(reply, list) or len(reply) != len(chunk):
@@ -409,11 +475,12 @@ class HttpRetrieverBackend(SearchBackend):
 
   name = "http"
 
-  def __init__(self, url, timeout_s=30.0, retries=3, backoff_s=0.5, max_qps=0.0, batch_size=512):
+  def __init__(self, url, timeout_s=30.0, retries=3, backoff_s=0.5, max_qps=0.0, batch_size=512, max_reply_mb=64):
     self.url = url if url.rstrip("/").endswith("/retrieve") else url.rstrip("/") + "/retrieve"
     self.timeout_s, self.retries, self.backoff_s = timeout_s, retries, backoff_s
     self.batch_size = batch_size
     self.limiter = RateLimiter(max_qps)
+    self.max_reply_bytes = int(max_reply_mb) << 20
 
   def search(self, queries, k):
     out = []
@@ -421,7 +488,7 @@ class HttpRetrieverBackend(SearchBackend):
       chunk = list(queries[start:start + self.batch_size])
       reply = post_json(self.url, {"queries": chunk, "topk": k, "return_scores": True},
                         timeout_s=self.timeout_s, retries=self.retries, backoff_s=self.backoff_s,
-                        limiter=self.limiter)
+                        limiter=self.limiter, max_reply_bytes=self.max_reply_bytes)
       rows = reply.get("result") if isinstance(reply, dict) else None
       if not isinstance(rows, list) or len(rows) != len(chunk):
         raise SearchError("retriever returned an unexpected reply")
@@ -484,7 +551,8 @@ def make_search_backend(config):
   'cache_size': int (0 disables the cache)}.
 
   bm25/dense: 'index_dir' (built from 'corpus' first if it has no index yet). serper: 'api_key_env', 'base_url',
-  'timeout_s', 'retries', 'backoff_s', 'max_qps'. http: 'url', 'timeout_s', 'retries', 'backoff_s'.
+  'timeout_s', 'retries', 'backoff_s', 'max_qps', 'max_reply_mb'. http: 'url', 'timeout_s', 'retries',
+  'backoff_s', 'max_reply_mb'. 'timeout_s' is the total time of one attempt (connect, send, every read).
   """
   cfg = dict(config or {})
   name = cfg.pop("name", None)
