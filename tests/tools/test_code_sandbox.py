@@ -15,6 +15,7 @@ from PIL import Image
 
 from varft.tools import cgroups as cgroups_lib
 from varft.tools import code as code_lib
+from varft.tools import sandbox_process
 
 FAST = dict(timeout_s=30, preload=(), max_concurrency=4, prewarm=False)
 
@@ -210,8 +211,8 @@ def test_cgroup_caps_memory_of_the_whole_call():
 
 def test_init_kills_at_wall_limit_even_if_the_host_does_not(monkeypatch):
   sb = code_lib.CodeSandbox({**FAST, "max_concurrency": 1})
-  drain = code_lib._drain  # pylint: disable=protected-access
-  monkeypatch.setattr(code_lib, "_drain", lambda proc, deadline, *rest: drain(proc, deadline + 60, *rest))
+  drain = sandbox_process.drain
+  monkeypatch.setattr(sandbox_process, "drain", lambda proc, deadline, *rest: drain(proc, deadline + 60, *rest))
   r = sb.run("import time\ntime.sleep(60)", timeout_s=1.0)
   assert r.error.startswith("timeout") and r.wall_s < 1.0 + 5  # Not the host's (now 61 s) deadline.
 
