@@ -67,6 +67,8 @@ def test_config_errors():
     code_lib.detect_isolation("docker")
   with pytest.raises(FileNotFoundError, match="sandbox python"):
     code_lib.CodeSandbox({"python": "/nonexistent/python3"})
+  with pytest.raises(ValueError, match="code.output_decode_s must be > 0"):
+    code_lib.CodeSandbox({"output_decode_s": 0})
 
 
 @pytest.fixture(scope="module")

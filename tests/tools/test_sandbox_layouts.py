@@ -150,6 +150,7 @@ def test_isolation_is_detected_with_the_real_command_line(monkeypatch, caplog):
   with caplog.at_level(logging.INFO, logger="varft.tools.code"):
     sb = code_lib.CodeSandbox(BASE)
   assert sb.isolation == "unshare" and "isolation=unshare" in caplog.text
+  assert "cannot start Python with bwrap: " in caplog.text  # Said once, with bwrap's own reason.
   _assert_flipped(sb.run(FLIP, _half_white()))
   sb.close()
   with pytest.raises(RuntimeError, match="cannot start Python .*bwrap: .*nonexistent-varft"):

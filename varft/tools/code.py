@@ -164,6 +164,9 @@ class CodeSandbox:
       raise ValueError(f"code.max_concurrency must be in [1, {launch.UID_BLOCK}], got {c.max_concurrency}")
     if c.cgroup not in ("auto", "off"):
       raise ValueError(f"code.cgroup must be 'auto' or 'off', got {c.cgroup!r}")
+    if not c.output_decode_s > 0 or c.observe_max_pixels < 0:
+      raise ValueError(f"code.output_decode_s must be > 0 and code.observe_max_pixels >= 0, got "
+                       f"{c.output_decode_s} and {c.observe_max_pixels}")
     if not os.path.exists(c.python):
       raise FileNotFoundError(f"sandbox python {c.python} does not exist; set code.python")
     candidates = launch.candidates(c.isolation)
@@ -216,9 +219,11 @@ class CodeSandbox:
     failures = []
     for isolation in candidates:
       launcher = process.Launcher(self.config, isolation, self._root, self._mounts, self._python, self.slot_uids,
-                           self.cgroups)
+                                  self.cgroups)
       reason = launcher.check_startup(self._modules)
       if reason is None:
+        if failures:
+          log.warning("code sandbox: cannot start Python with %s; using %s", "; ".join(failures), isolation)
         return launcher
       failures.append(f"{isolation}: {reason}")
     self.close()

@@ -9,7 +9,8 @@ privileges. Not read from the host's file system inside the sandbox: the host st
   4. forks the program's process, confined (see `_confine`), and kills its whole tree at the wall-clock limit;
   5. forks an equally confined decoder that opens the output image without following links (regular files only,
      size-capped), decodes it under its own clock and downscales it to what the model will see;
-  6. writes one JSON line (exit status, output status, image size) and the raw RGB pixels to the result pipe.
+  6. the decoder writes the raw RGB pixels to the result pipe; the init then adds its own JSON trailer (exit
+     status, output status, image size) and the trailer's length.
 The host reads only that pipe and the program's stdout/stderr, each with a size cap.
 
 `decode_image` is also imported by the host (`varft.tools.code.load_output_image`): one set of validation rules.
@@ -31,7 +32,7 @@ PR_SET_NO_NEW_PRIVS, PR_CAPBSET_DROP, PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL =
 PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 22, 2
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
 OUTPUT_FORMATS = ("JPEG", "PNG", "BMP", "WEBP")
-HEADER_CAP = 1 << 16  # Bytes of a JSON header line on the decoder and result pipes.
+HEADER_CAP = 1 << 16  # Bytes of the decoder's header line and of the init's trailer.
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -194,10 +195,15 @@ def _preload(modules):
       pass
 
 
-def _confine(spec, limits):
-  """Turns this (forked) process into an unprivileged one: fds 3+ closed, its own session, rlimits, no
-  capabilities (bounding set included), the slot's uid, no_new_privs, seccomp; cwd the work dir and the program's environment."""
-  os.closerange(3, 1 << 16)
+def _confine(spec, limits, keep=None):
+  """Turns this (forked) process into an unprivileged one: fds 3+ closed (but `keep`), its own session, rlimits,
+  no capabilities (bounding set included), the slot's uid, no_new_privs, seccomp; cwd the work dir and the
+  program's environment."""
+  if keep is None:
+    os.closerange(3, 1 << 16)
+  else:
+    os.closerange(3, keep)
+    os.closerange(keep + 1, 1 << 16)
   os.setsid()  # Its own process group: kill(0, ...) never reaches the init.
   for name, value in limits.items():
     resource.setrlimit(getattr(resource, name), (value, value))
@@ -304,7 +310,8 @@ def decode_image(data, max_pixels, max_side, observe_pixels=None):
   except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombWarning,
           Image.DecompressionBombError) as e:
     raise ValueError(f"output image is corrupt or truncated ({type(e).__name__})") from None
-  image = image.convert("RGB")
+  if image.mode != "RGB":
+    image = image.convert("RGB")
   return image if image.size == size else image.resize(size, Image.BICUBIC)
 
 
@@ -341,49 +348,43 @@ def _write_all(fd, data):
     view = view[os.write(fd, view):]
 
 
-def _decoder(spec, limits, write_fd):
-  """Child: decode the output image as the unprivileged program uid, header line + pixels to `write_fd`."""
+def _decoder(spec, limits, header_fd, result_fd):
+  """Child: decode the output image as the unprivileged program uid; the raw pixels go straight to the result
+  pipe, then a header line (status, size) to the init."""
   code = 1
   try:
-    os.dup2(write_fd, 1)
+    os.dup2(result_fd, 1)
     devnull = os.open("/dev/null", os.O_WRONLY)
     os.dup2(devnull, 2)
-    _confine(spec, limits)
+    _confine(spec, limits, keep=header_fd)
     header, pixels = _decode_output(spec)
-    _write_all(1, json.dumps(header).encode() + b"\n" + pixels)
+    _write_all(1, pixels)
+    _write_all(header_fd, json.dumps(header).encode() + b"\n")
     code = 0
   finally:
     os._exit(code)
 
 
-def _collect_output(spec, limits, seconds):
-  """Runs the decoder under its own clock; returns (header dict, pixels)."""
+def _collect_output(spec, limits, seconds, result_fd):
+  """Runs the decoder under its own clock; returns its header (the pixels are already on the result pipe)."""
   read_fd, write_fd = os.pipe()
-  pid, expired = _fork_timed(seconds, lambda: _decoder(spec, limits, write_fd))
+  pid, expired = _fork_timed(seconds, lambda: _decoder(spec, limits, write_fd, result_fd))
   os.close(write_fd)
-  cap = HEADER_CAP + 3 * (spec["observe_pixels"] or spec["max_output_pixels"])
-  chunks, size = [], 0
-  while size <= cap:
-    chunk = os.read(read_fd, 1 << 20)
-    if not chunk:
-      break
-    chunks.append(chunk)
-    size += len(chunk)
+  line = b""
+  while len(line) <= HEADER_CAP and (chunk := os.read(read_fd, HEADER_CAP)):
+    line += chunk
   os.close(read_fd)
   os.kill(pid, signal.SIGKILL)
   os.waitpid(pid, 0)
   signal.setitimer(signal.ITIMER_REAL, 0)
   _reap_everything()
   if expired:
-    return {"output": "decode_timeout"}, b""
-  line, _, pixels = b"".join(chunks).partition(b"\n")
+    return {"output": "decode_timeout"}
   try:
     header = json.loads(line)
   except ValueError:
-    return {"output": "decode_failed"}, b""
-  if header.get("output") == "ok" and len(pixels) != 3 * header["width"] * header["height"]:
-    return {"output": "decode_failed"}, b""
-  return header, pixels
+    return {"output": "decode_failed"}
+  return header if isinstance(header, dict) else {"output": "decode_failed"}
 
 
 def main():
@@ -415,12 +416,11 @@ def main():
       "cpu_s": usage.ru_utime + usage.ru_stime,
       "max_rss_mb": usage.ru_maxrss / 1024,
   }
-  pixels = b""
   if not expired:
     decode_limits = dict(spec["rlimits"], RLIMIT_CPU=max(1, math.ceil(go["decode_s"])) + 1)
-    output, pixels = _collect_output(spec, decode_limits, go["decode_s"])
-    result.update(output)
-  _write_all(result_fd, json.dumps(result).encode() + b"\n" + pixels)
+    result.update(_collect_output(spec, decode_limits, go["decode_s"], result_fd))
+  trailer = json.dumps(result).encode()  # After the pixels (if any), then its own length: see parse_result.
+  _write_all(result_fd, trailer + len(trailer).to_bytes(4, "big"))
 
 
 if __name__ == "__main__":

@@ -88,7 +88,7 @@ def drain(proc, deadline, cap, send, result_fd, result_cap):
             proc.stdin.close()
           continue
         try:
-          chunk = os.read(key.fd, 1 << 16)
+          chunk = os.read(key.fd, 1 << 20 if key.fd == result_fd else 1 << 16)
         except BlockingIOError:
           continue
         if not chunk:
@@ -103,7 +103,7 @@ def drain(proc, deadline, cap, send, result_fd, result_cap):
     timed_out = True
     _kill_group(proc)
     proc.wait()
-  return bufs[proc.stdout.fileno()].text(), bufs[proc.stderr.fileno()].text(), bytes(result), timed_out
+  return bufs[proc.stdout.fileno()].text(), bufs[proc.stderr.fileno()].text(), result, timed_out
 
 
 def _kill_group(proc):
@@ -114,16 +114,20 @@ def _kill_group(proc):
 
 
 def parse_result(raw, max_pixels):
-  """(header dict or None, image or None) from the result pipe's bytes: one JSON line, then raw RGB pixels."""
-  line, _, pixels = raw.partition(b"\n")
+  """(header dict or None, image or None) from the result pipe's bytes: the decoder's raw RGB pixels, then the
+  init's JSON trailer, then the trailer's length (4 bytes, big-endian)."""
+  size = int.from_bytes(raw[-4:], "big") if len(raw) >= 4 else -1
+  if not 0 < size <= min(len(raw) - 4, sandbox_init.HEADER_CAP):
+    return None, None
   try:
-    header = json.loads(line)
+    header = json.loads(raw[-4 - size:-4])
   except ValueError:
     return None, None
   if not isinstance(header, dict):
     return None, None
   if header.get("output") != "ok":
     return header, None
+  pixels = memoryview(raw)[:-4 - size]
   w, h = header.get("width"), header.get("height")
   if not (isinstance(w, int) and isinstance(h, int) and 1 <= w and 1 <= h and w * h <= max_pixels
           and len(pixels) == 3 * w * h):
@@ -196,7 +200,7 @@ class Launcher:
       oom_before = self.cgroups.oom_kills(started.slot) if self.cgroups else 0
       stdout, stderr, raw, timed_out = drain(
           started.proc, deadline, c.stdout_cap, json.dumps(go).encode() + b"\n" + b"".join(files.values()),
-          started.result_fd, sandbox_init.HEADER_CAP + 3 * max_pixels)
+          started.result_fd, sandbox_init.HEADER_CAP + 4 + 3 * max_pixels)
       oom_killed = bool(self.cgroups) and self.cgroups.oom_kills(started.slot) > oom_before
     finally:
       discard(started)
