@@ -58,7 +58,11 @@ class _Watchdog:
   def __init__(self):
     self._deadlines = {}  # socket -> (deadline, close instead of shutting down)
     self._lock = threading.Lock()
+    self._stop = threading.Event()
     threading.Thread(target=self._run, name="retrieval-watchdog", daemon=True).start()
+
+  def stop(self):
+    self._stop.set()
 
   def watch(self, sock, seconds, close=False):
     with self._lock:
@@ -69,8 +73,7 @@ class _Watchdog:
       self._deadlines.pop(sock, None)
 
   def _run(self):
-    while True:
-      time.sleep(0.05)
+    while not self._stop.wait(0.05):
       now = time.monotonic()
       with self._lock:
         due = [(s, close) for s, (t, close) in self._deadlines.items() if t <= now]
@@ -94,6 +97,10 @@ class _BoundedServer(http.server.ThreadingHTTPServer):
     self.watchdog = _Watchdog()
     self.refused = 0
     super().__init__(address, handler)
+
+  def server_close(self):
+    super().server_close()
+    self.watchdog.stop()
 
   def process_request(self, request, client_address):
     if not self.slots.acquire(blocking=False):
