@@ -83,6 +83,8 @@ def test_auto_prefers_bubblewrap_and_says_so(caplog):
     sb = code_lib.CodeSandbox(FAST)
   assert sb.isolation == "bwrap"
   assert "isolation=bwrap" in caplog.text
+  assert code_lib.detect_isolation("auto", FAST) == "bwrap"
+  assert code_lib.detect_isolation("unshare", FAST) == "unshare"
 
 
 def test_stdout_exit_codes_and_missing_output(sandbox):
