@@ -118,10 +118,8 @@ def test_stuck_search_workers_are_abandoned():
   try:
     for _ in range(3):  # Three stuck requests: more than the two workers a fixed pool would have.
       assert "timed out" in ex.execute([ToolCall("search", "q")])[0].error
-    start = time.monotonic()
-    obs = ex.execute([ToolCall("search", "recovered")])
+    obs = ex.execute([ToolCall("search", "recovered")])  # Queued behind the stuck ones, it would time out.
     assert obs[0].ok and "about recovered" in obs[0].text
-    assert time.monotonic() - start < 0.3  # Not queued behind the stuck ones.
     assert ex.stats()["tools/search/abandoned"] == 3
   finally:
     backend.release.set()
@@ -133,9 +131,8 @@ def test_too_many_stuck_searches_fail_fast():
   try:
     for _ in range(executor_lib.MAX_STUCK_SEARCHES):
       ex.execute([ToolCall("search", "q")])
-    start = time.monotonic()
     obs = ex.execute([ToolCall("search", "q")])
-    assert "not answering" in obs[0].error and time.monotonic() - start < 0.05
+    assert "not answering" in obs[0].error  # Not "timed out": it did not wait.
     assert backend.calls == executor_lib.MAX_STUCK_SEARCHES  # No more threads piled up.
     backend.release.set()
     deadline = time.monotonic() + 10
