@@ -1,10 +1,12 @@
 """Code tool: the isolated sandbox vs an unisolated `subprocess.run([python, file])`, side by side.
 
 Both sides run the same real OpenCV program (read the input image, rotate it by 90 degrees, write the output) on
-the same 1024x768 JPEG, and both do the same host work per call: write the input bytes into a fresh directory,
-run the program, read back and decode the output image. The sandbox adds namespaces (bubblewrap or unshare), a
-tmpfs, rlimits, a privilege drop, a cgroup and output validation; it pre-imports numpy/cv2/PIL in the sandbox
-init (default config), which the baseline's program has to import itself.
+the same 1024x768 JPEG, and both end with the decoded output image on the host: the baseline writes the input
+into a fresh directory, runs the program, reads back and decodes the output file; the sandbox sends the input in
+over stdin and gets the output back as raw pixels over a pipe, decoded inside the sandbox by a second confined
+process. The sandbox adds namespaces (bubblewrap or unshare), a tmpfs, rlimits, a privilege drop, seccomp, a
+cgroup and that decoder; it pre-imports numpy/cv2/PIL in the sandbox init (default config), which the baseline's
+program has to import itself.
 
     python benchmarks/tools_sandbox.py [--calls 20] [--burst 48] [--repeats 3] [--isolation auto]
 
@@ -30,12 +32,13 @@ import numpy as np
 from PIL import Image
 
 from varft.tools import code as code_lib
+from varft.tools import sandbox_launch
 
-# The sandbox runs programs with one BLAS/OpenMP thread; the baseline gets the same, so that the comparison
+# The sandbox runs programs with one BLAS/OpenMP/OpenCV thread; the baseline gets the same, so that the comparison
 # measures isolation, not thread oversubscription (8 concurrent programs on a few cores). Both sides start each
 # call in a new session (as any executor that kills process groups must): with the kernel's autogroup
 # scheduling a session is a CPU-share unit, so giving only one side new sessions skews throughput on a busy host.
-THREAD_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+THREAD_ENV = sandbox_launch.THREAD_ENV
 
 PROGRAM = """import cv2
 image = cv2.imread('path_to_input_image.jpg')

@@ -15,6 +15,7 @@ from PIL import Image
 
 from varft.tools import cgroups as cgroups_lib
 from varft.tools import code as code_lib
+from varft.tools import sandbox_process
 
 FAST = dict(timeout_s=30, preload=(), max_concurrency=4, prewarm=False)
 
@@ -66,6 +67,8 @@ def test_config_errors():
     code_lib.detect_isolation("docker")
   with pytest.raises(FileNotFoundError, match="sandbox python"):
     code_lib.CodeSandbox({"python": "/nonexistent/python3"})
+  with pytest.raises(ValueError, match="code.output_decode_s must be > 0"):
+    code_lib.CodeSandbox({"output_decode_s": 0})
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +83,8 @@ def test_auto_prefers_bubblewrap_and_says_so(caplog):
     sb = code_lib.CodeSandbox(FAST)
   assert sb.isolation == "bwrap"
   assert "isolation=bwrap" in caplog.text
+  assert code_lib.detect_isolation("auto", FAST) == "bwrap"
+  assert code_lib.detect_isolation("unshare", FAST) == "unshare"
 
 
 def test_stdout_exit_codes_and_missing_output(sandbox):
@@ -115,8 +120,8 @@ def test_inputs_are_checked_and_placed(sandbox):
 @pytest.mark.parametrize("prewarm", [False, True])
 def test_calls_are_isolated_from_each_other(prewarm):
   sb = code_lib.CodeSandbox({**FAST, "prewarm": prewarm, "max_concurrency": 1})  # One slot, reused.
-  first = sb.run("open('/work/left-behind', 'w').write('x')\nimport os\nprint(os.getuid())")
-  second = sb.run("import os\nprint(os.path.exists('/work/left-behind'), os.getuid())")
+  first = sb.run("import os\nopen(os.environ['HOME'] + '/left-behind', 'w').write('x')\nprint(os.getuid())")
+  second = sb.run("import os\nprint(os.path.exists(os.environ['HOME'] + '/left-behind'), os.getuid())")
   assert second.stdout.split()[0] == "False"
   if os.geteuid() == 0:
     assert int(first.stdout) >= code_lib.SandboxConfig.uid_base  # Never root inside.
@@ -130,9 +135,9 @@ def test_prewarmed_sandbox_waits_and_close_stops_it():
   cold = code_lib.CodeSandbox({**FAST, "preload": ("cv2",)})
   assert cold.run(probe).stdout == "False\n"  # A cold start does not pay for imports up front.
   waiting = sb._warm[0].result(timeout=30)  # pylint: disable=protected-access
-  assert waiting.proc.poll() is None and os.path.isdir(waiting.call_dir)
+  assert waiting.proc.poll() is None and waiting.result_fd >= 0
   sb.close()
-  assert waiting.proc.poll() is not None and not os.path.exists(waiting.call_dir)
+  assert waiting.proc.poll() is not None and waiting.result_fd == -1
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +145,7 @@ def fallback():
   if not shutil.which("unshare"):
     pytest.skip("util-linux unshare is not installed")
   sb = code_lib.CodeSandbox({**FAST, "isolation": "unshare", "preload": ("numpy", "cv2"), "prewarm": True,
-                             "max_concurrency": 2})
+                             "max_concurrency": 2, "call_memory_mb": 4096})  # 2 tasks without cgroups.
   yield sb
   sb.close()
 
@@ -210,8 +215,8 @@ def test_cgroup_caps_memory_of_the_whole_call():
 
 def test_init_kills_at_wall_limit_even_if_the_host_does_not(monkeypatch):
   sb = code_lib.CodeSandbox({**FAST, "max_concurrency": 1})
-  drain = code_lib._drain  # pylint: disable=protected-access
-  monkeypatch.setattr(code_lib, "_drain", lambda proc, deadline, cap: drain(proc, deadline + 60, cap))
+  drain = sandbox_process.drain
+  monkeypatch.setattr(sandbox_process, "drain", lambda proc, deadline, *rest: drain(proc, deadline + 60, *rest))
   r = sb.run("import time\ntime.sleep(60)", timeout_s=1.0)
   assert r.error.startswith("timeout") and r.wall_s < 1.0 + 5  # Not the host's (now 61 s) deadline.
 

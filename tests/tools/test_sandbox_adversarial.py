@@ -20,8 +20,9 @@ from varft.tools import code as code_lib
 PROJECT_FILE = os.path.abspath(__file__)
 MARKER = f"varft-daemon-{uuid.uuid4().hex}"
 SHORT, LONG = 2.0, 30.0  # Per-call wall limits: programs meant to hang vs programs meant to finish.
-CONFIG = dict(timeout_s=LONG, memory_mb=1024, max_procs=32, max_file_mb=16, work_mb=64, preload=(),
-              require_output_image=False, max_concurrency=8, stdout_cap=4096)
+# call_memory_mb: as a normal user (no cgroups) a call may hold 4 tasks of 1024 MiB (see rlimit-only mode).
+CONFIG = dict(timeout_s=LONG, memory_mb=1024, call_memory_mb=4096, max_procs=32, max_file_mb=16, work_mb=64,
+              preload=(), require_output_image=False, max_concurrency=8, stdout_cap=4096)
 
 
 def _png_header_bomb(width, height):
@@ -63,7 +64,7 @@ def _programs(tmp, port, canary):
       "cpu_loop": ("while True:\n  pass\n", SHORT),
       "sleep": ("import time\ntime.sleep(120)\n", SHORT),
       "thread_spin": ("import threading\ndef spin():\n  while True:\n    pass\n"
-                      "for _ in range(8):\n  threading.Thread(target=spin, daemon=True).start()\n"
+                      "for _ in range(2):\n  threading.Thread(target=spin, daemon=True).start()\n"
                       "threading.Event().wait()\n", SHORT),
       "huge_stdout": ("import sys\nchunk = 'x' * (1 << 20)\nfor _ in range(48):\n  sys.stdout.write(chunk)\n"
                       "sys.stdout.write('THE-END')\n", LONG),
@@ -87,7 +88,10 @@ def _programs(tmp, port, canary):
                                           "'open(\"/etc/passwd\").read()'], check=True)")]), LONG),
       "ctypes": (_attempts([("mount", "assert ctypes.CDLL(None).mount(b'none', b'/work', b'tmpfs', 0, None)"
                                       " == 0"),
-                            ("setuid0", "assert ctypes.CDLL(None).setuid(0) == 0"),
+                            # uid 0 with capabilities (as a normal user the program is uid 0 of its user
+                            # namespace already, but without any capability).
+                            ("setuid0", "assert ctypes.CDLL(None).setuid(0) == 0 and int(open('/proc/self/"
+                                        "status').read().split('CapEff:')[1].split()[0], 16) != 0"),
                             ("chroot", "os.chroot('/work')"),
                             ("unshare", "assert ctypes.CDLL(None).unshare(0x40000000) == 0"),
                             ("userns", "assert ctypes.CDLL(None).unshare(0x10000000) == 0"),

