@@ -19,6 +19,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from varft import batch as batch_lib
 from varft import rewards as rewards_lib
 from varft import rollout as rollout_lib
 from varft import sharding
@@ -102,7 +103,17 @@ def resizer(size: int):
   return resize
 
 
-TRAINER_ROLLOUT_KEYS = ("prompts_per_host", "num_samples")
+TRAINER_ROLLOUT_KEYS = ("prompts_per_host", "num_samples", "tensor_parallel")
+
+
+def sampling_tensor_parallel(config: ml_collections.ConfigDict, model_cfg, dtype) -> int:
+  """`config.rollout.tensor_parallel` (0 or absent: the least at which the sampling weights fit a device)."""
+  chosen = int(config.rollout.get("tensor_parallel", 0))
+  if chosen:
+    return chosen
+  from varft.models.qwen25vl import model
+  shapes = jax.eval_shape(lambda: model.init_params(jax.random.key(0), model_cfg, dtype))
+  return sharding.sampling_tensor_parallel(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes)))
 
 
 def rollout_config(rollout: ml_collections.ConfigDict, **overrides) -> rollout_lib.RolloutConfig:
@@ -122,21 +133,6 @@ def references(examples: Sequence[Mapping[str, Any]], mode: str) -> tuple[list[d
   if mode == "stepwise":
     return [{"solution": ex["solution"], "step_type": ex.get("step_type") or None} for ex in examples], None
   return [{"answers": list(ex.get("answers") or [])} for ex in examples], ["answer"] * len(examples)
-
-
-def pad_rows(batch: dict[str, Any], rows: int, num_samples: int) -> dict[str, Any]:
-  """Pads a rollout batch to `rows` rows (prompts the rollout had to skip): empty rows, no loss, own groups."""
-  n = len(batch["group_ids"])
-  if n == rows:
-    return batch
-  out = dict(batch)
-  for key in ("tokens", "attention_mask", "loss_mask", "sampler_logps", "image_index"):
-    fill = -1 if key == "image_index" else 0
-    out[key] = np.concatenate([batch[key], np.full((rows - n,) + batch[key].shape[1:], fill, batch[key].dtype)])
-  out["positions"] = np.concatenate(
-      [batch["positions"], np.zeros((3, rows - n) + batch["positions"].shape[2:], batch["positions"].dtype)], axis=1)
-  out["group_ids"] = np.concatenate([batch["group_ids"], np.arange(n, rows, dtype=np.int32) // num_samples])
-  return out
 
 
 def score_rows(completions: Sequence[str], refs: Sequence[Mapping[str, Any]], config, step_types=None,
@@ -204,15 +200,15 @@ class AgentEnvironment:
     tokenizer = chat.load_tokenizer(config.model.hf_dir or None)
     self.executor = ToolExecutor(tool_executor_config(config, self.paths, workdir))
     self.mesh = mesh
-    self.rollout_mesh = sharding.rollout_mesh(mesh)
+    self.compute_dtype = jnp.dtype(model_cfg.dtype)
+    self.rollout_mesh = sharding.rollout_mesh(mesh, sampling_tensor_parallel(config, model_cfg, self.compute_dtype))
     self.engine = rollout_lib.RolloutEngine(model_cfg, tokenizer, self.executor, rollout_config(config.rollout),
-                                            mesh=self.rollout_mesh)
+                                            mesh=self.rollout_mesh, batch_devices=batch_lib.devices_per_host(mesh))
     eval_overrides = {"mode": "multiturn", "temperature": config.eval.temperature,
                       "max_turns": config.eval.max_turns}
     self.eval_engine = rollout_lib.RolloutEngine(model_cfg, tokenizer, self.executor,
                                                  rollout_config(config.rollout, **eval_overrides),
                                                  mesh=self.rollout_mesh)
-    self.compute_dtype = jnp.dtype(model_cfg.dtype)
     self.batches = None  # evaluation only: no training data needed
     if training:
       d = config.data
@@ -247,7 +243,7 @@ class AgentEnvironment:
     total, components, reward_errors = score_rows(completions, refs, self.config, step_types, tool_stats)
     scored = time.perf_counter()
     rows = self.prompts_per_host * self.num_samples
-    batch = pad_rows(result.batch, rows, self.num_samples)
+    batch = result.batch  # `rows` rows: those of prompts the rollout skipped are empty
     rewards = np.zeros((rows,), np.float32)
     rewards[:len(total)] = total
     padded_components = {}

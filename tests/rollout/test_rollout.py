@@ -159,7 +159,8 @@ def test_loss_mask_holds_exactly_the_sampled_tokens(setup):
 
 def _row_grids(batch):
   """The image grid of every image occurrence, row by row in order of appearance (transformers' convention)."""
-  grids = batch["image_grid_thw"]
+  assert batch["image_grid_thw"].shape[0] == 1  # one device: one image table
+  grids = batch["image_grid_thw"][0]
   starts = np.concatenate([[0], np.cumsum(np.prod(grids, axis=1) // 4)])
   out = []
   for row in batch["image_index"]:
@@ -186,7 +187,8 @@ def test_positions_equal_transformers_rope_index(setup):
 def test_stored_logps_equal_a_fresh_forward_pass(setup):
   config, params, *_, result = setup
   batch = result.batch
-  image_embeds = model.encode_images(params, config, batch["pixel_values"], batch["vision_inputs"])
+  image_embeds = model.encode_images(params, config, batch["pixel_values"][0],
+                                     {k: v[0] for k, v in batch["vision_inputs"].items()})
   hidden, _ = model.forward_hidden(params, config, batch["tokens"], batch["positions"], batch["attention_mask"],
                                    image_embeds, batch["image_index"])
   rows, cols = np.nonzero(batch["loss_mask"][:, 1:] == 1)  # token t = cols + 1 is predicted at position cols
