@@ -310,16 +310,22 @@ class Sampler:
     self._pattern_bits = jnp.asarray(stop_table.pattern_bits)
 
   @property
+  def _batch_axes(self) -> tuple[str, ...]:
+    return tuple(a for a in sharding.BATCH_AXES if a in self.mesh.axis_names)
+
+  @property
   def num_shards(self) -> int:
     """Row shards: the device batch must be a multiple of this."""
-    return 1 if self.mesh is None else sharding.batch_size_multiple(self.mesh)
+    return 1 if self.mesh is None else int(np.prod([self.mesh.shape[a] for a in self._batch_axes]))
 
   def _shard(self, x, batch_axis: int = 0, head_axis: int | None = None):
     if self.mesh is None:
       return jnp.asarray(x)
     spec = [None] * np.ndim(x)
-    spec[batch_axis] = sharding.BATCH_AXES
-    if head_axis is not None and np.shape(x)[head_axis] % self.mesh.shape["tensor"] == 0:
+    axes = self._batch_axes
+    spec[batch_axis] = axes[0] if len(axes) == 1 else axes
+    tensor = self.mesh.shape.get("tensor", 1)
+    if head_axis is not None and tensor > 1 and np.shape(x)[head_axis] % tensor == 0:
       spec[head_axis] = "tensor"
     return jax.device_put(x, NamedSharding(self.mesh, P(*spec)))
 

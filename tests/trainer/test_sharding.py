@@ -129,6 +129,16 @@ def test_every_parameter_of_the_vision_language_model_gets_a_valid_spec():
       assert dim % size == 0, (path, spec)
 
 
+def test_one_process_on_8_devices_compiles_nothing_after_the_first_step(tmp_path):
+  out = subprocess.run([sys.executable, "-m", "tests.trainer.rollout_script", str(tmp_path / "out")], cwd=REPO,
+                       capture_output=True, text=True, timeout=300,
+                       env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"))
+  assert out.returncode == 0, out.stderr[-3000:]
+  host = np.load(tmp_path / "out_0.npz")
+  assert int(host["rollout_devices"]) == 8
+  assert host["compiles"][0] > 0 and list(host["compiles"][1:]) == [0, 0], host["compiles"]
+
+
 def test_two_hosts_sample_their_own_prompts_from_sharded_params(tmp_path):
   from tests.trainer import rollout_script
   port = str(_free_port())
@@ -141,6 +151,8 @@ def test_two_hosts_sample_their_own_prompts_from_sharded_params(tmp_path):
     assert p.returncode == 0, err[-3000:]
   hosts = [np.load(tmp_path / f"out_{i}.npz") for i in range(2)]
   assert not np.array_equal(hosts[0]["shown"], hosts[1]["shown"])
+  for host in hosts:  # the first step compiles its programs; the next two reuse them (no per-step reshard compile)
+    assert host["compiles"][0] > 0 and list(host["compiles"][1:]) == [0, 0], host["compiles"]
   mesh = sharding.make_mesh({"data": 1}, jax.devices()[:1])
   params = rollout_script.init_params(mesh)
   for host in hosts:
