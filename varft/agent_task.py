@@ -281,33 +281,46 @@ def _example_index(examples: Sequence[Mapping[str, Any]], transcript: rollout_li
   raise KeyError(f"No example with id {transcript.example_id!r} in the batch")
 
 
+def host_items(num_items: int) -> range:
+  """This host's contiguous block of `num_items` items: the hosts, in process order, cover every item in order (the
+  first hosts take one more when the count does not divide), so the gathered predictions keep the benchmark's
+  order, which its positional splits (MAT's simple / hard) rely on."""
+  per_host, extra = divmod(num_items, jax.process_count())
+  host = jax.process_index()
+  start = host * per_host + min(host, extra)
+  return range(start, start + per_host + (host < extra))
+
+
 def evaluate_benchmark(env: AgentEnvironment, name: str, params, rng, out_dir: str | None) -> dict[str, float]:
   """Runs one benchmark (this host's share), gathers predictions on process 0, writes and scores them."""
-  from varft.data import input_pipeline
-  from varft.eval import score
   if name not in BENCHMARKS:
     raise ValueError(f"config.eval.benchmarks: unknown benchmark {name!r}; known: {sorted(BENCHMARKS)}")
   dataset, dir_key, split = BENCHMARKS[name]
   source = _load(dataset, split, env.paths[dir_key], env.config.data.tfds_dir)
+  return evaluate_source(env, name, source, params, rng, out_dir)
+
+
+def evaluate_source(env: AgentEnvironment, name: str, source: Sequence[Mapping[str, Any]], params, rng,
+                    out_dir: str | None) -> dict[str, float]:
+  """`evaluate_benchmark` on a random-access `source`: the first `eval.num_prompts` items (all when 0), each host
+  its own contiguous block (`host_items`), predictions gathered in item order."""
+  from varft.eval import score
   limit = env.config.eval.num_prompts
+  mine = host_items(min(len(source), limit) if limit else len(source))
+  transform = resizer(env.config.data.resize) or (lambda example: example)
+  size = env.config.eval.batch_size
   items = []
-  batches = input_pipeline.batches(source, batch_size=env.config.eval.batch_size, shuffle=False, num_epochs=1,
-                                   drop_remainder=False, transform=resizer(env.config.data.resize))
-  seen = 0
-  for i, examples in enumerate(batches):
-    if limit and seen >= limit:
-      break
-    examples = examples[:limit - seen] if limit else examples
-    seen += len(examples)
-    result = env.eval_engine.run(params, examples, jax.random.fold_in(rng, i), num_samples=1)
+  for first in range(mine.start, mine.stop, size):
+    examples = [transform(source[i]) for i in range(first, min(first + size, mine.stop))]
+    # The key of a batch is its first item's index: the same predictions whatever the number of hosts.
+    result = env.eval_engine.run(params, examples, jax.random.fold_in(rng, first), num_samples=1)
     answered = {t.example_id: t for t in result.transcripts}
     for j, ex in enumerate(examples):
       t = answered.get(str(ex.get("id", j)))
       items.append({"id": ex.get("id"), "question": ex["question"], "pred_answer": t.answer if t else None,
                     "gt": list(ex.get("answers") or []), "trajectory": t.render() if t else "",
                     "stop_reason": t.stop_reason if t else "skipped"})
-  from varft.sharding import gather_json
-  items = [item for host_items in gather_json(items) for item in host_items]
+  items = [item for per_host in sharding.gather_json(items) for item in per_host]
   result = score_items(items, name)
   if out_dir:
     os.makedirs(out_dir, exist_ok=True)

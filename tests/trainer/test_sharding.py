@@ -161,3 +161,22 @@ def test_two_hosts_sample_their_own_prompts_from_sharded_params(tmp_path):
     expected, _ = env._rollout(params, host["shown"], jax.random.key(1), greedy=True)
     np.testing.assert_array_equal(host["tokens"], expected["tokens"])
     np.testing.assert_allclose(host["sampler_logps"], expected["sampler_logps"], atol=1e-5)
+
+
+def test_two_host_evaluation_keeps_item_order_and_drops_nothing(tmp_path):
+  import json
+  port = str(_free_port())
+  procs = [subprocess.Popen([sys.executable, "-m", "tests.trainer.eval_script", str(tmp_path), str(i), "2", port],
+                            cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for i in range(2)]
+  for p in procs:
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err[-3000:]
+  mat = json.loads((tmp_path / "mat_search.json").read_text())
+  assert [item["id"] for item in mat] == [f"m-{i}" for i in range(150)]
+  scores = json.loads((tmp_path / "mat_search_scores.json").read_text())
+  # Positional splits: the stub is right exactly on the first 75 (simple) items.
+  assert scores["simple"]["em"] == 100.0 and scores["hard"]["em"] == 0.0, scores
+  multihop = json.loads((tmp_path / "multihop_demo.json").read_text())
+  assert [item["id"] for item in multihop] == [f"h-{i}" for i in range(7)]
+  assert json.loads((tmp_path / "multihop_demo_scores.json").read_text())["all"]["count"] == 7
