@@ -1,28 +1,34 @@
 """One GRPO update on a batch with images, each device holding its own rows' image table (`varft.batch`).
 
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m tests.trainer.image_step_script
+    python -m tests.trainer.image_step_script OUT.npz [PROCESS_ID NUM_PROCESSES PORT]
 
-Prints `DIFF <max |params(8 devices) - params(1 device)|>`, the per-device patch count, and `HLO <shapes>`: the
-compiled 8-device program's array shapes that hold patches or vision activations.
+The first prints `DIFF <max |params(8 devices) - params(1 device)|>`, the image table's shape and sharding, and
+`HLO <shapes>`: the compiled 8-device program's array shapes that hold patches. The second writes the updated
+params (one device, or an fsdp mesh over every process's devices, each process assembling its own rows) to OUT.npz.
 """
 from __future__ import annotations
 
 import functools
 import re
 
+import sys
+
 import jax
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 
 from varft import batch as batch_lib
-from varft import echo_task, grpo, sharding
+from varft import echo_task, grpo, sampling, sharding
 from varft.models.qwen25vl import model
 
 MODEL = echo_task.model_config(vocab_size=64)
 GCFG = grpo.GRPOConfig(beta=0.0, micro_batches=2, logits_chunk=8)
-PROMPTS, G, LENGTH = 8, 2, 24
-GRIDS = [(1, 4, 4), (1, 4, 8), (1, 8, 4), (1, 4, 4), (1, 4, 8), (1, 4, 4), (1, 8, 4), (1, 4, 4)]
-PATCH_BUCKETS = (64, 256)
+PROMPTS, G = 8, 2
+# The last prompt's image is the largest: on two hosts the second needs longer rows and a larger table.
+GRIDS = [(1, 4, 4), (1, 4, 8), (1, 8, 4), (1, 4, 4), (1, 4, 8), (1, 4, 4), (1, 8, 4), (1, 8, 8)]
+LENGTH_BUCKETS, PATCH_BUCKETS, MAX_IMAGE_PATCHES = (24, 32), (32, 64, 256), 64
 
 
 def rows_and_images():
@@ -44,13 +50,22 @@ def rows_and_images():
   return rows, images
 
 
+def assemble(rows, images, num_devices, length=None):
+  """The rollout batch of `rows` (length bucketed from its own rows unless given) over `num_devices` tables."""
+  length = length or sampling.bucket(max(len(r.tokens) for r in rows), LENGTH_BUCKETS)
+  return batch_lib.assemble(rows, images, num_rows=len(rows), num_samples=G, num_devices=num_devices,
+                            length=length, vision_cfg=MODEL.vision, patch_buckets=PATCH_BUCKETS,
+                            max_image_patches=MAX_IMAGE_PATCHES)
+
+
 def step(mesh):
-  """Params after one update, the prepared batch and the jitted step (for inspection)."""
+  """Params after one update, the prepared batch and the jitted step (for inspection); each process assembles
+  its own rows (a contiguous share) with its own buckets."""
   rows, images = rows_and_images()
-  local = batch_lib.assemble(rows, images, num_rows=len(rows), num_samples=G,
-                             num_devices=batch_lib.devices_per_host(mesh), length=LENGTH, vision_cfg=MODEL.vision,
-                             patch_buckets=PATCH_BUCKETS, max_image_patches=32)
-  local["rewards"] = np.linspace(0, 1, len(rows)).astype(np.float32)
+  per_host = len(rows) // jax.process_count()
+  mine = slice(jax.process_index() * per_host, (jax.process_index() + 1) * per_host)
+  local = assemble(rows[mine], images, batch_lib.devices_per_host(mesh))
+  local["rewards"] = np.linspace(0, 1, len(rows)).astype(np.float32)[mine]
   batch = batch_lib.to_devices(local, mesh, MODEL.vision)
   optimizer = optax.sgd(0.1)
   init = lambda rng: model.init_params(rng, MODEL)
@@ -64,7 +79,8 @@ def step(mesh):
   train_step = jax.jit(functools.partial(grpo.make_train_step(MODEL, GCFG, optimizer), num_loss_tokens=64),
                        out_shardings=(state_shardings, sharding.replicated(mesh)))
   new_state, _ = train_step(state, prepared)
-  flat = {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(new_state["params"])}
+  gathered = multihost_utils.process_allgather(new_state["params"], tiled=True)
+  flat = {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(gathered)}
   return flat, prepared, train_step, state
 
 
@@ -82,4 +98,15 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  if len(sys.argv) == 1:
+    main()
+  else:
+    if len(sys.argv) > 2:
+      process_id, num_processes, port = (int(a) for a in sys.argv[2:5])
+      sharding.initialize_distributed(True, f"localhost:{port}", num_processes, process_id)
+      mesh = sharding.make_mesh({"fsdp": -1})
+    else:
+      mesh = sharding.make_mesh({"data": 1}, jax.devices()[:1])
+    flat = step(mesh)[0]
+    if jax.process_index() == 0:
+      np.savez(sys.argv[1], **flat)
