@@ -299,20 +299,10 @@ def split_micro(batch: Mapping[str, Any], m: int) -> dict[str, Any]:
   return {k: split(v, fields[k].sharded_axis) for k, v in batch.items() if k in ROW_KEYS}
 
 
-def _batch_axes_in_context() -> tuple[str, ...] | None:
-  mesh = jax.sharding.get_abstract_mesh()
-  names = getattr(mesh, "axis_names", ())
-  return sharding.BATCH_AXES if all(a in names for a in sharding.BATCH_AXES) else None
-
-
 def encode_tables(encode, pixel_values: jnp.ndarray, vision_inputs: Mapping[str, Any]) -> jnp.ndarray:
-  """`encode(pixel_values (P, pd), vision_inputs) -> (M, E)` applied to each device's table: (D, M, E), each table
-  encoded where it lives (the D axis is sharded like the rows; under a mesh context it is pinned there)."""
-  axes = _batch_axes_in_context()
-  if axes is not None:
-    pixel_values = jax.lax.with_sharding_constraint(pixel_values, P(axes))
-  embeds = jax.vmap(encode, spmd_axis_name=axes)(pixel_values, dict(vision_inputs))
-  return embeds if axes is None else jax.lax.with_sharding_constraint(embeds, P(axes))
+  """`encode(pixel_values (P, pd), vision_inputs) -> (M, E)` applied to each device's table: (D, M, E). The D axis
+  is sharded like the rows, so each device encodes only its own table (the compiled program holds (1, P, pd))."""
+  return jax.vmap(encode)(pixel_values, dict(vision_inputs))
 
 
 def lookup_images(image_embeds: jnp.ndarray, image_index: jnp.ndarray) -> jnp.ndarray:

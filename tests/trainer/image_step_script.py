@@ -94,7 +94,6 @@ def main():
   # vision tower, P = 64 per device (8 x 64 = 512 for the whole batch).
   shapes = sorted(set(re.findall(r"\w+\[\d+,(?:64|512),\d+\]|\w+\[(?:64|512),\d+\]|\w+\[512\]", hlo)))
   print("HLO", " ".join(shapes))
-  print("ARGS", train_step.lower(state, prepared).compile().memory_analysis().argument_size_in_bytes)
 
 
 if __name__ == "__main__":

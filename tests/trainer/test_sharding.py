@@ -180,3 +180,22 @@ def test_two_host_evaluation_keeps_item_order_and_drops_nothing(tmp_path):
   multihop = json.loads((tmp_path / "multihop_demo.json").read_text())
   assert [item["id"] for item in multihop] == [f"h-{i}" for i in range(7)]
   assert json.loads((tmp_path / "multihop_demo_scores.json").read_text())["all"]["count"] == 7
+
+
+class _Device:
+  def __init__(self, limit, process_index=0):
+    self.limit, self.process_index = limit, process_index
+
+  def memory_stats(self):
+    return None if self.limit is None else {"bytes_limit": self.limit}
+
+
+def test_sampling_weights_are_replicated_when_they_fit_and_tensor_parallel_when_not():
+  gib = 1 << 30
+  devices = [_Device(16 * gib)] * 8
+  assert sharding.sampling_tensor_parallel(3 * gib, devices) == 1  # 3B in bf16 on 16 GiB
+  assert sharding.sampling_tensor_parallel(15 * gib, devices) == 4  # 7B in bf16: 3.75 GiB per device
+  assert sharding.sampling_tensor_parallel(15 * gib, [_Device(16 * gib)] * 2) == 2  # no more devices to split over
+  assert sharding.sampling_tensor_parallel(15 * gib, [_Device(None)] * 8) == 1  # CPU: no memory limit known
+  with pytest.raises(ValueError, match="does not divide this host's 1 devices"):
+    sharding.rollout_mesh(sharding.make_mesh({"data": 1}, jax.devices()[:1]), 2)
