@@ -233,16 +233,15 @@ def merge_hosts(local: Mapping[str, Any], num_devices: int, vision_cfg=None) -> 
   return pad_to_shapes(local, length, table, num_devices, vision_cfg)
 
 
-def spec(name: str, ndim: int) -> P:
+def spec(name: str) -> P:
   """The PartitionSpec of a batch field: its sharded axis (rows or devices) over the batch axes."""
   field = FIELDS.get(name) or TRAIN_FIELDS.get(name)
-  axis = 0 if field is None else field.sharded_axis
-  return P(*([None] * axis + [sharding.BATCH_AXES] + [None] * (ndim - axis - 1)))
+  return P(*[None] * (0 if field is None else field.sharded_axis), sharding.BATCH_AXES)
 
 
 def shardings(batch: Mapping[str, Any], mesh) -> dict[str, Any]:
   """NamedShardings of every device field of `batch` (host fields are left out)."""
-  return {k: jax.tree.map(lambda x, k=k: NamedSharding(mesh, spec(k, np.ndim(x))), v)
+  return {k: jax.tree.map(lambda _, k=k: NamedSharding(mesh, spec(k)), v)
           for k, v in batch.items() if k not in FIELDS or FIELDS[k].kind != HOST}
 
 
@@ -352,7 +351,7 @@ def abstract(num_rows: int, length: int, *, stage: str = "train", num_devices: i
   dtype = lambda k: fields[k].dtype
 
   def struct(k, shape):
-    s = None if mesh is None else NamedSharding(mesh, spec(k, len(shape)))
+    s = None if mesh is None else NamedSharding(mesh, spec(k))
     return jax.ShapeDtypeStruct(shape, dtype(k), sharding=s)
   return {k: ({kk: struct(k, vv) for kk, vv in v.items()} if isinstance(v, dict) else struct(k, v))
           for k, v in out.items()}

@@ -106,7 +106,7 @@ def test_abstract_batch_matches_a_built_one():
   assert set(rollout) == set(batch_lib.ROLLOUT_KEYS) | {"rewards"} and "pixel_values" not in rollout
   mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
   sharded = batch_lib.abstract(16, 8, stage="rollout", mesh=mesh)
-  assert sharded["positions"].sharding.spec == jax.sharding.PartitionSpec(None, ("data", "fsdp"), None)
+  assert sharded["positions"].sharding.spec == jax.sharding.PartitionSpec(None, ("data", "fsdp"))
 
 
 def test_sharded_step_with_images_equals_single_device_and_holds_only_its_patches():

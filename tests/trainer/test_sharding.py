@@ -194,8 +194,9 @@ def test_sampling_weights_are_replicated_when_they_fit_and_tensor_parallel_when_
   gib = 1 << 30
   devices = [_Device(16 * gib)] * 8
   assert sharding.sampling_tensor_parallel(3 * gib, devices) == 1  # 3B in bf16 on 16 GiB
-  assert sharding.sampling_tensor_parallel(15 * gib, devices) == 4  # 7B in bf16: 3.75 GiB per device
-  assert sharding.sampling_tensor_parallel(15 * gib, [_Device(16 * gib)] * 2) == 2  # no more devices to split over
-  assert sharding.sampling_tensor_parallel(15 * gib, [_Device(None)] * 8) == 1  # CPU: no memory limit known
+  assert sharding.sampling_tensor_parallel(15 * gib, devices) == 2  # 7B in bf16: 7.5 GiB per device
+  assert sharding.sampling_tensor_parallel(20 * gib, devices) == 4
+  assert sharding.sampling_tensor_parallel(20 * gib, [_Device(16 * gib)] * 2) == 2  # no more devices to split over
+  assert sharding.sampling_tensor_parallel(20 * gib, [_Device(None)] * 8) == 1  # CPU: no memory limit known
   with pytest.raises(ValueError, match="does not divide this host's 1 devices"):
     sharding.rollout_mesh(sharding.make_mesh({"data": 1}, jax.devices()[:1]), 2)
