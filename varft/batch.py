@@ -8,8 +8,8 @@ A batch is a flat dict of arrays (`vision_inputs` is a dict of arrays). Its fiel
 * **per device** (`DEVICE`): the image table. Its leading axis D is the number of devices along the batch axes and
   is sharded exactly like the rows, so table d sits on the device that holds the rows using it. Each device's table
   holds the distinct images of its own rows (a prompt's G rows usually share one device, so its image is there
-  once), padded to a static patch bucket P; each device encodes only its own table, and full attention in the
-  vision tower spans at most K key blocks (`key_blocks`), bounded by the largest image, never the batch.
+  once), each image on its own attention blocks (`image_starts`), padded to a static patch bucket P; each device
+  encodes only its own table, and full attention spans K key blocks (`key_blocks`): one image's, never more.
   `image_index` of a row indexes its own device's merged image cells.
 * **per image, host only** (`HOST`): `image_grid_thw`, each device's image grids; used to rebuild a table when
   hosts agree on larger shapes, never sent to the devices.
@@ -94,17 +94,43 @@ class Image(NamedTuple):
   grid: np.ndarray  # (3,) (t, h, w) in patches
 
 
-def key_blocks(num_patches: int, max_image_patches: int, vision_cfg) -> int:
-  """Static key blocks per query block in full attention: enough for images of `max_image_patches`, never more
-  than the table's blocks (so at most dense over one device's images, never over the batch)."""
+def image_starts(grids: Sequence[Any], vision_cfg) -> tuple[list[int], int]:
+  """The first patch of each image in a device's table, each on an attention-block boundary (the images' order),
+  and the patches the table needs. A block of full attention then holds one image only, so it visits that image's
+  blocks only: full attention is per image, however many images a device holds."""
   from varft.models.qwen25vl import vision
-  blocks = -(-num_patches // vision.block_patches(vision_cfg))
-  return min(vision.max_key_blocks(max_image_patches, vision_cfg), blocks)
+  block = vision.block_patches(vision_cfg)
+  starts, end = [], 0
+  for grid in grids:
+    end = -(-end // block) * block
+    starts.append(end)
+    end += int(np.prod(grid))
+  return starts, end
+
+
+def key_blocks(num_patches: int, max_image_patches: int, vision_cfg) -> int:
+  """Static key blocks per query block in full attention: the blocks of the largest image (`image_starts` puts
+  each image on its own blocks), never more than the table's."""
+  from varft.models.qwen25vl import vision
+  block = vision.block_patches(vision_cfg)
+  return max(min(-(-max_image_patches // block), -(-num_patches // block)), 1)
+
+
+def _table_grids(grids: Sequence[Any], starts: Sequence[int], merge: int) -> np.ndarray:
+  """`grids` with a filler image (1, merge, gap / merge) in each gap between images: zero patches in their own
+  attention segment, never looked up."""
+  out, end = [], 0
+  for grid, start in zip(grids, starts):
+    if start > end:
+      out.append((1, merge, (start - end) // merge))
+    out.append(tuple(int(x) for x in grid))
+    end = start + int(np.prod(grid))
+  return np.asarray(out, np.int64).reshape(-1, 3)
 
 
 def image_tables(per_device: Sequence[Sequence[Image]], vision_cfg, num_patches: int, num_key_blocks: int,
                  max_images: int | None = None) -> dict[str, Any]:
-  """The DEVICE and HOST fields for each device's list of images: patches concatenated and zero-padded to
+  """The DEVICE and HOST fields for each device's list of images: patches at `image_starts`, zero-padded to
   `num_patches`, their vision index arrays, and their grids padded to `max_images` rows."""
   from varft.models.qwen25vl import vision
   patch_dim = vision_cfg.patch_dim
@@ -113,21 +139,23 @@ def image_tables(per_device: Sequence[Sequence[Image]], vision_cfg, num_patches:
   grids = np.zeros((len(per_device), max_images, 3), np.int32)
   inputs = []
   for d, images in enumerate(per_device):
-    total = sum(len(im.patches) for im in images)
+    starts, total = image_starts([im.grid for im in images], vision_cfg)
     if total > num_patches:
-      raise ValueError(f"device {d}'s images have {total} patches, more than the table's {num_patches}")
-    if images:
-      pixel_values[d, :total] = np.concatenate([im.patches for im in images])
-      grids[d, :len(images)] = np.stack([im.grid for im in images])
-    inputs.append(vision.vision_inputs(grids[d, :len(images)], vision_cfg, num_patches, num_key_blocks))
+      raise ValueError(f"device {d}'s images need {total} patches, more than the table's {num_patches}")
+    for im, start in zip(images, starts):
+      pixel_values[d, start:start + len(im.patches)] = im.patches
+    grids[d, :len(images)] = np.asarray([im.grid for im in images], np.int32).reshape(-1, 3)
+    table_grids = _table_grids(grids[d, :len(images)], starts, vision_cfg.spatial_merge_size)
+    inputs.append(vision.vision_inputs(table_grids, vision_cfg, num_patches, num_key_blocks))
   return {"pixel_values": pixel_values, "vision_inputs": {k: np.stack([x[k] for x in inputs]) for k in inputs[0]},
           "image_grid_thw": grids}
 
 
-def device_images(rows: Sequence[Row], images: Mapping[str, Image], num_devices: int, merge: int
+def device_images(rows: Sequence[Row], images: Mapping[str, Image], num_devices: int, vision_cfg
                   ) -> tuple[list[list[Image]], np.ndarray]:
   """Each device's distinct images (in order of first use by its rows) and every row's `image_index` into its own
   device's table (rows (N, L) are taken from `Row.image_key` / `image_local`, L = the longest row)."""
+  unit = vision_cfg.spatial_merge_size ** 2
   per_row = len(rows) // num_devices
   length = max([len(r.tokens) for r in rows] + [1])
   index = np.full((len(rows), length), -1, np.int32)
@@ -135,14 +163,17 @@ def device_images(rows: Sequence[Row], images: Mapping[str, Image], num_devices:
   for d in range(num_devices):
     mine = rows[d * per_row:(d + 1) * per_row]
     keys = list(dict.fromkeys(k for r in mine for k in r.image_key if k is not None))
-    offsets, start = {}, 0
-    for k in keys:
-      offsets[k] = start
-      start += int(np.prod(images[k].grid)) // merge ** 2
+    starts, _ = image_starts([images[k].grid for k in keys], vision_cfg)
+    offsets = {k: start // unit for k, start in zip(keys, starts)}
     for b, r in enumerate(mine, d * per_row):
       index[b, :len(r.tokens)] = [-1 if k is None else offsets[k] + i for k, i in zip(r.image_key, r.image_local)]
     tables.append([images[k] for k in keys])
   return tables, index
+
+
+def table_patches(per_device: Sequence[Sequence[Image]], vision_cfg) -> int:
+  """The patches the largest of these device tables needs (see `image_starts`)."""
+  return max(image_starts([im.grid for im in images], vision_cfg)[1] for images in per_device)
 
 
 def assemble(rows: Sequence[Row], images: Mapping[str, Image], *, num_rows: int, num_samples: int,
@@ -173,12 +204,10 @@ def assemble(rows: Sequence[Row], images: Mapping[str, Image], *, num_rows: int,
   batch["image_index"] = np.full((num_rows, length), -1, np.int32)
   if not any(k is not None for r in rows for k in r.image_key):
     return batch
-  merge = vision_cfg.spatial_merge_size
-  tables, index = device_images(rows, images, num_devices, merge)
+  tables, index = device_images(rows, images, num_devices, vision_cfg)
   batch["image_index"][:, :index.shape[1]] = index
   from varft import sampling
-  largest = max(sum(len(im.patches) for im in t) for t in tables)
-  patches = sampling.bucket(largest, patch_buckets, beyond="multiple")
+  patches = sampling.bucket(table_patches(tables, vision_cfg), patch_buckets, beyond="multiple")
   batch.update(image_tables(tables, vision_cfg, patches, key_blocks(patches, max_image_patches, vision_cfg)))
   return batch
 
@@ -210,8 +239,8 @@ def pad_to_shapes(local: Mapping[str, Any], length: int, table: tuple[int, int, 
   per_device = []
   for d in range(num_devices):
     real = grids[d][np.prod(grids[d], axis=1) > 0]
-    sizes = np.cumsum([0] + [int(np.prod(g)) for g in real])
-    per_device.append([Image(pixel_values[d, sizes[i]:sizes[i + 1]], g) for i, g in enumerate(real)])
+    starts, _ = image_starts(real, vision_cfg)
+    per_device.append([Image(pixel_values[d, s:s + int(np.prod(g))], g) for s, g in zip(starts, real)])
   out.update(image_tables(per_device, vision_cfg, patches, blocks, max_images))
   return out
 

@@ -238,10 +238,10 @@ class RolloutEngine:
   def _image_tables(self, rows: Sequence[batch_lib.Row], table: dict[str, _Image]):
     """Each sampler device's table of the images `rows` show and the rows' `image_index` into their own table."""
     images = {k: batch_lib.Image(e.patches, e.grid) for k, e in table.items()}
-    per_device, index = batch_lib.device_images(rows, images, self.sampler.num_shards, self.merge)
+    per_device, index = batch_lib.device_images(rows, images, self.sampler.num_shards, self.model_config.vision)
     self.images_encoded += sum(len(t) for t in per_device)
-    patches = sampling.bucket(max(sum(len(im.patches) for im in t) for t in per_device), self.config.patch_buckets,
-                              beyond="multiple")
+    patches = sampling.bucket(batch_lib.table_patches(per_device, self.model_config.vision),
+                              self.config.patch_buckets, beyond="multiple")
     tables = batch_lib.image_tables(per_device, self.model_config.vision, patches,
                                     batch_lib.key_blocks(patches, self.max_image_patches, self.model_config.vision))
     return (tables["pixel_values"], tables["vision_inputs"]), index

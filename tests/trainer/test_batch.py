@@ -12,7 +12,7 @@ import pytest
 from tests.trainer import image_step_script
 from varft import batch as batch_lib
 from varft import grpo
-from varft.models.qwen25vl import model
+from varft.models.qwen25vl import model, vision
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MODEL = image_step_script.MODEL
@@ -54,7 +54,7 @@ def test_padding_rows_are_empty_and_in_their_own_groups():
 def test_each_device_holds_and_encodes_only_its_own_rows_images():
   params = model.init_params(jax.random.key(0), MODEL)
   one, eight = _assemble(1), _assemble(8)
-  assert one["pixel_values"].shape == (1, 256, MODEL.vision.patch_dim)
+  assert one["pixel_values"].shape == (1, 512, MODEL.vision.patch_dim)  # 8 images, each on its own 64-patch block
   # 2 rows (one prompt) per device; the largest image (64 patches) sets the bucket.
   assert eight["pixel_values"].shape == (8, 64, MODEL.vision.patch_dim)
   # Device d's table holds exactly prompt d's image, once.
@@ -62,6 +62,17 @@ def test_each_device_holds_and_encodes_only_its_own_rows_images():
   for d, grid in enumerate(image_step_script.GRIDS):
     np.testing.assert_array_equal(grids[d, 0], grid)
   np.testing.assert_allclose(_row_image_embeds(params, eight), _row_image_embeds(params, one), atol=1e-5)
+  # Each image on its own attention blocks: full attention visits one key block (these images fit one), and the
+  # 8-image table gives every row what encoding its image alone gives.
+  assert one["vision_inputs"]["full_key_blocks"].shape == (1, 8, 1)
+  _, images = image_step_script.rows_and_images()
+  alone = {k: np.asarray(model.encode_images(params, MODEL, im.patches, vision.vision_inputs(im.grid[None],
+                                                                                            MODEL.vision)))
+           for k, im in images.items()}
+  rows, _ = image_step_script.rows_and_images()
+  expected = np.concatenate([alone[k][i][None] for r in rows for k, i in zip(r.image_key, r.image_local)
+                             if k is not None])
+  np.testing.assert_allclose(_row_image_embeds(params, one), expected, atol=1e-5)
   # Three prompts on two devices: prompt 1's rows straddle devices 0 and 1, so both hold its image.
   rows = image_step_script.rows_and_images()[0][:6]
   two = _assemble(2, rows=rows)
