@@ -38,10 +38,10 @@ class EchoEnvironment:
   """Prompts `prompts_per_host` shown tokens per step, G samples each; resumable by its prompt counter."""
 
   def __init__(self, model_cfg: Qwen25VLConfig, mesh, prompts_per_host: int, num_samples: int,
-               temperature: float = 1.0, seed: int = 0, eval_prompts: int = 64):
+               temperature: float = 1.0, seed: int = 0, eval_prompts: int = 64, tensor_parallel: int = 1):
     self.model_cfg = model_cfg
     self.mesh = mesh
-    self.rollout_mesh = sharding.rollout_mesh(mesh)
+    self.rollout_mesh = sharding.rollout_mesh(mesh, tensor_parallel)
     self.prompts_per_host = prompts_per_host
     self.num_samples = num_samples
     self.temperature = temperature

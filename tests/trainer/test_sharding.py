@@ -139,13 +139,14 @@ def test_one_process_on_8_devices_compiles_nothing_after_the_first_step(tmp_path
   assert host["compiles"][0] > 0 and list(host["compiles"][1:]) == [0, 0], host["compiles"]
 
 
-def test_two_hosts_sample_their_own_prompts_from_sharded_params(tmp_path):
+@pytest.mark.parametrize("tensor_parallel", [1, 2])
+def test_two_hosts_sample_their_own_prompts_from_sharded_params(tmp_path, tensor_parallel):
   from tests.trainer import rollout_script
   port = str(_free_port())
   env = _env(XLA_FLAGS="--xla_force_host_platform_device_count=2")  # 2 hosts x 2 devices: params over 4
   procs = [subprocess.Popen([sys.executable, "-m", "tests.trainer.rollout_script", str(tmp_path / "out"), str(i),
-                             "2", port], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True) for i in range(2)]
+                             "2", port, str(tensor_parallel)], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True) for i in range(2)]
   for p in procs:
     _, err = p.communicate(timeout=300)
     assert p.returncode == 0, err[-3000:]
@@ -153,6 +154,9 @@ def test_two_hosts_sample_their_own_prompts_from_sharded_params(tmp_path):
   assert not np.array_equal(hosts[0]["shown"], hosts[1]["shown"])
   for host in hosts:  # the first step compiles its programs; the next two reuse them (no per-step reshard compile)
     assert host["compiles"][0] > 0 and list(host["compiles"][1:]) == [0, 0], host["compiles"]
+    # Sampling weights: a replica per device, or split over the host's two devices.
+    assert str(host["q_spec"]) == ("P(None, None, 'tensor')" if tensor_parallel == 2 else
+                                   "P(None, None, None)"), host["q_spec"]
   mesh = sharding.make_mesh({"data": 1}, jax.devices()[:1])
   params = rollout_script.init_params(mesh)
   for host in hosts:
