@@ -29,7 +29,6 @@ import time
 from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
