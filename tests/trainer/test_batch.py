@@ -115,6 +115,9 @@ def test_abstract_batch_matches_a_built_one():
   assert shape(planned) == shape(prepared)
   rollout = batch_lib.abstract(16, LENGTH, stage="rollout")
   assert set(rollout) == set(batch_lib.ROLLOUT_KEYS) | {"rewards"} and "pixel_values" not in rollout
+  assembled = _assemble(8)
+  assert {k: shape(rollout[k]) for k in batch_lib.ROLLOUT_KEYS} == {k: shape(assembled[k])
+                                                                     for k in batch_lib.ROLLOUT_KEYS}
   mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
   sharded = batch_lib.abstract(16, 8, stage="rollout", mesh=mesh)
   assert sharded["positions"].sharding.spec == jax.sharding.PartitionSpec(None, ("data", "fsdp"))
