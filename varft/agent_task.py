@@ -19,6 +19,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from varft import batch as batch_lib
 from varft import rewards as rewards_lib
 from varft import rollout as rollout_lib
 from varft import sharding
@@ -101,7 +102,17 @@ def resizer(size: int):
   return resize
 
 
-TRAINER_ROLLOUT_KEYS = ("prompts_per_host", "num_samples")
+TRAINER_ROLLOUT_KEYS = ("prompts_per_host", "num_samples", "tensor_parallel")
+
+
+def sampling_tensor_parallel(config: ml_collections.ConfigDict, model_cfg, dtype) -> int:
+  """`config.rollout.tensor_parallel` (0 or absent: the least at which the sampling weights fit a device)."""
+  chosen = int(config.rollout.get("tensor_parallel", 0))
+  if chosen:
+    return chosen
+  from varft.models.qwen25vl import model
+  shapes = jax.eval_shape(lambda: model.init_params(jax.random.key(0), model_cfg, dtype))
+  return sharding.sampling_tensor_parallel(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes)))
 
 
 def rollout_config(rollout: ml_collections.ConfigDict, **overrides) -> rollout_lib.RolloutConfig:
@@ -121,21 +132,6 @@ def references(examples: Sequence[Mapping[str, Any]], mode: str) -> tuple[list[d
   if mode == "stepwise":
     return [{"solution": ex["solution"], "step_type": ex.get("step_type") or None} for ex in examples], None
   return [{"answers": list(ex.get("answers") or [])} for ex in examples], ["answer"] * len(examples)
-
-
-def pad_rows(batch: dict[str, Any], rows: int, num_samples: int) -> dict[str, Any]:
-  """Pads a rollout batch to `rows` rows (prompts the rollout had to skip): empty rows, no loss, own groups."""
-  n = len(batch["group_ids"])
-  if n == rows:
-    return batch
-  out = dict(batch)
-  for key in ("tokens", "attention_mask", "loss_mask", "sampler_logps", "image_index"):
-    fill = -1 if key == "image_index" else 0
-    out[key] = np.concatenate([batch[key], np.full((rows - n,) + batch[key].shape[1:], fill, batch[key].dtype)])
-  out["positions"] = np.concatenate(
-      [batch["positions"], np.zeros((3, rows - n) + batch["positions"].shape[2:], batch["positions"].dtype)], axis=1)
-  out["group_ids"] = np.concatenate([batch["group_ids"], np.arange(n, rows, dtype=np.int32) // num_samples])
-  return out
 
 
 def score_rows(completions: Sequence[str], refs: Sequence[Mapping[str, Any]], config, step_types=None,
@@ -203,15 +199,15 @@ class AgentEnvironment:
     tokenizer = chat.load_tokenizer(config.model.hf_dir or None)
     self.executor = ToolExecutor(tool_executor_config(config, self.paths, workdir))
     self.mesh = mesh
-    self.rollout_mesh = sharding.rollout_mesh(mesh)
+    self.compute_dtype = jnp.dtype(model_cfg.dtype)
+    self.rollout_mesh = sharding.rollout_mesh(mesh, sampling_tensor_parallel(config, model_cfg, self.compute_dtype))
     self.engine = rollout_lib.RolloutEngine(model_cfg, tokenizer, self.executor, rollout_config(config.rollout),
-                                            mesh=self.rollout_mesh)
+                                            mesh=self.rollout_mesh, batch_devices=batch_lib.devices_per_host(mesh))
     eval_overrides = {"mode": "multiturn", "temperature": config.eval.temperature,
                       "max_turns": config.eval.max_turns}
     self.eval_engine = rollout_lib.RolloutEngine(model_cfg, tokenizer, self.executor,
                                                  rollout_config(config.rollout, **eval_overrides),
                                                  mesh=self.rollout_mesh)
-    self.compute_dtype = jnp.dtype(model_cfg.dtype)
     self.batches = None  # evaluation only: no training data needed
     if training:
       d = config.data
@@ -246,7 +242,7 @@ class AgentEnvironment:
     total, components, reward_errors = score_rows(completions, refs, self.config, step_types, tool_stats)
     scored = time.perf_counter()
     rows = self.prompts_per_host * self.num_samples
-    batch = pad_rows(result.batch, rows, self.num_samples)
+    batch = result.batch  # `rows` rows: those of prompts the rollout skipped are empty
     rewards = np.zeros((rows,), np.float32)
     rewards[:len(total)] = total
     padded_components = {}
@@ -284,33 +280,46 @@ def _example_index(examples: Sequence[Mapping[str, Any]], transcript: rollout_li
   raise KeyError(f"No example with id {transcript.example_id!r} in the batch")
 
 
+def host_items(num_items: int) -> range:
+  """This host's contiguous block of `num_items` items: the hosts, in process order, cover every item in order (the
+  first hosts take one more when the count does not divide), so the gathered predictions keep the benchmark's
+  order, which its positional splits (MAT's simple / hard) rely on."""
+  per_host, extra = divmod(num_items, jax.process_count())
+  host = jax.process_index()
+  start = host * per_host + min(host, extra)
+  return range(start, start + per_host + (host < extra))
+
+
 def evaluate_benchmark(env: AgentEnvironment, name: str, params, rng, out_dir: str | None) -> dict[str, float]:
   """Runs one benchmark (this host's share), gathers predictions on process 0, writes and scores them."""
-  from varft.data import input_pipeline
-  from varft.eval import score
   if name not in BENCHMARKS:
     raise ValueError(f"config.eval.benchmarks: unknown benchmark {name!r}; known: {sorted(BENCHMARKS)}")
   dataset, dir_key, split = BENCHMARKS[name]
   source = _load(dataset, split, env.paths[dir_key], env.config.data.tfds_dir)
+  return evaluate_source(env, name, source, params, rng, out_dir)
+
+
+def evaluate_source(env: AgentEnvironment, name: str, source: Sequence[Mapping[str, Any]], params, rng,
+                    out_dir: str | None) -> dict[str, float]:
+  """`evaluate_benchmark` on a random-access `source`: the first `eval.num_prompts` items (all when 0), each host
+  its own contiguous block (`host_items`), predictions gathered in item order."""
+  from varft.eval import score
   limit = env.config.eval.num_prompts
+  mine = host_items(min(len(source), limit) if limit else len(source))
+  transform = resizer(env.config.data.resize) or (lambda example: example)
+  size = env.config.eval.batch_size
   items = []
-  batches = input_pipeline.batches(source, batch_size=env.config.eval.batch_size, shuffle=False, num_epochs=1,
-                                   drop_remainder=False, transform=resizer(env.config.data.resize))
-  seen = 0
-  for i, examples in enumerate(batches):
-    if limit and seen >= limit:
-      break
-    examples = examples[:limit - seen] if limit else examples
-    seen += len(examples)
-    result = env.eval_engine.run(params, examples, jax.random.fold_in(rng, i), num_samples=1)
+  for first in range(mine.start, mine.stop, size):
+    examples = [transform(source[i]) for i in range(first, min(first + size, mine.stop))]
+    # The key of a batch is its first item's index: the same predictions whatever the number of hosts.
+    result = env.eval_engine.run(params, examples, jax.random.fold_in(rng, first), num_samples=1)
     answered = {t.example_id: t for t in result.transcripts}
     for j, ex in enumerate(examples):
       t = answered.get(str(ex.get("id", j)))
       items.append({"id": ex.get("id"), "question": ex["question"], "pred_answer": t.answer if t else None,
                     "gt": list(ex.get("answers") or []), "trajectory": t.render() if t else "",
                     "stop_reason": t.stop_reason if t else "skipped"})
-  from varft.sharding import gather_json
-  items = [item for host_items in gather_json(items) for item in host_items]
+  items = [item for per_host in sharding.gather_json(items) for item in per_host]
   result = score_items(items, name)
   if out_dir:
     os.makedirs(out_dir, exist_ok=True)

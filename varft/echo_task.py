@@ -4,7 +4,8 @@ The prompt shows one token; the policy answers with one token and earns reward 1
 A random policy over a vocabulary of V tokens scores about 1/V; a correct GRPO loop drives the mean reward to ~1.
 Rollouts go through the real sampler (`varft.sampling`: prefill into the KV cache, one sampled token), so the
 sampler's log-probs are the old log-probs of the update exactly as in the agentic task, and the batches follow the
-rollout batch layout of interfaces.md. With several hosts each samples its own prompts on its own devices.
+schema of `varft.batch` (text only: no image table). Rows are spread over every device of the host; with several
+hosts each samples its own prompts on its own devices.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from varft import batch as batch_lib
 from varft import sampling, sharding
 from varft.environment import Experience
 from varft.models.qwen25vl.config import Qwen25VLConfig, TextConfig, VisionConfig
@@ -36,10 +38,10 @@ class EchoEnvironment:
   """Prompts `prompts_per_host` shown tokens per step, G samples each; resumable by its prompt counter."""
 
   def __init__(self, model_cfg: Qwen25VLConfig, mesh, prompts_per_host: int, num_samples: int,
-               temperature: float = 1.0, seed: int = 0, eval_prompts: int = 64):
+               temperature: float = 1.0, seed: int = 0, eval_prompts: int = 64, tensor_parallel: int = 1):
     self.model_cfg = model_cfg
     self.mesh = mesh
-    self.rollout_mesh = sharding.rollout_mesh(mesh)
+    self.rollout_mesh = sharding.rollout_mesh(mesh, tensor_parallel)
     self.prompts_per_host = prompts_per_host
     self.num_samples = num_samples
     self.temperature = temperature
@@ -59,34 +61,31 @@ class EchoEnvironment:
     host_rng = np.random.default_rng([self.seed, salt, jax.process_index(), start])
     return host_rng.integers(FIRST_SHOWN, self.model_cfg.text.vocab_size, count).astype(np.int32)
 
-  def _rollout(self, params, shown: np.ndarray, rng, greedy: bool) -> tuple[dict[str, np.ndarray], np.ndarray]:
+  def _rollout(self, params, shown: np.ndarray, rng, greedy: bool, num_samples: int = 1
+               ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """The batch of one answer per shown token (rows b * num_samples .. are one prompt's group) and the rewards."""
     params, rng = sharding.rollout_inputs(params, rng, self.mesh, self.rollout_mesh)
     n = len(shown)
-    prompt = np.stack([np.full(n, SHOW_TOKEN), shown, np.full(n, ANSWER_TOKEN)], axis=1).astype(np.int32)
     sampler = self._samplers[greedy]
-    cache = sampler.new_cache(n, 4)
-    logits, cache = sampler.extend(params, cache, sampling.text_chunk(prompt, [0] * n, 3))
-    out, _ = sampler.generate(params, cache, logits, [3] * n, rng, [1] * n)
-    answer, logp = np.asarray(out.tokens[:, 0]), np.asarray(out.logps[:, 0])
+    rows = -(-n // sampler.num_shards) * sampler.num_shards  # empty rows fill the last devices
+    prompt = np.stack([np.full(n, SHOW_TOKEN), shown, np.full(n, ANSWER_TOKEN)], axis=1).astype(np.int32)
+    cache = sampler.new_cache(rows, 4)
+    chunk = sampling.text_chunk(list(prompt) + [[]] * (rows - n), [0] * rows, 3)
+    logits, cache = sampler.extend(params, cache, chunk)
+    out, _ = sampler.generate(params, cache, logits, [3] * rows, rng, [1] * n + [0] * (rows - n))
+    answer, logp = np.asarray(out.tokens[:n, 0]), np.asarray(out.logps[:n, 0])
     tokens = np.concatenate([prompt, answer[:, None]], axis=1)
-    loss_mask = np.zeros(tokens.shape, np.float32)
-    loss_mask[:, 3] = 1.0
-    batch = {
-        "tokens": tokens,
-        "attention_mask": np.ones(tokens.shape, np.int32),
-        "positions": np.broadcast_to(np.arange(4, dtype=np.int32), (3,) + tokens.shape).copy(),
-        "loss_mask": loss_mask,
-        "sampler_logps": loss_mask * logp[:, None],
-        "image_index": np.full(tokens.shape, -1, np.int32),
-    }
+    positions = np.broadcast_to(np.arange(4, dtype=np.int32), (3, 4))
+    trajectories = [batch_lib.Row(b // num_samples, t, positions, [0, 0, 0, 1], [0, 0, 0, p], [None] * 4, [-1] * 4)
+                    for b, (t, p) in enumerate(zip(tokens, logp))]
+    batch = batch_lib.assemble(trajectories, {}, num_rows=n, num_samples=num_samples, num_devices=1, length=4)
     return batch, (answer == shown).astype(np.float32)
 
   def collect(self, params, rng) -> Experience:
     start = time.perf_counter()
     shown = np.repeat(self._shown_tokens(self._next_prompt, self.prompts_per_host, 0), self.num_samples)
     self._next_prompt += self.prompts_per_host
-    batch, rewards = self._rollout(params, shown, rng, greedy=False)
-    batch["group_ids"] = np.repeat(np.arange(self.prompts_per_host, dtype=np.int32), self.num_samples)
+    batch, rewards = self._rollout(params, shown, rng, greedy=False, num_samples=self.num_samples)
     rollout_s = time.perf_counter() - start
     samples = [{"text": f"shown {int(s)} -> answered {int(a)}", "reward": float(r)}
                for s, a, r in zip(shown[:4], batch["tokens"][:4, 3], rewards[:4])]

@@ -11,7 +11,7 @@ import numpy as np
 class Experience:
   """One step's rollouts on this host.
 
-  batch: the rollout batch of interfaces.md (numpy, this host's rows), including `group_ids` numbered 0..P-1 on
+  batch: the rollout batch of `varft.batch` (numpy, this host's rows), including `group_ids` numbered 0..P-1 on
     every host; rewards: (N,) float32 totals; components: name -> (N,) reward parts; stats: host-side scalars
     (tool calls, errors, lengths, timings `time/..._s`); samples: readable transcripts for `write_samples`.
   """

@@ -1,6 +1,6 @@
 """GRPO: group-relative advantages, the clipped surrogate with a k3 KL penalty, and the jitted train step.
 
-Conventions (the rollout batch of interfaces.md): `logps[:, t]` is the log-probability of `tokens[:, t]` predicted
+Conventions (the batch of `varft.batch`): `logps[:, t]` is the log-probability of `tokens[:, t]` predicted
 from position `t - 1`; `logps[:, 0]` is 0. `loss_mask[:, t]` is 1 only where the policy sampled `tokens[:, t]`, so
 prompt, tool-output and padding tokens never carry loss.
 
@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from varft import batch as batch_lib
 from varft.models.qwen25vl import text as text_model
 from varft.models.qwen25vl.config import Qwen25VLConfig
 
@@ -33,10 +34,6 @@ TrainState = dict[str, Any]  # params, opt_state, step
 
 ADVANTAGE_MODES = ("std", "no_std", "leave_one_out")
 AGGREGATION_MODES = ("sequence_mean", "token_mean")
-# Batch entries with one row per sequence (leading axis N); `positions` has N on axis 1. Everything else in a batch
-# (pixel_values, vision_inputs) describes the batch's images as a whole.
-_ROW_KEYS = ("tokens", "attention_mask", "loss_mask", "image_index", "old_logps", "ref_logps", "is_weights",
-             "advantages", "loss_weights")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,20 +117,21 @@ def _chunked_logps(text_params: Params, text_cfg, hidden: jnp.ndarray, targets: 
 
 
 def encode_images(params: Params, config: Qwen25VLConfig, batch: Batch) -> jnp.ndarray | None:
-  """The merged image embeddings (M, D) of the batch's images, or None for a text-only batch."""
-  if batch.get("pixel_values") is None or batch["pixel_values"].shape[0] == 0:
+  """The merged image embeddings (D, M, E) of each device's image table, or None for a text-only batch."""
+  if not batch_lib.num_tables(batch):
     return None
   from varft.models.qwen25vl import model  # the vision tower; text-only use needs none of it
-  return model.encode_images(params, config, batch["pixel_values"], batch["vision_inputs"])
+  return batch_lib.encode_tables(lambda pv, vi: model.encode_images(params, config, pv, vi), batch["pixel_values"],
+                                 batch["vision_inputs"])
 
 
 def _embed(params: Params, config: Qwen25VLConfig, tokens: jnp.ndarray, image_index: jnp.ndarray | None,
            image_embeds: jnp.ndarray | None) -> jnp.ndarray:
-  """Token embeddings with image rows scattered in where `image_index >= 0`."""
+  """Token embeddings with image rows (from each row's own device table) scattered in where `image_index >= 0`."""
   embeds = text_model.embed_tokens(params["text"], tokens, jnp.dtype(config.dtype))
   if image_embeds is None or image_index is None:
     return embeds
-  rows = jnp.take(image_embeds.astype(embeds.dtype), jnp.maximum(image_index, 0), axis=0)
+  rows = batch_lib.lookup_images(image_embeds.astype(embeds.dtype), image_index)
   return jnp.where((image_index >= 0)[..., None], rows, embeds)
 
 
@@ -271,8 +269,7 @@ def prepare_batch(batch: Batch, advantages: jnp.ndarray, old_logps: jnp.ndarray,
   `old_logps` are the sampler's log-probs. With `gcfg.tis_cap > 0`, `trainer_logps` (the trainer's log-probs before
   the update) become the old log-probs of the ratio and min(exp(trainer - sampler), tis_cap) weights each token.
   """
-  keys = ("tokens", "attention_mask", "positions", "loss_mask", "image_index", "pixel_values", "vision_inputs")
-  out = {k: batch[k] for k in keys if k in batch and batch[k] is not None}
+  out = {k: batch[k] for k in batch_lib.MODEL_INPUTS if k in batch and batch[k] is not None}
   mask = out["loss_mask"].astype(jnp.float32)
   out["advantages"] = jnp.asarray(advantages, jnp.float32)
   out["loss_weights"] = loss_weights(mask, gcfg.aggregation)
@@ -289,15 +286,7 @@ def prepare_batch(batch: Batch, advantages: jnp.ndarray, old_logps: jnp.ndarray,
   return out
 
 
-def _split_micro(batch: Batch, m: int) -> Batch:
-  """Row entries reshaped to (m, N/m, ...): micro-batch i holds rows i, i+m, ... (keeps a row-sharded layout)."""
-  def split(x, axis):
-    n = x.shape[axis]
-    shape = x.shape[:axis] + (n // m, m) + x.shape[axis + 1:]
-    return jnp.moveaxis(x.reshape(shape), axis + 1, 0)
-  out = {k: split(v, 0) for k, v in batch.items() if k in _ROW_KEYS}
-  out["positions"] = split(batch["positions"], 1)
-  return out
+_split_micro = batch_lib.split_micro
 
 
 def make_train_step(config: Qwen25VLConfig, gcfg: GRPOConfig, optimizer: optax.GradientTransformation

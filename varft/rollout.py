@@ -2,7 +2,7 @@
 
 One `RolloutEngine.run` takes B examples x G samples through up to `max_turns` turns:
 
-    prompt (chat template, images -> vision embeddings once per distinct image) -> extend the KV cache
+    prompt (chat template; each device encodes its own rows' images, once per distinct image) -> extend the cache
     repeat: generate until a stop tag / EOS / budget -> parse each row's action -> one `executor.execute(calls)`
             for the whole batch -> tokenize each observation once -> extend that row's cache with it
 
@@ -13,7 +13,11 @@ result as a user turn carrying the output image (vision tokens at their 3-D posi
 and a `<problem>` step as the paper's `<tips>` hint. Step-wise mode (the paper's training) makes one turn per sample
 from a prompt that already carries the earlier steps (`example['context']`).
 
-The result is the padded, device-ready training batch of interfaces.md plus readable transcripts.
+Rows are spread over every device of the sampler's mesh (a prompt's G rows side by side, so usually on one device);
+an extend encodes the images its chunk shows on the devices whose rows show them (`varft.batch` image tables), so
+no device encodes another's images and no image is encoded twice for one device.
+
+The result is the padded training batch of `varft.batch` (numpy, this host's rows) plus readable transcripts.
 """
 from __future__ import annotations
 
@@ -25,14 +29,13 @@ import time
 from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
 from varft import actions as actions_lib
+from varft import batch as batch_lib
 from varft import prompts, sampling
-from varft.models.qwen25vl import model as qwen_model
-from varft.models.qwen25vl import rope, vision
+from varft.models.qwen25vl import rope
 from varft.models.qwen25vl.config import Qwen25VLConfig
 from varft.processing import chat
 from varft.processing import image as image_lib
@@ -44,9 +47,6 @@ MODES = ("multiturn", "stepwise")
 # Why a trajectory ended.
 STOP_REASONS = ("answer", "step", "malformed", "max_turns", "max_new_tokens", "max_tokens")
 TRUNCATION_NOTE = " ... [tool output truncated: {} more tokens]"
-
-
-_encode_images_jit = jax.jit(qwen_model.encode_images, static_argnums=(1,))
 
 
 class Executor(Protocol):
@@ -61,7 +61,7 @@ class RolloutConfig:
   max_new_tokens: tokens per turn; max_total_tokens: prompt + all turns + observations per trajectory;
   max_tool_output_tokens: text tokens of one observation (longer ones are cut with a note saying so).
   length_buckets: prompt and final batch lengths; chunk_buckets: observation chunks; patch_buckets: vision patches
-  per encoder call. system_prompt: 'auto' (by the example's task), a name in `prompts.SYSTEM_PROMPTS`, or text.
+  per device's image table. system_prompt: 'auto' (by the example's task), a name in `prompts.SYSTEM_PROMPTS`, or text.
   """
   mode: str = "multiturn"
   max_turns: int = 5
@@ -163,7 +163,6 @@ class _Image:
   patches: np.ndarray
   grid: np.ndarray
   num_tokens: int
-  embeds: jax.Array | None = None
 
 
 @dataclasses.dataclass
@@ -196,13 +195,19 @@ class _Row:
     self.done = True
     self.transcript.stop_reason = reason
 
+  def batch_row(self) -> batch_lib.Row:
+    return batch_lib.Row(self.group, self.tokens, np.concatenate(self.positions, axis=1), self.loss_mask, self.logps,
+                         self.image_key, self.image_local)
+
 
 class RolloutEngine:
   """Runs batched multi-turn (or step-wise) rollouts of a Qwen2.5-VL policy with tools."""
 
   def __init__(self, model_config: Qwen25VLConfig, tokenizer: chat.Tokenizer, executor: Executor,
                config: RolloutConfig, *, mesh: jax.sharding.Mesh | None = None,
-               stop_table: sampling.StopTable | None = None):
+               stop_table: sampling.StopTable | None = None, batch_devices: int = 1):
+    """`mesh`: where to sample (rows over all its batch axes); `batch_devices`: this host's devices along the
+    training mesh's batch axes, the number of image tables of the training batch (`varft.batch`)."""
     self.model_config = model_config
     self.tokenizer = tokenizer
     self.executor = executor
@@ -214,7 +219,9 @@ class RolloutEngine:
     self.cache_len = config.max_total_tokens + max(config.chunk_buckets)
     self._turn_open = tokenizer.encode(f"{chat.IM_END}\n{chat.IM_START}user\n")
     self._turn_close = tokenizer.encode(f"{chat.IM_END}\n{chat.IM_START}assistant\n")
-    self.images_encoded = 0  # distinct images run through the vision tower, over all runs
+    self.batch_devices = batch_devices
+    self.max_image_patches = config.image_max_pixels // model_config.vision.patch_size ** 2
+    self.images_encoded = 0  # (device, image) pairs run through the vision tower, over all runs
 
   # ---- images ---------------------------------------------------------------------------------------------------
 
@@ -227,47 +234,16 @@ class RolloutEngine:
       table[key] = _Image(key, pil, patches, np.asarray(grid, np.int64), tokens)
     return key
 
-  def _vision_batch(self, entries: Sequence[_Image]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Patches of `entries` padded to a patch bucket, and their vision_inputs."""
-    total = sum(len(e.patches) for e in entries)
-    padded = sampling.bucket(max(total, 1), self.config.patch_buckets, beyond="multiple")
-    pixel_values = np.zeros((padded, self.model_config.vision.patch_dim), np.float32)
-    if entries:
-      pixel_values[:total] = np.concatenate([e.patches for e in entries])
-    grids = np.stack([e.grid for e in entries]) if entries else np.zeros((0, 3), np.int64)
-    return pixel_values, vision.vision_inputs(grids, self.model_config.vision, padded)
-
-  def _encode_pending(self, params, table: dict[str, _Image]) -> None:
-    """Vision embeddings of every image not yet encoded, in as few bucketed encoder calls as fit."""
-    pending = [e for e in table.values() if e.embeds is None]
-    if not pending:
-      return
-    limit = max(self.config.patch_buckets)
-    while pending:
-      group, size = [], 0
-      while pending and (not group or size + len(pending[0].patches) <= limit):
-        size += len(pending[0].patches)
-        group.append(pending.pop(0))
-      pixel_values, vision_inputs = self._vision_batch(group)
-      merged = _encode_images_jit(params, self.model_config, pixel_values, vision_inputs)
-      self.images_encoded += len(group)
-      start = 0
-      for e in group:
-        e.embeds = merged[start:start + e.num_tokens]
-        start += e.num_tokens
-
-  def _image_table(self, table, keys: Sequence[str]) -> tuple[jax.Array | None, dict[str, int]]:
-    """The concatenated embeddings of `keys` (padded to a bucket of rows) and each image's first row."""
-    if not keys:
-      return None, {}
-    offsets, start = {}, 0
-    for k in keys:
-      offsets[k] = start
-      start += table[k].num_tokens
-    # A batch may hold more distinct images than one encoder call: beyond the buckets, round up to the largest.
-    rows = sampling.bucket(start, [b // self.merge ** 2 for b in self.config.patch_buckets], beyond="multiple")
-    embeds = jnp.concatenate([table[k].embeds for k in keys], axis=0)
-    return jnp.pad(embeds, ((0, rows - start), (0, 0))), offsets
+  def _image_tables(self, rows: Sequence[batch_lib.Row], table: dict[str, _Image]):
+    """Each sampler device's table of the images `rows` show and the rows' `image_index` into their own table."""
+    images = {k: batch_lib.Image(e.patches, e.grid) for k, e in table.items()}
+    per_device, index = batch_lib.device_images(rows, images, self.sampler.num_shards, self.model_config.vision)
+    self.images_encoded += sum(len(t) for t in per_device)
+    patches = sampling.bucket(batch_lib.table_patches(per_device, self.model_config.vision),
+                              self.config.patch_buckets, beyond="multiple")
+    tables = batch_lib.image_tables(per_device, self.model_config.vision, patches,
+                                    batch_lib.key_blocks(patches, self.max_image_patches, self.model_config.vision))
+    return (tables["pixel_values"], tables["vision_inputs"]), index
 
   # ---- prompts and observations -------------------------------------------------------------------------------
 
@@ -339,20 +315,24 @@ class RolloutEngine:
   def _extend(self, params, cache, news: Sequence[tuple | None], length: int, table):
     """Extends each row's cache with its new (tokens, positions, keys, local) chunk (None: nothing)."""
     batch = len(news)
-    used = list(dict.fromkeys(k for new in news if new is not None for k in new[2] if k is not None))
-    image_embeds, offsets = self._image_table(table, used)
     tokens = np.zeros((batch, length), np.int32)
     mask = np.zeros((batch, length), np.int32)
     positions = np.zeros((3, batch, length), np.int32)
     image_index = np.full((batch, length), -1, np.int32)
+    rows = []
     for b, new in enumerate(news):
       if new is None:
+        rows.append(batch_lib.Row(0, [], None, [], [], [], []))
         continue
       ids, pos, keys, local = new
       n = len(ids)
       tokens[b, :n], mask[b, :n], positions[:, b, :n] = ids, 1, pos
-      image_index[b, :n] = [-1 if k is None else offsets[k] + i for k, i in zip(keys, local)]
-    return self.sampler.extend(params, cache, sampling.Chunk(tokens, positions, mask, image_index), image_embeds)
+      rows.append(batch_lib.Row(0, ids, pos, [], [], keys, local))
+    images = None
+    if any(k is not None for r in rows for k in r.image_key):
+      images, index = self._image_tables(rows, table)
+      image_index[:, :index.shape[1]] = index
+    return self.sampler.extend(params, cache, sampling.Chunk(tokens, positions, mask, image_index), images=images)
 
   # ---- the loop -----------------------------------------------------------------------------------------------
 
@@ -397,14 +377,9 @@ class RolloutEngine:
       raise ValueError(f"No example could be prompted ({len(skipped)} skipped: {skipped[:5]}).")
 
     start = time.perf_counter()
-    self._encode_pending(params, table)
-    timings["vision_s"] += time.perf_counter() - start
-    start = time.perf_counter()
-    # On a mesh the device batch is padded with empty rows (never live) to a multiple of the data axis.
-    device_rows = len(rows)
-    if self.sampler.mesh is not None:
-      shards = self.sampler.mesh.shape[self.sampler.data_axis]
-      device_rows = -(-len(rows) // shards) * shards
+    # On a mesh the device batch is padded with empty rows (never live) to a multiple of its row shards.
+    shards = self.sampler.num_shards
+    device_rows = -(-len(rows) // shards) * shards
     cache = self.sampler.new_cache(device_rows, self.cache_len)
     prompt_len = min(sampling.bucket(max(len(r.tokens) for r in rows), cfg.length_buckets), self.cache_len)
     news = [(r.tokens, np.concatenate(r.positions, axis=1), r.image_key, r.image_local) for r in rows]
@@ -492,9 +467,6 @@ class RolloutEngine:
       if not any(n is not None for n in news):
         continue
       start = time.perf_counter()
-      self._encode_pending(params, table)
-      timings["vision_s"] += time.perf_counter() - start
-      start = time.perf_counter()
       chunk_len = sampling.bucket(max(len(n[0]) for n in news if n is not None), cfg.chunk_buckets)
       logits, cache = self._extend(params, cache, news, chunk_len, table)
       timings["extend_s"] += time.perf_counter() - start
@@ -503,7 +475,7 @@ class RolloutEngine:
       if not r.done:
         r.finish("max_turns")
       r.transcript.num_tokens = len(r.tokens)
-    batch = self._batch(rows, table)
+    batch = self._batch(rows, table, len(examples) * num_samples, num_samples)
     transcripts = [r.transcript for r in rows]
     reasons = collections.Counter(t.stop_reason for t in transcripts)
     stats = {
@@ -529,37 +501,12 @@ class RolloutEngine:
 
   # ---- the training batch -------------------------------------------------------------------------------------
 
-  def _batch(self, rows: Sequence[_Row], table) -> dict[str, Any]:
-    """The padded batch of interfaces.md; images are the distinct images of all rows, in order of first use."""
-    n = len(rows)
+  def _batch(self, rows: Sequence[_Row], table, num_rows: int, num_samples: int) -> dict[str, Any]:
+    """The `varft.batch` rollout batch: `num_rows` rows (the skipped prompts' rows empty; rounded up to a multiple
+    of the training batch's devices), each device's images in its own table."""
+    num_rows = -(-num_rows // self.batch_devices) * self.batch_devices
     length = sampling.bucket(max(len(r.tokens) for r in rows), self.config.length_buckets)
-    keys = list(dict.fromkeys(k for r in rows for k in r.images))
-    offsets, start = {}, 0
-    for k in keys:
-      offsets[k] = start
-      start += table[k].num_tokens
-    batch = {
-        "tokens": np.zeros((n, length), np.int32),
-        "attention_mask": np.zeros((n, length), np.int32),
-        "positions": np.zeros((3, n, length), np.int32),
-        "loss_mask": np.zeros((n, length), np.float32),
-        "sampler_logps": np.zeros((n, length), np.float32),
-        "image_index": np.full((n, length), -1, np.int32),
-        "group_ids": np.asarray([r.group for r in rows], np.int32),
-    }
-    for b, r in enumerate(rows):
-      m = len(r.tokens)
-      batch["tokens"][b, :m] = r.tokens
-      batch["attention_mask"][b, :m] = 1
-      batch["positions"][:, b, :m] = np.concatenate(r.positions, axis=1)
-      batch["loss_mask"][b, :m] = r.loss_mask
-      batch["sampler_logps"][b, :m] = r.logps
-      batch["image_index"][b, :m] = [-1 if k is None else offsets[k] + i for k, i in zip(r.image_key, r.image_local)]
-    if keys:
-      batch["pixel_values"], batch["vision_inputs"] = self._vision_batch([table[k] for k in keys])
-      batch["image_grid_thw"] = np.stack([table[k].grid for k in keys])
-    else:
-      batch["pixel_values"] = np.zeros((0, self.model_config.vision.patch_dim), np.float32)
-      batch["vision_inputs"] = {}
-      batch["image_grid_thw"] = np.zeros((0, 3), np.int64)
-    return batch
+    images = {k: batch_lib.Image(e.patches, e.grid) for k, e in table.items()}
+    return batch_lib.assemble([r.batch_row() for r in rows], images, num_rows=num_rows, num_samples=num_samples,
+                              num_devices=self.batch_devices, length=length, vision_cfg=self.model_config.vision,
+                              patch_buckets=self.config.patch_buckets, max_image_patches=self.max_image_patches)

@@ -22,6 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from varft import batch as batch_lib
+from varft import sharding
 from varft.models.qwen25vl import model, text
 from varft.models.qwen25vl.config import Qwen25VLConfig
 
@@ -127,11 +129,12 @@ def make_stop_table(tokenizer, vocab_size: int, stop_strings: Sequence[str] = DE
 
 
 class Chunk(NamedTuple):
-  """A right-padded chunk to append to the cache. Image tokens take their embedding from `image_embeds`."""
+  """A right-padded chunk to append to the cache. Image tokens take their embedding from an image table: one flat
+  table (M, E), or each device's own table (see `varft.batch`), rows [d B/D, (d+1) B/D) reading table d."""
   tokens: np.ndarray  # (B, T) int32
   positions: np.ndarray  # (3, B, T) int32, M-RoPE
   mask: np.ndarray  # (B, T) int32, 1 on real tokens (valid first)
-  image_index: np.ndarray  # (B, T) int32, row of image_embeds, -1 for text tokens
+  image_index: np.ndarray  # (B, T) int32, row of the (row's own) image table, -1 for text tokens
 
 
 class GenerateOutput(NamedTuple):
@@ -144,10 +147,18 @@ class GenerateOutput(NamedTuple):
   logits: jax.Array  # (B, V) float32 next-token logits after the last fed token
 
 
-def _extend(params, cache, chunk: Chunk, image_embeds, *, model_config: Qwen25VLConfig):
+def _extend(params, cache, chunk: Chunk, image_embeds, images, *, model_config: Qwen25VLConfig):
   cfg = model_config.text
   dtype = jnp.dtype(model_config.dtype)
-  embeds = model.embed(params, model_config, chunk.tokens, image_embeds, chunk.image_index)
+  if images is not None:  # each device encodes its own rows' images (see `varft.batch`)
+    image_embeds = batch_lib.encode_tables(lambda pv, vi: model.encode_images(params, model_config, pv, vi),
+                                           *images)
+  if image_embeds is not None and image_embeds.ndim == 3:
+    embeds = text.embed_tokens(params["text"], chunk.tokens, dtype)
+    rows = batch_lib.lookup_images(image_embeds.astype(dtype), chunk.image_index)
+    embeds = jnp.where((chunk.image_index >= 0)[..., None], rows, embeds)
+  else:
+    embeds = model.embed(params, model_config, chunk.tokens, image_embeds, chunk.image_index)
   hidden, cache = text.forward(params["text"], cfg, embeds, chunk.positions, attention_mask=chunk.mask,
                                cache=cache, dtype=dtype)
   last = jnp.maximum(chunk.mask.sum(axis=1) - 1, 0)
@@ -284,35 +295,53 @@ _generate_jit = jax.jit(_generate, static_argnames=("model_config", "sampling"),
 class Sampler:
   """Jitted extend/generate for one model config and sampling config, optionally on a mesh.
 
-  On a mesh the batch axis of the cache and of every per-row array is sharded over `data_axis`; parameters are
-  used as given (with the trainer's shardings, so the sampler and the trainer share one copy).
+  On a mesh the batch axis of the cache and of every per-row array is sharded over all the batch axes
+  (`sharding.BATCH_AXES`), so each device decodes only its own rows, and the cache's KV heads over `tensor`.
+  Parameters are used as given: on a rollout mesh, `sharding.sampling_params` (replicated or tensor-parallel).
   """
 
   def __init__(self, model_config: Qwen25VLConfig, sampling: SamplingConfig, stop_table: StopTable, *,
-               mesh: jax.sharding.Mesh | None = None, data_axis: str = "data"):
+               mesh: jax.sharding.Mesh | None = None):
     self.model_config = model_config
     self.sampling = sampling
     self.stop_table = stop_table
     self.mesh = mesh
-    self.data_axis = data_axis
     self._token_bits = jnp.asarray(stop_table.token_bits)
     self._pattern_bits = jnp.asarray(stop_table.pattern_bits)
 
-  def _shard(self, x, batch_axis: int = 0):
+  @property
+  def _batch_axes(self) -> tuple[str, ...]:
+    return tuple(a for a in sharding.BATCH_AXES if a in self.mesh.axis_names)
+
+  @property
+  def num_shards(self) -> int:
+    """Row shards: the device batch must be a multiple of this."""
+    return 1 if self.mesh is None else int(np.prod([self.mesh.shape[a] for a in self._batch_axes]))
+
+  def _shard(self, x, batch_axis: int = 0, head_axis: int | None = None):
     if self.mesh is None:
       return jnp.asarray(x)
     spec = [None] * np.ndim(x)
-    spec[batch_axis] = self.data_axis
+    axes = self._batch_axes
+    spec[batch_axis] = axes[0] if len(axes) == 1 else axes
+    tensor = self.mesh.shape.get("tensor", 1)
+    if head_axis is not None and tensor > 1 and np.shape(x)[head_axis] % tensor == 0:
+      spec[head_axis] = "tensor"
     return jax.device_put(x, NamedSharding(self.mesh, P(*spec)))
 
   def new_cache(self, batch: int, max_len: int) -> text.KVCache:
     """An empty cache (compute dtype) of `max_len` slots per row, batch-sharded on the mesh."""
+    if batch % self.num_shards:
+      raise ValueError(f"a batch of {batch} rows cannot be split over the sampler's {self.num_shards} devices")
     cache = text.init_cache(self.model_config.text, batch, max_len, jnp.dtype(self.model_config.dtype))
-    return {"k": self._shard(cache["k"], 1), "v": self._shard(cache["v"], 1), "length": self._shard(cache["length"])}
+    return {"k": self._shard(cache["k"], 1, 3), "v": self._shard(cache["v"], 1, 3),
+            "length": self._shard(cache["length"])}
 
-  def extend(self, params, cache, chunk: Chunk, image_embeds: jax.Array | None = None):
+  def extend(self, params, cache, chunk: Chunk, image_embeds: jax.Array | None = None, images=None):
     """Appends `chunk` to each row of `cache` (donated); returns (next-token logits (B, V), new cache).
 
+    Image tokens read `image_embeds` (a flat table), or `images = (pixel_values, vision_inputs)`: each device's
+    image table (leading axis D, `varft.batch.image_tables`), encoded inside this program where it lives.
     The padded chunk is written whole at each row's length, so every row needs `length + T <= cache size`
     (rows without tokens included: they get scratch writes past their length).
     """
@@ -320,7 +349,9 @@ class Sampler:
                   self._shard(np.asarray(chunk.positions, np.int32), 1),
                   self._shard(np.asarray(chunk.mask, np.int32)),
                   self._shard(np.asarray(chunk.image_index, np.int32)))
-    return _extend_jit(params, cache, chunk, image_embeds, model_config=self.model_config)
+    if images is not None:
+      images = jax.tree.map(self._shard, tuple(images))
+    return _extend_jit(params, cache, chunk, image_embeds, images, model_config=self.model_config)
 
   def generate(self, params, cache, logits, next_positions, rng, budget,
                forced: np.ndarray | None = None) -> tuple[GenerateOutput, text.KVCache]:

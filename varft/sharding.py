@@ -5,11 +5,12 @@ One mesh with axes (`data`, `fsdp`, `tensor`). Parameters get logical axes from 
 tree whose trailing keys form a parameter path (AdamW's `mu`/`nu`, the reference params) is sharded like that
 parameter. A dimension that a mesh axis does not divide stays replicated, so small models run on any mesh.
 
-Batches are sharded by rows over (`data`, `fsdp`). On several hosts each host holds its own rows (it sampled them);
-`shard_batch` assembles the global arrays from every host's local rows.
+Batches are sharded by rows over (`data`, `fsdp`) (`varft.batch`). Rollouts run on `rollout_mesh`: every device
+decodes its own rows, from weights resharded to a decode layout once per step (`sampling_params`).
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -168,84 +169,92 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def rollout_mesh(mesh: Mesh) -> Mesh:
-  """The mesh rollouts run on: `mesh` on one host; with several hosts, this host's devices only.
+# The sampler's parameter layout: no FSDP (a decode step would gather every weight), tensor-parallel over `tensor`.
+SAMPLING_RULES: tuple[tuple[str, Any], ...] = tuple((name, None if name == "embed" else axes)
+                                                    for name, axes in DEFAULT_RULES)
 
-  Hosts hold different prompts, tool results and turn counts, so each samples on its own devices from a local copy
-  of the parameters (`rollout_inputs`) instead of running one lock-step program across hosts.
+
+def sampling_tensor_parallel(param_bytes: int, devices: Sequence[jax.Device] | None = None,
+                             fraction: float = 0.5) -> int:
+  """The smallest tensor-parallel degree (a power of two dividing this host's devices) at which the sampling
+  weights take at most `fraction` of a device's memory: 1 (a replica per device) when they fit, or when the
+  platform does not say how much memory a device has (CPU)."""
+  devices = list(jax.local_devices() if devices is None else devices)
+  stats = devices[0].memory_stats() or {}
+  limit = stats.get("bytes_limit")
+  tp = 1
+  while limit and param_bytes / tp > fraction * limit and len(devices) % (2 * tp) == 0:
+    tp *= 2
+  return tp
+
+
+def rollout_mesh(mesh: Mesh, tensor_parallel: int = 1) -> Mesh:
+  """The mesh rollouts run on: this host's devices of `mesh` (all of them on one host), in `mesh`'s device order,
+  as (data = devices / tensor_parallel, fsdp = 1, tensor = tensor_parallel).
+
+  Rows and the KV cache are split over every device (each decodes only its own rows); the weights are replicated
+  (tensor_parallel = 1) or tensor-parallel within the host. Hosts hold different prompts, tool results and turn
+  counts, so each samples on its own devices instead of running one lock-step program across hosts.
   """
-  if jax.process_count() == 1:
-    return mesh
-  return make_mesh({"data": -1, "fsdp": 1, "tensor": 1}, jax.local_devices())
+  flat = list(mesh.devices.flat)
+  mine = [d for d in flat if d.process_index == jax.process_index()]
+  if len(mine) % tensor_parallel:
+    raise ValueError(f"rollout tensor_parallel={tensor_parallel} does not divide this host's {len(mine)} devices")
+  shape = (len(mine) // tensor_parallel, 1, tensor_parallel)
+  return Mesh(np.asarray(mine, object).reshape(shape), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def _global_sampling_mesh(mesh: Mesh, tensor_parallel: int) -> Mesh:
+  """`mesh`'s devices in its own order (a jitted reshard keeps the device order) as (-1, 1, tensor_parallel); the
+  tensor groups must lie within one host."""
+  flat = np.asarray(list(mesh.devices.flat), object).reshape(-1, 1, tensor_parallel)
+  if any(len({d.process_index for d in group.flat}) > 1 for group in flat.reshape(-1, tensor_parallel)):
+    raise ValueError(f"rollout tensor_parallel={tensor_parallel}: the mesh's consecutive devices span hosts; use 1")
+  return Mesh(flat, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+@functools.lru_cache(maxsize=32)
+def _resharder(dtype: str | None, treedef, out_shardings: tuple) -> Any:
+  """One jitted cast + reshard per (dtype, tree, layout): built once, so every later step reuses its program."""
+  def cast(tree):
+    return tree if dtype is None else jax.tree.map(lambda x: x.astype(dtype), tree)
+  return jax.jit(cast, out_shardings=jax.tree.unflatten(treedef, list(out_shardings)))
+
+
+def sampling_params(params: Any, mesh: Mesh, sampler_mesh: Mesh, dtype=None) -> Any:
+  """The train state's `params` (sharded on `mesh`) in the sampler's layout on `sampler_mesh`, cast to `dtype`.
+
+  One on-device program (compiled once) reshards them to `SAMPLING_RULES` over the same devices; with several
+  hosts each host then wraps its own devices' shards as arrays on its `sampler_mesh` (no host copy).
+  """
+  tp = sampler_mesh.shape["tensor"]
+  target = sampler_mesh if jax.process_count() == 1 else _global_sampling_mesh(mesh, tp)
+  treedef = jax.tree.structure(params)
+  specs = jax.tree.leaves(tree_specs(params, target, SAMPLING_RULES), is_leaf=lambda x: isinstance(x, P))
+  out = _resharder(None if dtype is None else np.dtype(dtype).name, treedef,
+                   tuple(NamedSharding(target, s) for s in specs))(params)
+  if target is sampler_mesh:
+    return out
+  local_devices = list(sampler_mesh.devices.flat)
+
+  def wrap(x):
+    by_device = {shard.device: shard.data for shard in x.addressable_shards}
+    return jax.make_array_from_single_device_arrays(x.shape, NamedSharding(sampler_mesh, x.sharding.spec),
+                                                    [by_device[d] for d in local_devices])
+  return jax.tree.map(wrap, out)
 
 
 def rollout_inputs(params: Any, rng: jax.Array, mesh: Mesh, sampler_mesh: Mesh,
                    dtype=None) -> tuple[Any, jax.Array]:
-  """Parameters and RNG key for sampling on `sampler_mesh`: unchanged on one host; a local replica (cast to
-  `dtype`) and a per-host key on several."""
-  if sampler_mesh is mesh:
-    return params, rng
-  return host_local_copy(params, mesh, sampler_mesh, dtype), jax.random.fold_in(rng, jax.process_index())
-
-
-def host_local_copy(tree: Any, mesh: Mesh, local_mesh: Mesh, dtype=None) -> Any:
-  """A full copy of a (globally sharded) `tree` on every device of `local_mesh`, optionally cast to `dtype`.
-
-  Host-local rollouts need whole parameters on each host: one on-device all-gather over the global mesh, then each
-  host wraps its own replicas (no host copy). The replica costs one model's worth of memory per device.
-  """
-  def cast(t):
-    return t if dtype is None else jax.tree.map(lambda x: x.astype(dtype), t)
-
-  full = jax.jit(cast, out_shardings=replicated(mesh))(tree)
-  local_devices = list(local_mesh.devices.flat)
-
-  def wrap(x):
-    by_device = {shard.device: shard.data for shard in x.addressable_shards}
-    return jax.make_array_from_single_device_arrays(x.shape, replicated(local_mesh),
-                                                    [by_device[d] for d in local_devices])
-  return jax.tree.map(wrap, full)
-
-
-def batch_shardings(batch: Mapping[str, Any], mesh: Mesh) -> dict[str, Any]:
-  """Row-sharded entries over (data, fsdp); `positions` (3, N, L) on axis 1; image tables replicated."""
-  out = {}
-  for key, value in batch.items():
-    if key in ("pixel_values", "vision_inputs"):
-      out[key] = jax.tree.map(lambda _: replicated(mesh), value)
-    elif key == "positions":
-      out[key] = NamedSharding(mesh, P(None, BATCH_AXES))
-    else:
-      out[key] = NamedSharding(mesh, P(BATCH_AXES))
-  return out
+  """Parameters (`sampling_params`) and RNG key for sampling on `sampler_mesh`; with several hosts each host gets
+  its own key."""
+  params = sampling_params(params, mesh, sampler_mesh, dtype)
+  return params, rng if jax.process_count() == 1 else jax.random.fold_in(rng, jax.process_index())
 
 
 def batch_size_multiple(mesh: Mesh) -> int:
   """Global batch rows must be a multiple of this (the devices along the batch axes)."""
   return math.prod(mesh.shape[a] for a in BATCH_AXES)
-
-
-def shard_batch(local_batch: Mapping[str, Any], mesh: Mesh) -> dict[str, Any]:
-  """Global device arrays from this host's rows (its share of every row-sharded entry).
-
-  Image tables (`pixel_values`, `vision_inputs`) are replicated and must be the same on every host.
-  """
-  shardings = batch_shardings(local_batch, mesh)
-  multiple = batch_size_multiple(mesh)
-
-  def put(x, sharding):
-    x = np.asarray(x)
-    if sharding.spec == P():
-      return jax.make_array_from_process_local_data(sharding, x, x.shape)
-    axis = 1 if sharding.spec[0] is None else 0
-    rows = x.shape[axis] * jax.process_count()
-    if rows % multiple:
-      raise ValueError(f"The batch has {rows} rows, not a multiple of the {multiple} devices of the mesh's "
-                       f"{BATCH_AXES} axes: change the batch size or the mesh.")
-    global_shape = x.shape[:axis] + (rows,) + x.shape[axis + 1:]
-    return jax.make_array_from_process_local_data(sharding, x, global_shape)
-
-  return {k: jax.tree.map(put, v, shardings[k]) for k, v in local_batch.items()}
 
 
 def to_host(tree: Any) -> Any:

@@ -3,7 +3,7 @@
     state = init or resume (params, AdamW state, step; data position)
     for step:
       experience = env.collect(params, rng_step)          # host: sampler + tools + rewards, this host's rows
-      batch = shard_batch(experience)                     # global arrays, rows over (data, fsdp)
+      batch = to_devices(experience)                      # global arrays (varft.batch), rows over (data, fsdp)
       advantages = group_advantages(rewards)              # device, over the global groups
       ref_logps = logps(ref_params, batch)                # frozen reference (beta > 0)
       for epoch in range(mu): state = train_step(state, batch)   # old log-probs = the sampler's
@@ -26,6 +26,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from varft import batch as batch_lib
 from varft import checkpoint as ckpt_lib
 from varft import console
 from varft import grpo
@@ -153,49 +154,6 @@ def make_environment(config, model_cfg, mesh, workdir: str, training: bool = Tru
   return agent_task.AgentEnvironment(config, model_cfg, mesh, workdir, training=training)
 
 
-def merge_image_tables(hosts: list[dict[str, np.ndarray]], host_index: int, image_index: np.ndarray,
-                       vision_cfg) -> dict[str, Any]:
-  """One image table from every host's `{pixel_values, image_grid_thw}` (in process order): the real patches
-  concatenated, padded to hosts x the largest local size, new vision index arrays, and this host's `image_index`
-  shifted past the earlier hosts' merged image tokens."""
-  from varft.models.qwen25vl import vision
-  merge = vision_cfg.spatial_merge_size ** 2
-  real = [vision.num_patches(h["image_grid_thw"]) for h in hosts]
-  offset = sum(real[:host_index]) // merge
-  total = max(h["pixel_values"].shape[0] for h in hosts) * len(hosts)  # static per bucket
-  pixel_values = np.zeros((total, hosts[0]["pixel_values"].shape[1]), np.float32)
-  pixel_values[:sum(real)] = np.concatenate([h["pixel_values"][:n] for h, n in zip(hosts, real)])
-  grids = np.concatenate([np.asarray(h["image_grid_thw"], np.int64).reshape(-1, 3) for h in hosts])
-  return {"pixel_values": pixel_values, "vision_inputs": vision.vision_inputs(grids, vision_cfg, total),
-          "image_index": np.where(image_index >= 0, image_index + offset, -1).astype(np.int32)}
-
-
-def merge_host_images(batch: dict[str, Any], vision_cfg) -> dict[str, Any]:
-  """This host's batch with the image table of all hosts (see `merge_image_tables`).
-
-  Each host sampled its own rows with its own images; the train step encodes one replicated table, so the hosts
-  exchange their patches and grids (padded to common shapes for the all-gather).
-  """
-  from jax.experimental import multihost_utils
-  from varft.models.qwen25vl import vision
-  batch = dict(batch)
-  grids = np.asarray(batch.pop("image_grid_thw"), np.int64).reshape(-1, 3)
-  if jax.process_count() == 1:
-    return batch
-  local = np.asarray([vision.num_patches(grids), len(grids), batch["pixel_values"].shape[0]])
-  sizes = np.asarray(multihost_utils.process_allgather(local)).reshape(-1, 3)
-  patches = np.zeros((int(sizes[:, 2].max()), batch["pixel_values"].shape[1]), np.float32)
-  patches[:batch["pixel_values"].shape[0]] = batch["pixel_values"]
-  padded_grids = np.zeros((max(int(sizes[:, 1].max()), 1), 3), np.int64)
-  padded_grids[:len(grids)] = grids
-  all_patches = np.asarray(multihost_utils.process_allgather(patches))
-  all_grids = np.asarray(multihost_utils.process_allgather(padded_grids))
-  hosts = [{"pixel_values": all_patches[h, :sizes[h, 2]], "image_grid_thw": all_grids[h, :sizes[h, 1]]}
-           for h in range(len(sizes))]
-  batch.update(merge_image_tables(hosts, jax.process_index(), batch["image_index"], vision_cfg))
-  return batch
-
-
 class Trainer:
   """Holds the mesh, jitted functions, state and environment of one run (`run()` trains to the end)."""
 
@@ -265,12 +223,7 @@ class Trainer:
     local["rewards"] = np.asarray(experience.rewards, np.float32)
     local["group_ids"] = (np.asarray(local["group_ids"], np.int32)
                           + jax.process_index() * config.rollout.prompts_per_host)
-    if "pixel_values" in local and np.shape(local["pixel_values"])[0] == 0:
-      for key in ("pixel_values", "vision_inputs", "image_grid_thw"):
-        local.pop(key, None)
-    if "image_grid_thw" in local:
-      local = merge_host_images(local, self.model_cfg.vision)
-    batch = sharding.shard_batch(local, self.mesh)
+    batch = batch_lib.to_devices(local, self.mesh, self.model_cfg.vision)
     # Logits only at the sampled positions: a static bucket (agreed by all hosts) >= any micro-batch's count.
     whole = grpo.loss_token_bucket(local["loss_mask"], 1) * jax.process_count()
     micro = grpo.loss_token_bucket(local["loss_mask"], self.gcfg.micro_batches) * jax.process_count()

@@ -16,6 +16,7 @@ from PIL import Image
 torch = pytest.importorskip("torch")
 
 from tests import hf_tiny  # noqa: E402
+from varft import batch as batch_lib  # noqa: E402
 from varft import prompts, rollout, sampling  # noqa: E402
 from varft.models.qwen25vl import config as config_lib  # noqa: E402
 from varft.models.qwen25vl import hf, model  # noqa: E402
@@ -157,10 +158,12 @@ def test_loss_mask_holds_exactly_the_sampled_tokens(setup):
   np.testing.assert_array_equal(batch["group_ids"], [0, 0, 0, 1, 1, 1, 2, 2, 2])
 
 
-def _row_grids(batch):
+def _row_grids(batch, vision_cfg):
   """The image grid of every image occurrence, row by row in order of appearance (transformers' convention)."""
-  grids = batch["image_grid_thw"]
-  starts = np.concatenate([[0], np.cumsum(np.prod(grids, axis=1) // 4)])
+  assert batch["image_grid_thw"].shape[0] == 1  # one device: one image table
+  grids = batch["image_grid_thw"][0]
+  grids = grids[np.prod(grids, axis=1) > 0]
+  starts = np.asarray(batch_lib.image_starts(grids, vision_cfg)[0] + [1 << 30]) // 4
   out = []
   for row in batch["image_index"]:
     for t in np.flatnonzero(row >= 0):
@@ -174,7 +177,7 @@ def test_positions_equal_transformers_rope_index(setup):
   batch = result.batch
   ids = torch.from_numpy(batch["tokens"].astype(np.int64))
   mask = torch.from_numpy(batch["attention_mask"].astype(np.int64))
-  grids = _row_grids(batch)
+  grids = _row_grids(batch, config.vision)
   assert len(grids) == 3 + 3 + 1  # the two prompt images in G rows each, and row 3's tool output
   with torch.no_grad():
     want, _ = torch_model.model.get_rope_index(ids, (ids == config.image_token_id).long(),
@@ -186,7 +189,8 @@ def test_positions_equal_transformers_rope_index(setup):
 def test_stored_logps_equal_a_fresh_forward_pass(setup):
   config, params, *_, result = setup
   batch = result.batch
-  image_embeds = model.encode_images(params, config, batch["pixel_values"], batch["vision_inputs"])
+  image_embeds = model.encode_images(params, config, batch["pixel_values"][0],
+                                     {k: v[0] for k, v in batch["vision_inputs"].items()})
   hidden, _ = model.forward_hidden(params, config, batch["tokens"], batch["positions"], batch["attention_mask"],
                                    image_embeds, batch["image_index"])
   rows, cols = np.nonzero(batch["loss_mask"][:, 1:] == 1)  # token t = cols + 1 is predicted at position cols

@@ -274,6 +274,22 @@ def test_batch_sharded_over_a_mesh():
   assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-3000:]
 
 
+def test_rows_and_cache_split_over_all_8_devices_with_the_1_device_tokens():
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+  result = subprocess.run([sys.executable, "-m", "tests.sampling.mesh_script"], env=env, cwd=root,
+                          capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  cases = [line.split()[1:] for line in result.stdout.splitlines() if line.startswith("CASE")]
+  # (layers, rows, slots, kv heads, head dim) per device: 8 rows over 8 devices; with tp=2 heads split in two.
+  assert cases == [
+      ["fsdp8", "tp=1", "equal=True", "cache=2x1x32x2x16", "tokens=1", "weights=P(None,None,None)"],
+      ["data2xfsdp4", "tp=1", "equal=True", "cache=2x1x32x2x16", "tokens=1", "weights=P(None,None,None)"],
+      ["fsdp8", "tp=2", "equal=True", "cache=2x2x32x1x16", "tokens=2", "weights=P(None,None,'tensor')"],
+  ], result.stdout
+
+
 def test_cdf_block_divides_the_vocabulary_when_it_can():
   assert sampling._cdf_block(151936) == 128  # 2**7 * 1187: no padding copy of the (B, V) logits
   assert sampling._cdf_block(50) == 50

@@ -13,6 +13,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from varft import batch as batch_lib
 from varft import echo_task, grpo, sharding
 from varft.models.qwen25vl import text as text_model
 
@@ -58,7 +59,7 @@ def run(mesh_axes: dict[str, int], devices=None) -> tuple[dict[str, np.ndarray],
   per_host = ROWS // jax.process_count()
   rows = slice(jax.process_index() * per_host, (jax.process_index() + 1) * per_host)
   local = {k: (v[:, rows] if k == "positions" else v[rows]) for k, v in full.items()}
-  batch = sharding.shard_batch(local, mesh)
+  batch = batch_lib.shard(local, mesh)
   logps = jax.jit(functools.partial(grpo.make_logps_fn(MODEL, GCFG), num_loss_tokens=128))
   advantages = jax.jit(lambda r, g: grpo.group_advantages(r, g, GROUPS))(batch["rewards"], batch["group_ids"])
   ref = logps(params, batch)

@@ -1,26 +1,10 @@
-"""Host-side pieces of the agentic task: row padding, reward references, scoring subsets, image resizing."""
+"""Host-side pieces of the agentic task: reward references, scoring subsets, image resizing, the rollout config."""
 import io
 
 import numpy as np
 from PIL import Image
 
 from varft import agent_task
-
-
-def _batch(rows, length=6):
-  return {"tokens": np.ones((rows, length), np.int32), "attention_mask": np.ones((rows, length), np.int32),
-          "positions": np.ones((3, rows, length), np.int32), "loss_mask": np.ones((rows, length), np.float32),
-          "sampler_logps": -np.ones((rows, length), np.float32), "image_index": np.zeros((rows, length), np.int32),
-          "group_ids": np.repeat(np.arange(rows // 2, dtype=np.int32), 2)}
-
-
-def test_pad_rows_adds_empty_rows_in_their_own_groups():
-  padded = agent_task.pad_rows(_batch(4), rows=8, num_samples=2)
-  assert padded["tokens"].shape == (8, 6) and padded["positions"].shape == (3, 8, 6)
-  np.testing.assert_array_equal(padded["group_ids"], [0, 0, 1, 1, 2, 2, 3, 3])
-  assert padded["loss_mask"][4:].sum() == 0 and padded["attention_mask"][4:].sum() == 0
-  assert np.all(padded["image_index"][4:] == -1)
-  assert agent_task.pad_rows(_batch(8), rows=8, num_samples=2)["tokens"].shape == (8, 6)
 
 
 def test_references_per_mode():
@@ -55,32 +39,6 @@ def test_rollout_stats_are_flattened_for_logging():
                                  "note": "text"})
   assert flat == {"rollout/tool_calls": 3.0, "time/generate_s": 1.5, "rollout/stop_answer": 0.75,
                   "rollout/stop_malformed": 0.25}
-
-
-def test_merged_image_table_gives_every_host_its_own_embeddings():
-  import jax
-  from varft import echo_task, train
-  from varft.models.qwen25vl import model, vision
-  cfg = echo_task.model_config(vocab_size=64)
-  params = model.init_params(jax.random.key(0), cfg)
-  rng = np.random.default_rng(0)
-  hosts, index = [], []
-  for grids, padded in (([[1, 4, 4]], 32), ([[1, 4, 8], [1, 4, 4]], 64)):
-    real = vision.num_patches(grids)
-    patches = np.zeros((padded, cfg.vision.patch_dim), np.float32)
-    patches[:real] = rng.normal(size=(real, cfg.vision.patch_dim))
-    hosts.append({"pixel_values": patches, "image_grid_thw": np.asarray(grids)})
-    index.append(np.asarray([[0, 1, -1, real // 4 - 1]], np.int32))
-  own = [model.encode_images(params, cfg, h["pixel_values"], vision.vision_inputs(h["image_grid_thw"], cfg.vision,
-                                                                                   len(h["pixel_values"])))
-         for h in hosts]
-  for host in range(2):
-    merged = train.merge_image_tables(hosts, host, index[host], cfg.vision)
-    assert merged["pixel_values"].shape == (128, cfg.vision.patch_dim)
-    table = model.encode_images(params, cfg, merged["pixel_values"], merged["vision_inputs"])
-    rows = index[host][index[host] >= 0]
-    np.testing.assert_allclose(table[merged["image_index"][index[host] >= 0]], own[host][rows], atol=1e-5)
-    assert np.all(merged["image_index"][index[host] < 0] == -1)
 
 
 def test_rollout_config_from_the_experiment_config():

@@ -202,9 +202,10 @@ def test_vision_gradients_pulled_back_once_equal_direct_gradients():
   loss_mask = np.zeros((n, length), np.float32)
   loss_mask[:, 12:] = 1
   pixel_values = rng.normal(size=(vision.num_patches(grids), cfg.vision.patch_dim)).astype(np.float32)
+  vision_inputs = vision.vision_inputs(grids, cfg.vision)  # one device: one image table (leading axis 1)
   batch = {"tokens": tokens, "attention_mask": np.ones((n, length), np.int32), "positions": positions,
-           "loss_mask": loss_mask, "image_index": image_index, "pixel_values": pixel_values,
-           "vision_inputs": vision.vision_inputs(grids, cfg.vision)}
+           "loss_mask": loss_mask, "image_index": image_index, "pixel_values": pixel_values[None],
+           "vision_inputs": {k: v[None] for k, v in vision_inputs.items()}}
   batch = jax.tree.map(jnp.asarray, batch)
   gcfg = grpo.GRPOConfig(beta=0.0, micro_batches=2)
   adv = jnp.array([1.0, -1.0, 0.5, -0.5])

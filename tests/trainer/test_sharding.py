@@ -95,9 +95,10 @@ def test_two_processes_equal_one_process(tmp_path):
 
 
 def test_shard_batch_rejects_rows_the_mesh_cannot_split():
+  from varft import batch as batch_lib
   mesh = sharding.make_mesh({"data": -1})
-  batch = sharding.shard_batch({"tokens": np.zeros((2, 3), np.int32),
-                                "positions": np.zeros((3, 2, 3), np.int32)}, mesh)
+  batch = batch_lib.shard({"tokens": np.zeros((2, 3), np.int32),
+                           "positions": np.zeros((3, 2, 3), np.int32)}, mesh)
   assert batch["positions"].sharding.spec == P(None, ("data", "fsdp"))
   assert sharding.spec_for(("vocab", "embed"), (10, 4), mesh) == P(None, None)
 
@@ -128,18 +129,34 @@ def test_every_parameter_of_the_vision_language_model_gets_a_valid_spec():
       assert dim % size == 0, (path, spec)
 
 
-def test_two_hosts_sample_their_own_prompts_from_sharded_params(tmp_path):
+def test_one_process_on_8_devices_compiles_nothing_after_the_first_step(tmp_path):
+  out = subprocess.run([sys.executable, "-m", "tests.trainer.rollout_script", str(tmp_path / "out")], cwd=REPO,
+                       capture_output=True, text=True, timeout=300,
+                       env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"))
+  assert out.returncode == 0, out.stderr[-3000:]
+  host = np.load(tmp_path / "out_0.npz")
+  assert int(host["rollout_devices"]) == 8
+  assert host["compiles"][0] > 0 and list(host["compiles"][1:]) == [0, 0], host["compiles"]
+
+
+@pytest.mark.parametrize("tensor_parallel", [1, 2])
+def test_two_hosts_sample_their_own_prompts_from_sharded_params(tmp_path, tensor_parallel):
   from tests.trainer import rollout_script
   port = str(_free_port())
   env = _env(XLA_FLAGS="--xla_force_host_platform_device_count=2")  # 2 hosts x 2 devices: params over 4
   procs = [subprocess.Popen([sys.executable, "-m", "tests.trainer.rollout_script", str(tmp_path / "out"), str(i),
-                             "2", port], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True) for i in range(2)]
+                             "2", port, str(tensor_parallel)], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True) for i in range(2)]
   for p in procs:
     _, err = p.communicate(timeout=300)
     assert p.returncode == 0, err[-3000:]
   hosts = [np.load(tmp_path / f"out_{i}.npz") for i in range(2)]
   assert not np.array_equal(hosts[0]["shown"], hosts[1]["shown"])
+  for host in hosts:  # the first step compiles its programs; the next two reuse them (no per-step reshard compile)
+    assert host["compiles"][0] > 0 and list(host["compiles"][1:]) == [0, 0], host["compiles"]
+    # Sampling weights: a replica per device, or split over the host's two devices.
+    assert str(host["q_spec"]) == ("P(None, None, 'tensor')" if tensor_parallel == 2 else
+                                   "P(None, None, None)"), host["q_spec"]
   mesh = sharding.make_mesh({"data": 1}, jax.devices()[:1])
   params = rollout_script.init_params(mesh)
   for host in hosts:
@@ -148,3 +165,42 @@ def test_two_hosts_sample_their_own_prompts_from_sharded_params(tmp_path):
     expected, _ = env._rollout(params, host["shown"], jax.random.key(1), greedy=True)
     np.testing.assert_array_equal(host["tokens"], expected["tokens"])
     np.testing.assert_allclose(host["sampler_logps"], expected["sampler_logps"], atol=1e-5)
+
+
+def test_two_host_evaluation_keeps_item_order_and_drops_nothing(tmp_path):
+  import json
+  port = str(_free_port())
+  procs = [subprocess.Popen([sys.executable, "-m", "tests.trainer.eval_script", str(tmp_path), str(i), "2", port],
+                            cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for i in range(2)]
+  for p in procs:
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err[-3000:]
+  mat = json.loads((tmp_path / "mat_search.json").read_text())
+  assert [item["id"] for item in mat] == [f"m-{i}" for i in range(150)]
+  scores = json.loads((tmp_path / "mat_search_scores.json").read_text())
+  # Positional splits: the stub is right exactly on the first 75 (simple) items.
+  assert scores["simple"]["em"] == 100.0 and scores["hard"]["em"] == 0.0, scores
+  multihop = json.loads((tmp_path / "multihop_demo.json").read_text())
+  assert [item["id"] for item in multihop] == [f"h-{i}" for i in range(7)]
+  assert json.loads((tmp_path / "multihop_demo_scores.json").read_text())["all"]["count"] == 7
+
+
+class _Device:
+  def __init__(self, limit, process_index=0):
+    self.limit, self.process_index = limit, process_index
+
+  def memory_stats(self):
+    return None if self.limit is None else {"bytes_limit": self.limit}
+
+
+def test_sampling_weights_are_replicated_when_they_fit_and_tensor_parallel_when_not():
+  gib = 1 << 30
+  devices = [_Device(16 * gib)] * 8
+  assert sharding.sampling_tensor_parallel(3 * gib, devices) == 1  # 3B in bf16 on 16 GiB
+  assert sharding.sampling_tensor_parallel(15 * gib, devices) == 2  # 7B in bf16: 7.5 GiB per device
+  assert sharding.sampling_tensor_parallel(20 * gib, devices) == 4
+  assert sharding.sampling_tensor_parallel(20 * gib, [_Device(16 * gib)] * 2) == 2  # no more devices to split over
+  assert sharding.sampling_tensor_parallel(20 * gib, [_Device(None)] * 8) == 1  # CPU: no memory limit known
+  with pytest.raises(ValueError, match="does not divide this host's 1 devices"):
+    sharding.rollout_mesh(sharding.make_mesh({"data": 1}, jax.devices()[:1]), 2)
