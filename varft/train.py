@@ -112,7 +112,7 @@ def model_config(config: ml_collections.ConfigDict) -> model_config_lib.Qwen25VL
     base = echo_task.model_config(**dict(m.get("echo", {})))
   else:
     base = model_config_lib.get_config(m.hf_dir or m.name)
-  return base.replace(dtype=m.dtype, remat=m.remat)
+  return base.replace(dtype=m.dtype, remat=m.remat, attention=m.attention)
 
 
 def init_params(model_cfg, rng: jax.Array, text_only: bool, param_dtype) -> dict:

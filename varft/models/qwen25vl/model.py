@@ -62,7 +62,7 @@ def forward_hidden(params: Params, config: Qwen25VLConfig, input_ids: jnp.ndarra
   """Final-norm hidden states (B, T, D) and the updated KV cache (see `text.forward`)."""
   embeds = embed(params, config, input_ids, image_embeds, image_index)
   return text.forward(params["text"], config.text, embeds, positions, attention_mask=attention_mask, cache=cache,
-                      dtype=compute_dtype(config), remat=config.remat)
+                      dtype=compute_dtype(config), remat=config.remat, attention=config.attention)
 
 
 def logits(params: Params, config: Qwen25VLConfig, hidden: jnp.ndarray) -> jnp.ndarray:

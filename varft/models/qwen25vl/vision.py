@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from varft import sharding
 from varft.models.qwen25vl import rope
 from varft.models.qwen25vl.config import VisionConfig
 from varft.models.qwen25vl.text import rms_norm
@@ -194,9 +195,10 @@ def rotary_cos_sin(rotary_ids: jnp.ndarray, head_dim: int, theta: float) -> tupl
   return jnp.cos(emb), jnp.sin(emb)
 
 
-def _blocked_attention(q, k, v, segment, key_blocks, block, chunk):
+def _blocked_attention(q, k, v, segment, key_blocks, block, chunk, remat=False):
   """Attention of each block of `block` queries over the key blocks `key_blocks` (nb, K) (index nb: none),
-  restricted to equal segment ids. Online softmax in float32, scanned over the key blocks `chunk` at a time.
+  restricted to equal segment ids. Online softmax in float32, scanned over the key blocks `chunk` at a time; with
+  `remat` the backward pass keeps only the running statistics of each step, not its scores.
 
   q, k, v: (nb * block, H, hd); segment: (nb * block,). Rows with no visible key get zeros.
   """
@@ -235,7 +237,7 @@ def _blocked_attention(q, k, v, segment, key_blocks, block, chunk):
 
   init = (jnp.full((nb, heads, block), -jnp.inf, jnp.float32), jnp.zeros((nb, heads, block), jnp.float32),
           jnp.zeros((nb, heads, block, hd), jnp.float32))
-  (_, denom, acc), _ = jax.lax.scan(step, init, key_blocks)
+  (_, denom, acc), _ = jax.lax.scan(jax.checkpoint(step) if remat else step, init, key_blocks)
   out = acc / jnp.where(denom > 0, denom, 1.0)[..., None]
   return out.transpose(0, 2, 1, 3).reshape(length, heads, hd).astype(q.dtype)
 
@@ -250,22 +252,24 @@ def _dense(x, p, dtype):
   return x @ p["w"].astype(dtype) + p["b"].astype(dtype)
 
 
-def _block(cfg: VisionConfig, dtype, block_len, x, layer_params, is_full, cos, sin, segments, key_blocks):
+def _block(cfg: VisionConfig, dtype, remat, block_len, x, layer_params, is_full, cos, sin, segments, key_blocks):
   length, d = x.shape
   heads = cfg.num_heads
+  x = sharding.constrain(x, ("patches", "act_embed"))
   h = rms_norm(x, layer_params["norm1"], cfg.rms_norm_eps)
   qkv = _dense(h, layer_params["qkv"], dtype).reshape(length, 3, heads, d // heads)
   q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
   q, k = rope.apply_rotary(q, cos, sin), rope.apply_rotary(k, cos, sin)
   attn = jax.lax.cond(is_full,
                       lambda q, k, v: _blocked_attention(q, k, v, segments[1], key_blocks[1], block_len,
-                                                         FULL_ATTENTION_CHUNK),
-                      lambda q, k, v: _blocked_attention(q, k, v, segments[0], key_blocks[0], block_len, 3),
+                                                         FULL_ATTENTION_CHUNK, remat),
+                      lambda q, k, v: _blocked_attention(q, k, v, segments[0], key_blocks[0], block_len, 3, remat),
                       q, k, v)
   x = x + _dense(attn.reshape(length, d), layer_params["proj"], dtype)
   h = rms_norm(x, layer_params["norm2"], cfg.rms_norm_eps)
   mlp = jax.nn.silu(_dense(h, layer_params["gate"], dtype)) * _dense(h, layer_params["up"], dtype)
-  return x + _dense(mlp, layer_params["down"], dtype)
+  mlp = sharding.constrain(mlp, ("patches", "act_mlp"))
+  return sharding.constrain(x + _dense(mlp, layer_params["down"], dtype), ("patches", "act_embed"))
 
 
 def forward(params: Params, cfg: VisionConfig, pixel_values: jnp.ndarray, inputs: dict[str, Any],
@@ -294,7 +298,7 @@ def forward(params: Params, cfg: VisionConfig, pixel_values: jnp.ndarray, inputs
 
   def body(x, scanned):
     layer_params, layer_is_full = scanned
-    return _block(cfg, dtype, block_len, x, layer_params, layer_is_full, cos, sin, segments, key_blocks), None
+    return _block(cfg, dtype, remat, block_len, x, layer_params, layer_is_full, cos, sin, segments, key_blocks), None
 
   if remat:
     body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
