@@ -17,6 +17,7 @@ gives exactly the full-batch gradient.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import jax
@@ -145,6 +146,7 @@ def _embed(params: Params, config: Qwen25VLConfig, tokens: jnp.ndarray, image_in
   if image_embeds is None or image_index is None:
     return embeds
   rows = jnp.take(image_embeds.astype(embeds.dtype), jnp.maximum(image_index, 0), axis=0)
+  rows = sharding.constrain(rows, ("batch", "length", "act_embed"))  # each device looks up its own rows' images
   return jnp.where((image_index >= 0)[..., None], rows, embeds)
 
 
@@ -193,8 +195,9 @@ def sequence_logps(params: Params, config: Qwen25VLConfig, batch: Batch, image_e
     picked_hidden = jnp.take_along_axis(hidden, index[..., None], axis=1, mode="fill", fill_value=0)
     picked_targets = jnp.take_along_axis(targets, index, axis=1, mode="fill", fill_value=0)
     picked = _chunked_logps(params["text"], config.text, picked_hidden, picked_targets, temperature, logits_chunk)
-    rows = jnp.arange(n)[:, None]
-    scatter = lambda v: jnp.zeros((n, length), v.dtype).at[rows, index].set(v, mode="drop")
+    # Per row (vmapped): the scatter keeps the batch dimension, so each device writes only its own rows.
+    scatter = jax.vmap(lambda i, v: jnp.zeros((length,), v.dtype).at[i].set(v, mode="drop"))
+    scatter = functools.partial(scatter, index)
     logps, entropy = scatter(picked[0]), scatter(picked[1])
   elif num_loss_tokens is not None:
     index = jnp.nonzero(selected.reshape(-1), size=num_loss_tokens, fill_value=n * length)[0]
@@ -213,13 +216,21 @@ def sequence_logps(params: Params, config: Qwen25VLConfig, batch: Batch, image_e
 def make_logps_fn(config: Qwen25VLConfig, gcfg: GRPOConfig, mesh=None) -> Callable[..., jnp.ndarray]:
   """`logps(params, batch, num_loss_tokens=None, row_loss_tokens=None) -> (N, L)`: the reference policy's (or the
   pre-update trainer's) token log-probs (jit with those two as `static_argnames`). On `mesh`, activations carry
-  their logical shardings (see `sharding.constrain`)."""
+  their logical shardings (see `sharding.constrain`).
+
+  With per-row slots (`row_loss_tokens`) the rows go through in `gcfg.micro_batches` micro-batches, as in the train
+  step, so activations and logits of only one micro-batch are live at a time."""
   def logps_fn(params, batch, num_loss_tokens=None, row_loss_tokens=None):
     with sharding.tracing_mesh(mesh):
       params = compute_params(params, config)
       image_embeds = encode_images(params, config, batch)
-      return sequence_logps(params, config, batch, image_embeds, gcfg.temperature, gcfg.logits_chunk,
-                            num_loss_tokens, row_loss_tokens)[0]
+      run = lambda mb: sequence_logps(params, config, _constrain_rows(mb), image_embeds, gcfg.temperature,
+                                      gcfg.logits_chunk, num_loss_tokens, row_loss_tokens)[0]
+      m, n = gcfg.micro_batches, batch["tokens"].shape[0]
+      if m == 1 or row_loss_tokens is None or n % m:
+        return run(batch)
+      _, logps = jax.lax.scan(lambda c, mb: (c, run(mb)), None, _split_micro(batch, m))
+      return jnp.moveaxis(logps, 0, 1).reshape(n, -1)  # micro-batch i holds rows i, i + m, ...
   return logps_fn
 
 

@@ -318,16 +318,19 @@ def plan(config, devices: Sequence[jax.Device] | None = None, programs: Sequence
   mesh = sharding.make_mesh(dict(config.mesh), devices)
   model_cfg = train.model_config(config)
   rec = recipe(config, **recipe_overrides)
-  if rec.rows % sharding.batch_size_multiple(mesh) or rec.rows % rec.micro_batches:
-    raise PlanError(f"{rec.rows} rows do not split over {sharding.batch_size_multiple(mesh)} batch devices and "
-                    f"{rec.micro_batches} micro-batches: change rollout.prompts_per_host/num_samples or the mesh.")
+  batch_devices = sharding.batch_size_multiple(mesh)
+  if rec.rows % (rec.micro_batches * batch_devices):
+    raise PlanError(f"{rec.rows} rows in {rec.micro_batches} micro-batches do not split over {batch_devices} "
+                    "batch devices (each device would compute every row of a micro-batch): lower "
+                    "grpo.micro_batches or change rollout.prompts_per_host / num_samples / the mesh.")
   table, images = _programs(config, model_cfg, rec, mesh)
   return [plan_program(name, *table[name], program_flops(name, rec, model_cfg, config, images), len(devices), mesh)
           for name in programs if name in table]
 
 
 def check_fits(config, devices: Sequence[jax.Device] | int | None = None, accelerator: str | None = None,
-               margin: float = DEFAULT_MARGIN, **recipe_overrides) -> list[ProgramPlan]:
+               margin: float = DEFAULT_MARGIN, programs: Sequence[str] = PROGRAMS, **recipe_overrides
+               ) -> list[ProgramPlan]:
   """The plan of `config` on `devices` (a count: the first that many devices), raising one PlanError when a
   program does not fit `accelerator`'s HBM (default: the devices' own memory limit, when they report one)."""
   if isinstance(devices, int):
@@ -337,7 +340,7 @@ def check_fits(config, devices: Sequence[jax.Device] | int | None = None, accele
     devices = jax.devices()[:devices]
   devices = list(jax.devices() if devices is None else devices)
   hbm = ACCELERATORS[accelerator] if accelerator else (devices[0].memory_stats() or {}).get("bytes_limit")
-  plans = plan(config, devices, **recipe_overrides)
+  plans = plan(config, devices, programs, **recipe_overrides)
   if hbm is None:
     return plans
   for p in plans:

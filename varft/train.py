@@ -213,11 +213,11 @@ class Trainer:
     replicated = sharding.replicated(self.mesh)
     self._advantages = jax.jit(functools.partial(grpo.group_advantages, num_groups=num_groups,
                                                  mode=self.gcfg.advantage))
-    self._logps = jax.jit(grpo.make_logps_fn(self.model_cfg, self.gcfg), static_argnames="num_loss_tokens")
+    self._logps = jax.jit(grpo.make_logps_fn(self.model_cfg, self.gcfg, self.mesh), static_argnames="row_loss_tokens")
     self._prepare = jax.jit(functools.partial(grpo.prepare_batch, gcfg=self.gcfg))
-    self._train_step = jax.jit(grpo.make_train_step(self.model_cfg, self.gcfg, self.optimizer),
+    self._train_step = jax.jit(grpo.make_train_step(self.model_cfg, self.gcfg, self.optimizer, self.mesh),
                                out_shardings=(self.state_shardings, replicated), donate_argnums=0,
-                               static_argnames="num_loss_tokens")
+                               static_argnames="row_loss_tokens")
     self.checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                               max_to_keep=config.keep_checkpoints,
                                               async_save=config.async_checkpoints)
@@ -261,18 +261,16 @@ class Trainer:
     if "image_grid_thw" in local:
       local = merge_host_images(local, self.model_cfg.vision)
     batch = sharding.shard_batch(local, self.mesh)
-    # Logits only at the sampled positions: a static bucket (agreed by all hosts) >= any micro-batch's count.
-    whole = grpo.loss_token_bucket(local["loss_mask"], 1) * jax.process_count()
-    micro = grpo.loss_token_bucket(local["loss_mask"], self.gcfg.micro_batches) * jax.process_count()
-    whole, micro = (int(x) for x in np.max(np.asarray(sharding.gather_json([whole, micro])), axis=0))
+    # Logits only at the sampled positions: a static per-row bucket (agreed by all hosts) >= any row's count.
+    row_slots = max(sharding.gather_json(grpo.row_loss_token_bucket(local["loss_mask"])))
     advantages = self._advantages(batch["rewards"], batch["group_ids"])
-    ref_logps = self._logps(self.ref_params, batch, num_loss_tokens=whole) if self.gcfg.beta > 0 else None
-    trainer_logps = (self._logps(self.state["params"], batch, num_loss_tokens=whole)
+    ref_logps = self._logps(self.ref_params, batch, row_loss_tokens=row_slots) if self.gcfg.beta > 0 else None
+    trainer_logps = (self._logps(self.state["params"], batch, row_loss_tokens=row_slots)
                      if self.gcfg.tis_cap > 0 else None)
     prepared = self._prepare(batch, advantages, batch["sampler_logps"], ref_logps=ref_logps,
                              trainer_logps=trainer_logps)
     for _ in range(config.grpo.epochs):
-      self.state, device_metrics = self._train_step(self.state, prepared, num_loss_tokens=micro)
+      self.state, device_metrics = self._train_step(self.state, prepared, row_loss_tokens=row_slots)
     device_metrics = sharding.to_host(device_metrics)
     updated = timer()
     self.step += 1

@@ -68,7 +68,8 @@ def rms_norm(x: jnp.ndarray, scale: jnp.ndarray, eps: float) -> jnp.ndarray:
 
 
 def embed_tokens(params: Params, token_ids: jnp.ndarray, dtype=jnp.float32) -> jnp.ndarray:
-  return jnp.take(params["embed"], token_ids, axis=0).astype(dtype)
+  embeds = jnp.take(params["embed"], token_ids, axis=0).astype(dtype)
+  return sharding.constrain(embeds, ("batch", "length", "act_embed")) if embeds.ndim == 3 else embeds
 
 
 def logits(params: Params, cfg: TextConfig, hidden: jnp.ndarray) -> jnp.ndarray:
