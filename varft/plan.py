@@ -72,12 +72,14 @@ class Recipe:
     return self.prompts * self.samples
 
 
-def recipe(config, prompt_len: int = 1024, train_len: int = 0, cache_len: int = 0) -> Recipe:
-  """The step's shapes from a config, as the rollout and trainer pad them (explicit lengths override)."""
+def recipe(config, prompt_len: int = 1024, train_len: int = 0, cache_len: int = 0, with_images: bool = True
+           ) -> Recipe:
+  """The step's shapes from a config, as the rollout and trainer pad them (explicit lengths override;
+  `with_images=False`: text-only prompts)."""
   r = config.rollout
   prompt = sampling.bucket(min(prompt_len, r.max_total_tokens - r.max_new_tokens), r.length_buckets)
   grid = None
-  if config.task != "echo":
+  if config.task != "echo" and with_images:
     side = config.data.resize or int(r.image_max_pixels ** 0.5)
     h, w = image_lib.smart_resize(side, side, min_pixels=r.image_min_pixels, max_pixels=r.image_max_pixels)
     grid = (1, h // 14, w // 14)
@@ -370,7 +372,7 @@ def main(argv):
   f = flags.FLAGS
   config = f.config
   config.mesh = dict(config.mesh)
-  kw = {"prompt_len": f.prompt_len, "train_len": f.train_len, "cache_len": f.cache_len}
+  kw = {"prompt_len": f.prompt_len, "train_len": f.train_len, "cache_len": f.cache_len, "with_images": f.images}
   plans = plan(config, jax.devices()[:f.devices], f.programs or PROGRAMS, **kw)
   if f.json:
     for p in plans:
@@ -395,6 +397,7 @@ if __name__ == "__main__":
   flags.DEFINE_float("margin", DEFAULT_MARGIN, "Fraction of HBM kept free.")
   flags.DEFINE_enum("accelerator", "A100-80", list(ACCELERATORS), "Exit 1 when a program does not fit it.")
   flags.DEFINE_list("programs", [], f"Subset of {PROGRAMS} (default all).")
+  flags.DEFINE_bool("images", True, "One image per prompt (--noimages: text-only prompts).")
   flags.DEFINE_integer("prompt_len", 1024, "Longest prompt (tokens): the prefill chunk's bucket.")
   flags.DEFINE_integer("train_len", 0, "Training batch length; 0: the rollout's bucket of prompt + sampled.")
   flags.DEFINE_integer("cache_len", 0, "KV-cache slots per row; 0: as the rollout (max_total + largest chunk).")

@@ -148,9 +148,9 @@ def _dense_segment_attention(q, k, v, segment):
   return jnp.einsum("hqk,khd->qhd", jax.nn.softmax(scores, axis=-1), v)
 
 
-@pytest.mark.parametrize("remat", [False, True])
-def test_vision_block_attention_matches_dense_segment_masks(remat):
-  """Window and full attention of two images plus padding: blocked online softmax == dense masked softmax."""
+def test_vision_block_attention_matches_dense_segment_masks():
+  """Window and full attention of two images plus padding: blocked online softmax == dense masked softmax, values
+  and (custom, flash-style) gradients."""
   cfg = PRESETS["3b"].vision
   grids = np.array([[1, 12, 20], [1, 16, 8]])
   padded = 512
@@ -159,8 +159,16 @@ def test_vision_block_attention_matches_dense_segment_masks(remat):
   keys = jax.random.split(jax.random.key(7), 3)
   q, k, v = (jax.random.normal(key, (padded, 2, 8)) for key in keys)
   real = inputs["full_segment"] > 0
+  weight = jnp.asarray(real, jnp.float32)[:, None, None]
   for segment, key_blocks, chunk in ((inputs["window_segment"], vision._window_key_blocks(padded // block), 3),
-                                     (inputs["full_segment"], inputs["full_key_blocks"], 4)):
-    got = vision._blocked_attention(q, k, v, jnp.asarray(segment), key_blocks, block, chunk, remat)
-    want = _dense_segment_attention(q, k, v, jnp.asarray(segment))
-    np.testing.assert_allclose(np.asarray(got)[real], np.asarray(want)[real], atol=1e-5, rtol=1e-5)
+                                     (inputs["full_segment"], jnp.asarray(inputs["full_key_blocks"]), 4)):
+    segment = jnp.asarray(segment)
+    blocked = lambda q, k, v: vision._blocked_attention(q, k, v, segment, key_blocks, block, chunk)
+    dense = lambda q, k, v: _dense_segment_attention(q, k, v, segment)
+    np.testing.assert_allclose(np.asarray(blocked(q, k, v))[real], np.asarray(dense(q, k, v))[real], atol=1e-5,
+                               rtol=1e-5)
+    loss = lambda f: lambda q, k, v: jnp.sum(weight * jnp.cos(f(q, k, v)))
+    got = jax.grad(loss(blocked), argnums=(0, 1, 2))(q, k, v)
+    want = jax.grad(loss(dense), argnums=(0, 1, 2))(q, k, v)
+    for g, w in zip(got, want):
+      np.testing.assert_allclose(g, w, atol=1e-5, rtol=1e-5)
