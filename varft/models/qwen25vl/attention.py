@@ -13,10 +13,11 @@ Implementations (`Qwen25VLConfig.attention`):
 * `xla_chunked`: online softmax (float32) scanned over key chunks; each step is rematerialised in the backward
   pass, so only running max / denominator / accumulator are kept: O(B H T chunk) live scores.
 * `dot_product`: `jax.nn.dot_product_attention` (XLA implementation), `cudnn`: the same with cuDNN's fused flash
-  kernel (GPU, half precision).
+  kernel (GPU, half precision; float32 compute falls back to `xla_chunked`).
 * `pallas_flash`: the Pallas TPU flash-attention kernel for causal attention from slot 0 (training, reference
   log-probs); other calls (extend, decode against a cache) fall back to `xla_chunked`.
-* `auto`: cuDNN on GPU, Pallas flash on TPU, chunked XLA elsewhere.
+* `auto`: cuDNN on GPU, Pallas flash on TPU, chunked XLA elsewhere. A single query (a decode step) always takes the
+  dense path: its scores are (B, H, 1, S).
 """
 from __future__ import annotations
 
@@ -59,8 +60,10 @@ def attend(q, k, v, query_slot, key_valid, implementation: str = "auto", *, from
   impl = resolve(implementation)
   if impl == "pallas_flash" and not (from_slot_zero and q.shape[1] % _FLASH_BLOCK == 0):
     impl = "xla_chunked"
-  if impl == "xla_chunked" and (q.shape[1] == 1 or k.shape[1] <= KEY_CHUNK):
-    impl = "reference"  # one chunk (or one decode query): the dense path is already small
+  if impl == "cudnn" and q.dtype not in (jnp.bfloat16, jnp.float16):
+    impl = "xla_chunked"  # cuDNN's fused attention takes half precision only
+  if q.shape[1] == 1 or (impl == "xla_chunked" and k.shape[1] <= KEY_CHUNK):
+    impl = "reference"  # one decode query (or one chunk of keys): the dense scores are already small
   if impl == "reference":
     return _reference(q, k, v, visible(query_slot, key_valid))
   if impl == "xla_chunked":
