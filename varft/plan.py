@@ -133,12 +133,16 @@ def _rollout_view(batch):
 
 
 def abstract_state(config, model_cfg, optimizer, mesh):
-  """(train state, reference params) as sharded abstract arrays (params in `model.param_dtype`)."""
+  """(train state, reference params) as sharded abstract arrays (params in `model.param_dtype`, the frozen
+  reference in the compute dtype, as the trainer keeps it)."""
   dtype = jnp.dtype(config.model.param_dtype)
   params = jax.eval_shape(lambda: train.init_params(model_cfg, jax.random.key(0), config.task == "echo", dtype))
   state = jax.eval_shape(lambda p: grpo.init_train_state(p, optimizer), params)
   state = _abstract(state, sharding.tree_shardings(state, mesh))
-  ref = state["params"] if train.grpo_config(config).beta > 0 else None
+  ref = None
+  if train.grpo_config(config).beta > 0:
+    ref = jax.eval_shape(lambda p: grpo.compute_params(p, model_cfg), params)
+    ref = _abstract(ref, sharding.tree_shardings(ref, mesh))
   return state, ref
 
 

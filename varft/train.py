@@ -206,8 +206,12 @@ class Trainer:
     self.state_shardings = sharding.tree_shardings(state_shapes, self.mesh)
     self.state = jax.jit(lambda p: grpo.init_train_state(p, self.optimizer),
                          out_shardings=self.state_shardings)(params)
-    # The frozen reference is the initial policy (separate buffers: the train state is donated every step).
-    self.ref_params = params if self.gcfg.beta > 0 else None
+    # The frozen reference is the initial policy (separate buffers: the train state is donated every step), kept in
+    # the compute dtype: every use casts it there anyway, so its log-probs are unchanged at half the memory.
+    self.ref_params = None
+    if self.gcfg.beta > 0:
+      self.ref_params = jax.jit(lambda p: grpo.compute_params(p, self.model_cfg),
+                                out_shardings=sharding.tree_shardings(params, self.mesh))(params)
     self.env = make_environment(config, self.model_cfg, self.mesh, workdir, training)
     num_groups = config.rollout.prompts_per_host * jax.process_count()
     replicated = sharding.replicated(self.mesh)
