@@ -97,7 +97,15 @@ def _chunked_logps(text_params: Params, text_cfg, hidden: jnp.ndarray, targets: 
                    chunk: int) -> tuple[jnp.ndarray, jnp.ndarray]:
   """Log-probs and entropies of `targets` (N, T) under the logits of `hidden` (N, T, D), `chunk` positions at a
   time, so that (N, T, V) logits never exist at once (also not in the backward pass: each chunk is rematerialised).
+
+  On a mesh the logits are vocabulary-parallel: the chunk's hidden states (rows x chunk x D, the loss slots only)
+  are gathered over the fsdp axis and each device computes its slice of the vocabulary against its slice of the
+  output matrix, so the full (V, D) matrix and its gradient never exist on one device (only row statistics are
+  all-reduced).
   """
+  head = "embed" if text_cfg.tie_word_embeddings else "lm_head"
+  head_axes = ("loss_vocab", None) if text_cfg.tie_word_embeddings else (None, "loss_vocab")
+  text_params = {head: sharding.constrain(text_params[head], head_axes)}
   n, length, d = hidden.shape
   chunk = min(chunk, length)
   padded = -(-length // chunk) * chunk
@@ -108,18 +116,20 @@ def _chunked_logps(text_params: Params, text_cfg, hidden: jnp.ndarray, targets: 
 
   @jax.checkpoint
   def one_chunk(h, t):
+    h = sharding.constrain(h, ("loss_batch", "length", "act_embed"))
     logits = text_model.logits(text_params, text_cfg, h) / temperature  # (N, C, V) float32
-    logits = sharding.constrain(logits, ("batch", "length", "act_vocab"))
+    logits = sharding.constrain(logits, ("loss_batch", "length", "loss_vocab"))
     log_norm = jax.nn.logsumexp(logits, axis=-1)
-    logp = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0] - log_norm
+    # The target's logit by a masked sum (a reduction over the sharded vocabulary), not a gather.
+    is_target = jnp.arange(logits.shape[-1], dtype=t.dtype) == t[..., None]
+    logp = jnp.sum(jnp.where(is_target, logits, 0.0), axis=-1) - log_norm
     probs = jax.nn.softmax(jax.lax.stop_gradient(logits), axis=-1)
     entropy = jax.lax.stop_gradient(log_norm) - jnp.sum(probs * jax.lax.stop_gradient(logits), axis=-1)
     return logp, entropy
 
   _, (logps, entropy) = jax.lax.scan(lambda c, xs: (c, one_chunk(*xs)), None, (hidden, targets))
-  logps = logps.swapaxes(0, 1).reshape(n, padded)[:, :length]
-  entropy = entropy.swapaxes(0, 1).reshape(n, padded)[:, :length]
-  return logps, entropy
+  rows = lambda x: sharding.constrain(x.swapaxes(0, 1).reshape(n, padded)[:, :length], ("batch", "length"))
+  return rows(logps), rows(entropy)
 
 
 def compute_params(params: Params, config: Qwen25VLConfig) -> Params:

@@ -152,8 +152,9 @@ def _rows(mesh, shape, axis=0):
   return NamedSharding(mesh, P(*spec))
 
 
-def _sampler_args(config, model_cfg, rec: Recipe, mesh, params):
-  """Abstract inputs of the sampler's programs: every row and the KV cache split over the batch axes."""
+def _sampler_args(model_cfg, rec: Recipe, mesh):
+  """Abstract cache, prompt chunk and image embeddings of the sampler's programs: every row and the KV cache split
+  over the batch axes (the sampler runs on the train state's fp32 weights, as `rollout` passes them)."""
   t, dtype = model_cfg.text, jnp.dtype(model_cfg.dtype)
   n = rec.rows
   sds = lambda shape, dt, s: jax.ShapeDtypeStruct(shape, dt, sharding=s)
@@ -167,7 +168,8 @@ def _sampler_args(config, model_cfg, rec: Recipe, mesh, params):
   embeds = None
   if rec.image_grid is not None:
     tokens = rec.prompts * int(np.prod(rec.image_grid)) // model_cfg.vision.spatial_merge_size ** 2
-    rows = sampling.bucket(tokens, [b // 4 for b in rec.patch_buckets], beyond="multiple")
+    merge = model_cfg.vision.spatial_merge_size ** 2
+    rows = sampling.bucket(tokens, [b // merge for b in rec.patch_buckets], beyond="multiple")
     embeds = sds((rows, t.hidden_size), dtype, sharding.replicated(mesh))
   return cache, chunk, embeds
 
@@ -182,7 +184,7 @@ def _programs(config, model_cfg, rec: Recipe, mesh):
   per_device = lambda tree: sum(_shard_bytes(x) for x in jax.tree.leaves(tree))
   opt_bytes, ref_bytes = per_device(state["opt_state"]), per_device(ref) if ref is not None else 0
   params = state["params"]
-  cache, chunk, embeds = _sampler_args(config, model_cfg, rec, mesh, params)
+  cache, chunk, embeds = _sampler_args(model_cfg, rec, mesh)
   n, t = rec.rows, model_cfg.text
   sds = lambda shape, dt, s: jax.ShapeDtypeStruct(shape, dt, sharding=s)
   stop = sampling.StopTable(np.zeros((t.vocab_size,), np.int32), np.zeros((4, 4), np.int32), ())

@@ -45,6 +45,9 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("act_kv_heads", "tensor"),
     ("act_mlp", "tensor"),
     ("act_vocab", "tensor"),
+    # The loss's vocabulary-parallel logits: rows whole within a data shard, the vocabulary over fsdp x tensor.
+    ("loss_batch", "data"),
+    ("loss_vocab", ("fsdp", "tensor")),
     # Vision patches: left to the image table's layout (a per-device table keeps them on their device).
     ("patches", P.UNCONSTRAINED),
 )
