@@ -5,7 +5,8 @@ One mesh with axes (`data`, `fsdp`, `tensor`). Parameters get logical axes from 
 their axes too (`batch`, `length`, `act_embed`, `act_heads`, `act_mlp`, ...) at the layer boundaries of both
 towers and at the loss (`constrain`), resolved by the same rules against the mesh being traced (the abstract mesh
 of `jax.set_mesh` / `use_abstract_mesh`; no mesh: no constraint): rows stay on their device, so on an fsdp mesh
-the only large collectives are weight all-gathers and gradient reduce-scatters. Any leaf of another
+the only large collectives are weight all-gathers and gradient reduce-scatters (plus, in the loss, the loss-slot
+hidden states gathered for vocabulary-parallel logits: `loss_batch`, `loss_vocab`). Any leaf of another
 tree whose trailing keys form a parameter path (AdamW's `mu`/`nu`, the reference params) is sharded like that
 parameter. A dimension that a mesh axis does not divide stays replicated, so small models run on any mesh.
 

@@ -1,5 +1,5 @@
 """The compile-time plan: recipe shapes, per-device bytes that fall with more devices, the fit check, and the
-8-device train step's collectives (rows stay on their device; only weights are all-gathered)."""
+8-device train step's collectives (rows stay on their device: no full-length activation is all-gathered)."""
 import json
 import os
 import re
@@ -63,7 +63,7 @@ def test_per_device_bytes_fall_as_devices_are_added():
     assert two > four > eight, (program, totals[program])
 
 
-def test_8_device_train_step_all_gathers_weights_only():
+def test_8_device_train_step_never_all_gathers_full_length_activations():
   out = _script("gathers")
   length, rows_per_device, hidden = out["train_len"], 1, 64
   per_device_activations = rows_per_device * (length - 1) * hidden * 2
@@ -72,6 +72,7 @@ def test_8_device_train_step_all_gathers_weights_only():
       dims = [int(d) for d in re.findall(r"\d+", g["shape"].split("[", 1)[1])]
       activation_like = length in dims or length - 1 in dims
       assert not (activation_like and g["bytes"] >= per_device_activations), (program, g)
+  # (The loss gathers its loss-slot hidden states, rows x slots x D, for the vocabulary-parallel logits.)
   # Every weight's compute-dtype copy is pinned to the weight's sharded layout (cast before it is gathered).
   assert out["pinned"] == out["weights"] > 20
 
