@@ -35,6 +35,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.dtype = "bfloat16"  # compute dtype
   c.model.param_dtype = "float32"  # master weights
   c.model.remat = True
+  c.model.attention = "auto"  # auto (cuDNN on GPU, Pallas flash on TPU, chunked XLA else) | xla_chunked | ...
 
   c.grpo = ml_collections.ConfigDict()
   c.grpo.beta = 0.04

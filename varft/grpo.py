@@ -17,6 +17,7 @@ gives exactly the full-batch gradient.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import jax
@@ -25,6 +26,7 @@ import numpy as np
 import optax
 
 from varft import batch as batch_lib
+from varft import sharding
 from varft.models.qwen25vl import text as text_model
 from varft.models.qwen25vl.config import Qwen25VLConfig
 
@@ -92,7 +94,15 @@ def _chunked_logps(text_params: Params, text_cfg, hidden: jnp.ndarray, targets: 
                    chunk: int) -> tuple[jnp.ndarray, jnp.ndarray]:
   """Log-probs and entropies of `targets` (N, T) under the logits of `hidden` (N, T, D), `chunk` positions at a
   time, so that (N, T, V) logits never exist at once (also not in the backward pass: each chunk is rematerialised).
+
+  On a mesh the logits are vocabulary-parallel: the chunk's hidden states (rows x chunk x D, the loss slots only)
+  are gathered over the fsdp axis and each device computes its slice of the vocabulary against its slice of the
+  output matrix, so the full (V, D) matrix and its gradient never exist on one device (only row statistics are
+  all-reduced).
   """
+  head = "embed" if text_cfg.tie_word_embeddings else "lm_head"
+  head_axes = ("loss_vocab", None) if text_cfg.tie_word_embeddings else (None, "loss_vocab")
+  text_params = {head: sharding.constrain(text_params[head], head_axes)}
   n, length, d = hidden.shape
   chunk = min(chunk, length)
   padded = -(-length // chunk) * chunk
@@ -103,17 +113,29 @@ def _chunked_logps(text_params: Params, text_cfg, hidden: jnp.ndarray, targets: 
 
   @jax.checkpoint
   def one_chunk(h, t):
+    h = sharding.constrain(h, ("loss_batch", "length", "act_embed"))
     logits = text_model.logits(text_params, text_cfg, h) / temperature  # (N, C, V) float32
+    logits = sharding.constrain(logits, ("loss_batch", "length", "loss_vocab"))
     log_norm = jax.nn.logsumexp(logits, axis=-1)
-    logp = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0] - log_norm
+    # The target's logit by a masked sum (a reduction over the sharded vocabulary), not a gather.
+    is_target = jnp.arange(logits.shape[-1], dtype=t.dtype) == t[..., None]
+    logp = jnp.sum(jnp.where(is_target, logits, 0.0), axis=-1) - log_norm
     probs = jax.nn.softmax(jax.lax.stop_gradient(logits), axis=-1)
     entropy = jax.lax.stop_gradient(log_norm) - jnp.sum(probs * jax.lax.stop_gradient(logits), axis=-1)
     return logp, entropy
 
   _, (logps, entropy) = jax.lax.scan(lambda c, xs: (c, one_chunk(*xs)), None, (hidden, targets))
-  logps = logps.swapaxes(0, 1).reshape(n, padded)[:, :length]
-  entropy = entropy.swapaxes(0, 1).reshape(n, padded)[:, :length]
-  return logps, entropy
+  rows = lambda x: sharding.constrain(x.swapaxes(0, 1).reshape(n, padded)[:, :length], ("batch", "length"))
+  return rows(logps), rows(entropy)
+
+
+def compute_params(params: Params, config: Qwen25VLConfig) -> Params:
+  """The parameters cast to the compute dtype, shard by shard in their own layout: the layers then all-gather
+  compute-dtype weights (half the traffic of float32 master weights with bf16 compute). Numerically a no-op: every
+  weight is cast to the compute dtype where it is used anyway."""
+  dtype = jnp.dtype(config.dtype)
+  cast = jax.tree.map(lambda p: p.astype(dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p, params)
+  return sharding.constrain_params(cast)
 
 
 def encode_images(params: Params, config: Qwen25VLConfig, batch: Batch) -> jnp.ndarray | None:
@@ -132,6 +154,7 @@ def _embed(params: Params, config: Qwen25VLConfig, tokens: jnp.ndarray, image_in
   if image_embeds is None or image_index is None:
     return embeds
   rows = batch_lib.lookup_images(image_embeds.astype(embeds.dtype), image_index)
+  rows = sharding.constrain(rows, ("batch", "length", "act_embed"))  # each device looks up its own rows' images
   return jnp.where((image_index >= 0)[..., None], rows, embeds)
 
 
@@ -145,45 +168,89 @@ def loss_token_bucket(loss_mask, micro_batches: int = 1, minimum: int = 64) -> i
   return 1 << (max(per_micro, minimum) - 1).bit_length()
 
 
+def row_loss_token_bucket(loss_mask, minimum: int = 16) -> int:
+  """A static count >= the loss tokens of any row (a power of two): the per-row slots that get logits.
+
+  Host-side (numpy); all hosts must agree on it (take the max over hosts).
+  """
+  per_row = int((np.asarray(loss_mask) > 0).sum(axis=1).max(initial=0))
+  return 1 << (max(per_row, minimum) - 1).bit_length()
+
+
 def sequence_logps(params: Params, config: Qwen25VLConfig, batch: Batch, image_embeds: jnp.ndarray | None,
-                   temperature: float = 1.0, logits_chunk: int = 256, num_loss_tokens: int | None = None
-                   ) -> tuple[jnp.ndarray, jnp.ndarray]:
+                   temperature: float = 1.0, logits_chunk: int = 256, num_loss_tokens: int | None = None,
+                   row_loss_tokens: int | None = None) -> tuple[jnp.ndarray, jnp.ndarray]:
   """Per-token log-probs and entropies (N, L) of `batch['tokens']` under the policy; column 0 is 0.
 
-  With `num_loss_tokens` (static, >= the tokens on `batch['loss_mask']`), vocabulary logits are computed only at
-  the loss-mask positions (gathered into that many slots) and every other position gets 0: prompts and tool
-  outputs are most of a sequence, and the vocabulary projection dominates the cost of small models.
+  Vocabulary logits are computed only at the loss-mask positions, every other position gets 0 (prompts and tool
+  outputs are most of a sequence, and the vocabulary projection dominates the cost of small models): with
+  `row_loss_tokens` (static, >= the loss tokens of any row, see `row_loss_token_bucket`) each row gathers its own
+  positions, so rows stay on their device; with `num_loss_tokens` (static, >= the loss tokens of the whole batch)
+  the positions of all rows are gathered into one list. Neither: logits at every position.
   """
   tokens = batch["tokens"]
   embeds = _embed(params, config, tokens, batch.get("image_index"), image_embeds)
   hidden, _ = text_model.forward(params["text"], config.text, embeds, batch["positions"],
                                  attention_mask=batch["attention_mask"], dtype=jnp.dtype(config.dtype),
-                                 remat=config.remat)
-  hidden, targets = hidden[:, :-1], tokens[:, 1:]
+                                 remat=config.remat, attention=config.attention)
+  hidden = sharding.constrain(hidden[:, :-1], ("batch", "length", "act_embed"))
+  targets = tokens[:, 1:]
   n, length, d = hidden.shape
-  if num_loss_tokens is None:
-    logps, entropy = _chunked_logps(params["text"], config.text, hidden, targets, temperature, logits_chunk)
-  else:
-    selected = batch["loss_mask"][:, 1:].reshape(-1) > 0
-    index = jnp.nonzero(selected, size=num_loss_tokens, fill_value=n * length)[0]
+  selected = batch["loss_mask"][:, 1:] > 0
+  if row_loss_tokens is not None:
+    slots = min(row_loss_tokens, length)
+    index = jax.vmap(lambda row: jnp.nonzero(row, size=slots, fill_value=length)[0])(selected)  # (N, slots)
+    picked_hidden = jnp.take_along_axis(hidden, index[..., None], axis=1, mode="fill", fill_value=0)
+    picked_targets = jnp.take_along_axis(targets, index, axis=1, mode="fill", fill_value=0)
+    picked = _chunked_logps(params["text"], config.text, picked_hidden, picked_targets, temperature, logits_chunk)
+    # Per row (vmapped): the scatter keeps the batch dimension, so each device writes only its own rows.
+    scatter = jax.vmap(lambda i, v: jnp.zeros((length,), v.dtype).at[i].set(v, mode="drop"))
+    scatter = functools.partial(scatter, index)
+    logps, entropy = scatter(picked[0]), scatter(picked[1])
+  elif num_loss_tokens is not None:
+    index = jnp.nonzero(selected.reshape(-1), size=num_loss_tokens, fill_value=n * length)[0]
     picked_hidden = jnp.take(hidden.reshape(-1, d), index, axis=0, mode="fill", fill_value=0)
     picked_targets = jnp.take(targets.reshape(-1), index, axis=0, mode="fill", fill_value=0)
     picked = _chunked_logps(params["text"], config.text, picked_hidden[None], picked_targets[None], temperature,
                             logits_chunk)
     scatter = lambda v: jnp.zeros((n * length,), v.dtype).at[index].set(v[0], mode="drop").reshape(n, length)
     logps, entropy = scatter(picked[0]), scatter(picked[1])
+  else:
+    logps, entropy = _chunked_logps(params["text"], config.text, hidden, targets, temperature, logits_chunk)
   zero = jnp.zeros_like(logps[:, :1])
   return jnp.concatenate([zero, logps], axis=1), jnp.concatenate([zero, entropy], axis=1)
 
 
-def make_logps_fn(config: Qwen25VLConfig, gcfg: GRPOConfig) -> Callable[..., jnp.ndarray]:
-  """`logps(params, batch, num_loss_tokens=None) -> (N, L)`: the reference policy's (or the pre-update
-  trainer's) token log-probs (jit with `static_argnames='num_loss_tokens'`)."""
-  def logps_fn(params, batch, num_loss_tokens=None):
-    image_embeds = encode_images(params, config, batch)
-    return sequence_logps(params, config, batch, image_embeds, gcfg.temperature, gcfg.logits_chunk,
-                          num_loss_tokens)[0]
+def make_logps_fn(config: Qwen25VLConfig, gcfg: GRPOConfig, mesh=None) -> Callable[..., jnp.ndarray]:
+  """`logps(params, batch, num_loss_tokens=None, row_loss_tokens=None) -> (N, L)`: the reference policy's (or the
+  pre-update trainer's) token log-probs (jit with those two as `static_argnames`). On `mesh`, activations carry
+  their logical shardings (see `sharding.constrain`).
+
+  With per-row slots (`row_loss_tokens`) the rows go through in `gcfg.micro_batches` micro-batches, as in the train
+  step, so activations and logits of only one micro-batch are live at a time."""
+  def logps_fn(params, batch, num_loss_tokens=None, row_loss_tokens=None):
+    with sharding.tracing_mesh(mesh):
+      params = compute_params(params, config)
+      image_embeds = encode_images(params, config, batch)
+      run = lambda mb: sequence_logps(params, config, _constrain_rows(mb), image_embeds, gcfg.temperature,
+                                      gcfg.logits_chunk, num_loss_tokens, row_loss_tokens)[0]
+      m, n = gcfg.micro_batches, batch["tokens"].shape[0]
+      if m == 1 or row_loss_tokens is None or n % m:
+        return run(batch)
+      _, logps = jax.lax.scan(lambda c, mb: (c, run(mb)), None, _split_micro(batch, m))
+      return jnp.moveaxis(logps, 0, 1).reshape(n, -1)  # micro-batch i holds rows i, i + m, ...
   return logps_fn
+
+
+def _constrain_rows(batch: Batch) -> Batch:
+  """Row entries of a (micro-)batch kept row-sharded; `positions` (3, N, L) on axis 1."""
+  out = dict(batch)
+  for k, v in batch.items():
+    if k == "positions":
+      out[k] = sharding.constrain(v, (None, "batch", "length"))
+    elif k in _ROW_KEYS:
+      out[k] = sharding.constrain(v, ("batch",) + (None,) * (v.ndim - 1))
+  return out
 
 
 # --------------------------------------------------------------------------------------------------- the loss
@@ -289,17 +356,21 @@ def prepare_batch(batch: Batch, advantages: jnp.ndarray, old_logps: jnp.ndarray,
 _split_micro = batch_lib.split_micro
 
 
-def make_train_step(config: Qwen25VLConfig, gcfg: GRPOConfig, optimizer: optax.GradientTransformation
-                    ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jnp.ndarray]]]:
-  """`train_step(state, batch, num_loss_tokens=None) -> (state, metrics)` for a batch from `prepare_batch`.
+def make_train_step(config: Qwen25VLConfig, gcfg: GRPOConfig, optimizer: optax.GradientTransformation,
+                    mesh=None) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jnp.ndarray]]]:
+  """`train_step(state, batch, num_loss_tokens=None, row_loss_tokens=None) -> (state, metrics)` for a batch from
+  `prepare_batch`.
 
-  Jit it with shardings and `static_argnames='num_loss_tokens'` (see `loss_token_bucket`; None: logits at every
-  position).
+  Jit it with shardings and `static_argnames=('num_loss_tokens', 'row_loss_tokens')` (per micro-batch, see
+  `loss_token_bucket`, or per row, see `row_loss_token_bucket`; None: logits at every position). On `mesh` the
+  activations carry their logical shardings (rows stay on their device) and the weights are gathered in the
+  compute dtype.
   """
 
-  def micro_loss(params, image_embeds, mb, num_loss_tokens):
-    logps, entropy = sequence_logps(params, config, mb, image_embeds, gcfg.temperature, gcfg.logits_chunk,
-                                    num_loss_tokens)
+  def micro_loss(params, image_embeds, mb, num_loss_tokens, row_loss_tokens):
+    mb = _constrain_rows(mb)
+    logps, entropy = sequence_logps(compute_params(params, config), config, mb, image_embeds, gcfg.temperature,
+                                    gcfg.logits_chunk, num_loss_tokens, row_loss_tokens)
     per_token, stats = per_token_loss(logps, mb["old_logps"], mb["advantages"], mb["loss_mask"], gcfg,
                                       mb.get("ref_logps"), mb.get("is_weights"))
     mask = mb["loss_mask"].astype(jnp.float32)
@@ -310,9 +381,13 @@ def make_train_step(config: Qwen25VLConfig, gcfg: GRPOConfig, optimizer: optax.G
 
   grad_fn = jax.value_and_grad(micro_loss, argnums=(0, 1), has_aux=True)
 
-  def train_step(state, batch, num_loss_tokens=None):
+  def train_step(state, batch, num_loss_tokens=None, row_loss_tokens=None):
+    with sharding.tracing_mesh(mesh):
+      return _train_step(state, batch, num_loss_tokens, row_loss_tokens)
+
+  def _train_step(state, batch, num_loss_tokens, row_loss_tokens):
     params = state["params"]
-    encode = lambda p: encode_images(p, config, batch)
+    encode = lambda p: encode_images(compute_params(p, config), config, batch)
     image_embeds = vision_vjp = None
     has_images = batch.get("pixel_values") is not None and batch["pixel_values"].shape[0] > 0
     if has_images and gcfg.train_vision:
@@ -323,7 +398,7 @@ def make_train_step(config: Qwen25VLConfig, gcfg: GRPOConfig, optimizer: optax.G
       image_embeds = jax.lax.stop_gradient(encode(params))
     m = gcfg.micro_batches
     if m == 1:
-      (loss, sums), (grads, embed_grads) = grad_fn(params, image_embeds, batch, num_loss_tokens)
+      (loss, sums), (grads, embed_grads) = grad_fn(params, image_embeds, batch, num_loss_tokens, row_loss_tokens)
     else:
       micro = _split_micro(batch, m)
       for k in ("pixel_values", "vision_inputs"):
@@ -331,13 +406,14 @@ def make_train_step(config: Qwen25VLConfig, gcfg: GRPOConfig, optimizer: optax.G
       zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), (params, image_embeds))
 
       def accumulate(carry, mb):
-        (loss, sums), g = grad_fn(params, image_embeds, mb, num_loss_tokens)
+        (loss, sums), g = grad_fn(params, image_embeds, mb, num_loss_tokens, row_loss_tokens)
         acc_loss, acc_sums, acc_g = carry
         return (acc_loss + loss, jax.tree.map(jnp.add, acc_sums, sums),
                 jax.tree.map(lambda a, b: a + b.astype(jnp.float32), acc_g, g)), None
 
       first_sums = jax.eval_shape(
-          lambda: grad_fn(params, image_embeds, jax.tree.map(lambda x: x[0], micro), num_loss_tokens))[0][1]
+          lambda: grad_fn(params, image_embeds, jax.tree.map(lambda x: x[0], micro), num_loss_tokens,
+                          row_loss_tokens))[0][1]
       init = (jnp.zeros((), jnp.float32), jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), first_sums), zeros)
       (loss, sums, (grads, embed_grads)), _ = jax.lax.scan(accumulate, init, micro)
     if vision_vjp is not None:

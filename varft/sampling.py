@@ -160,7 +160,7 @@ def _extend(params, cache, chunk: Chunk, image_embeds, images, *, model_config: 
   else:
     embeds = model.embed(params, model_config, chunk.tokens, image_embeds, chunk.image_index)
   hidden, cache = text.forward(params["text"], cfg, embeds, chunk.positions, attention_mask=chunk.mask,
-                               cache=cache, dtype=dtype)
+                               cache=cache, dtype=dtype, attention=model_config.attention)
   last = jnp.maximum(chunk.mask.sum(axis=1) - 1, 0)
   last_hidden = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
   return text.logits(params["text"], cfg, last_hidden), cache
@@ -271,7 +271,7 @@ def _generate(params, cache, logits, next_positions, rng, budget, forced, token_
     embeds = text.embed_tokens(params["text"], token[:, None], dtype)
     pos3 = jnp.broadcast_to(positions[None, :, None], (3, batch, 1))
     hidden, cache = text.forward(params["text"], cfg, embeds, pos3, attention_mask=live[:, None].astype(jnp.int32),
-                                 cache=cache, dtype=dtype)
+                                 cache=cache, dtype=dtype, attention=model_config.attention)
     logits = jnp.where(live[:, None], text.logits(params["text"], cfg, hidden[:, 0]), logits)
     positions = positions + live
     done = done | (live & (is_eos | is_tag | out_of_budget))

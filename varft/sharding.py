@@ -1,7 +1,12 @@
 """The device mesh, logical-axis rules -> PartitionSpecs, and the multi-host plumbing.
 
 One mesh with axes (`data`, `fsdp`, `tensor`). Parameters get logical axes from their path in the model's pytree
-(`vocab`, `embed`, `heads`, `kv_heads`, `mlp`, `layers`); rules map logical axes to mesh axes. Any leaf of another
+(`vocab`, `embed`, `heads`, `kv_heads`, `mlp`, `layers`); rules map logical axes to mesh axes. Activations name
+their axes too (`batch`, `length`, `act_embed`, `act_heads`, `act_mlp`, ...) at the layer boundaries of both
+towers and at the loss (`constrain`), resolved by the same rules against the mesh being traced (the abstract mesh
+of `jax.set_mesh` / `use_abstract_mesh`; no mesh: no constraint): rows stay on their device, so on an fsdp mesh
+the only large collectives are weight all-gathers and gradient reduce-scatters (plus, in the loss, the loss-slot
+hidden states gathered for vocabulary-parallel logits: `loss_batch`, `loss_vocab`). Any leaf of another
 tree whose trailing keys form a parameter path (AdamW's `mu`/`nu`, the reference params) is sharded like that
 parameter. A dimension that a mesh axis does not divide stays replicated, so small models run on any mesh.
 
@@ -11,6 +16,7 @@ decodes its own rows, from weights resharded to a decode layout once per step (`
 from __future__ import annotations
 
 import functools
+import contextlib
 import json
 import math
 import os
@@ -34,6 +40,18 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("kv_heads", "tensor"),
     ("mlp", "tensor"),
     ("layers", None),
+    # Activations: rows over the batch axes, features whole (the fsdp axis shards weights, not activations).
+    ("length", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_kv_heads", "tensor"),
+    ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
+    # The loss's vocabulary-parallel logits: rows whole within a data shard, the vocabulary over fsdp x tensor.
+    ("loss_batch", "data"),
+    ("loss_vocab", ("fsdp", "tensor")),
+    # Vision patches: left to the image table's layout (a per-device table keeps them on their device).
+    ("patches", P.UNCONSTRAINED),
 )
 
 # Logical axes of parameters, by the last one or two keys of their path. Unlisted leaves (norm scales, biases of
@@ -141,15 +159,44 @@ def spec_for(axes: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh,
   spec = []
   for name, size in zip(axes, shape):
     mesh_axes = rule.get(name) if name else None
+    if mesh_axes is P.UNCONSTRAINED:
+      spec.append(P.UNCONSTRAINED)
+      continue
     if isinstance(mesh_axes, str):
       mesh_axes = (mesh_axes,)
-    mesh_axes = tuple(a for a in (mesh_axes or ()) if mesh.shape[a] > 1 and a not in used)
+    mesh_axes = tuple(a for a in (mesh_axes or ()) if mesh.shape.get(a, 1) > 1 and a not in used)
     if mesh_axes and size % math.prod(mesh.shape[a] for a in mesh_axes) == 0:
       used.update(mesh_axes)
       spec.append(mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes)
     else:
       spec.append(None)
   return P(*spec)
+
+
+def constrain(x: jax.Array, axes: tuple[str | None, ...],
+              rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> jax.Array:
+  """`x` constrained to the sharding of its logical `axes` on the mesh being traced; unchanged without one."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return x
+  return jax.lax.with_sharding_constraint(x, spec_for(axes, tuple(x.shape), mesh, rules))
+
+
+def constrain_params(tree: Any, rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> Any:
+  """A parameter-shaped tree constrained to the parameters' shardings on the mesh being traced (e.g. a compute-
+  dtype copy: cast shard by shard, so the layers all-gather the cast weights); unchanged without a mesh."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return tree
+  return jax.tree.map(jax.lax.with_sharding_constraint, tree, tree_specs(tree, mesh, rules))
+
+
+def tracing_mesh(mesh: Mesh | None):
+  """A context that makes `mesh` the one `constrain` resolves against while a function is traced (usable inside
+  `jax.jit`); a no-op context for None."""
+  if mesh is None:
+    return contextlib.nullcontext()
+  return jax.sharding.use_abstract_mesh(mesh.abstract_mesh)
 
 
 def tree_specs(tree: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> Any:

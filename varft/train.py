@@ -118,7 +118,7 @@ def model_config(config: ml_collections.ConfigDict) -> model_config_lib.Qwen25VL
     base = echo_task.model_config(**dict(m.get("echo", {})))
   else:
     base = model_config_lib.get_config(m.hf_dir or m.name)
-  return base.replace(dtype=m.dtype, remat=m.remat)
+  return base.replace(dtype=m.dtype, remat=m.remat, attention=m.attention)
 
 
 def init_params(model_cfg, rng: jax.Array, text_only: bool, param_dtype) -> dict:
@@ -178,17 +178,21 @@ class Trainer:
     self.state_shardings = sharding.tree_shardings(state_shapes, self.mesh)
     self.state = jax.jit(lambda p: grpo.init_train_state(p, self.optimizer),
                          out_shardings=self.state_shardings)(params)
-    # The frozen reference is the initial policy (separate buffers: the train state is donated every step).
-    self.ref_params = params if self.gcfg.beta > 0 else None
+    # The frozen reference is the initial policy (separate buffers: the train state is donated every step), kept in
+    # the compute dtype: every use casts it there anyway, so its log-probs are unchanged at half the memory.
+    self.ref_params = None
+    if self.gcfg.beta > 0:
+      self.ref_params = jax.jit(lambda p: grpo.compute_params(p, self.model_cfg),
+                                out_shardings=sharding.tree_shardings(params, self.mesh))(params)
     num_groups = config.rollout.prompts_per_host * jax.process_count()
     replicated = sharding.replicated(self.mesh)
     self._advantages = jax.jit(functools.partial(grpo.group_advantages, num_groups=num_groups,
                                                  mode=self.gcfg.advantage))
-    self._logps = jax.jit(grpo.make_logps_fn(self.model_cfg, self.gcfg), static_argnames="num_loss_tokens")
+    self._logps = jax.jit(grpo.make_logps_fn(self.model_cfg, self.gcfg, self.mesh), static_argnames="row_loss_tokens")
     self._prepare = jax.jit(functools.partial(grpo.prepare_batch, gcfg=self.gcfg))
-    self._train_step = jax.jit(grpo.make_train_step(self.model_cfg, self.gcfg, self.optimizer),
+    self._train_step = jax.jit(grpo.make_train_step(self.model_cfg, self.gcfg, self.optimizer, self.mesh),
                                out_shardings=(self.state_shardings, replicated), donate_argnums=0,
-                               static_argnames="num_loss_tokens")
+                               static_argnames="row_loss_tokens")
     self.step = 0
     self.rng = jax.random.key(config.seed)
     self.last_samples: list[dict[str, Any]] = []
@@ -224,18 +228,16 @@ class Trainer:
     local["group_ids"] = (np.asarray(local["group_ids"], np.int32)
                           + jax.process_index() * config.rollout.prompts_per_host)
     batch = batch_lib.to_devices(local, self.mesh, self.model_cfg.vision)
-    # Logits only at the sampled positions: a static bucket (agreed by all hosts) >= any micro-batch's count.
-    whole = grpo.loss_token_bucket(local["loss_mask"], 1) * jax.process_count()
-    micro = grpo.loss_token_bucket(local["loss_mask"], self.gcfg.micro_batches) * jax.process_count()
-    whole, micro = (int(x) for x in np.max(np.asarray(sharding.gather_json([whole, micro])), axis=0))
+    # Logits only at the sampled positions: a static per-row bucket (agreed by all hosts) >= any row's count.
+    row_slots = max(sharding.gather_json(grpo.row_loss_token_bucket(local["loss_mask"])))
     advantages = self._advantages(batch["rewards"], batch["group_ids"])
-    ref_logps = self._logps(self.ref_params, batch, num_loss_tokens=whole) if self.gcfg.beta > 0 else None
-    trainer_logps = (self._logps(self.state["params"], batch, num_loss_tokens=whole)
+    ref_logps = self._logps(self.ref_params, batch, row_loss_tokens=row_slots) if self.gcfg.beta > 0 else None
+    trainer_logps = (self._logps(self.state["params"], batch, row_loss_tokens=row_slots)
                      if self.gcfg.tis_cap > 0 else None)
     prepared = self._prepare(batch, advantages, batch["sampler_logps"], ref_logps=ref_logps,
                              trainer_logps=trainer_logps)
     for _ in range(config.grpo.epochs):
-      self.state, device_metrics = self._train_step(self.state, prepared, num_loss_tokens=micro)
+      self.state, device_metrics = self._train_step(self.state, prepared, row_loss_tokens=row_slots)
     device_metrics = sharding.to_host(device_metrics)
     updated = timer()
     self.step += 1

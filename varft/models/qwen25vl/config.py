@@ -15,6 +15,9 @@ VIDEO_TOKEN_ID = 151656
 VISION_START_TOKEN_ID = 151652
 VISION_END_TOKEN_ID = 151653
 
+# Text attention implementations (see attention.py; listed here so that the config needs no JAX import).
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla_chunked", "dot_product", "cudnn", "pallas_flash", "reference")
+
 
 @dataclasses.dataclass(frozen=True)
 class VisionConfig:
@@ -64,7 +67,8 @@ class TextConfig:
 
 @dataclasses.dataclass(frozen=True)
 class Qwen25VLConfig:
-  """The whole model. `dtype` is the compute dtype; `remat` rematerialises each layer in the backward pass."""
+  """The whole model. `dtype` is the compute dtype; `remat` rematerialises each layer in the backward pass;
+  `attention` picks the text attention implementation (`attention.IMPLEMENTATIONS`; `auto` by backend)."""
   text: TextConfig = TextConfig()
   vision: VisionConfig = VisionConfig()
   image_token_id: int = IMAGE_TOKEN_ID
@@ -73,6 +77,7 @@ class Qwen25VLConfig:
   vision_end_token_id: int = VISION_END_TOKEN_ID
   dtype: str = "float32"
   remat: bool = False
+  attention: str = "auto"
 
   def replace(self, **kwargs) -> "Qwen25VLConfig":
     return dataclasses.replace(self, **kwargs)
@@ -101,6 +106,8 @@ def _validate(config: Qwen25VLConfig) -> None:
     problems.append(f"vision.fullatt_block_indexes {bad_blocks} are outside 0..{v.depth - 1}")
   if config.dtype not in ("float32", "bfloat16", "float16"):
     problems.append(f"dtype {config.dtype!r} is not one of float32, bfloat16, float16")
+  if config.attention not in ATTENTION_IMPLEMENTATIONS:
+    problems.append(f"attention {config.attention!r} is not one of {ATTENTION_IMPLEMENTATIONS}")
   if problems:
     raise ValueError("Invalid Qwen2.5-VL config: " + "; ".join(problems))
 

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from varft import sharding
 from varft.models.qwen25vl import rope, text, vision
 from varft.models.qwen25vl.config import Qwen25VLConfig
 
@@ -52,6 +53,7 @@ def embed(params: Params, config: Qwen25VLConfig, input_ids: jnp.ndarray, image_
   if image_embeds is None:
     return embeds
   rows = jnp.take(image_embeds, jnp.maximum(image_index, 0), axis=0, mode="clip").astype(dtype)
+  rows = sharding.constrain(rows, ("batch", "length", "act_embed"))  # each device looks up its own rows' images
   return jnp.where((image_index >= 0)[..., None], rows, embeds)
 
 
@@ -62,7 +64,7 @@ def forward_hidden(params: Params, config: Qwen25VLConfig, input_ids: jnp.ndarra
   """Final-norm hidden states (B, T, D) and the updated KV cache (see `text.forward`)."""
   embeds = embed(params, config, input_ids, image_embeds, image_index)
   return text.forward(params["text"], config.text, embeds, positions, attention_mask=attention_mask, cache=cache,
-                      dtype=compute_dtype(config), remat=config.remat)
+                      dtype=compute_dtype(config), remat=config.remat, attention=config.attention)
 
 
 def logits(params: Params, config: Qwen25VLConfig, hidden: jnp.ndarray) -> jnp.ndarray:

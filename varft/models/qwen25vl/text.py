@@ -17,14 +17,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from varft import sharding
+from varft.models.qwen25vl import attention as attention_lib
 from varft.models.qwen25vl import rope
 from varft.models.qwen25vl.config import TextConfig
 
 Params = dict[str, Any]
 KVCache = dict[str, jnp.ndarray]  # k, v: (L, B, S, KV, hd); length: (B,) tokens already in the cache per row
-
-# A large finite negative rather than -inf: a row with no visible key (padding) gets uniform weights, not NaNs.
-_MASK_VALUE = -1e30
 
 
 def init_params(rng: jax.Array, cfg: TextConfig, dtype=jnp.float32) -> Params:
@@ -69,7 +68,8 @@ def rms_norm(x: jnp.ndarray, scale: jnp.ndarray, eps: float) -> jnp.ndarray:
 
 
 def embed_tokens(params: Params, token_ids: jnp.ndarray, dtype=jnp.float32) -> jnp.ndarray:
-  return jnp.take(params["embed"], token_ids, axis=0).astype(dtype)
+  embeds = jnp.take(params["embed"], token_ids, axis=0).astype(dtype)
+  return sharding.constrain(embeds, ("batch", "length", "act_embed")) if embeds.ndim == 3 else embeds
 
 
 def logits(params: Params, cfg: TextConfig, hidden: jnp.ndarray) -> jnp.ndarray:
@@ -93,39 +93,34 @@ def _write_rows(cache_slab: jnp.ndarray, new: jnp.ndarray, offsets: jnp.ndarray)
   return jax.vmap(write_row)(cache_slab, new, offsets)
 
 
-def _layer(cfg: TextConfig, dtype, x, layer_params, cos, sin, mask, cache_k, cache_v, offsets):
+def _layer(cfg: TextConfig, dtype, attention, x, layer_params, cos, sin, visibility, cache_k, cache_v, offsets):
   batch, length, _ = x.shape
   hd = cfg.head_dim
+  x = sharding.constrain(x, ("batch", "length", "act_embed"))
   h = rms_norm(x, layer_params["attn_norm"], cfg.rms_norm_eps)
   q = _dense(h, layer_params["q"], dtype).reshape(batch, length, cfg.num_heads, hd)
   k = _dense(h, layer_params["k"], dtype).reshape(batch, length, cfg.num_kv_heads, hd)
   v = _dense(h, layer_params["v"], dtype).reshape(batch, length, cfg.num_kv_heads, hd)
+  q = sharding.constrain(q, ("batch", "length", "act_heads", None))
   q, k = rope.apply_rotary(q, cos, sin), rope.apply_rotary(k, cos, sin)
   if cache_k is not None:
     cache_k, cache_v = _write_rows(cache_k, k, offsets), _write_rows(cache_v, v, offsets)
     k, v = cache_k.astype(dtype), cache_v.astype(dtype)
-  attn = _attention(q, k, v, mask, cfg)
+  query_slot, key_valid = visibility
+  attn = attention_lib.attend(q, k, v, query_slot, key_valid, attention, from_slot_zero=cache_k is None)
   x = x + attn.reshape(batch, length, -1) @ layer_params["o"]["w"].astype(dtype)
+  x = sharding.constrain(x, ("batch", "length", "act_embed"))
   h = rms_norm(x, layer_params["mlp_norm"], cfg.rms_norm_eps)
   mlp = jax.nn.silu(_dense(h, layer_params["gate"], dtype)) * _dense(h, layer_params["up"], dtype)
+  mlp = sharding.constrain(mlp, ("batch", "length", "act_mlp"))
   x = x + _dense(mlp, layer_params["down"], dtype)
-  return x, cache_k, cache_v
-
-
-def _attention(q, k, v, mask, cfg: TextConfig):
-  """Grouped-query attention; q (B, T, H, hd), k/v (B, S, KV, hd), mask (B, T, S) bool. Softmax in float32."""
-  batch, length, _, hd = q.shape
-  groups = cfg.num_heads // cfg.num_kv_heads
-  q = q.reshape(batch, length, cfg.num_kv_heads, groups, hd)
-  scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * hd ** -0.5
-  scores = jnp.where(mask[:, None, None], scores, _MASK_VALUE)
-  weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  return jnp.einsum("bkgts,bskd->btkgd", weights, v)
+  return sharding.constrain(x, ("batch", "length", "act_embed")), cache_k, cache_v
 
 
 def forward(params: Params, cfg: TextConfig, embeds: jnp.ndarray, positions: jnp.ndarray, *,
             attention_mask: jnp.ndarray | None = None, cache: KVCache | None = None,
-            dtype=jnp.float32, remat: bool = False) -> tuple[jnp.ndarray, KVCache | None]:
+            dtype=jnp.float32, remat: bool = False, attention: str = "auto"
+            ) -> tuple[jnp.ndarray, KVCache | None]:
   """Runs the decoder over `embeds` (B, T, D) at M-RoPE `positions` (3, B, T).
 
   Without a cache, tokens attend causally within the chunk to the tokens that `attention_mask` (B, T) marks valid
@@ -133,27 +128,29 @@ def forward(params: Params, cfg: TextConfig, embeds: jnp.ndarray, positions: jnp
   written at that row's `cache['length']` and attend to everything before them; the returned cache's length grows
   by the number of valid tokens. The caller keeps `length + T <= S`.
 
-  Returns the final-norm hidden states (B, T, D) and the updated cache (None without a cache).
+  `attention` names the implementation (see `attention.IMPLEMENTATIONS`); none of them materialises the whole
+  (B, H, T, S) score tensor except `reference` / `dot_product`. Returns the final-norm hidden states (B, T, D) and
+  the updated cache (None without a cache).
   """
   batch, length, _ = embeds.shape
   if attention_mask is None:
     attention_mask = jnp.ones((batch, length), jnp.int32)
   valid = attention_mask.astype(bool)
   cos, sin = rope.mrope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, cfg.mrope_section)
-  query_idx = jnp.arange(length)
+  query_idx = jnp.arange(length, dtype=jnp.int32)
   if cache is None:
     offsets = None
-    mask = valid[:, None, :] & (query_idx[None, :, None] >= query_idx[None, None, :])
+    visibility = (jnp.broadcast_to(query_idx, (batch, length)), valid)
   else:
     offsets = cache["length"]
-    key_slot = jnp.arange(cache["k"].shape[2])
-    query_slot = offsets[:, None] + query_idx[None, :]  # (B, T)
     new_length = offsets + valid.sum(axis=1).astype(jnp.int32)
-    mask = (key_slot[None, None, :] <= query_slot[:, :, None]) & (key_slot[None, None, :] < new_length[:, None, None])
+    key_slot = jnp.arange(cache["k"].shape[2], dtype=jnp.int32)
+    visibility = (offsets[:, None] + query_idx[None, :], key_slot[None, :] < new_length[:, None])
 
   def body(x, scanned):
     layer_params, cache_k, cache_v = scanned
-    x, cache_k, cache_v = _layer(cfg, dtype, x, layer_params, cos, sin, mask, cache_k, cache_v, offsets)
+    x, cache_k, cache_v = _layer(cfg, dtype, attention, x, layer_params, cos, sin, visibility, cache_k, cache_v,
+                                 offsets)
     return x, (cache_k, cache_v)
 
   if remat:
