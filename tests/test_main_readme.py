@@ -148,4 +148,4 @@ def test_commands_run_as_written(placeholders):
     ran += 1
   scores = json.load(open(placeholders["scores.json"]))
   assert "all" in json.dumps(scores)
-  assert ran == 8
+  assert ran == 9
