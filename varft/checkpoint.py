@@ -35,6 +35,7 @@ RESUME_MODES = ("auto", "force")
 NOT_RECIPE = (
     "mode", "resume", "log_every", "checkpoint_every", "keep_checkpoints", "keep_checkpoint_steps",
     "async_checkpoints", "samples_every", "samples_per_step", "eval_every", "eval", "export_hf", "distributed", "mesh",
+    "plan_check",
     "model.remat", "grpo.micro_batches", "grpo.logits_chunk",
     "rollout.length_buckets", "rollout.chunk_buckets", "rollout.patch_buckets",
     "data.mat_dir", "data.flashrag_dir", "data.tfds_dir",

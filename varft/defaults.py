@@ -25,6 +25,9 @@ def base_config() -> ml_collections.ConfigDict:
   # auto: resume from the workdir's checkpoints when they were made with the same recipe (varft.checkpoint.recipe),
   # refuse otherwise, naming the keys that differ | force: resume them under this config anyway.
   c.resume = "auto"
+  # auto: before the weights load, compile one step's programs at their shapes (varft.plan) and stop with one line
+  # when one would not fit the devices' memory (GPU/TPU only: CPU reports no limit) | off.
+  c.plan_check = "auto"
 
   c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
 

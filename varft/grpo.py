@@ -248,7 +248,7 @@ def _constrain_rows(batch: Batch) -> Batch:
   for k, v in batch.items():
     if k == "positions":
       out[k] = sharding.constrain(v, (None, "batch", "length"))
-    elif k in _ROW_KEYS:
+    elif k in batch_lib.ROW_KEYS:
       out[k] = sharding.constrain(v, ("batch",) + (None,) * (v.ndim - 1))
   return out
 

@@ -10,9 +10,12 @@ lowered from `jax.ShapeDtypeStruct`s carrying the mesh's shardings and compiled;
 partitioned program gives the bytes per device. FLOPs are counted analytically (`program_flops`): XLA's
 cost analysis counts a scanned layer once, not once per layer.
 
-Programs: `encode_images` (one rollout encoder call), `extend` (prefill of every row), `generate` (decode),
-`reference_logps`, `train_step`. A program's `peak_bytes` adds the arrays that stay resident while it runs (the
-optimizer state and the reference weights during rollouts, the reference weights during the update).
+Programs: `encode_images` (every sampler device encoding its own image table), `extend` (prefill of every row, the
+image tables encoded inside it), `generate` (decode), `reference_logps`, `train_step`. The batches are
+`varft.batch.abstract` (rows over the batch axes, one image table per batch device); the sampler programs take
+`Sampler`'s arguments in its layouts on the rollout mesh, from the weights as `sharding.sampling_params` reshards
+them. A program's `peak_bytes` adds the arrays that stay resident while it runs (the train state and the reference
+weights during rollouts, the reference weights during the update, the train state during the reference pass).
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ if __name__ == "__main__":  # fake CPU devices must be requested before JAX is i
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                              f" --xla_force_host_platform_device_count={_devices[-1] if _devices else 1}")
 
+import contextlib  # noqa: E402
 import dataclasses  # noqa: E402
 import json  # noqa: E402
 import re  # noqa: E402
@@ -33,11 +37,12 @@ from typing import Any, Sequence  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
 
-from varft import grpo, sampling, sharding, train  # noqa: E402
-from varft.models.qwen25vl import model as qwen_model, vision  # noqa: E402
+from varft import batch as batch_lib, grpo, sampling, sharding, train  # noqa: E402
+from varft.models.qwen25vl import model as qwen_model  # noqa: E402
 from varft.plan_flops import program_flops  # noqa: E402
+from varft.preflight import ConfigError  # noqa: E402
 from varft.processing import image as image_lib  # noqa: E402
 
 GiB = 1 << 30
@@ -49,8 +54,8 @@ DEFAULT_MARGIN = 0.10
 PROGRAMS = ("encode_images", "extend", "generate", "reference_logps", "train_step")
 
 
-class PlanError(ValueError):
-  """The run does not fit its devices."""
+class PlanError(ConfigError):
+  """The run does not fit its devices (a ConfigError: `varft.main` prints it as one line)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +68,7 @@ class Recipe:
   train_len: int  # the training batch's length bucket
   cache_len: int  # KV-cache slots per row
   image_grid: tuple[int, int, int] | None  # (t, h, w) patches of each prompt's image; None: text only
+  max_image_patches: int  # patches of the largest image the rollout admits: sizes full attention's key blocks
   micro_batches: int
   row_loss_tokens: int  # per-row logit slots (grpo.row_loss_token_bucket of a full-length sample)
   patch_buckets: tuple[int, ...]
@@ -88,6 +94,7 @@ def recipe(config, prompt_len: int = 1024, train_len: int = 0, cache_len: int = 
       train_len=train_len or sampling.bucket(min(prompt_len + r.max_new_tokens, r.max_total_tokens),
                                              r.length_buckets),
       cache_len=cache_len or r.max_total_tokens + max(r.chunk_buckets), image_grid=grid,
+      max_image_patches=r.image_max_pixels // 14 ** 2,
       micro_batches=config.grpo.micro_batches, row_loss_tokens=grpo.row_loss_token_bucket(
           np.ones((1, r.max_new_tokens))), patch_buckets=tuple(r.patch_buckets))
 
@@ -96,40 +103,40 @@ def _abstract(tree, shardings):
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s), tree, shardings)
 
 
-def _vision_arrays(model_cfg, grids: np.ndarray, buckets: Sequence[int]):
-  """Patches of an image table padded to the rollout's bucket, and its vision inputs with full attention per image:
-  the fewest key blocks that cover each image (never dense across the images of the table)."""
-  total = vision.num_patches(grids)
-  padded = sampling.bucket(total, buckets, beyond="multiple")
-  key_blocks = vision.vision_inputs(grids, model_cfg.vision)["full_key_blocks"].shape[1]
-  inputs = vision.vision_inputs(grids, model_cfg.vision, padded, key_blocks)
-  return np.zeros((padded, model_cfg.vision.patch_dim), np.float32), inputs
+def images_per_device(rec: Recipe, devices: int) -> int:
+  """The most distinct prompts (one image each) among one device's rows: rows are split over `devices` in order and
+  a prompt's G rows are consecutive (`batch.device_images`)."""
+  per = rec.rows // devices
+  return max(len({b // rec.samples for b in range(d * per, (d + 1) * per)}) for d in range(devices))
+
+
+def table_patches(model_cfg, rec: Recipe, devices: int) -> int:
+  """Patches of each device's image table, as the rollout and trainer pad it: its images on their own attention
+  blocks (`batch.image_starts`), padded to the rollout's patch bucket."""
+  grids = [rec.image_grid] * images_per_device(rec, devices)
+  return sampling.bucket(batch_lib.image_starts(grids, model_cfg.vision)[1], rec.patch_buckets, beyond="multiple")
+
+
+def abstract_batch(model_cfg, rec: Recipe, mesh, stage: str, length: int, gcfg=None) -> dict[str, Any]:
+  """The one place the planner describes a batch: `batch.abstract` at the recipe's rows, with a per-device image
+  table for the mesh's batch devices (none for text-only prompts). `stage='rollout'` on the sampler's mesh: a prefill
+  chunk's fields and the image tables `Sampler.extend` encodes; `stage='train'`: `grpo.prepare_batch`'s output."""
+  devices = sharding.batch_size_multiple(mesh)
+  images = rec.image_grid is not None
+  return batch_lib.abstract(
+      rec.rows, length, stage=stage, num_devices=devices, vision_cfg=model_cfg.vision if images else None,
+      patches_per_device=table_patches(model_cfg, rec, devices) if images else 0,
+      max_image_patches=rec.max_image_patches, kl=gcfg is not None and gcfg.beta > 0,
+      importance_weights=gcfg is not None and gcfg.tis_cap > 0, mesh=mesh)
 
 
 def abstract_train_batch(config, model_cfg, rec: Recipe, mesh) -> dict[str, jax.ShapeDtypeStruct]:
-  """The training batch `grpo.train_step` consumes (`grpo.prepare_batch`'s keys), as sharded abstract arrays.
-
-  The one place the planner describes the batch layout: rows over the batch axes, the image table replicated
-  (`sharding.batch_shardings`)."""
-  n, length = rec.rows, rec.train_len
-  i32, f32 = np.zeros((n, length), np.int32), np.zeros((n, length), np.float32)
-  batch = {"tokens": i32, "attention_mask": i32, "positions": np.zeros((3, n, length), np.int32),
-           "loss_mask": i32, "image_index": i32, "advantages": np.zeros((n,), np.float32),
-           "loss_weights": f32, "old_logps": f32}
-  gcfg = train.grpo_config(config)
-  if gcfg.beta > 0:
-    batch["ref_logps"] = f32
-  if gcfg.tis_cap > 0:
-    batch["is_weights"] = f32
-  if rec.image_grid is not None:
-    grids = np.asarray([rec.image_grid] * rec.prompts)
-    batch["pixel_values"], batch["vision_inputs"] = _vision_arrays(model_cfg, grids, rec.patch_buckets)
-  return {k: _abstract(v, sharding.batch_shardings({k: v}, mesh)[k]) for k, v in batch.items()}
+  """The training batch `grpo.train_step` consumes (`grpo.prepare_batch`'s keys), as sharded abstract arrays."""
+  return abstract_batch(model_cfg, rec, mesh, "train", rec.train_len, train.grpo_config(config))
 
 
-def _rollout_view(batch):
-  keys = ("tokens", "attention_mask", "positions", "loss_mask", "image_index", "pixel_values", "vision_inputs")
-  return {k: batch[k] for k in keys if k in batch}
+def _model_view(batch):
+  return {k: batch[k] for k in batch_lib.MODEL_INPUTS if k in batch}
 
 
 def abstract_state(config, model_cfg, optimizer, mesh):
@@ -146,86 +153,82 @@ def abstract_state(config, model_cfg, optimizer, mesh):
   return state, ref
 
 
-def _rows(mesh, shape, axis=0):
-  spec = [None] * len(shape)
-  spec[axis] = sharding.BATCH_AXES
-  return NamedSharding(mesh, P(*spec))
+def _sampler(config, model_cfg, rec: Recipe, mesh, params, devices):
+  """The rollout's Sampler on its mesh (`sharding.rollout_mesh`; tensor parallel as the agent task picks it) and
+  the sampling weights: `params` in the compute dtype in the layout `sharding.sampling_params` gives them."""
+  dtype = jnp.dtype(model_cfg.dtype)
+  weights = jax.eval_shape(lambda p: jax.tree.map(lambda x: x.astype(dtype), p), params)
+  tp = int(config.rollout.get("tensor_parallel", 0)) or sharding.sampling_tensor_parallel(
+      sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(weights)), devices)
+  rollout_mesh = sharding.rollout_mesh(mesh, tp)
+  sampler_cfg = sampling.SamplingConfig(temperature=config.rollout.temperature, top_k=config.rollout.top_k,
+                                        top_p=config.rollout.top_p, max_new_tokens=rec.new_tokens)
+  stop = sampling.StopTable(np.zeros((model_cfg.text.vocab_size,), np.int32), np.zeros((4, 4), np.int32), ())
+  sampler = sampling.Sampler(model_cfg, sampler_cfg, stop, mesh=rollout_mesh)
+  return sampler, _abstract(weights, sharding.sampling_shardings(weights, rollout_mesh))
 
 
-def _sampler_args(model_cfg, rec: Recipe, mesh):
-  """Abstract cache, prompt chunk and image embeddings of the sampler's programs: every row and the KV cache split
-  over the batch axes (the sampler runs on the train state's fp32 weights, as `rollout` passes them)."""
-  t, dtype = model_cfg.text, jnp.dtype(model_cfg.dtype)
-  n = rec.rows
-  sds = lambda shape, dt, s: jax.ShapeDtypeStruct(shape, dt, sharding=s)
+def _sampler_programs(config, model_cfg, rec: Recipe, mesh, params, devices):
+  """encode_images / extend / generate with the Sampler's signature and layouts: rows and KV cache over every batch
+  axis of the rollout mesh, each device encoding its own rows' image table inside extend."""
+  sampler, weights = _sampler(config, model_cfg, rec, mesh, params, devices)
+  rec = dataclasses.replace(rec, prompts=rec.prompts // jax.process_count())  # each host samples its own prompts
+  t, n = model_cfg.text, rec.rows
+  sds = lambda shape, dt, *axes: jax.ShapeDtypeStruct(shape, dt, sharding=sampler.layout(shape, *axes))
   kv_shape = (t.num_layers, n, rec.cache_len, t.num_kv_heads, t.head_dim)
-  cache = {"k": sds(kv_shape, dtype, _rows(mesh, kv_shape, 1)), "v": sds(kv_shape, dtype, _rows(mesh, kv_shape, 1)),
-           "length": sds((n,), jnp.int32, _rows(mesh, (n,)))}
-  row2 = lambda length, dt=jnp.int32: sds((n, length), dt, _rows(mesh, (n, length)))
-  chunk = sampling.Chunk(row2(rec.prompt_len), sds((3, n, rec.prompt_len), jnp.int32,
-                                                   _rows(mesh, (3, n, rec.prompt_len), 1)),
-                         row2(rec.prompt_len), row2(rec.prompt_len))
-  embeds = None
-  if rec.image_grid is not None:
-    tokens = rec.prompts * int(np.prod(rec.image_grid)) // model_cfg.vision.spatial_merge_size ** 2
-    merge = model_cfg.vision.spatial_merge_size ** 2
-    rows = sampling.bucket(tokens, [b // merge for b in rec.patch_buckets], beyond="multiple")
-    embeds = sds((rows, t.hidden_size), dtype, sharding.replicated(mesh))
-  return cache, chunk, embeds
+  cache = {"k": sds(kv_shape, model_cfg.dtype, 1, 3), "v": sds(kv_shape, model_cfg.dtype, 1, 3),
+           "length": sds((n,), jnp.int32)}
+  prefill = abstract_batch(model_cfg, rec, sampler.mesh, "rollout", rec.prompt_len)
+  chunk = sampling.Chunk(*(jax.ShapeDtypeStruct(prefill[k].shape, jnp.int32, sharding=prefill[k].sharding)
+                           for k in ("tokens", "positions", "attention_mask", "image_index")))
+  images = (prefill["pixel_values"], prefill["vision_inputs"]) if "pixel_values" in prefill else None
+  rng = jax.eval_shape(lambda: jax.random.key(0))
+  generate_args = (weights, cache, sds((n, t.vocab_size), jnp.float32), sds((n,), jnp.int32),
+                   jax.ShapeDtypeStruct(rng.shape, rng.dtype, sharding=sharding.replicated(sampler.mesh)),
+                   sds((n,), jnp.int32), sds((n, rec.new_tokens), jnp.int32),
+                   jnp.asarray(sampler.stop_table.token_bits), jnp.asarray(sampler.stop_table.pattern_bits))
+  programs = {
+      "extend": (sampling._extend_jit, (weights, cache, chunk, None, images), {"model_config": model_cfg}),
+      "generate": (sampling._generate_jit, generate_args,
+                   {"model_config": model_cfg, "sampling": sampler.sampling}),
+  }
+  tables = {}
+  if images is not None:
+    encode = lambda p, pv, vi: batch_lib.encode_tables(
+        lambda x, v: qwen_model.encode_images(p, model_cfg, x, v), pv, vi)
+    programs["encode_images"] = (jax.jit(encode), (weights,) + images, {})
+    tables["call"] = images[0].shape[0] * images[0].shape[1], images[1]["full_key_blocks"].shape[-1]
+  return programs, tables
 
 
-def _programs(config, model_cfg, rec: Recipe, mesh):
-  """(name -> (jitted function, abstract args, static kwargs, resident bytes per device outside the args),
-  image tables -> (padded patches, key blocks))."""
+def _programs(config, model_cfg, rec: Recipe, mesh, devices):
+  """(name -> (jitted function, abstract args, static kwargs, resident bytes per device outside the args, the mesh
+  it is traced under), image tables -> (padded patches over all tables, key blocks))."""
   gcfg = train.grpo_config(config)
   optimizer, _ = train.make_optimizer(config)
   state, ref = abstract_state(config, model_cfg, optimizer, mesh)
   batch = abstract_train_batch(config, model_cfg, rec, mesh)
   per_device = lambda tree: sum(_shard_bytes(x) for x in jax.tree.leaves(tree))
-  opt_bytes, ref_bytes = per_device(state["opt_state"]), per_device(ref) if ref is not None else 0
-  params = state["params"]
-  cache, chunk, embeds = _sampler_args(model_cfg, rec, mesh)
-  n, t = rec.rows, model_cfg.text
-  sds = lambda shape, dt, s: jax.ShapeDtypeStruct(shape, dt, sharding=s)
-  stop = sampling.StopTable(np.zeros((t.vocab_size,), np.int32), np.zeros((4, 4), np.int32), ())
-  sampling_cfg = sampling.SamplingConfig(temperature=config.rollout.temperature, top_k=config.rollout.top_k,
-                                         top_p=config.rollout.top_p, max_new_tokens=rec.new_tokens)
-  rows1 = lambda dt=jnp.int32: sds((n,), dt, _rows(mesh, (n,)))
-  rng = jax.eval_shape(lambda: jax.random.key(0))
-  generate_args = (params, cache, sds((n, t.vocab_size), jnp.float32, _rows(mesh, (n, t.vocab_size))), rows1(),
-                   sds(rng.shape, rng.dtype, sharding.replicated(mesh)), rows1(),
-                   sds((n, rec.new_tokens), jnp.int32, _rows(mesh, (n, rec.new_tokens))),
-                   jnp.asarray(stop.token_bits), jnp.asarray(stop.pattern_bits))
-  programs = {
-      "extend": (sampling._extend_jit, (params, cache, chunk, embeds), {"model_config": model_cfg},
-                 opt_bytes + ref_bytes),
-      "generate": (sampling._generate_jit, generate_args, {"model_config": model_cfg, "sampling": sampling_cfg},
-                   opt_bytes + ref_bytes),
-      "train_step": (jax.jit(grpo.make_train_step(model_cfg, gcfg, optimizer, mesh), donate_argnums=0,
-                             out_shardings=(sharding.tree_shardings(state, mesh), sharding.replicated(mesh)),
-                             static_argnames=("num_loss_tokens", "row_loss_tokens")),
-                     (state, batch), {"row_loss_tokens": rec.row_loss_tokens}, ref_bytes),
-  }
+  state_bytes, ref_bytes = per_device(state), per_device(ref) if ref is not None else 0
+  sampler_programs, tables = _sampler_programs(config, model_cfg, rec, mesh, state["params"], devices)
+  # The rollout holds the train state and the reference while it samples from the resharded weights; it traces
+  # its programs under no mesh, as `Sampler` does.
+  programs = {name: (*p, state_bytes + ref_bytes, None) for name, p in sampler_programs.items()}
+  programs["train_step"] = (
+      jax.jit(grpo.make_train_step(model_cfg, gcfg, optimizer, mesh), donate_argnums=0,
+              out_shardings=(sharding.tree_shardings(state, mesh), sharding.replicated(mesh)),
+              static_argnames=("num_loss_tokens", "row_loss_tokens")),
+      (state, batch), {"row_loss_tokens": rec.row_loss_tokens}, ref_bytes, mesh)
   if ref is not None:
+    rows = NamedSharding(mesh, batch_lib.spec("old_logps"))
     programs["reference_logps"] = (
         jax.jit(grpo.make_logps_fn(model_cfg, gcfg, mesh), static_argnames=("num_loss_tokens", "row_loss_tokens"),
-                out_shardings=_rows(mesh, (n, rec.train_len))),
-        (ref, _rollout_view(batch)), {"row_loss_tokens": rec.row_loss_tokens}, per_device(state))
-  images = {}
-  if "vision_inputs" in batch:
-    images["batch"] = (batch["pixel_values"].shape[0], batch["vision_inputs"]["full_key_blocks"].shape[1])
-  if rec.image_grid is not None:
-    # One rollout encoder call: as many whole images as the largest patch bucket holds.
-    per_call = max(1, max(rec.patch_buckets) // int(np.prod(rec.image_grid)))
-    pixels, inputs = _vision_arrays(model_cfg, np.asarray([rec.image_grid] * min(per_call, rec.prompts)),
-                                    rec.patch_buckets)
-    rep = sharding.replicated(mesh)
-    programs["encode_images"] = (
-        jax.jit(qwen_model.encode_images, static_argnums=1),
-        (params, model_cfg, _abstract(pixels, rep), _abstract(inputs, jax.tree.map(lambda _: rep, inputs))), {},
-        opt_bytes + ref_bytes)
-    images["call"] = (pixels.shape[0], inputs["full_key_blocks"].shape[1])
-  return {name: programs[name] for name in PROGRAMS if name in programs}, images
+                out_shardings=rows),
+        (ref, _model_view(batch)), {"row_loss_tokens": rec.row_loss_tokens}, state_bytes, mesh)
+  if "pixel_values" in batch:
+    pixels, inputs = batch["pixel_values"], batch["vision_inputs"]
+    tables["batch"] = (pixels.shape[0] * pixels.shape[1], inputs["full_key_blocks"].shape[-1])
+  return {name: programs[name] for name in PROGRAMS if name in programs}, tables
 
 
 def _shard_bytes(x) -> int:
@@ -306,9 +309,10 @@ class ProgramPlan:
     return out
 
 
-def plan_program(name: str, fn, args, kwargs, resident: int, flops: float, devices: int, mesh) -> ProgramPlan:
-  """Lowers and compiles one program at abstract shapes; its per-device memory, FLOPs and largest buffers."""
-  with jax.sharding.set_mesh(mesh):  # activation constraints resolve against the mesh (sampler programs too)
+def plan_program(name: str, fn, args, kwargs, resident: int, mesh, flops: float, devices: int) -> ProgramPlan:
+  """Lowers and compiles one program at abstract shapes (under `mesh`, when given: activation constraints resolve
+  against it); its per-device memory, FLOPs and largest buffers."""
+  with jax.sharding.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
     compiled = fn.lower(*args, **kwargs).compile()
   stats = compiled.memory_analysis()
   total = (stats.argument_size_in_bytes + stats.output_size_in_bytes - stats.alias_size_in_bytes
@@ -331,9 +335,14 @@ def plan(config, devices: Sequence[jax.Device] | None = None, programs: Sequence
     raise PlanError(f"{rec.rows} rows in {rec.micro_batches} micro-batches do not split over {batch_devices} "
                     "batch devices (each device would compute every row of a micro-batch): lower "
                     "grpo.micro_batches or change rollout.prompts_per_host / num_samples / the mesh.")
-  table, images = _programs(config, model_cfg, rec, mesh)
-  return [plan_program(name, *table[name], program_flops(name, rec, model_cfg, config, images), len(devices), mesh)
+  table, images = _programs(config, model_cfg, rec, mesh, devices)
+  return [plan_program(name, *table[name], program_flops(name, rec, model_cfg, config, images), len(devices))
           for name in programs if name in table]
+
+
+def device_memory_limit(devices: Sequence[jax.Device]) -> int | None:
+  """Bytes one device may allocate, when the platform says (GPU, TPU); None on CPU."""
+  return (devices[0].memory_stats() or {}).get("bytes_limit")
 
 
 def check_fits(config, devices: Sequence[jax.Device] | int | None = None, accelerator: str | None = None,
@@ -347,7 +356,7 @@ def check_fits(config, devices: Sequence[jax.Device] | int | None = None, accele
                       "(run python -m varft.plan, which fakes them).")
     devices = jax.devices()[:devices]
   devices = list(jax.devices() if devices is None else devices)
-  hbm = ACCELERATORS[accelerator] if accelerator else (devices[0].memory_stats() or {}).get("bytes_limit")
+  hbm = ACCELERATORS[accelerator] if accelerator else device_memory_limit(devices)
   plans = plan(config, devices, programs, **recipe_overrides)
   if hbm is None:
     return plans

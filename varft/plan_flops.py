@@ -38,14 +38,15 @@ def vision_flops(model_cfg, patches: int, key_blocks: int) -> float:
 
 def program_flops(name: str, rec, model_cfg, config, tables: dict[str, tuple[int, int]]) -> float:
   """FLOPs of program `name` (see the module docstring) for the recipe `rec`; `tables` gives (padded patches,
-  full-attention key blocks) of the training batch's image table (`batch`) and of one encoder call (`call`)."""
+  full-attention key blocks) of the training batch's image tables (`batch`) and of the rollout's (`call`), patches
+summed over the devices' tables."""
   t = model_cfg.text
   n, length = rec.rows, rec.train_len
   images = {k: vision_flops(model_cfg, *v) for k, v in tables.items()}
   if name == "encode_images":
     return images["call"]
-  if name == "extend":
-    return n * rec.prompt_len * text_token_flops(t, rec.cache_len) + n * logits_flops(t)
+  if name == "extend":  # the image tables are encoded inside the prefill
+    return n * rec.prompt_len * text_token_flops(t, rec.cache_len) + n * logits_flops(t) + images.get("call", 0.0)
   if name == "generate":
     return n * rec.new_tokens * (text_token_flops(t, rec.cache_len) + logits_flops(t))
   text_forward = n * length * text_token_flops(t, length) + n * rec.row_loss_tokens * logits_flops(t)

@@ -318,16 +318,21 @@ class Sampler:
     """Row shards: the device batch must be a multiple of this."""
     return 1 if self.mesh is None else int(np.prod([self.mesh.shape[a] for a in self._batch_axes]))
 
-  def _shard(self, x, batch_axis: int = 0, head_axis: int | None = None):
-    if self.mesh is None:
-      return jnp.asarray(x)
-    spec = [None] * np.ndim(x)
+  def layout(self, shape: Sequence[int], batch_axis: int = 0, head_axis: int | None = None) -> NamedSharding:
+    """Where an input of `shape` lives on the mesh: `batch_axis` over the batch axes, `head_axis` (KV heads) over
+    `tensor` when it divides them (also the planner's abstract inputs)."""
+    spec = [None] * len(shape)
     axes = self._batch_axes
     spec[batch_axis] = axes[0] if len(axes) == 1 else axes
     tensor = self.mesh.shape.get("tensor", 1)
-    if head_axis is not None and tensor > 1 and np.shape(x)[head_axis] % tensor == 0:
+    if head_axis is not None and tensor > 1 and shape[head_axis] % tensor == 0:
       spec[head_axis] = "tensor"
-    return jax.device_put(x, NamedSharding(self.mesh, P(*spec)))
+    return NamedSharding(self.mesh, P(*spec))
+
+  def _shard(self, x, batch_axis: int = 0, head_axis: int | None = None):
+    if self.mesh is None:
+      return jnp.asarray(x)
+    return jax.device_put(x, self.layout(np.shape(x), batch_axis, head_axis))
 
   def new_cache(self, batch: int, max_len: int) -> text.KVCache:
     """An empty cache (compute dtype) of `max_len` slots per row, batch-sharded on the mesh."""

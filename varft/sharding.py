@@ -268,6 +268,12 @@ def _resharder(dtype: str | None, treedef, out_shardings: tuple) -> Any:
   return jax.jit(cast, out_shardings=jax.tree.unflatten(treedef, list(out_shardings)))
 
 
+def sampling_shardings(params: Any, sampler_mesh: Mesh) -> Any:
+  """The sampler's layout of `params` (`SAMPLING_RULES`) on `sampler_mesh`, as a tree of NamedShardings."""
+  return jax.tree.map(lambda s: NamedSharding(sampler_mesh, s), tree_specs(params, sampler_mesh, SAMPLING_RULES),
+                      is_leaf=lambda x: isinstance(x, P))
+
+
 def sampling_params(params: Any, mesh: Mesh, sampler_mesh: Mesh, dtype=None) -> Any:
   """The train state's `params` (sharded on `mesh`) in the sampler's layout on `sampler_mesh`, cast to `dtype`.
 
@@ -277,9 +283,8 @@ def sampling_params(params: Any, mesh: Mesh, sampler_mesh: Mesh, dtype=None) -> 
   tp = sampler_mesh.shape["tensor"]
   target = sampler_mesh if jax.process_count() == 1 else _global_sampling_mesh(mesh, tp)
   treedef = jax.tree.structure(params)
-  specs = jax.tree.leaves(tree_specs(params, target, SAMPLING_RULES), is_leaf=lambda x: isinstance(x, P))
   out = _resharder(None if dtype is None else np.dtype(dtype).name, treedef,
-                   tuple(NamedSharding(target, s) for s in specs))(params)
+                   tuple(jax.tree.leaves(sampling_shardings(params, target))))(params)
   if target is sampler_mesh:
     return out
   local_devices = list(sampler_mesh.devices.flat)

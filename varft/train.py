@@ -39,6 +39,7 @@ from varft.models.qwen25vl import text as text_model
 
 _CHOICES = {
     "mode": ("train", "eval"),
+    "plan_check": ("auto", "off"),
     "task": ("echo", "agent"),
     "grpo.advantage": grpo.ADVANTAGE_MODES,
     "grpo.aggregation": grpo.AGGREGATION_MODES,
@@ -144,6 +145,17 @@ def load_params(config, model_cfg, mesh) -> dict:
   return jax.jit(init, out_shardings=shardings)(rng)
 
 
+def check_plan(config, mesh):
+  """The compile-time memory plan of one step (`varft.plan`) on the mesh's devices, raising `plan.PlanError` (one
+  line) before any weights load when a program would not fit. Only where the devices report a memory limit (GPU,
+  TPU: on CPU there is nothing to check against) and `config.plan_check` is `auto`; None when skipped."""
+  from varft import plan
+  devices = list(mesh.devices.flat)
+  if config.plan_check == "off" or plan.device_memory_limit(devices) is None:
+    return None
+  return plan.check_fits(config, devices)
+
+
 def make_environment(config, model_cfg, mesh, workdir: str, training: bool = True):
   if config.task == "echo":
     from varft import echo_task
@@ -173,6 +185,7 @@ class Trainer:
     self.optimizer, self.lr_fn = make_optimizer(config)
     # Data, tools and the sandbox start before the weights load: a run that cannot work fails in seconds.
     self.env = make_environment(config, self.model_cfg, self.mesh, workdir, training)
+    self.plan = check_plan(config, self.mesh) if training else None
     params = load_params(config, self.model_cfg, self.mesh)
     state_shapes = jax.eval_shape(lambda p: grpo.init_train_state(p, self.optimizer), params)
     self.state_shardings = sharding.tree_shardings(state_shapes, self.mesh)

@@ -13,7 +13,7 @@ import numpy as np
 
 from experiments import search
 from tests.trainer import step_script
-from varft import grpo, plan, sharding, train
+from varft import batch as batch_lib, grpo, plan, sharding, train
 
 # The demo recipe cut down: the tiny model, 16 rows of 192 tokens, one 112x112 image per prompt.
 SMALL = dict(prompt_len=160)
@@ -29,7 +29,7 @@ def small_config(dtype: str = "float32"):
   c.rollout.max_total_tokens = 192
   c.rollout.length_buckets = (160, 192)
   c.rollout.chunk_buckets = (32,)
-  c.rollout.patch_buckets = (256,)
+  c.rollout.patch_buckets = (64, 128, 256)  # one 8x8-patch image per device table: 64, two: 128
   c.rollout.image_max_pixels = 112 * 112
   return c
 
@@ -50,7 +50,8 @@ def gathers():
   plans = plan.plan(config, jax.devices()[:8], programs=("train_step", "reference_logps"), **SMALL)
   # The compute-dtype copy of every weight is pinned to the weight's own (sharded) layout before any use.
   mesh = sharding.make_mesh(dict(config.mesh), jax.devices()[:8])
-  fn, args, kwargs, *_ = plan._programs(config, train.model_config(config), rec, mesh)[0]["train_step"]
+  table, _ = plan._programs(config, train.model_config(config), rec, mesh, jax.devices()[:8])
+  fn, args, kwargs, *_ = table["train_step"]
   with jax.sharding.set_mesh(mesh):
     lowered = fn.lower(*args, **kwargs).as_text()
   constrained = {line.rsplit(": ", 1)[-1].strip() for line in lowered.splitlines() if "sharding_constraint" in line}
@@ -75,7 +76,7 @@ def step():
     fn = grpo.make_train_step(model, gcfg, optimizer, mesh)
     if mesh is not None:
       state = jax.device_put(state, sharding.tree_shardings(state, mesh))
-      prepared = sharding.shard_batch({k: np.asarray(v) for k, v in prepared.items()}, mesh)
+      prepared = batch_lib.shard({k: np.asarray(v) for k, v in prepared.items()}, mesh)
     new_state, _ = jax.jit(functools.partial(fn, row_loss_tokens=16))(state, prepared)
     results.append(jax.tree.leaves(jax.device_get(new_state["params"])))
   print(json.dumps({"diff": max(float(np.max(np.abs(a - b))) for a, b in zip(*results))}))

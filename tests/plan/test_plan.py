@@ -53,7 +53,9 @@ def test_abstract_train_batch_is_what_prepare_batch_makes():
   assert sorted(prepared) == sorted(abstract)
   shapes = lambda tree: jax.tree.map(lambda x: (x.shape, np.dtype(x.dtype)), tree)
   assert shapes(prepared) == shapes(abstract)
-  assert abstract["vision_inputs"]["full_key_blocks"].shape[1] < abstract["pixel_values"].shape[0] // 64
+  # One table per batch device, full attention over one image's key blocks, not the whole table's.
+  assert abstract["pixel_values"].shape[0] == 1
+  assert abstract["vision_inputs"]["full_key_blocks"].shape[-1] < abstract["pixel_values"].shape[1] // 64
 
 
 def test_per_device_bytes_fall_as_devices_are_added():
@@ -61,6 +63,9 @@ def test_per_device_bytes_fall_as_devices_are_added():
   for program in ("extend", "generate", "reference_logps", "train_step"):
     two, four, eight = totals[program]
     assert two > four > eight, (program, totals[program])
+  # Each device encodes only its own rows' images: 2 prompts' images per device on 2 devices, 1 on 4 and 8.
+  two, four, eight = totals["encode_images"]
+  assert two > four >= eight, totals["encode_images"]
 
 
 def test_8_device_train_step_never_all_gathers_full_length_activations():
