@@ -90,7 +90,8 @@ def recipe(config, prompt_len: int = 1024, train_len: int = 0, cache_len: int = 
     h, w = image_lib.smart_resize(side, side, min_pixels=r.image_min_pixels, max_pixels=r.image_max_pixels)
     grid = (1, h // 14, w // 14)
   return Recipe(
-      prompts=r.prompts_per_host * jax.process_count(), samples=r.num_samples, prompt_len=prompt, new_tokens=r.max_new_tokens,
+      prompts=r.prompts_per_host * jax.process_count(), samples=r.num_samples, prompt_len=prompt,
+      new_tokens=r.max_new_tokens,
       train_len=train_len or sampling.bucket(min(prompt_len + r.max_new_tokens, r.max_total_tokens),
                                              r.length_buckets),
       cache_len=cache_len or r.max_total_tokens + max(r.chunk_buckets), image_grid=grid,
