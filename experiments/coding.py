@@ -31,6 +31,8 @@ def get_config(arg="demo"):
   if size == "demo":
     defaults.apply_demo(c)
     c.tools.code.max_concurrency = 2
+    c.rollout.max_new_tokens = 160  # a reference code step is up to ~150 tokens
+    c.rollout.max_turns = c.eval.max_turns = 3  # problem, code (runs in the sandbox), answer
     return c
   defaults.apply_paper_recipe(c, size, mode)
   c.total_steps = 2100

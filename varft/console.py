@@ -11,6 +11,7 @@ import sys
 from typing import Any, Mapping, Sequence
 
 import ml_collections
+import numpy as np
 
 
 def write_config(workdir: str, config: ml_collections.ConfigDict) -> str:
@@ -32,13 +33,21 @@ def start_summary(config: ml_collections.ConfigDict, workdir: str, devices: Sequ
   mesh = " x ".join(f"{k}={v}" for k, v in mesh_shape.items())
   return "\n".join([
       f"varft {config.mode}: {config.task} task, model {model} ({num_params / 1e6:.1f}M params, "
-      f"{config.model.dtype} compute), {config.total_steps} steps",
+      f"{config.model.dtype} compute), {_steps(config)}",
       f"  devices: {len(devices)} x {devices[0].platform} (mesh {mesh})",
       f"  rollout: {r.mode}, {r.prompts_per_host} prompts x G={r.num_samples} per host, "
       f"<= {r.max_new_tokens} new tokens, {r.max_turns} turns",
       f"  rewards: {rewards}{extra}",
       f"  workdir: {workdir} (full config in config.json)",
   ])
+
+
+def _steps(config: ml_collections.ConfigDict) -> str:
+  sft = config.get("sft", {}).get("steps", 0)
+  if config.mode == "sft":
+    return f"{sft} supervised steps"
+  return f"{sft} supervised warm-up steps, then {config.total_steps} GRPO steps" if sft else \
+      f"{config.total_steps} steps"
 
 
 class Progress:
@@ -56,7 +65,9 @@ class Progress:
   def update(self, step: int, metrics: Mapping[str, float]) -> None:
     if not self.enabled:
       return
-    fields = f"reward={metrics.get('reward/mean', float('nan')):.3f} step={metrics.get('time/step_s', 0.0):.1f}s"
+    score = (f"sft_loss={metrics['sft/nll_per_token']:.3f}" if "sft/nll_per_token" in metrics
+             else f"reward={metrics.get('reward/mean', float('nan')):.3f}")
+    fields = f"{score} step={metrics.get('time/step_s', 0.0):.1f}s"
     if self._bar is not None:
       self._bar.set_postfix_str(fields, refresh=False)
       self._bar.update(1)
@@ -68,17 +79,47 @@ class Progress:
       self._bar.close()
 
 
-def end_summary(workdir: str, history: Sequence[Mapping[str, float]], exported: str | None) -> str:
-  """Steps run, reward first -> last, where the outputs are and how to look at them."""
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+  return float(np.mean(values)), float(np.std(values))
+
+
+def phase_lines(history: Sequence[Mapping[str, float]], sft_steps: int, window: int = 3) -> list[str]:
+  """For a run with a supervised warm-up: SFT loss first -> last; GRPO's mean reward over its first and last
+  `window` steps with the std between those steps (the noise a rise has to beat) and the final format reward."""
+  lines = []
+  sft_rows = [r for r in history if r["step"] <= sft_steps and "sft/nll_per_token" in r]
+  if sft_rows:
+    lines.append(f"  SFT steps 1..{sft_rows[-1]['step']}: loss per token {sft_rows[0]['sft/nll_per_token']:.3f} -> "
+                 f"{sft_rows[-1]['sft/nll_per_token']:.3f} (token prob {sft_rows[-1]['sft/token_prob']:.2f})")
+  rl = [r for r in history if r["step"] > sft_steps and "reward/mean" in r]
+  if len(rl) >= 2 * window:
+    first, first_std = _mean_std([r["reward/mean"] for r in rl[:window]])
+    last, last_std = _mean_std([r["reward/mean"] for r in rl[-window:]])
+    lines.append(f"  GRPO mean reward, first {window} steps {first:.3f} +- {first_std:.3f} -> last {window} "
+                 f"{last:.3f} +- {last_std:.3f} (+- : std between steps)")
+  if rl and "reward/format" in rl[-1]:
+    tools = rl[-1].get("rollout/tool_calls_per_trajectory")
+    lines.append(f"  at the end: reward/format {rl[-1]['reward/format']:.3f}"
+                 + (f", tool calls per trajectory {tools:.2f}" if tools is not None else ""))
+  return lines
+
+
+def end_summary(workdir: str, history: Sequence[Mapping[str, float]], exported: str | None,
+                sft_steps: int = 0) -> str:
+  """Steps run, the reward curve in a line (and, after a warm-up, the phases' numbers), where the outputs are and
+  how to look at them."""
   lines = ["varft: done"]
-  if history:
-    rewards = [row.get("reward/mean", float("nan")) for row in history]
+  rewarded = [row for row in history if "reward/mean" in row]
+  if rewarded:
+    rewards = [row["reward/mean"] for row in rewarded]
     curve = " ".join(f"{r:.2f}" for r in rewards[-20:])
-    lines.append(f"  steps {history[0]['step']}..{history[-1]['step']}: reward {rewards[0]:.3f} -> "
+    lines.append(f"  steps {rewarded[0]['step']}..{rewarded[-1]['step']}: reward {rewards[0]:.3f} -> "
                  f"{rewards[-1]:.3f} (last {min(len(rewards), 20)}: {curve})")
+  elif history:
+    lines.append(f"  steps {history[0]['step']}..{history[-1]['step']}")
+  lines += phase_lines(history, sft_steps)
   lines.append(f"  metrics: {os.path.join(workdir, 'metrics.jsonl')}; samples: {os.path.join(workdir, 'samples')}")
   if exported:
     lines.append(f"  HF export: {exported} (transformers-loadable, tokenizer and processor included)")
   lines.append(f"  TensorBoard: pip install tensorboard && tensorboard --logdir {os.path.join(workdir, 'tb')}")
   return "\n".join(lines)
-

@@ -7,7 +7,7 @@ import ml_collections
 def base_config() -> ml_collections.ConfigDict:
   """The defaults; a key missing here cannot be overridden from the command line."""
   c = ml_collections.ConfigDict()
-  c.mode = "train"  # train | eval
+  c.mode = "train"  # train (GRPO, after sft.steps of warm-up) | sft (supervised only) | eval
   c.task = "agent"  # agent (data + multi-turn rollouts with tools + rewards) | echo (the loop's sanity task)
   c.seed = 0
   c.total_steps = 100  # rollout steps; each runs grpo.epochs optimizer updates
@@ -51,6 +51,20 @@ def base_config() -> ml_collections.ConfigDict:
   c.grpo.micro_batches = 1
   c.grpo.logits_chunk = 256
   c.grpo.train_vision = True
+
+  # Supervised warm-up on reference trajectories (varft.sft): mode=sft runs only it; mode=train runs sft.steps
+  # updates first, then total_steps GRPO steps, in one run (one step counter, checkpoints in either phase).
+  c.sft = ml_collections.ConfigDict()
+  c.sft.steps = 0
+  c.sft.format = "auto"  # stepwise (one reference step per row) | multiturn (whole trajectories) | auto (rollout.mode)
+  c.sft.data = ""  # the reference records; '' = data.train (MAT-Training's reference steps)
+  c.sft.batch_size = 8  # rows per host and update
+  c.sft.micro_batches = 1
+  c.sft.aggregation = "token_mean"  # token_mean | sequence_mean
+  c.sft.learning_rate = 1e-5
+  c.sft.schedule = "cosine"
+  c.sft.warmup_steps = 0
+  c.sft.length_buckets = ()  # () = rollout.length_buckets
 
   c.optim = ml_collections.ConfigDict()
   c.optim.learning_rate = 1e-6
@@ -171,28 +185,38 @@ def apply_paper_recipe(c: ml_collections.ConfigDict, size: str, mode: str) -> No
 
 
 def apply_demo(c: ml_collections.ConfigDict) -> None:
-  """The tiny model on the embedded demo: finishes on 2 CPU cores in a few minutes."""
+  """The tiny model on the embedded demo: a supervised warm-up on the reference steps, then GRPO; finishes on 2 CPU
+  cores in a few minutes. The tiny model learns the format and the tool calls, not to read the images."""
   c.data.demo = True
   c.model.name = "tiny"
   c.model.dtype = "float32"
   c.model.remat = False
-  c.total_steps = 6
-  c.checkpoint_every = 3
-  c.samples_every = 3
-  c.eval_every = 6
+  # A random 10M model needs ~100 updates to write the template in order: many small, short batches.
+  c.sft.steps = 150
+  c.sft.batch_size = 2
+  c.sft.learning_rate = 1.5e-2
+  c.sft.warmup_steps = 10
+  c.sft.schedule = "cosine"  # annealing to 0 brings the last loss down: the tags come out right more often
+  c.sft.length_buckets = (768,)  # the longest demo reference (a two-hop answer step) is ~760 tokens
+  c.total_steps = 16  # GRPO steps after the warm-up
+  c.checkpoint_every = 80
+  c.samples_every = 10
+  c.eval_every = 1000  # at the end only
   c.export_hf = True
-  c.optim.learning_rate = 1e-4
+  c.grpo.beta = 0.0  # a few RL steps from the warmed-up policy: no KL anchor, no reference forward pass
+  c.optim.learning_rate = 1e-3
   c.optim.schedule = "constant"
-  c.rollout.prompts_per_host = 2
+  c.rollout.prompts_per_host = 4  # 16 rollouts per step: a step's mean reward is not just which prompts came up
   c.rollout.num_samples = 4
+  c.rollout.temperature = 0.5  # the warmed-up tiny model writes the format at 0.5 more often than not
   c.rollout.max_turns = 2
-  c.rollout.max_new_tokens = 24
+  c.rollout.max_new_tokens = 40
   c.rollout.max_total_tokens = 1024
   c.rollout.max_tool_output_tokens = 96
   c.rollout.length_buckets = (1024,)
   c.rollout.chunk_buckets = (128,)
   c.rollout.patch_buckets = (1024,)
-  c.rollout.image_max_pixels = 224 * 224
+  c.rollout.image_max_pixels = 112 * 112  # 16 image tokens: the tiny model cannot read images anyway
   c.tools.code.prewarm = False
   c.samples_per_step = 4
   c.eval.num_prompts = 8

@@ -38,7 +38,10 @@ from varft.models.qwen25vl import config as model_config_lib
 from varft.models.qwen25vl import text as text_model
 
 _CHOICES = {
-    "mode": ("train", "eval"),
+    "mode": ("train", "eval", "sft"),
+    "sft.format": ("auto", "stepwise", "multiturn"),
+    "sft.aggregation": grpo.AGGREGATION_MODES,
+    "sft.schedule": ("cosine", "linear", "constant"),
     "plan_check": ("auto", "off"),
     "task": ("echo", "agent"),
     "grpo.advantage": grpo.ADVANTAGE_MODES,
@@ -48,10 +51,10 @@ _CHOICES = {
     "model.dtype": ("float32", "bfloat16", "float16"),
 }
 _POSITIVE_INTS = ("total_steps", "grpo.epochs", "grpo.micro_batches", "grpo.logits_chunk", "rollout.num_samples",
-                  "rollout.prompts_per_host", "log_every")
+                  "rollout.prompts_per_host", "log_every", "sft.batch_size", "sft.micro_batches")
 _NON_NEGATIVE = ("grpo.beta", "grpo.eps_low", "grpo.eps_high", "grpo.tis_cap", "optim.learning_rate",
                  "optim.warmup_steps", "optim.weight_decay", "optim.max_grad_norm", "checkpoint_every",
-                 "samples_every", "eval_every")
+                 "samples_every", "eval_every", "sft.steps", "sft.learning_rate", "sft.warmup_steps")
 
 
 def _get(config: ml_collections.ConfigDict, dotted: str) -> Any:
@@ -89,6 +92,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
     sharding.mesh_shape(dict(config.mesh), jax.device_count())
   except ValueError as e:
     raise ConfigError(f"config.mesh: {e}") from None
+  if config.sft.batch_size % config.sft.micro_batches:
+    raise ConfigError(f"config.sft.micro_batches={config.sft.micro_batches} must divide config.sft.batch_size="
+                      f"{config.sft.batch_size}")
+  if config.mode == "sft" and config.sft.steps < 1:
+    raise ConfigError("config.mode=sft runs config.sft.steps supervised updates: set --config.sft.steps=N (N > 0)")
+  if config.sft.steps and config.task != "agent":
+    raise ConfigError(f"config.sft.steps={config.sft.steps}: the supervised phase needs reference trajectories "
+                      f"(config.task='agent'), not config.task={config.task!r}")
   size = config.model.name
   if config.task == "agent" and size in ("3b", "7b") and not config.model.hf_dir:
     raise ConfigError(f"config.model.hf_dir is empty: the {size} configs fine-tune a pretrained Qwen2.5-VL; "
@@ -206,6 +217,14 @@ class Trainer:
     self._train_step = jax.jit(grpo.make_train_step(self.model_cfg, self.gcfg, self.optimizer, self.mesh),
                                out_shardings=(self.state_shardings, replicated), donate_argnums=0,
                                static_argnames="row_loss_tokens")
+    # Steps 1..sft_steps are supervised (varft.sft_phase), the next grpo_steps GRPO.
+    self.sft_steps = int(config.sft.steps) if training else 0
+    self.grpo_steps = 0 if config.mode == "sft" else config.total_steps
+    self.total_steps = self.sft_steps + self.grpo_steps
+    self.sft = None
+    if self.sft_steps:
+      from varft import sft_phase
+      self.sft = sft_phase.SupervisedPhase(config, self.model_cfg, self.mesh, workdir, self.state_shardings)
     self.step = 0
     self.rng = jax.random.key(config.seed)
     self.last_samples: list[dict[str, Any]] = []
@@ -218,17 +237,53 @@ class Trainer:
       return False
     abstract = ckpt_lib.abstract_like(self.state, self.state_shardings)
     self.step, self.state, data_state, _ = self.checkpointer.restore(abstract, step)
-    hosts = data_state.get("hosts") or [{}]
-    self.env.restore_data_state(hosts[min(jax.process_index(), len(hosts) - 1)])
+    mine = lambda hosts: (hosts or [{}])[min(jax.process_index(), len(hosts or [{}]) - 1)]
+    self.env.restore_data_state(mine(data_state.get("hosts")))
+    if self.sft is not None:
+      self.sft.restore_data_state(mine(data_state.get("sft_hosts")))
+      if self.sft_steps < self.step and self.ref_params is not None:
+        reference = self._reference_checkpointer()
+        self.ref_params = reference.restore(ckpt_lib.abstract_like(self.ref_params))[1]
+        reference.close()
     logging.info("Resumed at step %d", self.step)
     return True
 
   def save(self, force: bool = False) -> None:
     data = {"hosts": sharding.gather_json(self.env.data_state())}
+    if self.sft is not None:
+      data["sft_hosts"] = sharding.gather_json(self.sft.data_state())
     meta = {"step": self.step, "config": self.config.to_json_best_effort()}
     self.checkpointer.save(self.step, self.state, data, meta, force=force)
 
+  def _reference_checkpointer(self) -> ckpt_lib.Checkpointer:
+    """Where the warmed-up policy is kept as GRPO's frozen reference (a resumed run reads it back)."""
+    return ckpt_lib.Checkpointer(os.path.join(self.workdir, "sft_reference"), max_to_keep=1, async_save=False)
+
+  def _start_grpo(self) -> None:
+    """After the supervised phase: fresh optimizer moments on GRPO's schedule; with a KL term the warmed-up policy
+    becomes the frozen reference (in the compute dtype, as the initial one), saved for a resumed run."""
+    params = self.state["params"]
+    if self.ref_params is not None:
+      self.ref_params = jax.jit(lambda p: grpo.compute_params(p, self.model_cfg),
+                                out_shardings=sharding.tree_shardings(params, self.mesh))(params)
+      reference = self._reference_checkpointer()
+      reference.save(self.step, self.ref_params, force=True)
+      reference.close()
+    reset = lambda state: grpo.init_train_state(state["params"], self.optimizer)
+    self.state = jax.jit(reset, out_shardings=self.state_shardings, donate_argnums=0)(self.state)
+
   def train_step(self) -> dict[str, float]:
+    """The next step of the run: a supervised update (the first `sft.steps`), else a GRPO step."""
+    if self.step < self.sft_steps:
+      self.state, metrics = self.sft.step(self.state, self.step + 1)
+      self.last_samples = self.sft.last_samples
+      self.step += 1
+      return metrics
+    if self.step == self.sft_steps and self.sft_steps:
+      self._start_grpo()
+    return self.grpo_step()
+
+  def grpo_step(self) -> dict[str, float]:
     """One rollout step and its `grpo.epochs` updates; returns the metrics (all hosts agree)."""
     config, timer = self.config, time.perf_counter
     start = timer()
@@ -257,6 +312,8 @@ class Trainer:
 
     host = {f"reward/{k}": float(np.mean(v)) for k, v in experience.components.items()}
     host.update({k: float(v) for k, v in experience.stats.items()})
+    if "rollout/tool_calls" in host and host.get("rollout/num_trajectories"):
+      host["rollout/tool_calls_per_trajectory"] = host["rollout/tool_calls"] / host["rollout/num_trajectories"]
     real = np.asarray(local["attention_mask"]).any(axis=1)  # rows of prompts the rollout could not run are empty
     rewards = local["rewards"][real] if real.any() else np.zeros((1,), np.float32)
     local_tokens = float(np.sum(local["attention_mask"]))
@@ -264,7 +321,7 @@ class Trainer:
                  "rollout/tokens": local_tokens, "rollout/sequence_length": local_tokens / max(int(real.sum()), 1)})
     metrics = sharding.host_mean(host)
     metrics.update({k: float(v) for k, v in device_metrics.items()})
-    metrics["train/learning_rate"] = float(self.lr_fn(self.step * config.grpo.epochs - 1))
+    metrics["train/learning_rate"] = float(self.lr_fn((self.step - self.sft_steps) * config.grpo.epochs - 1))
     metrics["time/collect_s"] = collected - start
     metrics["time/update_s"] = updated - collected
     metrics["time/step_s"] = updated - start
@@ -289,18 +346,19 @@ class Trainer:
     writer = metrics_writer.MetricsWriter(self.workdir, enabled=writer_host)
     choices = {f"run/{k}": str(v) for k, v in self.choices.items()}
     metrics: dict[str, float] = {}
-    progress = console.Progress(config.total_steps, self.step, enabled=writer_host)
+    progress = console.Progress(self.total_steps, self.step, enabled=writer_host)
     exported = None
     try:
-      while self.step < config.total_steps:
+      while self.step < self.total_steps:
         metrics = self.train_step()
-        last = self.step == config.total_steps
+        last = self.step == self.total_steps
         if config.eval_every and (self.step % config.eval_every == 0 or last):
           metrics.update(self.evaluate())
         if self.step % config.log_every == 0 or last:
           writer.write(self.step, {**metrics, **choices})
         if writer_host and config.samples_every and (self.step % config.samples_every == 0 or last):
           metrics_writer.write_samples(os.path.join(self.workdir, "samples"), self.step, self.last_samples)
+          writer.write_samples(self.step, self.last_samples)
         if (config.checkpoint_every and (self.step % config.checkpoint_every == 0 or last)
             or self.step in config.keep_checkpoint_steps):
           self.save(force=last)
@@ -316,8 +374,8 @@ class Trainer:
       writer.close()
       self.checkpointer.close()
     if writer_host:
-      print(console.end_summary(self.workdir, metrics_writer.read_metrics(self.workdir), exported),
-            file=sys.stderr, flush=True)
+      print(console.end_summary(self.workdir, metrics_writer.read_metrics(self.workdir), exported,
+                                sft_steps=self.sft_steps), file=sys.stderr, flush=True)
     return metrics
 
 

@@ -120,7 +120,10 @@ def test_search_demo_step_runs_the_agentic_loop_and_writes_every_output(tmp_path
   import json
   from experiments import search
   config = search.get_config("demo,multiturn")
+  config.sft.steps = 0  # the GRPO step alone (tests/sft covers the warm-up)
+  config.grpo.beta = 0.04  # the demo trains without the KL term; this step checks it
   config.total_steps = 1
+  config.rollout.prompts_per_host = 2
   config.rollout.num_samples = 2
   config.rollout.max_new_tokens = 8
   config.eval.benchmarks = ("mat_search",)

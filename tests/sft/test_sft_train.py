@@ -1,0 +1,116 @@
+"""The supervised phase in the trainer: SFT then GRPO on the demo, mode=sft, resume in the middle of either phase."""
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from experiments import search
+from varft import metrics_writer, train
+from varft.data import builders, demo
+
+
+@pytest.fixture(scope="module")
+def demo_root(tmp_path_factory):
+  """The demo data, generated and prepared once for the module (a run's workdir gets a copy)."""
+  root = tmp_path_factory.mktemp("demo")
+  demo.generate(str(root / "demo_data"), seed=0)
+  (root / "demo_data" / "layout.json").write_text("{}")  # a generated demo: the trainer keeps it
+  builders.load("mat_training/search", manual_dir=str(root / "demo_data" / "MAT"))  # prepared once, copied
+  jax.config.update("jax_compilation_cache_dir", str(root / "jax_cache"))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+  return root
+
+
+def _workdir(demo_root, tmp_path, name):
+  workdir = tmp_path / name
+  shutil.copytree(demo_root / "demo_data", workdir / "demo_data")
+  return str(workdir)
+
+
+def _small(config, sft_steps, grpo_steps):
+  config.sft.steps, config.total_steps = sft_steps, grpo_steps
+  config.sft.batch_size = 2
+  config.rollout.prompts_per_host, config.rollout.num_samples = 1, 2
+  config.rollout.max_new_tokens = 8
+  config.eval_every = config.samples_every = 0
+  config.export_hf = False
+  config.reward_options.query_similarity = "lexical"
+  return config
+
+
+def _deterministic(rows):
+  return [{k: v for k, v in row.items() if not k.startswith(("time/", "perf/", "run/"))} for row in rows]
+
+
+def _run_until(config, workdir, stop):
+  """Trains from the workdir's checkpoint to `stop`, checkpointing every step, as a run killed there would."""
+  trainer = train.Trainer(config, workdir)
+  trainer.maybe_restore()
+  writer = metrics_writer.MetricsWriter(workdir)
+  try:
+    while trainer.step < stop:
+      metrics = trainer.train_step()
+      writer.write(trainer.step, metrics)
+      trainer.save(force=True)
+  finally:
+    writer.close()
+    trainer.checkpointer.close()
+
+
+def test_resume_in_the_middle_of_either_phase_repeats_the_uninterrupted_run(demo_root, tmp_path):
+  config = _small(search.get_config("demo"), sft_steps=2, grpo_steps=2)
+  config.grpo.beta = 0.04  # the reference policy (the warmed-up one) must come back too
+  config.checkpoint_every = 1
+  reference_dir = _workdir(demo_root, tmp_path, "reference")
+  reference = train.Trainer(config, reference_dir)
+  reference.run()
+
+  run_dir = _workdir(demo_root, tmp_path, "run")
+  _run_until(config, run_dir, 1)  # stopped during SFT
+  _run_until(config, run_dir, 3)  # resumed: the rest of SFT, the switch, one GRPO step; stopped during GRPO
+  resumed = train.Trainer(config, run_dir)
+  resumed.run()
+  assert resumed.step == reference.step == 4
+  for a, b in zip(jax.tree.leaves(reference.state), jax.tree.leaves(resumed.state)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  rows = _deterministic(metrics_writer.read_metrics(run_dir))
+  assert rows == _deterministic(metrics_writer.read_metrics(reference_dir))
+  assert [("sft/loss" in r, "reward/mean" in r) for r in rows] == [(True, False)] * 2 + [(False, True)] * 2
+  assert "train/kl" in rows[-1] and os.path.isdir(os.path.join(run_dir, "sft_reference"))
+
+
+def test_mode_sft_runs_only_the_supervised_phase(demo_root, tmp_path):
+  config = _small(search.get_config("demo,multiturn"), sft_steps=2, grpo_steps=5)
+  config.mode = "sft"
+  config.samples_every = 2
+  workdir = _workdir(demo_root, tmp_path, "sft")
+  metrics = train.train(config, workdir)
+  rows = metrics_writer.read_metrics(workdir)
+  assert [r["step"] for r in rows] == [1, 2] and "sft/loss" in metrics and "reward/mean" not in metrics
+  assert metrics["sft/skipped"] == 0 and metrics["train/loss_tokens"] > 0
+  page = open(os.path.join(workdir, "samples", "step_000002.html")).read()
+  assert "&lt;information&gt;" in page and "reference" in page  # whole trajectories with their search results
+  config.sft.steps = 0
+  with pytest.raises(ValueError, match=r"config\.sft\.steps"):
+    train.validate(config)
+
+
+@pytest.mark.slow
+def test_sft_then_grpo_on_the_demo_reaches_the_format_target(demo_root, tmp_path):
+  """The search demo as configured (SFT warm-up, then GRPO): a random tiny model ends writing the paper's format,
+  and GRPO's mean reward rises by more than its step-to-step noise."""
+  config = search.get_config("demo")
+  config.eval_every = config.samples_every = config.checkpoint_every = 0
+  config.export_hf = False
+  workdir = _workdir(demo_root, tmp_path, "demo")
+  train.train(config, workdir)
+  rows = metrics_writer.read_metrics(workdir)
+  sft_rows, grpo_rows = rows[:config.sft.steps], rows[config.sft.steps:]
+  assert len(grpo_rows) == config.total_steps and all("reward/format" in r for r in grpo_rows)
+  assert sft_rows[0]["sft/nll_per_token"] > 10 > 1 > np.mean([r["sft/nll_per_token"] for r in sft_rows[-10:]])
+  assert grpo_rows[-1]["reward/format"] >= 0.9, [r["reward/format"] for r in grpo_rows]
+  first = [r["reward/mean"] for r in grpo_rows[:3]]
+  last = [r["reward/mean"] for r in grpo_rows[-3:]]
+  assert np.mean(last) - np.mean(first) > 2 * max(np.std(first), np.std(last)), (first, last)
