@@ -167,6 +167,13 @@ def check_plan(config, mesh):
   return plan.check_fits(config, devices)
 
 
+def loss_slots(loss_mask, minimum: int) -> int:
+  """Per-row logit slots of a batch (`grpo.row_loss_token_bucket`, agreed by all hosts), at least `minimum`: with
+  the bucket of `rollout.max_new_tokens` as the minimum (what the planner plans for) a run compiles its update once
+  instead of once per power of two its batches happen to need."""
+  return max(minimum, *sharding.gather_json(grpo.row_loss_token_bucket(loss_mask)))
+
+
 def make_environment(config, model_cfg, mesh, workdir: str, training: bool = True):
   if config.task == "echo":
     from varft import echo_task
@@ -219,12 +226,14 @@ class Trainer:
                                static_argnames="row_loss_tokens")
     # Steps 1..sft_steps are supervised (varft.sft_phase), the next grpo_steps GRPO.
     self.sft_steps = int(config.sft.steps) if training else 0
+    self.min_loss_slots = grpo.row_loss_token_bucket(np.ones((1, config.rollout.max_new_tokens)))
     self.grpo_steps = 0 if config.mode == "sft" else config.total_steps
     self.total_steps = self.sft_steps + self.grpo_steps
     self.sft = None
     if self.sft_steps:
       from varft import sft_phase
-      self.sft = sft_phase.SupervisedPhase(config, self.model_cfg, self.mesh, workdir, self.state_shardings)
+      self.sft = sft_phase.SupervisedPhase(config, self.model_cfg, self.mesh, workdir, self.state_shardings,
+                                           lambda mask: loss_slots(mask, self.min_loss_slots))
     self.step = 0
     self.rng = jax.random.key(config.seed)
     self.last_samples: list[dict[str, Any]] = []
@@ -297,7 +306,7 @@ class Trainer:
                           + jax.process_index() * config.rollout.prompts_per_host)
     batch = batch_lib.to_devices(local, self.mesh, self.model_cfg.vision)
     # Logits only at the sampled positions: a static per-row bucket (agreed by all hosts) >= any row's count.
-    row_slots = max(sharding.gather_json(grpo.row_loss_token_bucket(local["loss_mask"])))
+    row_slots = loss_slots(local["loss_mask"], self.min_loss_slots)
     advantages = self._advantages(batch["rewards"], batch["group_ids"])
     ref_logps = self._logps(self.ref_params, batch, row_loss_tokens=row_slots) if self.gcfg.beta > 0 else None
     trainer_logps = (self._logps(self.state["params"], batch, row_loss_tokens=row_slots)

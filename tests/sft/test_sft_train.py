@@ -114,3 +114,11 @@ def test_sft_then_grpo_on_the_demo_reaches_the_format_target(demo_root, tmp_path
   first = [r["reward/mean"] for r in grpo_rows[:3]]
   last = [r["reward/mean"] for r in grpo_rows[-3:]]
   assert np.mean(last) - np.mean(first) > 2 * max(np.std(first), np.std(last)), (first, last)
+
+
+def test_update_logit_slots_never_drop_below_the_rollouts_turn_bucket():
+  """One compile per run: slots are the bucket of rollout.max_new_tokens unless a batch's rows need more."""
+  minimum = 64
+  assert train.loss_slots(np.ones((2, 10)), minimum) == 64
+  assert train.loss_slots(np.ones((2, 100)), minimum) == 128
+  assert train.loss_slots(np.zeros((2, 100)), minimum) == 64
