@@ -46,6 +46,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.grpo.eps_high = 0.2
   c.grpo.advantage = "std"  # std | no_std (Dr. GRPO) | leave_one_out
   c.grpo.aggregation = "sequence_mean"  # sequence_mean (the paper) | token_mean
+  c.grpo.policy_loss = "clipped"  # clipped | reinforce (the released trainers: ratio exp(logp - sg(logp)) == 1)
   c.grpo.epochs = 1  # mu: updates per rollout batch
   c.grpo.tis_cap = 0.0  # > 0: truncated sampler/trainer importance correction
   c.grpo.micro_batches = 1
@@ -162,12 +163,20 @@ def apply_paper_recipe(c: ml_collections.ConfigDict, size: str, mode: str) -> No
   c.rollout.num_samples = 8
   c.rollout.temperature = 1.0
   c.rollout.top_k = 50 if c.paper else 0  # the released trainer samples with transformers' default top-k 50
+  if c.paper:
+    apply_paper_setting(c)
   c.rollout.max_new_tokens = 256 if mode == "stepwise" else 512
   c.rollout.max_total_tokens = 4096
   c.rollout.image_max_pixels = 401408
   c.data.resize = 720
   c.reward_options.query_similarity = "minilm"
   c.mesh = {"data": 1, "fsdp": -1, "tensor": 1}
+
+
+def apply_paper_setting(c: ml_collections.ConfigDict) -> None:
+  """Where the released Visual-ARFT trainers differ from varft's defaults (both tasks; see the README's "Paper
+  setting"): the policy term exp(logp - sg(logp)) A, i.e. REINFORCE with the group baseline, never clipped."""
+  c.grpo.policy_loss = "reinforce"
 
 
 def apply_demo(c: ml_collections.ConfigDict) -> None:
