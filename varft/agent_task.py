@@ -161,6 +161,24 @@ def score_rows(completions: Sequence[str], refs: Sequence[Mapping[str, Any]], co
   return total, components, errors
 
 
+def scored_completions(result: rollout_lib.RolloutResult, examples: Sequence[Mapping[str, Any]],
+                       options: rewards_lib.RewardOptions, tokenizer, rng: np.random.Generator
+                       ) -> tuple[list[str], np.ndarray, int]:
+  """The text each trajectory is scored on: its completion (with `options.skip_special_tokens`, its sampled tokens
+  decoded without special tokens), then with `options.gold_injection` one row per group replaced by its example's
+  `gt` (`rewards.inject_gold`). Returns (texts, injected (N,) bool, groups without a gt)."""
+  transcripts = result.transcripts
+  if options.skip_special_tokens:  # batch row i is transcript i (the skipped prompts' empty rows come after)
+    tokens, sampled = np.asarray(result.batch["tokens"]), np.asarray(result.batch["loss_mask"]) > 0
+    texts = [tokenizer.decode(tokens[i][sampled[i]], skip_special_tokens=True) for i in range(len(transcripts))]
+  else:
+    texts = [t.completion for t in transcripts]
+  if not options.gold_injection:
+    return texts, np.zeros((len(texts),), bool), 0
+  return rewards_lib.inject_gold(texts, [ex.get("gt") or "" for ex in examples], [t.group_id for t in transcripts],
+                                 rng)
+
+
 def _flat_stats(stats: Mapping[str, Any], prefix: str = "rollout/") -> dict[str, float]:
   out = {}
   for key, value in stats.items():
@@ -208,6 +226,9 @@ class AgentEnvironment:
     self.eval_engine = rollout_lib.RolloutEngine(model_cfg, tokenizer, self.executor,
                                                  rollout_config(config.rollout, **eval_overrides),
                                                  mesh=self.rollout_mesh)
+    self.reward_options = rewards_lib.options_from_config(config)
+    if self.reward_options.skip_special_tokens and self.mode != "stepwise":
+      raise ValueError("config.reward_options.skip_special_tokens is for step-wise training (rollout.mode=stepwise)")
     self.batches = None  # evaluation only: no training data needed
     if training:
       d = config.data
@@ -217,6 +238,7 @@ class AgentEnvironment:
 
   def collect(self, params, rng) -> Experience:
     """One step's rollouts on this host's next prompts, scored."""
+    gold_rng = np.random.default_rng(np.asarray(jax.random.key_data(jax.random.fold_in(rng, jax.process_index()))))
     params, rng = sharding.rollout_inputs(params, rng, self.mesh, self.rollout_mesh, self.compute_dtype)
     start = time.perf_counter()
     skipped_batches = 0
@@ -238,7 +260,8 @@ class AgentEnvironment:
     if self.mode == "multiturn":
       stats = [t.tool_stats() for t in result.transcripts]
       tool_stats = {k: [s[k] for s in stats] for k in stats[0]}
-    completions = [t.completion for t in result.transcripts]
+    completions, injected, gold_missing = scored_completions(result, by_row, self.reward_options,
+                                                             self.engine.tokenizer, gold_rng)
     total, components, reward_errors = score_rows(completions, refs, self.config, step_types, tool_stats)
     scored = time.perf_counter()
     rows = self.prompts_per_host * self.num_samples
@@ -253,8 +276,10 @@ class AgentEnvironment:
     stats.update({"time/rollout_s": rolled - start, "time/rewards_s": scored - rolled,
                   "rollout/padded_rows": float(rows - len(total)), "rollout/skipped_batches": float(skipped_batches),
                   "rollout/reward_errors": float(reward_errors)})
-    samples = [transcript_sample(t, ex, reward=float(r))
-               for t, ex, r in zip(result.transcripts, by_row, total)][:self.config.samples_per_step]
+    if self.reward_options.gold_injection:
+      stats.update({"rollout/gold_injected": float(injected.sum()), "rollout/gold_missing": float(gold_missing)})
+    samples = [transcript_sample(t, ex, reward=float(r), **({"scored_as_gt": True} if g else {}))
+               for t, ex, r, g in zip(result.transcripts, by_row, total, injected)][:self.config.samples_per_step]
     return Experience(batch=batch, rewards=rewards, components=padded_components, stats=stats, samples=samples)
 
   def evaluate(self, params, rng, out_dir: str | None = None) -> dict[str, float]:

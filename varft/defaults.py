@@ -109,9 +109,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.rewards = [("accuracy", 1.0), ("format", 1.0)]
   # query_similarity: the step-wise search reward's encoder: minilm (the paper's all-MiniLM-L6-v2) | lexical (word
   # overlap, needs nothing) | auto (minilm when installed, else lexical, said once; the choice is in the metrics).
+  # gold_injection: score one sample per group as the record's gt (the paper's coding trainer); skip_special_tokens:
+  # score the sampled tokens decoded without <|im_end|> & co. (the released trainers; step-wise only).
   c.reward_options = ml_collections.ConfigDict({"task": "search", "similarity_threshold": 0.5,
                                                 "code_step_reward": 0.9, "query_similarity": "auto",
-                                                "math_verify": False})
+                                                "math_verify": False, "gold_injection": False,
+                                                "skip_special_tokens": False})
 
   c.eval = ml_collections.ConfigDict()
   c.eval.benchmarks = ("mat_search",)  # names in varft.agent_task.BENCHMARKS
@@ -174,9 +177,16 @@ def apply_paper_recipe(c: ml_collections.ConfigDict, size: str, mode: str) -> No
 
 
 def apply_paper_setting(c: ml_collections.ConfigDict) -> None:
-  """Where the released Visual-ARFT trainers differ from varft's defaults (both tasks; see the README's "Paper
-  setting"): the policy term exp(logp - sg(logp)) A, i.e. REINFORCE with the group baseline, never clipped."""
+  """Where the released Visual-ARFT trainers differ from varft's defaults, for both tasks (the task's own parts are in
+  experiments/*.py; every remaining difference is in the README's "Paper setting"):
+  - the policy term exp(logp - sg(logp)) A: REINFORCE with the group baseline, never clipped;
+  - samples run to EOS (or max_new_tokens), not to the first closing tag, so <|im_end|> is sampled and trained;
+  - they are scored decoded without special tokens, by the fullmatch format rules, so any text after the action
+    (which a closing-tag stop never lets through) costs the format reward.
+  """
   c.grpo.policy_loss = "reinforce"
+  c.rollout.stop_at = "eos"  # varft.rollout.RolloutConfig.stop_at: closing_tag | eos
+  c.reward_options.skip_special_tokens = True
 
 
 def apply_demo(c: ml_collections.ConfigDict) -> None:
