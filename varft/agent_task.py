@@ -223,9 +223,17 @@ class AgentEnvironment:
                                             mesh=self.rollout_mesh, batch_devices=batch_lib.devices_per_host(mesh))
     eval_overrides = {"mode": "multiturn", "temperature": config.eval.temperature,
                       "max_turns": config.eval.max_turns}
-    self.eval_engine = rollout_lib.RolloutEngine(model_cfg, tokenizer, self.executor,
-                                                 rollout_config(config.rollout, **eval_overrides),
-                                                 mesh=self.rollout_mesh)
+    eval_config = rollout_config(config.rollout, **eval_overrides)
+    eval_prompt = config.eval.get("prompt", "agent")
+    if eval_prompt == "direct":  # the paper's direct-answer baselines
+      from varft.eval import direct
+      self.eval_engine = direct.DirectAnswerEngine(model_cfg, tokenizer, eval_config, mesh=self.rollout_mesh,
+                                                   max_new_tokens=config.eval.direct_max_new_tokens)
+    elif eval_prompt == "agent":
+      self.eval_engine = rollout_lib.RolloutEngine(model_cfg, tokenizer, self.executor, eval_config,
+                                                   mesh=self.rollout_mesh)
+    else:
+      raise ValueError(f"config.eval.prompt={eval_prompt!r} is not one of ('agent', 'direct')")
     self.reward_options = rewards_lib.options_from_config(config)
     if self.reward_options.skip_special_tokens and self.mode != "stepwise":
       raise ValueError("config.reward_options.skip_special_tokens is for step-wise training (rollout.mode=stepwise)")

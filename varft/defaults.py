@@ -122,6 +122,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.batch_size = 8
   c.eval.temperature = 0.0  # greedy
   c.eval.max_turns = 5
+  c.eval.prompt = "agent"  # agent | direct (the paper's direct-answer baselines: one turn, no tools; varft.eval.direct)
+  c.eval.direct_max_new_tokens = 2048  # the direct-answer reply's budget (the baseline scripts' max_new_tokens)
   c.eval.checkpoint_step = -1  # eval mode: the checkpoint to evaluate (-1 = latest, or the initial weights)
   return c
 

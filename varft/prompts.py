@@ -105,3 +105,14 @@ def problem_tip(problems: Sequence[str]) -> str:
     return "<tips> The image has no issues, so no code is needed in the next step. You can directly provide the answer. </tips>"
   return (f"<tips> Now that we have identified the issue in the image: {problems}, please proceed to address it by "
           "outputting the python code. </tips>")
+
+
+# The paper's direct-answer baselines (its evaluation_*_df.py): the question, a newline, then one instruction; no
+# agent prompt, one turn. The MAT benchmarks (one image) and the text-only multi-hop QA sets use different ones.
+DIRECT_ANSWER_WITH_IMAGE = "Answer the question directly. The answer should be very brief."
+DIRECT_ANSWER_TEXT_ONLY = "Only Return the answer."
+
+
+def direct_answer_text(question: str, with_image: bool) -> str:
+  """The user text of a direct-answer baseline turn (shown after the image when there is one)."""
+  return f"{question}\n{DIRECT_ANSWER_WITH_IMAGE if with_image else DIRECT_ANSWER_TEXT_ONLY}"
