@@ -89,3 +89,23 @@ def test_gold_options_are_reward_options():
   assert options.gold_injection and options.skip_special_tokens
   with pytest.raises(ValueError, match="inject_gold: 2 completions, 1 golds"):
     rewards.inject_gold(["a", "b"], ["g"], [0, 0], np.random.default_rng(0))
+
+
+@pytest.mark.parametrize("task, text, expected", [
+    ("coding", "<think> a </think><answer> OPEN </answer>", 1.0),
+    ("coding", "<think> a </think><answer> OPEN </answer> Hope this helps.", 0.0),  # text after the action
+    ("coding", "<think> a </think><answer> OPEN </answer>\n", 0.0),  # even a newline: fullmatch
+    ("search", "<think> a </think>\n<search> a query </search> then I will answer", 0.0),
+    ("search", "<think> a </think>\n<search> a query </search>", 1.0),
+])
+def test_text_after_the_action_costs_the_format_as_the_released_fullmatch(task, text, expected):
+  """Generated to EOS, a turn can run on past its action (a closing-tag stop never lets it); the format reward
+  is the released `re.fullmatch(pattern, content, re.DOTALL)` on the text without special tokens."""
+  import re
+  pattern = {"coding": r"<think>.*?</think>\s*<answer>.*?</answer>",
+             "search": r"<think>.*?</think>\s*<search>.*?</search>"}[task]
+  assert float(re.fullmatch(pattern, text, re.DOTALL) is not None) == expected
+  solution = "<answer> OPEN </answer>" if task == "coding" else "<search> a query </search>"
+  config = {"rewards": [("format", 1.0)], "reward_options": {"task": task}}
+  _, components = rewards.score_batch([text], [{"solution": solution}], config)
+  assert float(components["format"][0]) == expected
