@@ -235,8 +235,9 @@ class AgentEnvironment:
     else:
       raise ValueError(f"config.eval.prompt={eval_prompt!r} is not one of ('agent', 'direct')")
     self.reward_options = rewards_lib.options_from_config(config)
-    if self.reward_options.skip_special_tokens and self.mode != "stepwise":
-      raise ValueError("config.reward_options.skip_special_tokens is for step-wise training (rollout.mode=stepwise)")
+    for key in ("skip_special_tokens", "gold_injection"):  # both read one turn's text against one reference step
+      if getattr(self.reward_options, key) and self.mode != "stepwise":
+        raise ValueError(f"config.reward_options.{key} is for step-wise training (rollout.mode=stepwise)")
     self.batches = None  # evaluation only: no training data needed
     if training:
       d = config.data

@@ -8,12 +8,13 @@ The loss of one token is
 
     -min(r * A, clip(r, 1 - eps_low, 1 + eps_high) * A) + beta * k3(ref, logp),   r = exp(logp - logp_old)
 
-or, with `policy_loss='reinforce'` (the released Visual-ARFT trainers), -exp(logp - stop_gradient(logp)) * A + beta * k3:
-the ratio is 1 in value and its gradient is that of logp, so the update is REINFORCE with the group baseline (what
-the clipped surrogate also is at mu = 1 when the sampler's and the trainer's log-probs agree exactly), never clipped.
+or, with `policy_loss='reinforce'` (the released Visual-ARFT trainers), -exp(logp - stop_gradient(logp)) * A
++ beta * k3: the ratio is 1 in value and its gradient is that of logp, so the update is REINFORCE with the group
+baseline (what the clipped surrogate also is at mu = 1 when the sampler's and the trainer's log-probs agree exactly),
+never clipped.
 
-Either is optionally times a truncated importance weight min(exp(logp_old - logp_sampler), tis_cap) that corrects for the
-sampler and the trainer computing slightly different probabilities. Tokens are aggregated either per sequence
+Either is optionally times a truncated importance weight min(exp(logp_old - logp_sampler), tis_cap) that corrects for
+the sampler and the trainer computing slightly different probabilities. Tokens are aggregated either per sequence
 (token mean within a sequence, then mean over sequences, as the paper's trainer) or by one global token mean. The
 aggregation is turned into per-token weights over the whole batch first, so accumulating gradients over micro-batches
 gives exactly the full-batch gradient.

@@ -47,3 +47,12 @@ def test_coding_demo_step_with_the_paper_scoring_injects_one_gt_per_group(tmp_pa
   # A tiny random policy never writes the format in 8 tokens: the injected gt rows (1 of 2 per group) are the ones
   # scored with full format.
   assert metrics["reward/format"] == 0.5
+
+
+@pytest.mark.parametrize("key", ["gold_injection", "skip_special_tokens"])
+def test_step_wise_scoring_options_are_refused_in_multi_turn_mode(tmp_path, key):
+  from varft import train
+  config = coding.get_config("demo,multiturn")
+  config.reward_options[key] = True
+  with pytest.raises(ValueError, match=f"config.reward_options.{key} is for step-wise training"):
+    train.train(config, str(tmp_path))
