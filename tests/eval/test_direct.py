@@ -119,3 +119,10 @@ def test_eval_prompt_direct_runs_the_benchmark_loop_on_the_demo(tmp_path):
   config.eval.prompt = "cot"
   with pytest.raises(ValueError, match="config.eval.prompt='cot' is not one of"):
     evaluate.run(config, str(tmp_path / "other"))
+
+
+def test_a_prompt_over_the_length_buckets_is_skipped_not_fatal(setup):
+  _, params, _, _, engine = setup
+  long = {"id": "long", "question": "why " * 300, "answers": ["x"], "images": []}
+  result = engine.run(params, [long, EXAMPLES[1]], jax.random.key(0))
+  assert [t.example_id for t in result.transcripts] == ["h1"] and result.stats["skipped"] == 1

@@ -87,6 +87,9 @@ class DirectAnswerEngine:
     for b, example in enumerate(examples):
       try:
         row, images, next_position, rendered = self.prompt(example, str(b))
+        if len(row.tokens) > max(self.config.length_buckets):
+          raise ValueError(f"prompt of {len(row.tokens)} tokens exceeds the largest length bucket "
+                           f"{max(self.config.length_buckets)}")
       except (image_lib.ImageError, OSError, ValueError, KeyError) as e:
         logging.warning("Skipping example %r: %s", example.get("id"), e)
         continue
