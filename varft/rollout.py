@@ -39,7 +39,6 @@ from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import jax
 import numpy as np
-from PIL import Image
 
 from varft import actions as actions_lib
 from varft import batch as batch_lib
@@ -50,6 +49,7 @@ from varft.processing import chat
 from varft.processing import image as image_lib
 from varft.tools import code as code_lib
 from varft.tools.executor import ToolCall
+from varft.trajectory import ImageEntry, Ledger, RolloutResult, Transcript  # pylint: disable=unused-import
 
 log = logging.getLogger(__name__)
 
@@ -137,112 +137,6 @@ class RolloutConfig:
     return self.stop_tags if self.stop_at == "closing_tag" else ()
 
 
-@dataclasses.dataclass
-class Transcript:
-  """A readable trajectory for logging and rewards. Images are referenced by name (`prompt:0`, `turn2:output`);
-  `images` holds the tool-output images (prompt images are the example's)."""
-  example_id: str
-  group_id: int
-  sample_index: int
-  messages: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # role, text, images (refs)
-  actions: list[actions_lib.Action] = dataclasses.field(default_factory=list)
-  observations: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # kind, ok, error, truncated, image
-  images: dict[str, Image.Image] = dataclasses.field(default_factory=dict)
-  stop_reason: str = ""
-  num_tokens: int = 0
-
-  @property
-  def completion(self) -> str:
-    """The text of the last assistant turn (what the rewards score)."""
-    turns = [m["text"] for m in self.messages if m["role"] == "assistant"]
-    return turns[-1] if turns else ""
-
-  @property
-  def answer(self) -> str | None:
-    answers = [a.content for a in self.actions if a.kind == "answer"]
-    return answers[-1] if answers else None
-
-  def tool_stats(self) -> dict[str, Any]:
-    """Counts the rewards use: calls, failed calls, whether every turn parsed, successful code runs."""
-    tools = [o for o in self.observations if o["kind"] in ("search", "code")]
-    return {"num_calls": len(tools), "num_failed": sum(not o["ok"] for o in tools),
-            "all_valid": all(a.kind != "malformed" for a in self.actions),
-            "num_code_success": sum(o["ok"] for o in tools if o["kind"] == "code")}
-
-  def render(self) -> str:
-    lines = []
-    for m in self.messages:
-      refs = "".join(f"[image {r}]" for r in m.get("images", ()))
-      lines.append(f"--- {m['role']} ---\n{refs}{m['text']}")
-    lines.append(f"--- stop: {self.stop_reason} ({self.num_tokens} tokens) ---")
-    return "\n".join(lines)
-
-
-@dataclasses.dataclass
-class RolloutResult:
-  batch: dict[str, Any]
-  transcripts: list[Transcript]
-  stats: dict[str, Any]
-
-
-@dataclasses.dataclass
-class _Image:
-  key: str
-  pil: Image.Image
-  patches: np.ndarray
-  grid: np.ndarray
-  num_tokens: int
-
-
-@dataclasses.dataclass
-class _Row:
-  """The ledger of one trajectory."""
-  group: int
-  tokens: list[int]
-  image_key: list[str | None]  # per token: which image it belongs to (None for text)
-  image_local: list[int]  # per token: index within that image's merged tokens
-  positions: list[np.ndarray]  # (3, n) chunks
-  next_position: int
-  images: list[str]  # image keys in order of appearance
-  transcript: Transcript
-  loss_mask: list[int] = dataclasses.field(default_factory=list)
-  logps: list[float] = dataclasses.field(default_factory=list)
-  turns: int = 0
-  done: bool = False
-  # The example's text and, for the single-turn layout, the prompt text so far and the image it shows.
-  task: str = "search"
-  question: str = ""
-  head: str = ""
-  chain: str = ""
-  shown: tuple[str, str] | None = None  # (image key, transcript ref)
-  problems: tuple[str, ...] = ()  # the latest <problem> set
-  last_query: str | None = None
-
-  def start(self, tokens, positions, image_key, image_local, images):
-    """Resets the ledger to a prompt (a new single-turn prompt replaces the whole ledger)."""
-    self.tokens, self.loss_mask, self.logps, self.image_key, self.image_local = [], [], [], [], []
-    self.positions, self.images = [], list(images)
-    self.append(tokens, positions, int(positions.max()) + 1, image_key=image_key, image_local=image_local)
-
-  def append(self, tokens, positions, next_position, sampled_logps=None, image_key=None, image_local=None):
-    n = len(tokens)
-    self.tokens.extend(int(t) for t in tokens)
-    self.loss_mask.extend([1 if sampled_logps is not None else 0] * n)
-    self.logps.extend([float(x) for x in sampled_logps] if sampled_logps is not None else [0.0] * n)
-    self.image_key.extend(image_key if image_key is not None else [None] * n)
-    self.image_local.extend(image_local if image_local is not None else [-1] * n)
-    self.positions.append(positions)
-    self.next_position = next_position
-
-  def finish(self, reason: str):
-    self.done = True
-    self.transcript.stop_reason = reason
-
-  def batch_row(self) -> batch_lib.Row:
-    return batch_lib.Row(self.group, self.tokens, np.concatenate(self.positions, axis=1), self.loss_mask, self.logps,
-                         self.image_key, self.image_local)
-
-
 class RolloutEngine:
   """Runs batched multi-turn (or step-wise) rollouts of a Qwen2.5-VL policy with tools."""
 
@@ -269,17 +163,17 @@ class RolloutEngine:
 
   # ---- images ---------------------------------------------------------------------------------------------------
 
-  def _add_image(self, table: dict[str, _Image], source) -> str:
+  def _add_image(self, table: dict[str, ImageEntry], source) -> str:
     pil = image_lib.load_image(source)
     key = hashlib.sha1(pil.tobytes() + repr(pil.size).encode()).hexdigest()
     if key not in table:
       shown = image_lib.vision_info_resize(pil) if self.config.image_prefit else pil
       patches, grid = image_lib.process_image(shown, self.config.image_min_pixels, self.config.image_max_pixels)
       tokens = int(np.prod(grid)) // self.merge ** 2
-      table[key] = _Image(key, pil, patches, np.asarray(grid, np.int64), tokens)
+      table[key] = ImageEntry(key, pil, patches, np.asarray(grid, np.int64), tokens)
     return key
 
-  def _image_tables(self, rows: Sequence[batch_lib.Row], table: dict[str, _Image]):
+  def _image_tables(self, rows: Sequence[batch_lib.Row], table: dict[str, ImageEntry]):
     """Each sampler device's table of the images `rows` show and the rows' `image_index` into their own table."""
     images = {k: batch_lib.Image(e.patches, e.grid) for k, e in table.items()}
     per_device, index = batch_lib.device_images(rows, images, self.sampler.num_shards, self.model_config.vision)
@@ -312,7 +206,7 @@ class RolloutEngine:
                                  self.tokenizer.image_pad_id)
     return ids, rendered
 
-  def _start(self, row: _Row, ids: Sequence[int], keys: Sequence[str], table) -> None:
+  def _start(self, row: Ledger, ids: Sequence[int], keys: Sequence[str], table) -> None:
     """Puts a prompt into the row's (empty or reset) ledger: M-RoPE positions and per-token image references."""
     pos, _ = rope.sequence_positions(np.asarray([ids]), [table[k].grid for k in keys] or None, self.model_config)
     key_per_token, local_per_token = [None] * len(ids), [-1] * len(ids)
@@ -323,7 +217,7 @@ class RolloutEngine:
         key_per_token[t], local_per_token[t] = k, i
     row.start(ids, pos[:, 0], key_per_token, local_per_token, keys)
 
-  def _start_rows(self, examples, table, num_samples: int) -> tuple[list[_Row], list[str]]:
+  def _start_rows(self, examples, table, num_samples: int) -> tuple[list[Ledger], list[str]]:
     rows, skipped = [], []
     for group, example in enumerate(examples):
       try:
@@ -341,14 +235,14 @@ class RolloutEngine:
       for s in range(num_samples):
         transcript = Transcript(str(example.get("id", group)), len(rows) // num_samples, s,
                                 messages=[{"role": "user", "text": rendered, "images": image_refs}])
-        row = _Row(len(rows) // num_samples, [], [], [], [], 0, [], transcript, task=example.get("task", "search"),
+        row = Ledger(len(rows) // num_samples, [], [], [], [], 0, [], transcript, task=example.get("task", "search"),
                    question=example["question"], head=head,
                    shown=(keys[-1], image_refs[-1]) if keys else None)
         self._start(row, ids, keys, table)
         rows.append(row)
     return rows, skipped
 
-  def _restart(self, row: _Row, table) -> tuple | None:
+  def _restart(self, row: Ledger, table) -> tuple | None:
     """Single-turn layout: the row's next prompt (the chain so far, the image it shows now) as its new ledger."""
     keys, refs = ([row.shown[0]], [row.shown[1]]) if row.shown else ([], [])
     ids, rendered = self._encode_prompt(row.head + row.chain, keys, table)
@@ -388,7 +282,7 @@ class RolloutEngine:
     entry = {"kind": action.kind, "ok": ok, "error": error, "truncated": truncated, "image": ref}
     return body, image_key, entry, self.tokenizer.decode(body)
 
-  def _chat_turn(self, row: _Row, observed, table):
+  def _chat_turn(self, row: Ledger, observed, table):
     """The user turn (as (tokens, image_key) pieces) that shows a turn's observations in the chat layout."""
     opening = self._turn_open[1:] if row.tokens[-1] == self.tokenizer.im_end_id else self._turn_open
     pieces = [(list(opening), None)]
@@ -447,7 +341,7 @@ class RolloutEngine:
     return self._extend(params, cache, news, min(sampling.bucket(length, self.config.length_buckets),
                                                  self.cache_len), table)
 
-  def _repetition(self, rows: Sequence[_Row], device_rows: int):
+  def _repetition(self, rows: Sequence[Ledger], device_rows: int):
     """The sampler's repetition inputs: every row's ledger so far (-1 padded to the cache) and its penalty."""
     context = np.full((device_rows, self.cache_len), -1, np.int32)
     for b, r in enumerate(rows):
@@ -467,7 +361,7 @@ class RolloutEngine:
     cfg = self.config
     timings = collections.Counter()
     encoded_before = self.images_encoded
-    table: dict[str, _Image] = {}
+    table: dict[str, ImageEntry] = {}
     rows, skipped = self._start_rows(examples, table, num_samples)
     if not rows:
       raise ValueError(f"No example could be prompted ({len(skipped)} skipped: {skipped[:5]}).")
@@ -559,7 +453,7 @@ class RolloutEngine:
     batch = self._batch(rows, table, len(examples) * num_samples, num_samples)
     return RolloutResult(batch, [r.transcript for r in rows], self._stats(rows, skipped, timings, encoded_before))
 
-  def _read(self, row: _Row, text: str, turn_text: str) -> list[actions_lib.Action]:
+  def _read(self, row: Ledger, text: str, turn_text: str) -> list[actions_lib.Action]:
     """The turn's actions: varft's parser (one action), or the released scripts' rules (`paper_rules`)."""
     if self.config.agent_rules != "paper":
       return [actions_lib.parse_action(text)]
@@ -569,7 +463,7 @@ class RolloutEngine:
         row.last_query = action.content
     return actions
 
-  def _goes_on(self, row: _Row, action: actions_lib.Action, stop_reason: int, turn: int, max_turns: int) -> bool:
+  def _goes_on(self, row: Ledger, action: actions_lib.Action, stop_reason: int, turn: int, max_turns: int) -> bool:
     """Ends the row when this turn ends it (answer, malformed, step-wise, last turn); True when its tools run."""
     cfg = self.config
     if action.kind == "malformed":
@@ -585,7 +479,7 @@ class RolloutEngine:
       row.finish("max_turns")
     return not row.done
 
-  def _observe(self, row: _Row, turn_text: str, acted, observations, table, turn: int):
+  def _observe(self, row: Ledger, turn_text: str, acted, observations, table, turn: int):
     """Records a turn's observations: the chat layout's user turn (returned as the row's extend chunk), or the
     single-turn layout's next prompt text and image. None when nothing is to be extended."""
     observed = []
@@ -624,7 +518,7 @@ class RolloutEngine:
     row.transcript.messages.append({"role": "user", "text": "".join(o[3] for o in observed), "images": refs})
     return ids, pos, keys, local
 
-  def _tool_call(self, row: _Row, action: actions_lib.Action, table, call_id: str):
+  def _tool_call(self, row: Ledger, action: actions_lib.Action, table, call_id: str):
     """(the call an action makes or None, whether the crop override changed its program)."""
     if action.kind == "search":
       return ToolCall("search", action.content, None, call_id), False
@@ -639,7 +533,7 @@ class RolloutEngine:
     images = {"path_to_input_image.jpg": image} if image is not None else None
     return ToolCall("code", program, images, call_id), overridden
 
-  def _stats(self, rows: Sequence[_Row], skipped, timings, encoded_before: int) -> dict[str, Any]:
+  def _stats(self, rows: Sequence[Ledger], skipped, timings, encoded_before: int) -> dict[str, Any]:
     transcripts = [r.transcript for r in rows]
     reasons = collections.Counter(t.stop_reason for t in transcripts)
     return {
@@ -659,7 +553,7 @@ class RolloutEngine:
 
   # ---- the training batch -------------------------------------------------------------------------------------
 
-  def _batch(self, rows: Sequence[_Row], table, num_rows: int, num_samples: int) -> dict[str, Any]:
+  def _batch(self, rows: Sequence[Ledger], table, num_rows: int, num_samples: int) -> dict[str, Any]:
     """The `varft.batch` rollout batch: `num_rows` rows (the skipped prompts' rows empty; rounded up to a multiple
     of the training batch's devices), each device's images in its own table."""
     num_rows = -(-num_rows // self.batch_devices) * self.batch_devices
