@@ -412,8 +412,8 @@ class RolloutEngine:
         row.append(new, pos, nxt, sampled_logps=out.logps[b, :n])
         row.turns = turn
         text = self.tokenizer.decode(new)
-        row.transcript.messages.append({"role": "assistant", "text": text, "images": []})
         turn_text = self.tokenizer.decode(new, skip_special_tokens=True)
+        row.transcript.messages.append({"role": "assistant", "text": text, "images": [], "plain": turn_text})
         actions = self._read(row, text, turn_text)
         row.transcript.actions.extend(actions)
         if not self._goes_on(row, actions[0], int(out.stop_reason[b]), turn, max_turns):

@@ -18,7 +18,8 @@ class Transcript:
   example_id: str
   group_id: int
   sample_index: int
-  messages: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # role, text, images (refs)
+  # role, text (as sampled, special tokens included), images (refs); assistant turns also `plain` (without them)
+  messages: list[dict[str, Any]] = dataclasses.field(default_factory=list)
   actions: list[actions_lib.Action] = dataclasses.field(default_factory=list)
   observations: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # kind, ok, error, truncated, image
   images: dict[str, Image.Image] = dataclasses.field(default_factory=dict)
@@ -27,8 +28,9 @@ class Transcript:
 
   @property
   def completion(self) -> str:
-    """The text of the last assistant turn (what the rewards score)."""
-    turns = [m["text"] for m in self.messages if m["role"] == "assistant"]
+    """The text of the last assistant turn without special tokens (what the rewards score, as the released trainer
+    decodes it: a turn generated to EOS does not end in `<|im_end|>`)."""
+    turns = [m.get("plain", m["text"]) for m in self.messages if m["role"] == "assistant"]
     return turns[-1] if turns else ""
 
   @property

@@ -119,6 +119,11 @@ def test_search_turn_matches_the_released_layout(setup):
   assert result.batch["loss_mask"][0][:len(ids)].sum() == 0
   assert backend.queries == ["founder of Acme"]
   assert t.answer == "Ada Lovelace" and t.stop_reason == "answer"
+  # Generated to EOS: the ledger holds <|im_end|> as a sampled token, the scored completion is without it.
+  assert t.messages[-1]["text"].endswith("</answer><|im_end|>")
+  assert t.completion == "<think> Found. </think>\n<answer> Ada Lovelace </answer>"
+  assert result.batch["tokens"][0][len(ids) + len(tokenizer.encode(t.completion))] == tokenizer.im_end_id
+  assert result.batch["loss_mask"][0][len(ids):].sum() == len(tokenizer.encode(t.completion)) + 1
 
 
 def test_coding_turns_match_the_released_layout(setup):
