@@ -44,7 +44,7 @@ def test_paper_search_evaluation_is_the_released_script():
   assert (got.layout, got.agent_rules, got.stop_at) == ("single_turn", "paper", "eos")
   assert (got.temperature, got.repetition_penalty, got.max_new_tokens, got.max_turns) == (0.0, 1.05, 2048, 5)
   assert got.image_prefit and not got.crop_override
-  assert got.max_total_tokens == 16384 and max(got.length_buckets) >= 16384
+  assert got.max_total_tokens == 16384 and got.length_buckets == (256, 512, 1024, 2048, 4096, 8192, 16384)
   assert settings.eval_resize(config) == 0  # aspect ratio kept
   assert config.tools.search.name == "serper" and config.tools.topk == 4
   assert config.tools.search_format == "paper_exact"

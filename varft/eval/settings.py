@@ -32,10 +32,12 @@ def image_pixels(config: ml_collections.ConfigDict) -> tuple[int, int]:
   return rollout.image_min_pixels, chosen or rollout.image_max_pixels
 
 
-def _grown(buckets, needed: int, step: int) -> tuple[int, ...]:
-  """`buckets` with one more (`needed` rounded up to `step`) when none holds `needed`."""
+def _grown(buckets, needed: int) -> tuple[int, ...]:
+  """`buckets` doubled from the largest until one holds `needed` (a few more shapes, none much too large)."""
   buckets = tuple(buckets)
-  return buckets if max(buckets) >= needed else buckets + (-(-needed // step) * step,)
+  while max(buckets) < needed:
+    buckets += (2 * max(buckets),)
+  return buckets
 
 
 def rollout_overrides(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -48,9 +50,9 @@ def rollout_overrides(config: ml_collections.ConfigDict) -> dict[str, Any]:
   total = e.max_total_tokens or r.max_total_tokens
   if e.max_total_tokens:
     out["max_total_tokens"] = total
-    out["length_buckets"] = _grown(r.length_buckets, total, 1024)
+    out["length_buckets"] = _grown(r.length_buckets, total)
   out["image_min_pixels"], out["image_max_pixels"] = image_pixels(config)
-  out["patch_buckets"] = _grown(r.patch_buckets, out["image_max_pixels"] // (14 * 14), 1024)
+  out["patch_buckets"] = _grown(r.patch_buckets, out["image_max_pixels"] // (14 * 14))
   return out
 
 
