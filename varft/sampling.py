@@ -255,8 +255,8 @@ def _sample(logits, rng, sampling: SamplingConfig, forced):
   return token, logp
 
 
-def _generate(params, cache, logits, next_positions, rng, budget, forced, token_bits, pattern_bits, repetition, *,
-              model_config: Qwen25VLConfig, sampling: SamplingConfig):
+def _generate(params, cache, logits, next_positions, rng, budget, forced, token_bits, pattern_bits,
+              repetition=None, *, model_config: Qwen25VLConfig, sampling: SamplingConfig):
   """`repetition`: None, or (context (B, C) int32, penalty (B,) float32): the repetition penalty of each row over the
   tokens of its context and of everything it samples."""
   cfg = model_config.text
