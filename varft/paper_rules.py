@@ -1,8 +1,8 @@
 """How the released Visual-ARFT eval scripts read a model turn and grow the next prompt (`agent_rules='paper'`).
 
-Facts from `evaluation_search/**/evaluation_*_visual_arft.py` and `evaluation_coding/evaluation_mat_coding_visual_arft.py`
-(Liuziyu77/Visual-RFT): the turn is the decoded generation without special tokens, read by substring tests and
-regexes (answers and queries on one line: no DOTALL):
+Facts from `evaluation_search/**/evaluation_*_visual_arft.py` and
+`evaluation_coding/evaluation_mat_coding_visual_arft.py` (Liuziyu77/Visual-RFT): the turn is the decoded generation
+without special tokens, read by substring tests and regexes (answers and queries on one line: no DOTALL):
 
 * search: `<answer>` anywhere ends the item (prediction from the first one-line `<answer> ... </answer>`, else none);
   else `<search>` runs the first one-line query (one without a parsable query reuses the previous query; on the

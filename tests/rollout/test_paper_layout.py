@@ -28,8 +28,9 @@ TEMPLATE_TAIL = "<|im_end|>\n<|im_start|>assistant\n"
 SNIPPETS = ["Acme was founded by Ada Lovelace in 1843.", "Ada Lovelace, mathematician."]
 SEARCH_TURN = "<think> The logo is Acme's. </think>\n<search> founder of Acme </search>"
 PROBLEM_TURN = "<think> The digits are small. </think>\n<problem> {'crop'} </problem>"
-CODE_TURN = ("<think> Crop the box. </think>\n<code>\n```python\nimport cv2\nimg = cv2.imread('path_to_input_image.jpg')"
-             "\nout = img[10:20, 30:40]\ncv2.imwrite('path_to_output_image.jpg', out)\n```\n</code>")
+CODE_TURN = ("<think> Crop the box. </think>\n<code>\n```python\nimport cv2\n"
+             "img = cv2.imread('path_to_input_image.jpg')\nout = img[10:20, 30:40]\n"
+             "cv2.imwrite('path_to_output_image.jpg', out)\n```\n</code>")
 CODING_QUESTION = "What is the number in the box [100, 200, 500, 600]?"
 # 140x100 -> qwen-vl-utils 140x112 -> processor 140x112: a (1, 8, 10) grid, 20 merged tokens. 150x100 -> 140x112
 # as well; the 84x56 output image -> (1, 4, 6), 6 tokens.
