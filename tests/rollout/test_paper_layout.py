@@ -114,6 +114,8 @@ def test_search_turn_matches_the_released_layout(setup):
           + information)
   expected = TEMPLATE_HEAD + "<|vision_start|><|image_pad|><|vision_end|>" + text + TEMPLATE_TAIL
   assert [m["role"] for m in t.messages] == ["user", "assistant", "user", "assistant"]
+  assert t.messages[0]["text"] == (TEMPLATE_HEAD + "<|vision_start|><|image_pad|><|vision_end|>" + prompts.SEARCH_AGENT
+                                   + "\n<query> Who founded the company of this logo? </query>" + TEMPLATE_TAIL)
   assert t.messages[2]["text"] == expected and t.messages[2]["images"] == ["prompt:0"]
   ids = _expected_ids(tokenizer, expected, IMAGE_TOKENS[(140, 100)])
   assert result.batch["tokens"][0][:len(ids)].tolist() == ids  # the ledger: the last turn's prompt, then its sample
