@@ -237,14 +237,14 @@ class RolloutEngine:
                                 messages=[{"role": "user", "text": rendered, "images": image_refs}])
         row = Ledger(len(rows) // num_samples, [], [], [], [], 0, [], transcript, task=example.get("task", "search"),
                    question=example["question"], head=head,
-                   shown=(keys[-1], image_refs[-1]) if keys else None)
+                   shown=list(zip(keys, image_refs)))
         self._start(row, ids, keys, table)
         rows.append(row)
     return rows, skipped
 
   def _restart(self, row: Ledger, table) -> tuple | None:
     """Single-turn layout: the row's next prompt (the chain so far, the image it shows now) as its new ledger."""
-    keys, refs = ([row.shown[0]], [row.shown[1]]) if row.shown else ([], [])
+    keys, refs = [k for k, _ in row.shown], [r for _, r in row.shown]
     ids, rendered = self._encode_prompt(row.head + row.chain, keys, table)
     if len(ids) >= self.config.max_total_tokens:
       row.finish("max_tokens")
@@ -498,8 +498,8 @@ class RolloutEngine:
           row.chain += paper_rules.chain_step(turn_text, action, body_text)
         else:
           row.chain += f"\n{turn_text}" + (f"\n{body_text}" if body_text else "")
-        if image_key is not None:
-          row.shown = (image_key, entry["image"])
+        if image_key is not None:  # the output image replaces the prompt's images
+          row.shown = [(image_key, entry["image"])]
           row.transcript.images[entry["image"]] = table[image_key].pil
       return None
     pieces = self._chat_turn(row, observed, table)

@@ -90,7 +90,7 @@ class Ledger:
   question: str = ""
   head: str = ""
   chain: str = ""
-  shown: tuple[str, str] | None = None  # (image key, transcript ref)
+  shown: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (image key, transcript ref) pairs
   problems: tuple[str, ...] = ()  # the latest <problem> set
   last_query: str | None = None
 
