@@ -201,3 +201,15 @@ def test_config_rejects_unknown_settings():
   for key, value in (("layout", "tree"), ("agent_rules", "r1"), ("stop_at", "newline"), ("repetition_penalty", 0)):
     with pytest.raises(ValueError, match=key):
       paper_config(**{key: value})
+
+
+def test_stepwise_training_generates_to_eos(setup):
+  example = {"id": 5, "task": "search", "question": "Who?", "answers": ["Ada"], "images": [_png(140, 100, 3)],
+             "context": "<think> a </think>\n<search> q </search>\n" + prompts.search_observation(["x"], exact=True)}
+  config = paper_config(mode="stepwise", layout="chat", agent_rules="varft", repetition_penalty=1.0,
+                        temperature=1.0, crop_override=False, image_prefit=False)
+  result, tokenizer = _run(setup, config, ToolExecutor({}), example, [SEARCH_TURN + " and more text"])
+  t = result.transcripts[0]
+  assert t.stop_reason == "step" and t.completion == SEARCH_TURN + " and more text"  # not cut at </search>
+  sampled = result.batch["tokens"][0][result.batch["loss_mask"][0] == 1].tolist()
+  assert sampled == tokenizer.encode(SEARCH_TURN + " and more text") + [tokenizer.im_end_id]  # <|im_end|> trained
