@@ -75,8 +75,10 @@ def tool_executor_config(config: ml_collections.ConfigDict, paths: Mapping[str, 
       search["corpus"] = search.get("corpus") or paths.get("corpus", "")
       search["index_dir"] = search.get("index_dir") or os.path.join(workdir, f"search_index_{search['name']}")
     out["search"] = {k: v for k, v in search.items() if v not in ("", None)}
-  if t.use_code:  # tool images come back no larger than the model will see them
-    out["code"] = {"observe_max_pixels": config.rollout.image_max_pixels, **dict(t.code)}
+  if t.use_code:  # tool images come back no larger than the model will see them (in training or evaluation)
+    from varft.eval import settings
+    seen = max(config.rollout.image_max_pixels, settings.image_pixels(config)[1])
+    out["code"] = {"observe_max_pixels": seen, **dict(t.code)}
   return out
 
 

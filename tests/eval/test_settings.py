@@ -62,6 +62,10 @@ def test_paper_coding_evaluation_overrides_crops_and_uses_the_checkpoint_process
   got = engine_config(config)
   assert (got.image_min_pixels, got.image_max_pixels) == (3136, 12845056)
   assert max(got.patch_buckets) >= 12845056 // 196
+  # The sandbox hands output images back as large as the evaluation shows them.
+  assert agent_task.tool_executor_config(config, {}, str(tmp_path))["code"]["observe_max_pixels"] == 12845056
+  plain = experiment("coding", "7b")
+  assert agent_task.tool_executor_config(plain, {}, str(tmp_path))["code"]["observe_max_pixels"] == 401408
   assert settings.describe(config, None)["search_backend"] is None
 
 
