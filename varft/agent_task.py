@@ -75,8 +75,10 @@ def tool_executor_config(config: ml_collections.ConfigDict, paths: Mapping[str, 
       search["corpus"] = search.get("corpus") or paths.get("corpus", "")
       search["index_dir"] = search.get("index_dir") or os.path.join(workdir, f"search_index_{search['name']}")
     out["search"] = {k: v for k, v in search.items() if v not in ("", None)}
-  if t.use_code:  # tool images come back no larger than the model will see them
-    out["code"] = {"observe_max_pixels": config.rollout.image_max_pixels, **dict(t.code)}
+  if t.use_code:  # tool images come back no larger than the model will see them (in training or evaluation)
+    from varft.eval import settings
+    seen = max(config.rollout.image_max_pixels, settings.image_pixels(config)[1])
+    out["code"] = {"observe_max_pixels": seen, **dict(t.code)}
   return out
 
 
@@ -221,9 +223,9 @@ class AgentEnvironment:
     self.rollout_mesh = sharding.rollout_mesh(mesh, sampling_tensor_parallel(config, model_cfg, self.compute_dtype))
     self.engine = rollout_lib.RolloutEngine(model_cfg, tokenizer, self.executor, rollout_config(config.rollout),
                                             mesh=self.rollout_mesh, batch_devices=batch_lib.devices_per_host(mesh))
-    eval_overrides = {"mode": "multiturn", "temperature": config.eval.temperature,
-                      "max_turns": config.eval.max_turns}
-    eval_config = rollout_config(config.rollout, **eval_overrides)
+    from varft.eval import settings
+    self.eval_settings = settings.describe(config, self.executor.search_backend)  # recorded with each result
+    eval_config = rollout_config(config.rollout, **settings.rollout_overrides(config))
     eval_prompt = config.eval.get("prompt", "agent")
     if eval_prompt == "direct":  # the paper's direct-answer baselines
       from varft.eval import direct
@@ -337,10 +339,10 @@ def evaluate_source(env: AgentEnvironment, name: str, source: Sequence[Mapping[s
                     out_dir: str | None) -> dict[str, float]:
   """`evaluate_benchmark` on a random-access `source`: the first `eval.num_prompts` items (all when 0), each host
   its own contiguous block (`host_items`), predictions gathered in item order."""
-  from varft.eval import score
+  from varft.eval import score, settings
   limit = env.config.eval.num_prompts
   mine = host_items(min(len(source), limit) if limit else len(source))
-  transform = resizer(env.config.data.resize) or (lambda example: example)
+  transform = resizer(settings.eval_resize(env.config)) or (lambda example: example)
   size = env.config.eval.batch_size
   items = []
   for first in range(mine.start, mine.stop, size):
@@ -352,9 +354,12 @@ def evaluate_source(env: AgentEnvironment, name: str, source: Sequence[Mapping[s
       t = answered.get(str(ex.get("id", j)))
       items.append({"id": ex.get("id"), "question": ex["question"], "pred_answer": t.answer if t else None,
                     "gt": list(ex.get("answers") or []), "trajectory": t.render() if t else "",
-                    "stop_reason": t.stop_reason if t else "skipped"})
+                    "stop_reason": t.stop_reason if t else "skipped",
+                    "crop_overrides": sum(o.get("crop_override", False) for o in t.observations) if t else 0})
   items = [item for per_host in sharding.gather_json(items) for item in per_host]
   result = score_items(items, name)
+  result["settings"] = env.eval_settings
+  result["crop_overrides"] = sum(item["crop_overrides"] for item in items)
   if out_dir:
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, f"{name}.json"), "w") as f:

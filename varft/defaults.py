@@ -82,6 +82,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.rollout.image_min_pixels = 4 * 28 * 28
   c.rollout.image_max_pixels = 401408  # the paper's max_pixels
   c.rollout.system_prompt = "auto"
+  c.rollout.stop_at = "closing_tag"  # closing_tag (stop at the first </search>, </code>, ...) | eos (the released code)
+  c.rollout.repetition_penalty = 1.0  # transformers' semantics over each row's context; 1 = off
+  c.rollout.layout = "chat"  # chat (turns appended, one cache) | single_turn (each turn one rebuilt user message)
+  c.rollout.agent_rules = "varft"  # varft | paper (the released eval scripts' turn rules, varft.paper_rules)
+  c.rollout.crop_override = False  # a crop step's [a:b, c:d] slices take the question's box (released MAT-Coding eval)
+  c.rollout.image_prefit = False  # resize as qwen-vl-utils does before the processor (the released scripts)
 
   # Data (varft.data): the downloaded folders, or the embedded demo generated under the workdir.
   c.data = ml_collections.ConfigDict()
@@ -125,6 +131,17 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.prompt = "agent"  # agent | direct (the paper's direct-answer baselines: one turn, no tools; varft.eval.direct)
   c.eval.direct_max_new_tokens = 2048  # the direct-answer reply's budget (the baseline scripts' max_new_tokens)
   c.eval.checkpoint_step = -1  # eval mode: the checkpoint to evaluate (-1 = latest, or the initial weights)
+  # The evaluation engine over config.rollout (varft.eval.settings): same meaning as the rollout keys.
+  c.eval.layout = "chat"
+  c.eval.agent_rules = "varft"
+  c.eval.stop_at = "closing_tag"
+  c.eval.repetition_penalty = 1.0
+  c.eval.crop_override = False
+  c.eval.image_prefit = False
+  c.eval.max_new_tokens = 0  # 0 = rollout.max_new_tokens
+  c.eval.max_total_tokens = 0  # 0 = rollout.max_total_tokens
+  c.eval.image_max_pixels = 0  # 0 = rollout.image_max_pixels | -1 = the checkpoint's processor (model.hf_dir)
+  c.eval.resize = -1  # -1 = data.resize | 0 = keep each image's aspect ratio | N = N x N
   return c
 
 
@@ -176,6 +193,33 @@ def apply_paper_recipe(c: ml_collections.ConfigDict, size: str, mode: str) -> No
   c.data.resize = 720
   c.reward_options.query_similarity = "minilm"
   c.mesh = {"data": 1, "fsdp": -1, "tensor": 1}
+  if c.paper:
+    apply_paper_eval(c)
+
+
+def apply_paper_eval(c: ml_collections.ConfigDict) -> None:
+  """The released eval scripts (evaluation_*_visual_arft.py) for `c.reward_options.task`: every turn one rebuilt
+  user message, their turn rules, generation to EOS (2048 new tokens for search, 1024 for coding; 5 turns), greedy
+  with the checkpoint generation config's repetition penalty 1.05, images at their aspect ratio through
+  qwen-vl-utils and the checkpoint's processor, the crop override (coding), Serper's top 4 snippets rendered as
+  those scripts do (search)."""
+  coding = c.reward_options.task == "coding"
+  c.eval.layout = "single_turn"
+  c.eval.agent_rules = "paper"
+  c.eval.stop_at = "eos"
+  c.eval.repetition_penalty = 1.05
+  c.eval.temperature = 0.0
+  c.eval.max_turns = 5
+  c.eval.max_new_tokens = 1024 if coding else 2048
+  c.eval.max_total_tokens = 16384  # the scripts have no bound; longer chains end as max_tokens (counted)
+  c.eval.crop_override = coding
+  c.eval.image_prefit = True
+  c.eval.image_max_pixels = -1
+  c.eval.resize = 0
+  c.tools.topk = 4
+  c.tools.search_format = "paper_exact"
+  if not coding:
+    c.tools.search.name = "serper"
 
 
 def apply_paper_setting(c: ml_collections.ConfigDict) -> None:

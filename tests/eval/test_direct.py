@@ -1,5 +1,6 @@
 """Direct-answer baselines (the paper's evaluation_*_df.py): the exact single-turn prompt, greedy replies equal to
 transformers' greedy `generate` on the same tokens, the whole reply (special tokens skipped) as the prediction."""
+import dataclasses
 import io
 
 import jax
@@ -126,3 +127,22 @@ def test_a_prompt_over_the_length_buckets_is_skipped_not_fatal(setup):
   long = {"id": "long", "question": "why " * 300, "answers": ["x"], "images": []}
   result = engine.run(params, [long, EXAMPLES[1]], jax.random.key(0))
   assert [t.example_id for t in result.transcripts] == ["h1"] and result.stats["skipped"] == 1
+
+
+def test_repetition_penalty_replies_equal_transformers_generate(setup):
+  """The checkpoint generation config's penalty (1.05 in the paper; 1.3 here so that it changes tokens) over the
+  prompt and the reply, as transformers' `generate(repetition_penalty=...)`."""
+  config, params, torch_model, tokenizer, engine = setup
+  penalised = direct.DirectAnswerEngine(config, tokenizer, dataclasses.replace(engine.config, repetition_penalty=1.3),
+                                        max_new_tokens=NEW_TOKENS)
+  result = penalised.run(params, EXAMPLES[1:], jax.random.key(0))
+  plain = engine.run(params, EXAMPLES[1:], jax.random.key(0))
+  for b, example in enumerate(EXAMPLES[1:]):
+    row, *_ = penalised.prompt(example)
+    with torch.no_grad():
+      ids = torch_model.generate(torch.tensor([list(row.tokens)]), max_new_tokens=NEW_TOKENS, do_sample=False,
+                                 repetition_penalty=1.3, eos_token_id=[tokenizer.im_end_id, tokenizer.end_of_text_id],
+                                 pad_token_id=tokenizer.end_of_text_id)
+    expected = tokenizer.decode(ids[0, len(row.tokens):].tolist(), skip_special_tokens=True)
+    assert result.transcripts[b].answer == expected, b
+  assert [t.answer for t in result.transcripts] != [t.answer for t in plain.transcripts]

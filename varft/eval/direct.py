@@ -108,7 +108,13 @@ class DirectAnswerEngine:
       ids = list((script(b) if script else None) or ())[:self.max_new_tokens]
       forced[r, :len(ids)] = ids
     next_positions = [p[3] for p in prompted] + [0] * (num_rows - len(prompted))
-    out, _ = self.sampler.generate(params, cache, logits, next_positions, rng, budget, forced)
+    repetition = None
+    if self.config.repetition_penalty != 1.0:  # the checkpoint generation config's (1.05), over the prompt too
+      context = np.full((num_rows, length + self.max_new_tokens), -1, np.int32)
+      for r, (_, row, *_) in enumerate(prompted):
+        context[r, :len(row.tokens)] = row.tokens
+      repetition = (context, np.full((num_rows,), self.config.repetition_penalty, np.float32))
+    out, _ = self.sampler.generate(params, cache, logits, next_positions, rng, budget, forced, repetition)
     out = jax.device_get(out)
     transcripts = []
     for r, (b, row, images, _, rendered) in enumerate(prompted):
