@@ -221,17 +221,34 @@ SAMPLING_RULES: tuple[tuple[str, Any], ...] = tuple((name, None if name == "embe
                                                     for name, axes in DEFAULT_RULES)
 
 
+# `rollout.tensor_parallel = auto`: the sampling weights may take this fraction of a device's memory; the rest holds
+# the resident train state (FSDP-sharded), the KV cache and the activations of the rollout programs.
+AUTO_SAMPLING_FRACTION = 0.25
+
+
 def sampling_tensor_parallel(param_bytes: int, devices: Sequence[jax.Device] | None = None,
-                             fraction: float = 0.5) -> int:
+                             fraction: float = 0.5, memory_bytes: int | None = None) -> int:
   """The smallest tensor-parallel degree (a power of two dividing this host's devices) at which the sampling
-  weights take at most `fraction` of a device's memory: 1 (a replica per device) when they fit, or when the
-  platform does not say how much memory a device has (CPU)."""
+  weights take at most `fraction` of a device's memory (`memory_bytes`, default the platform's limit): 1 (a replica
+  per device) when they fit, or when neither says how much memory a device has (CPU)."""
   devices = list(jax.local_devices() if devices is None else devices)
-  stats = devices[0].memory_stats() or {}
-  limit = stats.get("bytes_limit")
+  limit = memory_bytes or (devices[0].memory_stats() or {}).get("bytes_limit")
   tp = 1
   while limit and param_bytes / tp > fraction * limit and len(devices) % (2 * tp) == 0:
     tp *= 2
+  return tp
+
+
+def resolve_tensor_parallel(setting: int | str, param_bytes: int, devices: Sequence[jax.Device] | None = None,
+                            memory_bytes: int | None = None) -> int:
+  """`rollout.tensor_parallel`: a positive degree as given, or `auto` (also 0): the least degree at which the
+  sampling weights (`param_bytes` in the compute dtype) take at most `AUTO_SAMPLING_FRACTION` of a device's memory
+  (`memory_bytes`: the planner's target accelerator; default the devices' own limit)."""
+  if setting in ("auto", 0, "0"):
+    return sampling_tensor_parallel(param_bytes, devices, AUTO_SAMPLING_FRACTION, memory_bytes)
+  tp = int(setting) if str(setting).isdigit() else 0
+  if tp < 1:
+    raise ValueError(f"rollout.tensor_parallel={setting!r}: use auto or a positive number of devices")
   return tp
 
 

@@ -50,7 +50,7 @@ def gathers():
   plans = plan.plan(config, jax.devices()[:8], programs=("train_step", "reference_logps"), **SMALL)
   # The compute-dtype copy of every weight is pinned to the weight's own (sharded) layout before any use.
   mesh = sharding.make_mesh(dict(config.mesh), jax.devices()[:8])
-  table, _ = plan._programs(config, train.model_config(config), rec, mesh, jax.devices()[:8])
+  table, _ = plan._programs(config, train.model_config(config), rec, mesh, 1)
   fn, args, kwargs, *_ = table["train_step"]
   with jax.sharding.set_mesh(mesh):
     lowered = fn.lower(*args, **kwargs).as_text()
