@@ -56,7 +56,7 @@ DEFAULT_MARGIN = 0.10
 # and TPU programs, with native bf16 dots, do not have). CPU plans are compiled without that pass: the widening
 # stays per layer.
 CPU_COMPILER_OPTIONS = {"xla_disable_hlo_passes": "while-loop-invariant-code-motion"}
-PROGRAMS = ("encode_images", "extend", "generate", "reference_logps", "train_step")
+PROGRAMS = ("sampling_weights", "encode_images", "extend", "generate", "reference_logps", "train_step")
 
 
 class PlanError(ConfigError):
@@ -185,6 +185,7 @@ def _sampler_programs(config, model_cfg, rec: Recipe, mesh, params, tp: int):
   """encode_images / extend / generate with the Sampler's signature and layouts: rows and KV cache over every batch
   axis of the rollout mesh, each device encoding its own rows' image table inside extend."""
   sampler, weights = _sampler(config, model_cfg, rec, mesh, params, tp)
+  reshard, _ = sharding.sampling_resharder(params, mesh, sampler.mesh, model_cfg.dtype)
   rec = dataclasses.replace(rec, prompts=rec.prompts // jax.process_count())  # each host samples its own prompts
   t, n = model_cfg.text, rec.rows
   sds = lambda shape, dt, *axes: jax.ShapeDtypeStruct(shape, dt, sharding=sampler.layout(shape, *axes))
@@ -201,6 +202,7 @@ def _sampler_programs(config, model_cfg, rec: Recipe, mesh, params, tp: int):
                    sds((n,), jnp.int32), sds((n, rec.new_tokens), jnp.int32),
                    jnp.asarray(sampler.stop_table.token_bits), jnp.asarray(sampler.stop_table.pattern_bits))
   programs = {
+      "sampling_weights": (reshard, (params,), {}),
       "extend": (sampling._extend_jit, (weights, cache, chunk, None, images), {"model_config": model_cfg}),
       "generate": (sampling._generate_jit, generate_args,
                    {"model_config": model_cfg, "sampling": sampler.sampling}),
@@ -227,6 +229,9 @@ def _programs(config, model_cfg, rec: Recipe, mesh, tp: int):
   # The rollout holds the train state and the reference while it samples from the resharded weights; it traces
   # its programs under no mesh, as `Sampler` does.
   programs = {name: (*p, state_bytes + ref_bytes, None) for name, p in sampler_programs.items()}
+  # Resharding reads the train params (its argument) while the rest of the state and the reference stay.
+  programs["sampling_weights"] = (*sampler_programs["sampling_weights"],
+                                  state_bytes - per_device(state["params"]) + ref_bytes, None)
   programs["train_step"] = (
       jax.jit(grpo.make_train_step(model_cfg, gcfg, optimizer, mesh), donate_argnums=0,
               out_shardings=(sharding.tree_shardings(state, mesh), sharding.replicated(mesh)),

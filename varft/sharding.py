@@ -277,12 +277,37 @@ def _global_sampling_mesh(mesh: Mesh, tensor_parallel: int) -> Mesh:
   return Mesh(flat, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
+def _layer_sharding(s: NamedSharding) -> NamedSharding:
+  """The sharding of one layer of a stacked (layers, ...) leaf laid out as `s`."""
+  return NamedSharding(s.mesh, P(*tuple(s.spec)[1:]))
+
+
 @functools.lru_cache(maxsize=32)
-def _resharder(dtype: str | None, treedef, out_shardings: tuple) -> Any:
-  """One jitted cast + reshard per (dtype, tree, layout): built once, so every later step reuses its program."""
-  def cast(tree):
-    return tree if dtype is None else jax.tree.map(lambda x: x.astype(dtype), tree)
-  return jax.jit(cast, out_shardings=jax.tree.unflatten(treedef, list(out_shardings)))
+def _resharder(dtype: str | None, treedef, in_shardings: tuple, out_shardings: tuple, stacked: tuple) -> Any:
+  """One jitted cast + reshard per (dtype, tree, layouts): built once, so every later step reuses its program.
+
+  A stacked (layers, ...) leaf moves one layer at a time (`lax.map`), so the reshard never holds more than a layer
+  of a weight in transit (a layout change across dimensions may gather the whole operand); each piece is cast
+  where its shards live before it moves, so the collectives carry compute-dtype bytes."""
+  def cast(x, s):
+    return x if dtype is None else jax.lax.with_sharding_constraint(x.astype(dtype), s)
+
+  def move(x, s_in, s_out, layered):
+    if not layered:
+      return cast(x, s_in)
+    per_layer = lambda v: jax.lax.with_sharding_constraint(cast(v, _layer_sharding(s_in)), _layer_sharding(s_out))
+    return jax.lax.map(per_layer, x)
+
+  def reshard(tree):
+    leaves = map(move, jax.tree.leaves(tree), in_shardings, out_shardings, stacked)
+    return jax.tree.unflatten(treedef, list(leaves))
+  return jax.jit(reshard, out_shardings=jax.tree.unflatten(treedef, list(out_shardings)))
+
+
+def stacked_leaves(tree: Any) -> tuple[bool, ...]:
+  """Per leaf: whether its first axis is the stacked `layers` axis."""
+  axes = jax.tree_util.tree_map_with_path(lambda path, x: logical_axes(_path_names(path), np.ndim(x))[:1], tree)
+  return tuple(a == ("layers",) for a in jax.tree.leaves(axes, is_leaf=lambda x: isinstance(x, tuple)))
 
 
 def sampling_shardings(params: Any, sampler_mesh: Mesh) -> Any:
@@ -291,17 +316,27 @@ def sampling_shardings(params: Any, sampler_mesh: Mesh) -> Any:
                       is_leaf=lambda x: isinstance(x, P))
 
 
+def sampling_resharder(params: Any, mesh: Mesh, sampler_mesh: Mesh, dtype=None) -> tuple[Any, Mesh]:
+  """(the jitted program that casts and reshards `params` from `mesh` to the sampler's layout, the mesh it lays
+  them out on): `sampler_mesh` on one host; with several, the global mesh of every host's sampler devices. Works on
+  arrays and on abstract arrays with shardings (the planner compiles it)."""
+  tp = sampler_mesh.shape["tensor"]
+  target = sampler_mesh if jax.process_count() == 1 else _global_sampling_mesh(mesh, tp)
+  fn = _resharder(None if dtype is None else np.dtype(dtype).name, jax.tree.structure(params),
+                  tuple(x.sharding for x in jax.tree.leaves(params)),
+                  tuple(jax.tree.leaves(sampling_shardings(params, target))), stacked_leaves(params))
+  return fn, target
+
+
 def sampling_params(params: Any, mesh: Mesh, sampler_mesh: Mesh, dtype=None) -> Any:
   """The train state's `params` (sharded on `mesh`) in the sampler's layout on `sampler_mesh`, cast to `dtype`.
 
-  One on-device program (compiled once) reshards them to `SAMPLING_RULES` over the same devices; with several
-  hosts each host then wraps its own devices' shards as arrays on its `sampler_mesh` (no host copy).
+  One on-device program (compiled once, `sampling_resharder`) reshards them to `SAMPLING_RULES` over the same
+  devices; with several hosts each host then wraps its own devices' shards as arrays on its `sampler_mesh` (no
+  host copy).
   """
-  tp = sampler_mesh.shape["tensor"]
-  target = sampler_mesh if jax.process_count() == 1 else _global_sampling_mesh(mesh, tp)
-  treedef = jax.tree.structure(params)
-  out = _resharder(None if dtype is None else np.dtype(dtype).name, treedef,
-                   tuple(jax.tree.leaves(sampling_shardings(params, target))))(params)
+  fn, target = sampling_resharder(params, mesh, sampler_mesh, dtype)
+  out = fn(params)
   if target is sampler_mesh:
     return out
   local_devices = list(sampler_mesh.devices.flat)

@@ -1,6 +1,6 @@
 """Planner and sharded-step checks that need 8 fake devices (run as a subprocess by test_plan.py).
 
-    python -m tests.plan.plan_script scaling | gathers | step
+    python -m tests.plan.plan_script scaling | gathers | step | tensor | reshard
 """
 from __future__ import annotations
 
@@ -82,5 +82,28 @@ def step():
   print(json.dumps({"diff": max(float(np.max(np.abs(a - b))) for a, b in zip(*results))}))
 
 
+def tensor():
+  """The sampler programs on 8 devices with the sampling weights replicated and 4-way tensor parallel."""
+  out = {}
+  for tp in (1, 4):
+    config = small_config()
+    config.rollout.tensor_parallel = str(tp)  # the key is a string: auto or a number
+    plans = plan.plan(config, jax.devices()[:8], programs=("sampling_weights", "extend", "generate"), **SMALL)
+    out[tp] = {p.program: {"args": p.args_bytes, "total": p.total_bytes, "tp": p.tensor_parallel} for p in plans}
+  print(json.dumps(out))
+
+
+def reshard():
+  """Temporaries of the train -> sampling reshard (fsdp=8 -> tensor=2) of one stacked 64-layer weight."""
+  mesh = sharding.make_mesh({"fsdp": 8})
+  shape = (64, 64, 4096)  # (layers, embed, mlp): 64 MiB in float32
+  params = {"text": {"layers": {"up": {"w": jax.ShapeDtypeStruct(
+      shape, np.float32, sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "fsdp")))}}}}
+  fn, _ = sharding.sampling_resharder(params, mesh, sharding.rollout_mesh(mesh, 2), "bfloat16")
+  stats = fn.lower(params).compile(plan.CPU_COMPILER_OPTIONS).memory_analysis()
+  print(json.dumps({"temp": stats.temp_size_in_bytes, "output": stats.output_size_in_bytes,
+                    "stack": int(np.prod(shape)) * 4}))
+
+
 if __name__ == "__main__":
-  {"scaling": scaling, "gathers": gathers, "step": step}[sys.argv[1]]()
+  {"scaling": scaling, "gathers": gathers, "step": step, "tensor": tensor, "reshard": reshard}[sys.argv[1]]()
