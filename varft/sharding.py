@@ -23,6 +23,7 @@ import os
 from typing import Any, Mapping, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
@@ -277,37 +278,63 @@ def _global_sampling_mesh(mesh: Mesh, tensor_parallel: int) -> Mesh:
   return Mesh(flat, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
-def _layer_sharding(s: NamedSharding) -> NamedSharding:
-  """The sharding of one layer of a stacked (layers, ...) leaf laid out as `s`."""
-  return NamedSharding(s.mesh, P(*tuple(s.spec)[1:]))
+# A vocabulary table (embed, lm_head) moves to the sampler's layout in this many pieces along the vocabulary.
+VOCAB_PIECES = 16
+
+
+def _piece_sharding(s, drop_axis: int | None) -> NamedSharding | None:
+  """The layout of one piece in transit of a leaf laid out as `s`: one layer of a stacked leaf (`drop_axis=0`: its
+  layout without that axis), or a block of a vocabulary table (same rank: the same layout). None: no mesh."""
+  if not isinstance(s, NamedSharding):
+    return None
+  return NamedSharding(s.mesh, P(*tuple(s.spec)[1:]) if drop_axis == 0 else s.spec)
+
+
+def transit_pieces(tree: Any) -> tuple[tuple[int, int] | None, ...]:
+  """Per leaf, how `sampling_params` moves it: (0, 0) one layer of the stacked `layers` axis at a time, (axis, n)
+  `n` blocks of its vocabulary axis, None whole."""
+  def pieces(path, x):
+    axes = logical_axes(_path_names(path), np.ndim(x))
+    if axes[:1] == ("layers",):
+      return (0, 0)
+    if "vocab" in axes and np.shape(x)[axes.index("vocab")] % VOCAB_PIECES == 0:
+      return (axes.index("vocab"), VOCAB_PIECES)
+    return None
+  return tuple(jax.tree.leaves(jax.tree_util.tree_map_with_path(pieces, tree), is_leaf=lambda x: x is None
+                               or isinstance(x, tuple)))
 
 
 @functools.lru_cache(maxsize=32)
-def _resharder(dtype: str | None, treedef, in_shardings: tuple, out_shardings: tuple, stacked: tuple) -> Any:
+def _resharder(dtype: str | None, treedef, in_shardings: tuple, out_shardings: tuple, pieces: tuple) -> Any:
   """One jitted cast + reshard per (dtype, tree, layouts): built once, so every later step reuses its program.
 
-  A stacked (layers, ...) leaf moves one layer at a time (`lax.map`), so the reshard never holds more than a layer
-  of a weight in transit (a layout change across dimensions may gather the whole operand); each piece is cast
-  where its shards live before it moves, so the collectives carry compute-dtype bytes."""
+  Large leaves move in pieces (`transit_pieces`: a layer of a stacked weight, a block of a vocabulary table) with
+  `lax.map`, so the reshard never holds more than one piece in transit (a layout change across dimensions may
+  gather the whole operand); each piece is cast where its shards live before it moves, so the collectives carry
+  compute-dtype bytes."""
   def cast(x, s):
-    return x if dtype is None else jax.lax.with_sharding_constraint(x.astype(dtype), s)
+    if dtype is None:
+      return x
+    x = x.astype(dtype)
+    return x if s is None else jax.lax.with_sharding_constraint(x, s)
 
-  def move(x, s_in, s_out, layered):
-    if not layered:
-      return cast(x, s_in)
-    per_layer = lambda v: jax.lax.with_sharding_constraint(cast(v, _layer_sharding(s_in)), _layer_sharding(s_out))
-    return jax.lax.map(per_layer, x)
+  def move(x, s_in, s_out, plan):
+    if plan is None:
+      return cast(x, _piece_sharding(s_in, None))
+    axis, count = plan
+    in_piece = _piece_sharding(s_in, 0 if count == 0 else None)
+    transit = NamedSharding(s_out.mesh, P(*tuple(s_out.spec)[1:])) if count == 0 else NamedSharding(s_out.mesh, P())
+    one = lambda v: jax.lax.with_sharding_constraint(cast(v, in_piece), transit)
+    if count == 0:
+      return jax.lax.map(one, x)
+    shape = x.shape
+    blocks = jnp.moveaxis(x.reshape(shape[:axis] + (count, shape[axis] // count) + shape[axis + 1:]), axis, 0)
+    return jnp.moveaxis(jax.lax.map(one, blocks), 0, axis).reshape(shape)
 
   def reshard(tree):
-    leaves = map(move, jax.tree.leaves(tree), in_shardings, out_shardings, stacked)
+    leaves = map(move, jax.tree.leaves(tree), in_shardings, out_shardings, pieces)
     return jax.tree.unflatten(treedef, list(leaves))
   return jax.jit(reshard, out_shardings=jax.tree.unflatten(treedef, list(out_shardings)))
-
-
-def stacked_leaves(tree: Any) -> tuple[bool, ...]:
-  """Per leaf: whether its first axis is the stacked `layers` axis."""
-  axes = jax.tree_util.tree_map_with_path(lambda path, x: logical_axes(_path_names(path), np.ndim(x))[:1], tree)
-  return tuple(a == ("layers",) for a in jax.tree.leaves(axes, is_leaf=lambda x: isinstance(x, tuple)))
 
 
 def sampling_shardings(params: Any, sampler_mesh: Mesh) -> Any:
@@ -324,7 +351,7 @@ def sampling_resharder(params: Any, mesh: Mesh, sampler_mesh: Mesh, dtype=None) 
   target = sampler_mesh if jax.process_count() == 1 else _global_sampling_mesh(mesh, tp)
   fn = _resharder(None if dtype is None else np.dtype(dtype).name, jax.tree.structure(params),
                   tuple(x.sharding for x in jax.tree.leaves(params)),
-                  tuple(jax.tree.leaves(sampling_shardings(params, target))), stacked_leaves(params))
+                  tuple(jax.tree.leaves(sampling_shardings(params, target))), transit_pieces(params))
   return fn, target
 
 

@@ -94,15 +94,19 @@ def tensor():
 
 
 def reshard():
-  """Temporaries of the train -> sampling reshard (fsdp=8 -> tensor=2) of one stacked 64-layer weight."""
+  """Temporaries of the train -> sampling reshard (fsdp=8 -> tensor=2) of one stacked 64-layer weight and of one
+  vocabulary table, each against its float32 size."""
   mesh = sharding.make_mesh({"fsdp": 8})
-  shape = (64, 64, 4096)  # (layers, embed, mlp): 64 MiB in float32
-  params = {"text": {"layers": {"up": {"w": jax.ShapeDtypeStruct(
-      shape, np.float32, sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "fsdp")))}}}}
-  fn, _ = sharding.sampling_resharder(params, mesh, sharding.rollout_mesh(mesh, 2), "bfloat16")
-  stats = fn.lower(params).compile(plan.CPU_COMPILER_OPTIONS).memory_analysis()
-  print(json.dumps({"temp": stats.temp_size_in_bytes, "output": stats.output_size_in_bytes,
-                    "stack": int(np.prod(shape)) * 4}))
+  out = {}
+  for name, path, shape, spec in (("stack", ("layers", "up", "w"), (64, 64, 4096), (None, "fsdp")),
+                                  ("vocab", ("embed",), (32768, 512), (None, "fsdp"))):
+    leaf = jax.ShapeDtypeStruct(shape, np.float32,
+                                sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec)))
+    params = {"text": functools.reduce(lambda tree, key: {key: tree}, reversed(path), leaf)}
+    fn, _ = sharding.sampling_resharder(params, mesh, sharding.rollout_mesh(mesh, 2), "bfloat16")
+    stats = fn.lower(params).compile(plan.CPU_COMPILER_OPTIONS).memory_analysis()
+    out[name] = {"temp": stats.temp_size_in_bytes, "bytes": int(np.prod(shape)) * 4}
+  print(json.dumps(out))
 
 
 if __name__ == "__main__":

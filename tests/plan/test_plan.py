@@ -135,10 +135,12 @@ def test_tensor_parallel_sampling_weights_shrink_every_rollout_program():
     assert tensor[program]["total"] < replicated[program]["total"], (program, out)
 
 
-def test_resharding_moves_one_layer_of_a_stacked_weight_at_a_time():
+def test_resharding_moves_a_layer_of_a_stack_or_a_block_of_a_vocabulary_table_at_a_time():
   out = _script("reshard")
-  # A whole-stack reshard holds (a tensor shard of) the stack in transit; one layer at a time holds 1/64 of it.
-  assert out["temp"] < out["stack"] / 16, out
+  # Moved whole, a leaf is held (gathered, or a tensor shard of it) in transit; a layer is 1/64 of the stack, a
+  # block 1/16 of the table.
+  assert out["stack"]["temp"] < out["stack"]["bytes"] / 16, out
+  assert out["vocab"]["temp"] < out["vocab"]["bytes"] / 4, out
 
 
 def test_rollout_programs_hold_one_kv_cache():
