@@ -10,12 +10,20 @@ lowered from `jax.ShapeDtypeStruct`s carrying the mesh's shardings and compiled;
 partitioned program gives the bytes per device. FLOPs are counted analytically (`program_flops`): XLA's
 cost analysis counts a scanned layer once, not once per layer.
 
-Programs: `encode_images` (every sampler device encoding its own image table), `extend` (prefill of every row, the
-image tables encoded inside it), `generate` (decode), `reference_logps`, `train_step`. The batches are
-`varft.batch.abstract` (rows over the batch axes, one image table per batch device); the sampler programs take
-`Sampler`'s arguments in its layouts on the rollout mesh, from the weights as `sharding.sampling_params` reshards
-them. A program's `peak_bytes` adds the arrays that stay resident while it runs (the train state and the reference
-weights during rollouts, the reference weights during the update, the train state during the reference pass).
+Programs: `sampling_weights` (the train params cast and resharded to the sampler's layout), `encode_images` (every
+sampler device encoding its own image table), `extend` (prefill of every row, the image tables encoded inside it),
+`generate` (decode), `reference_logps`, `train_step`. The batches are `varft.batch.abstract` (rows over the batch
+axes, one image table per batch device); the sampler programs take `Sampler`'s arguments in its layouts on the
+rollout mesh, from the weights as `sharding.sampling_params` reshards them, tensor-parallel as
+`rollout.tensor_parallel` resolves for the target accelerator's memory (`--accelerator`; on GPU/TPU the devices'
+own). A program's `peak_bytes` adds the arrays that stay resident while it runs (the train state and the reference
+weights during rollouts, the rest of the state and the reference while the params are resharded, the reference
+weights during the update, the train state during the reference pass).
+
+On CPU the numbers are upper bounds for GPU/TPU: XLA:CPU has no bf16 dot, scatter or collective and widens such
+operands to f32 (the planner compiles without loop-invariant code motion, so that the widening of stacked weights
+stays per layer instead of copying the whole model: `CPU_COMPILER_OPTIONS`), and it materialises the KV cache's
+16-bit view for the in-place write that GPU/TPU take as a bitcast.
 """
 from __future__ import annotations
 
@@ -31,7 +39,6 @@ if __name__ == "__main__":  # fake CPU devices must be requested before JAX is i
 import contextlib  # noqa: E402
 import dataclasses  # noqa: E402
 import json  # noqa: E402
-import re  # noqa: E402
 from typing import Any, Sequence  # noqa: E402
 
 import jax  # noqa: E402
@@ -42,6 +49,7 @@ from jax.sharding import NamedSharding  # noqa: E402
 from varft import batch as batch_lib, grpo, sampling, sharding, train  # noqa: E402
 from varft.models.qwen25vl import model as qwen_model  # noqa: E402
 from varft.plan_flops import program_flops  # noqa: E402
+from varft.plan_hlo import hlo_buffers  # noqa: E402
 from varft.preflight import ConfigError  # noqa: E402
 from varft.processing import image as image_lib  # noqa: E402
 
@@ -254,53 +262,6 @@ def _shard_bytes(x) -> int:
   return int(np.prod(shape)) * jnp.dtype(x.dtype).itemsize
 
 
-_SHAPE = re.compile(r"\b(pred|s8|u8|s16|u16|s32|u32|s64|u64|bf16|f16|f32|f64)\[([\d,]*)\]")
-_ITEMSIZE = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "f32": 4,
-             "s64": 8, "u64": 8, "f64": 8}
-
-
-def _shapes(text: str) -> list[tuple[int, str]]:
-  out = []
-  for dtype, dims in _SHAPE.findall(text):
-    size = int(np.prod([int(d) for d in dims.split(",") if d])) if dims else 1
-    out.append((size * _ITEMSIZE[dtype], f"{dtype}[{dims}]"))
-  return out
-
-
-def _split_type(rhs: str) -> tuple[str, str]:
-  """(result type, the rest) of the right-hand side of an HLO instruction; tuple types nest parentheses."""
-  if not rhs.startswith("("):
-    kind, _, rest = rhs.partition(" ")
-    return kind, rest
-  depth = 0
-  for i, ch in enumerate(rhs):
-    depth += {"(": 1, ")": -1}.get(ch, 0)
-    if depth == 0:
-      return rhs[:i + 1], rhs[i + 1:].lstrip()
-  return rhs, ""
-
-
-def hlo_buffers(hlo: str, top: int = 5) -> tuple[list[dict], list[dict]]:
-  """(largest values, all-gathers) of an optimized (per-device) HLO text: [{bytes, shape, op}], largest first."""
-  largest, gathers = {}, {}
-  for line in hlo.splitlines():
-    _, sep, rhs = line.partition(" = ")
-    if not sep:
-      continue
-    kind, rest = _split_type(rhs.strip())
-    op = rest.split("(", 1)[0]
-    results = _shapes(kind)
-    if not results or op in ("parameter", "tuple", "get-tuple-element", "bitcast"):
-      continue
-    size, shape = max(results)
-    entry = {"bytes": size, "shape": shape, "op": op}
-    largest.setdefault((shape, op), entry)
-    if op.startswith("all-gather"):
-      gathers.setdefault((shape, op), entry)
-  order = lambda d: sorted(d.values(), key=lambda e: -e["bytes"])
-  return order(largest)[:top], order(gathers)
-
-
 @dataclasses.dataclass
 class ProgramPlan:
   program: str
@@ -389,7 +350,8 @@ def check_fits(config, devices: Sequence[jax.Device] | int | None = None, accele
       buffers = ", ".join(f"{b['shape']} {b['op']} ({b['bytes'] / GiB:.2f} GiB)" for b in p.largest[:3])
       raise PlanError(f"{p.program} needs {p.peak_bytes / GiB:.1f} GiB per device, over {(1 - margin) * hbm / GiB:.1f} "
                       f"GiB ({accelerator or devices[0].device_kind} less {margin:.0%}); largest buffers: {buffers}. "
-                      "Use more devices, more micro-batches (grpo.micro_batches) or shorter buckets.")
+                      "Use more devices, more micro-batches (grpo.micro_batches), shorter buckets or, for the "
+                      "rollout programs, a higher rollout.tensor_parallel.")
   return plans
 
 
