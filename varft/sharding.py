@@ -318,10 +318,10 @@ def _resharder(dtype: str | None, treedef, in_shardings: tuple, out_shardings: t
     x = x.astype(dtype)
     return x if s is None else jax.lax.with_sharding_constraint(x, s)
 
-  def move(x, s_in, s_out, plan):
-    if plan is None:
+  def move(x, s_in, s_out, how):
+    if how is None:
       return cast(x, _piece_sharding(s_in, None))
-    axis, count = plan
+    axis, count = how
     in_piece = _piece_sharding(s_in, 0 if count == 0 else None)
     transit = NamedSharding(s_out.mesh, P(*tuple(s_out.spec)[1:])) if count == 0 else NamedSharding(s_out.mesh, P())
     one = lambda v: jax.lax.with_sharding_constraint(cast(v, in_piece), transit)
