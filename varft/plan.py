@@ -168,12 +168,16 @@ def abstract_state(config, model_cfg, optimizer, mesh):
 
 
 def rollout_tensor_parallel(config, model_cfg, devices, memory_bytes: int | None) -> int:
-  """`rollout.tensor_parallel` resolved as the agent task resolves it, for devices of `memory_bytes` each."""
+  """`rollout.tensor_parallel` resolved as the agent task resolves it (over this host's devices), for devices of
+  `memory_bytes` each; the echo task samples from replicas."""
+  if config.task == "echo":
+    return 1
   dtype = jnp.dtype(model_cfg.dtype)
-  shapes = jax.eval_shape(lambda: train.init_params(model_cfg, jax.random.key(0), config.task == "echo", dtype))
+  shapes = jax.eval_shape(lambda: train.init_params(model_cfg, jax.random.key(0), False, dtype))
+  local = [d for d in devices if d.process_index == jax.process_index()]
   return sharding.resolve_tensor_parallel(config.rollout.get("tensor_parallel", "auto"),
                                           sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes)),
-                                          devices, memory_bytes)
+                                          local, memory_bytes)
 
 
 def _sampler(config, model_cfg, rec: Recipe, mesh, params, tp: int):
