@@ -108,13 +108,11 @@ TRAINER_ROLLOUT_KEYS = ("prompts_per_host", "num_samples", "tensor_parallel")
 
 
 def sampling_tensor_parallel(config: ml_collections.ConfigDict, model_cfg, dtype) -> int:
-  """`config.rollout.tensor_parallel` (0 or absent: the least at which the sampling weights fit a device)."""
-  chosen = int(config.rollout.get("tensor_parallel", 0))
-  if chosen:
-    return chosen
+  """`config.rollout.tensor_parallel` resolved (`sharding.resolve_tensor_parallel`) for the sampling weights."""
   from varft.models.qwen25vl import model
   shapes = jax.eval_shape(lambda: model.init_params(jax.random.key(0), model_cfg, dtype))
-  return sharding.sampling_tensor_parallel(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes)))
+  return sharding.resolve_tensor_parallel(config.rollout.get("tensor_parallel", "auto"),
+                                          sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes)))
 
 
 def rollout_config(rollout: ml_collections.ConfigDict, **overrides) -> rollout_lib.RolloutConfig:
