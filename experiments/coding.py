@@ -7,7 +7,9 @@
 
 arg: `demo` | `3b` | `7b`, optionally with `,stepwise` (default: the paper's step-wise training on
 rft_agent_code_1_2k.json: problem / code / answer steps) or `,multiturn` (full rollouts, code really runs in the
-sandbox, the repaired image goes back to the model, outcome reward).
+sandbox, the repaired image goes back to the model, outcome reward), and `,paper` (as the released code does where
+varft differs: one sample per group scored as the reference step, REINFORCE ratio, samples to EOS scored by the
+fullmatch format rules; see the README).
 
 The paper's recipe (Visual-ARFT scripts, 8 GPUs): G=8, 1 prompt per GPU x 2 accumulation steps (16 prompts per
 update), beta 0.04, lr 1e-6 (AdamW, HF defaults), bf16 + gradient checkpointing, max_pixels 401408 (inputs
@@ -24,6 +26,7 @@ def get_config(arg="demo"):
   c.tools.search.name = ""
   if mode == "stepwise":
     c.rewards = [("accuracy", 1.0), ("format", 1.0)]
+    c.reward_options.gold_injection = c.paper  # the released coding trainer scores one sample per group as the gt
   else:
     c.rewards = [("answer_f1", 1.0), ("format", 0.5), ("code_success", 0.2), ("failed_calls", 0.1)]
   c.eval.benchmarks = ("mat_coding",)

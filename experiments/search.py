@@ -8,7 +8,8 @@
 
 arg: `demo` | `3b` | `7b`, optionally with `,stepwise` (default: the paper's step-wise training on
 rft_agent_search_20.json) or `,multiturn` (full rollouts with real searches, outcome reward), and `,paper` (as the
-released code does where varft differs: math_verify in the accuracy reward; see the README).
+released code does where varft differs: math_verify in the accuracy reward, REINFORCE ratio, samples to EOS scored
+by the fullmatch format rules; see the README).
 
 The paper's recipe (Visual-ARFT scripts, 8 GPUs): G=8 samples per prompt, 1 prompt per GPU and 2 accumulation
 steps (16 prompts per update), beta 0.04, lr 1e-6 (AdamW, HF defaults: linear decay, no warm-up, clip 1.0),

@@ -75,8 +75,10 @@ def tool_executor_config(config: ml_collections.ConfigDict, paths: Mapping[str, 
       search["corpus"] = search.get("corpus") or paths.get("corpus", "")
       search["index_dir"] = search.get("index_dir") or os.path.join(workdir, f"search_index_{search['name']}")
     out["search"] = {k: v for k, v in search.items() if v not in ("", None)}
-  if t.use_code:  # tool images come back no larger than the model will see them
-    out["code"] = {"observe_max_pixels": config.rollout.image_max_pixels, **dict(t.code)}
+  if t.use_code:  # tool images come back no larger than the model will see them (in training or evaluation)
+    from varft.eval import settings
+    seen = max(config.rollout.image_max_pixels, settings.image_pixels(config)[1])
+    out["code"] = {"observe_max_pixels": seen, **dict(t.code)}
   return out
 
 
@@ -106,13 +108,11 @@ TRAINER_ROLLOUT_KEYS = ("prompts_per_host", "num_samples", "tensor_parallel")
 
 
 def sampling_tensor_parallel(config: ml_collections.ConfigDict, model_cfg, dtype) -> int:
-  """`config.rollout.tensor_parallel` (0 or absent: the least at which the sampling weights fit a device)."""
-  chosen = int(config.rollout.get("tensor_parallel", 0))
-  if chosen:
-    return chosen
+  """`config.rollout.tensor_parallel` resolved (`sharding.resolve_tensor_parallel`) for the sampling weights."""
   from varft.models.qwen25vl import model
   shapes = jax.eval_shape(lambda: model.init_params(jax.random.key(0), model_cfg, dtype))
-  return sharding.sampling_tensor_parallel(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes)))
+  return sharding.resolve_tensor_parallel(config.rollout.get("tensor_parallel", "auto"),
+                                          sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes)))
 
 
 def rollout_config(rollout: ml_collections.ConfigDict, **overrides) -> rollout_lib.RolloutConfig:
@@ -161,6 +161,24 @@ def score_rows(completions: Sequence[str], refs: Sequence[Mapping[str, Any]], co
   return total, components, errors
 
 
+def scored_completions(result: rollout_lib.RolloutResult, examples: Sequence[Mapping[str, Any]],
+                       options: rewards_lib.RewardOptions, tokenizer, rng: np.random.Generator
+                       ) -> tuple[list[str], np.ndarray, int]:
+  """The text each trajectory is scored on: its completion (with `options.skip_special_tokens`, its sampled tokens
+  decoded without special tokens), then with `options.gold_injection` one row per group replaced by its example's
+  `gt` (`rewards.inject_gold`). Returns (texts, injected (N,) bool, groups without a gt)."""
+  transcripts = result.transcripts
+  if options.skip_special_tokens:  # batch row i is transcript i (the skipped prompts' empty rows come after)
+    tokens, sampled = np.asarray(result.batch["tokens"]), np.asarray(result.batch["loss_mask"]) > 0
+    texts = [tokenizer.decode(tokens[i][sampled[i]], skip_special_tokens=True) for i in range(len(transcripts))]
+  else:
+    texts = [t.completion for t in transcripts]
+  if not options.gold_injection:
+    return texts, np.zeros((len(texts),), bool), 0
+  return rewards_lib.inject_gold(texts, [ex.get("gt") or "" for ex in examples], [t.group_id for t in transcripts],
+                                 rng)
+
+
 def _flat_stats(stats: Mapping[str, Any], prefix: str = "rollout/") -> dict[str, float]:
   out = {}
   for key, value in stats.items():
@@ -203,11 +221,23 @@ class AgentEnvironment:
     self.rollout_mesh = sharding.rollout_mesh(mesh, sampling_tensor_parallel(config, model_cfg, self.compute_dtype))
     self.engine = rollout_lib.RolloutEngine(model_cfg, tokenizer, self.executor, rollout_config(config.rollout),
                                             mesh=self.rollout_mesh, batch_devices=batch_lib.devices_per_host(mesh))
-    eval_overrides = {"mode": "multiturn", "temperature": config.eval.temperature,
-                      "max_turns": config.eval.max_turns}
-    self.eval_engine = rollout_lib.RolloutEngine(model_cfg, tokenizer, self.executor,
-                                                 rollout_config(config.rollout, **eval_overrides),
-                                                 mesh=self.rollout_mesh)
+    from varft.eval import settings
+    self.eval_settings = settings.describe(config, self.executor.search_backend)  # recorded with each result
+    eval_config = rollout_config(config.rollout, **settings.rollout_overrides(config))
+    eval_prompt = config.eval.get("prompt", "agent")
+    if eval_prompt == "direct":  # the paper's direct-answer baselines
+      from varft.eval import direct
+      self.eval_engine = direct.DirectAnswerEngine(model_cfg, tokenizer, eval_config, mesh=self.rollout_mesh,
+                                                   max_new_tokens=config.eval.direct_max_new_tokens)
+    elif eval_prompt == "agent":
+      self.eval_engine = rollout_lib.RolloutEngine(model_cfg, tokenizer, self.executor, eval_config,
+                                                   mesh=self.rollout_mesh)
+    else:
+      raise ValueError(f"config.eval.prompt={eval_prompt!r} is not one of ('agent', 'direct')")
+    self.reward_options = rewards_lib.options_from_config(config)
+    for key in ("skip_special_tokens", "gold_injection"):  # both read one turn's text against one reference step
+      if getattr(self.reward_options, key) and self.mode != "stepwise":
+        raise ValueError(f"config.reward_options.{key} is for step-wise training (rollout.mode=stepwise)")
     self.batches = None  # evaluation only: no training data needed
     if training:
       d = config.data
@@ -217,6 +247,7 @@ class AgentEnvironment:
 
   def collect(self, params, rng) -> Experience:
     """One step's rollouts on this host's next prompts, scored."""
+    gold_rng = np.random.default_rng(np.asarray(jax.random.key_data(jax.random.fold_in(rng, jax.process_index()))))
     params, rng = sharding.rollout_inputs(params, rng, self.mesh, self.rollout_mesh, self.compute_dtype)
     start = time.perf_counter()
     skipped_batches = 0
@@ -238,7 +269,8 @@ class AgentEnvironment:
     if self.mode == "multiturn":
       stats = [t.tool_stats() for t in result.transcripts]
       tool_stats = {k: [s[k] for s in stats] for k in stats[0]}
-    completions = [t.completion for t in result.transcripts]
+    completions, injected, gold_missing = scored_completions(result, by_row, self.reward_options,
+                                                             self.engine.tokenizer, gold_rng)
     total, components, reward_errors = score_rows(completions, refs, self.config, step_types, tool_stats)
     scored = time.perf_counter()
     rows = self.prompts_per_host * self.num_samples
@@ -253,8 +285,10 @@ class AgentEnvironment:
     stats.update({"time/rollout_s": rolled - start, "time/rewards_s": scored - rolled,
                   "rollout/padded_rows": float(rows - len(total)), "rollout/skipped_batches": float(skipped_batches),
                   "rollout/reward_errors": float(reward_errors)})
-    samples = [transcript_sample(t, ex, reward=float(r))
-               for t, ex, r in zip(result.transcripts, by_row, total)][:self.config.samples_per_step]
+    if self.reward_options.gold_injection:
+      stats.update({"rollout/gold_injected": float(injected.sum()), "rollout/gold_missing": float(gold_missing)})
+    samples = [transcript_sample(t, ex, reward=float(r), **({"scored_as_gt": True} if g else {}))
+               for t, ex, r, g in zip(result.transcripts, by_row, total, injected)][:self.config.samples_per_step]
     return Experience(batch=batch, rewards=rewards, components=padded_components, stats=stats, samples=samples)
 
   def evaluate(self, params, rng, out_dir: str | None = None) -> dict[str, float]:
@@ -303,10 +337,10 @@ def evaluate_source(env: AgentEnvironment, name: str, source: Sequence[Mapping[s
                     out_dir: str | None) -> dict[str, float]:
   """`evaluate_benchmark` on a random-access `source`: the first `eval.num_prompts` items (all when 0), each host
   its own contiguous block (`host_items`), predictions gathered in item order."""
-  from varft.eval import score
+  from varft.eval import score, settings
   limit = env.config.eval.num_prompts
   mine = host_items(min(len(source), limit) if limit else len(source))
-  transform = resizer(env.config.data.resize) or (lambda example: example)
+  transform = resizer(settings.eval_resize(env.config)) or (lambda example: example)
   size = env.config.eval.batch_size
   items = []
   for first in range(mine.start, mine.stop, size):
@@ -318,9 +352,12 @@ def evaluate_source(env: AgentEnvironment, name: str, source: Sequence[Mapping[s
       t = answered.get(str(ex.get("id", j)))
       items.append({"id": ex.get("id"), "question": ex["question"], "pred_answer": t.answer if t else None,
                     "gt": list(ex.get("answers") or []), "trajectory": t.render() if t else "",
-                    "stop_reason": t.stop_reason if t else "skipped"})
+                    "stop_reason": t.stop_reason if t else "skipped",
+                    "crop_overrides": sum(o.get("crop_override", False) for o in t.observations) if t else 0})
   items = [item for per_host in sharding.gather_json(items) for item in per_host]
   result = score_items(items, name)
+  result["settings"] = env.eval_settings
+  result["crop_overrides"] = sum(item["crop_overrides"] for item in items)
   if out_dir:
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, f"{name}.json"), "w") as f:

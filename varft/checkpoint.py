@@ -37,7 +37,7 @@ NOT_RECIPE = (
     "async_checkpoints", "samples_every", "samples_per_step", "eval_every", "eval", "export_hf", "distributed", "mesh",
     "plan_check",
     "model.remat", "grpo.micro_batches", "grpo.logits_chunk",
-    "rollout.length_buckets", "rollout.chunk_buckets", "rollout.patch_buckets",
+    "rollout.length_buckets", "rollout.chunk_buckets", "rollout.patch_buckets", "rollout.tensor_parallel",
     "data.mat_dir", "data.flashrag_dir", "data.tfds_dir",
     "tools.max_workers", "tools.search_timeout_s", "tools.search.index_dir", "tools.search.corpus",
     "tools.search.url", "tools.code.timeout_s", "tools.code.max_concurrency", "tools.code.prewarm",

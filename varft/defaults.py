@@ -46,6 +46,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.grpo.eps_high = 0.2
   c.grpo.advantage = "std"  # std | no_std (Dr. GRPO) | leave_one_out
   c.grpo.aggregation = "sequence_mean"  # sequence_mean (the paper) | token_mean
+  c.grpo.policy_loss = "clipped"  # clipped | reinforce (the released trainers: ratio exp(logp - sg(logp)) == 1)
   c.grpo.epochs = 1  # mu: updates per rollout batch
   c.grpo.tis_cap = 0.0  # > 0: truncated sampler/trainer importance correction
   c.grpo.micro_batches = 1
@@ -81,6 +82,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.rollout = ml_collections.ConfigDict()
   c.rollout.prompts_per_host = 8
   c.rollout.num_samples = 8  # G
+  # Sampling weights tensor-parallel over this many of a host's devices (rows over the rest): auto = the least
+  # degree at which they take at most a quarter of a device's memory (sharding.resolve_tensor_parallel; the planner
+  # resolves it for its --accelerator), or a number.
+  c.rollout.tensor_parallel = "auto"
   c.rollout.temperature = 1.0
   c.rollout.top_k = 0
   c.rollout.top_p = 1.0
@@ -95,6 +100,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.rollout.image_min_pixels = 4 * 28 * 28
   c.rollout.image_max_pixels = 401408  # the paper's max_pixels
   c.rollout.system_prompt = "auto"
+  c.rollout.stop_at = "closing_tag"  # closing_tag (stop at the first </search>, </code>, ...) | eos (the released code)
+  c.rollout.repetition_penalty = 1.0  # transformers' semantics over each row's context; 1 = off
+  c.rollout.layout = "chat"  # chat (turns appended, one cache) | single_turn (each turn one rebuilt user message)
+  c.rollout.agent_rules = "varft"  # varft | paper (the released eval scripts' turn rules, varft.paper_rules)
+  c.rollout.crop_override = False  # a crop step's [a:b, c:d] slices take the question's box (released MAT-Coding eval)
+  c.rollout.image_prefit = False  # resize as qwen-vl-utils does before the processor (the released scripts)
 
   # Data (varft.data): the downloaded folders, or the embedded demo generated under the workdir.
   c.data = ml_collections.ConfigDict()
@@ -122,9 +133,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.rewards = [("accuracy", 1.0), ("format", 1.0)]
   # query_similarity: the step-wise search reward's encoder: minilm (the paper's all-MiniLM-L6-v2) | lexical (word
   # overlap, needs nothing) | auto (minilm when installed, else lexical, said once; the choice is in the metrics).
+  # gold_injection: score one sample per group as the record's gt (the paper's coding trainer); skip_special_tokens:
+  # score the sampled tokens decoded without <|im_end|> & co. (the released trainers; step-wise only).
   c.reward_options = ml_collections.ConfigDict({"task": "search", "similarity_threshold": 0.5,
                                                 "code_step_reward": 0.9, "query_similarity": "auto",
-                                                "math_verify": False})
+                                                "math_verify": False, "gold_injection": False,
+                                                "skip_special_tokens": False})
 
   c.eval = ml_collections.ConfigDict()
   c.eval.benchmarks = ("mat_search",)  # names in varft.agent_task.BENCHMARKS
@@ -132,7 +146,20 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.batch_size = 8
   c.eval.temperature = 0.0  # greedy
   c.eval.max_turns = 5
+  c.eval.prompt = "agent"  # agent | direct (the paper's direct-answer baselines: one turn, no tools; varft.eval.direct)
+  c.eval.direct_max_new_tokens = 2048  # the direct-answer reply's budget (the baseline scripts' max_new_tokens)
   c.eval.checkpoint_step = -1  # eval mode: the checkpoint to evaluate (-1 = latest, or the initial weights)
+  # The evaluation engine over config.rollout (varft.eval.settings): same meaning as the rollout keys.
+  c.eval.layout = "chat"
+  c.eval.agent_rules = "varft"
+  c.eval.stop_at = "closing_tag"
+  c.eval.repetition_penalty = 1.0
+  c.eval.crop_override = False
+  c.eval.image_prefit = False
+  c.eval.max_new_tokens = 0  # 0 = rollout.max_new_tokens
+  c.eval.max_total_tokens = 0  # 0 = rollout.max_total_tokens
+  c.eval.image_max_pixels = 0  # 0 = rollout.image_max_pixels | -1 = the checkpoint's processor (model.hf_dir)
+  c.eval.resize = -1  # -1 = data.resize | 0 = keep each image's aspect ratio | N = N x N
   return c
 
 
@@ -176,12 +203,54 @@ def apply_paper_recipe(c: ml_collections.ConfigDict, size: str, mode: str) -> No
   c.rollout.num_samples = 8
   c.rollout.temperature = 1.0
   c.rollout.top_k = 50 if c.paper else 0  # the released trainer samples with transformers' default top-k 50
+  if c.paper:
+    apply_paper_setting(c)
   c.rollout.max_new_tokens = 256 if mode == "stepwise" else 512
   c.rollout.max_total_tokens = 4096
   c.rollout.image_max_pixels = 401408
   c.data.resize = 720
   c.reward_options.query_similarity = "minilm"
   c.mesh = {"data": 1, "fsdp": -1, "tensor": 1}
+  if c.paper:
+    apply_paper_eval(c)
+
+
+def apply_paper_eval(c: ml_collections.ConfigDict) -> None:
+  """The released eval scripts (evaluation_*_visual_arft.py) for `c.reward_options.task`: every turn one rebuilt
+  user message, their turn rules, generation to EOS (2048 new tokens for search, 1024 for coding; 5 turns), greedy
+  with the checkpoint generation config's repetition penalty 1.05, images at their aspect ratio through
+  qwen-vl-utils and the checkpoint's processor, the crop override (coding), Serper's top 4 snippets rendered as
+  those scripts do (search)."""
+  coding = c.reward_options.task == "coding"
+  c.eval.layout = "single_turn"
+  c.eval.agent_rules = "paper"
+  c.eval.stop_at = "eos"
+  c.eval.repetition_penalty = 1.05
+  c.eval.temperature = 0.0
+  c.eval.max_turns = 5
+  c.eval.max_new_tokens = 1024 if coding else 2048
+  c.eval.max_total_tokens = 16384  # the scripts have no bound; longer chains end as max_tokens (counted)
+  c.eval.crop_override = coding
+  c.eval.image_prefit = True
+  c.eval.image_max_pixels = -1
+  c.eval.resize = 0
+  c.tools.topk = 4
+  c.tools.search_format = "paper_exact"
+  if not coding:
+    c.tools.search.name = "serper"
+
+
+def apply_paper_setting(c: ml_collections.ConfigDict) -> None:
+  """Where the released Visual-ARFT trainers differ from varft's defaults, for both tasks (the task's own parts are in
+  experiments/*.py; every remaining difference is in the README's "Paper setting"):
+  - the policy term exp(logp - sg(logp)) A: REINFORCE with the group baseline, never clipped;
+  - samples run to EOS (or max_new_tokens), not to the first closing tag, so <|im_end|> is sampled and trained;
+  - they are scored decoded without special tokens, by the fullmatch format rules, so any text after the action
+    (which a closing-tag stop never lets through) costs the format reward.
+  """
+  c.grpo.policy_loss = "reinforce"
+  c.rollout.stop_at = "eos"  # varft.rollout.RolloutConfig.stop_at: closing_tag | eos
+  c.reward_options.skip_special_tokens = True
 
 
 def apply_demo(c: ml_collections.ConfigDict) -> None:

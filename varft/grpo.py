@@ -8,8 +8,13 @@ The loss of one token is
 
     -min(r * A, clip(r, 1 - eps_low, 1 + eps_high) * A) + beta * k3(ref, logp),   r = exp(logp - logp_old)
 
-optionally times a truncated importance weight min(exp(logp_old - logp_sampler), tis_cap) that corrects for the
-sampler and the trainer computing slightly different probabilities. Tokens are aggregated either per sequence
+or, with `policy_loss='reinforce'` (the released Visual-ARFT trainers), -exp(logp - stop_gradient(logp)) * A
++ beta * k3: the ratio is 1 in value and its gradient is that of logp, so the update is REINFORCE with the group
+baseline (what the clipped surrogate also is at mu = 1 when the sampler's and the trainer's log-probs agree exactly),
+never clipped.
+
+Either is optionally times a truncated importance weight min(exp(logp_old - logp_sampler), tis_cap) that corrects for
+the sampler and the trainer computing slightly different probabilities. Tokens are aggregated either per sequence
 (token mean within a sequence, then mean over sequences, as the paper's trainer) or by one global token mean. The
 aggregation is turned into per-token weights over the whole batch first, so accumulating gradients over micro-batches
 gives exactly the full-batch gradient.
@@ -46,6 +51,7 @@ class GRPOConfig:
   eps_high: float = 0.2
   advantage: str = "std"
   aggregation: str = "sequence_mean"
+  policy_loss: str = "clipped"  # clipped (PPO-style surrogate) | reinforce (the released trainers' ratio == 1)
   tis_cap: float = 0.0  # > 0: truncated importance weights between the sampler and the trainer
   temperature: float = 1.0  # the sampling temperature: log-probs are taken of logits / temperature
   micro_batches: int = 1
@@ -57,6 +63,8 @@ class GRPOConfig:
       raise ValueError(f"grpo.advantage {self.advantage!r} is not one of {ADVANTAGE_MODES}")
     if self.aggregation not in AGGREGATION_MODES:
       raise ValueError(f"grpo.aggregation {self.aggregation!r} is not one of {AGGREGATION_MODES}")
+    if self.policy_loss not in POLICY_LOSSES:  # the table is defined with the loss, below
+      raise ValueError(f"grpo.policy_loss {self.policy_loss!r} is not one of {tuple(POLICY_LOSSES)}")
     if self.micro_batches < 1 or self.logits_chunk < 1:
       raise ValueError("grpo.micro_batches and grpo.logits_chunk must be >= 1")
     if not (0 <= self.eps_low < 1 and self.eps_high >= 0 and self.beta >= 0 and self.temperature > 0):
@@ -267,24 +275,43 @@ def loss_weights(loss_mask: jnp.ndarray, aggregation: str) -> jnp.ndarray:
   raise ValueError(f"Unknown aggregation {aggregation!r}: use one of {AGGREGATION_MODES}")
 
 
+def clipped_surrogate(logps: jnp.ndarray, ratio: jnp.ndarray, adv: jnp.ndarray, gcfg: GRPOConfig
+                      ) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
+  """-min(r A, clip(r, 1 - eps_low, 1 + eps_high) A) per token, and where the clip bit."""
+  del logps
+  clipped = jnp.clip(ratio, 1.0 - gcfg.eps_low, 1.0 + gcfg.eps_high)
+  stats = {"clip_low": ((ratio < 1.0 - gcfg.eps_low) & (adv < 0)).astype(jnp.float32),
+           "clip_high": ((ratio > 1.0 + gcfg.eps_high) & (adv > 0)).astype(jnp.float32)}
+  return -jnp.minimum(ratio * adv, clipped * adv), stats
+
+
+def reinforce(logps: jnp.ndarray, ratio: jnp.ndarray, adv: jnp.ndarray, gcfg: GRPOConfig
+              ) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
+  """-exp(logp - stop_gradient(logp)) A per token, as the released trainers write it: 1 in value, gradient
+  -A grad(logp); nothing is clipped (`ratio`, the one to the old policy, is only reported)."""
+  del gcfg
+  unit = jnp.exp(logps - jax.lax.stop_gradient(logps))
+  zeros = jnp.zeros_like(ratio)
+  return -unit * adv, {"clip_low": zeros, "clip_high": zeros}
+
+
+# grpo.policy_loss -> fn(logps, ratio to the old policy, advantages (N, 1), gcfg) -> (per-token loss, clip stats).
+POLICY_LOSSES = {"clipped": clipped_surrogate, "reinforce": reinforce}
+
+
 def per_token_loss(logps: jnp.ndarray, old_logps: jnp.ndarray, advantages: jnp.ndarray, loss_mask: jnp.ndarray,
                    gcfg: GRPOConfig, ref_logps: jnp.ndarray | None = None, is_weights: jnp.ndarray | None = None
                    ) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
   """The per-token GRPO loss (N, L) and per-token statistics (clipping indicators, ratio, KL); 0 off the mask.
 
-  Log-prob differences are zeroed off the mask before any exp, so that padding can never overflow into NaN grads.
+  The policy term is `POLICY_LOSSES[gcfg.policy_loss]`. Log-prob differences are zeroed off the mask before any
+  exp, so that padding can never overflow into NaN grads.
   """
   on = loss_mask > 0
   adv = advantages[:, None].astype(jnp.float32)
   ratio = jnp.exp(jnp.where(on, logps - old_logps, 0.0))
-  clipped = jnp.clip(ratio, 1.0 - gcfg.eps_low, 1.0 + gcfg.eps_high)
-  surrogate = jnp.minimum(ratio * adv, clipped * adv)
-  loss = -surrogate
-  stats = {
-      "clip_low": ((ratio < 1.0 - gcfg.eps_low) & (adv < 0)).astype(jnp.float32),
-      "clip_high": ((ratio > 1.0 + gcfg.eps_high) & (adv > 0)).astype(jnp.float32),
-      "ratio": ratio,
-  }
+  loss, stats = POLICY_LOSSES[gcfg.policy_loss](jnp.where(on, logps, 0.0), ratio, adv, gcfg)
+  stats["ratio"] = ratio
   if ref_logps is not None and gcfg.beta > 0:
     delta = jnp.where(on, ref_logps - logps, 0.0)
     kl = jnp.exp(delta) - delta - 1.0  # k3: unbiased, non-negative estimate of KL(policy || reference)

@@ -10,12 +10,20 @@ lowered from `jax.ShapeDtypeStruct`s carrying the mesh's shardings and compiled;
 partitioned program gives the bytes per device. FLOPs are counted analytically (`program_flops`): XLA's
 cost analysis counts a scanned layer once, not once per layer.
 
-Programs: `encode_images` (every sampler device encoding its own image table), `extend` (prefill of every row, the
-image tables encoded inside it), `generate` (decode), `reference_logps`, `train_step`. The batches are
-`varft.batch.abstract` (rows over the batch axes, one image table per batch device); the sampler programs take
-`Sampler`'s arguments in its layouts on the rollout mesh, from the weights as `sharding.sampling_params` reshards
-them. A program's `peak_bytes` adds the arrays that stay resident while it runs (the train state and the reference
-weights during rollouts, the reference weights during the update, the train state during the reference pass).
+Programs: `sampling_weights` (the train params cast and resharded to the sampler's layout), `encode_images` (every
+sampler device encoding its own image table), `extend` (prefill of every row, the image tables encoded inside it),
+`generate` (decode), `reference_logps`, `train_step`. The batches are `varft.batch.abstract` (rows over the batch
+axes, one image table per batch device); the sampler programs take `Sampler`'s arguments in its layouts on the
+rollout mesh, from the weights as `sharding.sampling_params` reshards them, tensor-parallel as
+`rollout.tensor_parallel` resolves for the target accelerator's memory (`--accelerator`; on GPU/TPU the devices'
+own). A program's `peak_bytes` adds the arrays that stay resident while it runs (the train state and the reference
+weights during rollouts, the rest of the state and the reference while the params are resharded, the reference
+weights during the update, the train state during the reference pass).
+
+On CPU the numbers are upper bounds for GPU/TPU: XLA:CPU has no bf16 dot, scatter or collective and widens such
+operands to f32 (the planner compiles without loop-invariant code motion, so that the widening of stacked weights
+stays per layer instead of copying the whole model: `CPU_COMPILER_OPTIONS`), and it materialises the KV cache's
+16-bit view for the in-place write that GPU/TPU take as a bitcast.
 """
 from __future__ import annotations
 
@@ -31,7 +39,6 @@ if __name__ == "__main__":  # fake CPU devices must be requested before JAX is i
 import contextlib  # noqa: E402
 import dataclasses  # noqa: E402
 import json  # noqa: E402
-import re  # noqa: E402
 from typing import Any, Sequence  # noqa: E402
 
 import jax  # noqa: E402
@@ -42,6 +49,7 @@ from jax.sharding import NamedSharding  # noqa: E402
 from varft import batch as batch_lib, grpo, sampling, sharding, train  # noqa: E402
 from varft.models.qwen25vl import model as qwen_model  # noqa: E402
 from varft.plan_flops import program_flops  # noqa: E402
+from varft.plan_hlo import hlo_buffers  # noqa: E402
 from varft.preflight import ConfigError  # noqa: E402
 from varft.processing import image as image_lib  # noqa: E402
 
@@ -51,7 +59,12 @@ ACCELERATORS = {"A100-40": 40 * GiB, "A100-80": 80 * GiB, "H100-80": 80 * GiB, "
                 "TPU v4": 32 * GiB, "TPU v5e": 16 * GiB, "TPU v5p": 95 * GiB, "TPU v6e": 32 * GiB}
 # Kept free on every device: runtime and collective buffers, allocator fragmentation, cuDNN/XLA workspaces.
 DEFAULT_MARGIN = 0.10
-PROGRAMS = ("encode_images", "extend", "generate", "reference_logps", "train_step")
+# XLA:CPU has no bf16 dot: it widens the operands to f32, and its loop-invariant code motion then hoists those
+# converts of the whole stacked weights out of the layer and decode loops (a full f32 copy of the model that GPU
+# and TPU programs, with native bf16 dots, do not have). CPU plans are compiled without that pass: the widening
+# stays per layer.
+CPU_COMPILER_OPTIONS = {"xla_disable_hlo_passes": "while-loop-invariant-code-motion"}
+PROGRAMS = ("sampling_weights", "encode_images", "extend", "generate", "reference_logps", "train_step")
 
 
 class PlanError(ConfigError):
@@ -154,13 +167,24 @@ def abstract_state(config, model_cfg, optimizer, mesh):
   return state, ref
 
 
-def _sampler(config, model_cfg, rec: Recipe, mesh, params, devices):
-  """The rollout's Sampler on its mesh (`sharding.rollout_mesh`; tensor parallel as the agent task picks it) and
-  the sampling weights: `params` in the compute dtype in the layout `sharding.sampling_params` gives them."""
+def rollout_tensor_parallel(config, model_cfg, devices, memory_bytes: int | None) -> int:
+  """`rollout.tensor_parallel` resolved as the agent task resolves it (over this host's devices), for devices of
+  `memory_bytes` each; the echo task samples from replicas."""
+  if config.task == "echo":
+    return 1
+  dtype = jnp.dtype(model_cfg.dtype)
+  shapes = jax.eval_shape(lambda: train.init_params(model_cfg, jax.random.key(0), False, dtype))
+  local = [d for d in devices if d.process_index == jax.process_index()]
+  return sharding.resolve_tensor_parallel(config.rollout.get("tensor_parallel", "auto"),
+                                          sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes)),
+                                          local, memory_bytes)
+
+
+def _sampler(config, model_cfg, rec: Recipe, mesh, params, tp: int):
+  """The rollout's Sampler on its mesh (`sharding.rollout_mesh`, `tp`-way tensor parallel) and the sampling
+  weights: `params` in the compute dtype in the layout `sharding.sampling_params` gives them."""
   dtype = jnp.dtype(model_cfg.dtype)
   weights = jax.eval_shape(lambda p: jax.tree.map(lambda x: x.astype(dtype), p), params)
-  tp = int(config.rollout.get("tensor_parallel", 0)) or sharding.sampling_tensor_parallel(
-      sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(weights)), devices)
   rollout_mesh = sharding.rollout_mesh(mesh, tp)
   sampler_cfg = sampling.SamplingConfig(temperature=config.rollout.temperature, top_k=config.rollout.top_k,
                                         top_p=config.rollout.top_p, max_new_tokens=rec.new_tokens)
@@ -169,10 +193,11 @@ def _sampler(config, model_cfg, rec: Recipe, mesh, params, devices):
   return sampler, _abstract(weights, sharding.sampling_shardings(weights, rollout_mesh))
 
 
-def _sampler_programs(config, model_cfg, rec: Recipe, mesh, params, devices):
+def _sampler_programs(config, model_cfg, rec: Recipe, mesh, params, tp: int):
   """encode_images / extend / generate with the Sampler's signature and layouts: rows and KV cache over every batch
   axis of the rollout mesh, each device encoding its own rows' image table inside extend."""
-  sampler, weights = _sampler(config, model_cfg, rec, mesh, params, devices)
+  sampler, weights = _sampler(config, model_cfg, rec, mesh, params, tp)
+  reshard, _ = sharding.sampling_resharder(params, mesh, sampler.mesh, model_cfg.dtype)
   rec = dataclasses.replace(rec, prompts=rec.prompts // jax.process_count())  # each host samples its own prompts
   t, n = model_cfg.text, rec.rows
   sds = lambda shape, dt, *axes: jax.ShapeDtypeStruct(shape, dt, sharding=sampler.layout(shape, *axes))
@@ -189,6 +214,7 @@ def _sampler_programs(config, model_cfg, rec: Recipe, mesh, params, devices):
                    sds((n,), jnp.int32), sds((n, rec.new_tokens), jnp.int32),
                    jnp.asarray(sampler.stop_table.token_bits), jnp.asarray(sampler.stop_table.pattern_bits))
   programs = {
+      "sampling_weights": (reshard, (params,), {}),
       "extend": (sampling._extend_jit, (weights, cache, chunk, None, images), {"model_config": model_cfg}),
       "generate": (sampling._generate_jit, generate_args,
                    {"model_config": model_cfg, "sampling": sampler.sampling}),
@@ -202,7 +228,7 @@ def _sampler_programs(config, model_cfg, rec: Recipe, mesh, params, devices):
   return programs, tables
 
 
-def _programs(config, model_cfg, rec: Recipe, mesh, devices):
+def _programs(config, model_cfg, rec: Recipe, mesh, tp: int):
   """(name -> (jitted function, abstract args, static kwargs, resident bytes per device outside the args, the mesh
   it is traced under), image tables -> (padded patches over all tables, key blocks))."""
   gcfg = train.grpo_config(config)
@@ -211,10 +237,13 @@ def _programs(config, model_cfg, rec: Recipe, mesh, devices):
   batch = abstract_train_batch(config, model_cfg, rec, mesh)
   per_device = lambda tree: sum(_shard_bytes(x) for x in jax.tree.leaves(tree))
   state_bytes, ref_bytes = per_device(state), per_device(ref) if ref is not None else 0
-  sampler_programs, tables = _sampler_programs(config, model_cfg, rec, mesh, state["params"], devices)
+  sampler_programs, tables = _sampler_programs(config, model_cfg, rec, mesh, state["params"], tp)
   # The rollout holds the train state and the reference while it samples from the resharded weights; it traces
   # its programs under no mesh, as `Sampler` does.
   programs = {name: (*p, state_bytes + ref_bytes, None) for name, p in sampler_programs.items()}
+  # Resharding reads the train params (its argument) while the rest of the state and the reference stay.
+  programs["sampling_weights"] = (*sampler_programs["sampling_weights"],
+                                  state_bytes - per_device(state["params"]) + ref_bytes, None)
   programs["train_step"] = (
       jax.jit(grpo.make_train_step(model_cfg, gcfg, optimizer, mesh), donate_argnums=0,
               out_shardings=(sharding.tree_shardings(state, mesh), sharding.replicated(mesh)),
@@ -237,53 +266,6 @@ def _shard_bytes(x) -> int:
   return int(np.prod(shape)) * jnp.dtype(x.dtype).itemsize
 
 
-_SHAPE = re.compile(r"\b(pred|s8|u8|s16|u16|s32|u32|s64|u64|bf16|f16|f32|f64)\[([\d,]*)\]")
-_ITEMSIZE = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "f32": 4,
-             "s64": 8, "u64": 8, "f64": 8}
-
-
-def _shapes(text: str) -> list[tuple[int, str]]:
-  out = []
-  for dtype, dims in _SHAPE.findall(text):
-    size = int(np.prod([int(d) for d in dims.split(",") if d])) if dims else 1
-    out.append((size * _ITEMSIZE[dtype], f"{dtype}[{dims}]"))
-  return out
-
-
-def _split_type(rhs: str) -> tuple[str, str]:
-  """(result type, the rest) of the right-hand side of an HLO instruction; tuple types nest parentheses."""
-  if not rhs.startswith("("):
-    kind, _, rest = rhs.partition(" ")
-    return kind, rest
-  depth = 0
-  for i, ch in enumerate(rhs):
-    depth += {"(": 1, ")": -1}.get(ch, 0)
-    if depth == 0:
-      return rhs[:i + 1], rhs[i + 1:].lstrip()
-  return rhs, ""
-
-
-def hlo_buffers(hlo: str, top: int = 5) -> tuple[list[dict], list[dict]]:
-  """(largest values, all-gathers) of an optimized (per-device) HLO text: [{bytes, shape, op}], largest first."""
-  largest, gathers = {}, {}
-  for line in hlo.splitlines():
-    _, sep, rhs = line.partition(" = ")
-    if not sep:
-      continue
-    kind, rest = _split_type(rhs.strip())
-    op = rest.split("(", 1)[0]
-    results = _shapes(kind)
-    if not results or op in ("parameter", "tuple", "get-tuple-element", "bitcast"):
-      continue
-    size, shape = max(results)
-    entry = {"bytes": size, "shape": shape, "op": op}
-    largest.setdefault((shape, op), entry)
-    if op.startswith("all-gather"):
-      gathers.setdefault((shape, op), entry)
-  order = lambda d: sorted(d.values(), key=lambda e: -e["bytes"])
-  return order(largest)[:top], order(gathers)
-
-
 @dataclasses.dataclass
 class ProgramPlan:
   program: str
@@ -297,6 +279,7 @@ class ProgramPlan:
   flops: float  # analytic, whole program, all devices
   largest: list[dict]
   all_gathers: list[dict]
+  tensor_parallel: int  # the rollout's sampling-weight degree (the sampler programs), else the mesh's `tensor`
 
   def fits(self, hbm: int, margin: float = DEFAULT_MARGIN) -> bool:
     return self.peak_bytes <= hbm * (1 - margin)
@@ -310,23 +293,25 @@ class ProgramPlan:
     return out
 
 
-def plan_program(name: str, fn, args, kwargs, resident: int, mesh, flops: float, devices: int) -> ProgramPlan:
+def plan_program(name: str, fn, args, kwargs, resident: int, mesh, flops: float, devices: int,
+                 tensor_parallel: int = 1, platform: str = "cpu") -> ProgramPlan:
   """Lowers and compiles one program at abstract shapes (under `mesh`, when given: activation constraints resolve
   against it); its per-device memory, FLOPs and largest buffers."""
   with jax.sharding.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
-    compiled = fn.lower(*args, **kwargs).compile()
+    compiled = fn.lower(*args, **kwargs).compile(CPU_COMPILER_OPTIONS if platform == "cpu" else None)
   stats = compiled.memory_analysis()
   total = (stats.argument_size_in_bytes + stats.output_size_in_bytes - stats.alias_size_in_bytes
            + stats.temp_size_in_bytes)
   largest, gathers = hlo_buffers(compiled.as_text())
   return ProgramPlan(name, devices, int(stats.argument_size_in_bytes), int(stats.temp_size_in_bytes),
                      int(stats.output_size_in_bytes), int(stats.alias_size_in_bytes), int(total),
-                     int(total + resident), flops, largest, gathers)
+                     int(total + resident), flops, largest, gathers, tensor_parallel)
 
 
 def plan(config, devices: Sequence[jax.Device] | None = None, programs: Sequence[str] = PROGRAMS,
-         **recipe_overrides) -> list[ProgramPlan]:
-  """Every (selected) device program of one step compiled for `devices` (default: all) on the config's mesh."""
+         accelerator: str | None = None, **recipe_overrides) -> list[ProgramPlan]:
+  """Every (selected) device program of one step compiled for `devices` (default: all) on the config's mesh, the
+  rollout's tensor parallelism resolved for `accelerator`'s memory (default: the devices' own)."""
   devices = list(jax.devices() if devices is None else devices)
   mesh = sharding.make_mesh(dict(config.mesh), devices)
   model_cfg = train.model_config(config)
@@ -336,8 +321,11 @@ def plan(config, devices: Sequence[jax.Device] | None = None, programs: Sequence
     raise PlanError(f"{rec.rows} rows in {rec.micro_batches} micro-batches do not split over {batch_devices} "
                     "batch devices (each device would compute every row of a micro-batch): lower "
                     "grpo.micro_batches or change rollout.prompts_per_host / num_samples / the mesh.")
-  table, images = _programs(config, model_cfg, rec, mesh, devices)
-  return [plan_program(name, *table[name], program_flops(name, rec, model_cfg, config, images), len(devices))
+  memory = ACCELERATORS[accelerator] if accelerator else device_memory_limit(devices)
+  tp = rollout_tensor_parallel(config, model_cfg, devices, memory)
+  table, images = _programs(config, model_cfg, rec, mesh, tp)
+  return [plan_program(name, *table[name], program_flops(name, rec, model_cfg, config, images), len(devices),
+                       tp if table[name][-1] is None else mesh.shape["tensor"], devices[0].platform)
           for name in programs if name in table]
 
 
@@ -358,7 +346,7 @@ def check_fits(config, devices: Sequence[jax.Device] | int | None = None, accele
     devices = jax.devices()[:devices]
   devices = list(jax.devices() if devices is None else devices)
   hbm = ACCELERATORS[accelerator] if accelerator else device_memory_limit(devices)
-  plans = plan(config, devices, programs, **recipe_overrides)
+  plans = plan(config, devices, programs, accelerator, **recipe_overrides)
   if hbm is None:
     return plans
   for p in plans:
@@ -366,7 +354,8 @@ def check_fits(config, devices: Sequence[jax.Device] | int | None = None, accele
       buffers = ", ".join(f"{b['shape']} {b['op']} ({b['bytes'] / GiB:.2f} GiB)" for b in p.largest[:3])
       raise PlanError(f"{p.program} needs {p.peak_bytes / GiB:.1f} GiB per device, over {(1 - margin) * hbm / GiB:.1f} "
                       f"GiB ({accelerator or devices[0].device_kind} less {margin:.0%}); largest buffers: {buffers}. "
-                      "Use more devices, more micro-batches (grpo.micro_batches) or shorter buckets.")
+                      "Use more devices, more micro-batches (grpo.micro_batches), shorter buckets or, for the "
+                      "rollout programs, a higher rollout.tensor_parallel.")
   return plans
 
 
@@ -374,7 +363,9 @@ def format_table(plans: Sequence[ProgramPlan], margin: float) -> str:
   names = list(ACCELERATORS)
   header = (f"{'program':16s} {'args':>7s} {'temp':>7s} {'total':>7s} {'peak':>7s} {'TFLOP':>9s}   fits "
             f"(peak <= HBM - {margin:.0%}): " + " ".join(names))
-  lines = [f"per device, GiB; {plans[0].devices} devices" if plans else "", header]
+  tp = {p.tensor_parallel for p in plans if p.program in ("extend", "generate", "encode_images")}
+  lines = [f"per device, GiB; {plans[0].devices} devices; rollout tensor_parallel={'/'.join(map(str, tp)) or '-'}"
+           if plans else "", header]
   for p in plans:
     fits = " ".join(("yes" if p.fits(ACCELERATORS[n], margin) else "NO").center(len(n)) for n in names)
     lines.append(f"{p.program:16s} {p.args_bytes / GiB:7.2f} {p.temp_bytes / GiB:7.2f} {p.total_bytes / GiB:7.2f} "
@@ -389,7 +380,7 @@ def main(argv):
   config = f.config
   config.mesh = dict(config.mesh)
   kw = {"prompt_len": f.prompt_len, "train_len": f.train_len, "cache_len": f.cache_len, "with_images": f.images}
-  plans = plan(config, jax.devices()[:f.devices], f.programs or PROGRAMS, **kw)
+  plans = plan(config, jax.devices()[:f.devices], f.programs or PROGRAMS, f.accelerator, **kw)
   if f.json:
     for p in plans:
       print(json.dumps(p.to_json(f.margin)))
@@ -411,7 +402,8 @@ if __name__ == "__main__":
   flags.DEFINE_integer("devices", 1, "Devices to plan for (fake CPU devices).")
   flags.DEFINE_bool("json", False, "One JSON object per program and line.")
   flags.DEFINE_float("margin", DEFAULT_MARGIN, "Fraction of HBM kept free.")
-  flags.DEFINE_enum("accelerator", "A100-80", list(ACCELERATORS), "Exit 1 when a program does not fit it.")
+  flags.DEFINE_enum("accelerator", "A100-80", list(ACCELERATORS),
+                    "Exit 1 when a program does not fit it; rollout.tensor_parallel=auto is resolved for it.")
   flags.DEFINE_list("programs", [], f"Subset of {PROGRAMS} (default all).")
   flags.DEFINE_bool("images", True, "One image per prompt (--noimages: text-only prompts).")
   flags.DEFINE_integer("prompt_len", 1024, "Longest prompt (tokens): the prefill chunk's bucket.")

@@ -43,6 +43,8 @@ summed over the devices' tables."""
   t = model_cfg.text
   n, length = rec.rows, rec.train_len
   images = {k: vision_flops(model_cfg, *v) for k, v in tables.items()}
+  if name == "sampling_weights":  # a cast and a reshard: no multiply-adds
+    return 0.0
   if name == "encode_images":
     return images["call"]
   if name == "extend":  # the image tables are encoded inside the prefill

@@ -3,6 +3,7 @@
 The system prompts are the paper's, verbatim: released checkpoints were trained with them. As in the paper, the
 agent prompt goes at the start of the (single) user message, before the query (`<query> ... </query>`), and the
 chat template's default system turn stays in place. In step-wise samples the earlier steps follow the query.
+The released coding eval script writes its first prompt slightly differently (`released_coding_text`).
 """
 from __future__ import annotations
 
@@ -87,12 +88,26 @@ def user_text(system: str, question: str, context: str = "") -> str:
   return f"{text}\n{context}" if context else text
 
 
-def search_observation(passages: Sequence[str] | str) -> str:
-  """Search results in the paper's format: `<information> 1. Content:... 2. Content:... </information>`."""
-  if isinstance(passages, str):
-    passages = [passages] if passages else []
-  body = " ".join(f"{i + 1}. Content:{p}" for i, p in enumerate(passages))
-  return f"<information> {body} </information>"
+def released_coding_text(system: str, question: str) -> str:
+  """The released coding eval script's first prompt text: `{system}<query> {question} <query>` (no newline after
+  the agent prompt, `<query>` again where `</query>` was meant)."""
+  return f"{system}<query> {question} <query>"
+
+
+def search_observation(snippets: Sequence[str] | str, exact: bool = False) -> str:
+  """The one renderer of search results (the tools, the rollout and the demo data all use it).
+
+  varft's: `<information> 1. Content: ...\n2. Content: ... </information>` (one line per result; no results said
+  so). `exact`: the released eval scripts' bytes, `'<information> '` + `f'{i}. Content:{snippet}'` for each result
+  with no separator + `' </information> '` (trailing space included), which their models read.
+  """
+  if isinstance(snippets, str):
+    snippets = [snippets] if snippets else []
+  if exact:
+    return "<information> " + "".join(f"{i}. Content:{s}" for i, s in enumerate(snippets, 1)) + " </information> "
+  if not snippets:
+    return "<information> No results found. </information>"
+  return "<information> " + "\n".join(f"{i}. Content: {s}" for i, s in enumerate(snippets, 1)) + " </information>"
 
 
 def problem_tip(problems: Sequence[str]) -> str:
@@ -105,3 +120,14 @@ def problem_tip(problems: Sequence[str]) -> str:
     return "<tips> The image has no issues, so no code is needed in the next step. You can directly provide the answer. </tips>"
   return (f"<tips> Now that we have identified the issue in the image: {problems}, please proceed to address it by "
           "outputting the python code. </tips>")
+
+
+# The paper's direct-answer baselines (its evaluation_*_df.py): the question, a newline, then one instruction; no
+# agent prompt, one turn. The MAT benchmarks (one image) and the text-only multi-hop QA sets use different ones.
+DIRECT_ANSWER_WITH_IMAGE = "Answer the question directly. The answer should be very brief."
+DIRECT_ANSWER_TEXT_ONLY = "Only Return the answer."
+
+
+def direct_answer_text(question: str, with_image: bool) -> str:
+  """The user text of a direct-answer baseline turn (shown after the image when there is one)."""
+  return f"{question}\n{DIRECT_ANSWER_WITH_IMAGE if with_image else DIRECT_ANSWER_TEXT_ONLY}"

@@ -5,9 +5,10 @@ Two device programs, each compiled once per bucket shape:
 * `extend`: appends a right-padded chunk of tokens (text and image embeddings) to every row of a fixed-size KV cache
   at that row's own offset and returns the next-token logits at each row's last new token. Prefill is an extend of
   an empty cache.
-* `generate`: samples up to `max_new_tokens` tokens per row (greedy, temperature, top-k, top-p) and feeds each back
-  through the decoder, stopping a row on EOS / `<|im_end|>`, on a stop tag (`</search>`, `</code>`, ...: matched on
-  device as a suffix of token classes, see `StopTable`), or when it exhausts its own token budget.
+* `generate`: samples up to `max_new_tokens` tokens per row (greedy, temperature, top-k, top-p; optionally with a
+  per-row repetition penalty over the tokens the row has seen) and feeds each back through the decoder, stopping a
+  row on EOS / `<|im_end|>`, on a stop tag (`</search>`, `</code>`, ...: matched on device as a suffix of token
+  classes, see `StopTable`; an empty table stops on EOS / budget only), or when it exhausts its own token budget.
 
 Every sampled token, including the one that stopped the row, is written to the cache, so a rollout can extend the
 same cache with the tool's observation and go on. The cache is donated to both programs.
@@ -95,7 +96,10 @@ def make_stop_table(tokenizer, vocab_size: int, stop_strings: Sequence[str] = DE
 
   The first token may carry any text before `p_1` (`?</`), the last token any whitespace after `p_n` (`>\\n`),
   the middle tokens are exact. A one-token string matches any token that ends with it (up to trailing whitespace).
+  No stop strings: a table whose one pattern no token fills (generation stops on EOS and budget only).
   """
+  if not stop_strings:
+    return StopTable(np.zeros((vocab_size,), np.int32), np.ones((1, 1), np.int32), ())
   texts = token_texts(tokenizer, vocab_size) if texts is None else list(texts)
   pieces = []
   for s in stop_strings:
@@ -210,6 +214,20 @@ def _categorical(rng, logits, block: int | None = None):
   return _categorical_from_weights(rng, jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True)), block)
 
 
+def apply_repetition_penalty(logits, seen, penalty):
+  """transformers' repetition penalty: the logit of every token a row has already seen (`seen` (B, V) bool) is
+  divided by the row's `penalty` (B,) when positive, multiplied by it otherwise; 1 leaves the row unchanged."""
+  p = penalty[:, None].astype(logits.dtype)
+  return jnp.where(seen, jnp.where(logits < 0, logits * p, logits / p), logits)
+
+
+def seen_tokens(context, vocab: int):
+  """(B, V) bool: which token ids occur in each row of `context` (B, C) int32 (entries < 0 are padding)."""
+  batch = context.shape[0]
+  ids = jnp.where(context >= 0, context, vocab)  # padding lands out of range and is dropped
+  return jnp.zeros((batch, vocab), bool).at[jnp.arange(batch)[:, None], ids].set(True, mode="drop")
+
+
 def _sample(logits, rng, sampling: SamplingConfig, forced):
   """One token per row (the forced one where `forced >= 0`) and its log-prob under the temperature-scaled
   distribution (the raw one when greedy)."""
@@ -237,8 +255,10 @@ def _sample(logits, rng, sampling: SamplingConfig, forced):
   return token, logp
 
 
-def _generate(params, cache, logits, next_positions, rng, budget, forced, token_bits, pattern_bits, *,
-              model_config: Qwen25VLConfig, sampling: SamplingConfig):
+def _generate(params, cache, logits, next_positions, rng, budget, forced, token_bits, pattern_bits,
+              repetition=None, *, model_config: Qwen25VLConfig, sampling: SamplingConfig):
+  """`repetition`: None, or (context (B, C) int32, penalty (B,) float32): the repetition penalty of each row over the
+  tokens of its context and of everything it samples."""
   cfg = model_config.text
   dtype = jnp.dtype(model_config.dtype)
   batch = logits.shape[0]
@@ -251,10 +271,13 @@ def _generate(params, cache, logits, next_positions, rng, budget, forced, token_
     return (step < steps) & ~jnp.all(done)
 
   def body(state):
-    step, cache, logits, positions, rng, done, tokens, logps, count, reason, stop_index, recent = state
+    step, cache, logits, positions, rng, done, tokens, logps, count, reason, stop_index, recent, seen = state
     rng, key = jax.random.split(rng)
-    token, logp = _sample(logits, key, sampling, forced[:, step])
+    scores = logits if seen is None else apply_repetition_penalty(logits, seen, repetition[1])
+    token, logp = _sample(scores, key, sampling, forced[:, step])
     live = ~done
+    if seen is not None:
+      seen = seen.at[jnp.arange(batch), token].set(seen[jnp.arange(batch), token] | live)
     token = jnp.where(live, token, 0)
     tokens = tokens.at[:, step].set(token)
     logps = logps.at[:, step].set(jnp.where(live, logp, 0.0))
@@ -275,15 +298,16 @@ def _generate(params, cache, logits, next_positions, rng, budget, forced, token_
     logits = jnp.where(live[:, None], text.logits(params["text"], cfg, hidden[:, 0]), logits)
     positions = positions + live
     done = done | (live & (is_eos | is_tag | out_of_budget))
-    return step + 1, cache, logits, positions, rng, done, tokens, logps, count, reason, stop_index, recent
+    return step + 1, cache, logits, positions, rng, done, tokens, logps, count, reason, stop_index, recent, seen
 
   done = budget <= 0
+  seen = None if repetition is None else seen_tokens(repetition[0], logits.shape[-1])
   state = (jnp.int32(0), cache, logits, next_positions, rng, done,
            jnp.zeros((batch, steps), jnp.int32), jnp.zeros((batch, steps), jnp.float32),
            jnp.zeros((batch,), jnp.int32), jnp.zeros((batch,), jnp.int32), jnp.full((batch,), -1, jnp.int32),
-           jnp.zeros((batch, window), jnp.int32))
+           jnp.zeros((batch, window), jnp.int32), seen)
   state = jax.lax.while_loop(cond, body, state)
-  _, cache, logits, positions, _, _, tokens, logps, count, reason, stop_index, _ = state
+  _, cache, logits, positions, _, _, tokens, logps, count, reason, stop_index, _, _ = state
   return GenerateOutput(tokens, logps, count, reason, stop_index, positions, logits), cache
 
 
@@ -358,13 +382,16 @@ class Sampler:
       images = jax.tree.map(self._shard, tuple(images))
     return _extend_jit(params, cache, chunk, image_embeds, images, model_config=self.model_config)
 
-  def generate(self, params, cache, logits, next_positions, rng, budget,
-               forced: np.ndarray | None = None) -> tuple[GenerateOutput, text.KVCache]:
+  def generate(self, params, cache, logits, next_positions, rng, budget, forced: np.ndarray | None = None,
+               repetition: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[GenerateOutput, text.KVCache]:
     """Samples up to `min(budget[b], max_new_tokens)` tokens for every row with `budget[b] > 0`.
 
     `logits` are the next-token logits from the last extend/generate, `next_positions` (B,) the text position of
     the first new token. `forced` (B, max_new_tokens), optional: where >= 0, that token is taken instead of a
     sampled one (teacher forcing through the same program; its log-prob and the stop rules apply as usual).
+    `repetition` = (context (B, C) int32, penalty (B,) float), optional: each row's logits get transformers'
+    repetition penalty (`apply_repetition_penalty`) over the tokens of its context (-1 = padding) and those it
+    samples; penalty and context are traced (a fixed C compiles once); log-probs are those of the penalised logits.
     Returns the output and the cache (donated) holding every sampled token. Rows with budget 0 get a scratch write
     at slot `length`, so they need `length < cache size` if their cache is used again.
     """
@@ -373,8 +400,11 @@ class Sampler:
     forced = np.full((batch, steps), -1, np.int32) if forced is None else np.asarray(forced, np.int32)
     if forced.shape != (batch, steps):
       raise ValueError(f"forced tokens have shape {forced.shape}, expected {(batch, steps)}")
+    if repetition is not None:
+      context, penalty = repetition
+      repetition = (self._shard(np.asarray(context, np.int32)), self._shard(np.asarray(penalty, np.float32)))
     return _generate_jit(params, cache, logits, self._shard(np.asarray(next_positions, np.int32)), rng,
-                         self._shard(budget), self._shard(forced), self._token_bits, self._pattern_bits,
+                         self._shard(budget), self._shard(forced), self._token_bits, self._pattern_bits, repetition,
                          model_config=self.model_config, sampling=self.sampling)
 
   @staticmethod

@@ -46,6 +46,7 @@ _CHOICES = {
     "task": ("echo", "agent"),
     "grpo.advantage": grpo.ADVANTAGE_MODES,
     "grpo.aggregation": grpo.AGGREGATION_MODES,
+    "grpo.policy_loss": tuple(grpo.POLICY_LOSSES),
     "optim.schedule": ("cosine", "linear", "constant"),
     "model.param_dtype": ("float32", "bfloat16"),
     "model.dtype": ("float32", "bfloat16", "float16"),
@@ -112,7 +113,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
 def grpo_config(config: ml_collections.ConfigDict) -> grpo.GRPOConfig:
   g = config.grpo
   return grpo.GRPOConfig(beta=g.beta, eps_low=g.eps_low, eps_high=g.eps_high, advantage=g.advantage,
-                         aggregation=g.aggregation, tis_cap=g.tis_cap, temperature=config.rollout.temperature,
+                         aggregation=g.aggregation, policy_loss=g.policy_loss, tis_cap=g.tis_cap, temperature=config.rollout.temperature,
                          micro_batches=g.micro_batches, logits_chunk=g.logits_chunk, train_vision=g.train_vision)
 
 

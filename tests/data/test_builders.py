@@ -157,7 +157,7 @@ def test_cli_prepared_data_is_what_the_trainer_loads_without_regenerating(mat_di
   out = subprocess.run([sys.executable, '-m', 'varft.data.builders', 'mat_training/search', '--manual_dir', mat_dir,
                         '--data_dir', str(data_dir)], cwd=repo, env=dict(os.environ, PYTHONPATH=repo),
                        capture_output=True, text=True, timeout=300, check=True)
-  folder = data_dir / 'mat_training' / 'search' / '1.0.0'
+  folder = data_dir / 'mat_training' / 'search' / str(builders.MatTraining.VERSION)
   assert f'at {folder}' in out.stdout
   assert builders.dataset_dir('mat_training/search', data_dir=str(data_dir)) == str(folder)
   shutil.rmtree(mat_dir)  # regenerating would now fail: the trainer must read the prepared folder

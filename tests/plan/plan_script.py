@@ -1,6 +1,6 @@
 """Planner and sharded-step checks that need 8 fake devices (run as a subprocess by test_plan.py).
 
-    python -m tests.plan.plan_script scaling | gathers | step
+    python -m tests.plan.plan_script scaling | gathers | step | tensor | reshard
 """
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ def gathers():
   plans = plan.plan(config, jax.devices()[:8], programs=("train_step", "reference_logps"), **SMALL)
   # The compute-dtype copy of every weight is pinned to the weight's own (sharded) layout before any use.
   mesh = sharding.make_mesh(dict(config.mesh), jax.devices()[:8])
-  table, _ = plan._programs(config, train.model_config(config), rec, mesh, jax.devices()[:8])
+  table, _ = plan._programs(config, train.model_config(config), rec, mesh, 1)
   fn, args, kwargs, *_ = table["train_step"]
   with jax.sharding.set_mesh(mesh):
     lowered = fn.lower(*args, **kwargs).as_text()
@@ -82,5 +82,32 @@ def step():
   print(json.dumps({"diff": max(float(np.max(np.abs(a - b))) for a, b in zip(*results))}))
 
 
+def tensor():
+  """The sampler programs on 8 devices with the sampling weights replicated and 4-way tensor parallel."""
+  out = {}
+  for tp in (1, 4):
+    config = small_config()
+    config.rollout.tensor_parallel = str(tp)  # the key is a string: auto or a number
+    plans = plan.plan(config, jax.devices()[:8], programs=("sampling_weights", "extend", "generate"), **SMALL)
+    out[tp] = {p.program: {"args": p.args_bytes, "total": p.total_bytes, "tp": p.tensor_parallel} for p in plans}
+  print(json.dumps(out))
+
+
+def reshard():
+  """Temporaries of the train -> sampling reshard (fsdp=8 -> tensor=2) of one stacked 64-layer weight and of one
+  vocabulary table, each against its float32 size."""
+  mesh = sharding.make_mesh({"fsdp": 8})
+  out = {}
+  for name, path, shape, spec in (("stack", ("layers", "up", "w"), (64, 64, 4096), (None, "fsdp")),
+                                  ("vocab", ("embed",), (32768, 512), (None, "fsdp"))):
+    leaf = jax.ShapeDtypeStruct(shape, np.float32,
+                                sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec)))
+    params = {"text": functools.reduce(lambda tree, key: {key: tree}, reversed(path), leaf)}
+    fn, _ = sharding.sampling_resharder(params, mesh, sharding.rollout_mesh(mesh, 2), "bfloat16")
+    stats = fn.lower(params).compile(plan.CPU_COMPILER_OPTIONS).memory_analysis()
+    out[name] = {"temp": stats.temp_size_in_bytes, "bytes": int(np.prod(shape)) * 4}
+  print(json.dumps(out))
+
+
 if __name__ == "__main__":
-  {"scaling": scaling, "gathers": gathers, "step": step}[sys.argv[1]]()
+  {"scaling": scaling, "gathers": gathers, "step": step, "tensor": tensor, "reshard": reshard}[sys.argv[1]]()

@@ -1,5 +1,6 @@
 """The compile-time plan: recipe shapes, per-device bytes that fall with more devices, the fit check, and the
 8-device train step's collectives (rows stay on their device: no full-length activation is all-gathered)."""
+import dataclasses
 import json
 import os
 import re
@@ -7,11 +8,14 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from experiments import search
-from varft import grpo, plan, sharding, train
+from tests.plan import plan_script
+from varft import grpo, plan, sampling, sharding, train
+from varft.models.qwen25vl import config as config_lib, text
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -102,3 +106,73 @@ def test_check_fits_raises_one_clear_error_and_the_cli_exits_non_zero():
   assert record["program"] == "generate" and record["devices"] == 2
   assert record["total_bytes"] >= record["args_bytes"] + record["temp_bytes"] - record["alias_bytes"]
   assert "generate does not fit TPU v5e" in out.stderr and "largest buffers:" in out.stderr
+
+
+def test_rollout_tensor_parallel_auto_is_resolved_for_the_target_accelerator():
+  gib = 1 << 30
+  devices = [jax.devices()[0]] * 8
+  assert sharding.resolve_tensor_parallel("auto", int(7.5 * gib), devices, 80 * gib) == 1  # 3B bf16 on A100-80
+  assert sharding.resolve_tensor_parallel("auto", int(7.5 * gib), devices, 16 * gib) == 2  # on v5e
+  assert sharding.resolve_tensor_parallel(0, int(15.2 * gib), devices, 16 * gib) == 4  # 7B on v5e
+  assert sharding.resolve_tensor_parallel("auto", 100 * gib, devices) == 1  # CPU: no memory to size by
+  assert sharding.resolve_tensor_parallel("2", 1, devices) == 2 and sharding.resolve_tensor_parallel(8, 1) == 8
+  with pytest.raises(ValueError, match="rollout.tensor_parallel='two'"):
+    sharding.resolve_tensor_parallel("two", 1, devices)
+  # The planner resolves the config's `auto` for the accelerator it checks against, not for the CPU it runs on.
+  config = search.get_config("7b")
+  model_cfg = train.model_config(config)
+  assert config.rollout.tensor_parallel == "auto"
+  assert plan.rollout_tensor_parallel(config, model_cfg, [jax.devices()[0]] * 16, plan.ACCELERATORS["TPU v5e"]) == 4
+  assert plan.rollout_tensor_parallel(config, model_cfg, [jax.devices()[0]] * 8, plan.ACCELERATORS["A100-80"]) == 1
+
+
+def test_tensor_parallel_sampling_weights_shrink_every_rollout_program():
+  out = _script("tensor")
+  replicated, tensor = out["1"], out["4"]
+  for program in ("sampling_weights", "extend", "generate"):
+    assert replicated[program]["tp"] == 1 and tensor[program]["tp"] == 4, out
+    assert tensor[program]["args"] < replicated[program]["args"] or program == "sampling_weights", (program, out)
+    assert tensor[program]["total"] < replicated[program]["total"], (program, out)
+
+
+def test_resharding_moves_a_layer_of_a_stack_or_a_block_of_a_vocabulary_table_at_a_time():
+  out = _script("reshard")
+  # Moved whole, a leaf is held (gathered, or a tensor shard of it) in transit; a layer is 1/64 of the stack, a
+  # block 1/16 of the table.
+  assert out["stack"]["temp"] < out["stack"]["bytes"] / 16, out
+  assert out["vocab"]["temp"] < out["vocab"]["bytes"] / 4, out
+
+
+def test_rollout_programs_hold_one_kv_cache():
+  base = config_lib.get_config("tiny")
+  cfg = dataclasses.replace(base, text=dataclasses.replace(base.text, num_layers=16))
+  t, rows, slots, steps = cfg.text, 8, 4096, 8
+  i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
+  params = jax.eval_shape(lambda: {"text": text.init_params(jax.random.key(0), t)})
+  kv = jax.ShapeDtypeStruct((t.num_layers, rows, slots, t.num_kv_heads, t.head_dim), jnp.float32)
+  cache = {"k": kv, "v": kv, "length": i32(rows)}
+  cache_bytes = 2 * kv.size * 4
+  chunk = sampling.Chunk(i32(rows, 32), i32(3, rows, 32), i32(rows, 32), i32(rows, 32))
+  extend = sampling._extend_jit.lower(params, cache, chunk, None, None, model_config=cfg)
+  generate = sampling._generate_jit.lower(
+      params, cache, jax.ShapeDtypeStruct((rows, t.vocab_size), jnp.float32), i32(rows), jax.random.key(0),
+      i32(rows), i32(rows, steps), i32(t.vocab_size), i32(4, 4), model_config=cfg,
+      sampling=sampling.SamplingConfig(max_new_tokens=steps))
+  for name, lowered in (("extend", extend), ("generate", generate)):
+    stats = lowered.compile(plan.CPU_COMPILER_OPTIONS).memory_analysis()
+    # Donated and written in place, a layer at a time: no second cache among the temporaries (16 layers: a
+    # layer's slice of k and v is 1/16 of it).
+    assert stats.alias_size_in_bytes >= cache_bytes, name
+    assert stats.temp_size_in_bytes < cache_bytes / 4, (name, stats.temp_size_in_bytes, cache_bytes)
+
+
+def test_cpu_plans_keep_the_bf16_widening_inside_the_layer_loop():
+  layers, dim = 16, 512
+  weights = jax.ShapeDtypeStruct((layers, dim, 4 * dim), jnp.bfloat16)
+  x = jax.ShapeDtypeStruct((8, dim), jnp.bfloat16)
+
+  def forward(w, h):
+    return jax.lax.scan(lambda h, wl: (jnp.tanh(h @ wl @ wl.T), None), h, w)[0]
+  p = plan.plan_program("toy", jax.jit(forward), (weights, x), {}, 0, None, 0.0, 1)
+  # XLA:CPU widens bf16 dot operands to f32; hoisted out of the loop that is an f32 copy of the whole stack.
+  assert p.temp_bytes < layers * dim * 4 * dim * 4 / 4, p.temp_bytes

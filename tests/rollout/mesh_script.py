@@ -4,7 +4,8 @@
 
 8 prompts with one image each, G = 2: 16 rows, two (one prompt) per device. Prints `TOKENS <equal>`, `LOGPS <max
 diff>`, `ENCODED <1 device> <8 devices>` (image encodings: (device, image) pairs) and `TABLE <shape>` (the training
-batch's per-device image table).
+batch's per-device image table); then `TP2 <tokens equal> <max logp diff> <rows per device>` with the sampling
+weights 2-way tensor parallel (text and vision towers), rows over the other 4 devices.
 """
 from __future__ import annotations
 
@@ -53,6 +54,10 @@ def main():
   print("LOGPS", float(np.max(np.abs(one.batch["sampler_logps"] - eight.batch["sampler_logps"]))))
   print("ENCODED", one.stats["images_encoded"], eight.stats["images_encoded"])
   print("TABLE", "x".join(map(str, eight.batch["pixel_values"].shape)))
+  tensor = run(sharding.rollout_mesh(sharding.make_mesh({"fsdp": 8}), 2), params, tokenizer, table)
+  print("TP2", bool(np.array_equal(one.batch["tokens"], tensor.batch["tokens"])),
+        float(np.max(np.abs(one.batch["sampler_logps"] - tensor.batch["sampler_logps"]))),
+        tensor.batch["pixel_values"].shape[0])
 
 
 if __name__ == "__main__":

@@ -114,7 +114,7 @@ def test_stop_reasons_and_transcripts(setup):
   t = result.transcripts
   assert [x.group_id for x in t] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
   assert t[0].answer == "Paris" and t[0].completion.endswith("<answer> Paris </answer>")
-  assert "<information> 1. Content:capital of France is Paris. </information>" in t[0].messages[2]["text"]
+  assert "<information> 1. Content: capital of France is Paris. </information>" in t[0].messages[2]["text"]
   assert t[0].tool_stats() == {"num_calls": 1, "num_failed": 0, "all_valid": True, "num_code_success": 0}
   assert t[1].observations[0]["ok"] is False and "search timed out" in t[1].messages[2]["text"]
   assert t[1].tool_stats()["num_failed"] == 1 and not t[1].tool_stats()["all_valid"]

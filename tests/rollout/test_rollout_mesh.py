@@ -16,3 +16,6 @@ def test_rollout_on_8_devices_encodes_each_image_once_where_its_rows_live():
   # 8 prompts, 2 rows each, 2 rows per device: 8 encodings on one device and on eight (not 8 x 8 replicated).
   assert lines["ENCODED"] == "8 8", out.stdout
   assert lines["TABLE"] == "8x64x1176", out.stdout  # the training batch: one table per device, one image each
+  # Sampling weights 2-way tensor parallel: the same greedy tokens, rows (and image tables) over 4 devices.
+  equal, logps, tables = lines["TP2"].split()
+  assert equal == "True" and float(logps) <= 1e-5 and tables == "4", out.stdout

@@ -3,7 +3,8 @@
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m tests.sampling.mesh_script
 
 Prints one `CASE <train mesh> tp=<n> equal=<bool> cache=<per-device cache shape> tokens=<per-device rows>
-weights=<spec of a q weight>` line per layout.
+weights=<spec of a q weight>` line per layout, then `COMPILES <n> <n> <n>`: the programs held (resharding + extend +
+generate) after each of 3 steps that reshard freshly updated train params to a tp=2 rollout mesh and sample.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ def main():
   table = sampling.make_stop_table(chat.load_tokenizer(), CFG.text.vocab_size)
   init = lambda rng: {"text": text.init_params(rng, CFG.text)}
   reference, _ = greedy(jax.device_put(init(jax.random.PRNGKey(0)), jax.devices()[0]), None, table)
-  for axes, tp in (({"fsdp": 8}, 1), ({"data": 2, "fsdp": 4}, 1), ({"fsdp": 8}, 2)):
+  for axes, tp in (({"fsdp": 8}, 1), ({"data": 2, "fsdp": 4}, 1), ({"fsdp": 8}, 2), ({"fsdp": 8}, 4)):
     mesh = sharding.make_mesh(axes)
     rng = jax.random.PRNGKey(0)
     params = jax.jit(init, out_shardings=sharding.tree_shardings(jax.eval_shape(init, rng), mesh))(rng)
@@ -42,6 +43,27 @@ def main():
     print("CASE", "x".join(f"{k}{v}" for k, v in axes.items()), f"tp={tp}", f"equal={equal}",
           "cache=" + "x".join(map(str, cache_shard)), f"tokens={token_rows}",
           "weights=" + str(weights["text"]["layers"]["q"]["w"].sharding.spec).replace(" ", ""))
+  compiles(table)
+
+
+def compiles(table):
+  """Three steps of (new train params -> bf16 sampling weights -> extend + generate) on a tp=2 rollout mesh; the
+  number of XLA compiles (any program) after each."""
+  backend_compiles = []
+  jax.monitoring.register_event_duration_secs_listener(
+      lambda event, _, **kw: backend_compiles.append(event) if event.endswith("backend_compile_duration") else None)
+  mesh = sharding.make_mesh({"fsdp": 8})
+  rollout_mesh = sharding.rollout_mesh(mesh, 2)
+  train_params = lambda rng: {"text": text.init_params(rng, CFG.text)}
+  init = jax.jit(train_params, out_shardings=sharding.tree_shardings(
+      jax.eval_shape(train_params, jax.random.PRNGKey(0)), mesh))
+  counts = []
+  for step in range(3):
+    params = init(jax.random.PRNGKey(step))
+    out, _ = greedy(sharding.sampling_params(params, mesh, rollout_mesh, "bfloat16"), rollout_mesh, table)
+    np.asarray(out.tokens)
+    counts.append(len(backend_compiles))
+  print("COMPILES", *counts)
 
 
 if __name__ == "__main__":

@@ -287,7 +287,12 @@ def test_rows_and_cache_split_over_all_8_devices_with_the_1_device_tokens():
       ["fsdp8", "tp=1", "equal=True", "cache=2x1x32x2x16", "tokens=1", "weights=P(None,None,None)"],
       ["data2xfsdp4", "tp=1", "equal=True", "cache=2x1x32x2x16", "tokens=1", "weights=P(None,None,None)"],
       ["fsdp8", "tp=2", "equal=True", "cache=2x2x32x1x16", "tokens=2", "weights=P(None,None,'tensor')"],
+      # 4-way: the 2 KV heads do not split 4 ways, so K/V (and their cache) stay whole within a tensor group.
+      ["fsdp8", "tp=4", "equal=True", "cache=2x4x32x2x16", "tokens=4", "weights=P(None,None,'tensor')"],
   ], result.stdout
+  # Fresh train params resharded to tp=2 bf16 sampling weights and sampled, 3 times: every compile is in step 1.
+  compiles = [int(n) for line in result.stdout.splitlines() if line.startswith("COMPILES") for n in line.split()[1:]]
+  assert len(compiles) == 3 and compiles[0] > 0 and compiles[0] == compiles[1] == compiles[2], result.stdout
 
 
 def test_cdf_block_divides_the_vocabulary_when_it_can():

@@ -62,7 +62,7 @@ def _features(step_wise: bool) -> tfds.features.FeaturesDict:
       'split': _text(),
   }
   if step_wise:
-    features.update(step_type=_text(), context=_text(), solution=_text())
+    features.update(step_type=_text(), context=_text(), solution=_text(), gt=_text())
   return tfds.features.FeaturesDict(features)
 
 
@@ -196,6 +196,10 @@ class MatTrainingConfig(tfds.core.BuilderConfig):
 class MatTraining(_Builder):
   """MAT-Training (Visual-ARFT): step-wise GRPO samples for agentic search and coding."""
   STEP_WISE = True
+  # 1.1.0: a folder prepared before `gt` was kept is prepared again (tfds would read it back as 'None').
+  VERSION = tfds.core.Version('1.1.0')
+  RELEASE_NOTES = {'1.0.0': 'Initial release.',
+                   '1.1.0': "gt: the record's reference step with its <think> (for gold injection)."}
   BUILDER_CONFIGS = [
       MatTrainingConfig(name='search', description='63 step samples from 20 search trajectories.',
                         json_file='MAT-Training/rft_agent_search_20.json', task='search'),

@@ -30,6 +30,8 @@ import shutil
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
+from varft import prompts
+
 IMAGE_SIZE = 224
 SINGLE_TYPES = ('rotation90', 'rotation180', 'dark', 'overexposure', 'blur', 'noise', 'crop',
                 'none')
@@ -402,9 +404,8 @@ def write_coding_training(mat_dir: str, n: int, rng: np.random.Generator) -> lis
 
 
 def _information(docs: list[dict]) -> str:
-  """The paper's search observation format (top 4)."""
-  body = ' '.join(f"{i + 1}. Content:{d['title']}. {d['text']}" for i, d in enumerate(docs[:4]))
-  return f'<information> {body} </information>'
+  """The top 4 documents as the released code renders search results (`prompts.search_observation`)."""
+  return prompts.search_observation([f"{d['title']}. {d['text']}" for d in docs[:4]], exact=True)
 
 
 def _retrieved(query: str, docs: list[dict]) -> list[dict]:

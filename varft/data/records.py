@@ -21,6 +21,9 @@ Step-wise samples (MAT-Training, the paper's training data) add:
       'step_type': 'problem' | 'code' | 'search' | 'answer',  # the tag the reference step emits
       'context': str,            # the earlier steps of the trajectory, as text the prompt carries
       'solution': str,           # the reference step (e.g. "<answer> 81 </answer>")
+      'gt': str,                 # the record's `gt`: the reference step with its <think> ('' when
+                                 # the record has none); the paper's coding trainer scores it in
+                                 # place of one sample per group (reward_options.gold_injection)
 
 The functions here are pure over parsed JSON and files on disk; a record that cannot become an
 example raises `MalformedRecord`, which the builders catch, count in a `SkipReport` and log, so a
@@ -43,7 +46,7 @@ TASKS = ('search', 'coding', 'multihop')
 DEGRADATIONS = ('rotation90', 'rotation180', 'dark', 'overexposure', 'blur', 'noise', 'crop',
                 'none')
 STEP_TYPES = ('problem', 'code', 'search', 'answer')
-TEXT_FIELDS = ('id', 'task', 'question', 'split', 'step_type', 'context', 'solution')
+TEXT_FIELDS = ('id', 'task', 'question', 'split', 'step_type', 'context', 'solution', 'gt')
 LIST_TEXT_FIELDS = ('answers', 'degradations')
 
 _QUERY_RE = re.compile(r'<query>(.*?)</query>', re.DOTALL)
@@ -336,16 +339,17 @@ def mat_training_examples(records: Iterable[Any], image_dir: str, task: str, rep
       context = '\n'.join(t for t in (chain, context.strip()) if t)
       image_path = _text(record, 'image_path')
       solution = record['solution']
+      gt = _text(record, 'gt', required=False)
       traj = trajectory_id(image_path, question)
       if step == 'answer':
         trajectories[traj]['answers'] = [_tag_content(solution, 'answer')]
       if step == 'problem':
         trajectories[traj]['degradations'] = parse_degradations(_tag_content(solution, 'problem'))
-      parsed.append((row, step, question, context, image_path, solution, traj))
+      parsed.append((row, step, question, context, image_path, solution, gt, traj))
     except MalformedRecord as e:
       report.skip(where(row), e)
 
-  for row, step, question, context, image_path, solution, traj in parsed:
+  for row, step, question, context, image_path, solution, gt, traj in parsed:
     try:
       image = read_image(resolve_image(image_dir, image_path))
     except MalformedRecord as e:
@@ -362,6 +366,7 @@ def mat_training_examples(records: Iterable[Any], image_dir: str, task: str, rep
         'step_type': step,
         'context': context,
         'solution': solution,
+        'gt': gt,
     }
 
 

@@ -108,6 +108,12 @@ def format_table(result: dict) -> str:
   lines = [f"{result['name']}  ({result['num_missing']} missing answers)",
            f"{'split':<8}{'F1':>8}{'EM':>8}{'count':>8}"]
   lines += [f"{s:<8}{result[s]['f1']:>8.2f}{result[s]['em']:>8.2f}{result[s]['count']:>8d}" for s in rows]
+  settings = result.get("settings")
+  if settings:  # an evaluation run's: which search backend and setting produced these predictions
+    lines.append(f"search backend: {settings['search_backend'] or 'none'} (top {settings['search_topk']}, "
+                 f"{settings['search_format']}); layout {settings['layout']}, rules {settings['agent_rules']}, "
+                 f"stop at {settings['stop_at']}, repetition penalty {settings['repetition_penalty']:g}, "
+                 f"crop overrides {result.get('crop_overrides', 0)}")
   return "\n".join(lines)
 
 

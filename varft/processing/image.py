@@ -120,6 +120,19 @@ def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = DE
   return h_bar, w_bar
 
 
+# qwen-vl-utils' `fetch_image` (the released eval scripts' `process_vision_info`) limits before the processor runs.
+VISION_INFO_MIN_PIXELS = 4 * 28 * 28
+VISION_INFO_MAX_PIXELS = 16384 * 28 * 28
+
+
+def vision_info_resize(image: Image.Image) -> Image.Image:
+  """The first of the released eval scripts' two resizes: qwen-vl-utils fits every image to multiples of 28 within
+  its own pixel limits (PIL bicubic) before the processor's `smart_resize` (aspect ratio kept by both)."""
+  width, height = image.size
+  new_h, new_w = smart_resize(height, width, 28, VISION_INFO_MIN_PIXELS, VISION_INFO_MAX_PIXELS)
+  return image if (new_w, new_h) == image.size else image.resize((new_w, new_h), resample=Image.Resampling.BICUBIC)
+
+
 def patchify(pixels: np.ndarray, patch_size: int = 14, merge_size: int = 2,
              temporal_patch_size: int = 2) -> tuple[np.ndarray, np.ndarray]:
   """(H, W, C) float image -> patches `(h*w, C*T*p*p)` in merge-block order, and grid_thw `(1, h, w)`."""

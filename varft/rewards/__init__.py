@@ -18,13 +18,14 @@ import jax
 import numpy as np
 
 from varft.rewards import ops
+from varft.rewards.gold import inject_gold
 from varft.rewards.host import (Embedder, LexicalEmbedder, RewardOptions, default_embedder, parse_reference,
                                 prepare_reward_inputs, resolve_similarity)
 from varft.rewards.ops import REGISTRY
 
 __all__ = ["REGISTRY", "Embedder", "LexicalEmbedder", "RewardOptions", "compute_rewards", "default_embedder",
-           "options_from_config", "parse_reference", "prepare_reward_inputs", "resolve_similarity", "reward_weights",
-           "score_batch"]
+           "inject_gold", "options_from_config", "parse_reference", "prepare_reward_inputs", "resolve_similarity",
+           "reward_weights", "score_batch"]
 
 
 def reward_weights(spec) -> tuple[tuple[str, float], ...]:

@@ -36,6 +36,12 @@ class RewardOptions:
   # The paper's search trainer first tries math_verify on the whole completion against the whole reference step:
   # 1.0 whenever the numbers it parses agree (even a year inside a query). Needs `pip install math-verify`.
   math_verify: bool = False
+  # Read by the trainer around the scoring (varft.agent_task), not by the ops: score one sample per group as the
+  # reference step `gt` (the paper's coding trainer, varft.rewards.gold) ...
+  gold_injection: bool = False
+  # ... and score the sampled tokens decoded without special tokens (<|im_end|> ...), as the released trainers'
+  # batch_decode(skip_special_tokens=True) does; step-wise only (the decoded text is the one turn's tokens).
+  skip_special_tokens: bool = False
 
   def __post_init__(self):
     if self.task not in ops.TASKS:

@@ -3,9 +3,10 @@
 They state the rules with the paper's own regular expressions and are the reference that the
 jitted batch ops are tested against (and the peer in benchmarks/rewards_throughput.py).
 `task` is 'search' (Visual-ARFT search agent) or 'coding' (coding agent); their format and
-wrong-action rules differ slightly, as in the paper. Not reproduced: the search agent's reward
-first tries `math_verify` symbolic equality of the whole completion and solution; we score
-answers by token F1 only (MAT answers are short entities, not formulas).
+wrong-action rules differ slightly, as in the paper. The search agent's first check, `math_verify`
+equality of the whole completion and solution, is an option of the host adapter
+(`RewardOptions.math_verify`), not stated here. Answers are read as the paper reads them: the
+first single-line `<answer>…</answer>` (no DOTALL), problem lists sorted.
 """
 import re
 from typing import Callable, Optional, Sequence
@@ -67,6 +68,16 @@ def extract_tag(text: str, tag: str) -> str:
   """Content of the first single-line <tag>…</tag>, else the whole text (both stripped)."""
   match = _TAG_CONTENT[tag].search(text)
   return match.group(1).strip() if match else text.strip()
+
+
+_EVAL_ANSWER = re.compile(r"<answer>\s*(.*?)\s*</answer>")  # no DOTALL: a multi-line answer is no answer
+
+
+def eval_answer(text: str) -> Optional[str]:
+  """The released evaluation loops' prediction from a turn: the first single-line <answer>…</answer>, stripped;
+  None when there is none (their `re.search` without DOTALL)."""
+  match = _EVAL_ANSWER.search(text)
+  return match.group(1).strip() if match else None
 
 
 def extract_problems(text: str) -> list[str]:

@@ -133,6 +133,29 @@ def extract_program(text):
   return None
 
 
+# The released MAT-Coding eval's crop override: the question's box `[x_min, y_min, x_max, y_max]` (0-1000 scale)
+# and any 2-D slice `[a:b, c:d]` of the program, each bound a lazy run of text without `[`, `]`, `:` that may hold
+# one flat bracketed group (`img.shape[0]`).
+_BOX_RE = re.compile(r"\[\s*(\d+)\s*,\s*(\d+)\s*,\s*(\d+)\s*,\s*(\d+)\s*\]")
+_BOUND = r"(?:[^\[\]:]|\[[^\[\]]*\])+?"
+_SLICE_RE = re.compile(rf"\[\s*{_BOUND}\s*:\s*{_BOUND}\s*,\s*{_BOUND}\s*:\s*{_BOUND}\s*\]")
+
+
+def question_box(question):
+  """The first integer box `[x_min, y_min, x_max, y_max]` written in a question (0-1000 scale), or None."""
+  match = _BOX_RE.search(question)
+  return tuple(int(v) for v in match.groups()) if match else None
+
+
+def override_crop(program, box, width, height):
+  """The program with every `[a:b, c:d]` slice replaced by the box in pixels of a width x height input image,
+  `[y_min:y_max, x_min:x_max]` (each `int(v / 1000 * side)`), as the released MAT-Coding eval does for crop
+  steps; returns (program, number of slices replaced)."""
+  x_min, y_min = int(box[0] / 1000 * width), int(box[1] / 1000 * height)
+  x_max, y_max = int(box[2] / 1000 * width), int(box[3] / 1000 * height)
+  return _SLICE_RE.subn(f"[{y_min}:{y_max}, {x_min}:{x_max}]", program)
+
+
 def load_output_image(data, max_pixels, max_side, observe_pixels=None):
   """Decodes untrusted image bytes into an RGB PIL image (the sandbox's own rules, see sandbox_init.decode_image);
   raises ValueError with a model-readable reason. The sandbox itself decodes inside, never on the host."""

@@ -21,6 +21,7 @@ import threading
 
 import numpy as np
 
+from varft import prompts
 # The shared types and the web backends are also re-exported from here (search.Doc, search.HttpRetrieverBackend).
 from varft.tools.search_types import Doc, SearchBackend, SearchError, doc_from_record  # pylint: disable=unused-import
 from varft.tools.search_web import HttpRetrieverBackend, RateLimiter, SerperBackend, post_json  # pylint: disable=unused-import
@@ -73,15 +74,21 @@ def _fold(s, limit):
   return s if len(s) <= limit else s[:limit].rstrip() + " ..."
 
 
+def doc_snippet(doc, max_doc_chars=1000):
+  """A document as one result line: 'Title. text' (the title once), whitespace folded, cut at max_doc_chars."""
+  content = doc.text if not doc.title or doc.text.startswith(doc.title) else f"{doc.title}. {doc.text}"
+  return _fold(content, max_doc_chars)
+
+
 def format_paper(docs, max_doc_chars=1000):
-  """The paper's observation: `<information> 1. Content: ... 2. Content: ... </information>`."""
-  if not docs:
-    return "<information> No results found. </information>"
-  items = []
-  for i, d in enumerate(docs, 1):
-    content = d.text if not d.title or d.text.startswith(d.title) else f"{d.title}. {d.text}"
-    items.append(f"{i}. Content: {_fold(content, max_doc_chars)}")
-  return "<information> " + "\n".join(items) + " </information>"
+  """varft's rendering of the paper's observation (`prompts.search_observation`)."""
+  return prompts.search_observation([doc_snippet(d, max_doc_chars) for d in docs])
+
+
+def format_paper_exact(docs, max_doc_chars=1000):  # pylint: disable=unused-argument
+  """The released eval scripts' observation, byte for byte: each result's text (Serper's snippet) as it came,
+  uncut (`prompts.search_observation(exact=True)`)."""
+  return prompts.search_observation([d.text for d in docs], exact=True)
 
 
 def format_search_r1(docs, max_doc_chars=1000):
@@ -93,11 +100,11 @@ def format_search_r1(docs, max_doc_chars=1000):
   return f"<information>{body}</information>"
 
 
-FORMATS = {"paper": format_paper, "search_r1": format_search_r1}
+FORMATS = {"paper": format_paper, "paper_exact": format_paper_exact, "search_r1": format_search_r1}
 
 
 def format_results(docs, style="paper", max_doc_chars=1000):
-  """Renders one query's documents in the named style ('paper' or 'search_r1')."""
+  """Renders one query's documents in the named style ('paper', 'paper_exact' or 'search_r1')."""
   if style not in FORMATS:
     raise ValueError(f"unknown search result format {style!r}; use one of {sorted(FORMATS)}")
   return FORMATS[style](docs, max_doc_chars)

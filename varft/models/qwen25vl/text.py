@@ -86,14 +86,25 @@ def _dense(x, p, dtype):
   return y + p["b"].astype(dtype) if "b" in p else y
 
 
-def _write_rows(cache_slab: jnp.ndarray, new: jnp.ndarray, offsets: jnp.ndarray) -> jnp.ndarray:
-  """Writes `new` (B, T, ...) into `cache_slab` (B, S, ...) at a per-row start offset."""
-  def write_row(slab, chunk, offset):
-    return jax.lax.dynamic_update_slice_in_dim(slab, chunk.astype(slab.dtype), offset, axis=0)
-  return jax.vmap(write_row)(cache_slab, new, offsets)
+def _write_rows(stack: jnp.ndarray, new: jnp.ndarray, layer: jnp.ndarray, offsets: jnp.ndarray) -> jnp.ndarray:
+  """Writes `new` (B, T, ...) into layer `layer` of the cache `stack` (L, B, S, ...), row b at slots
+  `offsets[b] ..`: one scatter of the new rows into the stack itself (in place), never a copy of a layer.
+
+  A half-precision cache is scattered as its 16-bit patterns: the write only moves bits, and XLA:CPU, which has
+  no bf16 scatter, would otherwise widen the whole stack to float32 around it (the planner's CPU compile)."""
+  batch, length = new.shape[:2]
+  rows = jnp.arange(batch, dtype=jnp.int32)[:, None]
+  slots = offsets[:, None] + jnp.arange(length, dtype=jnp.int32)[None, :]
+  new = new.astype(stack.dtype)
+  if stack.dtype.itemsize != 2:
+    return stack.at[layer, rows, slots].set(new, mode="drop")
+  bits = lambda x: jax.lax.bitcast_convert_type(x, jnp.uint16)
+  out = bits(stack).at[layer, rows, slots].set(bits(new), mode="drop")
+  return jax.lax.bitcast_convert_type(out, stack.dtype)
 
 
-def _layer(cfg: TextConfig, dtype, attention, x, layer_params, cos, sin, visibility, cache_k, cache_v, offsets):
+def _layer(cfg: TextConfig, dtype, attention, x, layer_params, cos, sin, visibility, cache, offsets):
+  """One decoder layer; `cache` = (layer index, k stack, v stack) or None. Returns (x, the updated stacks)."""
   batch, length, _ = x.shape
   hd = cfg.head_dim
   x = sharding.constrain(x, ("batch", "length", "act_embed"))
@@ -103,18 +114,20 @@ def _layer(cfg: TextConfig, dtype, attention, x, layer_params, cos, sin, visibil
   v = _dense(h, layer_params["v"], dtype).reshape(batch, length, cfg.num_kv_heads, hd)
   q = sharding.constrain(q, ("batch", "length", "act_heads", None))
   q, k = rope.apply_rotary(q, cos, sin), rope.apply_rotary(k, cos, sin)
-  if cache_k is not None:
-    cache_k, cache_v = _write_rows(cache_k, k, offsets), _write_rows(cache_v, v, offsets)
-    k, v = cache_k.astype(dtype), cache_v.astype(dtype)
+  if cache is not None:
+    index, stack_k, stack_v = cache
+    stack_k, stack_v = _write_rows(stack_k, k, index, offsets), _write_rows(stack_v, v, index, offsets)
+    k, v = stack_k[index].astype(dtype), stack_v[index].astype(dtype)
+    cache = (stack_k, stack_v)
   query_slot, key_valid = visibility
-  attn = attention_lib.attend(q, k, v, query_slot, key_valid, attention, from_slot_zero=cache_k is None)
+  attn = attention_lib.attend(q, k, v, query_slot, key_valid, attention, from_slot_zero=cache is None)
   x = x + attn.reshape(batch, length, -1) @ layer_params["o"]["w"].astype(dtype)
   x = sharding.constrain(x, ("batch", "length", "act_embed"))
   h = rms_norm(x, layer_params["mlp_norm"], cfg.rms_norm_eps)
   mlp = jax.nn.silu(_dense(h, layer_params["gate"], dtype)) * _dense(h, layer_params["up"], dtype)
   mlp = sharding.constrain(mlp, ("batch", "length", "act_mlp"))
   x = x + _dense(mlp, layer_params["down"], dtype)
-  return sharding.constrain(x, ("batch", "length", "act_embed")), cache_k, cache_v
+  return sharding.constrain(x, ("batch", "length", "act_embed")), cache
 
 
 def forward(params: Params, cfg: TextConfig, embeds: jnp.ndarray, positions: jnp.ndarray, *,
@@ -147,16 +160,24 @@ def forward(params: Params, cfg: TextConfig, embeds: jnp.ndarray, positions: jnp
     key_slot = jnp.arange(cache["k"].shape[2], dtype=jnp.int32)
     visibility = (offsets[:, None] + query_idx[None, :], key_slot[None, :] < new_length[:, None])
 
-  def body(x, scanned):
-    layer_params, cache_k, cache_v = scanned
-    x, cache_k, cache_v = _layer(cfg, dtype, attention, x, layer_params, cos, sin, visibility, cache_k, cache_v,
-                                 offsets)
-    return x, (cache_k, cache_v)
-
-  if remat:
-    body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
-  scanned = (params["layers"], None, None) if cache is None else (params["layers"], cache["k"], cache["v"])
-  x, (new_k, new_v) = jax.lax.scan(body, embeds.astype(dtype), scanned)
+  if cache is None:
+    def body(x, layer_params):
+      return _layer(cfg, dtype, attention, x, layer_params, cos, sin, visibility, None, offsets)[0], None
+    if remat:
+      body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
+    x, _ = jax.lax.scan(body, embeds.astype(dtype), params["layers"])
+  else:
+    # The whole cache rides in the scan's carry and each layer writes its new rows in place: scanning the cache as
+    # xs -> ys would hold a second cache (the ys) while the first is read.
+    def body(carry, scanned):
+      x, stack_k, stack_v = carry
+      layer_params, index = scanned
+      x, (stack_k, stack_v) = _layer(cfg, dtype, attention, x, layer_params, cos, sin, visibility,
+                                     (index, stack_k, stack_v), offsets)
+      return (x, stack_k, stack_v), None
+    layers = jnp.arange(cfg.num_layers, dtype=jnp.int32)
+    (x, new_k, new_v), _ = jax.lax.scan(body, (embeds.astype(dtype), cache["k"], cache["v"]),
+                                        (params["layers"], layers))
   hidden = rms_norm(x, params["norm"], cfg.rms_norm_eps)
   if cache is None:
     return hidden, None
