@@ -9,7 +9,7 @@ from experiments import coding, search
 def test_paper_setting_switches_on_the_released_trainers_behaviour(experiment):
   paper, default = experiment.get_config("7b,paper"), experiment.get_config("7b")
   assert paper.grpo.policy_loss == "reinforce" and default.grpo.policy_loss == "clipped"
-  assert paper.rollout.stop_at == "eos" and "stop_at" not in default.rollout
+  assert paper.rollout.stop_at == "eos" and default.rollout.stop_at == "closing_tag"
   assert paper.reward_options.skip_special_tokens and not default.reward_options.skip_special_tokens
   coding_task = experiment is coding
   assert paper.reward_options.gold_injection == coding_task and not default.reward_options.gold_injection
