@@ -66,6 +66,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.sft.schedule = "cosine"
   c.sft.warmup_steps = 0
   c.sft.length_buckets = ()  # () = rollout.length_buckets
+  c.sft.think = "gt"  # gt (the record's own think) | step (a short per-step sentence: for models too small to read)
 
   c.optim = ml_collections.ConfigDict()
   c.optim.learning_rate = 1e-6
@@ -269,6 +270,7 @@ def apply_demo(c: ml_collections.ConfigDict) -> None:
   c.sft.learning_rate = 1.5e-2
   c.sft.warmup_steps = 10
   c.sft.schedule = "cosine"  # annealing to 0 brings the last loss down: the tags come out right more often
+  c.sft.think = "step"  # the gt thinks describe the image, which the tiny model cannot read
   c.sft.length_buckets = (768,)  # the longest demo reference (a two-hop answer step) is ~760 tokens
   c.total_steps = 16  # GRPO steps after the warm-up
   c.checkpoint_every = 80

@@ -44,11 +44,15 @@ class UnusableReference(ValueError):
   """A reference that cannot become a supervised row (skipped and counted)."""
 
 
-def reference_turn(example: Mapping[str, Any]) -> str:
-  """The assistant turn a reference step teaches: its `gt` (think + step) when the data keeps it, else a short
-  think sentence before the step's `solution`, so that the row has the format the rewards ask for."""
+THINK_MODES = ("gt", "step")
+
+
+def reference_turn(example: Mapping[str, Any], think: str = "gt") -> str:
+  """The assistant turn a reference step teaches: its `gt` (think + step) when the data keeps it and `think='gt'`,
+  else a short per-step think sentence before the step's `solution` (`think='step'`: a tiny model cannot predict a
+  think that describes the image, and one it cannot predict breaks the format it is learning)."""
   gt = (example.get("gt") or "").strip()
-  if gt:
+  if gt and think == "gt":
     return gt
   solution = (example.get("solution") or "").strip()
   step = example.get("step_type") or actions_lib.parse_action(solution).kind
@@ -101,7 +105,10 @@ class RowBuilder:
   """Builds rows for one batch; images are processed once per distinct image (the rollout's settings)."""
 
   def __init__(self, tokenizer: chat.Tokenizer, merge: int, min_pixels: int, max_pixels: int,
-               max_tool_output_tokens: int, system_prompt: str = "auto"):
+               max_tool_output_tokens: int, system_prompt: str = "auto", think: str = "gt"):
+    if think not in THINK_MODES:
+      raise ValueError(f"sft.think {think!r} is not one of {THINK_MODES}")
+    self.think = think
     self.tok, self.merge = tokenizer, merge
     self.min_pixels, self.max_pixels = min_pixels, max_pixels
     self.max_tool_output_tokens = max_tool_output_tokens
@@ -164,14 +171,14 @@ class RowBuilder:
 
   def stepwise(self, example: Mapping[str, Any]) -> Row:
     row = self.prompt(example, with_context=True)
-    self.assistant(row, reference_turn(example))
+    self.assistant(row, reference_turn(example, self.think))
     return row
 
   def multiturn(self, steps: Sequence[Mapping[str, Any]]) -> Row:
     """One trajectory (its steps in order) as a multi-turn conversation with the observations in between."""
     row = self.prompt(steps[0], with_context=False)
     for i, step in enumerate(steps):
-      turn = reference_turn(step)
+      turn = reference_turn(step, self.think)
       self.assistant(row, turn)
       if i + 1 < len(steps):
         text, image = self._observation_of(step, turn, steps[i + 1])

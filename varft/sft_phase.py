@@ -71,7 +71,7 @@ class SupervisedPhase:
     self.tokenizer = chat.load_tokenizer(config.model.hf_dir or None)
     self.builder_args = dict(merge=model_cfg.vision.spatial_merge_size, min_pixels=r.image_min_pixels,
                              max_pixels=r.image_max_pixels, max_tool_output_tokens=r.max_tool_output_tokens,
-                             system_prompt=r.system_prompt)
+                             system_prompt=r.system_prompt, think=config.sft.think)
     self.source = sft_data.ReferenceSource(load_references(config, workdir), self.format)
     self.batches = input_pipeline.batches(self.source, batch_size=self.rows, seed=config.seed + 17,
                                           transform=None)
@@ -99,7 +99,7 @@ class SupervisedPhase:
       rows.append(row)
       samples.append({"text": "\n".join(row.text), "id": steps[0].get("id"), "kind": "reference",
                       "images": [builder.table[k].pil for k in row.images],
-                      "reference": sft_data.reference_turn(steps[-1])})
+                      "reference": sft_data.reference_turn(steps[-1], self.config.sft.think)})
     return rows, builder.table, samples, skipped
 
   def local_batch(self) -> tuple[dict[str, Any], list[dict[str, Any]], int]:

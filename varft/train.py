@@ -42,6 +42,7 @@ _CHOICES = {
     "sft.format": ("auto", "stepwise", "multiturn"),
     "sft.aggregation": grpo.AGGREGATION_MODES,
     "sft.schedule": ("cosine", "linear", "constant"),
+    "sft.think": ("gt", "step"),
     "plan_check": ("auto", "off"),
     "task": ("echo", "agent"),
     "grpo.advantage": grpo.ADVANTAGE_MODES,

@@ -192,3 +192,14 @@ def test_micro_batches_and_row_loss_slots_give_the_full_batch_update(tokenizer):
   assert float(micro["sft/loss"]) == pytest.approx(float(full["sft/loss"]), rel=1e-5)
   for a, b in zip(jax.tree.leaves(full_state["params"]), jax.tree.leaves(micro_state["params"])):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+
+
+def test_think_step_teaches_the_short_sentence_instead_of_gt(tokenizer):
+  step = _search_steps()[1]
+  assert sft_data.reference_turn(step) == step["gt"]
+  short = sft_data.reference_turn(step, "step")
+  assert short == "<think> Now I can answer. </think>\n<answer> 1901 </answer>"
+  row = sft_data.RowBuilder(tokenizer, merge=2, min_pixels=56 * 56, max_pixels=56 * 56, max_tool_output_tokens=64,
+                            think="step").stepwise(step)
+  taught, _, _, _ = _split(tokenizer, row)
+  assert taught == short + chat.IM_END
