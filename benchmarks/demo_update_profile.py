@@ -6,7 +6,8 @@ For each row length L (8 rows, text only, 3/4 of each row real, 24 sampled token
 the jitted pieces of one update on the `tiny` preset (D=64, 2 layers, 151,936-token vocabulary, fp32, no remat):
 the decoder forward+backward, the attention alone (the model's `auto` implementation), the vocabulary log-probs at
 each row's loss slots (forward+backward, as the GRPO step computes them), AdamW, the whole GRPO `train_step`, the
-reference forward (`grpo.beta > 0`), and the SFT step at the demo's SFT shape (2 rows). Medians of `rounds` calls after a warm-up (compile excluded).
+reference forward (`grpo.beta > 0`), and the SFT step at the demo's SFT shape (2 rows). Medians of `rounds` calls
+after a warm-up (compile excluded).
 """
 from __future__ import annotations
 
@@ -44,9 +45,12 @@ def _batch(rows: int, length: int) -> dict:
   mask[:, :real] = 1
   loss = np.zeros((rows, length), np.float32)
   loss[:, real - SAMPLED:real] = 1
-  return {"tokens": jnp.asarray(rng.integers(0, 5000, (rows, length)), jnp.int32),
-          "attention_mask": jnp.asarray(mask), "loss_mask": jnp.asarray(loss),
-          "positions": jnp.asarray(np.broadcast_to(np.arange(length), (3, rows, length)), jnp.int32)}
+  return {
+      "tokens": jnp.asarray(rng.integers(0, 5000, (rows, length)), jnp.int32),
+      "attention_mask": jnp.asarray(mask),
+      "loss_mask": jnp.asarray(loss),
+      "positions": jnp.asarray(np.broadcast_to(np.arange(length), (3, rows, length)), jnp.int32)
+  }
 
 
 def profile(length: int, rounds: int) -> dict[str, float]:
@@ -57,8 +61,8 @@ def profile(length: int, rounds: int) -> dict[str, float]:
   optimizer, _ = grpo.make_optimizer(1e-4, 100)
   slots = grpo.row_loss_token_bucket(batch["loss_mask"])
   out = {}
-  decoder = lambda p, e: text_model.forward(p["text"], cfg.text, e, batch["positions"],
-                                            attention_mask=batch["attention_mask"])[0]
+  decoder = lambda p, e: text_model.forward(p["text"], cfg.text, e, batch["positions"], attention_mask=batch[
+      "attention_mask"])[0]
   embeds = jnp.zeros((ROWS, length, cfg.text.hidden_size))
   grad_decoder = jax.jit(jax.grad(lambda p, e: decoder(p, e).sum(), argnums=(0, 1)))
   out["decoder fwd+bwd (2 layers)"] = _time(lambda: grad_decoder(params, embeds), rounds)

@@ -14,12 +14,14 @@ import argparse
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from varft import batch as batch_lib
 from varft import sharding
-from varft.models.qwen25vl import config as config_lib, model, vision
+from varft.models.qwen25vl import config as config_lib
+from varft.models.qwen25vl import model, vision
 
 
 def compile_memory(cfg, mesh, pixel_values, vision_inputs, per_device: bool):
@@ -65,8 +67,8 @@ def main():
   new = compile_memory(cfg, mesh, tables["pixel_values"], tables["vision_inputs"], True)
   gib = 1 << 30
   for name, m, keys in (("replicated table, dense full attention", old, replicated_inputs["full_key_blocks"].shape),
-                        ("per-device tables, per-image key blocks", new, tables["vision_inputs"]["full_key_blocks"]
-                         .shape[1:])):
+                        ("per-device tables, per-image key blocks", new,
+                         tables["vision_inputs"]["full_key_blocks"].shape[1:])):
     print(f"{args.model} {args.images} images of {patches} patches on {devices} devices, {name} (query x key "
           f"blocks {keys[0]} x {keys[1]}): args {m.argument_size_in_bytes / gib:.2f} GiB, temp "
           f"{m.temp_size_in_bytes / gib:.2f} GiB per device")

@@ -13,8 +13,8 @@ import time
 
 import numpy as np
 
-from varft.models import minilm
 from benchmarks.rewards_throughput import WORDS
+from varft.models import minilm
 
 
 def queries(n, seed=0):

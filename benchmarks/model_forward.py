@@ -28,13 +28,17 @@ from varft.models.qwen25vl import hf, model, vision
 def hf_config(vocab: int) -> Qwen2_5_VLConfig:
   text = dict(vocab_size=vocab, hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
               num_key_value_heads=2, rms_norm_eps=1e-6, max_position_embeddings=32768, tie_word_embeddings=True,
-              rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [8, 12, 12]})
+              rope_parameters={
+                  "rope_type": "default",
+                  "rope_theta": 1000000.0,
+                  "mrope_section": [8, 12, 12]
+              })
   vision = dict(depth=4, hidden_size=256, intermediate_size=768, num_heads=4, out_hidden_size=512,
                 fullatt_block_indexes=[3], window_size=112, tokens_per_second=2)
   # A smaller vocabulary moves the special tokens to its end (the real ids would not fit).
-  special = {} if vocab > config_lib.IMAGE_TOKEN_ID else dict(image_token_id=vocab - 1, video_token_id=vocab - 2,
-                                                               vision_start_token_id=vocab - 3,
-                                                               vision_end_token_id=vocab - 4)
+  special = {} if vocab > config_lib.IMAGE_TOKEN_ID else dict(image_token_id=vocab - 1, video_token_id=vocab -
+                                                              2, vision_start_token_id=vocab -
+                                                              3, vision_end_token_id=vocab - 4)
   return Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True, **special)
 
 
@@ -43,9 +47,12 @@ def inputs(batch: int, rng: np.random.Generator, config: config_lib.Qwen25VLConf
   text_ids = min(150000, config.text.vocab_size - 4)
   rows = []
   for _ in range(batch):
-    rows.append(np.concatenate([rng.integers(0, text_ids, 127), [config.vision_start_token_id],
-                                np.full(256, config.image_token_id), [config.vision_end_token_id],
-                                rng.integers(0, text_ids, 126)]))
+    rows.append(
+        np.concatenate([
+            rng.integers(0, text_ids, 127), [config.vision_start_token_id],
+            np.full(256, config.image_token_id), [config.vision_end_token_id],
+            rng.integers(0, text_ids, 126)
+        ]))
   input_ids = np.stack(rows).astype(np.int64)
   pixel_values = rng.standard_normal((batch * 1024, 1176)).astype(np.float32)
   return input_ids, np.ones_like(input_ids), pixel_values, np.tile(grid, (batch, 1))
@@ -113,15 +120,22 @@ def main():
   diff = float(np.abs(np.asarray(ours()) - theirs().numpy()).max())
   ours_median, theirs_median = statistics.median(ours_times), statistics.median(theirs_times)
   result = {
-      "device": str(jax.devices()[0]), "torch_threads": torch.get_num_threads(), "batch": args.batch,
-      "tokens_per_row": int(input_ids.shape[1]), "patches": int(pixel_values.shape[0]), "vocab": args.vocab,
-      "ours_median_s": round(ours_median, 3), "transformers_median_s": round(theirs_median, 3),
+      "device": str(jax.devices()[0]),
+      "torch_threads": torch.get_num_threads(),
+      "batch": args.batch,
+      "tokens_per_row": int(input_ids.shape[1]),
+      "patches": int(pixel_values.shape[0]),
+      "vocab": args.vocab,
+      "ours_median_s": round(ours_median, 3),
+      "transformers_median_s": round(theirs_median, 3),
       "speedup": round(theirs_median / ours_median, 2),
       "vision_tower_ours_median_s": round(statistics.median(ours_vision_times), 3),
       "vision_tower_transformers_median_s": round(statistics.median(theirs_vision_times), 3),
       "vision_tower_speedup": round(statistics.median(theirs_vision_times) / statistics.median(ours_vision_times), 2),
-      "ours_compile_s": round(ours_compile, 2), "transformers_first_call_s": round(theirs_first, 3),
-      "ours_times_s": [round(t, 3) for t in ours_times], "transformers_times_s": [round(t, 3) for t in theirs_times],
+      "ours_compile_s": round(ours_compile, 2),
+      "transformers_first_call_s": round(theirs_first, 3),
+      "ours_times_s": [round(t, 3) for t in ours_times],
+      "transformers_times_s": [round(t, 3) for t in theirs_times],
       "max_abs_logit_diff": diff,
   }
   print(json.dumps(result, indent=2))

@@ -39,8 +39,8 @@ def main():
   penalty = np.full((BATCH,), 1.05, np.float32)
 
   def run(repetition):
-    logits, cache = sampler.extend(params, sampler.new_cache(BATCH, CACHE), sampling.text_chunk(rows, [0] * BATCH,
-                                                                                                   PROMPT))
+    logits, cache = sampler.extend(params, sampler.new_cache(BATCH, CACHE),
+                                   sampling.text_chunk(rows, [0] * BATCH, PROMPT))
     jax.block_until_ready(logits)
     start = time.perf_counter()
     out, _ = sampler.generate(params, cache, logits, [PROMPT] * BATCH, jax.random.PRNGKey(0), [NEW] * BATCH,
@@ -55,8 +55,12 @@ def main():
   for _ in range(args.repeats):
     for name, repetition in sides.items():
       times[name].append(run(repetition))
-  result = {name: {"decode_s": round(statistics.median(t), 4),
-                   "step_ms": round(1000 * statistics.median(t) / NEW, 3)} for name, t in times.items()}
+  result = {
+      name: {
+          "decode_s": round(statistics.median(t), 4),
+          "step_ms": round(1000 * statistics.median(t) / NEW, 3)
+      } for name, t in times.items()
+  }
   result["overhead"] = round(result["penalty 1.05"]["decode_s"] / result["plain"]["decode_s"] - 1, 3)
   print(json.dumps(result, indent=1))
 

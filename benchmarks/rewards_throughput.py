@@ -69,6 +69,7 @@ def make_batch(n, seed=0):
 
 def paper_rewards(completions, refs, embedder):
   """Per-sample Python, as the paper's trainer calls its reward functions."""
+
   def similarity(a, b):
     x, y = embedder([a])[0], embedder([b])[0]
     return float(np.dot(x, y) / max(np.linalg.norm(x) * np.linalg.norm(y), 1e-8))
@@ -116,8 +117,8 @@ def run(embedder_name, n, runs):
   print(f"\n[{embedder_name} embedder] {n} trajectories, median of {runs} runs, {jax.devices()[0].platform}; "
         f"max |ours - paper| = {max_diff:.2e}; first call incl. compile {compile_s:.2f} s")
   print(f"{'':28}{'seconds':>10}{'traj/s':>12}{'paper / ours':>14}")
-  for name, secs in (("paper per-sample Python", peer), ("ours: host adapter", host),
-                     ("ours: jitted ops", device), ("ours: host + jitted", host + device)):
+  for name, secs in (("paper per-sample Python", peer), ("ours: host adapter", host), ("ours: jitted ops", device),
+                     ("ours: host + jitted", host + device)):
     print(f"{name:28}{secs:>10.4f}{n / secs:>12.0f}{peer / secs:>13.1f}x", flush=True)
 
 

@@ -28,8 +28,8 @@ os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_
 
 import jax
 import numpy as np
-import torch
 from PIL import Image
+import torch
 from transformers import AutoTokenizer, Qwen2VLImageProcessorPil
 
 from tests import hf_tiny
@@ -48,8 +48,10 @@ class LocalSearch:
   """A deterministic local tool: every query gets the same passage."""
 
   def execute(self, calls):
-    return [Observation(prompts.search_observation([f"{c.payload}: {PASSAGE}"]), None, True, None, 0.0, "search",
-                        c.call_id) for c in calls]
+    return [
+        Observation(prompts.search_observation([f"{c.payload}: {PASSAGE}"]), None, True, None, 0.0, "search", c.call_id)
+        for c in calls
+    ]
 
 
 def action_text(turn: int) -> str:
@@ -62,15 +64,22 @@ def make_tasks(n: int):
   for i in range(n):
     buffer = io.BytesIO()
     Image.fromarray(rng.integers(0, 256, (224, 224, 3), dtype=np.uint8)).save(buffer, format="PNG")
-    tasks.append({"id": str(i), "task": "search", "question": f"Where was photo {i} taken?", "answers": ["Paris"],
-                  "images": [buffer.getvalue()]})
+    tasks.append({
+        "id": str(i),
+        "task": "search",
+        "question": f"Where was photo {i} taken?",
+        "answers": ["Paris"],
+        "images": [buffer.getvalue()]
+    })
   return tasks
 
 
 def ours(config, params, tokenizer, tasks, repeats):
-  engine = rollout.RolloutEngine(config, tokenizer, LocalSearch(), rollout.RolloutConfig(
-      max_turns=TOOL_TURNS + 1, max_new_tokens=40, max_total_tokens=768, length_buckets=(512, 768),
-      chunk_buckets=(64,), patch_buckets=(256,), image_max_pixels=224 * 224, temperature=1.0))
+  engine = rollout.RolloutEngine(
+      config, tokenizer, LocalSearch(),
+      rollout.RolloutConfig(max_turns=TOOL_TURNS + 1, max_new_tokens=40, max_total_tokens=768,
+                            length_buckets=(512, 768), chunk_buckets=(64,), patch_buckets=(256,),
+                            image_max_pixels=224 * 224, temperature=1.0))
   forced = {t: [-1] * FREE_TOKENS + tokenizer.encode(action_text(t)) for t in range(1, TOOL_TURNS + 2)}
   times, stats = [], None
   for i in range(repeats + 1):
@@ -129,13 +138,20 @@ def main():
   paper_loop(hf_dir, torch_model, tasks[:1])  # warm-up
   paper_s = paper_loop(hf_dir, torch_model, tasks[:args.paper_tasks])
   ours_rate, paper_rate = args.tasks / ours_s, args.paper_tasks / paper_s
-  print(json.dumps({
-      "tasks": args.tasks, "tool_turns": TOOL_TURNS, "ours_tasks_s": round(ours_rate, 2),
-      "ours_run_s": round(ours_s, 2), "ours_first_run_s": round(first_s, 2),
-      "paper_loop_tasks_s": round(paper_rate, 3), "paper_tasks_measured": args.paper_tasks,
-      "speedup": round(ours_rate / paper_rate, 1),
-      "ours_breakdown_s": {k: stats[k] for k in ("vision_s", "prefill_s", "generate_s", "extend_s", "tools_s")},
-  }))
+  print(
+      json.dumps({
+          "tasks": args.tasks,
+          "tool_turns": TOOL_TURNS,
+          "ours_tasks_s": round(ours_rate, 2),
+          "ours_run_s": round(ours_s, 2),
+          "ours_first_run_s": round(first_s, 2),
+          "paper_loop_tasks_s": round(paper_rate, 3),
+          "paper_tasks_measured": args.paper_tasks,
+          "speedup": round(ours_rate / paper_rate, 1),
+          "ours_breakdown_s": {
+              k: stats[k] for k in ("vision_s", "prefill_s", "generate_s", "extend_s", "tools_s")
+          },
+      }))
 
 
 if __name__ == "__main__":

@@ -40,8 +40,8 @@ TINY_VISION = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, f
 CONFIGS = {
     "small": dict(vocab_size=16384, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, mrope_section=[2, 3, 3]),
-    "tiny": dict(vocab_size=151936, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2, mrope_section=[2, 3, 3]),
+    "tiny": dict(vocab_size=151936, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, mrope_section=[2, 3, 3]),
     "40m": dict(vocab_size=16384, hidden_size=512, intermediate_size=2048, num_hidden_layers=8, num_attention_heads=8,
                 num_key_value_heads=2, mrope_section=[8, 12, 12]),
 }
@@ -50,8 +50,11 @@ CONFIGS = {
 def build(name: str):
   spec = dict(CONFIGS[name])
   section = spec.pop("mrope_section")
-  text = dict(spec, rms_norm_eps=1e-6, max_position_embeddings=32768, tie_word_embeddings=True,
-              rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": section})
+  text = dict(spec, rms_norm_eps=1e-6, max_position_embeddings=32768, tie_word_embeddings=True, rope_parameters={
+      "rope_type": "default",
+      "rope_theta": 1000000.0,
+      "mrope_section": section
+  })
   hf_config = Qwen2_5_VLConfig(text_config=text, vision_config=dict(TINY_VISION, out_hidden_size=spec["hidden_size"]),
                                tie_word_embeddings=True)
   hf_config._attn_implementation = "sdpa"
@@ -67,8 +70,8 @@ def build(name: str):
 def text_param_count(config) -> int:
   t = config.text
   hd = t.head_dim
-  per_layer = (t.hidden_size * (t.num_heads + 2 * t.num_kv_heads) * hd + (t.num_heads + 2 * t.num_kv_heads) * hd
-               + t.num_heads * hd * t.hidden_size + 3 * t.hidden_size * t.intermediate_size + 2 * t.hidden_size)
+  per_layer = (t.hidden_size * (t.num_heads + 2 * t.num_kv_heads) * hd + (t.num_heads + 2 * t.num_kv_heads) * hd +
+               t.num_heads * hd * t.hidden_size + 3 * t.hidden_size * t.intermediate_size + 2 * t.hidden_size)
   return t.num_layers * per_layer + t.vocab_size * t.hidden_size + t.hidden_size
 
 
@@ -77,17 +80,26 @@ def matmul_loop(config, cache_len: int):
   t = config.text
   d, hd, f = t.hidden_size, t.head_dim, t.intermediate_size
   keys = iter(jax.random.split(jax.random.PRNGKey(0), 16))
-  w = {name: 0.02 * jax.random.normal(next(keys), shape) for name, shape in {
-      "q": (t.num_layers, d, t.num_heads * hd), "k": (t.num_layers, d, t.num_kv_heads * hd),
-      "v": (t.num_layers, d, t.num_kv_heads * hd), "o": (t.num_layers, t.num_heads * hd, d),
-      "gate": (t.num_layers, d, f), "up": (t.num_layers, d, f), "down": (t.num_layers, f, d),
-      "embed": (t.vocab_size, d)}.items()}
+  w = {
+      name: 0.02 * jax.random.normal(next(keys), shape) for name, shape in {
+          "q": (t.num_layers, d, t.num_heads * hd),
+          "k": (t.num_layers, d, t.num_kv_heads * hd),
+          "v": (t.num_layers, d, t.num_kv_heads * hd),
+          "o": (t.num_layers, t.num_heads * hd, d),
+          "gate": (t.num_layers, d, f),
+          "up": (t.num_layers, d, f),
+          "down": (t.num_layers, f, d),
+          "embed": (t.vocab_size, d)
+      }.items()
+  }
   cache = jnp.zeros((t.num_layers, BATCH, cache_len, t.num_kv_heads, hd))
   groups = t.num_heads // t.num_kv_heads
 
   @jax.jit
   def run(w, cache, x):
+
     def step(_, x):
+
       def layer(x, lw):
         wl, ck, cv = lw
         q = (x @ wl["q"]).reshape(BATCH, t.num_kv_heads, groups, hd)
@@ -97,10 +109,12 @@ def matmul_loop(config, cache_len: int):
         x = x + attn @ wl["o"]
         x = x + (jax.nn.silu(x @ wl["gate"]) * (x @ wl["up"])) @ wl["down"]
         return x, None
+
       layers = {k: w[k] for k in ("q", "k", "v", "o", "gate", "up", "down")}
       x, _ = jax.lax.scan(layer, x, (layers, cache, cache))
       logits = jnp.einsum("bd,vd->bv", x, w["embed"])  # tied embeddings, as text.logits
       return x + logits[:, :d] * 1e-9
+
     return jax.lax.fori_loop(0, NEW, step, x)
 
   x = jnp.ones((BATCH, d))
@@ -124,8 +138,9 @@ def bench(name: str, repeats: int, tokenizer):
   rng = np.random.default_rng(0)
   prompt = rng.integers(0, min(config.text.vocab_size, 150000), (BATCH, PROMPT)).astype(np.int32)
   table = sampling.make_stop_table(tokenizer, config.text.vocab_size, ("</search>", "</code>", "</answer>"))
-  sampler = sampling.Sampler(config, sampling.SamplingConfig(temperature=1.0, top_k=TOP_K, max_new_tokens=NEW,
-                                                             eos_ids=()), table)
+  sampler = sampling.Sampler(config,
+                             sampling.SamplingConfig(temperature=1.0, top_k=TOP_K, max_new_tokens=NEW, eos_ids=()),
+                             table)
   cache_len = PROMPT + NEW
   chunk = sampling.text_chunk(prompt.tolist(), [0] * BATCH, PROMPT)
   decode_times, counts = [], []
@@ -143,8 +158,8 @@ def bench(name: str, repeats: int, tokenizer):
 
   def theirs():
     with torch.no_grad():
-      out = torch_model.generate(input_ids=input_ids, attention_mask=mask, do_sample=True, temperature=1.0,
-                                 top_k=TOP_K, top_p=1.0, max_new_tokens=NEW)
+      out = torch_model.generate(input_ids=input_ids, attention_mask=mask, do_sample=True, temperature=1.0, top_k=TOP_K,
+                                 top_p=1.0, max_new_tokens=NEW)
     assert out.shape == (BATCH, PROMPT + NEW)
 
   matmuls = matmul_loop(config, cache_len)
@@ -153,10 +168,13 @@ def bench(name: str, repeats: int, tokenizer):
   tokens = BATCH * NEW
   decode_step = statistics.median(decode_times[1:]) / NEW
   return {
-      "config": name, "text_params_m": round(text_param_count(config) / 1e6, 1),
-      "ours_tok_s": round(tokens / ours_s), "transformers_tok_s": round(tokens / theirs_s),
+      "config": name,
+      "text_params_m": round(text_param_count(config) / 1e6, 1),
+      "ours_tok_s": round(tokens / ours_s),
+      "transformers_tok_s": round(tokens / theirs_s),
       "speedup": round(theirs_s / ours_s, 2),
-      "our_decode_step_ms": round(1e3 * decode_step, 3), "matmul_step_ms": round(1e3 * matmul_s / NEW, 3),
+      "our_decode_step_ms": round(1e3 * decode_step, 3),
+      "matmul_step_ms": round(1e3 * matmul_s / NEW, 3),
       "step_vs_matmul_limit": round(decode_step / (matmul_s / NEW), 2),
   }
 

@@ -90,8 +90,11 @@ def main():
     threading.Thread(target=server.serve_forever, daemon=True).start()
     client = search_lib.HttpRetrieverBackend(f"http://127.0.0.1:{server.server_address[1]}", timeout_s=120)
 
-    sides = {"bm25s_direct": peer_search, "varft_bm25": lambda qs: ours.search(qs, 4),
-             "varft_http": lambda qs: client.search(qs, 4)}
+    sides = {
+        "bm25s_direct": peer_search,
+        "varft_bm25": lambda qs: ours.search(qs, 4),
+        "varft_http": lambda qs: client.search(qs, 4)
+    }
     assert [d.id for d in ours.search(queries[:1], 4)[0]] == [str(i) for i in peer_search(queries[:1])[0][0]]
     rows = {name: [] for name in sides}
     for _ in range(args.repeats):
@@ -101,9 +104,16 @@ def main():
     server.server_close()
   med = {k: (statistics.median(r[0] for r in v), statistics.median(r[1] for r in v)) for k, v in rows.items()}
   peer_b, peer_1 = med["bm25s_direct"]
-  report = {"docs": args.docs, "cpus": os.cpu_count(), "load_avg_1m": os.getloadavg()[0],
-            "build_s": {"varft": round(build_ours, 2), "bm25s_direct": round(build_peer, 2)},
-            "load_s_varft": round(load_ours, 2)}
+  report = {
+      "docs": args.docs,
+      "cpus": os.cpu_count(),
+      "load_avg_1m": os.getloadavg()[0],
+      "build_s": {
+          "varft": round(build_ours, 2),
+          "bm25s_direct": round(build_peer, 2)
+      },
+      "load_s_varft": round(load_ours, 2)
+  }
   for name, (qb, q1) in med.items():
     report[name] = {f"qps_batch{args.batch}": round(qb, 1), "qps_single": round(q1, 1)}
     if name != "bm25s_direct":

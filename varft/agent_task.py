@@ -6,18 +6,19 @@ Wires the pieces the training loop and the evaluation need: the TFDS/grain input
 """
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 import dataclasses
 import io
 import json
 import os
 import time
-from typing import Any, Mapping, Sequence
+from typing import Any
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import logging
 
 from varft import batch as batch_lib
 from varft import rewards as rewards_lib
@@ -148,9 +149,11 @@ def score_rows(completions: Sequence[str], refs: Sequence[Mapping[str, Any]], co
   errors = 0
   for i in range(n):
     try:
-      row_total, row_components = rewards_lib.score_batch(
-          [completions[i]], [refs[i]], config, step_types=None if step_types is None else [step_types[i]],
-          tool_stats=None if tool_stats is None else {k: [v[i]] for k, v in tool_stats.items()})
+      row_total, row_components = rewards_lib.score_batch([completions[i]], [refs[i]], config,
+                                                          step_types=None if step_types is None else [step_types[i]],
+                                                          tool_stats=None if tool_stats is None else {
+                                                              k: [v[i]] for k, v in tool_stats.items()
+                                                          })
     except ValueError as e:
       errors += 1
       logging.warning("Reward of row %d skipped: %s", i, e)
@@ -162,8 +165,8 @@ def score_rows(completions: Sequence[str], refs: Sequence[Mapping[str, Any]], co
 
 
 def scored_completions(result: rollout_lib.RolloutResult, examples: Sequence[Mapping[str, Any]],
-                       options: rewards_lib.RewardOptions, tokenizer, rng: np.random.Generator
-                       ) -> tuple[list[str], np.ndarray, int]:
+                       options: rewards_lib.RewardOptions, tokenizer,
+                       rng: np.random.Generator) -> tuple[list[str], np.ndarray, int]:
   """The text each trajectory is scored on: its completion (with `options.skip_special_tokens`, its sampled tokens
   decoded without special tokens), then with `options.gold_injection` one row per group replaced by its example's
   `gt` (`rewards.inject_gold`). Returns (texts, injected (N,) bool, groups without a gt)."""
@@ -175,8 +178,7 @@ def scored_completions(result: rollout_lib.RolloutResult, examples: Sequence[Map
     texts = [t.completion for t in transcripts]
   if not options.gold_injection:
     return texts, np.zeros((len(texts),), bool), 0
-  return rewards_lib.inject_gold(texts, [ex.get("gt") or "" for ex in examples], [t.group_id for t in transcripts],
-                                 rng)
+  return rewards_lib.inject_gold(texts, [ex.get("gt") or "" for ex in examples], [t.group_id for t in transcripts], rng)
 
 
 def _flat_stats(stats: Mapping[str, Any], prefix: str = "rollout/") -> dict[str, float]:
@@ -195,8 +197,13 @@ def _flat_stats(stats: Mapping[str, Any], prefix: str = "rollout/") -> dict[str,
 def transcript_sample(transcript: rollout_lib.Transcript, example: Mapping[str, Any], **fields) -> dict[str, Any]:
   """A transcript as a `metrics_writer.write_samples` entry: prompt images first, then the tools' images."""
   images = list(example.get("images") or ()) + list(transcript.images.values())
-  return {"text": transcript.render(), "images": images, "id": transcript.example_id,
-          "stop": transcript.stop_reason, **fields}
+  return {
+      "text": transcript.render(),
+      "images": images,
+      "id": transcript.example_id,
+      "stop": transcript.stop_reason,
+      **fields
+  }
 
 
 class AgentEnvironment:
@@ -269,8 +276,8 @@ class AgentEnvironment:
     if self.mode == "multiturn":
       stats = [t.tool_stats() for t in result.transcripts]
       tool_stats = {k: [s[k] for s in stats] for k in stats[0]}
-    completions, injected, gold_missing = scored_completions(result, by_row, self.reward_options,
-                                                             self.engine.tokenizer, gold_rng)
+    completions, injected, gold_missing = scored_completions(result, by_row, self.reward_options, self.engine.tokenizer,
+                                                             gold_rng)
     total, components, reward_errors = score_rows(completions, refs, self.config, step_types, tool_stats)
     scored = time.perf_counter()
     rows = self.prompts_per_host * self.num_samples
@@ -282,13 +289,20 @@ class AgentEnvironment:
       padded_components[name] = np.zeros((rows,), np.float32)
       padded_components[name][:len(values)] = values
     stats = _flat_stats(result.stats)
-    stats.update({"time/rollout_s": rolled - start, "time/rewards_s": scored - rolled,
-                  "rollout/padded_rows": float(rows - len(total)), "rollout/skipped_batches": float(skipped_batches),
-                  "rollout/reward_errors": float(reward_errors)})
+    stats.update({
+        "time/rollout_s": rolled - start,
+        "time/rewards_s": scored - rolled,
+        "rollout/padded_rows": float(rows - len(total)),
+        "rollout/skipped_batches": float(skipped_batches),
+        "rollout/reward_errors": float(reward_errors)
+    })
     if self.reward_options.gold_injection:
       stats.update({"rollout/gold_injected": float(injected.sum()), "rollout/gold_missing": float(gold_missing)})
-    samples = [transcript_sample(t, ex, reward=float(r), **({"scored_as_gt": True} if g else {}))
-               for t, ex, r, g in zip(result.transcripts, by_row, total, injected)][:self.config.samples_per_step]
+    samples = [
+        transcript_sample(t, ex, reward=float(r), **({
+            "scored_as_gt": True
+        } if g else {})) for t, ex, r, g in zip(result.transcripts, by_row, total, injected)
+    ][:self.config.samples_per_step]
     return Experience(batch=batch, rewards=rewards, components=padded_components, stats=stats, samples=samples)
 
   def evaluate(self, params, rng, out_dir: str | None = None) -> dict[str, float]:
@@ -350,10 +364,15 @@ def evaluate_source(env: AgentEnvironment, name: str, source: Sequence[Mapping[s
     answered = {t.example_id: t for t in result.transcripts}
     for j, ex in enumerate(examples):
       t = answered.get(str(ex.get("id", j)))
-      items.append({"id": ex.get("id"), "question": ex["question"], "pred_answer": t.answer if t else None,
-                    "gt": list(ex.get("answers") or []), "trajectory": t.render() if t else "",
-                    "stop_reason": t.stop_reason if t else "skipped",
-                    "crop_overrides": sum(o.get("crop_override", False) for o in t.observations) if t else 0})
+      items.append({
+          "id": ex.get("id"),
+          "question": ex["question"],
+          "pred_answer": t.answer if t else None,
+          "gt": list(ex.get("answers") or []),
+          "trajectory": t.render() if t else "",
+          "stop_reason": t.stop_reason if t else "skipped",
+          "crop_overrides": sum(o.get("crop_override", False) for o in t.observations) if t else 0
+      })
   items = [item for per_host in sharding.gather_json(items) for item in per_host]
   result = score_items(items, name)
   result["settings"] = env.eval_settings
@@ -368,8 +387,11 @@ def evaluate_source(env: AgentEnvironment, name: str, source: Sequence[Mapping[s
     with open(os.path.join(out_dir, f"{name}_scores.txt"), "w") as f:
       f.write(table + "\n")
     logging.info("Eval %s:\n%s", name, table)
-  out = {f"eval/{name}/f1": result["all"]["f1"], f"eval/{name}/em": result["all"]["em"],
-         f"eval/{name}/answered": 1.0 - result["num_missing"] / max(len(items), 1)}
+  out = {
+      f"eval/{name}/f1": result["all"]["f1"],
+      f"eval/{name}/em": result["all"]["em"],
+      f"eval/{name}/answered": 1.0 - result["num_missing"] / max(len(items), 1)
+  }
   return out
 
 
@@ -387,6 +409,13 @@ def score_items(items: Sequence[Mapping[str, Any]], name: str) -> dict[str, Any]
     f1s.append(f1)
     ems.append(em)
   mean = lambda v: 100.0 * sum(v) / len(v) if v else 0.0
-  return {"benchmark": name, "name": f"{spec.name if spec else name} ({len(items)} items)",
-          "num_missing": sum(i["pred_answer"] is None for i in items),
-          "all": {"f1": mean(f1s), "em": mean(ems), "count": len(items)}}
+  return {
+      "benchmark": name,
+      "name": f"{spec.name if spec else name} ({len(items)} items)",
+      "num_missing": sum(i["pred_answer"] is None for i in items),
+      "all": {
+          "f1": mean(f1s),
+          "em": mean(ems),
+          "count": len(items)
+      }
+  }

@@ -21,13 +21,15 @@ configuration without building anything.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 import dataclasses
-from typing import Any, Mapping, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from varft import sharding
 
@@ -55,7 +57,7 @@ FIELDS: dict[str, Field] = {
     "sampler_logps": Field(ROW, _F32, ("N", "L"), "the sampler's log-prob of each sampled token, 0 elsewhere"),
     "image_index": Field(ROW, _I32, ("N", "L"), "merged image cell in this row's device table, -1 for text"),
     "group_ids": Field(ROW, _I32, ("N",), "the row's prompt, 0..prompts-1 on each host (the trainer makes them "
-                                           "global)"),
+                       "global)"),
     "rewards": Field(ROW, _F32, ("N",), "total reward (added by the trainer)"),
     "pixel_values": Field(DEVICE, _F32, ("D", "P", "patch_dim"), "each device's image patches, zero-padded"),
     "vision_inputs": Field(DEVICE, _I32, ("D", "..."), "each device's `vision.vision_inputs` (see VISION_INPUTS)"),
@@ -70,8 +72,14 @@ TRAIN_FIELDS: dict[str, Field] = {
     "is_weights": Field(ROW, _F32, ("N", "L"), "truncated importance weights sampler -> trainer"),
 }
 # `vision_inputs` entries (each with a leading D).
-VISION_INPUTS = {"window_order": ("M",), "window_inverse": ("M",), "window_segment": ("P",),
-                 "full_segment": ("P",), "rotary_ids": ("P", "2"), "full_key_blocks": ("nb", "K")}
+VISION_INPUTS = {
+    "window_order": ("M",),
+    "window_inverse": ("M",),
+    "window_segment": ("P",),
+    "full_segment": ("P",),
+    "rotary_ids": ("P", "2"),
+    "full_key_blocks": ("nb", "K")
+}
 ROLLOUT_KEYS = tuple(k for k, f in FIELDS.items() if f.kind == ROW and k != "rewards")
 ROW_KEYS = tuple(k for k, f in {**FIELDS, **TRAIN_FIELDS}.items() if f.kind == ROW)
 # What the model reads of a batch (the rest of the rollout fields feed advantages and old log-probs).
@@ -147,12 +155,17 @@ def image_tables(per_device: Sequence[Sequence[Image]], vision_cfg, num_patches:
     grids[d, :len(images)] = np.asarray([im.grid for im in images], np.int32).reshape(-1, 3)
     table_grids = _table_grids(grids[d, :len(images)], starts, vision_cfg.spatial_merge_size)
     inputs.append(vision.vision_inputs(table_grids, vision_cfg, num_patches, num_key_blocks))
-  return {"pixel_values": pixel_values, "vision_inputs": {k: np.stack([x[k] for x in inputs]) for k in inputs[0]},
-          "image_grid_thw": grids}
+  return {
+      "pixel_values": pixel_values,
+      "vision_inputs": {
+          k: np.stack([x[k] for x in inputs]) for k in inputs[0]
+      },
+      "image_grid_thw": grids
+  }
 
 
-def device_images(rows: Sequence[Row], images: Mapping[str, Image], num_devices: int, vision_cfg
-                  ) -> tuple[list[list[Image]], np.ndarray]:
+def device_images(rows: Sequence[Row], images: Mapping[str, Image], num_devices: int,
+                  vision_cfg) -> tuple[list[list[Image]], np.ndarray]:
   """Each device's distinct images (in order of first use by its rows) and every row's `image_index` into its own
   device's table (rows (N, L) are taken from `Row.image_key` / `image_local`, L = the longest row)."""
   unit = vision_cfg.spatial_merge_size ** 2
@@ -176,8 +189,8 @@ def table_patches(per_device: Sequence[Sequence[Image]], vision_cfg) -> int:
   return max(image_starts([im.grid for im in images], vision_cfg)[1] for images in per_device)
 
 
-def assemble(rows: Sequence[Row], images: Mapping[str, Image], *, num_rows: int, num_samples: int,
-             num_devices: int, length: int, vision_cfg=None, patch_buckets: Sequence[int] = (),
+def assemble(rows: Sequence[Row], images: Mapping[str, Image], *, num_rows: int, num_samples: int, num_devices: int,
+             length: int, vision_cfg=None, patch_buckets: Sequence[int] = (),
              max_image_patches: int = 0) -> dict[str, Any]:
   """The rollout batch (numpy) of `rows`, padded with empty rows (no loss, their own groups) to `num_rows`, rows
   split over `num_devices` devices in order, each device's images in its own table (absent when no row shows an
@@ -190,8 +203,10 @@ def assemble(rows: Sequence[Row], images: Mapping[str, Image], *, num_rows: int,
     raise ValueError(f"a row of {max(len(r.tokens) for r in rows)} tokens does not fit the length {length}")
   empty = [Row(g // num_samples, [], np.zeros((3, 0), np.int32), [], [], [], []) for g in range(len(rows), num_rows)]
   rows = list(rows) + empty
-  batch = {k: np.zeros((num_rows, length), FIELDS[k].dtype) for k in ("tokens", "attention_mask", "loss_mask",
-                                                                       "sampler_logps")}
+  batch = {
+      k: np.zeros((num_rows, length), FIELDS[k].dtype)
+      for k in ("tokens", "attention_mask", "loss_mask", "sampler_logps")
+  }
   batch["positions"] = np.zeros((3, num_rows, length), np.int32)
   batch["group_ids"] = np.asarray([r.group for r in rows], np.int32)
   for b, r in enumerate(rows):
@@ -213,6 +228,7 @@ def assemble(rows: Sequence[Row], images: Mapping[str, Image], *, num_rows: int,
 
 
 # ---- across hosts and onto the devices ------------------------------------------------------------------------
+
 
 def _pad_to(x: np.ndarray, axis: int, size: int, fill) -> np.ndarray:
   pad = [(0, 0)] * x.ndim
@@ -252,10 +268,10 @@ def merge_hosts(local: Mapping[str, Any], num_devices: int, vision_cfg=None) -> 
     return dict(local)
   from jax.experimental import multihost_utils
   has = "pixel_values" in local
-  mine = np.asarray([local["tokens"].shape[1], has,
-                     local["pixel_values"].shape[1] if has else 0,
-                     local["vision_inputs"]["full_key_blocks"].shape[-1] if has else 0,
-                     local["image_grid_thw"].shape[1] if has else 0], np.int64)
+  mine = np.asarray([
+      local["tokens"].shape[1], has, local["pixel_values"].shape[1] if has else 0,
+      local["vision_inputs"]["full_key_blocks"].shape[-1] if has else 0, local["image_grid_thw"].shape[1] if has else 0
+  ], np.int64)
   every = np.asarray(multihost_utils.process_allgather(mine)).reshape(-1, 5)
   length, any_images = int(every[:, 0].max()), bool(every[:, 1].any())
   table = tuple(int(every[:, i].max()) for i in (2, 3, 4)) if any_images else None
@@ -270,8 +286,11 @@ def spec(name: str) -> P:
 
 def shardings(batch: Mapping[str, Any], mesh) -> dict[str, Any]:
   """NamedShardings of every device field of `batch` (host fields are left out)."""
-  return {k: jax.tree.map(lambda _, k=k: NamedSharding(mesh, spec(k)), v)
-          for k, v in batch.items() if k not in FIELDS or FIELDS[k].kind != HOST}
+  return {
+      k: jax.tree.map(lambda _, k=k: NamedSharding(mesh, spec(k)), v)
+      for k, v in batch.items()
+      if k not in FIELDS or FIELDS[k].kind != HOST
+  }
 
 
 def devices_per_host(mesh) -> int:
@@ -285,15 +304,18 @@ def shard(local_batch: Mapping[str, Any], mesh) -> dict[str, Any]:
   multiple = sharding.batch_size_multiple(mesh)
   out = {}
   for key, value in shardings(local_batch, mesh).items():
+
     def put(x, s):
       x = np.asarray(x)
       axis = s.spec.index(sharding.BATCH_AXES)
       total = x.shape[axis] * jax.process_count()
       if total % multiple:
-        raise ValueError(f"The batch has {total} rows (or image tables) in {key!r}, not a multiple of the "
-                         f"{multiple} devices of the mesh's {sharding.BATCH_AXES} axes: change the batch size or "
-                         "the mesh.")
+        raise ValueError(
+            f"The batch has {total} rows (or image tables) in {key!r}, not a multiple of the "  # noqa: B023
+            f"{multiple} devices of the mesh's {sharding.BATCH_AXES} axes: change the batch size or "
+            "the mesh.")
       return jax.make_array_from_process_local_data(s, x, x.shape[:axis] + (total,) + x.shape[axis + 1:])
+
     out[key] = jax.tree.map(put, local_batch[key], value)
   return out
 
@@ -304,6 +326,7 @@ def to_devices(local_batch: Mapping[str, Any], mesh, vision_cfg=None) -> dict[st
 
 
 # ---- on the device ----------------------------------------------------------------------------------------------
+
 
 def num_tables(batch: Mapping[str, Any]) -> int:
   """D of the batch's image table (0 without images)."""
@@ -323,6 +346,7 @@ def split_micro(batch: Mapping[str, Any], m: int) -> dict[str, Any]:
   def split(x, axis):
     shape = x.shape[:axis] + (x.shape[axis] // m, m) + x.shape[axis + 1:]
     return jnp.moveaxis(x.reshape(shape), axis + 1, 0)
+
   fields = {**FIELDS, **TRAIN_FIELDS}
   return {k: split(v, fields[k].sharded_axis) for k, v in batch.items() if k in ROW_KEYS}
 
@@ -346,6 +370,7 @@ def lookup_images(image_embeds: jnp.ndarray, image_index: jnp.ndarray) -> jnp.nd
 
 # ---- for the planner ----------------------------------------------------------------------------------------------
 
+
 def abstract(num_rows: int, length: int, *, stage: str = "train", num_devices: int = 1, vision_cfg=None,
              patches_per_device: int = 0, max_image_patches: int = 0, max_images: int = 1, kl: bool = True,
              importance_weights: bool = False, mesh=None) -> dict[str, Any]:
@@ -363,8 +388,8 @@ def abstract(num_rows: int, length: int, *, stage: str = "train", num_devices: i
   if stage == "rollout":
     names = ROLLOUT_KEYS + ("rewards",)
   else:
-    names = (MODEL_INPUTS[:5] + ("advantages", "loss_weights", "old_logps") + ("ref_logps",) * kl
-             + ("is_weights",) * importance_weights)
+    names = (MODEL_INPUTS[:5] + ("advantages", "loss_weights", "old_logps") + ("ref_logps",) * kl +
+             ("is_weights",) * importance_weights)
   fields = {**FIELDS, **TRAIN_FIELDS}
   out: dict[str, Any] = {k: tuple(dims[d] for d in fields[k].dims) for k in names}
   if vision_cfg is not None and patches_per_device > 0:
@@ -373,8 +398,15 @@ def abstract(num_rows: int, length: int, *, stage: str = "train", num_devices: i
     if patches_per_device % unit:
       raise ValueError(f"patches_per_device={patches_per_device} must be a multiple of {unit}")
     blocks = key_blocks(patches_per_device, max_image_patches or patches_per_device, vision_cfg)
-    sizes = {"D": num_devices, "P": patches_per_device, "M": patches_per_device // unit, "2": 2, "K": blocks,
-             "nb": -(-patches_per_device // vision.block_patches(vision_cfg)), "patch_dim": vision_cfg.patch_dim}
+    sizes = {
+        "D": num_devices,
+        "P": patches_per_device,
+        "M": patches_per_device // unit,
+        "2": 2,
+        "K": blocks,
+        "nb": -(-patches_per_device // vision.block_patches(vision_cfg)),
+        "patch_dim": vision_cfg.patch_dim
+    }
     out["pixel_values"] = tuple(sizes[d] for d in FIELDS["pixel_values"].dims)
     out["vision_inputs"] = {k: (num_devices,) + tuple(sizes[d] for d in v) for k, v in VISION_INPUTS.items()}
   dtype = lambda k: fields[k].dtype
@@ -382,6 +414,9 @@ def abstract(num_rows: int, length: int, *, stage: str = "train", num_devices: i
   def struct(k, shape):
     s = None if mesh is None else NamedSharding(mesh, spec(k))
     return jax.ShapeDtypeStruct(shape, dtype(k), sharding=s)
-  return {k: ({kk: struct(k, vv) for kk, vv in v.items()} if isinstance(v, dict) else struct(k, v))
-          for k, v in out.items()}
 
+  return {
+      k: ({
+          kk: struct(k, vv) for kk, vv in v.items()
+      } if isinstance(v, dict) else struct(k, v)) for k, v in out.items()
+  }

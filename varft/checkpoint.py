@@ -11,18 +11,19 @@ under a different recipe is refused, naming the keys that differ, unless `config
 """
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 import fcntl
 import hashlib
 import json
 import os
 import socket
-from typing import Any, Mapping, Sequence
+from typing import Any
 
+from absl import logging
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as cm
-from absl import logging
 
 STATE, DATA, META = "state", "data", "meta"
 LOCK_FILE = "varft.lock"
@@ -33,14 +34,39 @@ RESUME_MODES = ("auto", "force")
 # (workers, timeouts, concurrency). Every other key (task, seed, total_steps, model, data selection, rollout, tools'
 # behaviour, rewards, GRPO, optimizer) is recipe: its value is stored with each checkpoint and checked on resume.
 NOT_RECIPE = (
-    "mode", "resume", "log_every", "checkpoint_every", "keep_checkpoints", "keep_checkpoint_steps",
-    "async_checkpoints", "samples_every", "samples_per_step", "eval_every", "eval", "export_hf", "distributed", "mesh",
+    "mode",
+    "resume",
+    "log_every",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "keep_checkpoint_steps",
+    "async_checkpoints",
+    "samples_every",
+    "samples_per_step",
+    "eval_every",
+    "eval",
+    "export_hf",
+    "distributed",
+    "mesh",
     "plan_check",
-    "model.remat", "grpo.micro_batches", "grpo.logits_chunk",
-    "rollout.length_buckets", "rollout.chunk_buckets", "rollout.patch_buckets", "rollout.tensor_parallel",
-    "data.mat_dir", "data.flashrag_dir", "data.tfds_dir",
-    "tools.max_workers", "tools.search_timeout_s", "tools.search.index_dir", "tools.search.corpus",
-    "tools.search.url", "tools.code.timeout_s", "tools.code.max_concurrency", "tools.code.prewarm",
+    "model.remat",
+    "grpo.micro_batches",
+    "grpo.logits_chunk",
+    "rollout.length_buckets",
+    "rollout.chunk_buckets",
+    "rollout.patch_buckets",
+    "rollout.tensor_parallel",
+    "data.mat_dir",
+    "data.flashrag_dir",
+    "data.tfds_dir",
+    "tools.max_workers",
+    "tools.search_timeout_s",
+    "tools.search.index_dir",
+    "tools.search.corpus",
+    "tools.search.url",
+    "tools.code.timeout_s",
+    "tools.code.max_concurrency",
+    "tools.code.prewarm",
 )
 
 
@@ -108,8 +134,8 @@ def _is_recipe_key(key: str) -> bool:
 
 def recipe(config: ml_collections.ConfigDict | Mapping[str, Any]) -> dict[str, Any]:
   """The recipe keys of `config` (every dotted key not in NOT_RECIPE) -> JSON values (tuples become lists)."""
-  tree = json.loads(config.to_json_best_effort() if isinstance(config, ml_collections.ConfigDict)
-                    else json.dumps(config))
+  tree = json.loads(
+      config.to_json_best_effort() if isinstance(config, ml_collections.ConfigDict) else json.dumps(config))
   return {k: v for k, v in sorted(_flatten(tree).items()) if _is_recipe_key(k)}
 
 
@@ -124,8 +150,10 @@ def recipe_changes(stored: Mapping[str, Any], current: Mapping[str, Any]) -> lis
   read under today's NOT_RECIPE, so a key that stopped being recipe is not a change."""
   absent = "<absent>"
   keys = sorted(k for k in set(stored) | set(current) if _is_recipe_key(k))
-  return [f"{k}: {stored.get(k, absent)!r} -> {current.get(k, absent)!r}" for k in keys
-          if stored.get(k, absent) != current.get(k, absent)]
+  return [
+      f"{k}: {stored.get(k, absent)!r} -> {current.get(k, absent)!r}" for k in keys
+      if stored.get(k, absent) != current.get(k, absent)
+  ]
 
 
 class Checkpointer:
@@ -136,9 +164,9 @@ class Checkpointer:
   by `close()`.
   """
 
-  def __init__(self, directory: str, max_to_keep: int = 3, save_interval_steps: int = 1,
-               async_save: bool = True, *, fingerprint: Mapping[str, Any] | None = None, resume: str = "auto",
-               lock: WorkdirLock | None = None, keep_steps: Sequence[int] = ()):
+  def __init__(self, directory: str, max_to_keep: int = 3, save_interval_steps: int = 1, async_save: bool = True, *,
+               fingerprint: Mapping[str, Any] | None = None, resume: str = "auto", lock: WorkdirLock | None = None,
+               keep_steps: Sequence[int] = ()):
     self.directory = os.path.abspath(directory)
     self.fingerprint, self._lock, self._manager = fingerprint, lock, None
     try:
@@ -146,9 +174,9 @@ class Checkpointer:
         raise ValueError(f"config.resume={resume!r} is not one of {RESUME_MODES}")
       # The latest `max_to_keep`, and every step of `keep_steps` (the paper evaluates steps 200 / 1400) for good.
       preservation = cm.AnyPreservationPolicy([cm.LatestN(max_to_keep), cm.CustomSteps(list(keep_steps))])
-      options = ocp.CheckpointManagerOptions(
-          save_interval_steps=save_interval_steps, create=True, preservation_policy=preservation,
-          enable_async_checkpointing=async_save, cleanup_tmp_directories=True)
+      options = ocp.CheckpointManagerOptions(save_interval_steps=save_interval_steps, create=True,
+                                             preservation_policy=preservation, enable_async_checkpointing=async_save,
+                                             cleanup_tmp_directories=True)
       self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=(STATE, DATA, META))
       if fingerprint is not None:
         self._check_recipe(force=resume == "force")
@@ -172,8 +200,8 @@ class Checkpointer:
       return
     shown = "; ".join(changes[:8]) + (f"; and {len(changes) - 8} more" if len(changes) > 8 else "")
     if force:
-      logging.warning("Resuming step %d of %s under a different recipe (config.resume=force): %s", step,
-                      self.directory, shown)
+      logging.warning("Resuming step %d of %s under a different recipe (config.resume=force): %s", step, self.directory,
+                      shown)
       return
     raise RunFolderError(f"checkpoint step {step} in {self.directory} was made with another recipe ({shown}): pass "
                          "another --workdir, or --config.resume=force to resume it anyway")
@@ -188,11 +216,12 @@ class Checkpointer:
     meta = dict(meta or {})
     if self.fingerprint is not None:
       meta["fingerprint"] = dict(self.fingerprint)
-    args = ocp.args.Composite(**{
-        STATE: ocp.args.StandardSave(state),
-        DATA: ocp.args.JsonSave(dict(data_state or {})),
-        META: ocp.args.JsonSave(meta),
-    })
+    args = ocp.args.Composite(
+        **{
+            STATE: ocp.args.StandardSave(state),
+            DATA: ocp.args.JsonSave(dict(data_state or {})),
+            META: ocp.args.JsonSave(meta),
+        })
     return self._manager.save(step, args=args, force=force)
 
   def restore(self, abstract_state: Any, step: int | None = None) -> tuple[int, Any, dict, dict]:
@@ -230,8 +259,7 @@ class Checkpointer:
 def abstract_like(tree: Any, shardings: Any = None) -> Any:
   """`jax.ShapeDtypeStruct`s of `tree` (with `shardings` when given) for restoring into that layout."""
   if shardings is None:
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
-                        tree)
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree)
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
@@ -242,11 +270,10 @@ def export_hf(params: Any, model_config: Any, out_dir: str, tokenizer_dir: str |
   and the image-processor settings the run used (`min_pixels` / `max_pixels`). Call it on every host:
   `hf.save_pretrained` gathers and process 0 writes."""
   from varft.models.qwen25vl import hf
-  from varft.processing import hf_files
-  from varft.processing import image
+  from varft.processing import hf_files, image
   hf.save_pretrained(params, model_config, out_dir, tokenizer_dir=tokenizer_dir)
   if tokenizer_dir is None and jax.process_index() == 0:
-    hf_files.write_tokenizer_and_processor(out_dir, min_pixels or image.DEFAULT_MIN_PIXELS,
-                                           max_pixels or image.DEFAULT_MAX_PIXELS)
+    hf_files.write_tokenizer_and_processor(out_dir, min_pixels or image.DEFAULT_MIN_PIXELS, max_pixels or
+                                           image.DEFAULT_MAX_PIXELS)
   logging.info("Exported HF checkpoint to %s", out_dir)
   return out_dir

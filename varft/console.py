@@ -6,9 +6,10 @@ carriage returns or escape codes.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 import os
 import sys
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import ml_collections
 import numpy as np
@@ -65,8 +66,8 @@ class Progress:
   def update(self, step: int, metrics: Mapping[str, float]) -> None:
     if not self.enabled:
       return
-    score = (f"sft_loss={metrics['sft/nll_per_token']:.3f}" if "sft/nll_per_token" in metrics
-             else f"reward={metrics.get('reward/mean', float('nan')):.3f}")
+    score = (f"sft_loss={metrics['sft/nll_per_token']:.3f}"
+             if "sft/nll_per_token" in metrics else f"reward={metrics.get('reward/mean', float('nan')):.3f}")
     fields = f"{score} step={metrics.get('time/step_s', 0.0):.1f}s"
     if self._bar is not None:
       self._bar.set_postfix_str(fields, refresh=False)
@@ -99,13 +100,12 @@ def phase_lines(history: Sequence[Mapping[str, float]], sft_steps: int, window: 
                  f"{last:.3f} +- {last_std:.3f} (+- : std between steps)")
   if rl and "reward/format" in rl[-1]:
     tools = rl[-1].get("rollout/tool_calls_per_trajectory")
-    lines.append(f"  at the end: reward/format {rl[-1]['reward/format']:.3f}"
-                 + (f", tool calls per trajectory {tools:.2f}" if tools is not None else ""))
+    lines.append(f"  at the end: reward/format {rl[-1]['reward/format']:.3f}" +
+                 (f", tool calls per trajectory {tools:.2f}" if tools is not None else ""))
   return lines
 
 
-def end_summary(workdir: str, history: Sequence[Mapping[str, float]], exported: str | None,
-                sft_steps: int = 0) -> str:
+def end_summary(workdir: str, history: Sequence[Mapping[str, float]], exported: str | None, sft_steps: int = 0) -> str:
   """Steps run, the reward curve in a line (and, after a warm-up, the phases' numbers), where the outputs are and
   how to look at them."""
   lines = ["varft: done"]

@@ -136,10 +136,15 @@ def base_config() -> ml_collections.ConfigDict:
   # overlap, needs nothing) | auto (minilm when installed, else lexical, said once; the choice is in the metrics).
   # gold_injection: score one sample per group as the record's gt (the paper's coding trainer); skip_special_tokens:
   # score the sampled tokens decoded without <|im_end|> & co. (the released trainers; step-wise only).
-  c.reward_options = ml_collections.ConfigDict({"task": "search", "similarity_threshold": 0.5,
-                                                "code_step_reward": 0.9, "query_similarity": "auto",
-                                                "math_verify": False, "gold_injection": False,
-                                                "skip_special_tokens": False})
+  c.reward_options = ml_collections.ConfigDict({
+      "task": "search",
+      "similarity_threshold": 0.5,
+      "code_step_reward": 0.9,
+      "query_similarity": "auto",
+      "math_verify": False,
+      "gold_injection": False,
+      "skip_special_tokens": False
+  })
 
   c.eval = ml_collections.ConfigDict()
   c.eval.benchmarks = ("mat_search",)  # names in varft.agent_task.BENCHMARKS
@@ -173,8 +178,8 @@ def agent_config(arg: str, experiment: str) -> tuple[ml_collections.ConfigDict, 
   paper = "paper" in options
   modes = [o for o in options if o != "paper"]
   mode = modes[0] if modes else "stepwise"
-  if (size not in ("demo", "3b", "7b") or len(modes) > 1 or mode not in ("stepwise", "multiturn")
-      or (paper and mode != "stepwise")):
+  if (size not in ("demo", "3b", "7b") or len(modes) > 1 or mode not in ("stepwise", "multiturn") or
+      (paper and mode != "stepwise")):
     raise ValueError(f"{experiment}: arg {arg!r} must be demo|3b|7b[,stepwise|multiturn][,paper] "
                      "(paper: step-wise only)")
   c = base_config()

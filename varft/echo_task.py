@@ -27,8 +27,8 @@ FIRST_SHOWN = 2  # shown tokens are drawn from FIRST_SHOWN .. vocab_size - 1
 def model_config(vocab_size: int = 16, hidden_size: int = 32, num_layers: int = 2) -> Qwen25VLConfig:
   """A tiny text-only policy for the echo task (4 heads of 8 dims, M-RoPE sections (1, 1, 2))."""
   text = TextConfig(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-                    num_layers=num_layers, num_heads=4, num_kv_heads=2,
-                    mrope_section=(1, 1, hidden_size // 8 - 2), max_position_embeddings=64)
+                    num_layers=num_layers, num_heads=4, num_kv_heads=2, mrope_section=(1, 1, hidden_size // 8 - 2),
+                    max_position_embeddings=64)
   vision = VisionConfig(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=hidden_size,
                         fullatt_block_indexes=(0,))
   return Qwen25VLConfig(text=text, vision=vision)
@@ -37,8 +37,8 @@ def model_config(vocab_size: int = 16, hidden_size: int = 32, num_layers: int = 
 class EchoEnvironment:
   """Prompts `prompts_per_host` shown tokens per step, G samples each; resumable by its prompt counter."""
 
-  def __init__(self, model_cfg: Qwen25VLConfig, mesh, prompts_per_host: int, num_samples: int,
-               temperature: float = 1.0, seed: int = 0, eval_prompts: int = 64, tensor_parallel: int = 1):
+  def __init__(self, model_cfg: Qwen25VLConfig, mesh, prompts_per_host: int, num_samples: int, temperature: float = 1.0,
+               seed: int = 0, eval_prompts: int = 64, tensor_parallel: int = 1):
     self.model_cfg = model_cfg
     self.mesh = mesh
     self.rollout_mesh = sharding.rollout_mesh(mesh, tensor_parallel)
@@ -54,15 +54,15 @@ class EchoEnvironment:
     self._samplers = {
         greedy: sampling.Sampler(model_cfg,
                                  sampling.SamplingConfig(0.0 if greedy else temperature, max_new_tokens=1, eos_ids=()),
-                                 no_stops, mesh=self.rollout_mesh)
-        for greedy in (False, True)}
+                                 no_stops, mesh=self.rollout_mesh) for greedy in (False, True)
+    }
 
   def _shown_tokens(self, start: int, count: int, salt: int) -> np.ndarray:
     host_rng = np.random.default_rng([self.seed, salt, jax.process_index(), start])
     return host_rng.integers(FIRST_SHOWN, self.model_cfg.text.vocab_size, count).astype(np.int32)
 
-  def _rollout(self, params, shown: np.ndarray, rng, greedy: bool, num_samples: int = 1
-               ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+  def _rollout(self, params, shown: np.ndarray, rng, greedy: bool,
+               num_samples: int = 1) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """The batch of one answer per shown token (rows b * num_samples .. are one prompt's group) and the rewards."""
     params, rng = sharding.rollout_inputs(params, rng, self.mesh, self.rollout_mesh)
     n = len(shown)
@@ -76,8 +76,10 @@ class EchoEnvironment:
     answer, logp = np.asarray(out.tokens[:n, 0]), np.asarray(out.logps[:n, 0])
     tokens = np.concatenate([prompt, answer[:, None]], axis=1)
     positions = np.broadcast_to(np.arange(4, dtype=np.int32), (3, 4))
-    trajectories = [batch_lib.Row(b // num_samples, t, positions, [0, 0, 0, 1], [0, 0, 0, p], [None] * 4, [-1] * 4)
-                    for b, (t, p) in enumerate(zip(tokens, logp))]
+    trajectories = [
+        batch_lib.Row(b // num_samples, t, positions, [0, 0, 0, 1], [0, 0, 0, p], [None] * 4, [-1] * 4)
+        for b, (t, p) in enumerate(zip(tokens, logp))
+    ]
     batch = batch_lib.assemble(trajectories, {}, num_rows=n, num_samples=num_samples, num_devices=1, length=4)
     return batch, (answer == shown).astype(np.float32)
 
@@ -87,10 +89,14 @@ class EchoEnvironment:
     self._next_prompt += self.prompts_per_host
     batch, rewards = self._rollout(params, shown, rng, greedy=False, num_samples=self.num_samples)
     rollout_s = time.perf_counter() - start
-    samples = [{"text": f"shown {int(s)} -> answered {int(a)}", "reward": float(r)}
-               for s, a, r in zip(shown[:4], batch["tokens"][:4, 3], rewards[:4])]
-    return Experience(batch=batch, rewards=rewards, components={"echo": rewards},
-                      stats={"time/rollout_s": rollout_s, "rollout/completion_tokens": 1.0}, samples=samples)
+    samples = [{
+        "text": f"shown {int(s)} -> answered {int(a)}",
+        "reward": float(r)
+    } for s, a, r in zip(shown[:4], batch["tokens"][:4, 3], rewards[:4])]
+    return Experience(batch=batch, rewards=rewards, components={"echo": rewards}, stats={
+        "time/rollout_s": rollout_s,
+        "rollout/completion_tokens": 1.0
+    }, samples=samples)
 
   def evaluate(self, params, rng, out_dir: str | None = None) -> dict[str, float]:
     """Greedy accuracy on a fixed set of prompts."""

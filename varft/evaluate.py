@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import os
 
-import ml_collections
 from absl import logging
+import ml_collections
 
-from varft import sharding
-from varft import train
+from varft import sharding, train
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
@@ -29,7 +28,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     trainer.checkpointer.close()
   if sharding.is_writer():
     out_dir = os.path.join(workdir, "eval", f"step_{trainer.step:06d}")
-    tables = [open(os.path.join(out_dir, name)).read() for name in sorted(os.listdir(out_dir))
-              if name.endswith("_scores.txt")] if os.path.isdir(out_dir) else []
+    tables = [
+        open(os.path.join(out_dir, name)).read() for name in sorted(os.listdir(out_dir)) if name.endswith("_scores.txt")
+    ] if os.path.isdir(out_dir) else []
     print("\n".join(tables) if tables else "\n".join(f"{k}: {v:.4f}" for k, v in sorted(metrics.items())))
   return metrics

@@ -21,9 +21,10 @@ gives exactly the full-batch gradient.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 import dataclasses
 import functools
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -73,6 +74,7 @@ class GRPOConfig:
 
 # --------------------------------------------------------------------------------------------------- advantages
 
+
 def group_advantages(rewards: jnp.ndarray, group_ids: jnp.ndarray, num_groups: int, mode: str = "std",
                      eps: float = 1e-4) -> jnp.ndarray:
   """Advantages (N,) of rewards (N,) relative to the other samples of the same prompt (`group_ids`).
@@ -97,6 +99,7 @@ def group_advantages(rewards: jnp.ndarray, group_ids: jnp.ndarray, num_groups: i
 
 
 # --------------------------------------------------------------------------------------------------- log-probs
+
 
 def _chunked_logps(text_params: Params, text_cfg, hidden: jnp.ndarray, targets: jnp.ndarray, temperature: float,
                    chunk: int) -> tuple[jnp.ndarray, jnp.ndarray]:
@@ -236,17 +239,19 @@ def make_logps_fn(config: Qwen25VLConfig, gcfg: GRPOConfig, mesh=None) -> Callab
 
   With per-row slots (`row_loss_tokens`) the rows go through in `gcfg.micro_batches` micro-batches, as in the train
   step, so activations and logits of only one micro-batch are live at a time."""
+
   def logps_fn(params, batch, num_loss_tokens=None, row_loss_tokens=None):
     with sharding.tracing_mesh(mesh):
       params = compute_params(params, config)
       image_embeds = encode_images(params, config, batch)
-      run = lambda mb: sequence_logps(params, config, _constrain_rows(mb), image_embeds, gcfg.temperature,
-                                      gcfg.logits_chunk, num_loss_tokens, row_loss_tokens)[0]
+      run = lambda mb: sequence_logps(params, config, _constrain_rows(mb), image_embeds, gcfg.temperature, gcfg.
+                                      logits_chunk, num_loss_tokens, row_loss_tokens)[0]
       m, n = gcfg.micro_batches, batch["tokens"].shape[0]
       if m == 1 or row_loss_tokens is None or n % m:
         return run(batch)
       _, logps = jax.lax.scan(lambda c, mb: (c, run(mb)), None, _split_micro(batch, m))
       return jnp.moveaxis(logps, 0, 1).reshape(n, -1)  # micro-batch i holds rows i, i + m, ...
+
   return logps_fn
 
 
@@ -263,6 +268,7 @@ def _constrain_rows(batch: Batch) -> Batch:
 
 # --------------------------------------------------------------------------------------------------- the loss
 
+
 def loss_weights(loss_mask: jnp.ndarray, aggregation: str) -> jnp.ndarray:
   """Per-token weights (N, L) that sum the per-token losses into the aggregated batch loss."""
   mask = loss_mask.astype(jnp.float32)
@@ -275,18 +281,20 @@ def loss_weights(loss_mask: jnp.ndarray, aggregation: str) -> jnp.ndarray:
   raise ValueError(f"Unknown aggregation {aggregation!r}: use one of {AGGREGATION_MODES}")
 
 
-def clipped_surrogate(logps: jnp.ndarray, ratio: jnp.ndarray, adv: jnp.ndarray, gcfg: GRPOConfig
-                      ) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
+def clipped_surrogate(logps: jnp.ndarray, ratio: jnp.ndarray, adv: jnp.ndarray,
+                      gcfg: GRPOConfig) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
   """-min(r A, clip(r, 1 - eps_low, 1 + eps_high) A) per token, and where the clip bit."""
   del logps
   clipped = jnp.clip(ratio, 1.0 - gcfg.eps_low, 1.0 + gcfg.eps_high)
-  stats = {"clip_low": ((ratio < 1.0 - gcfg.eps_low) & (adv < 0)).astype(jnp.float32),
-           "clip_high": ((ratio > 1.0 + gcfg.eps_high) & (adv > 0)).astype(jnp.float32)}
+  stats = {
+      "clip_low": ((ratio < 1.0 - gcfg.eps_low) & (adv < 0)).astype(jnp.float32),
+      "clip_high": ((ratio > 1.0 + gcfg.eps_high) & (adv > 0)).astype(jnp.float32)
+  }
   return -jnp.minimum(ratio * adv, clipped * adv), stats
 
 
-def reinforce(logps: jnp.ndarray, ratio: jnp.ndarray, adv: jnp.ndarray, gcfg: GRPOConfig
-              ) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
+def reinforce(logps: jnp.ndarray, ratio: jnp.ndarray, adv: jnp.ndarray,
+              gcfg: GRPOConfig) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
   """-exp(logp - stop_gradient(logp)) A per token, as the released trainers write it: 1 in value, gradient
   -A grad(logp); nothing is clipped (`ratio`, the one to the old policy, is only reported)."""
   del gcfg
@@ -300,8 +308,8 @@ POLICY_LOSSES = {"clipped": clipped_surrogate, "reinforce": reinforce}
 
 
 def per_token_loss(logps: jnp.ndarray, old_logps: jnp.ndarray, advantages: jnp.ndarray, loss_mask: jnp.ndarray,
-                   gcfg: GRPOConfig, ref_logps: jnp.ndarray | None = None, is_weights: jnp.ndarray | None = None
-                   ) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
+                   gcfg: GRPOConfig, ref_logps: jnp.ndarray | None = None,
+                   is_weights: jnp.ndarray | None = None) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
   """The per-token GRPO loss (N, L) and per-token statistics (clipping indicators, ratio, KL); 0 off the mask.
 
   The policy term is `POLICY_LOSSES[gcfg.policy_loss]`. Log-prob differences are zeroed off the mask before any
@@ -323,6 +331,7 @@ def per_token_loss(logps: jnp.ndarray, old_logps: jnp.ndarray, advantages: jnp.n
 
 
 # --------------------------------------------------------------------------------------------------- the step
+
 
 def make_optimizer(learning_rate: float, total_steps: int, warmup_steps: int = 0, schedule: str = "cosine",
                    end_ratio: float = 0.0, weight_decay: float = 0.0, b1: float = 0.9, b2: float = 0.999,
@@ -435,12 +444,12 @@ def make_train_step(config: Qwen25VLConfig, gcfg: GRPOConfig, optimizer: optax.G
       def accumulate(carry, mb):
         (loss, sums), g = grad_fn(params, image_embeds, mb, num_loss_tokens, row_loss_tokens)
         acc_loss, acc_sums, acc_g = carry
-        return (acc_loss + loss, jax.tree.map(jnp.add, acc_sums, sums),
-                jax.tree.map(lambda a, b: a + b.astype(jnp.float32), acc_g, g)), None
+        return (acc_loss + loss, jax.tree.map(jnp.add, acc_sums,
+                                              sums), jax.tree.map(lambda a, b: a + b.astype(jnp.float32), acc_g,
+                                                                  g)), None
 
-      first_sums = jax.eval_shape(
-          lambda: grad_fn(params, image_embeds, jax.tree.map(lambda x: x[0], micro), num_loss_tokens,
-                          row_loss_tokens))[0][1]
+      first_sums = jax.eval_shape(lambda: grad_fn(params, image_embeds, jax.tree.map(lambda x: x[0], micro),
+                                                  num_loss_tokens, row_loss_tokens))[0][1]
       init = (jnp.zeros((), jnp.float32), jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), first_sums), zeros)
       (loss, sums, (grads, embed_grads)), _ = jax.lax.scan(accumulate, init, micro)
     if vision_vjp is not None:
@@ -452,9 +461,13 @@ def make_train_step(config: Qwen25VLConfig, gcfg: GRPOConfig, optimizer: optax.G
     tokens = jnp.maximum(sums.pop("tokens"), 1.0)
     metrics = {f"train/{k}": v / tokens for k, v in sums.items()}
     metrics["train/clip_fraction"] = metrics["train/clip_low"] + metrics["train/clip_high"]
-    metrics.update({"train/loss": loss, "train/grad_norm": optax.global_norm(grads),
-                    "train/nonfinite_grads": 1.0 - jnp.isfinite(optax.global_norm(grads)).astype(jnp.float32),
-                    "train/param_norm": optax.global_norm(new_params), "train/loss_tokens": tokens})
+    metrics.update({
+        "train/loss": loss,
+        "train/grad_norm": optax.global_norm(grads),
+        "train/nonfinite_grads": 1.0 - jnp.isfinite(optax.global_norm(grads)).astype(jnp.float32),
+        "train/param_norm": optax.global_norm(new_params),
+        "train/loss_tokens": tokens
+    })
     new_state = {"params": new_params, "opt_state": opt_state, "step": state["step"] + 1}
     return new_state, metrics
 

@@ -13,17 +13,16 @@ import os
 import re
 import sys
 
-from absl import app
-from absl import flags
-from absl import logging
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 config_flags.DEFINE_config_file("config", None, "Experiment config file, e.g. experiments/search.py:demo.",
-                                 lock_config=True)
+                                lock_config=True)
 flags.DEFINE_string("workdir", None, "Run folder: checkpoints, metrics, samples, predictions, exports.")
-flags.DEFINE_enum("action", "run", ["run", "check", "requirements"],
-                  "run: train or evaluate (config.mode); check: the start-up checks only, nothing loads; "
-                  "requirements: print the pip arguments of the optional parts the config needs, one install a line.")
+flags.DEFINE_enum(
+    "action", "run", ["run", "check", "requirements"],
+    "run: train or evaluate (config.mode); check: the start-up checks only, nothing loads; "
+    "requirements: print the pip arguments of the optional parts the config needs, one install a line.")
 flags.mark_flags_as_required(["config"])
 
 # Loggers of libraries that print banners or per-step INFO lines: their warnings and errors stay.
@@ -34,8 +33,10 @@ _ERRORS_ONLY = ("tensorflow_datasets",)
 
 def _quiet_library_info(record) -> bool:
   """Drops library INFO lines (orbax per-save steps, TFDS 'Downloading and preparing' banners, grain, jax)."""
+
   def is_from(libraries):
     return any(f"{os.sep}{lib}{os.sep}" in record.pathname for lib in libraries)
+
   if is_from(_ERRORS_ONLY):
     return record.levelno >= std_logging.ERROR
   return record.levelno >= std_logging.WARNING or not is_from(_QUIET_LIBRARIES)
@@ -86,8 +87,7 @@ def main(argv):
     user_error(f"unexpected arguments {argv[1:]}: flags take the form --config.a.b=value")
   logging.get_absl_handler().addFilter(_quiet_library_info)
   config, workdir, action = flags.FLAGS.config, flags.FLAGS.workdir, flags.FLAGS.action
-  from varft import checkpoint
-  from varft import preflight
+  from varft import checkpoint, preflight
   if action == "requirements":
     print("\n".join(preflight.requirements(config)))
     return

@@ -1,13 +1,14 @@
 """Run outputs on process 0: TensorBoard scalars, a metrics.jsonl log, and readable sample rollouts with images."""
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 import html
 import json
 import os
-from typing import Any, Mapping, Sequence
+from typing import Any
 
-import numpy as np
 from absl import logging
+import numpy as np
 
 
 class MetricsWriter:
@@ -101,6 +102,7 @@ def _header(sample: Mapping[str, Any]) -> str:
 
 def _to_pil(image: Any):
   import io
+
   from PIL import Image
   if isinstance(image, bytes):
     image = Image.open(io.BytesIO(image))
@@ -132,8 +134,10 @@ def write_samples(out_dir: str, step: int, samples: Sequence[Mapping[str, Any]])
     text, used = split_system_prompts(str(sample.get("text", "")))
     texts.append(text)
     prompts_seen.update(used)
-  parts = [f"<html><head><meta charset='utf-8'><title>step {step}</title></head><body>",
-           f"<h1>Sample rollouts at step {step}</h1>"]
+  parts = [
+      f"<html><head><meta charset='utf-8'><title>step {step}</title></head><body>",
+      f"<h1>Sample rollouts at step {step}</h1>"
+  ]
   for name, prompt in prompts_seen.items():
     parts.append(f"<details><summary>{html.escape(name)} agent prompt</summary>"
                  f"<pre style='white-space:pre-wrap'>{html.escape(prompt)}</pre></details>")
@@ -144,7 +148,7 @@ def write_samples(out_dir: str, step: int, samples: Sequence[Mapping[str, Any]])
       try:
         _save_image(image, os.path.join(out_dir, name))
         parts.append(f"<img src='{name}' style='max-width:360px;margin:4px'>")
-      except Exception as e:  # a broken image must not stop training
+      except Exception as e:  # noqa: BLE001 (a broken image must not stop training)
         logging.warning("Sample %d image %d not written: %s", i, j, e)
         parts.append(f"<p>[image {j} not written: {html.escape(str(e))}]</p>")
     transcript = f"<pre style='white-space:pre-wrap'>{html.escape(texts[i])}</pre>"

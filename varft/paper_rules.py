@@ -15,8 +15,8 @@ same each time, so here it ends the item at once (`malformed`): the same predict
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 import re
-from typing import Sequence
 
 from varft import prompts
 from varft.actions import Action
@@ -55,8 +55,9 @@ def read_turn(text: str, task: str, last_query: str | None = None) -> list[Actio
     actions.append(Action("problem", match.group(1), problems=problems))
   if "<code>" in text:
     match = _CODE_RE.search(text)
-    actions.append(Action("code", match.group(1)) if match else
-                   Action("code", "", error="no ```python ... ``` block inside <code> ... </code>"))
+    actions.append(
+        Action("code", match.group(1)
+              ) if match else Action("code", "", error="no ```python ... ``` block inside <code> ... </code>"))
   return actions or [Action("malformed", error="no <answer>, <problem> or <code>")]
 
 

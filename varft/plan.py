@@ -36,27 +36,37 @@ if __name__ == "__main__":  # fake CPU devices must be requested before JAX is i
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                              f" --xla_force_host_platform_device_count={_devices[-1] if _devices else 1}")
 
-import contextlib  # noqa: E402
-import dataclasses  # noqa: E402
-import json  # noqa: E402
-from typing import Any, Sequence  # noqa: E402
+from collections.abc import Sequence
+import contextlib
+import dataclasses
+import json
+from typing import Any
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from jax.sharding import NamedSharding  # noqa: E402
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding
+import numpy as np
 
-from varft import batch as batch_lib, grpo, sampling, sharding, train  # noqa: E402
-from varft.models.qwen25vl import model as qwen_model  # noqa: E402
-from varft.plan_flops import program_flops  # noqa: E402
-from varft.plan_hlo import hlo_buffers  # noqa: E402
-from varft.preflight import ConfigError  # noqa: E402
-from varft.processing import image as image_lib  # noqa: E402
+from varft import batch as batch_lib
+from varft import grpo, sampling, sharding, train
+from varft.models.qwen25vl import model as qwen_model
+from varft.plan_flops import program_flops
+from varft.plan_hlo import hlo_buffers
+from varft.preflight import ConfigError
+from varft.processing import image as image_lib
 
 GiB = 1 << 30
 # HBM per device (bytes) of the accelerators the plan is checked against.
-ACCELERATORS = {"A100-40": 40 * GiB, "A100-80": 80 * GiB, "H100-80": 80 * GiB, "H200": 141 * 10 ** 9,
-                "TPU v4": 32 * GiB, "TPU v5e": 16 * GiB, "TPU v5p": 95 * GiB, "TPU v6e": 32 * GiB}
+ACCELERATORS = {
+    "A100-40": 40 * GiB,
+    "A100-80": 80 * GiB,
+    "H100-80": 80 * GiB,
+    "H200": 141 * 10 ** 9,
+    "TPU v4": 32 * GiB,
+    "TPU v5e": 16 * GiB,
+    "TPU v5p": 95 * GiB,
+    "TPU v6e": 32 * GiB
+}
 # Kept free on every device: runtime and collective buffers, allocator fragmentation, cuDNN/XLA workspaces.
 DEFAULT_MARGIN = 0.10
 # XLA:CPU has no bf16 dot: it widens the operands to f32, and its loop-invariant code motion then hoists those
@@ -91,8 +101,7 @@ class Recipe:
     return self.prompts * self.samples
 
 
-def recipe(config, prompt_len: int = 1024, train_len: int = 0, cache_len: int = 0, with_images: bool = True
-           ) -> Recipe:
+def recipe(config, prompt_len: int = 1024, train_len: int = 0, cache_len: int = 0, with_images: bool = True) -> Recipe:
   """The step's shapes from a config, as the rollout and trainer pad them (explicit lengths override;
   `with_images=False`: text-only prompts)."""
   r = config.rollout
@@ -104,13 +113,11 @@ def recipe(config, prompt_len: int = 1024, train_len: int = 0, cache_len: int = 
     grid = (1, h // 14, w // 14)
   return Recipe(
       prompts=r.prompts_per_host * jax.process_count(), samples=r.num_samples, prompt_len=prompt,
-      new_tokens=r.max_new_tokens,
-      train_len=train_len or sampling.bucket(min(prompt_len + r.max_new_tokens, r.max_total_tokens),
-                                             r.length_buckets),
-      cache_len=cache_len or r.max_total_tokens + max(r.chunk_buckets), image_grid=grid,
-      max_image_patches=r.image_max_pixels // 14 ** 2,
-      micro_batches=config.grpo.micro_batches, row_loss_tokens=grpo.row_loss_token_bucket(
-          np.ones((1, r.max_new_tokens))), patch_buckets=tuple(r.patch_buckets))
+      new_tokens=r.max_new_tokens, train_len=train_len or
+      sampling.bucket(min(prompt_len + r.max_new_tokens, r.max_total_tokens), r.length_buckets), cache_len=cache_len or
+      r.max_total_tokens + max(r.chunk_buckets), image_grid=grid, max_image_patches=r.image_max_pixels // 14 ** 2,
+      micro_batches=config.grpo.micro_batches, row_loss_tokens=grpo.row_loss_token_bucket(np.ones(
+          (1, r.max_new_tokens))), patch_buckets=tuple(r.patch_buckets))
 
 
 def _abstract(tree, shardings):
@@ -137,11 +144,11 @@ def abstract_batch(model_cfg, rec: Recipe, mesh, stage: str, length: int, gcfg=N
   chunk's fields and the image tables `Sampler.extend` encodes; `stage='train'`: `grpo.prepare_batch`'s output."""
   devices = sharding.batch_size_multiple(mesh)
   images = rec.image_grid is not None
-  return batch_lib.abstract(
-      rec.rows, length, stage=stage, num_devices=devices, vision_cfg=model_cfg.vision if images else None,
-      patches_per_device=table_patches(model_cfg, rec, devices) if images else 0,
-      max_image_patches=rec.max_image_patches, kl=gcfg is not None and gcfg.beta > 0,
-      importance_weights=gcfg is not None and gcfg.tis_cap > 0, mesh=mesh)
+  return batch_lib.abstract(rec.rows, length, stage=stage, num_devices=devices,
+                            vision_cfg=model_cfg.vision if images else None,
+                            patches_per_device=table_patches(model_cfg, rec, devices) if images else 0,
+                            max_image_patches=rec.max_image_patches, kl=gcfg is not None and gcfg.beta > 0,
+                            importance_weights=gcfg is not None and gcfg.tis_cap > 0, mesh=mesh)
 
 
 def abstract_train_batch(config, model_cfg, rec: Recipe, mesh) -> dict[str, jax.ShapeDtypeStruct]:
@@ -176,8 +183,8 @@ def rollout_tensor_parallel(config, model_cfg, devices, memory_bytes: int | None
   shapes = jax.eval_shape(lambda: train.init_params(model_cfg, jax.random.key(0), False, dtype))
   local = [d for d in devices if d.process_index == jax.process_index()]
   return sharding.resolve_tensor_parallel(config.rollout.get("tensor_parallel", "auto"),
-                                          sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes)),
-                                          local, memory_bytes)
+                                          sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes)), local,
+                                          memory_bytes)
 
 
 def _sampler(config, model_cfg, rec: Recipe, mesh, params, tp: int):
@@ -202,27 +209,35 @@ def _sampler_programs(config, model_cfg, rec: Recipe, mesh, params, tp: int):
   t, n = model_cfg.text, rec.rows
   sds = lambda shape, dt, *axes: jax.ShapeDtypeStruct(shape, dt, sharding=sampler.layout(shape, *axes))
   kv_shape = (t.num_layers, n, rec.cache_len, t.num_kv_heads, t.head_dim)
-  cache = {"k": sds(kv_shape, model_cfg.dtype, 1, 3), "v": sds(kv_shape, model_cfg.dtype, 1, 3),
-           "length": sds((n,), jnp.int32)}
+  cache = {
+      "k": sds(kv_shape, model_cfg.dtype, 1, 3),
+      "v": sds(kv_shape, model_cfg.dtype, 1, 3),
+      "length": sds((n,), jnp.int32)
+  }
   prefill = abstract_batch(model_cfg, rec, sampler.mesh, "rollout", rec.prompt_len)
   chunk = sampling.Chunk(*(jax.ShapeDtypeStruct(prefill[k].shape, jnp.int32, sharding=prefill[k].sharding)
                            for k in ("tokens", "positions", "attention_mask", "image_index")))
   images = (prefill["pixel_values"], prefill["vision_inputs"]) if "pixel_values" in prefill else None
   rng = jax.eval_shape(lambda: jax.random.key(0))
-  generate_args = (weights, cache, sds((n, t.vocab_size), jnp.float32), sds((n,), jnp.int32),
-                   jax.ShapeDtypeStruct(rng.shape, rng.dtype, sharding=sharding.replicated(sampler.mesh)),
-                   sds((n,), jnp.int32), sds((n, rec.new_tokens), jnp.int32),
+  generate_args = (weights, cache, sds((n, t.vocab_size), jnp.float32), sds(
+      (n,), jnp.int32), jax.ShapeDtypeStruct(rng.shape, rng.dtype,
+                                             sharding=sharding.replicated(sampler.mesh)), sds(
+                                                 (n,), jnp.int32), sds((n, rec.new_tokens), jnp.int32),
                    jnp.asarray(sampler.stop_table.token_bits), jnp.asarray(sampler.stop_table.pattern_bits))
   programs = {
       "sampling_weights": (reshard, (params,), {}),
-      "extend": (sampling._extend_jit, (weights, cache, chunk, None, images), {"model_config": model_cfg}),
-      "generate": (sampling._generate_jit, generate_args,
-                   {"model_config": model_cfg, "sampling": sampler.sampling}),
+      "extend": (sampling._extend_jit, (weights, cache, chunk, None, images), {
+          "model_config": model_cfg
+      }),
+      "generate": (sampling._generate_jit, generate_args, {
+          "model_config": model_cfg,
+          "sampling": sampler.sampling
+      }),
   }
   tables = {}
   if images is not None:
-    encode = lambda p, pv, vi: batch_lib.encode_tables(
-        lambda x, v: qwen_model.encode_images(p, model_cfg, x, v), pv, vi)
+    encode = lambda p, pv, vi: batch_lib.encode_tables(lambda x, v: qwen_model.encode_images(p, model_cfg, x, v), pv, vi
+                                                      )
     programs["encode_images"] = (jax.jit(encode), (weights,) + images, {})
     tables["call"] = images[0].shape[0] * images[0].shape[1], images[1]["full_key_blocks"].shape[-1]
   return programs, tables
@@ -244,17 +259,18 @@ def _programs(config, model_cfg, rec: Recipe, mesh, tp: int):
   # Resharding reads the train params (its argument) while the rest of the state and the reference stay.
   programs["sampling_weights"] = (*sampler_programs["sampling_weights"],
                                   state_bytes - per_device(state["params"]) + ref_bytes, None)
-  programs["train_step"] = (
-      jax.jit(grpo.make_train_step(model_cfg, gcfg, optimizer, mesh), donate_argnums=0,
-              out_shardings=(sharding.tree_shardings(state, mesh), sharding.replicated(mesh)),
-              static_argnames=("num_loss_tokens", "row_loss_tokens")),
-      (state, batch), {"row_loss_tokens": rec.row_loss_tokens}, ref_bytes, mesh)
+  programs["train_step"] = (jax.jit(grpo.make_train_step(model_cfg, gcfg, optimizer, mesh), donate_argnums=0,
+                                    out_shardings=(sharding.tree_shardings(state, mesh), sharding.replicated(mesh)),
+                                    static_argnames=("num_loss_tokens", "row_loss_tokens")), (state, batch), {
+                                        "row_loss_tokens": rec.row_loss_tokens
+                                    }, ref_bytes, mesh)
   if ref is not None:
     rows = NamedSharding(mesh, batch_lib.spec("old_logps"))
-    programs["reference_logps"] = (
-        jax.jit(grpo.make_logps_fn(model_cfg, gcfg, mesh), static_argnames=("num_loss_tokens", "row_loss_tokens"),
-                out_shardings=rows),
-        (ref, _model_view(batch)), {"row_loss_tokens": rec.row_loss_tokens}, state_bytes, mesh)
+    programs["reference_logps"] = (jax.jit(grpo.make_logps_fn(model_cfg, gcfg, mesh),
+                                           static_argnames=("num_loss_tokens", "row_loss_tokens"),
+                                           out_shardings=rows), (ref, _model_view(batch)), {
+                                               "row_loss_tokens": rec.row_loss_tokens
+                                           }, state_bytes, mesh)
   if "pixel_values" in batch:
     pixels, inputs = batch["pixel_values"], batch["vision_inputs"]
     tables["batch"] = (pixels.shape[0] * pixels.shape[1], inputs["full_key_blocks"].shape[-1])
@@ -293,19 +309,19 @@ class ProgramPlan:
     return out
 
 
-def plan_program(name: str, fn, args, kwargs, resident: int, mesh, flops: float, devices: int,
-                 tensor_parallel: int = 1, platform: str = "cpu") -> ProgramPlan:
+def plan_program(name: str, fn, args, kwargs, resident: int, mesh, flops: float, devices: int, tensor_parallel: int = 1,
+                 platform: str = "cpu") -> ProgramPlan:
   """Lowers and compiles one program at abstract shapes (under `mesh`, when given: activation constraints resolve
   against it); its per-device memory, FLOPs and largest buffers."""
   with jax.sharding.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
     compiled = fn.lower(*args, **kwargs).compile(CPU_COMPILER_OPTIONS if platform == "cpu" else None)
   stats = compiled.memory_analysis()
-  total = (stats.argument_size_in_bytes + stats.output_size_in_bytes - stats.alias_size_in_bytes
-           + stats.temp_size_in_bytes)
+  total = (stats.argument_size_in_bytes + stats.output_size_in_bytes - stats.alias_size_in_bytes +
+           stats.temp_size_in_bytes)
   largest, gathers = hlo_buffers(compiled.as_text())
   return ProgramPlan(name, devices, int(stats.argument_size_in_bytes), int(stats.temp_size_in_bytes),
-                     int(stats.output_size_in_bytes), int(stats.alias_size_in_bytes), int(total),
-                     int(total + resident), flops, largest, gathers, tensor_parallel)
+                     int(stats.output_size_in_bytes), int(stats.alias_size_in_bytes), int(total), int(total + resident),
+                     flops, largest, gathers, tensor_parallel)
 
 
 def plan(config, devices: Sequence[jax.Device] | None = None, programs: Sequence[str] = PROGRAMS,
@@ -324,9 +340,12 @@ def plan(config, devices: Sequence[jax.Device] | None = None, programs: Sequence
   memory = ACCELERATORS[accelerator] if accelerator else device_memory_limit(devices)
   tp = rollout_tensor_parallel(config, model_cfg, devices, memory)
   table, images = _programs(config, model_cfg, rec, mesh, tp)
-  return [plan_program(name, *table[name], program_flops(name, rec, model_cfg, config, images), len(devices),
-                       tp if table[name][-1] is None else mesh.shape["tensor"], devices[0].platform)
-          for name in programs if name in table]
+  return [
+      plan_program(name, *table[name], program_flops(name, rec, model_cfg, config, images), len(devices),
+                   tp if table[name][-1] is None else mesh.shape["tensor"], devices[0].platform)
+      for name in programs
+      if name in table
+  ]
 
 
 def device_memory_limit(devices: Sequence[jax.Device]) -> int | None:
@@ -335,8 +354,8 @@ def device_memory_limit(devices: Sequence[jax.Device]) -> int | None:
 
 
 def check_fits(config, devices: Sequence[jax.Device] | int | None = None, accelerator: str | None = None,
-               margin: float = DEFAULT_MARGIN, programs: Sequence[str] = PROGRAMS, **recipe_overrides
-               ) -> list[ProgramPlan]:
+               margin: float = DEFAULT_MARGIN, programs: Sequence[str] = PROGRAMS,
+               **recipe_overrides) -> list[ProgramPlan]:
   """The plan of `config` on `devices` (a count: the first that many devices), raising one PlanError when a
   program does not fit `accelerator`'s HBM (default: the devices' own memory limit, when they report one)."""
   if isinstance(devices, int):
@@ -364,8 +383,10 @@ def format_table(plans: Sequence[ProgramPlan], margin: float) -> str:
   header = (f"{'program':16s} {'args':>7s} {'temp':>7s} {'total':>7s} {'peak':>7s} {'TFLOP':>9s}   fits "
             f"(peak <= HBM - {margin:.0%}): " + " ".join(names))
   tp = {p.tensor_parallel for p in plans if p.program in ("extend", "generate", "encode_images")}
-  lines = [f"per device, GiB; {plans[0].devices} devices; rollout tensor_parallel={'/'.join(map(str, tp)) or '-'}"
-           if plans else "", header]
+  lines = [
+      f"per device, GiB; {plans[0].devices} devices; rollout tensor_parallel={'/'.join(map(str, tp)) or '-'}"
+      if plans else "", header
+  ]
   for p in plans:
     fits = " ".join(("yes" if p.fits(ACCELERATORS[n], margin) else "NO").center(len(n)) for n in names)
     lines.append(f"{p.program:16s} {p.args_bytes / GiB:7.2f} {p.temp_bytes / GiB:7.2f} {p.total_bytes / GiB:7.2f} "
@@ -390,8 +411,9 @@ def main(argv):
   too_big = [p for p in plans if not p.fits(hbm, f.margin)]
   for p in too_big:
     buffers = "; ".join(f"{b['shape']} {b['op']} {b['bytes'] / GiB:.2f} GiB" for b in p.largest[:5])
-    print(f"{p.program} does not fit {f.accelerator} ({p.peak_bytes / GiB:.1f} GiB > "
-          f"{(1 - f.margin) * hbm / GiB:.1f} GiB); largest buffers: {buffers}", file=sys.stderr)
+    print(
+        f"{p.program} does not fit {f.accelerator} ({p.peak_bytes / GiB:.1f} GiB > "
+        f"{(1 - f.margin) * hbm / GiB:.1f} GiB); largest buffers: {buffers}", file=sys.stderr)
   return 1 if too_big else 0
 
 

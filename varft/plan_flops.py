@@ -30,9 +30,9 @@ def vision_flops(model_cfg, patches: int, key_blocks: int) -> float:
   v, d = model_cfg.vision, model_cfg.text.hidden_size
   dv, block = v.hidden_size, vision.block_patches(v)
   full = len(v.fullatt_block_indexes)
-  per_patch = (2.0 * v.patch_dim * dv + 2.0 * v.depth * (4 * dv * dv + 3 * dv * v.intermediate_size)
-               + 4.0 * dv * block * (3 * (v.depth - full) + key_blocks * full)
-               + 2.0 * (16 * dv * dv + 4 * dv * d) / v.spatial_merge_size ** 2)
+  per_patch = (2.0 * v.patch_dim * dv + 2.0 * v.depth * (4 * dv * dv + 3 * dv * v.intermediate_size) +
+               4.0 * dv * block * (3 * (v.depth - full) + key_blocks * full) + 2.0 *
+               (16 * dv * dv + 4 * dv * d) / v.spatial_merge_size ** 2)
   return per_patch * patches
 
 

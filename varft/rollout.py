@@ -31,11 +31,12 @@ The result is the padded training batch of `varft.batch` (numpy, this host's row
 from __future__ import annotations
 
 import collections
+from collections.abc import Callable, Mapping, Sequence
 import dataclasses
 import hashlib
 import logging
 import time
-from typing import Any, Callable, Mapping, Protocol, Sequence
+from typing import Any, Protocol
 
 import jax
 import numpy as np
@@ -63,6 +64,7 @@ TRUNCATION_NOTE = " ... [tool output truncated: {} more tokens]"
 
 
 class Executor(Protocol):
+
   def execute(self, calls: Sequence[Any]) -> Sequence[Any]:
     ...
 
@@ -120,7 +122,7 @@ class RolloutConfig:
       raise ValueError("Invalid rollout config: " + "; ".join(problems))
 
   @classmethod
-  def from_config(cls, config: Mapping[str, Any]) -> "RolloutConfig":
+  def from_config(cls, config: Mapping[str, Any]) -> RolloutConfig:
     """From a dict / ConfigDict; unknown keys are an error, lists become tuples."""
     config = dict(config.to_dict() if hasattr(config, "to_dict") else config)
     names = {f.name for f in dataclasses.fields(cls)}
@@ -140,9 +142,9 @@ class RolloutConfig:
 class RolloutEngine:
   """Runs batched multi-turn (or step-wise) rollouts of a Qwen2.5-VL policy with tools."""
 
-  def __init__(self, model_config: Qwen25VLConfig, tokenizer: chat.Tokenizer, executor: Executor,
-               config: RolloutConfig, *, mesh: jax.sharding.Mesh | None = None,
-               stop_table: sampling.StopTable | None = None, batch_devices: int = 1):
+  def __init__(self, model_config: Qwen25VLConfig, tokenizer: chat.Tokenizer, executor: Executor, config: RolloutConfig,
+               *, mesh: jax.sharding.Mesh | None = None, stop_table: sampling.StopTable | None = None,
+               batch_devices: int = 1):
     """`mesh`: where to sample (rows over all its batch axes); `batch_devices`: this host's devices along the
     training mesh's batch axes, the number of image tables of the training batch (`varft.batch`)."""
     self.model_config = model_config
@@ -150,8 +152,7 @@ class RolloutEngine:
     self.executor = executor
     self.config = config
     self.merge = model_config.vision.spatial_merge_size
-    stop_table = stop_table or sampling.make_stop_table(tokenizer, model_config.text.vocab_size,
-                                                        config.stop_strings)
+    stop_table = stop_table or sampling.make_stop_table(tokenizer, model_config.text.vocab_size, config.stop_strings)
     eos = (tokenizer.im_end_id, tokenizer.end_of_text_id)
     self.sampler = sampling.Sampler(model_config, config.sampling_config(eos), stop_table, mesh=mesh)
     self.cache_len = config.max_total_tokens + max(config.chunk_buckets)
@@ -178,8 +179,8 @@ class RolloutEngine:
     images = {k: batch_lib.Image(e.patches, e.grid) for k, e in table.items()}
     per_device, index = batch_lib.device_images(rows, images, self.sampler.num_shards, self.model_config.vision)
     self.images_encoded += sum(len(t) for t in per_device)
-    patches = sampling.bucket(batch_lib.table_patches(per_device, self.model_config.vision),
-                              self.config.patch_buckets, beyond="multiple")
+    patches = sampling.bucket(batch_lib.table_patches(per_device, self.model_config.vision), self.config.patch_buckets,
+                              beyond="multiple")
     tables = batch_lib.image_tables(per_device, self.model_config.vision, patches,
                                     batch_lib.key_blocks(patches, self.max_image_patches, self.model_config.vision))
     return (tables["pixel_values"], tables["vision_inputs"]), index
@@ -233,11 +234,15 @@ class RolloutEngine:
         continue
       image_refs = [f"prompt:{i}" for i in range(len(keys))]
       for s in range(num_samples):
-        transcript = Transcript(str(example.get("id", group)), len(rows) // num_samples, s,
-                                messages=[{"role": "user", "text": rendered, "images": image_refs}])
-        row = Ledger(len(rows) // num_samples, [], [], [], [], 0, [], transcript, task=example.get("task", "search"),
-                   question=example["question"], head=head,
-                   shown=list(zip(keys, image_refs)))
+        transcript = Transcript(str(example.get("id", group)),
+                                len(rows) // num_samples, s, messages=[{
+                                    "role": "user",
+                                    "text": rendered,
+                                    "images": image_refs
+                                }])
+        row = Ledger(
+            len(rows) // num_samples, [], [], [], [], 0, [], transcript, task=example.get("task", "search"),
+            question=example["question"], head=head, shown=list(zip(keys, image_refs)))
         self._start(row, ids, keys, table)
         rows.append(row)
     return rows, skipped
@@ -338,8 +343,8 @@ class RolloutEngine:
     """A fresh cache holding each row's prompt chunk (None: an empty row)."""
     cache = self.sampler.new_cache(len(news), self.cache_len)
     length = max(len(n[0]) for n in news if n is not None)
-    return self._extend(params, cache, news, min(sampling.bucket(length, self.config.length_buckets),
-                                                 self.cache_len), table)
+    return self._extend(params, cache, news, min(sampling.bucket(length, self.config.length_buckets), self.cache_len),
+                        table)
 
   def _repetition(self, rows: Sequence[Ledger], device_rows: int):
     """The sampler's repetition inputs: every row's ledger so far (-1 padded to the cache) and its penalty."""
@@ -545,10 +550,14 @@ class RolloutEngine:
         "crop_overrides": sum(o.get("crop_override", False) for t in transcripts for o in t.observations),
         "sampled_tokens": int(sum(sum(r.loss_mask) for r in rows)),
         "mean_length": float(np.mean([len(r.tokens) for r in rows])),
-        "stop_reasons": {r: reasons[r] for r in STOP_REASONS},
+        "stop_reasons": {
+            r: reasons[r] for r in STOP_REASONS
+        },
         "images_encoded": self.images_encoded - encoded_before,
         "temperature": self.config.temperature,
-        **{k: round(v, 4) for k, v in timings.items()},
+        **{
+            k: round(v, 4) for k, v in timings.items()
+        },
     }
 
   # ---- the training batch -------------------------------------------------------------------------------------

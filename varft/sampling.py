@@ -15,13 +15,15 @@ same cache with the tool's observation and go on. The cache is donated to both p
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 import dataclasses
-from typing import NamedTuple, Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from varft import batch as batch_lib
 from varft import sharding
@@ -155,16 +157,15 @@ def _extend(params, cache, chunk: Chunk, image_embeds, images, *, model_config: 
   cfg = model_config.text
   dtype = jnp.dtype(model_config.dtype)
   if images is not None:  # each device encodes its own rows' images (see `varft.batch`)
-    image_embeds = batch_lib.encode_tables(lambda pv, vi: model.encode_images(params, model_config, pv, vi),
-                                           *images)
+    image_embeds = batch_lib.encode_tables(lambda pv, vi: model.encode_images(params, model_config, pv, vi), *images)
   if image_embeds is not None and image_embeds.ndim == 3:
     embeds = text.embed_tokens(params["text"], chunk.tokens, dtype)
     rows = batch_lib.lookup_images(image_embeds.astype(dtype), chunk.image_index)
     embeds = jnp.where((chunk.image_index >= 0)[..., None], rows, embeds)
   else:
     embeds = model.embed(params, model_config, chunk.tokens, image_embeds, chunk.image_index)
-  hidden, cache = text.forward(params["text"], cfg, embeds, chunk.positions, attention_mask=chunk.mask,
-                               cache=cache, dtype=dtype, attention=model_config.attention)
+  hidden, cache = text.forward(params["text"], cfg, embeds, chunk.positions, attention_mask=chunk.mask, cache=cache,
+                               dtype=dtype, attention=model_config.attention)
   last = jnp.maximum(chunk.mask.sum(axis=1) - 1, 0)
   last_hidden = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
   return text.logits(params["text"], cfg, last_hidden), cache
@@ -255,8 +256,8 @@ def _sample(logits, rng, sampling: SamplingConfig, forced):
   return token, logp
 
 
-def _generate(params, cache, logits, next_positions, rng, budget, forced, token_bits, pattern_bits,
-              repetition=None, *, model_config: Qwen25VLConfig, sampling: SamplingConfig):
+def _generate(params, cache, logits, next_positions, rng, budget, forced, token_bits, pattern_bits, repetition=None, *,
+              model_config: Qwen25VLConfig, sampling: SamplingConfig):
   """`repetition`: None, or (context (B, C) int32, penalty (B,) float32): the repetition penalty of each row over the
   tokens of its context and of everything it samples."""
   cfg = model_config.text
@@ -302,10 +303,10 @@ def _generate(params, cache, logits, next_positions, rng, budget, forced, token_
 
   done = budget <= 0
   seen = None if repetition is None else seen_tokens(repetition[0], logits.shape[-1])
-  state = (jnp.int32(0), cache, logits, next_positions, rng, done,
-           jnp.zeros((batch, steps), jnp.int32), jnp.zeros((batch, steps), jnp.float32),
-           jnp.zeros((batch,), jnp.int32), jnp.zeros((batch,), jnp.int32), jnp.full((batch,), -1, jnp.int32),
-           jnp.zeros((batch, window), jnp.int32), seen)
+  state = (jnp.int32(0), cache, logits, next_positions, rng, done, jnp.zeros(
+      (batch, steps), jnp.int32), jnp.zeros((batch, steps), jnp.float32), jnp.zeros(
+          (batch,), jnp.int32), jnp.zeros((batch,), jnp.int32), jnp.full(
+              (batch,), -1, jnp.int32), jnp.zeros((batch, window), jnp.int32), seen)
   state = jax.lax.while_loop(cond, body, state)
   _, cache, logits, positions, _, _, tokens, logps, count, reason, stop_index, _, _ = state
   return GenerateOutput(tokens, logps, count, reason, stop_index, positions, logits), cache
@@ -363,8 +364,11 @@ class Sampler:
     if batch % self.num_shards:
       raise ValueError(f"a batch of {batch} rows cannot be split over the sampler's {self.num_shards} devices")
     cache = text.init_cache(self.model_config.text, batch, max_len, jnp.dtype(self.model_config.dtype))
-    return {"k": self._shard(cache["k"], 1, 3), "v": self._shard(cache["v"], 1, 3),
-            "length": self._shard(cache["length"])}
+    return {
+        "k": self._shard(cache["k"], 1, 3),
+        "v": self._shard(cache["v"], 1, 3),
+        "length": self._shard(cache["length"])
+    }
 
   def extend(self, params, cache, chunk: Chunk, image_embeds: jax.Array | None = None, images=None):
     """Appends `chunk` to each row of `cache` (donated); returns (next-token logits (B, V), new cache).
@@ -374,10 +378,9 @@ class Sampler:
     The padded chunk is written whole at each row's length, so every row needs `length + T <= cache size`
     (rows without tokens included: they get scratch writes past their length).
     """
-    chunk = Chunk(self._shard(np.asarray(chunk.tokens, np.int32)),
-                  self._shard(np.asarray(chunk.positions, np.int32), 1),
-                  self._shard(np.asarray(chunk.mask, np.int32)),
-                  self._shard(np.asarray(chunk.image_index, np.int32)))
+    chunk = Chunk(self._shard(np.asarray(chunk.tokens, np.int32)), self._shard(np.asarray(chunk.positions, np.int32),
+                                                                               1),
+                  self._shard(np.asarray(chunk.mask, np.int32)), self._shard(np.asarray(chunk.image_index, np.int32)))
     if images is not None:
       images = jax.tree.map(self._shard, tuple(images))
     return _extend_jit(params, cache, chunk, image_embeds, images, model_config=self.model_config)
@@ -435,4 +438,3 @@ def text_chunk(rows: Sequence[Sequence[int]], starts: Sequence[int], length: int
     mask[b, :n] = 1
     positions[:, b, :n] = np.arange(start, start + n, dtype=np.int32)
   return Chunk(tokens, positions, mask, np.full((batch, length), -1, np.int32))
-

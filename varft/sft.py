@@ -14,16 +14,16 @@ runs at 3b / 7b on the same meshes as GRPO.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 import dataclasses
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from varft import batch as batch_lib
-from varft import grpo
-from varft import sharding
+from varft import grpo, sharding
 from varft.models.qwen25vl.config import Qwen25VLConfig
 
 Batch = dict[str, Any]
@@ -66,8 +66,8 @@ def per_token_nll(logps: jnp.ndarray, loss_mask: jnp.ndarray) -> jnp.ndarray:
   return jnp.where(loss_mask > 0, -logps, 0.0)
 
 
-def make_sft_step(config: Qwen25VLConfig, scfg: SFTConfig, optimizer: optax.GradientTransformation, mesh=None
-                  ) -> Callable[..., tuple[dict[str, Any], dict[str, jnp.ndarray]]]:
+def make_sft_step(config: Qwen25VLConfig, scfg: SFTConfig, optimizer: optax.GradientTransformation,
+                  mesh=None) -> Callable[..., tuple[dict[str, Any], dict[str, jnp.ndarray]]]:
   """`sft_step(state, batch, row_loss_tokens=None) -> (state, metrics)` for a batch from `prepare_batch`.
 
   `state` is `grpo.init_train_state`'s. Jit it with the train state's shardings, `donate_argnums=0` and
@@ -81,8 +81,12 @@ def make_sft_step(config: Qwen25VLConfig, scfg: SFTConfig, optimizer: optax.Grad
                                          scfg.logits_chunk, row_loss_tokens=row_loss_tokens)
     mask = mb["loss_mask"]
     nll = per_token_nll(logps, mask)
-    sums = {"nll": jnp.sum(nll), "entropy": jnp.sum(entropy * mask), "tokens": jnp.sum(mask),
-            "prob": jnp.sum(jnp.where(mask > 0, jnp.exp(logps), 0.0))}
+    sums = {
+        "nll": jnp.sum(nll),
+        "entropy": jnp.sum(entropy * mask),
+        "tokens": jnp.sum(mask),
+        "prob": jnp.sum(jnp.where(mask > 0, jnp.exp(logps), 0.0))
+    }
     return jnp.sum(nll * mb["loss_weights"]), sums
 
   grad_fn = jax.value_and_grad(micro_loss, argnums=(0, 1), has_aux=True)
@@ -111,8 +115,8 @@ def make_sft_step(config: Qwen25VLConfig, scfg: SFTConfig, optimizer: optax.Grad
         (loss, sums), g = grad_fn(params, image_embeds, mb, row_loss_tokens)
         return jax.tree.map(lambda a, b: a + b.astype(a.dtype), carry, (loss, sums, g)), None
 
-      shapes = jax.eval_shape(lambda: grad_fn(params, image_embeds, jax.tree.map(lambda x: x[0], micro),
-                                              row_loss_tokens))
+      shapes = jax.eval_shape(
+          lambda: grad_fn(params, image_embeds, jax.tree.map(lambda x: x[0], micro), row_loss_tokens))
       init = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), (shapes[0][0], shapes[0][1], shapes[1]))
       (loss, sums, (grads, embed_grads)), _ = jax.lax.scan(accumulate, init, micro)
     if vision_vjp is not None:
@@ -123,10 +127,16 @@ def make_sft_step(config: Qwen25VLConfig, scfg: SFTConfig, optimizer: optax.Grad
     new_params = optax.apply_updates(params, updates)
     tokens = jnp.maximum(sums["tokens"], 1.0)
     grad_norm = optax.global_norm(grads)
-    metrics = {"sft/loss": loss, "sft/nll_per_token": sums["nll"] / tokens, "sft/token_prob": sums["prob"] / tokens,
-               "train/entropy": sums["entropy"] / tokens, "train/grad_norm": grad_norm,
-               "train/nonfinite_grads": 1.0 - jnp.isfinite(grad_norm).astype(jnp.float32),
-               "train/param_norm": optax.global_norm(new_params), "train/loss_tokens": sums["tokens"]}
+    metrics = {
+        "sft/loss": loss,
+        "sft/nll_per_token": sums["nll"] / tokens,
+        "sft/token_prob": sums["prob"] / tokens,
+        "train/entropy": sums["entropy"] / tokens,
+        "train/grad_norm": grad_norm,
+        "train/nonfinite_grads": 1.0 - jnp.isfinite(grad_norm).astype(jnp.float32),
+        "train/param_norm": optax.global_norm(new_params),
+        "train/loss_tokens": sums["tokens"]
+    }
     return {"params": new_params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
 
   return sft_step

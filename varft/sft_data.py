@@ -17,10 +17,11 @@ took the reference actions would hold.
 from __future__ import annotations
 
 import collections
+from collections.abc import Mapping, Sequence
 import dataclasses
 import hashlib
 import re
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -35,8 +36,12 @@ FORMATS = ("stepwise", "multiturn")
 TRUNCATION_NOTE = " ... [tool output truncated: {} more tokens]"  # as varft.rollout writes it
 # The reasoning sentence of a reference turn whose record keeps only the bare step (the published search data).
 # Each step's sentence shares no words with the others: a tiny model blends look-alike sentences.
-_THINK = {"search": "I need to search for this.", "answer": "Now I can answer.",
-          "problem": "Which degradation is this?", "code": "Restore it with OpenCV."}
+_THINK = {
+    "search": "I need to search for this.",
+    "answer": "Now I can answer.",
+    "problem": "Which degradation is this?",
+    "code": "Restore it with OpenCV."
+}
 _INFORMATION_RE = re.compile(r"<information>.*?</information>", re.S)
 
 
@@ -203,15 +208,17 @@ class RowBuilder:
 
 
 def collate(rows: Sequence[Row], table: Mapping[str, Image], *, num_rows: int, num_devices: int,
-            length_buckets: Sequence[int], patch_buckets: Sequence[int], vision_cfg, max_image_patches: int = 0
-            ) -> dict[str, Any]:
+            length_buckets: Sequence[int], patch_buckets: Sequence[int], vision_cfg,
+            max_image_patches: int = 0) -> dict[str, Any]:
   """The `varft.batch` batch of `rows` (the rollout's schema: each row its own group, no sampler log-probs),
   padded with empty rows to `num_rows`, rows split over `num_devices` devices in order, each device's images in
   its own table."""
   length = sampling.bucket(max(len(r.tokens) for r in rows), length_buckets)
   images = {k: batch_lib.Image(im.patches, im.grid) for k, im in table.items()}
-  batch_rows = [batch_lib.Row(b, r.tokens, np.concatenate(r.positions, axis=1), r.loss_mask, [0.0] * len(r.tokens),
-                              r.image_key, r.image_local) for b, r in enumerate(rows)]
+  batch_rows = [
+      batch_lib.Row(b, r.tokens, np.concatenate(r.positions, axis=1), r.loss_mask, [0.0] * len(r.tokens), r.image_key,
+                    r.image_local) for b, r in enumerate(rows)
+  ]
   return batch_lib.assemble(batch_rows, images, num_rows=num_rows, num_samples=1, num_devices=num_devices,
                             length=length, vision_cfg=vision_cfg, patch_buckets=patch_buckets,
                             max_image_patches=max_image_patches)
@@ -241,8 +248,7 @@ class ReferenceSource:
     for i in range(len(source)):
       ex = source[i]
       groups[trajectory_key(ex)].append((len(ex.get("context") or ""), i, ex.get("step_type")))
-    self.units = [[i for _, i, _ in sorted(steps)] for steps in groups.values()
-                  if sorted(steps)[-1][2] == "answer"]
+    self.units = [[i for _, i, _ in sorted(steps)] for steps in groups.values() if sorted(steps)[-1][2] == "answer"]
     if not self.units:
       raise ValueError("sft.format=multiturn: no trajectory of the training data ends with an answer step")
 

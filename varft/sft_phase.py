@@ -9,13 +9,13 @@ reference.
 """
 from __future__ import annotations
 
-import os
+from collections.abc import Callable, Mapping, Sequence
 import time
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
+from absl import logging
 import jax
 import ml_collections
-from absl import logging
 
 from varft import batch as batch_lib
 from varft import grpo, sft, sft_data, sharding
@@ -73,13 +73,12 @@ class SupervisedPhase:
                              max_pixels=r.image_max_pixels, max_tool_output_tokens=r.max_tool_output_tokens,
                              system_prompt=r.system_prompt, think=config.sft.think)
     self.source = sft_data.ReferenceSource(load_references(config, workdir), self.format)
-    self.batches = input_pipeline.batches(self.source, batch_size=self.rows, seed=config.seed + 17,
-                                          transform=None)
+    self.batches = input_pipeline.batches(self.source, batch_size=self.rows, seed=config.seed + 17, transform=None)
     self.resize = agent_task.resizer(config.data.resize)
     self._prepare = jax.jit(lambda b: sft.prepare_batch(b, self.scfg))
-    self._step = jax.jit(sft.make_sft_step(model_cfg, self.scfg, self.optimizer, mesh),
-                         out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0,
-                         static_argnames="row_loss_tokens")
+    self._step = jax.jit(sft.make_sft_step(model_cfg, self.scfg, self.optimizer,
+                                           mesh), out_shardings=(state_shardings, sharding.replicated(mesh)),
+                         donate_argnums=0, static_argnames="row_loss_tokens")
     self.last_samples: list[dict[str, Any]] = []
 
   def _rows(self, units: Sequence[Sequence[Mapping[str, Any]]]):
@@ -97,9 +96,13 @@ class SupervisedPhase:
         logging.warning("SFT reference %r skipped: %s", steps[0].get("id"), e)
         continue
       rows.append(row)
-      samples.append({"text": "\n".join(row.text), "id": steps[0].get("id"), "kind": "reference",
-                      "images": [builder.table[k].pil for k in row.images],
-                      "reference": sft_data.reference_turn(steps[-1], self.config.sft.think)})
+      samples.append({
+          "text": "\n".join(row.text),
+          "id": steps[0].get("id"),
+          "kind": "reference",
+          "images": [builder.table[k].pil for k in row.images],
+          "reference": sft_data.reference_turn(steps[-1], self.config.sft.think)
+      })
     return rows, builder.table, samples, skipped
 
   def local_batch(self) -> tuple[dict[str, Any], list[dict[str, Any]], int]:
@@ -126,11 +129,18 @@ class SupervisedPhase:
     state, device_metrics = self._step(state, self._prepare(batch), row_loss_tokens=row_slots)
     metrics = {k: float(v) for k, v in sharding.to_host(device_metrics).items()}
     done = time.perf_counter()
-    host = {"sft/skipped": float(skipped), "sft/tokens": tokens,
-            "sft/sequence_length": tokens / max(int(local["attention_mask"].any(axis=1).sum()), 1)}
+    host = {
+        "sft/skipped": float(skipped),
+        "sft/tokens": tokens,
+        "sft/sequence_length": tokens / max(int(local["attention_mask"].any(axis=1).sum()), 1)
+    }
     metrics.update(sharding.host_mean(host))
-    metrics.update({"sft/learning_rate": float(self.lr_fn(step_in_phase - 1)), "time/batch_s": built - start,
-                    "time/update_s": done - built, "time/step_s": done - start})
+    metrics.update({
+        "sft/learning_rate": float(self.lr_fn(step_in_phase - 1)),
+        "time/batch_s": built - start,
+        "time/update_s": done - built,
+        "time/step_s": done - start
+    })
     return state, metrics
 
   def data_state(self) -> dict[str, Any]:

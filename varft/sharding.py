@@ -15,19 +15,21 @@ decodes its own rows, from weights resharded to a decode layout once per step (`
 """
 from __future__ import annotations
 
-import functools
+from collections.abc import Mapping, Sequence
 import contextlib
+import functools
 import json
 import math
 import os
-from typing import Any, Mapping, Sequence
+from typing import Any
 
-import jax
-import jax.numpy as jnp
-import numpy as np
 from absl import logging
+import jax
 from jax.experimental import multihost_utils
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+import jax.numpy as jnp
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+import numpy as np
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -102,8 +104,8 @@ def initialize_distributed(enabled: str | bool = "auto", coordinator_address: st
     return
   jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
                              process_id=process_id)
-  logging.info("jax.distributed: process %d of %d, %d devices (%d local)", jax.process_index(),
-               jax.process_count(), jax.device_count(), jax.local_device_count())
+  logging.info("jax.distributed: process %d of %d, %d devices (%d local)", jax.process_index(), jax.process_count(),
+               jax.device_count(), jax.local_device_count())
 
 
 def mesh_shape(axes: Mapping[str, int], num_devices: int) -> tuple[int, ...]:
@@ -174,8 +176,8 @@ def spec_for(axes: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh,
   return P(*spec)
 
 
-def constrain(x: jax.Array, axes: tuple[str | None, ...],
-              rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> jax.Array:
+def constrain(x: jax.Array, axes: tuple[str | None, ...], rules: Sequence[tuple[str,
+                                                                                Any]] = DEFAULT_RULES) -> jax.Array:
   """`x` constrained to the sharding of its logical `axes` on the mesh being traced; unchanged without one."""
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
@@ -202,9 +204,11 @@ def tracing_mesh(mesh: Mesh | None):
 
 def tree_specs(tree: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> Any:
   """PartitionSpecs for params, optimizer state or any tree whose leaves sit under parameter paths."""
+
   def leaf_spec(path, leaf):
     shape = tuple(np.shape(leaf))
     return spec_for(logical_axes(_path_names(path), len(shape)), shape, mesh, rules)
+
   return jax.tree_util.tree_map_with_path(leaf_spec, tree)
 
 
@@ -218,17 +222,16 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 # The sampler's parameter layout: no FSDP (a decode step would gather every weight), tensor-parallel over `tensor`.
-SAMPLING_RULES: tuple[tuple[str, Any], ...] = tuple((name, None if name == "embed" else axes)
-                                                    for name, axes in DEFAULT_RULES)
-
+SAMPLING_RULES: tuple[tuple[str, Any], ...] = tuple(
+    (name, None if name == "embed" else axes) for name, axes in DEFAULT_RULES)
 
 # `rollout.tensor_parallel = auto`: the sampling weights may take this fraction of a device's memory; the rest holds
 # the resident train state (FSDP-sharded), the KV cache and the activations of the rollout programs.
 AUTO_SAMPLING_FRACTION = 0.25
 
 
-def sampling_tensor_parallel(param_bytes: int, devices: Sequence[jax.Device] | None = None,
-                             fraction: float = 0.5, memory_bytes: int | None = None) -> int:
+def sampling_tensor_parallel(param_bytes: int, devices: Sequence[jax.Device] | None = None, fraction: float = 0.5,
+                             memory_bytes: int | None = None) -> int:
   """The smallest tensor-parallel degree (a power of two dividing this host's devices) at which the sampling
   weights take at most `fraction` of a device's memory (`memory_bytes`, default the platform's limit): 1 (a replica
   per device) when they fit, or when neither says how much memory a device has (CPU)."""
@@ -293,6 +296,7 @@ def _piece_sharding(s, drop_axis: int | None) -> NamedSharding | None:
 def transit_pieces(tree: Any) -> tuple[tuple[int, int] | None, ...]:
   """Per leaf, how `sampling_params` moves it: (0, 0) one layer of the stacked `layers` axis at a time, (axis, n)
   `n` blocks of its vocabulary axis, None whole."""
+
   def pieces(path, x):
     axes = logical_axes(_path_names(path), np.ndim(x))
     if axes[:1] == ("layers",):
@@ -300,8 +304,10 @@ def transit_pieces(tree: Any) -> tuple[tuple[int, int] | None, ...]:
     if "vocab" in axes and np.shape(x)[axes.index("vocab")] % VOCAB_PIECES == 0:
       return (axes.index("vocab"), VOCAB_PIECES)
     return None
-  return tuple(jax.tree.leaves(jax.tree_util.tree_map_with_path(pieces, tree), is_leaf=lambda x: x is None
-                               or isinstance(x, tuple)))
+
+  return tuple(
+      jax.tree.leaves(jax.tree_util.tree_map_with_path(pieces, tree),
+                      is_leaf=lambda x: x is None or isinstance(x, tuple)))
 
 
 @functools.lru_cache(maxsize=32)
@@ -312,6 +318,7 @@ def _resharder(dtype: str | None, treedef, in_shardings: tuple, out_shardings: t
   `lax.map`, so the reshard never holds more than one piece in transit (a layout change across dimensions may
   gather the whole operand); each piece is cast where its shards live before it moves, so the collectives carry
   compute-dtype bytes."""
+
   def cast(x, s):
     if dtype is None:
       return x
@@ -334,6 +341,7 @@ def _resharder(dtype: str | None, treedef, in_shardings: tuple, out_shardings: t
   def reshard(tree):
     leaves = map(move, jax.tree.leaves(tree), in_shardings, out_shardings, pieces)
     return jax.tree.unflatten(treedef, list(leaves))
+
   return jax.jit(reshard, out_shardings=jax.tree.unflatten(treedef, list(out_shardings)))
 
 
@@ -372,11 +380,11 @@ def sampling_params(params: Any, mesh: Mesh, sampler_mesh: Mesh, dtype=None) -> 
     by_device = {shard.device: shard.data for shard in x.addressable_shards}
     return jax.make_array_from_single_device_arrays(x.shape, NamedSharding(sampler_mesh, x.sharding.spec),
                                                     [by_device[d] for d in local_devices])
+
   return jax.tree.map(wrap, out)
 
 
-def rollout_inputs(params: Any, rng: jax.Array, mesh: Mesh, sampler_mesh: Mesh,
-                   dtype=None) -> tuple[Any, jax.Array]:
+def rollout_inputs(params: Any, rng: jax.Array, mesh: Mesh, sampler_mesh: Mesh, dtype=None) -> tuple[Any, jax.Array]:
   """Parameters (`sampling_params`) and RNG key for sampling on `sampler_mesh`; with several hosts each host gets
   its own key."""
   params = sampling_params(params, mesh, sampler_mesh, dtype)
@@ -390,10 +398,12 @@ def batch_size_multiple(mesh: Mesh) -> int:
 
 def to_host(tree: Any) -> Any:
   """Fully replicated device values (e.g. metrics) as numpy on every host."""
+
   def get(x):
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
       return np.asarray(x.addressable_data(0))
     return np.asarray(x)
+
   return jax.tree.map(get, tree)
 
 

@@ -20,22 +20,18 @@ import sys
 import time
 from typing import Any
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import logging
 
 from varft import batch as batch_lib
 from varft import checkpoint as ckpt_lib
-from varft import console
-from varft import grpo
-from varft import metrics_writer
-from varft import preflight
-from varft.preflight import ConfigError
-from varft import sharding
+from varft import console, grpo, metrics_writer, preflight, sharding
 from varft.models.qwen25vl import config as model_config_lib
 from varft.models.qwen25vl import text as text_model
+from varft.preflight import ConfigError
 
 _CHOICES = {
     "mode": ("train", "eval", "sft"),
@@ -55,8 +51,8 @@ _CHOICES = {
 _POSITIVE_INTS = ("total_steps", "grpo.epochs", "grpo.micro_batches", "grpo.logits_chunk", "rollout.num_samples",
                   "rollout.prompts_per_host", "log_every", "sft.batch_size", "sft.micro_batches")
 _NON_NEGATIVE = ("grpo.beta", "grpo.eps_low", "grpo.eps_high", "grpo.tis_cap", "optim.learning_rate",
-                 "optim.warmup_steps", "optim.weight_decay", "optim.max_grad_norm", "checkpoint_every",
-                 "samples_every", "eval_every", "sft.steps", "sft.learning_rate", "sft.warmup_steps")
+                 "optim.warmup_steps", "optim.weight_decay", "optim.max_grad_norm", "checkpoint_every", "samples_every",
+                 "eval_every", "sft.steps", "sft.learning_rate", "sft.warmup_steps")
 
 
 def _get(config: ml_collections.ConfigDict, dotted: str) -> Any:
@@ -114,15 +110,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
 def grpo_config(config: ml_collections.ConfigDict) -> grpo.GRPOConfig:
   g = config.grpo
   return grpo.GRPOConfig(beta=g.beta, eps_low=g.eps_low, eps_high=g.eps_high, advantage=g.advantage,
-                         aggregation=g.aggregation, policy_loss=g.policy_loss, tis_cap=g.tis_cap, temperature=config.rollout.temperature,
-                         micro_batches=g.micro_batches, logits_chunk=g.logits_chunk, train_vision=g.train_vision)
+                         aggregation=g.aggregation, policy_loss=g.policy_loss, tis_cap=g.tis_cap,
+                         temperature=config.rollout.temperature, micro_batches=g.micro_batches,
+                         logits_chunk=g.logits_chunk, train_vision=g.train_vision)
 
 
 def make_optimizer(config: ml_collections.ConfigDict):
   o = config.optim
   return grpo.make_optimizer(o.learning_rate, config.total_steps * config.grpo.epochs, warmup_steps=o.warmup_steps,
-                             schedule=o.schedule, end_ratio=o.end_ratio, weight_decay=o.weight_decay, b1=o.b1,
-                             b2=o.b2, eps=o.eps, max_grad_norm=o.max_grad_norm)
+                             schedule=o.schedule, end_ratio=o.end_ratio, weight_decay=o.weight_decay, b1=o.b1, b2=o.b2,
+                             eps=o.eps, max_grad_norm=o.max_grad_norm)
 
 
 def model_config(config: ml_collections.ConfigDict) -> model_config_lib.Qwen25VLConfig:
@@ -194,11 +191,12 @@ class Trainer:
     self.choices = preflight.check(config)
     self.config, self.workdir = config, workdir
     # Before any weights load: a training run locks its workdir and refuses checkpoints of another recipe.
-    self.checkpointer = ckpt_lib.Checkpointer(
-        os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints,
-        async_save=config.async_checkpoints, fingerprint=ckpt_lib.fingerprint(config) if training else None,
-        resume=config.resume, lock=ckpt_lib.lock_workdir(workdir) if training else None,
-        keep_steps=config.keep_checkpoint_steps)
+    self.checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints,
+                                              async_save=config.async_checkpoints,
+                                              fingerprint=ckpt_lib.fingerprint(config) if training else None,
+                                              resume=config.resume,
+                                              lock=ckpt_lib.lock_workdir(workdir) if training else None,
+                                              keep_steps=config.keep_checkpoint_steps)
     self.mesh = sharding.make_mesh(dict(config.mesh))
     self.model_cfg = model_config(config)
     self.gcfg = grpo_config(config)
@@ -209,8 +207,7 @@ class Trainer:
     params = load_params(config, self.model_cfg, self.mesh)
     state_shapes = jax.eval_shape(lambda p: grpo.init_train_state(p, self.optimizer), params)
     self.state_shardings = sharding.tree_shardings(state_shapes, self.mesh)
-    self.state = jax.jit(lambda p: grpo.init_train_state(p, self.optimizer),
-                         out_shardings=self.state_shardings)(params)
+    self.state = jax.jit(lambda p: grpo.init_train_state(p, self.optimizer), out_shardings=self.state_shardings)(params)
     # The frozen reference is the initial policy (separate buffers: the train state is donated every step), kept in
     # the compute dtype: every use casts it there anyway, so its log-probs are unchanged at half the memory.
     self.ref_params = None
@@ -223,9 +220,9 @@ class Trainer:
                                                  mode=self.gcfg.advantage))
     self._logps = jax.jit(grpo.make_logps_fn(self.model_cfg, self.gcfg, self.mesh), static_argnames="row_loss_tokens")
     self._prepare = jax.jit(functools.partial(grpo.prepare_batch, gcfg=self.gcfg))
-    self._train_step = jax.jit(grpo.make_train_step(self.model_cfg, self.gcfg, self.optimizer, self.mesh),
-                               out_shardings=(self.state_shardings, replicated), donate_argnums=0,
-                               static_argnames="row_loss_tokens")
+    self._train_step = jax.jit(grpo.make_train_step(self.model_cfg, self.gcfg, self.optimizer,
+                                                    self.mesh), out_shardings=(self.state_shardings, replicated),
+                               donate_argnums=0, static_argnames="row_loss_tokens")
     # Steps 1..sft_steps are supervised (varft.sft_phase), the next grpo_steps GRPO.
     self.sft_steps = int(config.sft.steps) if training else 0
     self.min_loss_slots = grpo.row_loss_token_bucket(np.ones((1, config.rollout.max_new_tokens)))
@@ -304,8 +301,8 @@ class Trainer:
     collected = timer()
     local = dict(experience.batch)
     local["rewards"] = np.asarray(experience.rewards, np.float32)
-    local["group_ids"] = (np.asarray(local["group_ids"], np.int32)
-                          + jax.process_index() * config.rollout.prompts_per_host)
+    local["group_ids"] = (np.asarray(local["group_ids"], np.int32) +
+                          jax.process_index() * config.rollout.prompts_per_host)
     batch = batch_lib.to_devices(local, self.mesh, self.model_cfg.vision)
     # Logits only at the sampled positions: a static per-row bucket (agreed by all hosts) >= any row's count.
     row_slots = loss_slots(local["loss_mask"], self.min_loss_slots)
@@ -328,8 +325,12 @@ class Trainer:
     real = np.asarray(local["attention_mask"]).any(axis=1)  # rows of prompts the rollout could not run are empty
     rewards = local["rewards"][real] if real.any() else np.zeros((1,), np.float32)
     local_tokens = float(np.sum(local["attention_mask"]))
-    host.update({"reward/mean": float(np.mean(rewards)), "reward/std": float(np.std(rewards)),
-                 "rollout/tokens": local_tokens, "rollout/sequence_length": local_tokens / max(int(real.sum()), 1)})
+    host.update({
+        "reward/mean": float(np.mean(rewards)),
+        "reward/std": float(np.std(rewards)),
+        "rollout/tokens": local_tokens,
+        "rollout/sequence_length": local_tokens / max(int(real.sum()), 1)
+    })
     metrics = sharding.host_mean(host)
     metrics.update({k: float(v) for k, v in device_metrics.items()})
     metrics["train/learning_rate"] = float(self.lr_fn((self.step - self.sft_steps) * config.grpo.epochs - 1))
@@ -342,8 +343,7 @@ class Trainer:
   def evaluate(self) -> dict[str, float]:
     out_dir = os.path.join(self.workdir, "eval", f"step_{self.step:06d}")
     rng = jax.random.fold_in(jax.random.key(self.config.seed + 1), self.step)
-    return sharding.host_mean(self.env.evaluate(self.state["params"], rng,
-                                                out_dir if sharding.is_writer() else None))
+    return sharding.host_mean(self.env.evaluate(self.state["params"], rng, out_dir if sharding.is_writer() else None))
 
   def run(self) -> dict[str, float]:
     """Trains (resuming if possible) to `total_steps`; returns the last logged metrics."""
@@ -352,8 +352,8 @@ class Trainer:
     if writer_host:
       console.write_config(self.workdir, config)
       num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.state["params"]))
-      print(console.start_summary(config, self.workdir, jax.devices(), dict(self.mesh.shape), num_params,
-                                  self.choices), file=sys.stderr, flush=True)
+      print(console.start_summary(config, self.workdir, jax.devices(), dict(self.mesh.shape), num_params, self.choices),
+            file=sys.stderr, flush=True)
     writer = metrics_writer.MetricsWriter(self.workdir, enabled=writer_host)
     choices = {f"run/{k}": str(v) for k, v in self.choices.items()}
     metrics: dict[str, float] = {}
@@ -370,8 +370,8 @@ class Trainer:
         if writer_host and config.samples_every and (self.step % config.samples_every == 0 or last):
           metrics_writer.write_samples(os.path.join(self.workdir, "samples"), self.step, self.last_samples)
           writer.write_samples(self.step, self.last_samples)
-        if (config.checkpoint_every and (self.step % config.checkpoint_every == 0 or last)
-            or self.step in config.keep_checkpoint_steps):
+        if (config.checkpoint_every and (self.step % config.checkpoint_every == 0 or last) or
+            self.step in config.keep_checkpoint_steps):
           self.save(force=last)
         progress.update(self.step, metrics)
       self.checkpointer.wait()
@@ -385,8 +385,9 @@ class Trainer:
       writer.close()
       self.checkpointer.close()
     if writer_host:
-      print(console.end_summary(self.workdir, metrics_writer.read_metrics(self.workdir), exported,
-                                sft_steps=self.sft_steps), file=sys.stderr, flush=True)
+      print(
+          console.end_summary(self.workdir, metrics_writer.read_metrics(self.workdir), exported,
+                              sft_steps=self.sft_steps), file=sys.stderr, flush=True)
     return metrics
 
 

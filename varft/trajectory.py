@@ -41,9 +41,12 @@ class Transcript:
   def tool_stats(self) -> dict[str, Any]:
     """Counts the rewards use: calls, failed calls, whether every turn parsed, successful code runs."""
     tools = [o for o in self.observations if o["kind"] in ("search", "code")]
-    return {"num_calls": len(tools), "num_failed": sum(not o["ok"] for o in tools),
-            "all_valid": all(a.kind != "malformed" for a in self.actions),
-            "num_code_success": sum(o["ok"] for o in tools if o["kind"] == "code")}
+    return {
+        "num_calls": len(tools),
+        "num_failed": sum(not o["ok"] for o in tools),
+        "all_valid": all(a.kind != "malformed" for a in self.actions),
+        "num_code_success": sum(o["ok"] for o in tools if o["kind"] == "code")
+    }
 
   def render(self) -> str:
     lines = []

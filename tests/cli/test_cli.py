@@ -18,13 +18,14 @@ def _main(*args, timeout=120):
 
 
 @pytest.mark.parametrize("args, expected", [
-    (["--config=experiments/search.py:demo", "--config.rollout.num_sample=4"],
-     "--config.rollout.num_sample: unknown config key 'num_sample' (did you mean 'num_samples'?)"),
+    (["--config=experiments/search.py:demo", "--config.rollout.num_sample=4"
+     ], "--config.rollout.num_sample: unknown config key 'num_sample' (did you mean 'num_samples'?)"),
     (["--config=experiments/search.py:demo", "--config.no_such_key=1"], "unknown config key 'no_such_key'"),
     (["--config=experiments/nope.py"], "no config file at 'experiments/nope.py'"),
     (["--config=experiments/search.py:demo", "--config.grpo.beta=abc"], "could not convert string to float"),
     (["--config=experiments/search.py:13b"], "must be demo|3b|7b"),
-    (["--config=experiments/search.py:demo", "--config.grpo.beta=-1"], "config.grpo.beta=-1.0 must be a non-negative number"),
+    (["--config=experiments/search.py:demo", "--config.grpo.beta=-1"
+     ], "config.grpo.beta=-1.0 must be a non-negative number"),
     (["--config=experiments/search.py:demo"], "--workdir is missing"),
 ])
 def test_user_errors_are_one_line_and_exit_2(tmp_path, args, expected):
@@ -80,8 +81,10 @@ def test_start_and_end_summaries_and_config_file(tmp_path):
   path = console.write_config(str(tmp_path), config)
   assert json.load(open(path))["rollout"]["num_samples"] == config.rollout.num_samples
   import jax
-  summary = console.start_summary(config, str(tmp_path), jax.devices(), {"data": 1, "fsdp": 1}, 9_900_000,
-                                  {"query_similarity": "lexical"})
+  summary = console.start_summary(config, str(tmp_path), jax.devices(), {
+      "data": 1,
+      "fsdp": 1
+  }, 9_900_000, {"query_similarity": "lexical"})
   assert len(summary.splitlines()) <= 6 and "9.9M params" in summary and "query_similarity: lexical" in summary
   history = [{"step": 1, "reward/mean": 0.1}, {"step": 2, "reward/mean": 0.3}]
   end = console.end_summary(str(tmp_path), history, str(tmp_path / "hf"))

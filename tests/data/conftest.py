@@ -3,9 +3,9 @@ import json
 import os
 import shutil
 
+from PIL import Image
 import pytest
 import tensorflow_datasets as tfds
-from PIL import Image
 
 FIXTURES = os.path.join(os.path.dirname(__file__), '..', 'fixtures', 'data')
 tfds.display_progress_bar(False)
@@ -35,18 +35,36 @@ def mat_dir(tmp_path):
     coding = json.load(f)
   (coding_images / 'broken_proc.png').write_bytes(b'\x89PNG\r\n\x1a\n not really a png')
   coding += [
-      {'id': 900, 'question': 'q?', 'answers': ['a'], 'ori_image_path': 'broken_ori.png',
-       'processed_image_path': 'broken_proc.png', 'type': ['blur'], 'split': 'hard'},
-      {'id': 901, 'question': 'q?', 'answers': ['a'], 'ori_image_path': 'x_ori.png',
-       'processed_image_path': 'none_2_proc.png', 'type': ['sepia'], 'split': 'hard'},
+      {
+          'id': 900,
+          'question': 'q?',
+          'answers': ['a'],
+          'ori_image_path': 'broken_ori.png',
+          'processed_image_path': 'broken_proc.png',
+          'type': ['blur'],
+          'split': 'hard'
+      },
+      {
+          'id': 901,
+          'question': 'q?',
+          'answers': ['a'],
+          'ori_image_path': 'x_ori.png',
+          'processed_image_path': 'none_2_proc.png',
+          'type': ['sepia'],
+          'split': 'hard'
+      },
   ]
   write_json(root / 'MAT-Benchmark' / 'MAT-Coding.json', coding)
 
   search_images = root / 'MAT-Benchmark' / 'MAT-Search-image'
   search_images.mkdir(parents=True)
   shutil.copy(os.path.join(FIXTURES, 'annotation2.jpg'), search_images / 'annotation2.jpg')
-  search = [{'id': i + 1, 'question': f'Question {i}?', 'answer': f'Answer {i}',
-             'image_path': 'annotation2.jpg'} for i in range(6)]
+  search = [{
+      'id': i + 1,
+      'question': f'Question {i}?',
+      'answer': f'Answer {i}',
+      'image_path': 'annotation2.jpg'
+  } for i in range(6)]
   search.append({'id': 7, 'question': 'Missing image?', 'answer': 'x', 'image_path': 'nope.jpg'})
   search.append({'id': 8, 'answer': 'no question', 'image_path': 'annotation2.jpg'})
   write_json(root / 'MAT-Benchmark' / 'MAT-Search.json', search)
@@ -59,35 +77,73 @@ def mat_dir(tmp_path):
   problem_gt = "<think> Too dark. </think>\n<problem> {'dark'} </problem>"
   code_gt = "<think> Brighten. </think>\n<code>\n```python\nimport cv2\n```\n</code>"
   code_rows = [
-      {'type': 'pre_problem', 'image_path': 'dark_3_proc.png', 'problem': query,
-       'solution': "<problem> {'dark'} </problem>", 'gt': problem_gt},
-      {'type': 'pre_code', 'image_path': 'dark_3_proc.png', 'problem': query,
-       'context': problem_gt, 'solution': "<code>\n```python\nimport cv2\n```\n</code>",
-       'gt': code_gt},
-      {'type': 'pre_answer', 'image_path': 'dark_3_ori.png', 'problem': query,
-       'context': problem_gt + '\n' + code_gt, 'solution': '<answer> OPEN </answer>',
-       'gt': '<think> It reads OPEN. </think>\n<answer> OPEN </answer>'},
-      {'type': 'pre_problem', 'image_path': 'none_4_proc.png',
-       'problem': '<query> Which colour? </query>', 'solution': "<problem> {'none'} </problem>"},
+      {
+          'type': 'pre_problem',
+          'image_path': 'dark_3_proc.png',
+          'problem': query,
+          'solution': "<problem> {'dark'} </problem>",
+          'gt': problem_gt
+      },
+      {
+          'type': 'pre_code',
+          'image_path': 'dark_3_proc.png',
+          'problem': query,
+          'context': problem_gt,
+          'solution': "<code>\n```python\nimport cv2\n```\n</code>",
+          'gt': code_gt
+      },
+      {
+          'type': 'pre_answer',
+          'image_path': 'dark_3_ori.png',
+          'problem': query,
+          'context': problem_gt + '\n' + code_gt,
+          'solution': '<answer> OPEN </answer>',
+          'gt': '<think> It reads OPEN. </think>\n<answer> OPEN </answer>'
+      },
+      {
+          'type': 'pre_problem',
+          'image_path': 'none_4_proc.png',
+          'problem': '<query> Which colour? </query>',
+          'solution': "<problem> {'none'} </problem>"
+      },
       # Malformed: declared code step whose solution is an answer.
-      {'type': 'pre_code', 'image_path': 'none_4_proc.png', 'problem': '<query> Which colour? </query>',
-       'context': '', 'solution': '<answer> blue </answer>'},
-      {'type': 'pre_answer', 'image_path': 'none_4_proc.png', 'problem': '<query> Which colour? </query>',
-       'context': "<problem> {'none'} </problem>", 'solution': '<answer> blue </answer>'},
+      {
+          'type': 'pre_code',
+          'image_path': 'none_4_proc.png',
+          'problem': '<query> Which colour? </query>',
+          'context': '',
+          'solution': '<answer> blue </answer>'
+      },
+      {
+          'type': 'pre_answer',
+          'image_path': 'none_4_proc.png',
+          'problem': '<query> Which colour? </query>',
+          'context': "<problem> {'none'} </problem>",
+          'solution': '<answer> blue </answer>'
+      },
   ]
   write_json(root / 'MAT-Training' / 'rft_agent_code_1_2k.json', code_rows)
 
   search_train_images = root / 'MAT-Training' / 'rft_agent_search_20_images'
   write_png(str(search_train_images / 'logo_1.png'))
   search_rows = [
-      {'type': 'pre_problem', 'image_path': 'logo_1.png',
-       'problem': '<query> Who founded the brand? </query>',
-       'solution': '<search> brand founder </search>'},  # the tag decides, not `type`
-      {'image_path': 'logo_1.png',
-       'problem': '<query> Who founded the brand? </query>\n<think> a </think>\n<search> brand '
-                  'founder </search>\n<information> 1. Content: Ada founded it. </information>',
-       'solution': '<answer> Ada </answer>'},
-      {'image_path': 'logo_1.png', 'problem': '<query> Who? </query>', 'solution': 'no tags'},
+      {
+          'type': 'pre_problem',
+          'image_path': 'logo_1.png',
+          'problem': '<query> Who founded the brand? </query>',
+          'solution': '<search> brand founder </search>'
+      },  # the tag decides, not `type`
+      {
+          'image_path': 'logo_1.png',
+          'problem': '<query> Who founded the brand? </query>\n<think> a </think>\n<search> brand '
+                     'founder </search>\n<information> 1. Content: Ada founded it. </information>',
+          'solution': '<answer> Ada </answer>'
+      },
+      {
+          'image_path': 'logo_1.png',
+          'problem': '<query> Who? </query>',
+          'solution': 'no tags'
+      },
   ]
   write_json(root / 'MAT-Training' / 'rft_agent_search_20.json', search_rows)
   return str(root)
@@ -98,11 +154,21 @@ def flashrag_dir(tmp_path):
   """A FlashRAG manual dir with hotpotqa dev + test (one unparsable line, one bad record)."""
   root = tmp_path / 'FlashRAG_datasets'
   (root / 'hotpotqa').mkdir(parents=True)
-  dev = [{'id': 'dev_0', 'question': 'Were Scott Derrickson and Ed Wood of the same nationality?',
-          'golden_answers': ['yes'], 'metadata': {}},
-         {'id': 'dev_1', 'question': 'Who is older?', 'golden_answers': ['Ada', 'Ada L.']}]
+  dev = [{
+      'id': 'dev_0',
+      'question': 'Were Scott Derrickson and Ed Wood of the same nationality?',
+      'golden_answers': ['yes'],
+      'metadata': {}
+  }, {
+      'id': 'dev_1',
+      'question': 'Who is older?',
+      'golden_answers': ['Ada', 'Ada L.']
+  }]
   lines = [json.dumps(r) for r in dev] + ['{not json', json.dumps({'id': 'dev_3'}), '']
   (root / 'hotpotqa' / 'dev.jsonl').write_text('\n'.join(lines) + '\n')
-  (root / 'hotpotqa' / 'test.jsonl').write_text(
-      json.dumps({'question': 'No id here?', 'golden_answers': 'single'}) + '\n')
+  (root / 'hotpotqa' /
+   'test.jsonl').write_text(json.dumps({
+       'question': 'No id here?',
+       'golden_answers': 'single'
+   }) + '\n')
   return str(root)

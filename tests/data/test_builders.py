@@ -3,8 +3,8 @@ import io
 import json
 import os
 
-import pytest
 from PIL import Image
+import pytest
 
 from varft.data import builders
 
@@ -14,8 +14,12 @@ def test_mat_coding_benchmark_reads_real_cases_and_skips_bad_ones(mat_dir, tmp_p
   examples = [src[i] for i in range(len(src))]
   assert [e['id'] for e in examples] == ['12', '22', '63', '119']  # published order kept
   by_id = {e['id']: e for e in examples}
-  assert by_id['12'] == {**by_id['12'], 'task': 'coding', 'split': 'simple',
-                         'answers': ['1 Can (473ml)'], 'degradations': ['rotation180']}
+  assert by_id['12'] == {
+      **by_id['12'], 'task': 'coding',
+      'split': 'simple',
+      'answers': ['1 Can (473ml)'],
+      'degradations': ['rotation180']
+  }
   assert by_id['119']['degradations'] == ['crop'] and by_id['119']['split'] == 'hard'
   assert by_id['22']['question'] == '从图中提取: 发票号码, 发票代码'  # CJK text round-trips
   assert by_id['22']['answers'] == ["{'发票号码': '16734841', '发票代码': '112001970102'}"]
@@ -23,8 +27,8 @@ def test_mat_coding_benchmark_reads_real_cases_and_skips_bad_ones(mat_dir, tmp_p
   with open(os.path.join(mat_dir, 'MAT-Benchmark', 'MAT-Coding-image', 'crop_8_ori.png'), 'rb') as f:
     assert by_id['119']['images'] == [f.read()]
   assert Image.open(io.BytesIO(by_id['63']['images'][0])).size[0] > 0
-  report = builders.skip_report(builders.prepare('mat_benchmark/coding', manual_dir=mat_dir,
-                                                 data_dir=str(tmp_path / 'tfds')))
+  report = builders.skip_report(
+      builders.prepare('mat_benchmark/coding', manual_dir=mat_dir, data_dir=str(tmp_path / 'tfds')))
   assert report['test']['total'] == 2
   assert report['test']['reasons'] == {'corrupt image': 1, 'unknown degradation': 1}
 
@@ -82,8 +86,7 @@ def test_multihop_reads_every_split_present(flashrag_dir, tmp_path):
 
 @pytest.mark.parametrize('name, expected', [
     ('mat_benchmark/coding', ['MAT-Benchmark/MAT-Coding.json', 'MAT-Benchmark/MAT-Coding-image/']),
-    ('mat_training/search', ['MAT-Training/rft_agent_search_20.json',
-                             'MAT-Training/rft_agent_search_20_images/']),
+    ('mat_training/search', ['MAT-Training/rft_agent_search_20.json', 'MAT-Training/rft_agent_search_20_images/']),
     ('multihop_qa/musique', ['musique/dev.jsonl', 'musique/test.jsonl']),
 ])
 def test_missing_manual_dir_names_the_files(tmp_path, name, expected):
@@ -112,9 +115,11 @@ def test_concurrent_prepare_accepts_the_winners_dataset(mat_dir, tmp_path, monke
   def racing_builder(name, *, data_dir):
     b = real_builder(name, data_dir=data_dir)
     if not b.is_prepared():
+
       def lose_the_race(**kwargs):
         real_builder(name, data_dir=data_dir).download_and_prepare(**kwargs)  # the other host
         raise OSError('rename: directory not empty')
+
       b.download_and_prepare = lose_the_race
     return b
 
@@ -128,8 +133,10 @@ def test_prepare_reraises_real_errors(mat_dir, tmp_path, monkeypatch):
 
   def failing_builder(name, *, data_dir):
     b = real_builder(name, data_dir=data_dir)
+
     def fail(**kwargs):
       raise OSError('disk full')
+
     b.download_and_prepare = fail
     return b
 
@@ -151,12 +158,14 @@ def test_cli_prepared_data_is_what_the_trainer_loads_without_regenerating(mat_di
   import shutil
   import subprocess
   import sys
+
   from varft import agent_task
   repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   data_dir = tmp_path / 'prepared'
-  out = subprocess.run([sys.executable, '-m', 'varft.data.builders', 'mat_training/search', '--manual_dir', mat_dir,
-                        '--data_dir', str(data_dir)], cwd=repo, env=dict(os.environ, PYTHONPATH=repo),
-                       capture_output=True, text=True, timeout=300, check=True)
+  out = subprocess.run([
+      sys.executable, '-m', 'varft.data.builders', 'mat_training/search', '--manual_dir', mat_dir, '--data_dir',
+      str(data_dir)
+  ], cwd=repo, env=dict(os.environ, PYTHONPATH=repo), capture_output=True, text=True, timeout=300, check=True)
   folder = data_dir / 'mat_training' / 'search' / str(builders.MatTraining.VERSION)
   assert f'at {folder}' in out.stdout
   assert builders.dataset_dir('mat_training/search', data_dir=str(data_dir)) == str(folder)
@@ -195,15 +204,24 @@ def test_builders_skip_what_the_rollout_would_reject_sizes_and_duplicate_ids(mat
   path = os.path.join(mat_dir, 'MAT-Benchmark', 'MAT-Search.json')
   with open(path, encoding='utf-8') as f:
     rows = json.load(f)
-  rows += [{'id': 20, 'question': 'Strip?', 'answer': 'x', 'image_path': 'strip.png'},
-           {'id': 2, 'question': 'Same id as item 1?', 'answer': 'y', 'image_path': 'annotation2.jpg'}]
+  rows += [{
+      'id': 20,
+      'question': 'Strip?',
+      'answer': 'x',
+      'image_path': 'strip.png'
+  }, {
+      'id': 2,
+      'question': 'Same id as item 1?',
+      'answer': 'y',
+      'image_path': 'annotation2.jpg'
+  }]
   with open(path, 'w', encoding='utf-8') as f:
     json.dump(rows, f)
   src = builders.load('mat_benchmark/search', manual_dir=mat_dir, data_dir=str(tmp_path / 'tfds'))
   assert [src[i]['id'] for i in range(len(src))] == ['1', '2', '3', '4', '5', '6']
   assert src[1]['question'] == 'Question 1?'  # the first of an id is kept
-  report = builders.skip_report(builders.prepare('mat_benchmark/search', manual_dir=mat_dir,
-                                                 data_dir=str(tmp_path / 'tfds')))['test']
+  report = builders.skip_report(
+      builders.prepare('mat_benchmark/search', manual_dir=mat_dir, data_dir=str(tmp_path / 'tfds')))['test']
   assert report['reasons'] == {'missing image': 1, 'bad question': 1, 'bad image size': 1, 'duplicate id': 1}
   assert any('aspect ratio 6000.0 > 200' in m for m in report['first'])
   assert "MAT-Search.json:1 (item 9): duplicate id: id '2' is already used at MAT-Search.json:1 (item 1)" in (

@@ -4,8 +4,8 @@ import json
 import os
 
 import numpy as np
-import pytest
 from PIL import Image
+import pytest
 
 from varft.data import builders, demo, input_pipeline
 
@@ -46,17 +46,20 @@ def test_builders_read_every_demo_file_without_skips(demo_dir, tmp_path):
   paths = demo.layout(demo_dir)
   data_dir = str(tmp_path / 'tfds')
   sizes = {}
-  for name, manual_dir in [('mat_benchmark/coding', paths['mat_dir']),
-                           ('mat_benchmark/search', paths['mat_dir']),
-                           ('mat_training/coding', paths['mat_dir']),
-                           ('mat_training/search', paths['mat_dir']),
+  for name, manual_dir in [('mat_benchmark/coding', paths['mat_dir']), ('mat_benchmark/search', paths['mat_dir']),
+                           ('mat_training/coding', paths['mat_dir']), ('mat_training/search', paths['mat_dir']),
                            ('multihop_qa/demo', paths['flashrag_dir'])]:
     src = builders.load(name, manual_dir=manual_dir, data_dir=data_dir)
     b = builders.prepare(name, manual_dir=manual_dir, data_dir=data_dir)
     assert all(r['total'] == 0 for r in builders.skip_report(b).values()), name
     sizes[name] = len(src)
-  assert sizes == {'mat_benchmark/coding': 16, 'mat_benchmark/search': 12,
-                   'mat_training/coding': 35, 'mat_training/search': 21, 'multihop_qa/demo': 12}
+  assert sizes == {
+      'mat_benchmark/coding': 16,
+      'mat_benchmark/search': 12,
+      'mat_training/coding': 35,
+      'mat_training/search': 21,
+      'multihop_qa/demo': 12
+  }
 
   coding = builders.load('mat_benchmark/coding', manual_dir=paths['mat_dir'], data_dir=data_dir)
   kinds = {k for i in range(len(coding)) for k in coding[i]['degradations']}
@@ -72,14 +75,14 @@ def test_builders_read_every_demo_file_without_skips(demo_dir, tmp_path):
 def _run_fix(code, src, tmp_path):
   """Runs a reference fix (our own demo program, not model output) on an image."""
   src.save(tmp_path / 'in.png')
-  code = (code.replace('path_to_input_image.jpg', str(tmp_path / 'in.png'))
-          .replace('path_to_output_image.jpg', str(tmp_path / 'out.png')))
+  code = (code.replace('path_to_input_image.jpg', str(tmp_path / 'in.png')).replace('path_to_output_image.jpg',
+                                                                                    str(tmp_path / 'out.png')))
   exec(code, {})  # pylint: disable=exec-used
   return np.asarray(Image.open(tmp_path / 'out.png').convert('RGB'), np.float32)
 
 
-@pytest.mark.parametrize('kinds', [('rotation90',), ('rotation180',), ('dark',), ('overexposure',),
-                                   ('noise',), ('rotation90', 'dark'), ('rotation180', 'blur')])
+@pytest.mark.parametrize('kinds', [('rotation90',), ('rotation180',), ('dark',), ('overexposure',), ('noise',),
+                                   ('rotation90', 'dark'), ('rotation180', 'blur')])
 def test_reference_code_restores_the_degraded_image(kinds, tmp_path):
   item = demo._coding_item(0, kinds, np.random.default_rng(0))  # pylint: disable=protected-access
   clean = np.asarray(item['clean'], np.float32)

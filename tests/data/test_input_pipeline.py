@@ -35,6 +35,7 @@ def test_hosts_get_disjoint_equal_shards():
 
 
 def test_resume_gives_the_same_remaining_sequence():
+
   def run(state=None, steps=7):
     it = input_pipeline.batches(_source(10), batch_size=3, seed=5, shard=(1, 2), state=state)
     return it, [_ids(next(it)) for _ in range(steps)]
@@ -54,15 +55,15 @@ def test_state_must_sit_on_a_batch_boundary():
 
 
 def test_eval_pass_keeps_order_and_last_partial_batch():
-  it = input_pipeline.batches(_source(7), batch_size=3, shuffle=False, num_epochs=1,
-                              drop_remainder=False, shard=(0, 1))
+  it = input_pipeline.batches(_source(7), batch_size=3, shuffle=False, num_epochs=1, drop_remainder=False, shard=(0, 1))
   assert len(it) == 3
   assert [_ids(b) for b in it] == [['0', '1', '2'], ['3', '4', '5'], ['6']]
 
 
 def test_transform_runs_per_example_and_batches_stay_dicts():
-  it = input_pipeline.batches(_source(4), batch_size=2, shuffle=False, shard=(0, 1),
-                              transform=lambda e: {**e, 'n': int(e['id']) * 10})
+  it = input_pipeline.batches(_source(4), batch_size=2, shuffle=False, shard=(0, 1), transform=lambda e: {
+      **e, 'n': int(e['id']) * 10
+  })
   batch = next(it)
   assert isinstance(batch, list) and batch[1] == {'id': '1', 'images': [b'\x01'], 'n': 10}
 

@@ -2,11 +2,10 @@
 import io
 import json
 
-import pytest
 from PIL import Image
+import pytest
 
-from varft.data import json_files
-from varft.data import records
+from varft.data import json_files, records
 
 
 def test_read_image_keeps_png_jpeg_bytes_and_reencodes_other_formats(tmp_path):
@@ -65,10 +64,24 @@ def test_skip_report_summary_counts_reasons():
 
 
 def test_decode_turns_stored_bytes_into_str():
-  raw = {'id': b'7', 'task': b'search', 'question': 'q'.encode(), 'answers': [b'a', b'\xc3\xa9'],
-         'images': [b'\x89PNG'], 'degradations': [], 'split': b'hard'}
-  assert records.decode(raw) == {'id': '7', 'task': 'search', 'question': 'q', 'answers': ['a', 'é'],
-                                 'images': [b'\x89PNG'], 'degradations': [], 'split': 'hard'}
+  raw = {
+      'id': b'7',
+      'task': b'search',
+      'question': b'q',
+      'answers': [b'a', b'\xc3\xa9'],
+      'images': [b'\x89PNG'],
+      'degradations': [],
+      'split': b'hard'
+  }
+  assert records.decode(raw) == {
+      'id': '7',
+      'task': 'search',
+      'question': 'q',
+      'answers': ['a', 'é'],
+      'images': [b'\x89PNG'],
+      'degradations': [],
+      'split': 'hard'
+  }
 
 
 def test_read_json_list_accepts_a_bom_and_knows_each_records_line(tmp_path):

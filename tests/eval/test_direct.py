@@ -5,8 +5,8 @@ import io
 
 import jax
 import numpy as np
-import pytest
 from PIL import Image
+import pytest
 
 torch = pytest.importorskip("torch")
 
@@ -28,9 +28,24 @@ def _png(width, height, seed):
 
 
 EXAMPLES = [
-    {"id": "m1", "question": "What is written on the sign?", "answers": ["OPEN"], "images": [_png(56, 84, 0)]},
-    {"id": "h1", "question": "Who founded the brand?", "answers": ["Ada Lovelace"], "images": []},
-    {"id": "h2", "question": "Where is the river?", "answers": ["Paris"], "images": []},
+    {
+        "id": "m1",
+        "question": "What is written on the sign?",
+        "answers": ["OPEN"],
+        "images": [_png(56, 84, 0)]
+    },
+    {
+        "id": "h1",
+        "question": "Who founded the brand?",
+        "answers": ["Ada Lovelace"],
+        "images": []
+    },
+    {
+        "id": "h2",
+        "question": "Where is the river?",
+        "answers": ["Paris"],
+        "images": []
+    },
 ]
 # The df scripts' turn: the HF template's default system turn, then [image] + question + "\n" + instruction.
 EXPECTED_PROMPTS = [
@@ -49,9 +64,9 @@ def setup(tmp_path_factory):
   params = hf.params_from_state_dict(torch_model.state_dict(), config)
   tokenizer = chat.load_tokenizer()
   engine = direct.DirectAnswerEngine(
-      config, tokenizer, rollout.RolloutConfig(temperature=0.0, length_buckets=(128, 256), patch_buckets=(256,),
-                                               image_max_pixels=224 * 224, max_total_tokens=256),
-      max_new_tokens=NEW_TOKENS)
+      config, tokenizer,
+      rollout.RolloutConfig(temperature=0.0, length_buckets=(128, 256), patch_buckets=(256,),
+                            image_max_pixels=224 * 224, max_total_tokens=256), max_new_tokens=NEW_TOKENS)
   return config, params, torch_model, tokenizer, engine
 
 
@@ -75,8 +90,10 @@ def test_greedy_replies_equal_transformers_and_the_whole_reply_is_the_prediction
   for b in (0, 1):
     row, images, _, _ = engine.prompt(EXAMPLES[b])
     ids = np.asarray([list(row.tokens)])
-    inputs = {"input_ids": torch.from_numpy(ids),
-              "mm_token_type_ids": torch.from_numpy((ids == config.image_token_id).astype(np.int64))}
+    inputs = {
+        "input_ids": torch.from_numpy(ids),
+        "mm_token_type_ids": torch.from_numpy((ids == config.image_token_id).astype(np.int64))
+    }
     if images:
       image = next(iter(images.values()))
       inputs.update(pixel_values=torch.tensor(image.patches), image_grid_thw=torch.tensor(np.asarray([image.grid])))
@@ -85,8 +102,9 @@ def test_greedy_replies_equal_transformers_and_the_whole_reply_is_the_prediction
       # The prompt the sampler prefills (text, image cells, M-RoPE positions) gives transformers' next-token logits.
       logits, _ = engine._prefill(params, [row], images, 128)
       np.testing.assert_allclose(np.asarray(logits)[0], hf_logits, rtol=1e-4, atol=1e-4)
-      ids = torch_model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=[
-          tokenizer.im_end_id, tokenizer.end_of_text_id], pad_token_id=tokenizer.end_of_text_id)
+      ids = torch_model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False,
+                                 eos_token_id=[tokenizer.im_end_id,
+                                               tokenizer.end_of_text_id], pad_token_id=tokenizer.end_of_text_id)
     expected = tokenizer.decode(ids[0, len(row.tokens):].tolist(), skip_special_tokens=True)
     assert t[b].answer == expected and len(ids[0]) > len(row.tokens), b
   items = [{"pred_answer": x.answer, "gt": ex["answers"]} for x, ex in zip(t, EXAMPLES)]
@@ -102,6 +120,7 @@ def test_one_sample_per_example(setup):
 def test_eval_prompt_direct_runs_the_benchmark_loop_on_the_demo(tmp_path):
   """`--config.mode=eval --config.eval.prompt=direct`: the baseline's predictions and scores, from the same loop."""
   import json
+
   from experiments import search
   from varft import evaluate
   config = search.get_config("demo")

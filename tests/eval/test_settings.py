@@ -93,10 +93,25 @@ class SeeingEngine:
 def test_evaluation_images_keep_their_aspect_ratio_in_the_paper_setting(tmp_path):
   source = [{"id": "a", "question": "q", "answers": ["x"], "images": [_png(300, 120)]}]
   for resize, size in ((-1, (720, 720)), (0, (300, 120))):
-    config = ml_collections.ConfigDict({"eval": {"num_prompts": 0, "batch_size": 2, "resize": resize},
-                                        "data": {"resize": 720}})
-    record = {"search_backend": "serper", "search_topk": 4, "search_format": "paper_exact", "layout": "single_turn",
-              "agent_rules": "paper", "stop_at": "eos", "repetition_penalty": 1.05}
+    config = ml_collections.ConfigDict({
+        "eval": {
+            "num_prompts": 0,
+            "batch_size": 2,
+            "resize": resize
+        },
+        "data": {
+            "resize": 720
+        }
+    })
+    record = {
+        "search_backend": "serper",
+        "search_topk": 4,
+        "search_format": "paper_exact",
+        "layout": "single_turn",
+        "agent_rules": "paper",
+        "stop_at": "eos",
+        "repetition_penalty": 1.05
+    }
     engine = SeeingEngine()
     env = types.SimpleNamespace(config=config, eval_engine=engine, eval_settings=record)
     metrics = agent_task.evaluate_source(env, "mat_search", source, None, jax.random.key(0), str(tmp_path))

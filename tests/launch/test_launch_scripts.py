@@ -19,8 +19,8 @@ REQUIRED = {
 def _run(script, args, env=None, launch_dir=LAUNCH):
   full_env = {k: v for k, v in os.environ.items() if not k.startswith('SLURM_')}
   full_env.update(env or {})
-  return subprocess.run(['bash', os.path.join(launch_dir, script), *args], capture_output=True,
-                        text=True, env=full_env, timeout=30)
+  return subprocess.run(['bash', os.path.join(launch_dir, script), *args], capture_output=True, text=True, env=full_env,
+                        timeout=30)
 
 
 def _fake(tmp_path, name, body):
@@ -62,22 +62,22 @@ def test_unknown_argument_and_missing_value_fail(script):
 def test_single_host_dry_run_and_real_run(tmp_path):
   out = _run('single_host.sh', REQUIRED['single_host.sh'] + ['--dry-run', '--', '--config.mode=eval'])
   assert out.returncode == 0
-  assert out.stdout.split() == ['python3', '-m', 'varft.main', '--config=c.py', '--workdir=/w',
-                                '--config.mode=eval']
+  assert out.stdout.split() == ['python3', '-m', 'varft.main', '--config=c.py', '--workdir=/w', '--config.mode=eval']
   # The fake interpreter names one optional part, accepts its install and the check, and fails the run with 7.
-  env = _fake(tmp_path, 'fakepython', (
-      'case "$*" in *--action=requirements*) echo "--no-deps some-part" ;; *--action=check*|*pip*) ;;\n'
-      '  *) exit 7 ;; esac\n'))
+  env = _fake(tmp_path, 'fakepython',
+              ('case "$*" in *--action=requirements*) echo "--no-deps some-part" ;; *--action=check*|*pip*) ;;\n'
+               '  *) exit 7 ;; esac\n'))
   workdir = tmp_path / 'work dir'
-  out = _run('single_host.sh', ['--python', 'fakepython', '--config', 'experiments/x.py:demo',
-                                '--workdir', str(workdir), '--', '--config.seed=1'], env)
+  out = _run('single_host.sh', [
+      '--python', 'fakepython', '--config', 'experiments/x.py:demo', '--workdir',
+      str(workdir), '--', '--config.seed=1'
+  ], env)
   assert out.returncode == 7 and workdir.is_dir()  # the interpreter's status comes back
   calls = [c.splitlines() for c in (tmp_path / 'calls.log').read_text().split('== fakepython\n')[1:]]
-  assert calls == [
-      ['-m', 'varft.main', '--action=requirements', '--config=experiments/x.py:demo', '--config.seed=1'],
-      ['-m', 'pip', 'install', '-q', '--no-deps', 'some-part'],
-      ['-m', 'varft.main', '--action=check', '--config=experiments/x.py:demo', '--config.seed=1'],
-      ['-m', 'varft.main', '--config=experiments/x.py:demo', f'--workdir={workdir}', '--config.seed=1']]
+  assert calls == [['-m', 'varft.main', '--action=requirements', '--config=experiments/x.py:demo', '--config.seed=1'],
+                   ['-m', 'pip', 'install', '-q', '--no-deps', 'some-part'],
+                   ['-m', 'varft.main', '--action=check', '--config=experiments/x.py:demo', '--config.seed=1'],
+                   ['-m', 'varft.main', '--config=experiments/x.py:demo', f'--workdir={workdir}', '--config.seed=1']]
 
 
 def test_tpu_pod_runs_every_step_on_all_workers(tmp_path):
@@ -89,10 +89,13 @@ def test_tpu_pod_runs_every_step_on_all_workers(tmp_path):
   (repo / 'launch').mkdir(parents=True)
   shutil.copy(os.path.join(LAUNCH, 'tpu_pod.sh'), repo / 'launch' / 'tpu_pod.sh')
   (repo / 'setup.py').write_text('# stand-in\n')
-  out = _run('tpu_pod.sh', REQUIRED['tpu_pod.sh'] + [
-      '--create', '--accelerator', 'v4-32', '--version', 'tpu-ubuntu2204-base', '--setup',
-      '--delete', '--logs', str(logs), '--project', 'p1', '--', '--config.mode=eval'],
-             {**env, 'TMPDIR': str(tmp_path)}, launch_dir=str(repo / 'launch'))
+  out = _run(
+      'tpu_pod.sh', REQUIRED['tpu_pod.sh'] + [
+          '--create', '--accelerator', 'v4-32', '--version', 'tpu-ubuntu2204-base', '--setup', '--delete', '--logs',
+          str(logs), '--project', 'p1', '--', '--config.mode=eval'
+      ], {
+          **env, 'TMPDIR': str(tmp_path)
+      }, launch_dir=str(repo / 'launch'))
   assert out.returncode == 3, out.stderr
   calls = (tmp_path / 'calls.log').read_text().split('== gcloud\n')[1:]
   verbs = [c.splitlines()[3] for c in calls]
@@ -125,9 +128,10 @@ def test_tpu_pod_dry_run_prints_without_running(tmp_path):
 def test_slurm_submits_itself_without_dry_run_flag(tmp_path):
   env = _fake(tmp_path, 'sbatch', 'exit 0\n')
   _fake(tmp_path, 'fakepython', 'exit 0\n')  # the login node's requirements and start-up check pass
-  out = _run('slurm_gpu.sh', REQUIRED['slurm_gpu.sh'] + [
-      '--workdir', str(tmp_path / 'w'), '--partition', 'gpu', '--python', 'fakepython', '--',
-      '--config.mode=eval'], env)
+  out = _run(
+      'slurm_gpu.sh', REQUIRED['slurm_gpu.sh'] +
+      ['--workdir',
+       str(tmp_path / 'w'), '--partition', 'gpu', '--python', 'fakepython', '--', '--config.mode=eval'], env)
   assert out.returncode == 0, out.stderr
   log = (tmp_path / 'calls.log').read_text()
   assert '--action=check' in log.split('== sbatch')[0]
@@ -141,13 +145,15 @@ def test_slurm_submits_itself_without_dry_run_flag(tmp_path):
 
 def test_slurm_inside_allocation_sets_jax_distributed_env(tmp_path):
   # Fake srun: record the coordinator env, then run the task as process 1 of 2.
-  env = _fake(tmp_path, 'srun', (
-      'echo "COORD=$JAX_COORDINATOR_ADDRESS N=$JAX_NUM_PROCESSES" >> ' + f'{tmp_path}/calls.log\n'
-      'SLURM_PROCID=1 "${@: -3}"\n'))
+  env = _fake(tmp_path, 'srun',
+              ('echo "COORD=$JAX_COORDINATOR_ADDRESS N=$JAX_NUM_PROCESSES" >> ' + f'{tmp_path}/calls.log\n'
+               'SLURM_PROCID=1 "${@: -3}"\n'))
   _fake(tmp_path, 'fakepython', f'echo "PID=$JAX_PROCESS_ID" >> {tmp_path}/calls.log\n')
-  out = _run('slurm_gpu.sh', ['--config', 'c.py', '--workdir', '/w', '--port', '4000',
-                              '--python', 'fakepython'],
-             {**env, 'SLURM_JOB_ID': '9', 'SLURM_JOB_NODELIST': 'node7,node8', 'SLURM_NNODES': '2'})
+  out = _run('slurm_gpu.sh', ['--config', 'c.py', '--workdir', '/w', '--port', '4000', '--python', 'fakepython'], {
+      **env, 'SLURM_JOB_ID': '9',
+      'SLURM_JOB_NODELIST': 'node7,node8',
+      'SLURM_NNODES': '2'
+  })
   assert out.returncode == 0, out.stderr
   log = (tmp_path / 'calls.log').read_text()
   assert 'COORD=node7:4000 N=2' in log and 'PID=1' in log

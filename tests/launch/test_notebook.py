@@ -16,8 +16,7 @@ def test_notebook_runs_on_the_demo(tmp_path, monkeypatch):
   monkeypatch.setenv('PYTHONPATH', REPO + os.pathsep + os.environ.get('PYTHONPATH', ''))
   monkeypatch.delenv('VARFT_HF_DIR', raising=False)
   nb = nbformat.read(NOTEBOOK, as_version=4)
-  nbclient.NotebookClient(nb, timeout=600, kernel_name='python3',
-                          resources={'metadata': {'path': REPO}}).execute()
+  nbclient.NotebookClient(nb, timeout=600, kernel_name='python3', resources={'metadata': {'path': REPO}}).execute()
   outputs = [o for c in nb.cells if c.cell_type == 'code' for o in c.get('outputs', [])]
   text = ''.join(o.get('text', '') for o in outputs if o.get('output_type') == 'stream')
   images = [o for o in outputs if 'image/png' in o.get('data', {})]

@@ -133,12 +133,14 @@ def test_decoder_forward_is_the_same_with_every_attention(side, small_chunks):
   embeds = text.embed_tokens(params, ids)
   run = lambda impl, **kw: text.forward(params, cfg, embeds, pos, attention_mask=mask, attention=impl, **kw)
   seen = np.asarray(valid)
-  np.testing.assert_allclose(np.asarray(run("xla_chunked")[0])[seen], np.asarray(run("reference")[0])[seen],
-                             atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(
+      np.asarray(run("xla_chunked")[0])[seen],
+      np.asarray(run("reference")[0])[seen], atol=1e-5, rtol=1e-5)
   if side == "right":  # the cache takes right-padded chunks
     cached = {impl: run(impl, cache=text.init_cache(cfg, B, 64)) for impl in ("xla_chunked", "reference")}
-    np.testing.assert_allclose(np.asarray(cached["xla_chunked"][0])[seen], np.asarray(cached["reference"][0])[seen],
-                               atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(cached["xla_chunked"][0])[seen],
+        np.asarray(cached["reference"][0])[seen], atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(cached["xla_chunked"][1]["k"], cached["reference"][1]["k"], atol=1e-5)
 
 
@@ -163,10 +165,11 @@ def test_vision_block_attention_matches_dense_segment_masks():
   for segment, key_blocks, chunk in ((inputs["window_segment"], vision._window_key_blocks(padded // block), 3),
                                      (inputs["full_segment"], jnp.asarray(inputs["full_key_blocks"]), 4)):
     segment = jnp.asarray(segment)
-    blocked = lambda q, k, v: vision._blocked_attention(q, k, v, segment, key_blocks, block, chunk)
-    dense = lambda q, k, v: _dense_segment_attention(q, k, v, segment)
-    np.testing.assert_allclose(np.asarray(blocked(q, k, v))[real], np.asarray(dense(q, k, v))[real], atol=1e-5,
-                               rtol=1e-5)
+    blocked = lambda q, k, v: vision._blocked_attention(q, k, v, segment, key_blocks, block, chunk)  # noqa: B023
+    dense = lambda q, k, v: _dense_segment_attention(q, k, v, segment)  # noqa: B023
+    np.testing.assert_allclose(
+        np.asarray(blocked(q, k, v))[real],
+        np.asarray(dense(q, k, v))[real], atol=1e-5, rtol=1e-5)
     loss = lambda f: lambda q, k, v: jnp.sum(weight * jnp.cos(f(q, k, v)))
     got = jax.grad(loss(blocked), argnums=(0, 1, 2))(q, k, v)
     want = jax.grad(loss(dense), argnums=(0, 1, 2))(q, k, v)

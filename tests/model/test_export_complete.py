@@ -5,14 +5,14 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 from PIL import Image
+import pytest
 
 pytest.importorskip("torch")
 
-from varft import checkpoint  # noqa: E402
-from varft.models import qwen25vl  # noqa: E402
-from varft.processing import chat, hf_files, image  # noqa: E402
+from varft import checkpoint
+from varft.models import qwen25vl
+from varft.processing import chat, hf_files, image
 
 
 @pytest.fixture(scope="module")

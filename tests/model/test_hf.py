@@ -31,8 +31,8 @@ def plain(tmp_path_factory):
 @pytest.fixture(scope="module")
 def legacy(tmp_path_factory):
   """Untied, bfloat16, three shards, legacy hub names and flat config.json."""
-  return hf_tiny.make_tiny_hf_checkpoint(tmp_path_factory.mktemp("legacy"), tie=False, dtype="bfloat16",
-                                         sharded=True, legacy_keys=True, seed=3)
+  return hf_tiny.make_tiny_hf_checkpoint(tmp_path_factory.mktemp("legacy"), tie=False, dtype="bfloat16", sharded=True,
+                                         legacy_keys=True, seed=3)
 
 
 def _assert_trees_equal(a, b):

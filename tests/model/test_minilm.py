@@ -9,8 +9,11 @@ import pytest
 from varft.models import minilm
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-TEXTS = ["who wrote hamlet", "Hamlet author?", "", "日本の首都は東京です", "word " * 400,
-         "The 2019 FIFA Women's World Cup winner", "population of Tokyo in 2020", "x", "ninth sentence"]
+JAPANESE = "日本の首都は東京です"  # wide characters and a script without spaces
+TEXTS = [
+    "who wrote hamlet", "Hamlet author?", "", JAPANESE, "word " * 400, "The 2019 FIFA Women's World Cup winner",
+    "population of Tokyo in 2020", "x", "ninth sentence"
+]
 
 
 @pytest.fixture(scope="module")

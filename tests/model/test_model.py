@@ -45,6 +45,7 @@ def test_bf16_close_to_fp32(random_model):
   def probs(x):
     e = np.exp(x - x.max(-1, keepdims=True))
     return e / e.sum(-1, keepdims=True)
+
   assert 0.5 * np.abs(probs(full) - probs(half)).sum(-1).max() < 0.03  # total variation per position
 
 
@@ -159,5 +160,6 @@ def test_remat_switch_rematerialises_the_vision_blocks(random_model):
   def grad_jaxpr(remat):
     loss = lambda p: vision.forward(p, config.vision, patches, inputs, remat=remat).sum()
     return str(jax.make_jaxpr(jax.grad(loss))(params["vision"]))
+
   assert "remat" in grad_jaxpr(True) or "checkpoint" in grad_jaxpr(True)
   assert "remat" not in grad_jaxpr(False) and "checkpoint" not in grad_jaxpr(False)

@@ -1,7 +1,7 @@
 """Logit / vision-tower / position parity with transformers' Qwen2_5_VLForConditionalGeneration (fp32, CPU)."""
 import numpy as np
-import pytest
 from PIL import Image
+import pytest
 
 torch = pytest.importorskip("torch")
 
@@ -25,7 +25,10 @@ def tied(tmp_path_factory):
 def untied(tmp_path_factory):
   # Three vision blocks with the full-attention block in the middle, a different seed: a second, distinct model.
   path, torch_model = hf_tiny.make_tiny_hf_checkpoint(tmp_path_factory.mktemp("untied"), tie=False, seed=1,
-                                                      vision_config={"depth": 3, "fullatt_block_indexes": [1]})
+                                                      vision_config={
+                                                          "depth": 3,
+                                                          "fullatt_block_indexes": [1]
+                                                      })
   config = config_lib.from_hf_config(path)
   return config, hf.params_from_state_dict(torch_model.state_dict(), config), torch_model
 
@@ -105,8 +108,10 @@ def test_two_images_of_different_sizes_in_one_sequence(tied, tokenizer):
 
 
 def test_padded_batch_of_two(tied, tokenizer):
-  _check(tied, tokenizer, [["One image", _image(130, 100, 3)],
-                           ["Two images", _image(60, 200, 4), "then", _image(300, 280, 5), "compare them at length"]])
+  _check(tied, tokenizer,
+         [["One image", _image(130, 100, 3)],
+          ["Two images", _image(60, 200, 4), "then",
+           _image(300, 280, 5), "compare them at length"]])
 
 
 def test_untied_with_full_attention_block_in_the_middle(untied, tokenizer):
@@ -135,8 +140,8 @@ def test_vision_tower_with_padding(untied):
 
 def test_positions_match_get_rope_index(tied, tokenizer):
   config, _, torch_model = tied
-  input_ids, mask, _, grids = _batch(tokenizer, [["x", _image(120, 80, 7), "y"],
-                                                 ["a", _image(60, 60, 8), _image(100, 64, 9), "b c d e f g"]])
+  input_ids, mask, _, grids = _batch(tokenizer, [["x", _image(
+      120, 80, 7), "y"], ["a", _image(60, 60, 8), _image(100, 64, 9), "b c d e f g"]])
   ours, deltas = rope.sequence_positions(input_ids, grids, config, mask)
   theirs, their_deltas = torch_model.model.get_rope_index(
       torch.from_numpy(input_ids), torch.from_numpy((input_ids == config.image_token_id).astype(np.int64)),

@@ -13,7 +13,8 @@ import numpy as np
 
 from experiments import search
 from tests.trainer import step_script
-from varft import batch as batch_lib, grpo, plan, sharding, train
+from varft import batch as batch_lib
+from varft import grpo, plan, sharding, train
 
 # The demo recipe cut down: the tiny model, 16 rows of 192 tokens, one 112x112 image per prompt.
 SMALL = dict(prompt_len=160)
@@ -57,8 +58,16 @@ def gathers():
   constrained = {line.rsplit(": ", 1)[-1].strip() for line in lowered.splitlines() if "sharding_constraint" in line}
   weights = [x.shape for x in jax.tree.leaves(args[0]["params"]) if x.ndim >= 2]
   pinned = [s for s in weights if "tensor<" + "x".join(map(str, s)) + "xbf16>" in constrained]
-  print(json.dumps({"train_len": rec.train_len, "rows": rec.rows, "weights": len(weights), "pinned": len(pinned),
-                    "gathers": {p.program: p.all_gathers for p in plans}}))
+  print(
+      json.dumps({
+          "train_len": rec.train_len,
+          "rows": rec.rows,
+          "weights": len(weights),
+          "pinned": len(pinned),
+          "gathers": {
+              p.program: p.all_gathers for p in plans
+          }
+      }))
 
 
 def step():

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 from experiments import search
-from tests.plan import plan_script
 from varft import grpo, plan, sampling, sharding, train
-from varft.models.qwen25vl import config as config_lib, text
+from varft.models.qwen25vl import config as config_lib
+from varft.models.qwen25vl import text
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -48,12 +48,14 @@ def test_abstract_train_batch_is_what_prepare_batch_makes():
   mesh = sharding.make_mesh({"data": 1}, jax.devices()[:1])
   rec = plan.recipe(config, prompt_len=128)
   abstract = plan.abstract_train_batch(config, model_cfg, rec, mesh)
-  rollout = {k: abstract[k] for k in ("tokens", "attention_mask", "positions", "loss_mask", "image_index",
-                                      "pixel_values", "vision_inputs")}
+  rollout = {
+      k: abstract[k]
+      for k in ("tokens", "attention_mask", "positions", "loss_mask", "image_index", "pixel_values", "vision_inputs")
+  }
   n, length = rec.rows, rec.train_len
   logps = jax.ShapeDtypeStruct((n, length), np.float32)
-  prepared = jax.eval_shape(lambda b, a, o, r: grpo.prepare_batch(b, a, o, train.grpo_config(config), r),
-                            rollout, jax.ShapeDtypeStruct((n,), np.float32), logps, logps)
+  prepared = jax.eval_shape(lambda b, a, o, r: grpo.prepare_batch(b, a, o, train.grpo_config(config), r), rollout,
+                            jax.ShapeDtypeStruct((n,), np.float32), logps, logps)
   assert sorted(prepared) == sorted(abstract)
   shapes = lambda tree: jax.tree.map(lambda x: (x.shape, np.dtype(x.dtype)), tree)
   assert shapes(prepared) == shapes(abstract)
@@ -99,8 +101,10 @@ def test_check_fits_raises_one_clear_error_and_the_cli_exits_non_zero():
   with pytest.raises(plan.PlanError, match=r"generate needs .* GiB per device.*largest buffers: \w+\["):
     plan.check_fits(config, 1, "TPU v5e", margin=0.99999, programs=("generate",), **small)
 
-  out = _run(["-m", "varft.plan", "--config=experiments/search.py:demo", "--devices=2", "--json",
-              "--programs=generate", "--prompt_len=128", "--accelerator=TPU v5e", "--margin=0.99999"], devices=1)
+  out = _run([
+      "-m", "varft.plan", "--config=experiments/search.py:demo", "--devices=2", "--json", "--programs=generate",
+      "--prompt_len=128", "--accelerator=TPU v5e", "--margin=0.99999"
+  ], devices=1)
   assert out.returncode == 1, out.stderr[-2000:]
   record = json.loads(out.stdout.strip().splitlines()[-1])
   assert record["program"] == "generate" and record["devices"] == 2
@@ -154,10 +158,10 @@ def test_rollout_programs_hold_one_kv_cache():
   cache_bytes = 2 * kv.size * 4
   chunk = sampling.Chunk(i32(rows, 32), i32(3, rows, 32), i32(rows, 32), i32(rows, 32))
   extend = sampling._extend_jit.lower(params, cache, chunk, None, None, model_config=cfg)
-  generate = sampling._generate_jit.lower(
-      params, cache, jax.ShapeDtypeStruct((rows, t.vocab_size), jnp.float32), i32(rows), jax.random.key(0),
-      i32(rows), i32(rows, steps), i32(t.vocab_size), i32(4, 4), model_config=cfg,
-      sampling=sampling.SamplingConfig(max_new_tokens=steps))
+  generate = sampling._generate_jit.lower(params, cache, jax.ShapeDtypeStruct((rows, t.vocab_size), jnp.float32),
+                                          i32(rows), jax.random.key(0), i32(rows), i32(rows, steps), i32(t.vocab_size),
+                                          i32(4, 4), model_config=cfg,
+                                          sampling=sampling.SamplingConfig(max_new_tokens=steps))
   for name, lowered in (("extend", extend), ("generate", generate)):
     stats = lowered.compile(plan.CPU_COMPILER_OPTIONS).memory_analysis()
     # Donated and written in place, a layer at a time: no second cache among the temporaries (16 layers: a
@@ -173,6 +177,7 @@ def test_cpu_plans_keep_the_bf16_widening_inside_the_layer_loop():
 
   def forward(w, h):
     return jax.lax.scan(lambda h, wl: (jnp.tanh(h @ wl @ wl.T), None), h, w)[0]
+
   p = plan.plan_program("toy", jax.jit(forward), (weights, x), {}, 0, None, 0.0, 1)
   # XLA:CPU widens bf16 dot operands to f32; hoisted out of the loop that is an f32 copy of the whole stack.
   assert p.temp_bytes < layers * dim * 4 * dim * 4 / 4, p.temp_bytes

@@ -18,8 +18,8 @@ def test_row_slots_and_micro_batched_logps_equal_full_logits():
   slots = grpo.row_loss_token_bucket(batch["loss_mask"], minimum=1)
   assert slots == 8  # rows hold up to 7 loss tokens (12 - 4 prompt - 1 tool token)
   for gcfg in (one, four):
-    got = jax.jit(grpo.make_logps_fn(step_script.MODEL, gcfg), static_argnames="row_loss_tokens")(
-        params, batch, row_loss_tokens=slots)
+    got = jax.jit(grpo.make_logps_fn(step_script.MODEL, gcfg), static_argnames="row_loss_tokens")(params, batch,
+                                                                                                  row_loss_tokens=slots)
     on = batch["loss_mask"] > 0
     np.testing.assert_allclose(np.asarray(got)[on], np.asarray(full)[on], atol=1e-6)
     assert np.all(np.asarray(got)[~on] == 0)

@@ -8,11 +8,28 @@ from varft.processing import chat
 transformers = pytest.importorskip("transformers")
 
 MESSAGES = [
-    {"role": "user", "content": [
-        {"type": "image"}, {"type": "text", "text": "What is shown? 图片里是什么？"},
-        {"type": "image"}, {"type": "text", "text": " Compare both."}]},
-    {"role": "assistant", "content": "<think>A cat.</think> <answer>cat</answer>"},
-    {"role": "user", "content": "And now?"},
+    {
+        "role": "user",
+        "content": [{
+            "type": "image"
+        }, {
+            "type": "text",
+            "text": "What is shown? 图片里是什么？"
+        }, {
+            "type": "image"
+        }, {
+            "type": "text",
+            "text": " Compare both."
+        }]
+    },
+    {
+        "role": "assistant",
+        "content": "<think>A cat.</think> <answer>cat</answer>"
+    },
+    {
+        "role": "user",
+        "content": "And now?"
+    },
 ]
 EXPECTED = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
             "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>What is shown? 图片里是什么？"

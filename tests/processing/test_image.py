@@ -2,8 +2,8 @@ import io
 import os
 
 import numpy as np
-import pytest
 from PIL import Image
+import pytest
 
 from varft.processing import image as image_lib
 
@@ -34,10 +34,18 @@ def _hf(image, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS):
   return out["pixel_values"], out["image_grid_thw"][0]
 
 
-@pytest.mark.parametrize("width,height,mode", [
-    (57, 83, "RGB"), (1, 1, "RGB"), (333, 45, "RGB"), (1000, 700, "RGB"),  # odd, tiny, wide, resized down
-    (90, 61, "L"), (64, 100, "RGBA"), (77, 50, "P"), (50, 77, "P_transparent"),
-])
+@pytest.mark.parametrize(
+    "width,height,mode",
+    [
+        (57, 83, "RGB"),
+        (1, 1, "RGB"),
+        (333, 45, "RGB"),
+        (1000, 700, "RGB"),  # odd, tiny, wide, resized down
+        (90, 61, "L"),
+        (64, 100, "RGBA"),
+        (77, 50, "P"),
+        (50, 77, "P_transparent"),
+    ])
 def test_matches_transformers_pil_processor(width, height, mode):
   image = _random_image(width, height, mode)
   patches, grid = image_lib.process_image(image, MIN_PIXELS, MAX_PIXELS)
@@ -91,7 +99,7 @@ def test_truncated_file_names_the_file(tmp_path, fmt):
   buffer = io.BytesIO()
   _random_image(200, 150).save(buffer, format=fmt)
   path = tmp_path / f"cut.{fmt.lower()}"
-  path.write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+  path.write_bytes(buffer.getvalue()[:len(buffer.getvalue()) // 2])
   with pytest.raises(image_lib.ImageError, match=f"cut.{fmt.lower()}"):
     image_lib.load_image(str(path))
 
@@ -143,14 +151,16 @@ def test_16_bit_png_is_scaled_to_8_bits_not_clipped():
   np.testing.assert_array_equal(image_lib.process_image(rgb)[0], image_lib.process_image(eight_bit)[0])
 
 
-@pytest.mark.parametrize("values, expected", [
-    (_gradient(np.float32, 0, 1), lambda v: v * 255),  # normalised floats
-    (_gradient(np.float32, -2, 6), lambda v: (v + 2) * 255 / 8),  # no nominal range: min..max stretched
-    (_gradient(np.float32, 0, 255), lambda v: v),  # 8-bit data stored as float
-    (_gradient(np.int32, 0, 1_000_000), lambda v: v * 255 / 1_000_000),
-    (_gradient(np.int32, -500, 500), lambda v: (v + 500) * 255 / 1000),
-    (_gradient(np.int32, 0, 255), lambda v: v),
-])
+@pytest.mark.parametrize(
+    "values, expected",
+    [
+        (_gradient(np.float32, 0, 1), lambda v: v * 255),  # normalised floats
+        (_gradient(np.float32, -2, 6), lambda v: (v + 2) * 255 / 8),  # no nominal range: min..max stretched
+        (_gradient(np.float32, 0, 255), lambda v: v),  # 8-bit data stored as float
+        (_gradient(np.int32, 0, 1_000_000), lambda v: v * 255 / 1_000_000),
+        (_gradient(np.int32, -500, 500), lambda v: (v + 500) * 255 / 1000),
+        (_gradient(np.int32, 0, 255), lambda v: v),
+    ])
 def test_float_and_int32_tiff_are_scaled_to_8_bits_not_clipped(values, expected):
   got = np.asarray(_decoded(values, "TIFF"))
   assert got.shape == values.shape + (3,) and (got[..., 0] == got[..., 2]).all()

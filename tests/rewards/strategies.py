@@ -1,11 +1,12 @@
 """Hypothesis strategies for completions and reference steps (random and adversarial)."""
 from hypothesis import strategies as st
 
-FRAGMENTS = ("<think>", "</think>", "<answer>", "</answer>", "<search>", "</search>", "<code>", "</code>",
-             "<problem>", "</problem>", "```python", "```", "`", "{", "}", "'", ",", " ", "  ", "\n", "\t",
-             "\u3000", "\xa0", "\u2028", "x", "Play well", "play", "The", "a", "rotation90", "rotation180",
-             "'rotation90'", "'dark'", "{'dark', 'blur'}", "猫", "中文答案", "é", "<", ">", "<thi", "nk>",
-             "</", "answer>", "import cv2", "</think> ", "!?", "\U0001F600")
+CAT, CHINESE_ANSWER = "猫", "中文答案"  # wide characters
+FRAGMENTS = ("<think>", "</think>", "<answer>", "</answer>", "<search>", "</search>", "<code>", "</code>", "<problem>",
+             "</problem>", "```python", "```", "`", "{", "}", "'", ",", " ", "  ", "\n", "\t", "\u3000", "\xa0",
+             "\u2028", "x", "Play well", "play", "The", "a", "rotation90", "rotation180", "'rotation90'", "'dark'",
+             "{'dark', 'blur'}", CAT, CHINESE_ANSWER, "é", "<", ">", "<thi", "nk>", "</", "answer>", "import cv2",
+             "</think> ", "!?", "\U0001F600")
 TAGS = ("think", "answer", "search", "code", "problem")
 PROBLEM_NAMES = ("rotation90", "rotation180", "dark", "overexposure", "blur", "noise", "crop", "none", "weird")
 ANSWERS = ("Play well", "the Eiffel Tower", "1945", "中文答案", "play play well", "", "a", "Paris, France")
@@ -34,8 +35,12 @@ def well_formed(draw, kind=None):
   text = f"<think>{think}</think>{gap}<{kind}>{body}</{kind}>"
   # At most one piece of damage: a stray tag or character at the start, before the close, or at the end.
   piece = draw(st.sampled_from(["\n", " ", "x"] + [f"<{t}>" for t in TAGS] + [f"</{t}>" for t in TAGS]))
-  cut = {"none": None, "start": 0, "inside": len(text) - len(kind) - 3, "end": len(text)}[
-      draw(st.sampled_from(["none", "none", "start", "inside", "end"]))]
+  cut = {
+      "none": None,
+      "start": 0,
+      "inside": len(text) - len(kind) - 3,
+      "end": len(text)
+  }[draw(st.sampled_from(["none", "none", "start", "inside", "end"]))]
   return text if cut is None else text[:cut] + piece + text[cut:]
 
 
@@ -54,8 +59,8 @@ def reference_steps(draw):
   elif step == "code":
     target = "```python\nimport cv2\n```"
   else:
-    target = "{" + ", ".join(f"'{n}'" for n in draw(st.lists(st.sampled_from(PROBLEM_NAMES[:3] + PROBLEM_NAMES[-1:]),
-                                                                max_size=2))) + "}"
+    target = "{" + ", ".join(
+        f"'{n}'" for n in draw(st.lists(st.sampled_from(PROBLEM_NAMES[:3] + PROBLEM_NAMES[-1:]), max_size=2))) + "}"
   if draw(st.booleans()):
     return task, {"solution": f"<think>reason</think><{step}>{target}</{step}>", "task": task}
   ref = {"task": task, "step_type": step}

@@ -2,8 +2,7 @@
 import numpy as np
 import pytest
 
-from varft import agent_task
-from varft import rewards
+from varft import agent_task, rewards
 from varft import rollout as rollout_lib
 from varft.processing import chat
 
@@ -27,8 +26,10 @@ def test_exactly_one_row_per_group_is_scored_as_the_gt_and_the_draw_is_seeded():
     assert text == (gold if hit else sample), i
   again = rewards.inject_gold(samples, golds, _group_ids(3), np.random.default_rng(7))[1]
   np.testing.assert_array_equal(again, injected)
-  draws = {tuple(np.flatnonzero(rewards.inject_gold(samples, golds, _group_ids(3), np.random.default_rng(s))[1]))
-           for s in range(20)}
+  draws = {
+      tuple(np.flatnonzero(rewards.inject_gold(samples, golds, _group_ids(3), np.random.default_rng(s))[1]))
+      for s in range(20)
+  }
   assert len(draws) > 5  # uniform over the group, not a fixed row
 
 
@@ -51,8 +52,11 @@ def _result(tokenizer, texts, groups):
   transcripts = []
   for i, (row, text) in enumerate(zip(rows, texts)):
     tokens[i, :len(row)], loss_mask[i, 2:len(row)] = row, 1
-    transcripts.append(rollout_lib.Transcript(str(groups[i]), groups[i], i % G,
-                                              messages=[{"role": "assistant", "text": text}]))
+    transcripts.append(
+        rollout_lib.Transcript(str(groups[i]), groups[i], i % G, messages=[{
+            "role": "assistant",
+            "text": text
+        }]))
   return rollout_lib.RolloutResult({"tokens": tokens, "loss_mask": loss_mask}, transcripts, {})
 
 
@@ -71,11 +75,10 @@ def test_scoring_hook_replaces_text_only_and_skips_special_tokens_as_the_release
   assert rewards.score_batch(texts, refs, CONFIG)[1]["format"].tolist() == [0.0] * G
 
   paper = rewards.RewardOptions(task="coding", gold_injection=True, skip_special_tokens=True)
-  texts, injected, missing = agent_task.scored_completions(result, examples, paper, tokenizer,
-                                                           np.random.default_rng(0))
+  texts, injected, missing = agent_task.scored_completions(result, examples, paper, tokenizer, np.random.default_rng(0))
   assert missing == 0 and injected.sum() == 1
-  assert [t for t, hit in zip(texts, injected) if not hit] == [s.removesuffix(chat.IM_END)
-                                                               for s, hit in zip(sampled, injected) if not hit]
+  assert [t for t, hit in zip(texts, injected) if not hit
+         ] == [s.removesuffix(chat.IM_END) for s, hit in zip(sampled, injected) if not hit]
   assert texts[int(np.flatnonzero(injected)[0])] == ANSWER_GT
   total, components = rewards.score_batch(texts, refs, CONFIG)
   assert components["format"].tolist() == [1.0] * G
@@ -91,19 +94,23 @@ def test_gold_options_are_reward_options():
     rewards.inject_gold(["a", "b"], ["g"], [0, 0], np.random.default_rng(0))
 
 
-@pytest.mark.parametrize("task, text, expected", [
-    ("coding", "<think> a </think><answer> OPEN </answer>", 1.0),
-    ("coding", "<think> a </think><answer> OPEN </answer> Hope this helps.", 0.0),  # text after the action
-    ("coding", "<think> a </think><answer> OPEN </answer>\n", 0.0),  # even a newline: fullmatch
-    ("search", "<think> a </think>\n<search> a query </search> then I will answer", 0.0),
-    ("search", "<think> a </think>\n<search> a query </search>", 1.0),
-])
+@pytest.mark.parametrize(
+    "task, text, expected",
+    [
+        ("coding", "<think> a </think><answer> OPEN </answer>", 1.0),
+        ("coding", "<think> a </think><answer> OPEN </answer> Hope this helps.", 0.0),  # text after the action
+        ("coding", "<think> a </think><answer> OPEN </answer>\n", 0.0),  # even a newline: fullmatch
+        ("search", "<think> a </think>\n<search> a query </search> then I will answer", 0.0),
+        ("search", "<think> a </think>\n<search> a query </search>", 1.0),
+    ])
 def test_text_after_the_action_costs_the_format_as_the_released_fullmatch(task, text, expected):
   """Generated to EOS, a turn can run on past its action (a closing-tag stop never lets it); the format reward
   is the released `re.fullmatch(pattern, content, re.DOTALL)` on the text without special tokens."""
   import re
-  pattern = {"coding": r"<think>.*?</think>\s*<answer>.*?</answer>",
-             "search": r"<think>.*?</think>\s*<search>.*?</search>"}[task]
+  pattern = {
+      "coding": r"<think>.*?</think>\s*<answer>.*?</answer>",
+      "search": r"<think>.*?</think>\s*<search>.*?</search>"
+  }[task]
   assert float(re.fullmatch(pattern, text, re.DOTALL) is not None) == expected
   solution = "<answer> OPEN </answer>" if task == "coding" else "<search> a query </search>"
   config = {"rewards": [("format", 1.0)], "reward_options": {"task": task}}

@@ -3,9 +3,7 @@ import numpy as np
 import pytest
 
 from varft import rewards
-from varft.rewards import host
-from varft.rewards import ops
-from varft.rewards import tags
+from varft.rewards import host, ops, tags
 
 
 def test_parse_reference_from_solution_and_fields():
@@ -20,9 +18,17 @@ def test_parse_reference_from_solution_and_fields():
 
 
 @pytest.mark.parametrize("ref, message", [
-    ({"step_type": "answer", "answers": [1]}, "answers must be a string or a list of strings"),
-    ({"solution": 3}, "solution must be a string"),
-    ({"step_type": "search", "query": None}, "query must be a string"),
+    ({
+        "step_type": "answer",
+        "answers": [1]
+    }, "answers must be a string or a list of strings"),
+    ({
+        "solution": 3
+    }, "solution must be a string"),
+    ({
+        "step_type": "search",
+        "query": None
+    }, "query must be a string"),
     ("just text", "must be a dict"),
 ])
 def test_bad_references_name_the_problem(ref, message):
@@ -32,8 +38,10 @@ def test_bad_references_name_the_problem(ref, message):
 
 def test_buckets_are_powers_of_two_with_minimums():
   assert [host.bucket(n, 8) for n in (0, 1, 8, 9, 100)] == [8, 8, 8, 16, 128]
-  arrays = rewards.prepare_reward_inputs(["<think>a</think><answer>one two three</answer>"] * 9,
-                                         [{"step_type": "answer", "answers": ["one"]}] * 9, names=["answer_f1"])
+  arrays = rewards.prepare_reward_inputs(["<think>a</think><answer>one two three</answer>"] * 9, [{
+      "step_type": "answer",
+      "answers": ["one"]
+  }] * 9, names=["answer_f1"])
   assert arrays["events"].shape == (16, 16) and arrays["pred_words"].shape == (16, 8)
   assert arrays["gold_words"].shape == (16, 1, 8) and arrays["valid"].sum() == 9
   assert (arrays["events"][9:] == tags.PAD).all() and (arrays["pred_words"][9:] == -1).all()
@@ -48,21 +56,27 @@ def test_only_requested_inputs_are_built_and_embedder_only_for_search_steps():
     calls.append(list(texts))
     return np.ones((len(texts), 4), np.float32)
 
-  arrays = rewards.prepare_reward_inputs(["<think>a</think><answer>x</answer>"], [{"step_type": "answer"}],
-                                         names=["format"], embedder=embedder)
+  arrays = rewards.prepare_reward_inputs(["<think>a</think><answer>x</answer>"], [{
+      "step_type": "answer"
+  }], names=["format"], embedder=embedder)
   assert set(arrays) == {"valid", "task", "step_type", "events"} and not calls
   arrays = rewards.prepare_reward_inputs(
-      ["<think>a</think><search> lego </search>", "<think>a</think><answer>x</answer>"],
-      [{"step_type": "search", "query": "q"}, {"step_type": "answer"}], names=["accuracy"], embedder=embedder)
+      ["<think>a</think><search> lego </search>", "<think>a</think><answer>x</answer>"], [{
+          "step_type": "search",
+          "query": "q"
+      }, {
+          "step_type": "answer"
+      }], names=["accuracy"], embedder=embedder)
   assert calls == [["lego", "q"]]
   assert arrays["pred_query_emb"].shape == (8, 4) and not arrays["pred_query_emb"][1].any()
   assert arrays["code_step_reward"] == np.float32(0.9) and arrays["step_type"][1] == ops.ANSWER
 
 
 def test_problem_ids_reserve_the_rotations():
-  arrays = rewards.prepare_reward_inputs(["<think>a</think><problem>{'rotation180', 'odd'}</problem>"],
-                                         [{"step_type": "problem", "problems": ["rotation90"]}],
-                                         names=["problem_match"])
+  arrays = rewards.prepare_reward_inputs(["<think>a</think><problem>{'rotation180', 'odd'}</problem>"], [{
+      "step_type": "problem",
+      "problems": ["rotation90"]
+  }], names=["problem_match"])
   assert sorted(arrays["pred_problems"][0][:2]) == [ops.ROTATION180, len(host.PROBLEM_TYPES)]
   assert arrays["gold_problems"][0][0] == ops.ROTATION90
 
@@ -80,8 +94,10 @@ def test_tool_stats_are_checked():
 def test_real_minilm_query_similarity():
   """The paper's embedder (offline package): a paraphrase clears 0.5, an unrelated query scores 0."""
   embedder = host.default_embedder()
-  texts = ["<think>.</think><search>What does the brand name LEGO mean?</search>",
-           "<think>.</think><search>population of Tokyo in 2020</search>"]
+  texts = [
+      "<think>.</think><search>What does the brand name LEGO mean?</search>",
+      "<think>.</think><search>population of Tokyo in 2020</search>"
+  ]
   refs = [{"step_type": "search", "query": "meaning of the name LEGO"}] * 2
   arrays = rewards.prepare_reward_inputs(texts, refs, names=["query_similarity"], embedder=embedder)
   _, c = rewards.compute_rewards(arrays, [("query_similarity", 1.0)])
@@ -120,15 +136,18 @@ def test_auto_similarity_falls_back_to_lexical_once_and_minilm_is_required_when_
 
 def test_a_batch_without_search_steps_never_builds_an_encoder(monkeypatch):
   monkeypatch.setattr(host, "default_embedder", lambda similarity: pytest.fail("encoder built"))
-  arrays = rewards.prepare_reward_inputs(["<think>.</think><answer>4</answer>"], [{"step_type": "answer"}],
-                                         names=["accuracy"], options=host.RewardOptions(query_similarity="minilm"))
+  arrays = rewards.prepare_reward_inputs(["<think>.</think><answer>4</answer>"], [{
+      "step_type": "answer"
+  }], names=["accuracy"], options=host.RewardOptions(query_similarity="minilm"))
   assert arrays["pred_query_emb"].shape[0] == 8 and not arrays["pred_query_emb"].any()
 
 
 def test_math_verify_gives_full_accuracy_when_the_numbers_agree_as_in_the_paper():
   pytest.importorskip("math_verify")
-  texts = ["<think>.</think><search>population of Tokyo in 2020</search>",
-           "<think>.</think><search>population of Tokyo in 1999</search>"]
+  texts = [
+      "<think>.</think><search>population of Tokyo in 2020</search>",
+      "<think>.</think><search>population of Tokyo in 1999</search>"
+  ]
   refs = [{"solution": "<think>.</think><search>Tokyo census 2020 results</search>"}] * 2
   config = {"rewards": [("accuracy", 1.0)], "reward_options": {"query_similarity": "lexical"}}
   without, _ = rewards.score_batch(texts, refs, config)
@@ -137,8 +156,11 @@ def test_math_verify_gives_full_accuracy_when_the_numbers_agree_as_in_the_paper(
   assert without[0] == 0.0 and with_math[0] == 1.0  # shares only the year: 0 -> 1
   assert with_math[1] == without[1] == 0.0
   coding = [{"solution": "<think>.</think><answer>2020</answer>", "task": "coding"}]
-  total, _ = rewards.score_batch(["<think>.</think><answer>in 2020</answer>"], coding,
-                                 {**config, "reward_options": {**config["reward_options"], "task": "coding"}})
+  total, _ = rewards.score_batch(["<think>.</think><answer>in 2020</answer>"], coding, {
+      **config, "reward_options": {
+          **config["reward_options"], "task": "coding"
+      }
+  })
   assert total[0] < 1.0  # the coding trainer has no math_verify
 
 

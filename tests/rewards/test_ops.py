@@ -1,16 +1,16 @@
 """The jitted batch ops equal the plain-Python paper rules, and the reward API behaves."""
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import jax
 import ml_collections
 import numpy as np
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
+from tests.rewards import strategies
+from tests.rewards.conftest import FakeEmbedder
 from varft import rewards
 from varft.eval import metrics
 from varft.rewards import reference
-from tests.rewards import strategies
-from tests.rewards.conftest import FakeEmbedder
 
 ALL_STEP_REWARDS = (("accuracy", 1.0), ("format", 1.0), ("answer_f1", 1.0), ("answer_em", 1.0),
                     ("answer_squad_f1", 1.0), ("query_similarity", 1.0), ("code_step", 1.0), ("problem_match", 1.0))
@@ -67,30 +67,51 @@ def test_jitted_ops_equal_paper_rules(batch):
 
 
 ADVERSARIAL = (
-    "", "<think></think><answer></answer>", "<think>a</think><answer>x<answer></answer>",
-    "<think>a<think></think><answer>x</answer>", "<think><answer>a</think><answer>x</answer>",
-    "<think>a</think><answer>x</answer></answer>", "<think>a</think></think><answer>x</answer>",
-    "<think>a</think><answer><search>q</search></answer>", "<think>a</think><search>q</search><answer>x</answer>",
-    "<think>a</think><search>q</answer><answer></search>", "<think>a</think> \n <answer>x</answer>",
-    "<think>a</think>\u3000<answer>x</answer>", "<think>a</think>\u200b<answer>x</answer>",
-    "<think>a</think><answer>x\n</answer>", "<think>a</think><answer>x</answer>\n",
-    "<think>a</think><problem>{''}</problem>", "<think>a</think><problem>{'a''b'}</problem>",
-    "<think>a</think><problem>{'a',}</problem>", "<think>a</think><problem> { 'dark' , 'blur' }\n</problem>",
-    "<think>a</think><problem>{'rotation90\n'}</problem>", "<think>a</think><problem>{'}'}</problem>",
-    "<think>a</think><problem>{'dark'}</problem><problem>", "<think>a</think><problem>{'rotation90'}</problem>",
-    "<think>a</think><code>```python```</code>", "<think>a</think><code>``` python```</code>",
-    "<think>a</think><code> ```python\n```x</code>", "<think>a</think><code>```python</code>",
-    "<think>a</think><code>```python x```</code><code>", "<think>a</think><code>````python x```</code>",
-    "<think>思考</think><answer>巴黎，法国</answer>", "<think>a</think><answer>Play <b>well</b></answer>",
+    "",
+    "<think></think><answer></answer>",
+    "<think>a</think><answer>x<answer></answer>",
+    "<think>a<think></think><answer>x</answer>",
+    "<think><answer>a</think><answer>x</answer>",
+    "<think>a</think><answer>x</answer></answer>",
+    "<think>a</think></think><answer>x</answer>",
+    "<think>a</think><answer><search>q</search></answer>",
+    "<think>a</think><search>q</search><answer>x</answer>",
+    "<think>a</think><search>q</answer><answer></search>",
+    "<think>a</think> \n <answer>x</answer>",
+    "<think>a</think>\u3000<answer>x</answer>",
+    "<think>a</think>\u200b<answer>x</answer>",
+    "<think>a</think><answer>x\n</answer>",
+    "<think>a</think><answer>x</answer>\n",
+    "<think>a</think><problem>{''}</problem>",
+    "<think>a</think><problem>{'a''b'}</problem>",
+    "<think>a</think><problem>{'a',}</problem>",
+    "<think>a</think><problem> { 'dark' , 'blur' }\n</problem>",
+    "<think>a</think><problem>{'rotation90\n'}</problem>",
+    "<think>a</think><problem>{'}'}</problem>",
+    "<think>a</think><problem>{'dark'}</problem><problem>",
+    "<think>a</think><problem>{'rotation90'}</problem>",
+    "<think>a</think><code>```python```</code>",
+    "<think>a</think><code>``` python```</code>",
+    "<think>a</think><code> ```python\n```x</code>",
+    "<think>a</think><code>```python</code>",
+    "<think>a</think><code>```python x```</code><code>",
+    "<think>a</think><code>````python x```</code>",
+    "<think>思考</think><answer>巴黎，法国</answer>",
+    "<think>a</think><answer>Play <b>well</b></answer>",
 )
 
 
 def test_adversarial_completions_equal_paper_rules():
-  solutions = {"answer": "<think>r</think><answer>Play well</answer>", "search": "<think>r</think><search>q</search>",
-               "code": "<think>r</think><code>```python\nx\n```</code>",
-               "problem": "<think>r</think><problem>{'rotation90', 'dark'}</problem>"}
-  cases = [(text, task, {"solution": solutions[step], "task": task})
-           for text in ADVERSARIAL for task, steps in reference.STEP_TYPE_PRIORITY.items() for step in steps]
+  solutions = {
+      "answer": "<think>r</think><answer>Play well</answer>",
+      "search": "<think>r</think><search>q</search>",
+      "code": "<think>r</think><code>```python\nx\n```</code>",
+      "problem": "<think>r</think><problem>{'rotation90', 'dark'}</problem>"
+  }
+  cases = [(text, task, {
+      "solution": solutions[step],
+      "task": task
+  }) for text in ADVERSARIAL for task, steps in reference.STEP_TYPE_PRIORITY.items() for step in steps]
   for start in range(0, len(cases), PINNED["batch"]):
     chunk = cases[start:start + PINNED["batch"]]
     _, comps = _score([c[0] for c in chunk], [c[2] for c in chunk])  # each reference names its task
@@ -138,9 +159,11 @@ def test_repeated_tags_void_format():
 def test_problem_partial_credit_follows_the_paper():
   gold = "<think>r</think><problem>{'rotation90', 'dark'}</problem>"
   both = "<think>r</think><problem>{'rotation90', 'rotation180'}</problem>"
-  texts = ["<think>.</think><problem>{'rotation90'}</problem>", "<think>.</think><problem>{'dark'}</problem>",
-           "<think>.</think><problem>{'dark','rotation90'}</problem>",
-           "<think>.</think><problem>{'rotation180'}</problem>", "<think>.</think><problem>{'rotation180'}</problem>"]
+  texts = [
+      "<think>.</think><problem>{'rotation90'}</problem>", "<think>.</think><problem>{'dark'}</problem>",
+      "<think>.</think><problem>{'dark','rotation90'}</problem>", "<think>.</think><problem>{'rotation180'}</problem>",
+      "<think>.</think><problem>{'rotation180'}</problem>"
+  ]
   refs = [{"solution": gold}] * 3 + [{"solution": both}, {"step_type": "problem", "problems": ["dark", "blur"]}]
   _, c = _score(texts, refs, task="coding")
   # rotation90 alone earns half; with both rotations in the gold set only rotation90 is checked (if/elif).
@@ -169,10 +192,14 @@ def test_query_similarity_threshold(fake_embedder):
 def test_multiturn_outcome_rewards_use_tool_stats():
   texts = ["<think>done</think><answer>Paris</answer>"] * 3
   refs = [{"step_type": "answer", "answers": ["Paris"]}] * 3
-  stats = {"num_calls": [2, 3, 0], "num_failed": [0, 2, 0], "all_valid": [True, False, True],
-           "num_code_success": [1, 0, 0]}
-  config = ml_collections.ConfigDict({"rewards": [("answer_f1", 1.0), ("tool_validity", 0.2),
-                                                  ("failed_calls", 0.1), ("code_success", 0.5)]})
+  stats = {
+      "num_calls": [2, 3, 0],
+      "num_failed": [0, 2, 0],
+      "all_valid": [True, False, True],
+      "num_code_success": [1, 0, 0]
+  }
+  config = ml_collections.ConfigDict(
+      {"rewards": [("answer_f1", 1.0), ("tool_validity", 0.2), ("failed_calls", 0.1), ("code_success", 0.5)]})
   total, c = rewards.score_batch(texts, refs, config, tool_stats=stats)
   np.testing.assert_allclose(c["failed_calls"], [0, -2, 0])
   np.testing.assert_allclose(c["tool_validity"], [1, 0, 1])
@@ -181,10 +208,10 @@ def test_multiturn_outcome_rewards_use_tool_stats():
 
 
 def test_padding_rows_score_zero_and_ops_are_vmappable():
-  arrays = rewards.prepare_reward_inputs(["<think>a</think><answer>x</answer>"], [{"step_type": "answer",
-                                                                                  "answers": ["x"]}],
-                                         names=[n for n, _ in ALL_STEP_REWARDS], embedder=FakeEmbedder(),
-                                         bucket_mins=PINNED)
+  arrays = rewards.prepare_reward_inputs(["<think>a</think><answer>x</answer>"], [{
+      "step_type": "answer",
+      "answers": ["x"]
+  }], names=[n for n, _ in ALL_STEP_REWARDS], embedder=FakeEmbedder(), bucket_mins=PINNED)
   total, _ = rewards.compute_rewards(arrays, ALL_STEP_REWARDS)
   assert total.shape == (32,) and float(total[0]) == 5.0 and not np.asarray(total[1:]).any()
   # A batch op vmaps over an extra leading axis (e.g. groups of trajectories).
@@ -197,7 +224,8 @@ def test_padding_rows_score_zero_and_ops_are_vmappable():
 def test_very_long_completion_matches_reference():
   text = "<think>" + "long thought, 'quoted' {x} " * 800 + "</think>\n<answer>" + "Play well " * 300 + "</answer>"
   ref = {"step_type": "answer", "answers": ["play well"]}
-  _, c = rewards.score_batch([text], [ref], ml_collections.ConfigDict({"rewards": [("format", 1.0), ("answer_f1", 1.0)]}))
+  _, c = rewards.score_batch([text], [ref],
+                             ml_collections.ConfigDict({"rewards": [("format", 1.0), ("answer_f1", 1.0)]}))
   assert c["format"][0] == reference.format_reward(text, "search", "answer") == 1.0
   assert c["answer_f1"][0] == pytest.approx(metrics.f1_score(reference.extract_tag(text, "answer"), "play well"))
 

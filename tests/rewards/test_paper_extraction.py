@@ -35,8 +35,7 @@ def test_answers_are_extracted_without_dotall(content):
 def test_problem_lists_are_sorted_before_comparing():
   content = "<think> t </think><problem> {'rotation90', 'dark'} </problem>"
   assert reference.extract_problems(content) == ["dark", "rotation90"]
-  _, components = rewards.score_batch([content], [{"solution": "<problem> {'dark', 'rotation90'} </problem>"}],
-                                      CONFIG)
+  _, components = rewards.score_batch([content], [{"solution": "<problem> {'dark', 'rotation90'} </problem>"}], CONFIG)
   assert float(components["accuracy"][0]) == 1.0  # unsorted, ['rotation90', 'dark'] != ['dark', 'rotation90']
 
 

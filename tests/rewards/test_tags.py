@@ -4,12 +4,15 @@ import re
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from varft.rewards import reference
-from varft.rewards import tags
 from tests.rewards import strategies
+from varft.rewards import reference, tags
 
-PATTERNS = {"answer": reference.ANSWER_PATTERN, "search": reference.SEARCH_PATTERN,
-            "code": reference.CODE_PATTERN, "problem": reference.PROBLEM_PATTERN}
+PATTERNS = {
+    "answer": reference.ANSWER_PATTERN,
+    "search": reference.SEARCH_PATTERN,
+    "code": reference.CODE_PATTERN,
+    "problem": reference.PROBLEM_PATTERN
+}
 
 
 def _dfa_accepts(text):
@@ -25,7 +28,8 @@ def _regex_accepts(text):
 def test_events_of_a_search_step():
   assert tags.text_to_events("<think>why</think>\n<search>lego, meaning</search>") == [
       tags.OPEN["think"], tags.TEXT, tags.CLOSE["think"], tags.WS, tags.OPEN["search"], tags.TEXT, tags.COMMA,
-      tags.TEXT, tags.CLOSE["search"]]
+      tags.TEXT, tags.CLOSE["search"]
+  ]
 
 
 def test_longest_special_wins_and_unicode_whitespace_is_ws():

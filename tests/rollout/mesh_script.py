@@ -16,7 +16,8 @@ import numpy as np
 from PIL import Image
 
 from varft import rollout, sampling, sharding
-from varft.models.qwen25vl import config as config_lib, model
+from varft.models.qwen25vl import config as config_lib
+from varft.models.qwen25vl import model
 from varft.processing import chat
 
 CFG = config_lib.get_config("tiny")
@@ -34,10 +35,13 @@ def run(mesh, params, tokenizer, table):
   config = rollout.RolloutConfig(max_turns=1, max_new_tokens=6, max_total_tokens=512, length_buckets=(512,),
                                  temperature=0.0, patch_buckets=(64, 256), image_max_pixels=112 * 112)
   batch_devices = 1 if mesh is None else sharding.batch_size_multiple(mesh)
-  engine = rollout.RolloutEngine(CFG, tokenizer, None, config, mesh=mesh, stop_table=table,
-                                 batch_devices=batch_devices)
-  examples = [{"id": str(i), "task": "search", "question": f"Q{i}", "images": [_png(s, i)]}
-              for i, s in enumerate(SIZES)]
+  engine = rollout.RolloutEngine(CFG, tokenizer, None, config, mesh=mesh, stop_table=table, batch_devices=batch_devices)
+  examples = [{
+      "id": str(i),
+      "task": "search",
+      "question": f"Q{i}",
+      "images": [_png(s, i)]
+  } for i, s in enumerate(SIZES)]
   if mesh is not None:
     params = sharding.sampling_params(params, mesh, mesh)
   return engine.run(params, examples, jax.random.PRNGKey(0), num_samples=2)

@@ -12,8 +12,8 @@ import io
 
 import jax
 import numpy as np
-import pytest
 from PIL import Image
+import pytest
 
 from varft import prompts, rollout
 from varft.models.qwen25vl import config as config_lib
@@ -103,19 +103,25 @@ def _expected_ids(tokenizer, text, image_tokens):
 def test_search_turn_matches_the_released_layout(setup):
   backend = Snippets()
   executor = ToolExecutor({"search_format": "paper_exact", "topk": 4}, search_backend=backend)
-  example = {"id": 7, "task": "search", "question": "Who founded the company of this logo?",
-             "answers": ["Ada Lovelace"], "images": [_png(140, 100, 0)]}
+  example = {
+      "id": 7,
+      "task": "search",
+      "question": "Who founded the company of this logo?",
+      "answers": ["Ada Lovelace"],
+      "images": [_png(140, 100, 0)]
+  }
   result, tokenizer = _run(setup, paper_config(), executor, example,
                            [SEARCH_TURN, "<think> Found. </think>\n<answer> Ada Lovelace </answer>"])
   t = result.transcripts[0]
   information = ("<information> 1. Content:Acme was founded by Ada Lovelace in 1843.2. Content:Ada Lovelace, "
                  "mathematician. </information> ")
-  text = (prompts.SEARCH_AGENT + "\n<query> Who founded the company of this logo? </query>\n" + SEARCH_TURN + "\n"
-          + information)
+  text = (prompts.SEARCH_AGENT + "\n<query> Who founded the company of this logo? </query>\n" + SEARCH_TURN + "\n" +
+          information)
   expected = TEMPLATE_HEAD + "<|vision_start|><|image_pad|><|vision_end|>" + text + TEMPLATE_TAIL
   assert [m["role"] for m in t.messages] == ["user", "assistant", "user", "assistant"]
-  assert t.messages[0]["text"] == (TEMPLATE_HEAD + "<|vision_start|><|image_pad|><|vision_end|>" + prompts.SEARCH_AGENT
-                                   + "\n<query> Who founded the company of this logo? </query>" + TEMPLATE_TAIL)
+  assert t.messages[0]["text"] == (TEMPLATE_HEAD + "<|vision_start|><|image_pad|><|vision_end|>" +
+                                   prompts.SEARCH_AGENT + "\n<query> Who founded the company of this logo? </query>" +
+                                   TEMPLATE_TAIL)
   assert t.messages[2]["text"] == expected and t.messages[2]["images"] == ["prompt:0"]
   ids = _expected_ids(tokenizer, expected, IMAGE_TOKENS[(140, 100)])
   assert result.batch["tokens"][0][:len(ids)].tolist() == ids  # the ledger: the last turn's prompt, then its sample
@@ -132,8 +138,7 @@ def test_search_turn_matches_the_released_layout(setup):
 def test_coding_turns_match_the_released_layout(setup):
   sandbox = Sandbox()
   executor = ToolExecutor({}, sandbox=sandbox)
-  example = {"id": 3, "task": "coding", "question": CODING_QUESTION, "answers": ["42"],
-             "images": [_png(150, 100, 1)]}
+  example = {"id": 3, "task": "coding", "question": CODING_QUESTION, "answers": ["42"], "images": [_png(150, 100, 1)]}
   result, tokenizer = _run(setup, paper_config(), executor, example,
                            [PROBLEM_TURN, CODE_TURN, "<think> It reads 42. </think>\n<answer> 42 </answer>"])
   t = result.transcripts[0]
@@ -171,8 +176,7 @@ def test_a_search_error_ends_the_item_without_prediction(setup):
 
 def test_a_failed_code_call_adds_only_the_turn(setup):
   sandbox = Sandbox()
-  example = {"id": 4, "task": "coding", "question": "What is written?", "answers": ["7"],
-             "images": [_png(150, 100, 2)]}
+  example = {"id": 4, "task": "coding", "question": "What is written?", "answers": ["7"], "images": [_png(150, 100, 2)]}
   failing = CODE_TURN.replace("out = img[10:20, 30:40]", "fail()")
   problem = "<problem> {'rotation90'} </problem>"
   result, _ = _run(setup, paper_config(), ToolExecutor({}, sandbox=sandbox), example,
@@ -180,8 +184,8 @@ def test_a_failed_code_call_adds_only_the_turn(setup):
   t = result.transcripts[0]
   assert [o["ok"] for o in t.observations] == [True, False] and t.observations[1]["crop_override"] is False
   tip = prompts.problem_tip(["rotation90"])
-  assert t.messages[4]["text"].endswith(f"<query> What is written? <query>\n{problem}\n{tip}\n\n{failing}"
-                                        + TEMPLATE_TAIL)
+  assert t.messages[4]["text"].endswith(f"<query> What is written? <query>\n{problem}\n{tip}\n\n{failing}" +
+                                        TEMPLATE_TAIL)
   assert t.messages[4]["images"] == ["prompt:0"] and "NameError" not in t.messages[4]["text"]
 
 
@@ -204,10 +208,16 @@ def test_config_rejects_unknown_settings():
 
 
 def test_stepwise_training_generates_to_eos(setup):
-  example = {"id": 5, "task": "search", "question": "Who?", "answers": ["Ada"], "images": [_png(140, 100, 3)],
-             "context": "<think> a </think>\n<search> q </search>\n" + prompts.search_observation(["x"], exact=True)}
-  config = paper_config(mode="stepwise", layout="chat", agent_rules="varft", repetition_penalty=1.0,
-                        temperature=1.0, crop_override=False, image_prefit=False)
+  example = {
+      "id": 5,
+      "task": "search",
+      "question": "Who?",
+      "answers": ["Ada"],
+      "images": [_png(140, 100, 3)],
+      "context": "<think> a </think>\n<search> q </search>\n" + prompts.search_observation(["x"], exact=True)
+  }
+  config = paper_config(mode="stepwise", layout="chat", agent_rules="varft", repetition_penalty=1.0, temperature=1.0,
+                        crop_override=False, image_prefit=False)
   result, tokenizer = _run(setup, config, ToolExecutor({}), example, [SEARCH_TURN + " and more text"])
   t = result.transcripts[0]
   assert t.stop_reason == "step" and t.completion == SEARCH_TURN + " and more text"  # not cut at </search>

@@ -12,8 +12,8 @@ def test_search_turns():
   assert read("<answer>\n  Paris\n</answer>") == [("answer", "Paris")]  # \s* spans the newlines around it
   assert read("<answer> Paris\nFrance </answer>")[0][0] == "malformed"  # no DOTALL: a two-line answer is none
   assert read("<answer></answer>") == [("answer", "")]
-  assert read("<search> capital of France </search> then more text <search> b </search>") == [
-      ("search", "capital of France")]
+  assert read("<search> capital of France </search> then more text <search> b </search>") == [("search",
+                                                                                               "capital of France")]
   assert read("<search> unclosed", last="earlier query") == [("search", "earlier query")]
   assert read("<search> unclosed")[0][0] == "malformed"
   assert read("<think> only thinking </think>")[0][0] == "malformed"
@@ -35,8 +35,8 @@ def test_coding_turns():
 
 def test_chain_steps():
   search, = paper_rules.read_turn("<search> q </search>", "search")
-  assert paper_rules.chain_step("T", search, "<information> ... </information> ") == (
-      "\nT\n<information> ... </information> ")
+  assert paper_rules.chain_step("T", search,
+                                "<information> ... </information> ") == ("\nT\n<information> ... </information> ")
   crop, = paper_rules.read_turn("<problem> {'crop'} </problem>", "coding")
   assert paper_rules.chain_step("T", crop, "") == f"\nT\n{prompts.problem_tip(['crop'])}\n"
   none, = paper_rules.read_turn("<problem> {'none'} </problem>", "coding")

@@ -10,8 +10,8 @@ import io
 
 import jax
 import numpy as np
-import pytest
 from PIL import Image
+import pytest
 
 torch = pytest.importorskip("torch")
 
@@ -36,9 +36,27 @@ def _png(width, height, seed):
 
 
 EXAMPLES = [
-    {"id": "s1", "task": "search", "question": "Where is this?", "answers": ["Paris"], "images": [_png(56, 56, 0)]},
-    {"id": "c1", "task": "coding", "question": "What is written?", "answers": ["42"], "images": [_png(84, 56, 1)]},
-    {"id": "s2", "task": "search", "question": LONG_QUESTION, "answers": ["Seine"], "images": []},
+    {
+        "id": "s1",
+        "task": "search",
+        "question": "Where is this?",
+        "answers": ["Paris"],
+        "images": [_png(56, 56, 0)]
+    },
+    {
+        "id": "c1",
+        "task": "coding",
+        "question": "What is written?",
+        "answers": ["42"],
+        "images": [_png(84, 56, 1)]
+    },
+    {
+        "id": "s2",
+        "task": "search",
+        "question": LONG_QUESTION,
+        "answers": ["Seine"],
+        "images": []
+    },
 ]
 
 SCRIPT = {  # (row, turn) -> forced text; rows 3*g .. 3*g+2 are the G samples of example g
@@ -92,10 +110,9 @@ def setup(tmp_path_factory):
   # The longest prompt (example s2) leaves room for one short search turn but not for a long observation.
   text = prompts.user_text(prompts.SEARCH_AGENT, LONG_QUESTION)
   longest = len(chat.encode_messages(tokenizer, [{"role": "user", "content": text}]))
-  rollout_config = rollout.RolloutConfig(
-      max_turns=3, max_new_tokens=24, max_total_tokens=longest + 56, max_tool_output_tokens=TOOL_TOKENS,
-      temperature=1.0, length_buckets=(512, 768), chunk_buckets=(32, 64, 128), patch_buckets=(256,),
-      image_max_pixels=224 * 224)
+  rollout_config = rollout.RolloutConfig(max_turns=3, max_new_tokens=24, max_total_tokens=longest + 56,
+                                         max_tool_output_tokens=TOOL_TOKENS, temperature=1.0, length_buckets=(512, 768),
+                                         chunk_buckets=(32, 64, 128), patch_buckets=(256,), image_max_pixels=224 * 224)
   executor = ScriptedExecutor()
   engine = rollout.RolloutEngine(config, tokenizer, executor, rollout_config)
 
@@ -109,8 +126,9 @@ def setup(tmp_path_factory):
 def test_stop_reasons_and_transcripts(setup):
   *_, tokenizer, engine, executor, result = setup
   reasons = [t.stop_reason for t in result.transcripts]
-  assert reasons == ["answer", "malformed", "max_turns", "answer", "answer", "malformed", "max_tokens",
-                     "max_new_tokens", "max_tokens"]
+  assert reasons == [
+      "answer", "malformed", "max_turns", "answer", "answer", "malformed", "max_tokens", "max_new_tokens", "max_tokens"
+  ]
   t = result.transcripts
   assert [x.group_id for x in t] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
   assert t[0].answer == "Paris" and t[0].completion.endswith("<answer> Paris </answer>")
@@ -126,8 +144,8 @@ def test_stop_reasons_and_transcripts(setup):
   assert t[5].actions[0].kind == "malformed"
   assert "--- assistant ---" in t[3].render()
   # One execute() per turn for the whole batch; the code tool got row 3's prompt image.
-  assert [sorted(c.call_id for c in b) for b in executor.batches] == [
-      ["0:1", "1:1", "2:1", "4:1", "6:1", "8:1"], ["2:2", "3:2"]]
+  assert [sorted(c.call_id for c in b) for b in executor.batches] == [["0:1", "1:1", "2:1", "4:1", "6:1", "8:1"],
+                                                                      ["2:2", "3:2"]]
   code_call = executor.batches[1][1]
   assert code_call.kind == "code" and code_call.images["path_to_input_image.jpg"].size == (84, 56)
   # Two prompt images + one tool-output image, each through the vision tower once for all G samples.
@@ -148,7 +166,8 @@ def test_loss_mask_holds_exactly_the_sampled_tokens(setup):
   lengths = batch["attention_mask"].sum(1)
   assert list(lengths) == [t.num_tokens for t in result.transcripts]
   assert max(lengths) <= engine.config.max_total_tokens
-  assert lengths[6] <= engine.config.max_total_tokens and result.transcripts[8].num_tokens == engine.config.max_total_tokens
+  assert lengths[6] <= engine.config.max_total_tokens and result.transcripts[
+      8].num_tokens == engine.config.max_total_tokens
   # Observation tokens carry no loss; a tool turn is a user turn, the assistant turn reopens after it.
   row0 = tokenizer.decode(batch["tokens"][0][:lengths[0]])
   assert "</search><|im_end|>\n<|im_start|>user\n<information>" in row0
@@ -189,8 +208,9 @@ def test_positions_equal_transformers_rope_index(setup):
 def test_stored_logps_equal_a_fresh_forward_pass(setup):
   config, params, *_, result = setup
   batch = result.batch
-  image_embeds = model.encode_images(params, config, batch["pixel_values"][0],
-                                     {k: v[0] for k, v in batch["vision_inputs"].items()})
+  image_embeds = model.encode_images(params, config, batch["pixel_values"][0], {
+      k: v[0] for k, v in batch["vision_inputs"].items()
+  })
   hidden, _ = model.forward_hidden(params, config, batch["tokens"], batch["positions"], batch["attention_mask"],
                                    image_embeds, batch["image_index"])
   rows, cols = np.nonzero(batch["loss_mask"][:, 1:] == 1)  # token t = cols + 1 is predicted at position cols
@@ -204,8 +224,7 @@ def test_stored_logps_equal_a_fresh_forward_pass(setup):
 def test_stepwise_mode_makes_one_turn_from_the_carried_context(setup):
   config, params, _, tokenizer, engine, *_ = setup
   executor = ScriptedExecutor()
-  stepwise = rollout.RolloutEngine(config, tokenizer, executor,
-                                   dataclasses.replace(engine.config, mode="stepwise"),
+  stepwise = rollout.RolloutEngine(config, tokenizer, executor, dataclasses.replace(engine.config, mode="stepwise"),
                                    stop_table=engine.sampler.stop_table)
   context = "<think> earlier </think>\n<search> q </search>\n<information> 1. Content:Paris </information>"
   examples = [dict(ex, step_type="answer", context=context) for ex in EXAMPLES]
@@ -241,4 +260,3 @@ def test_config_from_dict_and_errors():
     rollout.RolloutConfig(max_total_tokens=10000)
   with pytest.raises(ValueError, match="mode"):
     rollout.RolloutConfig(mode="chat")
-

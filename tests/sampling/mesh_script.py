@@ -12,7 +12,8 @@ import jax
 import numpy as np
 
 from varft import sampling, sharding
-from varft.models.qwen25vl import config as config_lib, text
+from varft.models.qwen25vl import config as config_lib
+from varft.models.qwen25vl import text
 from varft.processing import chat
 
 CFG = config_lib.get_config("tiny")
@@ -50,13 +51,13 @@ def compiles(table):
   """Three steps of (new train params -> bf16 sampling weights -> extend + generate) on a tp=2 rollout mesh; the
   number of XLA compiles (any program) after each."""
   backend_compiles = []
-  jax.monitoring.register_event_duration_secs_listener(
-      lambda event, _, **kw: backend_compiles.append(event) if event.endswith("backend_compile_duration") else None)
+  jax.monitoring.register_event_duration_secs_listener(lambda event, _, **kw: backend_compiles.append(event)
+                                                       if event.endswith("backend_compile_duration") else None)
   mesh = sharding.make_mesh({"fsdp": 8})
   rollout_mesh = sharding.rollout_mesh(mesh, 2)
   train_params = lambda rng: {"text": text.init_params(rng, CFG.text)}
-  init = jax.jit(train_params, out_shardings=sharding.tree_shardings(
-      jax.eval_shape(train_params, jax.random.PRNGKey(0)), mesh))
+  init = jax.jit(train_params,
+                 out_shardings=sharding.tree_shardings(jax.eval_shape(train_params, jax.random.PRNGKey(0)), mesh))
   counts = []
   for step in range(3):
     params = init(jax.random.PRNGKey(step))

@@ -1,8 +1,8 @@
 """Greedy decoding is token-identical to transformers `generate(do_sample=False)` on the tiny checkpoint."""
 import jax
 import numpy as np
-import pytest
 from PIL import Image
+import pytest
 
 torch = pytest.importorskip("torch")
 
@@ -45,11 +45,10 @@ def _ours(config, params, sampler, ids, patches, grids):
   ids_np = np.asarray([ids])
   positions, _ = rope.sequence_positions(ids_np, grids, config)
   length = 128
-  chunk = sampling.Chunk(np.pad(ids_np, ((0, 0), (0, length - len(ids)))),
-                         np.pad(positions, ((0, 0), (0, 0), (0, length - len(ids)))),
-                         np.pad(np.ones_like(ids_np), ((0, 0), (0, length - len(ids)))),
-                         np.pad(model.image_index_for(ids_np, config), ((0, 0), (0, length - len(ids))),
-                                constant_values=-1))
+  chunk = sampling.Chunk(
+      np.pad(ids_np, ((0, 0), (0, length - len(ids)))), np.pad(positions, ((0, 0), (0, 0), (0, length - len(ids)))),
+      np.pad(np.ones_like(ids_np), ((0, 0), (0, length - len(ids)))),
+      np.pad(model.image_index_for(ids_np, config), ((0, 0), (0, length - len(ids))), constant_values=-1))
   image_embeds = None
   if patches is not None:
     padded = 256

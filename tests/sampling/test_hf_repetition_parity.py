@@ -2,8 +2,8 @@
 on the tiny checkpoint, image prompt included (the penalty covers the whole prompt, image tokens too)."""
 import jax
 import numpy as np
-import pytest
 from PIL import Image
+import pytest
 
 torch = pytest.importorskip("torch")
 

@@ -71,8 +71,8 @@ def _generate(sampler, params, rows, penalties, steps, cache_len=64):
   cache = sampler.new_cache(len(rows), cache_len)
   logits, cache = sampler.extend(params, cache, sampling.text_chunk(rows, [0] * len(rows), 16))
   repetition = None if penalties is None else (_context(rows, cache_len), np.asarray(penalties, np.float32))
-  out, _ = sampler.generate(params, cache, logits, [len(r) for r in rows], jax.random.PRNGKey(0),
-                            [steps] * len(rows), repetition=repetition)
+  out, _ = sampler.generate(params, cache, logits, [len(r) for r in rows], jax.random.PRNGKey(0), [steps] * len(rows),
+                            repetition=repetition)
   return [list(np.asarray(out.tokens)[b, :int(out.num_tokens[b])]) for b in range(len(rows))], out
 
 
@@ -90,9 +90,9 @@ def test_greedy_with_penalty_equals_transformers_loop_without_recompiles(params)
   assert len(set(plain[1])) < steps and len(set(penalised[1])) == steps  # penalty 3 breaks the repetition
   # Log-probs are those of the penalised distribution.
   seq = PROMPTS[1] + penalised[1][:3]
-  scores = sampling.apply_repetition_penalty(_full_logits(params, seq)[None],
-                                             sampling.seen_tokens(jnp.asarray([seq]), CFG.text.vocab_size),
-                                             jnp.asarray([3.0]))
+  scores = sampling.apply_repetition_penalty(
+      _full_logits(params, seq)[None], sampling.seen_tokens(jnp.asarray([seq]), CFG.text.vocab_size),
+      jnp.asarray([3.0]))
   np.testing.assert_allclose(out.logps[1, 3], jax.nn.log_softmax(scores[0])[penalised[1][3]], atol=1e-4)
   # Another penalty value and other contexts run through the same programs.
   _generate(sampler, params, [[1, 2], [3], [4, 4, 4, 4]], [1.05, 1.2, 2.0], steps)
@@ -104,8 +104,10 @@ def test_empty_stop_table_stops_on_eos_and_budget_only(params, tokenizer):
   table = sampling.make_stop_table(tokenizer, CFG.text.vocab_size, ())
   assert table.strings == ()
   sampler = sampling.Sampler(CFG, sampling.SamplingConfig(temperature=1.0, max_new_tokens=steps), table)
-  scripts = [tokenizer.encode("<search> who? </search> more"), tokenizer.encode("<answer> 3 </answer>") +
-             [tokenizer.im_end_id] + [5] * 8]
+  scripts = [
+      tokenizer.encode("<search> who? </search> more"),
+      tokenizer.encode("<answer> 3 </answer>") + [tokenizer.im_end_id] + [5] * 8
+  ]
   forced = np.full((2, steps), -1, np.int32)
   for b, s in enumerate(scripts):
     forced[b, :min(len(s), steps)] = s[:steps]

@@ -68,8 +68,7 @@ PROMPTS = [[9707, 11, 1879, 0, 358, 1079], [785, 6722, 315, 9625, 374, 12095, 13
 def test_greedy_equals_argmax_of_full_forward(params, stop_table):
   sampler = sampling.Sampler(CFG, sampling.SamplingConfig(temperature=0, max_new_tokens=12, eos_ids=()), stop_table)
   logits, cache = prefill(sampler, params, PROMPTS)
-  out, cache = sampler.generate(params, cache, logits, [len(r) for r in PROMPTS], jax.random.PRNGKey(0),
-                                [12, 7, 12])
+  out, cache = sampler.generate(params, cache, logits, [len(r) for r in PROMPTS], jax.random.PRNGKey(0), [12, 7, 12])
   np.testing.assert_array_equal(out.num_tokens, [12, 7, 12])
   np.testing.assert_array_equal(out.stop_reason, [sampling.LENGTH] * 3)
   np.testing.assert_array_equal(cache["length"], [6 + 12, 12 + 7, 1 + 12])
@@ -99,6 +98,7 @@ def test_extend_equals_prefill(params, stop_table):
 
 
 def test_stop_table_matches_tag_variants(tokenizer, stop_table):
+
   def stops(text_):
     ids = tokenizer.encode(text_)
     bits = np.zeros((stop_table.pattern_bits.shape[1],), np.int64)
@@ -121,10 +121,12 @@ def test_stop_table_matches_tag_variants(tokenizer, stop_table):
 def test_stop_on_tag_eos_and_budget(params, tokenizer, stop_table):
   steps = 16
   sampler = sampling.Sampler(CFG, sampling.SamplingConfig(temperature=1.0, max_new_tokens=steps), stop_table)
-  scripts = [tokenizer.encode("<search> who? </search> more text"),
-             tokenizer.encode("<answer> 3 </answer>") + [tokenizer.im_end_id] * 8,
-             tokenizer.encode("one two three four five six seven"),
-             tokenizer.encode("hi there") + [tokenizer.im_end_id, 5, 6]]
+  scripts = [
+      tokenizer.encode("<search> who? </search> more text"),
+      tokenizer.encode("<answer> 3 </answer>") + [tokenizer.im_end_id] * 8,
+      tokenizer.encode("one two three four five six seven"),
+      tokenizer.encode("hi there") + [tokenizer.im_end_id, 5, 6]
+  ]
   forced = np.full((4, steps), -1, np.int32)
   for b, s in enumerate(scripts):
     forced[b, :min(len(s), steps)] = s[:steps]
@@ -135,10 +137,9 @@ def test_stop_on_tag_eos_and_budget(params, tokenizer, stop_table):
   search_len = len(tokenizer.encode("<search> who? </search>"))
   answer_len = len(tokenizer.encode("<answer> 3 </answer>"))
   np.testing.assert_array_equal(out.num_tokens, [search_len, answer_len, 5, 3])
-  np.testing.assert_array_equal(out.stop_reason, [sampling.STOP_TAG, sampling.STOP_TAG, sampling.LENGTH,
-                                                  sampling.EOS])
-  assert [stop_table.strings[i] if i >= 0 else None for i in np.asarray(out.stop_index)] == [
-      "</search>", "</answer>", None, None]
+  np.testing.assert_array_equal(out.stop_reason, [sampling.STOP_TAG, sampling.STOP_TAG, sampling.LENGTH, sampling.EOS])
+  assert [stop_table.strings[i] if i >= 0 else None for i in np.asarray(out.stop_index)
+         ] == ["</search>", "</answer>", None, None]
   np.testing.assert_array_equal(cache["length"], np.asarray([len(r) for r in rows]) + np.asarray(out.num_tokens))
   np.testing.assert_array_equal(out.next_positions, cache["length"])
   # Forced tokens carry their log-prob under the temperature-1 distribution, as sampled ones do.
@@ -163,8 +164,8 @@ def test_filters_restrict_the_support():
   top3, logp = sampling._sample(logits, keys[3], sampling.SamplingConfig(temperature=0.7, top_k=3), no_force)
   ranks = jnp.sum(logits > jnp.take_along_axis(logits, top3[:, None], -1), axis=-1)
   assert int(ranks.max()) <= 2 and int(ranks.max()) > 0
-  np.testing.assert_allclose(logp, jnp.take_along_axis(jax.nn.log_softmax(logits / 0.7), top3[:, None], -1)[:, 0],
-                             atol=1e-5)
+  np.testing.assert_allclose(logp,
+                             jnp.take_along_axis(jax.nn.log_softmax(logits / 0.7), top3[:, None], -1)[:, 0], atol=1e-5)
   # top_p=0.9 keeps the smallest prefix of the sorted distribution holding 90% of the mass.
   probs = jax.nn.softmax(logits, -1)
   sampled, _ = sampling._sample(logits, keys[0], sampling.SamplingConfig(temperature=1.0, top_p=0.9), no_force)
@@ -278,8 +279,8 @@ def test_rows_and_cache_split_over_all_8_devices_with_the_1_device_tokens():
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
   root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-  result = subprocess.run([sys.executable, "-m", "tests.sampling.mesh_script"], env=env, cwd=root,
-                          capture_output=True, text=True, timeout=300)
+  result = subprocess.run([sys.executable, "-m", "tests.sampling.mesh_script"], env=env, cwd=root, capture_output=True,
+                          text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
   cases = [line.split()[1:] for line in result.stdout.splitlines() if line.startswith("CASE")]
   # (layers, rows, slots, kv heads, head dim) per device: 8 rows over 8 devices; with tp=2 heads split in two.

@@ -12,9 +12,13 @@ from varft.processing import chat
 def _samples():
   user = chat.render_messages([{"role": "user", "content": prompts.user_text(prompts.SEARCH_AGENT, "Which year?")}])
   tool_image = Image.new("RGB", (32, 24), (0, 200, 0))
-  return [{"text": f"--- user ---\n{user}\n--- assistant ---\n<think> t </think>\n<answer> 18{i}0 </answer>",
-           "images": [tool_image], "id": f"q{i}", "reward": 0.5, "reference": "<answer> 1901 </answer>"}
-          for i in range(3)]
+  return [{
+      "text": f"--- user ---\n{user}\n--- assistant ---\n<think> t </think>\n<answer> 18{i}0 </answer>",
+      "images": [tool_image],
+      "id": f"q{i}",
+      "reward": 0.5,
+      "reference": "<answer> 1901 </answer>"
+  } for i in range(3)]
 
 
 def test_page_shows_the_agent_prompt_once_and_the_reference_beside_each_sample(tmp_path):
@@ -38,8 +42,9 @@ def _events(directory):
       (length,) = struct.unpack("<Q", data[offset:offset + 8])
       event = event_pb2.Event.FromString(data[offset + 12:offset + 12 + length])
       offset += 12 + length + 4
-      out += [(v.tag, v.WhichOneof("value") if not v.metadata.plugin_data.plugin_name else
-               v.metadata.plugin_data.plugin_name) for v in event.summary.value]
+      out += [(v.tag,
+               v.WhichOneof("value") if not v.metadata.plugin_data.plugin_name else v.metadata.plugin_data.plugin_name)
+              for v in event.summary.value]
   return out
 
 

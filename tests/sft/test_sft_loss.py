@@ -4,8 +4,8 @@ import io
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 from PIL import Image
+import pytest
 
 from varft import batch as batch_lib
 from varft import grpo, prompts, sft, sft_data
@@ -30,23 +30,44 @@ def _png(color) -> bytes:
 def _search_steps():
   base = {"task": "search", "question": "In which year was the company founded?", "images": [_png((200, 0, 0))]}
   return [
-      {**base, "id": "0:kalo:search", "step_type": "search", "context": "",
-       "solution": "<search> Kalo Works founded </search>"},
-      {**base, "id": "1:kalo:answer", "step_type": "answer", "solution": "<answer> 1901 </answer>",
-       "context": f"<think> Look it up. </think>\n<search> Kalo Works founded </search>\n{INFORMATION}",
-       "gt": "<think> The documents say 1901. </think>\n<answer> 1901 </answer>"},
+      {
+          **base, "id": "0:kalo:search",
+          "step_type": "search",
+          "context": "",
+          "solution": "<search> Kalo Works founded </search>"
+      },
+      {
+          **base, "id": "1:kalo:answer",
+          "step_type": "answer",
+          "solution": "<answer> 1901 </answer>",
+          "context": f"<think> Look it up. </think>\n<search> Kalo Works founded </search>\n{INFORMATION}",
+          "gt": "<think> The documents say 1901. </think>\n<answer> 1901 </answer>"
+      },
   ]
 
 
 def _coding_steps():
   base = {"task": "coding", "question": "What code is printed on the label?", "images": [_png((0, 0, 90))]}
   return [
-      {**base, "id": "0:lbl:problem", "step_type": "problem", "context": "",
-       "solution": "<problem> {'rotation90'} </problem>"},
-      {**base, "id": "1:lbl:code", "step_type": "code", "context": "<problem> {'rotation90'} </problem>",
-       "solution": "<code>\n```python\nimport cv2\n```\n</code>"},
-      {**base, "id": "2:lbl:answer", "step_type": "answer", "images": [_png((0, 200, 0))],
-       "context": "<problem> {'rotation90'} </problem>\n<code>...</code>", "solution": "<answer> ABC-123 </answer>"},
+      {
+          **base, "id": "0:lbl:problem",
+          "step_type": "problem",
+          "context": "",
+          "solution": "<problem> {'rotation90'} </problem>"
+      },
+      {
+          **base, "id": "1:lbl:code",
+          "step_type": "code",
+          "context": "<problem> {'rotation90'} </problem>",
+          "solution": "<code>\n```python\nimport cv2\n```\n</code>"
+      },
+      {
+          **base, "id": "2:lbl:answer",
+          "step_type": "answer",
+          "images": [_png((0, 200, 0))],
+          "context": "<problem> {'rotation90'} </problem>\n<code>...</code>",
+          "solution": "<answer> ABC-123 </answer>"
+      },
   ]
 
 
@@ -112,7 +133,8 @@ def test_multiturn_row_masks_tips_and_the_repaired_image(tokenizer):
   # The schema of varft.batch: one device table with both 4x4-patch images, each on its own attention blocks (a
   # multiple of the 64-patch bucket), and an empty second row.
   _, needed = batch_lib.image_starts([[1, 4, 4]] * 2, model_config_lib.get_config("tiny").vision)
-  assert batch["pixel_values"].shape[:2] == (1, -(-needed // 64) * 64) and batch["image_grid_thw"][0].tolist() == [[1, 4, 4]] * 2
+  assert batch["pixel_values"].shape[:2] == (1, -(-needed // 64) *
+                                             64) and batch["image_grid_thw"][0].tolist() == [[1, 4, 4]] * 2
   assert batch["tokens"].shape == (2, 1024) and not batch["attention_mask"][1].any()
   assert batch["group_ids"].tolist() == [0, 1] and not batch["sampler_logps"].any()
 
@@ -162,8 +184,8 @@ def test_loss_is_the_mean_nll_of_the_masked_tokens_only(tokenizer):
   optimizer, _ = grpo.make_optimizer(1e-3, 10)
   state = grpo.init_train_state(params, optimizer)
   # A stray 1 on image and padding positions must not reach the loss.
-  polluted = dict(batch, loss_mask=np.where((batch["image_index"] >= 0) | (batch["attention_mask"] == 0), 1.0,
-                                            batch["loss_mask"]))
+  polluted = dict(
+      batch, loss_mask=np.where((batch["image_index"] >= 0) | (batch["attention_mask"] == 0), 1.0, batch["loss_mask"]))
   prepared = sft.prepare_batch(polluted, scfg)
   np.testing.assert_array_equal(np.asarray(prepared["loss_mask"]), batch["loss_mask"])
   _, metrics = jax.jit(sft.make_sft_step(cfg, scfg, optimizer))(state, prepared)

@@ -73,13 +73,24 @@ def serve(service):
 def serper_reply(path, body):
   """Serper-style: one {"organic": [...]} per query object in the (list) body."""
   assert path == "/search"
-  return [{"organic": [{"title": f"{q['q']} title {i}", "link": f"https://example.com/{i}",
-                        "snippet": f"snippet {i} about {q['q']}"} for i in range(q["num"] + 2)]}
-          for q in body]
+  return [{
+      "organic": [{
+          "title": f"{q['q']} title {i}",
+          "link": f"https://example.com/{i}",
+          "snippet": f"snippet {i} about {q['q']}"
+      } for i in range(q["num"] + 2)]
+  } for q in body]
 
 
 def retriever_reply(path, body):
   """Search-R1-style /retrieve reply with `"Title"\\ntext` contents."""
   assert path == "/retrieve"
-  return {"result": [[{"document": {"id": str(i), "contents": f'"Doc {i}"\nabout {q}'}, "score": 1.0 / (i + 1)}
-                      for i in range(body["topk"])] for q in body["queries"]]}
+  return {
+      "result": [[{
+          "document": {
+              "id": str(i),
+              "contents": f'"Doc {i}"\nabout {q}'
+          },
+          "score": 1.0 / (i + 1)
+      } for i in range(body["topk"])] for q in body["queries"]]
+  }

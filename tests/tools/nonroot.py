@@ -43,8 +43,10 @@ def _closed_ancestors(path):
 
 
 def needed_paths():
-  return [os.path.realpath(sys.executable), sys.prefix, sys.base_prefix, os.getcwd(),
-          *[p for p in sys.path if p and os.path.isdir(p)]]
+  return [
+      os.path.realpath(sys.executable), sys.prefix, sys.base_prefix,
+      os.getcwd(), *[p for p in sys.path if p and os.path.isdir(p)]
+  ]
 
 
 def command(argv, paths=None):
@@ -73,7 +75,6 @@ def run(argv, env=None, timeout=600, capture=True):
   cmd, staging = command(argv)
   env = {**(env or os.environ), "HOME": user.pw_dir, "USER": USER, "LOGNAME": USER}
   try:
-    return subprocess.run(cmd, env=env, timeout=timeout, capture_output=capture, text=True,
-                          stdin=subprocess.DEVNULL)
+    return subprocess.run(cmd, env=env, timeout=timeout, capture_output=capture, text=True, stdin=subprocess.DEVNULL)
   finally:
     shutil.rmtree(staging, ignore_errors=True)

@@ -10,8 +10,8 @@ import uuid
 import zlib
 
 import numpy as np
-import pytest
 from PIL import Image
+import pytest
 
 from varft.tools import cgroups as cgroups_lib
 from varft.tools import code as code_lib
@@ -20,25 +20,29 @@ from varft.tools import sandbox_process
 FAST = dict(timeout_s=30, preload=(), max_concurrency=4, prewarm=False)
 
 
-@pytest.mark.parametrize("text,expected", [
-    ("<think>rotate</think>\n<code>```python\nprint(1)\n```</code>", "print(1)"),
-    ("<code>\n```py\nx = 1\nprint(x)\n```\n</code>", "x = 1\nprint(x)"),
-    ("<code>```\nprint(2)\n```</code>", "print(2)"),
-    ("<code>print(3)</code>", "print(3)"),
-    ("```python\nprint(4)\n```", "print(4)"),
-    ("<code>```python\nprint(5)\n```", "print(5)"),  # Unterminated </code> (the stop tag was cut).
-    ("<think>no code here</think>", None),
-    ("<code>   </code>", None),
-])
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("<think>rotate</think>\n<code>```python\nprint(1)\n```</code>", "print(1)"),
+        ("<code>\n```py\nx = 1\nprint(x)\n```\n</code>", "x = 1\nprint(x)"),
+        ("<code>```\nprint(2)\n```</code>", "print(2)"),
+        ("<code>print(3)</code>", "print(3)"),
+        ("```python\nprint(4)\n```", "print(4)"),
+        ("<code>```python\nprint(5)\n```", "print(5)"),  # Unterminated </code> (the stop tag was cut).
+        ("<think>no code here</think>", None),
+        ("<code>   </code>", None),
+    ])
 def test_extract_program(text, expected):
   assert code_lib.extract_program(text) == expected
 
 
 def _png_bytes(width, height):
+
   def chunk(kind, data):
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-  return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
-          + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b""))
+
+  return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)) +
+          chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b""))
 
 
 def test_load_output_image_validation():
@@ -49,7 +53,7 @@ def test_load_output_image_validation():
   with pytest.raises(ValueError, match="too large: 200x200"):
     code_lib.load_output_image(_png_bytes(200, 200), 10_000, 1000)
   with pytest.raises(ValueError, match="too large"):
-    code_lib.load_output_image(_png_bytes(100_000, 100_000), 10**12, 10**6)
+    code_lib.load_output_image(_png_bytes(100_000, 100_000), 10 ** 12, 10 ** 6)
   with pytest.raises(ValueError, match="corrupt or truncated"):
     code_lib.load_output_image(_png_bytes(50, 50), 10_000, 1000)  # Header fine, pixel data missing.
   with pytest.raises(ValueError, match="not a readable image"):
@@ -144,8 +148,13 @@ def test_prewarmed_sandbox_waits_and_close_stops_it():
 def fallback():
   if not shutil.which("unshare"):
     pytest.skip("util-linux unshare is not installed")
-  sb = code_lib.CodeSandbox({**FAST, "isolation": "unshare", "preload": ("numpy", "cv2"), "prewarm": True,
-                             "max_concurrency": 2, "call_memory_mb": 4096})  # 2 tasks without cgroups.
+  sb = code_lib.CodeSandbox({
+      **FAST, "isolation": "unshare",
+      "preload": ("numpy", "cv2"),
+      "prewarm": True,
+      "max_concurrency": 2,
+      "call_memory_mb": 4096
+  })  # 2 tasks without cgroups.
   yield sb
   sb.close()
 
@@ -227,7 +236,7 @@ def test_stale_cgroups_of_dead_processes_are_swept(tmp_path):
     pytest.skip("this host does not let us create cgroups")
   parent = os.path.dirname(os.path.dirname(probe.cgroups.slot_dirs[0][0]))
   probe.close()
-  dead_pid = 2**22 + 7  # Above pid_max: never a live process.
+  dead_pid = 2 ** 22 + 7  # Above pid_max: never a live process.
   stale = os.path.join(parent, f"{cgroups_lib.TAG_PREFIX}{dead_pid}-0")
   os.makedirs(os.path.join(stale, "slot0"))
   code_lib.CodeSandbox({**FAST, "max_concurrency": 1}).close()

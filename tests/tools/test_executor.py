@@ -1,15 +1,16 @@
 """The tool executor: mixed batches, ordering, failure -> observation (never an exception), and metrics."""
 import numpy as np
-import pytest
 from PIL import Image
+import pytest
 
 from tests.tools import fakes
 from varft.tools import executor as executor_lib
 from varft.tools import search as search_lib
 from varft.tools.executor import ToolCall
 
-ROTATE = "<think>upside down</think><code>```python\nimport cv2\nimg = cv2.imread('path_to_input_image.jpg')\n" \
-         "print('shape', img.shape)\ncv2.imwrite('path_to_output_image.jpg', cv2.rotate(img, cv2.ROTATE_180))\n```</code>"
+ROTATE = ("<think>upside down</think><code>```python\nimport cv2\nimg = cv2.imread('path_to_input_image.jpg')\n"
+          "print('shape', img.shape)\n"
+          "cv2.imwrite('path_to_output_image.jpg', cv2.rotate(img, cv2.ROTATE_180))\n```</code>")
 
 
 @pytest.fixture(scope="module")
@@ -38,11 +39,13 @@ def _image():
 
 def test_mixed_batch_in_order(sandbox):
   ex = executor_lib.ToolExecutor({"topk": 2}, search_backend=_StaticBackend(), sandbox=sandbox)
-  calls = [ToolCall("search", "eiffel  tower\n", call_id="a"),
-           ToolCall("code", ROTATE, {"path_to_input_image.jpg": _image()}, call_id="b"),
-           ToolCall("search", "   ", call_id="c"),
-           ToolCall("browse", "x", call_id="d"),
-           ToolCall("code", "<code>```python\nraise KeyError('box')\n```</code>", call_id="e")]
+  calls = [
+      ToolCall("search", "eiffel  tower\n", call_id="a"),
+      ToolCall("code", ROTATE, {"path_to_input_image.jpg": _image()}, call_id="b"),
+      ToolCall("search", "   ", call_id="c"),
+      ToolCall("browse", "x", call_id="d"),
+      ToolCall("code", "<code>```python\nraise KeyError('box')\n```</code>", call_id="e")
+  ]
   obs = ex.execute(calls)
   assert [o.call_id for o in obs] == ["a", "b", "c", "d", "e"]
   assert [o.ok for o in obs] == [True, True, False, False, False]
@@ -67,8 +70,16 @@ def test_mixed_batch_in_order(sandbox):
 def test_search_faults_become_observations(mode, message):
   service = fakes.FakeService(fakes.retriever_reply, mode=mode, delay_s=3.0)
   with fakes.serve(service) as url:
-    cfg = {"search": {"name": "http", "url": url, "timeout_s": 5, "retries": 1, "backoff_s": 0.01},
-           "search_timeout_s": 0.5}
+    cfg = {
+        "search": {
+            "name": "http",
+            "url": url,
+            "timeout_s": 5,
+            "retries": 1,
+            "backoff_s": 0.01
+        },
+        "search_timeout_s": 0.5
+    }
     with executor_lib.ToolExecutor(cfg) as ex:
       obs = ex.execute([ToolCall("search", "q1"), ToolCall("search", "q2")])
       assert [o.ok for o in obs] == [False, False]
@@ -121,8 +132,19 @@ def test_executor_builds_both_tools_from_config(tmp_path):
   corpus = tmp_path / "corpus.jsonl"
   corpus.write_text('{"id": "1", "title": "Louvre", "text": "The Louvre museum in Paris holds the Mona Lisa."}\n'
                     '{"id": "2", "title": "Prado", "text": "The Prado museum in Madrid."}\n')
-  cfg = {"search": {"name": "bm25", "index_dir": str(tmp_path / "idx"), "corpus": str(corpus)},
-         "code": {"max_concurrency": 1, "prewarm": False, "preload": []}, "topk": 1}
+  cfg = {
+      "search": {
+          "name": "bm25",
+          "index_dir": str(tmp_path / "idx"),
+          "corpus": str(corpus)
+      },
+      "code": {
+          "max_concurrency": 1,
+          "prewarm": False,
+          "preload": []
+      },
+      "topk": 1
+  }
   with executor_lib.ToolExecutor(cfg) as ex:
     obs = ex.execute([ToolCall("search", "where is the Mona Lisa"), ToolCall("code", "print(6 * 7)")])
     assert obs[0].text == "<information> 1. Content: Louvre. The Louvre museum in Paris holds the Mona Lisa. " \

@@ -4,8 +4,8 @@ import json
 import os
 
 import numpy as np
-import pytest
 from PIL import Image
+import pytest
 
 from varft.tools import code as code_lib
 
@@ -40,7 +40,8 @@ from PIL import Image
 image = Image.open('path_to_input_image.jpg')
 x1, y1, x2, y2 = [366, 723, 506, 851]
 w, h = image.size
-image.crop((x1 * w // 1000, y1 * h // 1000, x2 * w // 1000, y2 * h // 1000)).save('path_to_output_image.jpg', format='PNG')
+box = (x1 * w // 1000, y1 * h // 1000, x2 * w // 1000, y2 * h // 1000)
+image.crop(box).save('path_to_output_image.jpg', format='PNG')
 ```</code>"""
 
 

@@ -37,17 +37,19 @@ def as_user():
   why = nonroot.missing_tools()
   if why:
     pytest.skip(why)
+
   def run(*isolations):
-    proc = nonroot.run([sys.executable, "-c", SCRIPT, *isolations], env={**os.environ, "PYTHONPATH": REPO},
-                       timeout=300)
+    proc = nonroot.run([sys.executable, "-c", SCRIPT, *isolations], env={**os.environ, "PYTHONPATH": REPO}, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
   return run
 
 
 @pytest.mark.parametrize("isolation", [
     pytest.param(name, marks=pytest.mark.skipif(not shutil.which(name), reason=f"{name} not installed"))
-    for name in ("bwrap", "unshare")])
+    for name in ("bwrap", "unshare")
+])
 def test_sandbox_runs_programs_as_a_normal_user(as_user, isolation):
   out = as_user(isolation)
   assert out["uid"] != 0

@@ -12,8 +12,8 @@ import uuid
 import zlib
 
 import numpy as np
-import pytest
 from PIL import Image
+import pytest
 
 from varft.tools import code as code_lib
 
@@ -21,25 +21,28 @@ PROJECT_FILE = os.path.abspath(__file__)
 MARKER = f"varft-daemon-{uuid.uuid4().hex}"
 SHORT, LONG = 2.0, 30.0  # Per-call wall limits: programs meant to hang vs programs meant to finish.
 # call_memory_mb: as a normal user (no cgroups) a call may hold 4 tasks of 1024 MiB (see rlimit-only mode).
-CONFIG = dict(timeout_s=LONG, memory_mb=1024, call_memory_mb=4096, max_procs=32, max_file_mb=16, work_mb=64,
-              preload=(), require_output_image=False, max_concurrency=8, stdout_cap=4096)
+CONFIG = dict(timeout_s=LONG, memory_mb=1024, call_memory_mb=4096, max_procs=32, max_file_mb=16, work_mb=64, preload=(),
+              require_output_image=False, max_concurrency=8, stdout_cap=4096)
 
 
 def _png_header_bomb(width, height):
   """A tiny PNG whose header claims width x height pixels (decoding it would need gigabytes)."""
+
   def chunk(kind, data):
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
   ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-  return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(
-      b"IEND", b"")
+  return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
 
 def _attempts(pairs):
   """Program text that runs each `label: statement` and prints `label ok` or `label failed <Error>`."""
   lines = ["import os, sys, socket, subprocess, ctypes, signal"]
   for label, stmt in pairs:
-    lines += ["try:", f"  {stmt}", f"  print('{label} ok', flush=True)", "except BaseException as e:",
-              f"  print('{label} failed', type(e).__name__, flush=True)"]
+    lines += [
+        "try:", f"  {stmt}", f"  print('{label} ok', flush=True)", "except BaseException as e:",
+        f"  print('{label} failed', type(e).__name__, flush=True)"
+    ]
   return "\n".join(lines)
 
 
@@ -52,8 +55,10 @@ def _host_listener():
 
 
 def _programs(tmp, port, canary):
-  outside = [os.path.join(tmp, "escaped"), "/usr/lib/varft-escaped", "/varft-escaped",
-             os.path.join(os.path.dirname(PROJECT_FILE), "varft-escaped")]
+  outside = [
+      os.path.join(tmp, "escaped"), "/usr/lib/varft-escaped", "/varft-escaped",
+      os.path.join(os.path.dirname(PROJECT_FILE), "varft-escaped")
+  ]
   bomb = base64.b64encode(_png_header_bomb(200_000, 200_000)).decode()
   return {
       # name: (program, wall limit)
@@ -71,38 +76,41 @@ def _programs(tmp, port, canary):
       "big_file": ("with open('big.bin', 'wb') as f:\n  while True:\n    f.write(bytes(1 << 20))\n", LONG),
       "disk_fill": ("i = 0\nwhile True:\n  with open(f'f{i}', 'wb') as f:\n    f.write(bytes(8 << 20))\n"
                     "  i += 1\n", LONG),
-      "write_outside": (_attempts([(f"w{i}", f"open({p!r}, 'w').write('x')") for i, p in enumerate(outside)]
-                                  + [("rm", f"os.remove({canary!r})")]), LONG),
-      "read_secrets": (_attempts([("passwd", "open('/etc/passwd').read()"),
-                                  ("shadow", "open('/etc/shadow').read()"),
+      "write_outside": (_attempts([(f"w{i}", f"open({p!r}, 'w').write('x')") for i, p in enumerate(outside)] +
+                                  [("rm", f"os.remove({canary!r})")]), LONG),
+      "read_secrets": (_attempts([("passwd", "open('/etc/passwd').read()"), ("shadow", "open('/etc/shadow').read()"),
                                   ("project", f"open({PROJECT_FILE!r}).read()"),
-                                  ("canary", f"open({canary!r}).read()")])
-                       + "\nprint('HOME', sorted(os.listdir('/root')) if os.path.isdir('/root') else [])", LONG),
+                                  ("canary", f"open({canary!r}).read()")]) +
+                       "\nprint('HOME', sorted(os.listdir('/root')) if os.path.isdir('/root') else [])", LONG),
       "network": (_attempts([("tcp", f"socket.create_connection(('127.0.0.1', {port}), timeout=2)"),
                              ("dns", "socket.getaddrinfo('example.com', 80)"),
                              ("udp", "socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b'x', "
-                                     "('8.8.8.8', 53))")]), LONG),
+                              "('8.8.8.8', 53))")]), LONG),
       "shell": (_attempts([("system", "assert os.system('cat /etc/passwd') == 0"),
                            ("popen", "subprocess.run(['/bin/sh', '-c', 'id'], check=True)"),
                            ("child_read", "subprocess.run([sys.executable, '-c', "
-                                          "'open(\"/etc/passwd\").read()'], check=True)")]), LONG),
-      "ctypes": (_attempts([("mount", "assert ctypes.CDLL(None).mount(b'none', b'/work', b'tmpfs', 0, None)"
-                                      " == 0"),
-                            # uid 0 with capabilities (as a normal user the program is uid 0 of its user
-                            # namespace already, but without any capability).
-                            ("setuid0", "assert ctypes.CDLL(None).setuid(0) == 0 and int(open('/proc/self/"
-                                        "status').read().split('CapEff:')[1].split()[0], 16) != 0"),
-                            ("chroot", "os.chroot('/work')"),
-                            ("unshare", "assert ctypes.CDLL(None).unshare(0x40000000) == 0"),
-                            ("userns", "assert ctypes.CDLL(None).unshare(0x10000000) == 0"),
-                            ("bpf", "assert ctypes.CDLL(None).syscall(321 if os.uname().machine == 'x86_64' "
-                                    "else 280, 0, 0, 0) >= 0")]), LONG),
+                            "'open(\"/etc/passwd\").read()'], check=True)")]), LONG),
+      "ctypes": (
+          _attempts([
+              ("mount", "assert ctypes.CDLL(None).mount(b'none', b'/work', b'tmpfs', 0, None)"
+               " == 0"),
+              # uid 0 with capabilities (as a normal user the program is uid 0 of its user
+              # namespace already, but without any capability).
+              ("setuid0", "assert ctypes.CDLL(None).setuid(0) == 0 and int(open('/proc/self/"
+               "status').read().split('CapEff:')[1].split()[0], 16) != 0"),
+              ("chroot", "os.chroot('/work')"),
+              ("unshare", "assert ctypes.CDLL(None).unshare(0x40000000) == 0"),
+              ("userns", "assert ctypes.CDLL(None).unshare(0x10000000) == 0"),
+              ("bpf", "assert ctypes.CDLL(None).syscall(321 if os.uname().machine == 'x86_64' "
+               "else 280, 0, 0, 0) >= 0")
+          ]),
+          LONG),
       "threads_and_children": ("import threading, subprocess, sys\nt = threading.Thread(target=print, args=('thread',))"
                                "\nt.start()\nt.join()\nprint(subprocess.run([sys.executable, '-c', 'print(7)'], "
                                "capture_output=True, text=True).stdout.strip())\n", LONG),
-      "signals": (_attempts([("parent", "os.kill(os.getppid(), signal.SIGKILL)"),
-                             ("init", "os.kill(1, signal.SIGKILL)"),
-                             ("host", f"os.kill({os.getpid()}, signal.SIGKILL)")]), LONG),
+      "signals":
+          (_attempts([("parent", "os.kill(os.getppid(), signal.SIGKILL)"), ("init", "os.kill(1, signal.SIGKILL)"),
+                      ("host", f"os.kill({os.getpid()}, signal.SIGKILL)")]), LONG),
       "daemon": ("import os, sys\nif os.fork() == 0:\n  os.setsid()\n  if os.fork() == 0:\n"
                  f"    os.execv(sys.executable, [sys.executable, '-c', 'import time; time.sleep(300)', "
                  f"'{MARKER}'])\n  os._exit(0)\nprint('parent done', flush=True)\n", LONG),
@@ -111,8 +119,8 @@ def _programs(tmp, port, canary):
       "environment": ("import os\nprint('ENV', sorted(os.environ))\n", LONG),
       "symlink_output": ("import os\nos.symlink('path_to_input_image.jpg', 'path_to_output_image.jpg')\n", LONG),
       "fifo_output": ("import os\nos.mkfifo('path_to_output_image.jpg')\n", LONG),
-      "bomb_output": (f"import base64\nopen('path_to_output_image.jpg', 'wb').write(base64.b64decode('{bomb}'))\n",
-                      LONG),
+      "bomb_output":
+          (f"import base64\nopen('path_to_output_image.jpg', 'wb').write(base64.b64decode('{bomb}'))\n", LONG),
       "garbage_output": ("open('path_to_output_image.jpg', 'w').write('not an image')\n", LONG),
       "exception": ("def f():\n  raise ValueError('bad crop box')\nf()\n", LONG),
   }
@@ -131,8 +139,10 @@ def outcome(tmp_path_factory):
   try:
     programs = _programs(tmp, srv.getsockname()[1], canary)
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
-      futures = {name: pool.submit(sandbox.run, prog, {"path_to_input_image.jpg": image}, timeout_s=limit)
-                 for name, (prog, limit) in programs.items()}
+      futures = {
+          name: pool.submit(sandbox.run, prog, {"path_to_input_image.jpg": image}, timeout_s=limit)
+          for name, (prog, limit) in programs.items()
+      }
       results = {name: f.result() for name, f in futures.items()}
     accepted = []
     try:

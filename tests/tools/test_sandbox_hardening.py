@@ -15,8 +15,8 @@ import time
 import uuid
 
 import numpy as np
-import pytest
 from PIL import Image
+import pytest
 
 from varft.tools import code as code_lib
 
@@ -30,8 +30,10 @@ def _attempts(pairs, tail=""):
   """Program text that runs each `label: statement` and prints `label ok` or `label failed <Error>`."""
   lines = ["import os, sys, socket, signal, ctypes"]
   for label, stmt in pairs:
-    lines += ["try:", f"  {stmt}", f"  print('{label} ok', flush=True)", "except BaseException as e:",
-              f"  print('{label} failed', type(e).__name__, flush=True)"]
+    lines += [
+        "try:", f"  {stmt}", f"  print('{label} ok', flush=True)", "except BaseException as e:",
+        f"  print('{label} failed', type(e).__name__, flush=True)"
+    ]
   return "\n".join(lines) + "\n" + tail
 
 
@@ -81,13 +83,11 @@ def _programs(private_image, socket_path):
       "signal_init": _attempts(
           [("kill", "os.kill(1, signal.SIGALRM)"), ("term", "os.kill(1, signal.SIGTERM)"),
            ("tgkill", "assert ctypes.CDLL(None).syscall(234 if os.uname().machine == 'x86_64' else 131, 1, 1, "
-                      "signal.SIGALRM) == 0"),
-           ("pidfd", "assert ctypes.CDLL(None).syscall(434, 1, 0) >= 0")],
+            "signal.SIGALRM) == 0"), ("pidfd", "assert ctypes.CDLL(None).syscall(434, 1, 0) >= 0")],
           "import time\ntime.sleep(0.5)\nprint('alive')\n"),
       # The init's fds (its result pipe among them), memory and environment.
       "forge_result": _attempts([("fds", "[open('/proc/1/fd/' + f, 'wb') for f in os.listdir('/proc/1/fd')]"),
-                                 ("mem", "open('/proc/1/mem', 'rb')"),
-                                 ("environ", "open('/proc/1/environ').read()")]),
+                                 ("mem", "open('/proc/1/mem', 'rb')"), ("environ", "open('/proc/1/environ').read()")]),
       "huge_png": ("import numpy as np, cv2\nok, png = cv2.imencode('.png', np.full((3000, 3000, 3), 90, np.uint8))\n"
                    "open('path_to_output_image.jpg', 'wb').write(png.tobytes())\n"),
       "signal_group": ("import os, signal, time\nsignal.signal(signal.SIGALRM, signal.SIG_IGN)\n"
@@ -120,9 +120,10 @@ def outcome(tmp_path_factory):
       accepted.append(listener.accept())
     except OSError:
       pass
-    legit = sandbox.run("<code>```python\nimport cv2\nimg = cv2.imread('path_to_input_image.jpg')[:400, :300]\n"
-                        "ok, png = cv2.imencode('.png', cv2.rotate(img, cv2.ROTATE_90_CLOCKWISE))\n"
-                        "open('path_to_output_image.jpg', 'wb').write(png.tobytes())\n```</code>", image)
+    legit = sandbox.run(
+        "<code>```python\nimport cv2\nimg = cv2.imread('path_to_input_image.jpg')[:400, :300]\n"
+        "ok, png = cv2.imencode('.png', cv2.rotate(img, cv2.ROTATE_90_CLOCKWISE))\n"
+        "open('path_to_output_image.jpg', 'wb').write(png.tobytes())\n```</code>", image)
   finally:
     listener.close()
     sandbox.close()
@@ -234,8 +235,12 @@ def test_a_legitimate_opencv_program_still_works(outcome):
 def test_rlimit_only_mode_warns_and_bounds_the_call(caplog):
   """Without cgroups, 5 children of 300 MB must not be able to hold more than the call's budget."""
   with caplog.at_level("WARNING", logger="varft.tools.code"):
-    sb = code_lib.CodeSandbox({**CONFIG, "cgroup": "off", "memory_mb": 1024, "call_memory_mb": 768,
-                               "max_concurrency": 1})
+    sb = code_lib.CodeSandbox({
+        **CONFIG, "cgroup": "off",
+        "memory_mb": 1024,
+        "call_memory_mb": 768,
+        "max_concurrency": 1
+    })
   assert "rlimit-only mode" in caplog.text and sb.cgroups is None
   assert sb.rlimits["RLIMIT_AS"] == 768 << 20
   r = sb.run("import os, time\nkids = 0\nfor _ in range(5):\n  try:\n    pid = os.fork()\n  except OSError:\n"
@@ -252,9 +257,12 @@ def test_uid_slots_are_unique_across_sandboxes_and_processes():
   uids = [uid for sb in sandboxes for uid in sb.slot_uids]
   try:
     assert len(set(uids)) == len(uids)  # The 17th no longer reuses the 1st one's uids.
-    other = subprocess.run([sys.executable, "-c", "from varft.tools import sandbox_launch as l; "
-                            f"print(l.claim_uid_block({code_lib.SandboxConfig.uid_base})[0])"],
-                           capture_output=True, text=True, check=True, env={**os.environ, "PYTHONPATH": CHECKOUT})
+    other = subprocess.run([
+        sys.executable, "-c", "from varft.tools import sandbox_launch as l; "
+        f"print(l.claim_uid_block({code_lib.SandboxConfig.uid_base})[0])"
+    ], capture_output=True, text=True, check=True, env={
+        **os.environ, "PYTHONPATH": CHECKOUT
+    })
     assert int(other.stdout) not in uids  # Another trainer process on the host gets a block of its own.
   finally:
     for sb in sandboxes:
@@ -286,11 +294,14 @@ def test_a_thread_hog_in_one_sandbox_does_not_starve_another():
 
 @pytest.mark.skipif(not shutil.which("unshare"), reason="util-linux unshare is not installed")
 def test_scratch_folders_of_a_killed_trainer_are_swept(tmp_path):
-  trainer = subprocess.Popen(
-      [sys.executable, "-c", "import sys, time\nfrom varft.tools import code\n"
-       f"sb = code.CodeSandbox(dict(isolation='unshare', prewarm=True, max_concurrency=2, preload=(), "
-       f"tmp_dir={str(tmp_path)!r}, cgroup='off'))\nsb._warm[1].result()\nprint('ready', flush=True)\n"
-       "time.sleep(60)\n"], stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": CHECKOUT})
+  trainer = subprocess.Popen([
+      sys.executable, "-c", "import sys, time\nfrom varft.tools import code\n"
+      f"sb = code.CodeSandbox(dict(isolation='unshare', prewarm=True, max_concurrency=2, preload=(), "
+      f"tmp_dir={str(tmp_path)!r}, cgroup='off'))\nsb._warm[1].result()\nprint('ready', flush=True)\n"
+      "time.sleep(60)\n"
+  ], stdout=subprocess.PIPE, text=True, env={
+      **os.environ, "PYTHONPATH": CHECKOUT
+  })
   try:
     assert trainer.stdout.readline() == "ready\n"
     leaked = [n for n in os.listdir(tmp_path) if n.startswith(f"varft-sandbox-{trainer.pid}-")]
@@ -299,6 +310,10 @@ def test_scratch_folders_of_a_killed_trainer_are_swept(tmp_path):
     trainer.kill()
     trainer.wait()
   assert all(os.path.exists(tmp_path / n) for n in leaked)  # SIGKILL: nothing cleaned up.
-  code_lib.CodeSandbox({**CONFIG, "isolation": "unshare", "prewarm": False, "tmp_dir": str(tmp_path),
-                        "max_concurrency": 1}).close()
+  code_lib.CodeSandbox({
+      **CONFIG, "isolation": "unshare",
+      "prewarm": False,
+      "tmp_dir": str(tmp_path),
+      "max_concurrency": 1
+  }).close()
   assert not any(os.path.exists(tmp_path / n) for n in leaked)

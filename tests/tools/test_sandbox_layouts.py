@@ -10,14 +10,16 @@ import sys
 
 import cv2
 import numpy as np
-import pytest
 from PIL import Image
+import pytest
 
 from varft.tools import code as code_lib
 from varft.tools import sandbox_launch
 
-ISOLATIONS = [pytest.param(name, marks=pytest.mark.skipif(not shutil.which(name), reason=f"{name} not installed"))
-              for name in ("bwrap", "unshare")]
+ISOLATIONS = [
+    pytest.param(name, marks=pytest.mark.skipif(not shutil.which(name), reason=f"{name} not installed"))
+    for name in ("bwrap", "unshare")
+]
 BASE = dict(timeout_s=60, prewarm=False, max_concurrency=1)
 FLIP = ("<code>```python\nimport cv2\nimg = cv2.imread('path_to_input_image.jpg')\n"
         "cv2.imwrite('path_to_output_image.jpg', cv2.flip(img, 1))\n```</code>")
@@ -40,8 +42,8 @@ def _make_venv(folder):
   """A `python -m venv` venv whose site-packages also reach this interpreter's (numpy, cv2, PIL) by a .pth."""
   subprocess.run([sys.executable, "-m", "venv", "--without-pip", folder], check=True, capture_output=True)
   python = os.path.join(folder, "bin", "python")
-  site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                        check=True, capture_output=True, text=True).stdout.strip()
+  site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], check=True,
+                        capture_output=True, text=True).stdout.strip()
   with open(os.path.join(site, "varft_parent.pth"), "w") as f:
     f.write(os.path.dirname(os.path.dirname(cv2.__file__)) + "\n")
   return python
@@ -83,8 +85,9 @@ def test_multi_hop_symlink_chain(tmp_path, isolation):
   assert binary == os.path.realpath(python) and len(links) >= 5  # 4 file hops + the symlinked folder.
   sb = code_lib.CodeSandbox({**BASE, "python": python, "isolation": isolation, "call_memory_mb": 4096})
   _assert_flipped(sb.run(FLIP, _half_white()))
-  child = sb.run("import subprocess, sys\nprint(subprocess.run([sys.executable, '-c', 'import cv2; print(7)'], "
-                 "capture_output=True, text=True, check=True).stdout)", _half_white())
+  child = sb.run(
+      "import subprocess, sys\nprint(subprocess.run([sys.executable, '-c', 'import cv2; print(7)'], "
+      "capture_output=True, text=True, check=True).stdout)", _half_white())
   assert child.stdout.strip() == "7", (child.error, child.stderr)  # The chain is followed inside, too.
   sb.close()
 
@@ -100,8 +103,12 @@ def test_a_chain_the_sandbox_cannot_follow_fails_when_built(tmp_path, monkeypatc
 
 
 def _stdlib_run(python, isolation):
-  sb = code_lib.CodeSandbox({**BASE, "python": python, "isolation": isolation, "preload": (),
-                             "require_output_image": False})
+  sb = code_lib.CodeSandbox({
+      **BASE, "python": python,
+      "isolation": isolation,
+      "preload": (),
+      "require_output_image": False
+  })
   r = sb.run(STDLIB)
   sb.close()
   assert r.ok, (r.error, r.stderr)

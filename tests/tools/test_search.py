@@ -15,23 +15,52 @@ from varft.tools import retrieval_server
 from varft.tools import search as search_lib
 
 DOCS = [
-    {"id": "eiffel", "title": "Eiffel Tower", "text": "A wrought-iron lattice tower on the Champ de Mars in Paris."},
-    {"id": "wall", "title": "Great Wall of China", "text": "A series of fortifications built across northern China."},
-    {"id": "python", "title": "Python (programming language)",
-     "text": "A high-level programming language created by Guido van Rossum, first released in 1991."},
-    {"id": "everest", "title": "Mount Everest", "text": "Earth's highest mountain above sea level, in the Himalayas."},
-    {"id": "amazon", "title": "Amazon River", "text": "The largest river by discharge volume, flowing through "
-                                                     "South America."},
-    {"id": "mona", "title": "Mona Lisa", "text": "A half-length portrait painting by Leonardo da Vinci, kept at "
-                                                 "the Louvre."},
+    {
+        "id": "eiffel",
+        "title": "Eiffel Tower",
+        "text": "A wrought-iron lattice tower on the Champ de Mars in Paris."
+    },
+    {
+        "id": "wall",
+        "title": "Great Wall of China",
+        "text": "A series of fortifications built across northern China."
+    },
+    {
+        "id": "python",
+        "title": "Python (programming language)",
+        "text": "A high-level programming language created by Guido van Rossum, first released in 1991."
+    },
+    {
+        "id": "everest",
+        "title": "Mount Everest",
+        "text": "Earth's highest mountain above sea level, in the Himalayas."
+    },
+    {
+        "id": "amazon",
+        "title": "Amazon River",
+        "text": "The largest river by discharge volume, flowing through "
+                "South America."
+    },
+    {
+        "id": "mona",
+        "title": "Mona Lisa",
+        "text": "A half-length portrait painting by Leonardo da Vinci, kept at "
+                "the Louvre."
+    },
 ]
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
   path = tmp_path_factory.mktemp("corpus") / "corpus.jsonl"
-  lines = [json.dumps(d) for d in DOCS[:3]] + ["{not json", json.dumps({"id": "x"}), json.dumps(
-      {"id": "everest", "contents": '"Mount Everest"\n' + DOCS[3]["text"]})] + [json.dumps(d) for d in DOCS[4:]]
+  lines = [json.dumps(d) for d in DOCS[:3]] + [
+      "{not json",
+      json.dumps({"id": "x"}),
+      json.dumps({
+          "id": "everest",
+          "contents": '"Mount Everest"\n' + DOCS[3]["text"]
+      })
+  ] + [json.dumps(d) for d in DOCS[4:]]
   path.write_text("\n".join(lines) + "\n")
   return str(path)
 
@@ -61,8 +90,8 @@ def test_read_corpus_errors_name_the_file(tmp_path):
 def test_bm25_finds_the_right_doc_and_reloads(bm25_dir):
   backend = search_lib.load_index(bm25_dir)
   assert isinstance(backend, search_lib.BM25Backend)
-  rows = backend.search(["who created the python programming language", "highest mountain",
-                         "portrait painting Leonardo", "zzzz qqqq"], 3)
+  rows = backend.search(
+      ["who created the python programming language", "highest mountain", "portrait painting Leonardo", "zzzz qqqq"], 3)
   assert [r[0].id if r else None for r in rows] == ["python", "everest", "mona", None]
   assert rows[0][0].score > 0 and all(a.score >= b.score for a, b in zip(rows[0], rows[0][1:]))
 
@@ -165,8 +194,13 @@ def test_serper_backend_against_loopback_fake(monkeypatch):
   monkeypatch.setenv("TEST_SERPER_KEY", "sekret")
   service = fakes.FakeService(fakes.serper_reply)
   with fakes.serve(service) as url:
-    backend = search_lib.make_search_backend({"name": "serper", "api_key_env": "TEST_SERPER_KEY",
-                                              "base_url": url, "max_qps": 0, "batch_size": 2})
+    backend = search_lib.make_search_backend({
+        "name": "serper",
+        "api_key_env": "TEST_SERPER_KEY",
+        "base_url": url,
+        "max_qps": 0,
+        "batch_size": 2
+    })
     rows = backend.search(["eiffel tower height", "mona lisa", "everest"], 4)
     again = backend.search(["mona lisa"], 4)
   assert [len(r) for r in rows] == [4, 4, 4]
@@ -174,8 +208,13 @@ def test_serper_backend_against_loopback_fake(monkeypatch):
   assert again == [rows[1]]  # Served from the cache.
   assert len(service.requests) == 2  # Batches of 2 queries; nothing for the cached query.
   path, headers, body = service.requests[0]
-  assert headers["x-api-key"] == "sekret" and body == [{"q": "eiffel tower height", "num": 4},
-                                                       {"q": "mona lisa", "num": 4}]
+  assert headers["x-api-key"] == "sekret" and body == [{
+      "q": "eiffel tower height",
+      "num": 4
+  }, {
+      "q": "mona lisa",
+      "num": 4
+  }]
 
 
 def test_post_json_retries_then_succeeds():
@@ -252,8 +291,8 @@ def test_server_speaks_search_r1_and_rejects_bad_requests(server):
 
 
 def test_server_command_line(bm25_dir):
-  proc = subprocess.Popen([sys.executable, "-m", "varft.tools.retrieval_server", "--index", bm25_dir, "--port",
-                           "0"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+  proc = subprocess.Popen([sys.executable, "-m", "varft.tools.retrieval_server", "--index", bm25_dir, "--port", "0"],
+                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                           cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
   try:
     line = proc.stdout.readline()  # "listening on HOST:PORT"; the process exits (EOF) if it fails.

@@ -57,10 +57,12 @@ def _guarded(respond, conn):
 
 
 def _drip(data, every_s=0.25):
+
   def respond(conn):
     for i in range(len(data)):
       conn.sendall(data[i:i + 1])
       time.sleep(every_s)
+
   return respond
 
 
@@ -83,8 +85,8 @@ def test_an_oversized_reply_is_refused_without_buffering_it(with_length):
   size = 3 << 20
 
   def respond(conn):
-    conn.sendall(b"HTTP/1.1 200 OK\r\n" + (b"Content-Length: %d\r\n" % size if with_length else
-                                            b"Connection: close\r\n") + b"\r\n")
+    conn.sendall(b"HTTP/1.1 200 OK\r\n" +
+                 (b"Content-Length: %d\r\n" % size if with_length else b"Connection: close\r\n") + b"\r\n")
     for _ in range(size >> 16):
       conn.sendall(b" " * (1 << 16))
 
@@ -147,8 +149,8 @@ def test_corpus_with_bom_and_bad_utf8_lines(tmp_path, caplog):
   path = tmp_path / "corpus.jsonl"
   good = [json.dumps({"id": str(i), "title": f"T{i}", "text": f"text {i}"}).encode() for i in range(4)]
   deep = b"[" * 5000 + b"]" * 5000
-  path.write_bytes(codecs.BOM_UTF8 + good[0] + b"\n" + good[1] + b"\n" + b'{"id": "x", "text": "caf\xe9"}\n'
-                   + deep + b"\n" + good[2] + b"\n" + good[3] + b"\n")
+  path.write_bytes(codecs.BOM_UTF8 + good[0] + b"\n" + good[1] + b"\n" + b'{"id": "x", "text": "caf\xe9"}\n' + deep +
+                   b"\n" + good[2] + b"\n" + good[3] + b"\n")
   with caplog.at_level("WARNING", logger="varft.tools.search"):
     docs = search_lib.read_corpus(str(path))
   assert [d.id for d in docs] == ["0", "1", "2", "3"]  # The BOM no longer costs the first document.
@@ -161,6 +163,7 @@ def test_corpus_with_bom_and_bad_utf8_lines(tmp_path, caplog):
 
 
 class _Fast(search_lib.SearchBackend):
+
   def search(self, queries, k):
     return [[search_lib.Doc("d", "Title", q)] for q in queries]
 
@@ -193,7 +196,9 @@ def test_malformed_requests_get_4xx():
     deep = b"[" * 200_000
     cases = [("POST", deep, None, 400, b"nested too deeply"), ("POST", b"\xff\xfe{", None, 400, b"not valid JSON"),
              ("PUT", b"{}", None, 405, b"not allowed"), ("DELETE", None, None, 405, b"not allowed"),
-             ("POST", b"{}", {"Content-Length": "abc"}, 400, b"Content-Length")]
+             ("POST", b"{}", {
+                 "Content-Length": "abc"
+             }, 400, b"Content-Length")]
     for method, body, headers, status, message in cases:
       got, reply = _request(port, method, body, headers)
       assert got == status and message in reply, (method, got, reply)

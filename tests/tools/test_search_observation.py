@@ -5,8 +5,8 @@ from varft.tools import search as search_lib
 
 
 def test_exact_rendering_is_the_released_scripts():
-  assert prompts.search_observation(["a b", "c"], exact=True) == (
-      "<information> 1. Content:a b2. Content:c </information> ")
+  assert prompts.search_observation(["a b", "c"],
+                                    exact=True) == ("<information> 1. Content:a b2. Content:c </information> ")
   assert prompts.search_observation([], exact=True) == "<information>  </information> "
 
 

@@ -25,17 +25,27 @@ class StubEngine:
     for ex in examples:
       index = int(ex["id"].split("-")[1])
       answer = ex["answers"][0] if ex["id"].startswith("h") or index < 75 else "wrong"
-      transcripts.append(types.SimpleNamespace(example_id=ex["id"], answer=answer, stop_reason="answer",
-                                               render=lambda: "", observations=[]))
+      transcripts.append(
+          types.SimpleNamespace(example_id=ex["id"], answer=answer, stop_reason="answer", render=lambda: "",
+                                observations=[]))
     return types.SimpleNamespace(transcripts=transcripts)
 
 
 def main(out_dir: str) -> None:
-  config = ml_collections.ConfigDict({"eval": {"num_prompts": 0, "batch_size": 4, "resize": -1},
-                                      "data": {"resize": 0}})
+  config = ml_collections.ConfigDict({"eval": {"num_prompts": 0, "batch_size": 4, "resize": -1}, "data": {"resize": 0}})
   env = types.SimpleNamespace(config=config, eval_engine=StubEngine(), eval_settings={})
-  sources = {"mat_search": [{"id": f"m-{i}", "question": "q", "answers": [f"gold {i}"]} for i in range(150)],
-             "multihop_demo": [{"id": f"h-{i}", "question": "q", "answers": [f"h-{i}"]} for i in range(7)]}
+  sources = {
+      "mat_search": [{
+          "id": f"m-{i}",
+          "question": "q",
+          "answers": [f"gold {i}"]
+      } for i in range(150)],
+      "multihop_demo": [{
+          "id": f"h-{i}",
+          "question": "q",
+          "answers": [f"h-{i}"]
+      } for i in range(7)]
+  }
   for name, source in sources.items():
     agent_task.evaluate_source(env, name, source, None, jax.random.key(0), out_dir if sharding.is_writer() else None)
 

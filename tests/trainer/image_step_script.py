@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import functools
 import re
-
 import sys
 
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 import optax
-from jax.experimental import multihost_utils
 
 from varft import batch as batch_lib
 from varft import echo_task, grpo, sampling, sharding
@@ -53,9 +52,8 @@ def rows_and_images():
 def assemble(rows, images, num_devices, length=None):
   """The rollout batch of `rows` (length bucketed from its own rows unless given) over `num_devices` tables."""
   length = length or sampling.bucket(max(len(r.tokens) for r in rows), LENGTH_BUCKETS)
-  return batch_lib.assemble(rows, images, num_rows=len(rows), num_samples=G, num_devices=num_devices,
-                            length=length, vision_cfg=MODEL.vision, patch_buckets=PATCH_BUCKETS,
-                            max_image_patches=MAX_IMAGE_PATCHES)
+  return batch_lib.assemble(rows, images, num_rows=len(rows), num_samples=G, num_devices=num_devices, length=length,
+                            vision_cfg=MODEL.vision, patch_buckets=PATCH_BUCKETS, max_image_patches=MAX_IMAGE_PATCHES)
 
 
 def step(mesh):

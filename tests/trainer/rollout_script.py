@@ -47,10 +47,15 @@ def run(mesh, tensor_parallel: int = 1) -> dict[str, np.ndarray]:
     params = update(params)
     env.collect(params, jax.random.key(step))
     compiles.append(len(COMPILES) - before)
-  return {"shown": shown, "tokens": batch["tokens"], "sampler_logps": batch["sampler_logps"],
-          "rollout_devices": np.asarray(env.rollout_mesh.devices.size), "compiles": np.asarray(compiles),
-          "q_spec": np.asarray(str(sharding.sampling_params(params, mesh, env.rollout_mesh)["text"]["layers"]["q"]
-                                   ["w"].sharding.spec))}
+  return {
+      "shown": shown,
+      "tokens": batch["tokens"],
+      "sampler_logps": batch["sampler_logps"],
+      "rollout_devices": np.asarray(env.rollout_mesh.devices.size),
+      "compiles": np.asarray(compiles),
+      "q_spec": np.asarray(
+          str(sharding.sampling_params(params, mesh, env.rollout_mesh)["text"]["layers"]["q"]["w"].sharding.spec))
+  }
 
 
 if __name__ == "__main__":

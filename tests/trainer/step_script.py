@@ -10,8 +10,8 @@ import functools
 import sys
 
 import jax
-import numpy as np
 from jax.experimental import multihost_utils
+import numpy as np
 
 from varft import batch as batch_lib
 from varft import echo_task, grpo, sharding

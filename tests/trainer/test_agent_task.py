@@ -35,10 +35,21 @@ def test_resizer_resizes_and_keeps_unreadable_images():
 
 
 def test_rollout_stats_are_flattened_for_logging():
-  flat = agent_task._flat_stats({"tool_calls": 3, "generate_s": 1.5, "stop_reasons": {"answer": 3, "malformed": 1},
-                                 "note": "text"})
-  assert flat == {"rollout/tool_calls": 3.0, "time/generate_s": 1.5, "rollout/stop_answer": 0.75,
-                  "rollout/stop_malformed": 0.25}
+  flat = agent_task._flat_stats({
+      "tool_calls": 3,
+      "generate_s": 1.5,
+      "stop_reasons": {
+          "answer": 3,
+          "malformed": 1
+      },
+      "note": "text"
+  })
+  assert flat == {
+      "rollout/tool_calls": 3.0,
+      "time/generate_s": 1.5,
+      "rollout/stop_answer": 0.75,
+      "rollout/stop_malformed": 0.25
+  }
 
 
 def test_rollout_config_from_the_experiment_config():

@@ -17,7 +17,6 @@ from varft.models.qwen25vl import model, vision
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MODEL = image_step_script.MODEL
 
-
 LENGTH = 32
 
 
@@ -66,12 +65,13 @@ def test_each_device_holds_and_encodes_only_its_own_rows_images():
   # 8-image table gives every row what encoding its image alone gives.
   assert one["vision_inputs"]["full_key_blocks"].shape == (1, 8, 1)
   _, images = image_step_script.rows_and_images()
-  alone = {k: np.asarray(model.encode_images(params, MODEL, im.patches, vision.vision_inputs(im.grid[None],
-                                                                                            MODEL.vision)))
-           for k, im in images.items()}
+  alone = {
+      k: np.asarray(model.encode_images(params, MODEL, im.patches, vision.vision_inputs(im.grid[None], MODEL.vision)))
+      for k, im in images.items()
+  }
   rows, _ = image_step_script.rows_and_images()
-  expected = np.concatenate([alone[k][i][None] for r in rows for k, i in zip(r.image_key, r.image_local)
-                             if k is not None])
+  expected = np.concatenate(
+      [alone[k][i][None] for r in rows for k, i in zip(r.image_key, r.image_local) if k is not None])
   np.testing.assert_allclose(_row_image_embeds(params, one), expected, atol=1e-5)
   # Three prompts on two devices: prompt 1's rows straddle devices 0 and 1, so both hold its image.
   rows = image_step_script.rows_and_images()[0][:6]
@@ -109,15 +109,18 @@ def test_abstract_batch_matches_a_built_one():
   built = jax.tree.map(jnp.asarray, _assemble(8))
   logps = built["sampler_logps"]
   prepared = grpo.prepare_batch(built, jnp.zeros((16,)), logps, gcfg, ref_logps=logps, trainer_logps=logps)
-  planned = batch_lib.abstract(16, LENGTH, num_devices=8, vision_cfg=MODEL.vision,
-                               patches_per_device=64, max_image_patches=64, importance_weights=True)
+  planned = batch_lib.abstract(16, LENGTH, num_devices=8, vision_cfg=MODEL.vision, patches_per_device=64,
+                               max_image_patches=64, importance_weights=True)
   shape = lambda t: jax.tree.map(lambda x: (x.shape, jnp.dtype(x.dtype)), t)
   assert shape(planned) == shape(prepared)
   rollout = batch_lib.abstract(16, LENGTH, stage="rollout")
   assert set(rollout) == set(batch_lib.ROLLOUT_KEYS) | {"rewards"} and "pixel_values" not in rollout
   assembled = _assemble(8)
-  assert {k: shape(rollout[k]) for k in batch_lib.ROLLOUT_KEYS} == {k: shape(assembled[k])
-                                                                     for k in batch_lib.ROLLOUT_KEYS}
+  assert {
+      k: shape(rollout[k]) for k in batch_lib.ROLLOUT_KEYS
+  } == {
+      k: shape(assembled[k]) for k in batch_lib.ROLLOUT_KEYS
+  }
   mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
   sharded = batch_lib.abstract(16, 8, stage="rollout", mesh=mesh)
   assert sharded["positions"].sharding.spec == jax.sharding.PartitionSpec(None, ("data", "fsdp"))
@@ -145,13 +148,15 @@ def test_two_hosts_with_different_buckets_take_the_single_device_step(tmp_path):
   env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
   env.pop("XLA_FLAGS", None)
   one = tmp_path / "one.npz"
-  subprocess.run([sys.executable, "-m", "tests.trainer.image_step_script", str(one)], cwd=REPO, env=env, check=True,
-                 capture_output=True, timeout=300)
+  subprocess.run([sys.executable, "-m", "tests.trainer.image_step_script",
+                  str(one)], cwd=REPO, env=env, check=True, capture_output=True, timeout=300)
   two = tmp_path / "two.npz"
   env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"  # 2 hosts x 4 devices, fsdp = 8
-  procs = [subprocess.Popen([sys.executable, "-m", "tests.trainer.image_step_script", str(two), str(i), "2", port],
-                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-           for i in range(2)]
+  procs = [
+      subprocess.Popen([sys.executable, "-m", "tests.trainer.image_step_script",
+                        str(two), str(i), "2", port], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                       text=True) for i in range(2)
+  ]
   for p in procs:
     _, err = p.communicate(timeout=300)
     assert p.returncode == 0, err[-3000:]

@@ -7,9 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests.trainer import step_script
 from varft import echo_task, grpo
 from varft.models.qwen25vl import text as text_model
-from tests.trainer import step_script
 
 
 def test_group_advantages_by_hand():
@@ -39,11 +39,13 @@ def test_per_token_loss_clipping_and_k3_by_hand():
   loss_neg, stats_neg = grpo.per_token_loss(logps, old, jnp.array([-1.0]), mask, gcfg, ref)
   k3 = lambda p, r: r / p - math.log(r / p) - 1  # exp(ref - logp) - (ref - logp) - 1
   # ratio 1.25 (A=+1): clipped to 1.2; ratio 0.5 (A=+1): unclipped 0.5.
-  np.testing.assert_allclose(loss_pos[0, :3], [-1.2 + 0.5 * k3(0.5, 0.4), -1.2 + 0.5 * k3(0.5, 0.4),
-                                               -0.5 + 0.5 * k3(0.2, 0.4)], rtol=1e-5)
+  np.testing.assert_allclose(loss_pos[0, :3],
+                             [-1.2 + 0.5 * k3(0.5, 0.4), -1.2 + 0.5 * k3(0.5, 0.4), -0.5 + 0.5 * k3(0.2, 0.4)],
+                             rtol=1e-5)
   # A=-1: ratio 1.25 -> min(-1.25, -1.2) = -1.25 (no clip); ratio 0.5 -> min(-0.5, -0.8) = -0.8 (clipped low).
-  np.testing.assert_allclose(loss_neg[0, :3], [1.25 + 0.5 * k3(0.5, 0.4), 1.25 + 0.5 * k3(0.5, 0.4),
-                                               0.8 + 0.5 * k3(0.2, 0.4)], rtol=1e-5)
+  np.testing.assert_allclose(loss_neg[0, :3],
+                             [1.25 + 0.5 * k3(0.5, 0.4), 1.25 + 0.5 * k3(0.5, 0.4), 0.8 + 0.5 * k3(0.2, 0.4)],
+                             rtol=1e-5)
   assert float(loss_pos[0, 3]) == 0.0  # off the mask
   np.testing.assert_array_equal(stats["clip_high"][0, :3], [1, 1, 0])
   np.testing.assert_array_equal(stats_neg["clip_low"][0, :3], [0, 0, 1])
@@ -62,8 +64,7 @@ def test_off_mask_garbage_cannot_reach_the_loss_or_make_nans():
 
 def test_loss_weights_by_hand():
   mask = jnp.array([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
-  np.testing.assert_allclose(grpo.loss_weights(mask, "sequence_mean"),
-                             [[0.25, 0.25, 0], [0.5, 0, 0], [0, 0, 0]])
+  np.testing.assert_allclose(grpo.loss_weights(mask, "sequence_mean"), [[0.25, 0.25, 0], [0.5, 0, 0], [0, 0, 0]])
   np.testing.assert_allclose(grpo.loss_weights(mask, "token_mean"), mask / 3)
 
 
@@ -74,7 +75,7 @@ def test_chunked_logps_and_entropy_equal_full_softmax():
   logps, entropy = grpo.sequence_logps(params, cfg, batch, None, temperature=0.7, logits_chunk=5)
   embeds = text_model.embed_tokens(params["text"], batch["tokens"])
   hidden, _ = text_model.forward(params["text"], cfg.text, embeds, batch["positions"],
-                                           attention_mask=batch["attention_mask"])
+                                 attention_mask=batch["attention_mask"])
   full = jax.nn.log_softmax(text_model.logits(params["text"], cfg.text, hidden) / 0.7)
   expected = jnp.take_along_axis(full[:, :-1], batch["tokens"][:, 1:, None], -1)[..., 0]
   np.testing.assert_allclose(logps[:, 1:], expected, atol=1e-5)
@@ -126,8 +127,12 @@ def test_tokens_outside_the_loss_mask_do_not_change_the_update():
 
 def test_importance_correction_uses_trainer_logps_as_old_and_caps_weights():
   gcfg = grpo.GRPOConfig(beta=0.0, tis_cap=2.0)
-  batch = {"tokens": jnp.zeros((1, 3), jnp.int32), "attention_mask": jnp.ones((1, 3), jnp.int32),
-           "positions": jnp.zeros((3, 1, 3), jnp.int32), "loss_mask": jnp.array([[0.0, 1.0, 1.0]])}
+  batch = {
+      "tokens": jnp.zeros((1, 3), jnp.int32),
+      "attention_mask": jnp.ones((1, 3), jnp.int32),
+      "positions": jnp.zeros((3, 1, 3), jnp.int32),
+      "loss_mask": jnp.array([[0.0, 1.0, 1.0]])
+  }
   sampler = jnp.array([[0.0, -1.0, -3.0]])
   trainer = jnp.array([[-9.0, -1.5, -1.0]])
   out = grpo.prepare_batch(batch, jnp.array([1.0]), sampler, gcfg, trainer_logps=trainer)
@@ -186,6 +191,7 @@ def test_vision_gradients_pulled_back_once_equal_direct_gradients():
   """Micro-batches accumulate gradients w.r.t. the image embeddings; one vjp through the vision tower at the end
   must give the gradient of the loss with the tower inside it."""
   import optax
+
   from varft.models.qwen25vl import model, rope, vision
   cfg = echo_task.model_config(vocab_size=64).replace(image_token_id=5)
   params = model.init_params(jax.random.key(3), cfg)
@@ -203,16 +209,24 @@ def test_vision_gradients_pulled_back_once_equal_direct_gradients():
   loss_mask[:, 12:] = 1
   pixel_values = rng.normal(size=(vision.num_patches(grids), cfg.vision.patch_dim)).astype(np.float32)
   vision_inputs = vision.vision_inputs(grids, cfg.vision)  # one device: one image table (leading axis 1)
-  batch = {"tokens": tokens, "attention_mask": np.ones((n, length), np.int32), "positions": positions,
-           "loss_mask": loss_mask, "image_index": image_index, "pixel_values": pixel_values[None],
-           "vision_inputs": {k: v[None] for k, v in vision_inputs.items()}}
+  batch = {
+      "tokens": tokens,
+      "attention_mask": np.ones((n, length), np.int32),
+      "positions": positions,
+      "loss_mask": loss_mask,
+      "image_index": image_index,
+      "pixel_values": pixel_values[None],
+      "vision_inputs": {
+          k: v[None] for k, v in vision_inputs.items()
+      }
+  }
   batch = jax.tree.map(jnp.asarray, batch)
   gcfg = grpo.GRPOConfig(beta=0.0, micro_batches=2)
   adv = jnp.array([1.0, -1.0, 0.5, -0.5])
   old = grpo.make_logps_fn(cfg, gcfg)(params, batch) - 0.1 * batch["loss_mask"]
   prepared = grpo.prepare_batch(batch, adv, old, gcfg)
   state, _ = jax.jit(grpo.make_train_step(cfg, gcfg, optax.sgd(1.0)))(grpo.init_train_state(params, optax.sgd(1.0)),
-                                                                       prepared)
+                                                                      prepared)
 
   def direct_loss(p):
     embeds = grpo.encode_images(p, cfg, batch)

@@ -30,9 +30,11 @@ def test_policy_learns_to_repeat_the_shown_token(tmp_path):
 
 
 def _command(workdir, steps):
-  return [sys.executable, "-m", "varft.main", "--config=experiments/echo.py", f"--workdir={workdir}",
-          f"--config.total_steps={steps}", "--config.checkpoint_every=7", "--config.samples_every=0",
-          "--config.eval_every=0"]
+  return [
+      sys.executable, "-m", "varft.main", "--config=experiments/echo.py", f"--workdir={workdir}",
+      f"--config.total_steps={steps}", "--config.checkpoint_every=7", "--config.samples_every=0",
+      "--config.eval_every=0"
+  ]
 
 
 def _deterministic(rows):
@@ -48,8 +50,7 @@ def test_kill_9_then_restart_resumes_exactly(tmp_path):
   subprocess.run(_command(reference, steps), cwd=REPO, env=env, check=True, capture_output=True, timeout=300)
 
   run = tmp_path / "run"
-  proc = subprocess.Popen(_command(run, steps), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL)
+  proc = subprocess.Popen(_command(run, steps), cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   metrics, deadline = run / "metrics.jsonl", time.time() + 240
   while time.time() < deadline and proc.poll() is None:
     if metrics.exists() and metrics.read_text().count("\n") >= 20:
@@ -109,15 +110,17 @@ def test_bad_config_values_fail_at_start_naming_the_key(tmp_path):
       train.validate(config)
     with pytest.raises(ValueError, match="must be demo"):
       module.get_config("13b")
-  out = subprocess.run([sys.executable, "-m", "varft.main", "--config=experiments/echo.py", f"--workdir={tmp_path}",
-                        "--config.grpo.no_such_key=1"], cwd=REPO, capture_output=True, text=True, timeout=120,
-                       env=dict(os.environ, PYTHONPATH=REPO))
+  out = subprocess.run([
+      sys.executable, "-m", "varft.main", "--config=experiments/echo.py", f"--workdir={tmp_path}",
+      "--config.grpo.no_such_key=1"
+  ], cwd=REPO, capture_output=True, text=True, timeout=120, env=dict(os.environ, PYTHONPATH=REPO))
   assert out.returncode != 0 and "no_such_key" in out.stderr
 
 
 def test_search_demo_step_runs_the_agentic_loop_and_writes_every_output(tmp_path):
   """One GRPO step of the real pipeline (demo data, tiny Qwen2.5-VL, sampler, BM25 tool, rewards) + eval."""
   import json
+
   from experiments import search
   config = search.get_config("demo,multiturn")
   config.sft.steps = 0  # the GRPO step alone (tests/sft covers the warm-up)
@@ -130,8 +133,8 @@ def test_search_demo_step_runs_the_agentic_loop_and_writes_every_output(tmp_path
   config.eval.num_prompts = 2
   config.eval.max_turns = 1
   metrics = train.train(config, str(tmp_path))
-  for key in ("reward/answer_f1", "reward/format", "time/rollout_s", "time/rewards_s", "time/update_s",
-              "train/loss", "train/kl", "train/entropy", "rollout/tool_calls", "eval/mat_search/f1"):
+  for key in ("reward/answer_f1", "reward/format", "time/rollout_s", "time/rewards_s", "time/update_s", "train/loss",
+              "train/kl", "train/entropy", "rollout/tool_calls", "eval/mat_search/f1"):
     assert key in metrics, key
   assert metrics["train/loss_tokens"] == 2 * 2 * 8  # only sampled tokens carry loss
   predictions = json.loads((tmp_path / "eval" / "step_000001" / "mat_search.json").read_text())

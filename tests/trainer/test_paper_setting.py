@@ -23,7 +23,7 @@ def test_paper_setting_keeps_the_numbers_that_were_equal(experiment):
   assert (c.grpo.epochs, c.grpo.aggregation, c.grpo.advantage, c.rollout.temperature) == (1, "sequence_mean", "std",
                                                                                           1.0)
   assert (c.rollout.max_new_tokens, c.rollout.image_max_pixels, c.data.resize, c.rollout.top_k) == (256, 401408, 720,
-                                                                                                   50)
+                                                                                                    50)
   assert c.keep_checkpoint_steps == ((1400,) if experiment is coding else (200,))
 
 

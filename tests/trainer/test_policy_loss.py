@@ -51,8 +51,9 @@ def test_reinforce_differs_from_clipped_when_ratios_are_not_one_and_equals_it_at
   g_reinforce, g_clipped = jax.grad(_loss)(theta, off, reinforce), jax.grad(_loss)(theta, off, clipped)
   assert float(jnp.max(jnp.abs(g_reinforce - g_clipped))) > 1e-3
   on_policy = jax.lax.stop_gradient(_logps(theta))  # mu = 1 with exact log-probs: the same update
-  np.testing.assert_allclose(jax.grad(_loss)(theta, on_policy, reinforce), jax.grad(_loss)(theta, on_policy, clipped),
-                             rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(
+      jax.grad(_loss)(theta, on_policy, reinforce),
+      jax.grad(_loss)(theta, on_policy, clipped), rtol=1e-5, atol=1e-7)
 
 
 def test_reinforce_reports_no_clipping_but_the_true_ratio():

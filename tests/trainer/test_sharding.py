@@ -5,9 +5,9 @@ import subprocess
 import sys
 
 import jax
+from jax.sharding import PartitionSpec as P
 import numpy as np
 import pytest
-from jax.sharding import PartitionSpec as P
 
 from varft import sharding
 
@@ -77,13 +77,16 @@ def _free_port() -> int:
 
 def test_two_processes_equal_one_process(tmp_path):
   one = tmp_path / "one.npz"
-  subprocess.run([sys.executable, "-m", "tests.trainer.step_script", str(one)], cwd=REPO, env=_env(), check=True,
-                 capture_output=True, timeout=300)
+  subprocess.run(
+      [sys.executable, "-m", "tests.trainer.step_script", str(one)], cwd=REPO, env=_env(), check=True,
+      capture_output=True, timeout=300)
   two = tmp_path / "two.npz"
   port = str(_free_port())
-  procs = [subprocess.Popen([sys.executable, "-m", "tests.trainer.step_script", str(two), str(i), "2", port],
-                            cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-           for i in range(2)]
+  procs = [
+      subprocess.Popen([sys.executable, "-m", "tests.trainer.step_script",
+                        str(two), str(i), "2", port], cwd=REPO, env=_env(), stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE, text=True) for i in range(2)
+  ]
   for p in procs:
     _, err = p.communicate(timeout=300)
     assert p.returncode == 0, err[-3000:]
@@ -97,8 +100,7 @@ def test_two_processes_equal_one_process(tmp_path):
 def test_shard_batch_rejects_rows_the_mesh_cannot_split():
   from varft import batch as batch_lib
   mesh = sharding.make_mesh({"data": -1})
-  batch = batch_lib.shard({"tokens": np.zeros((2, 3), np.int32),
-                           "positions": np.zeros((3, 2, 3), np.int32)}, mesh)
+  batch = batch_lib.shard({"tokens": np.zeros((2, 3), np.int32), "positions": np.zeros((3, 2, 3), np.int32)}, mesh)
   assert batch["positions"].sharding.spec == P(None, ("data", "fsdp"))
   assert sharding.spec_for(("vocab", "embed"), (10, 4), mesh) == P(None, None)
 
@@ -111,13 +113,16 @@ class _MeshShape:
 
 
 def test_every_parameter_of_the_vision_language_model_gets_a_valid_spec():
-  from varft.models.qwen25vl import config as config_lib, model
+  from varft.models.qwen25vl import config as config_lib
+  from varft.models.qwen25vl import model
   cfg = config_lib.get_config("tiny")
   shapes = jax.eval_shape(lambda: model.init_params(jax.random.key(0), cfg))
   mesh = _MeshShape(fsdp=4, tensor=2)
   specs = sharding.tree_specs(shapes, mesh)
-  flat = {jax.tree_util.keystr(p): s for p, s in jax.tree_util.tree_leaves_with_path(
-      specs, is_leaf=lambda x: isinstance(x, P))}
+  flat = {
+      jax.tree_util.keystr(p): s
+      for p, s in jax.tree_util.tree_leaves_with_path(specs, is_leaf=lambda x: isinstance(x, P))
+  }
   assert flat["['text']['embed']"] == P("tensor", "fsdp")
   assert flat["['vision']['blocks']['qkv']['w']"] == P(None, "fsdp", "tensor")
   assert flat["['vision']['merger']['fc2']['w']"] == P("tensor", "fsdp")
@@ -130,8 +135,8 @@ def test_every_parameter_of_the_vision_language_model_gets_a_valid_spec():
 
 
 def test_one_process_on_8_devices_compiles_nothing_after_the_first_step(tmp_path):
-  out = subprocess.run([sys.executable, "-m", "tests.trainer.rollout_script", str(tmp_path / "out")], cwd=REPO,
-                       capture_output=True, text=True, timeout=300,
+  out = subprocess.run([sys.executable, "-m", "tests.trainer.rollout_script",
+                        str(tmp_path / "out")], cwd=REPO, capture_output=True, text=True, timeout=300,
                        env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"))
   assert out.returncode == 0, out.stderr[-3000:]
   host = np.load(tmp_path / "out_0.npz")
@@ -144,9 +149,14 @@ def test_two_hosts_sample_their_own_prompts_from_sharded_params(tmp_path, tensor
   from tests.trainer import rollout_script
   port = str(_free_port())
   env = _env(XLA_FLAGS="--xla_force_host_platform_device_count=2")  # 2 hosts x 2 devices: params over 4
-  procs = [subprocess.Popen([sys.executable, "-m", "tests.trainer.rollout_script", str(tmp_path / "out"), str(i),
-                             "2", port, str(tensor_parallel)], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True) for i in range(2)]
+  procs = [
+      subprocess.Popen([
+          sys.executable, "-m", "tests.trainer.rollout_script",
+          str(tmp_path / "out"),
+          str(i), "2", port,
+          str(tensor_parallel)
+      ], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)
+  ]
   for p in procs:
     _, err = p.communicate(timeout=300)
     assert p.returncode == 0, err[-3000:]
@@ -155,8 +165,8 @@ def test_two_hosts_sample_their_own_prompts_from_sharded_params(tmp_path, tensor
   for host in hosts:  # the first step compiles its programs; the next two reuse them (no per-step reshard compile)
     assert host["compiles"][0] > 0 and list(host["compiles"][1:]) == [0, 0], host["compiles"]
     # Sampling weights: a replica per device, or split over the host's two devices.
-    assert str(host["q_spec"]) == ("P(None, None, 'tensor')" if tensor_parallel == 2 else
-                                   "P(None, None, None)"), host["q_spec"]
+    assert str(host["q_spec"]) == ("P(None, None, 'tensor')"
+                                   if tensor_parallel == 2 else "P(None, None, None)"), host["q_spec"]
   mesh = sharding.make_mesh({"data": 1}, jax.devices()[:1])
   params = rollout_script.init_params(mesh)
   for host in hosts:
@@ -170,9 +180,12 @@ def test_two_hosts_sample_their_own_prompts_from_sharded_params(tmp_path, tensor
 def test_two_host_evaluation_keeps_item_order_and_drops_nothing(tmp_path):
   import json
   port = str(_free_port())
-  procs = [subprocess.Popen([sys.executable, "-m", "tests.trainer.eval_script", str(tmp_path), str(i), "2", port],
-                            cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-           for i in range(2)]
+  procs = [
+      subprocess.Popen(
+          [sys.executable, "-m", "tests.trainer.eval_script",
+           str(tmp_path), str(i), "2", port], cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+          text=True) for i in range(2)
+  ]
   for p in procs:
     _, err = p.communicate(timeout=300)
     assert p.returncode == 0, err[-3000:]
@@ -187,6 +200,7 @@ def test_two_host_evaluation_keeps_item_order_and_drops_nothing(tmp_path):
 
 
 class _Device:
+
   def __init__(self, limit, process_index=0):
     self.limit, self.process_index = limit, process_index
 

@@ -150,16 +150,23 @@ def test_checkpoints_store_the_fingerprint_and_old_ones_are_checked_through_thei
 def test_recipe_keeps_what_changes_the_run_and_drops_run_only_keys():
   config = _echo()
   keys = ckpt_lib.recipe(config)
-  for key in ("seed", "total_steps", "optim.learning_rate", "grpo.beta", "rollout.num_samples", "rewards",
-              "model.name", "data.train", "task"):
+  for key in ("seed", "total_steps", "optim.learning_rate", "grpo.beta", "rollout.num_samples", "rewards", "model.name",
+              "data.train", "task"):
     assert key in keys, key
   for key in ("log_every", "checkpoint_every", "resume", "mode", "mesh.fsdp", "grpo.micro_batches",
               "rollout.length_buckets", "data.mat_dir", "tools.max_workers", "eval.batch_size"):
     assert key not in keys, key
   # Tuples and lists are the same JSON value: a config read back from a checkpoint fingerprints the same.
   assert ckpt_lib.fingerprint(config) == ckpt_lib.fingerprint(json.loads(config.to_json_best_effort()))
-  assert ckpt_lib.recipe_changes({"a": 1, "b": 2, "log_every": 1}, {"a": 1, "c": 3, "log_every": 5}) == [
-      "b: 2 -> '<absent>'", "c: '<absent>' -> 3"]
+  assert ckpt_lib.recipe_changes({
+      "a": 1,
+      "b": 2,
+      "log_every": 1
+  }, {
+      "a": 1,
+      "c": 3,
+      "log_every": 5
+  }) == ["b: 2 -> '<absent>'", "c: '<absent>' -> 3"]
 
 
 def test_a_filesystem_without_locks_warns_and_runs(tmp_path, monkeypatch, caplog):

@@ -22,20 +22,19 @@ in the prepared dataset's metadata (`skip_report(prepare(name, ...))` reads them
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 import contextlib
 import dataclasses
 import inspect
 import io
 import logging
 import os
-from typing import Sequence
 
 from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
 
-from varft.data import json_files
-from varft.data import records
+from varft.data import json_files, records
 
 _MAT_URL = 'https://huggingface.co/datasets/laolao77/MAT'
 _FLASHRAG_URL = 'https://huggingface.co/datasets/RUC-NLPIR/FlashRAG_datasets'
@@ -78,8 +77,10 @@ class _Layout:
 def missing_files_message(builder_name: str, manual_dir: str, layout: _Layout) -> str:
   """The exact files and folders a config needs, as a user-facing message."""
   manual_dir = os.fspath(manual_dir)
-  lines = [f'{builder_name}: the manual dir {manual_dir!r} is missing required data.',
-           f'Download {layout.source} and arrange it so that {layout.need}:']
+  lines = [
+      f'{builder_name}: the manual dir {manual_dir!r} is missing required data.',
+      f'Download {layout.source} and arrange it so that {layout.need}:'
+  ]
   for f in layout.files:
     mark = 'ok  ' if os.path.isfile(os.path.join(manual_dir, f)) else 'MISSING'
     lines.append(f'  [{mark}] {os.path.join(manual_dir, f)}  (file)')
@@ -93,18 +94,17 @@ def missing_files_message(builder_name: str, manual_dir: str, layout: _Layout) -
 
 def _check_layout(builder_name: str, manual_dir: str | None, layout: _Layout) -> str:
   if manual_dir is None:
-    raise FileNotFoundError(f'{builder_name} needs a manual dir (manual_dir=...).\n'
-                            + missing_files_message(builder_name, '<manual_dir>', layout))
+    raise FileNotFoundError(f'{builder_name} needs a manual dir (manual_dir=...).\n' +
+                            missing_files_message(builder_name, '<manual_dir>', layout))
   manual_dir = os.fspath(manual_dir)
-  ok = (all(os.path.isfile(os.path.join(manual_dir, f)) for f in layout.files)
-        and all(os.path.isdir(os.path.join(manual_dir, d)) for d in layout.dirs))
+  ok = (all(os.path.isfile(os.path.join(manual_dir, f)) for f in layout.files) and
+        all(os.path.isdir(os.path.join(manual_dir, d)) for d in layout.dirs))
   if not ok:
     raise FileNotFoundError(missing_files_message(builder_name, manual_dir, layout))
   return manual_dir
 
 
-def _finish(builder: tfds.core.GeneratorBasedBuilder, split: str,
-            report: records.SkipReport) -> None:
+def _finish(builder: tfds.core.GeneratorBasedBuilder, split: str, report: records.SkipReport) -> None:
   builder.info.metadata.setdefault('skipped', {})[split] = report.as_dict()
   if report.total:
     logging.warning('%s', report.summary())
@@ -146,11 +146,9 @@ class MatBenchmark(_Builder):
   """MAT benchmark (Visual-ARFT): MAT-Search (150 items) and MAT-Coding (200 items)."""
   BUILDER_CONFIGS = [
       MatBenchmarkConfig(name='search', description='MAT-Search: multi-hop visual search QA.',
-                         json_file='MAT-Benchmark/MAT-Search.json',
-                         image_dir='MAT-Benchmark/MAT-Search-image'),
+                         json_file='MAT-Benchmark/MAT-Search.json', image_dir='MAT-Benchmark/MAT-Search-image'),
       MatBenchmarkConfig(name='coding', description='MAT-Coding: degraded-image QA.',
-                         json_file='MAT-Benchmark/MAT-Coding.json',
-                         image_dir='MAT-Benchmark/MAT-Coding-image'),
+                         json_file='MAT-Benchmark/MAT-Coding.json', image_dir='MAT-Benchmark/MAT-Coding-image'),
   ]
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
       f'Download the MAT dataset ({_MAT_URL}) and pass its root as the manual dir; it must hold '
@@ -162,8 +160,7 @@ class MatBenchmark(_Builder):
     return _Layout(files=[c.json_file], dirs=[c.image_dir], source=f'MAT ({_MAT_URL})')
 
   def _split_generators(self, dl_manager):
-    manual_dir = _check_layout(self.name + '/' + self.builder_config.name,
-                               dl_manager._manual_dir, self._layout())  # pylint: disable=protected-access
+    manual_dir = _check_layout(self.name + '/' + self.builder_config.name, dl_manager._manual_dir, self._layout())  # pylint: disable=protected-access
     return {'test': self._generate_examples(manual_dir)}
 
   def _generate_examples(self, manual_dir):
@@ -198,8 +195,10 @@ class MatTraining(_Builder):
   STEP_WISE = True
   # 1.1.0: a folder prepared before `gt` was kept is prepared again (tfds would read it back as 'None').
   VERSION = tfds.core.Version('1.1.0')
-  RELEASE_NOTES = {'1.0.0': 'Initial release.',
-                   '1.1.0': "gt: the record's reference step with its <think> (for gold injection)."}
+  RELEASE_NOTES = {
+      '1.0.0': 'Initial release.',
+      '1.1.0': "gt: the record's reference step with its <think> (for gold injection)."
+  }
   BUILDER_CONFIGS = [
       MatTrainingConfig(name='search', description='63 step samples from 20 search trajectories.',
                         json_file='MAT-Training/rft_agent_search_20.json', task='search'),
@@ -226,8 +225,7 @@ class MatTraining(_Builder):
     manual_dir = dl_manager._manual_dir  # pylint: disable=protected-access
     image_dir = self._image_dir(manual_dir) if manual_dir else None
     if image_dir is None or not os.path.isfile(os.path.join(manual_dir, c.json_file)):
-      layout = _Layout(files=[c.json_file], dirs=[f'MAT-Training/{stem}_images'],
-                       source=f'MAT ({_MAT_URL})')
+      layout = _Layout(files=[c.json_file], dirs=[f'MAT-Training/{stem}_images'], source=f'MAT ({_MAT_URL})')
       _check_layout(f'{self.name}/{c.name}', manual_dir, layout)  # Raises, naming what is missing.
     return {'train': self._generate_examples(os.path.join(manual_dir, c.json_file), image_dir)}
 
@@ -241,8 +239,7 @@ class MatTraining(_Builder):
 
 class MultihopQa(_Builder):
   """FlashRAG multi-hop QA (text only): 2WikiMultihopQA, HotpotQA, MuSiQue, Bamboogle."""
-  BUILDER_CONFIGS = [tfds.core.BuilderConfig(name=n, description=f'FlashRAG {n}.')
-                     for n in MULTIHOP_DATASETS]
+  BUILDER_CONFIGS = [tfds.core.BuilderConfig(name=n, description=f'FlashRAG {n}.') for n in MULTIHOP_DATASETS]
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
       f'Download the FlashRAG datasets ({_FLASHRAG_URL}) and pass their root as the manual dir; '
       'it must hold <dataset>/<split>.jsonl, e.g. hotpotqa/dev.jsonl, 2wikimultihopqa/dev.jsonl, '
@@ -251,16 +248,14 @@ class MultihopQa(_Builder):
   def _split_generators(self, dl_manager):
     name = self.builder_config.name
     manual_dir = dl_manager._manual_dir  # pylint: disable=protected-access
-    present = [s for s in MULTIHOP_SPLITS
-               if manual_dir and os.path.isfile(os.path.join(manual_dir, name, f'{s}.jsonl'))]
+    present = [
+        s for s in MULTIHOP_SPLITS if manual_dir and os.path.isfile(os.path.join(manual_dir, name, f'{s}.jsonl'))
+    ]
     if not present:
       layout = _Layout(files=[f'{name}/{s}.jsonl' for s in MULTIHOP_SPLITS], dirs=[],
-                       source=f'the FlashRAG datasets ({_FLASHRAG_URL})',
-                       need='at least one of these exists')
-      raise FileNotFoundError(missing_files_message(f'{self.name}/{name}', manual_dir or
-                                                    '<manual_dir>', layout))
-    return {s: self._generate_examples(os.path.join(manual_dir, name, f'{s}.jsonl'), s)
-            for s in present}
+                       source=f'the FlashRAG datasets ({_FLASHRAG_URL})', need='at least one of these exists')
+      raise FileNotFoundError(missing_files_message(f'{self.name}/{name}', manual_dir or '<manual_dir>', layout))
+    return {s: self._generate_examples(os.path.join(manual_dir, name, f'{s}.jsonl'), s) for s in present}
 
   def _generate_examples(self, path, split):
     report = records.SkipReport(f'{self.name}/{self.builder_config.name} ({path})')
@@ -284,9 +279,8 @@ def builder(name: str, *, data_dir: str) -> tfds.core.GeneratorBasedBuilder:
   """`'mat_benchmark/coding'` -> the builder instance writing to / reading from `data_dir`."""
   family, _, config = name.partition('/')
   if family not in BUILDERS or not config:
-    raise ValueError(f'unknown dataset {name!r}; expected one of '
-                     + ', '.join(f'{f}/{c.name}' for f, b in BUILDERS.items()
-                                 for c in b.BUILDER_CONFIGS))
+    raise ValueError(f'unknown dataset {name!r}; expected one of ' +
+                     ', '.join(f'{f}/{c.name}' for f, b in BUILDERS.items() for c in b.BUILDER_CONFIGS))
   configs = [c.name for c in BUILDERS[family].BUILDER_CONFIGS]
   if config not in configs:
     raise ValueError(f'unknown config {config!r} for {family}; expected one of {configs}')
@@ -302,8 +296,12 @@ def dataset_dir(name: str, *, data_dir: str) -> str:
   return os.fspath(builder(name, data_dir=data_dir).data_dir)
 
 
-def prepare(name: str, *, manual_dir: str | None, data_dir: str | None = None,
-            ) -> tfds.core.GeneratorBasedBuilder:
+def prepare(
+    name: str,
+    *,
+    manual_dir: str | None,
+    data_dir: str | None = None,
+) -> tfds.core.GeneratorBasedBuilder:
   """Builds `name` from `manual_dir` unless already prepared; returns the builder.
 
   `data_dir` is the root of every prepared dataset (see `dataset_dir`); it defaults to
@@ -361,8 +359,7 @@ class Source:
     return f'Source({self.name}, split={self.split!r}, n={len(self)})'
 
 
-def load(name: str, split: str | None = None, *, manual_dir: str | None = None,
-         data_dir: str | None = None) -> Source:
+def load(name: str, split: str | None = None, *, manual_dir: str | None = None, data_dir: str | None = None) -> Source:
   """Prepares `name` if needed and returns a random-access source of decoded examples.
 
   `split` defaults to the only split a dataset has ('test' for benchmarks, 'train' for

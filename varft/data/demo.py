@@ -27,28 +27,28 @@ import io
 import json
 import os
 import shutil
+
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 from varft import prompts
 
 IMAGE_SIZE = 224
-SINGLE_TYPES = ('rotation90', 'rotation180', 'dark', 'overexposure', 'blur', 'noise', 'crop',
-                'none')
+SINGLE_TYPES = ('rotation90', 'rotation180', 'dark', 'overexposure', 'blur', 'noise', 'crop', 'none')
 # Hard MAT-Coding items combine a rotation with a photometric degradation.
-COMBINED_TYPES = (('rotation90', 'dark'), ('rotation180', 'blur'), ('rotation90', 'noise'),
-                  ('rotation180', 'overexposure'))
+COMBINED_TYPES = (('rotation90', 'dark'), ('rotation180', 'blur'), ('rotation90', 'noise'), ('rotation180',
+                                                                                             'overexposure'))
 CROP_QUESTION = ('Recognize the text within the [{x1}, {y1}, {x2}, {y2}] of the image. The '
                  'coordinates have been normalized ranging from 0 to 1000 by the image width and '
                  'height. ')
-_SYLLABLES = ('ka', 'lo', 'mi', 'ren', 'tas', 'vo', 'zer', 'qui', 'dan', 'bel', 'sor', 'nix',
-              'pra', 'tul', 'ves', 'gor', 'lin', 'mar', 'o', 'e')
-_RIVERS = ('Amsel', 'Brenna', 'Corvin', 'Dalla', 'Esker', 'Fennel', 'Gala', 'Hollin', 'Isar',
-           'Jorvik', 'Kessel', 'Lumen')
-_PRODUCTS = ('bicycles', 'teapots', 'umbrellas', 'telescopes', 'violins', 'lanterns', 'kites',
-             'clocks', 'skates', 'compasses', 'pianos', 'canoes')
-_COLORS = ((200, 40, 40), (30, 110, 200), (40, 150, 60), (230, 160, 20), (120, 50, 170),
-           (20, 150, 150), (210, 80, 140), (90, 90, 90))
+_SYLLABLES = ('ka', 'lo', 'mi', 'ren', 'tas', 'vo', 'zer', 'qui', 'dan', 'bel', 'sor', 'nix', 'pra', 'tul', 'ves',
+              'gor', 'lin', 'mar', 'o', 'e')
+_RIVERS = ('Amsel', 'Brenna', 'Corvin', 'Dalla', 'Esker', 'Fennel', 'Gala', 'Hollin', 'Isar', 'Jorvik', 'Kessel',
+           'Lumen')
+_PRODUCTS = ('bicycles', 'teapots', 'umbrellas', 'telescopes', 'violins', 'lanterns', 'kites', 'clocks', 'skates',
+             'compasses', 'pianos', 'canoes')
+_COLORS = ((200, 40, 40), (30, 110, 200), (40, 150, 60), (230, 160, 20), (120, 50, 170), (20, 150, 150), (210, 80, 140),
+           (90, 90, 90))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,11 +129,15 @@ def corpus(entities: list[dict]) -> list[dict]:
   """
   rows, seen_cities = [], set()
   for e in entities:
-    rows.append({'title': e['company'], 'text': (
-        f"{e['company']} is a maker of {e['product']} founded in {e['year']} by {e['founder']}. "
-        f"Its headquarters are in the city of {e['city']}.")})
-    rows.append({'title': e['founder'], 'text': (
-        f"{e['founder']} is an engineer and entrepreneur who was born in {e['birthplace']}.")})
+    rows.append({
+        'title': e['company'],
+        'text': (f"{e['company']} is a maker of {e['product']} founded in {e['year']} by {e['founder']}. "
+                 f"Its headquarters are in the city of {e['city']}.")
+    })
+    rows.append({
+        'title': e['founder'],
+        'text': (f"{e['founder']} is an engineer and entrepreneur who was born in {e['birthplace']}.")
+    })
   for e in entities:
     for city in (e['city'], e['birthplace']):
       if city in seen_cities:
@@ -150,12 +154,11 @@ def corpus(entities: list[dict]) -> list[dict]:
 def questions(e: dict) -> list[tuple[str, str, list[str], int]]:
   """(question about the image, the same naming the company, answer, searches needed)."""
   return [
-      ('In which year was the company whose logo is shown founded?',
-       f"In which year was {e['company']} founded?", [e['year']], 1),
+      ('In which year was the company whose logo is shown founded?', f"In which year was {e['company']} founded?",
+       [e['year']], 1),
       ('Which river flows through the city where the company whose logo is shown has its '
-       'headquarters?',
-       f"Which river flows through the city where {e['company']} has its headquarters?",
-       [e['river']], 2),
+       'headquarters?', f"Which river flows through the city where {e['company']} has its headquarters?", [e['river']],
+       2),
       ('In which city was the founder of the company whose logo is shown born?',
        f"In which city was the founder of {e['company']} born?", [e['birthplace']], 2),
   ]
@@ -279,10 +282,11 @@ def fix_code(kinds: list[str], box: tuple[int, int, int, int] | None = None) -> 
   """The OpenCV program that undoes `kinds` (rotation first) or crops the normalized `box`."""
   lines = ['import cv2', 'import numpy as np', "image = cv2.imread('path_to_input_image.jpg')"]
   if 'crop' in kinds:
-    lines += ['h, w = image.shape[:2]',
-              f'x1, y1, x2, y2 = {list(box)}',
-              'image = image[int(y1 * h / 1000):int(y2 * h / 1000), '
-              'int(x1 * w / 1000):int(x2 * w / 1000)]']
+    lines += [
+        'h, w = image.shape[:2]', f'x1, y1, x2, y2 = {list(box)}',
+        'image = image[int(y1 * h / 1000):int(y2 * h / 1000), '
+        'int(x1 * w / 1000):int(x2 * w / 1000)]'
+    ]
   for kind in sorted(kinds, key=lambda k: not k.startswith('rotation')):
     if kind in _FIXES:
       lines.append(_FIXES[kind])
@@ -306,15 +310,15 @@ def _coding_item(k: int, kinds: tuple[str, ...], rng: np.random.Generator) -> di
     answer = words[cell]
     # The processed image of a crop item is the region the tool should cut out.
     processed = clean.crop(tuple(int(v * IMAGE_SIZE / 1000) for v in box))
-    return dict(clean=clean, processed=processed, question=question, answer=answer,
-                kinds=list(kinds), code=fix_code(list(kinds), box))
+    return dict(clean=clean, processed=processed, question=question, answer=answer, kinds=list(kinds),
+                code=fix_code(list(kinds), box))
   answer = _code_word(rng)
   clean = label_image(answer, rng)
   processed = clean
   for kind in kinds:
     processed = degrade(processed, kind, rng)
-  return dict(clean=clean, processed=processed, question='What code is printed on the label?',
-              answer=answer, kinds=list(kinds), code=fix_code(list(kinds)))
+  return dict(clean=clean, processed=processed, question='What code is printed on the label?', answer=answer,
+              kinds=list(kinds), code=fix_code(list(kinds)))
 
 
 def _coding_kinds(k: int, n_simple: int) -> tuple[str, ...]:
@@ -360,9 +364,15 @@ def write_coding_benchmark(mat_dir: str, n: int, rng: np.random.Generator) -> li
     ori, proc = _coding_files(k, kinds)
     _save(item['clean'], os.path.join(image_dir, ori))
     _save(item['processed'], os.path.join(image_dir, proc))
-    rows.append({'id': k + 1, 'question': item['question'], 'answers': [item['answer']],
-                 'ori_image_path': ori, 'processed_image_path': proc, 'type': item['kinds'],
-                 'split': 'simple' if k < n_simple else 'hard'})
+    rows.append({
+        'id': k + 1,
+        'question': item['question'],
+        'answers': [item['answer']],
+        'ori_image_path': ori,
+        'processed_image_path': proc,
+        'type': item['kinds'],
+        'split': 'simple' if k < n_simple else 'hard'
+    })
   _write_json(os.path.join(mat_dir, 'MAT-Benchmark', 'MAT-Coding.json'), rows)
   return rows
 
@@ -386,19 +396,29 @@ def write_coding_training(mat_dir: str, n: int, rng: np.random.Generator) -> lis
     query = f"<query> {item['question']} </query>"
     problem = f"<problem> {_kinds_text(kinds)} </problem>"
     problem_gt = f"<think> The image shows {', '.join(kinds)}; fix it first. </think>\n{problem}"
-    rows.append({'type': 'pre_problem', 'image_path': start, 'problem': query,
-                 'solution': problem, 'gt': problem_gt})
+    rows.append({'type': 'pre_problem', 'image_path': start, 'problem': query, 'solution': problem, 'gt': problem_gt})
     context = problem_gt
     if kinds != ('none',):
       code = f"<code>\n```python\n{item['code']}\n```\n</code>"
       code_gt = f'<think> Restore the image with OpenCV. </think>\n{code}'
-      rows.append({'type': 'pre_code', 'image_path': start, 'problem': query,
-                   'context': context, 'solution': code, 'gt': code_gt})
+      rows.append({
+          'type': 'pre_code',
+          'image_path': start,
+          'problem': query,
+          'context': context,
+          'solution': code,
+          'gt': code_gt
+      })
       context = f'{context}\n{code_gt}'
     answer = f"<answer> {item['answer']} </answer>"
-    rows.append({'type': 'pre_answer', 'image_path': proc if 'crop' in kinds else ori,
-                 'problem': query, 'context': context, 'solution': answer,
-                 'gt': f'<think> The restored image reads {item["answer"]}. </think>\n{answer}'})
+    rows.append({
+        'type': 'pre_answer',
+        'image_path': proc if 'crop' in kinds else ori,
+        'problem': query,
+        'context': context,
+        'solution': answer,
+        'gt': f'<think> The restored image reads {item["answer"]}. </think>\n{answer}'
+    })
   _write_json(os.path.join(mat_dir, 'MAT-Training', 'rft_agent_code_1_2k.json'), rows)
   return rows
 
@@ -412,19 +432,19 @@ def _retrieved(query: str, docs: list[dict]) -> list[dict]:
   """A deterministic stand-in for retrieval when writing reference chains: documents ranked by
   the words they share with the query (the demo corpus makes the right page win)."""
   words = set(query.lower().split())
-  return sorted(docs, key=lambda d: (-len(words & set(f"{d['title']} {d['text']}".lower()
-                                                          .replace('.', ' ').split())), int(d['id'])))
+  return sorted(
+      docs, key=lambda d:
+      (-len(words & set(f"{d['title']} {d['text']}".lower().replace('.', ' ').split())), int(d['id'])))
 
 
-def write_search(out_dir: str, mat_dir: str, sizes: Sizes, rng: np.random.Generator,
-                 seed: int) -> dict:
+def write_search(out_dir: str, mat_dir: str, sizes: Sizes, rng: np.random.Generator, seed: int) -> dict:
   """MAT-Search benchmark, MAT-Training search steps, FlashRAG-style multi-hop set, corpus."""
   entities = world(seed, sizes.companies)
   docs = corpus(entities)
   _write_jsonl(os.path.join(out_dir, 'corpus.jsonl'), docs)
   for e in entities:
-    _save(logo_image(e), os.path.join(mat_dir, 'MAT-Benchmark', 'MAT-Search-image',
-                                      f"{e['company'].split()[0].lower()}.png"))
+    _save(logo_image(e),
+          os.path.join(mat_dir, 'MAT-Benchmark', 'MAT-Search-image', f"{e['company'].split()[0].lower()}.png"))
 
   # Benchmark: first half one-hop (simple), second half two-hop (hard), as in MAT-Search.
   n = sizes.search_benchmark
@@ -433,8 +453,12 @@ def write_search(out_dir: str, mat_dir: str, sizes: Sizes, rng: np.random.Genera
     e = entities[k % len(entities)]
     one_hop, two_hop = questions(e)[0], questions(e)[1 + k % 2]
     question, _, answers, _ = one_hop if k < n // 2 else two_hop
-    bench.append({'id': k + 1, 'question': question, 'answer': answers[0],
-                  'image_path': f"{e['company'].split()[0].lower()}.png"})
+    bench.append({
+        'id': k + 1,
+        'question': question,
+        'answer': answers[0],
+        'image_path': f"{e['company'].split()[0].lower()}.png"
+    })
   _write_json(os.path.join(mat_dir, 'MAT-Benchmark', 'MAT-Search.json'), bench)
 
   # Training: the reference chain of each item, one row per step (search ..., answer).
@@ -448,26 +472,34 @@ def write_search(out_dir: str, mat_dir: str, sizes: Sizes, rng: np.random.Genera
     _save(logo_image(e), os.path.join(image_dir, image_name))
     chain = f'<query> {question} </query>'
     for step, query in enumerate(reference_queries(e, hops, question)):
-      think = ('<think> The logo shows ' + e['company'] + '; I need to look it up. </think>'
-               if step == 0 else '<think> Now I need the next fact. </think>')
+      think = ('<think> The logo shows ' + e['company'] +
+               '; I need to look it up. </think>' if step == 0 else '<think> Now I need the next fact. </think>')
       search = f'<search> {query} </search>'
-      train.append({'image_path': image_name, 'problem': chain, 'solution': search,
-                    'gt': f'{think}\n{search}'})
+      train.append({'image_path': image_name, 'problem': chain, 'solution': search, 'gt': f'{think}\n{search}'})
       chain = f'{chain}\n{think}\n{search}\n{_information(_retrieved(query, docs))}'
     answer = f'<answer> {answers[0]} </answer>'
-    train.append({'image_path': image_name, 'problem': chain, 'solution': answer,
-                  'gt': f'<think> The documents give the answer. </think>\n{answer}'})
+    train.append({
+        'image_path': image_name,
+        'problem': chain,
+        'solution': answer,
+        'gt': f'<think> The documents give the answer. </think>\n{answer}'
+    })
   _write_json(os.path.join(mat_dir, 'MAT-Training', 'rft_agent_search_20.json'), train)
 
   multihop = []
   for k in range(sizes.multihop):
     e = entities[(k + 5) % len(entities)]
     _, question, answers, _ = questions(e)[k % 3]
-    multihop.append({'id': f'test_{k}', 'question': question, 'golden_answers': answers,
-                     'metadata': {'hops': questions(e)[k % 3][3]}})
+    multihop.append({
+        'id': f'test_{k}',
+        'question': question,
+        'golden_answers': answers,
+        'metadata': {
+            'hops': questions(e)[k % 3][3]
+        }
+    })
   _write_jsonl(os.path.join(out_dir, 'FlashRAG_datasets', 'demo', 'test.jsonl'), multihop)
-  return {'corpus': len(docs), 'search_benchmark': len(bench), 'search_training': len(train),
-          'multihop': len(multihop)}
+  return {'corpus': len(docs), 'search_benchmark': len(bench), 'search_training': len(train), 'multihop': len(multihop)}
 
 
 def generate(out_dir: str, seed: int = 0, sizes: Sizes = Sizes()) -> dict:
@@ -481,8 +513,7 @@ def generate(out_dir: str, seed: int = 0, sizes: Sizes = Sizes()) -> dict:
     shutil.rmtree(os.path.join(manual_dir, 'tfds'), ignore_errors=True)
   rng = np.random.default_rng(seed)
   counts = {
-      'coding_benchmark': len(write_coding_benchmark(paths['mat_dir'], sizes.coding_benchmark,
-                                                     rng)),
+      'coding_benchmark': len(write_coding_benchmark(paths['mat_dir'], sizes.coding_benchmark, rng)),
       'coding_training': len(write_coding_training(paths['mat_dir'], sizes.coding_training, rng)),
   }
   counts.update(write_search(out_dir, paths['mat_dir'], sizes, rng, seed))

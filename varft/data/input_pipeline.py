@@ -15,8 +15,9 @@ consumed in the current epoch). Saving it with a checkpoint and passing it back 
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 import dataclasses
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import grain
 
@@ -64,13 +65,12 @@ def _dataset(source: Sequence[Any], spec: PipelineSpec,
 class Batches:
   """Iterator over `list[dict]` batches with an (epoch, index) position."""
 
-  def __init__(self, source: Sequence[Any], spec: PipelineSpec,
-               transform: Callable[[dict], dict] | None = None,
+  def __init__(self, source: Sequence[Any], spec: PipelineSpec, transform: Callable[[dict], dict] | None = None,
                read_options: grain.ReadOptions | None = None):
     self.spec = spec
     self._dataset, self.examples_per_epoch = _dataset(source, spec, transform)
-    self._iter = iter(self._dataset.to_iter_dataset(read_options or grain.ReadOptions(
-        num_threads=2, prefetch_buffer_size=4)))
+    self._iter = iter(
+        self._dataset.to_iter_dataset(read_options or grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)))
 
   def __iter__(self):
     return self
@@ -102,9 +102,8 @@ class Batches:
 
 
 def batches(source: Sequence[Any], *, batch_size: int, seed: int = 0, shuffle: bool = True,
-            num_epochs: int | None = None, drop_remainder: bool = True,
-            shard: tuple[int, int] | None = None, state: dict | None = None,
-            transform: Callable[[dict], dict] | None = None) -> Batches:
+            num_epochs: int | None = None, drop_remainder: bool = True, shard: tuple[int, int] | None = None,
+            state: dict | None = None, transform: Callable[[dict], dict] | None = None) -> Batches:
   """Batches of example dicts from a random-access `source` (e.g. `varft.data.load(...)`).
 
   `batch_size` is per host. `shard` defaults to this JAX process's (index, count). Training uses
@@ -113,8 +112,7 @@ def batches(source: Sequence[Any], *, batch_size: int, seed: int = 0, shuffle: b
   """
   shard_index, shard_count = shard if shard is not None else host_shard()
   spec = PipelineSpec(batch_size=batch_size, seed=seed, shuffle=shuffle, num_epochs=num_epochs,
-                      drop_remainder=drop_remainder, shard_index=shard_index,
-                      shard_count=shard_count)
+                      drop_remainder=drop_remainder, shard_index=shard_index, shard_count=shard_count)
   it = Batches(source, spec, transform)
   if state is not None:
     it.set_state(state)

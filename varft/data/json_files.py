@@ -8,11 +8,12 @@ the file and line.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 import dataclasses
 import json
 import os
 import re
-from typing import Any, Iterator
+from typing import Any
 
 from varft.data import records
 

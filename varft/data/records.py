@@ -32,19 +32,19 @@ long preparation never dies on one bad sample.
 from __future__ import annotations
 
 import collections
+from collections.abc import Callable, Iterable, Iterator
 import dataclasses
 import io
 import os
 import re
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 from PIL import Image
 
 from varft.processing import image as image_lib
 
 TASKS = ('search', 'coding', 'multihop')
-DEGRADATIONS = ('rotation90', 'rotation180', 'dark', 'overexposure', 'blur', 'noise', 'crop',
-                'none')
+DEGRADATIONS = ('rotation90', 'rotation180', 'dark', 'overexposure', 'blur', 'noise', 'crop', 'none')
 STEP_TYPES = ('problem', 'code', 'search', 'answer')
 TEXT_FIELDS = ('id', 'task', 'question', 'split', 'step_type', 'context', 'solution', 'gt')
 LIST_TEXT_FIELDS = ('answers', 'degradations')
@@ -179,8 +179,7 @@ def _answer_list(record: dict, key: str) -> list[str]:
   value = record.get(key)
   if isinstance(value, (str, int, float)) and not isinstance(value, bool):
     value = [value]
-  if (not isinstance(value, list) or not value
-      or not all(isinstance(v, (str, int, float)) for v in value)):
+  if (not isinstance(value, list) or not value or not all(isinstance(v, (str, int, float)) for v in value)):
     raise MalformedRecord(f'bad {key}', f'expected a string or a list of strings, got {value!r:.80}')
   return [_utf8(str(v), key) for v in value]
 

@@ -8,12 +8,13 @@ agent evaluation's own.
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 import time
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
+from absl import logging
 import jax
 import numpy as np
-from absl import logging
 
 from varft import actions as actions_lib
 from varft import batch as batch_lib
@@ -55,8 +56,8 @@ class DirectAnswerEngine:
                                     mesh=mesh)
     self.max_new_tokens = max_new_tokens
 
-  def prompt(self, example: Mapping[str, Any], key: str = "0"
-             ) -> tuple[batch_lib.Row, dict[str, batch_lib.Image], int, str]:
+  def prompt(self, example: Mapping[str, Any],
+             key: str = "0") -> tuple[batch_lib.Row, dict[str, batch_lib.Image], int, str]:
     """(the prompt as a batch row, its images by `key`:i, the next text position, the rendered text)."""
     cfg, vision = self.config, self.model_config.vision
     images = {}
@@ -99,8 +100,8 @@ class DirectAnswerEngine:
     shards = self.sampler.num_shards
     num_rows = -(-len(prompted) // shards) * shards
     length = sampling.bucket(max(len(p[1].tokens) for p in prompted), self.config.length_buckets)
-    rows = [p[1] for p in prompted] + [batch_lib.Row(0, [], np.zeros((3, 0), np.int32), [], [], [], [])] * (
-        num_rows - len(prompted))
+    rows = [p[1] for p in prompted] + [batch_lib.Row(0, [], np.zeros(
+        (3, 0), np.int32), [], [], [], [])] * (num_rows - len(prompted))
     logits, cache = self._prefill(params, rows, {k: v for p in prompted for k, v in p[2].items()}, length)
     budget = np.asarray([self.max_new_tokens] * len(prompted) + [0] * (num_rows - len(prompted)), np.int32)
     forced = np.full((num_rows, self.max_new_tokens), -1, np.int32)
@@ -122,12 +123,22 @@ class DirectAnswerEngine:
       reply = self.tokenizer.decode(new, skip_special_tokens=True)
       t = rollout.Transcript(str(examples[b].get("id", b)), r, 0, num_tokens=len(row.tokens) + len(new),
                              stop_reason="answer" if int(out.stop_reason[r]) == sampling.EOS else "max_new_tokens")
-      t.messages = [{"role": "user", "text": rendered, "images": [f"prompt:{i}" for i in range(len(images))]},
-                    {"role": "assistant", "text": reply, "images": []}]
+      t.messages = [{
+          "role": "user",
+          "text": rendered,
+          "images": [f"prompt:{i}" for i in range(len(images))]
+      }, {
+          "role": "assistant",
+          "text": reply,
+          "images": []
+      }]
       t.actions = [actions_lib.Action("answer", reply)]
       transcripts.append(t)
-    stats = {"num_trajectories": len(transcripts), "skipped": len(examples) - len(prompted),
-             "generate_s": round(time.perf_counter() - start, 4)}
+    stats = {
+        "num_trajectories": len(transcripts),
+        "skipped": len(examples) - len(prompted),
+        "generate_s": round(time.perf_counter() - start, 4)
+    }
     return rollout.RolloutResult(None, transcripts, stats)
 
   def _prefill(self, params, rows, images, length):

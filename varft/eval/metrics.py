@@ -7,7 +7,7 @@ an item takes the max over its gold answers, and its F1 is forced to 1 when its 
 characters, both sides are compared per character.
 """
 import collections
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 from varft import text_norm
 
@@ -25,33 +25,33 @@ def _f1_from_counts(num_same: int, num_pred: int, num_gold: int) -> float:
   return 2 * precision * recall / (precision + recall)
 
 
-def f1_score(pred: Optional[str], gold: str, *, cjk: bool = False) -> float:
+def f1_score(pred: str | None, gold: str, *, cjk: bool = False) -> float:
   """The paper's set-based token F1 (0 for a missing prediction)."""
   if pred is None:
     return 0.0
-  pred_tokens, gold_tokens = _tokens(
-      text_norm.normalize_answer(pred, cjk=cjk), text_norm.normalize_answer(gold, cjk=cjk), cjk)
+  pred_tokens, gold_tokens = _tokens(text_norm.normalize_answer(pred, cjk=cjk),
+                                     text_norm.normalize_answer(gold, cjk=cjk), cjk)
   return _f1_from_counts(len(set(pred_tokens) & set(gold_tokens)), len(pred_tokens), len(gold_tokens))
 
 
-def squad_f1_score(pred: Optional[str], gold: str, *, cjk: bool = False) -> float:
+def squad_f1_score(pred: str | None, gold: str, *, cjk: bool = False) -> float:
   """SQuAD's multiset token F1 (an option; the paper uses the set version)."""
   if pred is None:
     return 0.0
-  pred_tokens, gold_tokens = _tokens(
-      text_norm.normalize_answer(pred, cjk=cjk), text_norm.normalize_answer(gold, cjk=cjk), cjk)
+  pred_tokens, gold_tokens = _tokens(text_norm.normalize_answer(pred, cjk=cjk),
+                                     text_norm.normalize_answer(gold, cjk=cjk), cjk)
   common = collections.Counter(pred_tokens) & collections.Counter(gold_tokens)
   return _f1_from_counts(sum(common.values()), len(pred_tokens), len(gold_tokens))
 
 
-def exact_match(pred: Optional[str], gold: str, *, cjk: bool = False) -> float:
+def exact_match(pred: str | None, gold: str, *, cjk: bool = False) -> float:
   """1.0 when the normalised strings are equal (0 for a missing prediction)."""
   if pred is None:
     return 0.0
   return float(text_norm.normalize_answer(pred, cjk=cjk) == text_norm.normalize_answer(gold, cjk=cjk))
 
 
-def score_item(pred: Optional[str], golds: Sequence[str], *, cjk: bool = False) -> tuple[float, float]:
+def score_item(pred: str | None, golds: Sequence[str], *, cjk: bool = False) -> tuple[float, float]:
   """(F1, EM) of one prediction: max over gold answers, F1 forced to 1 when EM is 1."""
   if not golds:
     return 0.0, 0.0

@@ -9,10 +9,11 @@ simple, last 75 hard), MAT-Coding 200 (first 70 simple, last 130 hard). Metrics:
 varft.eval.metrics; MAT-Coding uses the CJK-aware variant.
 """
 import argparse
+from collections.abc import Sequence
 import dataclasses
 import json
 import sys
-from typing import Any, Optional, Sequence
+from typing import Any
 
 from varft.eval import metrics
 
@@ -21,8 +22,8 @@ from varft.eval import metrics
 class Benchmark:
   name: str
   cjk: bool = False
-  num_items: Optional[int] = None  # required item count (MAT splits are positional)
-  num_simple: Optional[int] = None  # the first num_simple items are the simple split
+  num_items: int | None = None  # required item count (MAT splits are positional)
+  num_simple: int | None = None  # the first num_simple items are the simple split
 
 
 BENCHMARKS = {
@@ -94,8 +95,12 @@ def score_predictions(items: Sequence[dict], benchmark: str, source: str = "pred
     f1, em = metrics.score_item(item["pred_answer"], golds, cjk=spec.cjk)
     f1s.append(f1)
     ems.append(em)
-  result = {"benchmark": benchmark, "name": spec.name, "num_missing": sum(i["pred_answer"] is None for i in items),
-            "all": _split(f1s, ems)}
+  result = {
+      "benchmark": benchmark,
+      "name": spec.name,
+      "num_missing": sum(i["pred_answer"] is None for i in items),
+      "all": _split(f1s, ems)
+  }
   if spec.num_simple is not None:
     result["simple"] = _split(f1s[:spec.num_simple], ems[:spec.num_simple])
     result["hard"] = _split(f1s[spec.num_simple:], ems[spec.num_simple:])
@@ -105,8 +110,9 @@ def score_predictions(items: Sequence[dict], benchmark: str, source: str = "pred
 def format_table(result: dict) -> str:
   """A small text table of a score_predictions result."""
   rows = [s for s in ("simple", "hard", "all") if s in result]
-  lines = [f"{result['name']}  ({result['num_missing']} missing answers)",
-           f"{'split':<8}{'F1':>8}{'EM':>8}{'count':>8}"]
+  lines = [
+      f"{result['name']}  ({result['num_missing']} missing answers)", f"{'split':<8}{'F1':>8}{'EM':>8}{'count':>8}"
+  ]
   lines += [f"{s:<8}{result[s]['f1']:>8.2f}{result[s]['em']:>8.2f}{result[s]['count']:>8d}" for s in rows]
   settings = result.get("settings")
   if settings:  # an evaluation run's: which search backend and setting produced these predictions
@@ -117,7 +123,7 @@ def format_table(result: dict) -> str:
   return "\n".join(lines)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog="python -m varft.eval.score", description=__doc__.split("\n")[0])
   parser.add_argument("--benchmark", required=True, choices=sorted(BENCHMARKS))
   parser.add_argument("file", help="prediction JSON (list of {pred_answer, gt, ...})")

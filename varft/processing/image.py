@@ -13,7 +13,6 @@ import io
 import json
 import math
 import os
-from typing import Union
 
 import numpy as np
 from PIL import Image
@@ -24,7 +23,7 @@ DEFAULT_MIN_PIXELS = 56 * 56
 DEFAULT_MAX_PIXELS = 28 * 28 * 1280
 MAX_ASPECT_RATIO = 200
 
-ImageSource = Union[str, os.PathLike, bytes, Image.Image]
+ImageSource = str | os.PathLike | bytes | Image.Image
 
 
 class ImageError(ValueError):

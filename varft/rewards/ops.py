@@ -31,10 +31,12 @@ def _no_forbidden_tags(x):
   ev, step = x["events"], x["step_type"]
   answer_forbidden = jnp.where(x["task"] == SEARCH_TASK, _has(ev, tags.OPEN["search"]),
                                _has(ev, tags.OPEN["code"], tags.OPEN["problem"]))
-  forbidden = jnp.select(
-      [step == ANSWER, step == SEARCH, step == CODE, step == PROBLEM],
-      [answer_forbidden, _has(ev, tags.OPEN["answer"]), _has(ev, tags.OPEN["answer"], tags.OPEN["problem"]),
-       _has(ev, tags.OPEN["answer"], tags.OPEN["code"])], True)
+  forbidden = jnp.select([step == ANSWER, step == SEARCH, step == CODE, step == PROBLEM], [
+      answer_forbidden,
+      _has(ev, tags.OPEN["answer"]),
+      _has(ev, tags.OPEN["answer"], tags.OPEN["problem"]),
+      _has(ev, tags.OPEN["answer"], tags.OPEN["code"])
+  ], True)
   return ~forbidden
 
 
@@ -95,16 +97,18 @@ def _answer_scores(x):
     multiset_same = jnp.sum(valid & (count_in_gold > rank))
     width = min(pred.shape[0], gold.shape[0])
     exact = (num_pred == num_gold) & jnp.all(pred[:width] == gold[:width])
-    return (_f1_from_counts(set_same, num_pred, num_gold), _f1_from_counts(multiset_same, num_pred, num_gold),
-            exact.astype(jnp.float32))
+    return (_f1_from_counts(set_same, num_pred, num_gold), _f1_from_counts(multiset_same, num_pred,
+                                                                           num_gold), exact.astype(jnp.float32))
 
   return jax.vmap(against)(golds)
 
 
 def _answer_op(index):
+
   def op(x):
     best = jnp.max(jnp.where(x["gold_mask"], _answer_scores(x)[index], 0.0))
     return jnp.where((x["step_type"] == ANSWER) & _no_forbidden_tags(x), best, 0.0)
+
   return op
 
 
@@ -188,4 +192,5 @@ def batch_op(name):
   def batched(arrays):
     axes = {k: (None if k in scalar_keys else 0) for k in arrays}
     return jax.vmap(op, in_axes=(axes,))(arrays)
+
   return batched

@@ -8,8 +8,8 @@ equality of the whole completion and solution, is an option of the host adapter
 (`RewardOptions.math_verify`), not stated here. Answers are read as the paper reads them: the
 first single-line `<answer>…</answer>` (no DOTALL), problem lists sorted.
 """
+from collections.abc import Callable, Sequence
 import re
-from typing import Callable, Optional, Sequence
 
 from varft.eval import metrics
 
@@ -17,17 +17,22 @@ ANSWER_PATTERN = r"<think>.*?</think>\s*<answer>.*?</answer>"
 SEARCH_PATTERN = r"<think>.*?</think>\s*<search>.*?</search>"
 CODE_PATTERN = r"<think>.*?</think>\s*<code>\s*```python(.*?)```.*?</code>"
 PROBLEM_PATTERN = r"^<think>.*?</think>\s*<problem>\s*\{\s*'[^']+'\s*(?:,\s*'[^']+'\s*)*\}\s*</problem>$"
-_STEP_PATTERNS = {"answer": ANSWER_PATTERN, "search": SEARCH_PATTERN, "code": CODE_PATTERN,
-                  "problem": PROBLEM_PATTERN}
+_STEP_PATTERNS = {"answer": ANSWER_PATTERN, "search": SEARCH_PATTERN, "code": CODE_PATTERN, "problem": PROBLEM_PATTERN}
 # Tags whose repetition voids the format, per task.
-_COUNTED_TAGS = {"search": ("<answer>", "<search>", "<think>"),
-                 "coding": ("<answer>", "<code>", "<think>", "<problem>")}
+_COUNTED_TAGS = {
+    "search": ("<answer>", "<search>", "<think>"),
+    "coding": ("<answer>", "<code>", "<think>", "<problem>")
+}
 # Action tags that zero a step's accuracy when present in the completion.
 FORBIDDEN_TAGS = {
-    ("search", "answer"): ("<search>",), ("coding", "answer"): ("<code>", "<problem>"),
-    ("search", "search"): ("<answer>",), ("coding", "search"): ("<answer>",),
-    ("search", "code"): ("<answer>", "<problem>"), ("coding", "code"): ("<answer>", "<problem>"),
-    ("search", "problem"): ("<answer>", "<code>"), ("coding", "problem"): ("<answer>", "<code>"),
+    ("search", "answer"): ("<search>",),
+    ("coding", "answer"): ("<code>", "<problem>"),
+    ("search", "search"): ("<answer>",),
+    ("coding", "search"): ("<answer>",),
+    ("search", "code"): ("<answer>", "<problem>"),
+    ("coding", "code"): ("<answer>", "<problem>"),
+    ("search", "problem"): ("<answer>", "<code>"),
+    ("coding", "problem"): ("<answer>", "<code>"),
 }
 STEP_TYPE_PRIORITY = {"search": ("answer", "search"), "coding": ("answer", "code", "problem")}
 ROTATIONS = ("rotation90", "rotation180")
@@ -37,7 +42,7 @@ def _fullmatch(pattern: str, text: str) -> bool:
   return re.fullmatch(pattern, text, re.DOTALL) is not None
 
 
-def format_reward(text: str, task: str, step_type: Optional[str]) -> float:
+def format_reward(text: str, task: str, step_type: str | None) -> float:
   """The paper's format reward: 1.0 when `text` has the required tag layout."""
   if any(text.count(tag) >= 2 for tag in _COUNTED_TAGS[task]):
     return 0.0
@@ -53,7 +58,7 @@ def format_reward(text: str, task: str, step_type: Optional[str]) -> float:
   return float(_fullmatch(_STEP_PATTERNS[step_type], text))
 
 
-def step_type_of(solution: str, task: str) -> Optional[str]:
+def step_type_of(solution: str, task: str) -> str | None:
   """The action of a reference step, found from its tags as the paper does (first match wins)."""
   for step_type in STEP_TYPE_PRIORITY[task]:
     if f"<{step_type}>" in solution:
@@ -73,7 +78,7 @@ def extract_tag(text: str, tag: str) -> str:
 _EVAL_ANSWER = re.compile(r"<answer>\s*(.*?)\s*</answer>")  # no DOTALL: a multi-line answer is no answer
 
 
-def eval_answer(text: str) -> Optional[str]:
+def eval_answer(text: str) -> str | None:
   """The released evaluation loops' prediction from a turn: the first single-line <answer>…</answer>, stripped;
   None when there is none (their `re.search` without DOTALL)."""
   match = _EVAL_ANSWER.search(text)
@@ -97,10 +102,9 @@ def problem_reward(pred: Sequence[str], gold: Sequence[str]) -> float:
   return float(pred == gold)
 
 
-def accuracy_reward(text: str, task: str, step_type: Optional[str], *, answers: Sequence[str] = (),
-                    query: str = "", problems: Sequence[str] = (), code_step_reward: float = 0.9,
-                    similarity: Optional[Callable[[str, str], float]] = None,
-                    similarity_threshold: float = 0.5) -> float:
+def accuracy_reward(text: str, task: str, step_type: str | None, *, answers: Sequence[str] = (), query: str = "",
+                    problems: Sequence[str] = (), code_step_reward: float = 0.9,
+                    similarity: Callable[[str, str], float] | None = None, similarity_threshold: float = 0.5) -> float:
   """The paper's accuracy reward for one step (answer F1, query similarity, code, problem set)."""
   if step_type is None or any(tag in text for tag in FORBIDDEN_TAGS[(task, step_type)]):
     return 0.0

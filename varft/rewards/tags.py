@@ -62,9 +62,11 @@ def _opt(part):
 
 def _build_nfa(node, edges, counter):
   """Adds `node` to the NFA; returns its (start, end) states. Epsilon edges carry None."""
+
   def new():
     counter[0] += 1
     return counter[0] - 1
+
   kind, arg = node
   start, end = new(), new()
   if kind == "sym":
@@ -131,8 +133,8 @@ def compile_dfa(pattern) -> tuple[np.ndarray, np.ndarray]:
 
 def _think_then(tag, *body):
   """`<think>.*?</think>\\s*<tag> body </tag>` as events."""
-  return _seq(_sym(OPEN["think"]), _star(_sym(*_ANY)), _sym(CLOSE["think"]), _opt(_sym(WS)),
-              _sym(OPEN[tag]), *body, _sym(CLOSE[tag]))
+  return _seq(_sym(OPEN["think"]), _star(_sym(*_ANY)), _sym(CLOSE["think"]), _opt(_sym(WS)), _sym(OPEN[tag]), *body,
+              _sym(CLOSE[tag]))
 
 
 _NOT_QUOTE = _sym(*(_ANY - {QUOTE}))

@@ -149,8 +149,8 @@ class SlotCgroups:
     try:
       base = os.path.join(parent, tag)
       os.makedirs(base, exist_ok=True)
-      _write(os.path.join(base, "cgroup.subtree_control"), " ".join(f"+{c}" for c in ("memory", "pids")
-                                                                   if c in enabled))
+      _write(os.path.join(base, "cgroup.subtree_control"),
+             " ".join(f"+{c}" for c in ("memory", "pids") if c in enabled))
       for slot in slots:
         d = os.path.join(base, f"slot{slot}")
         os.makedirs(d, exist_ok=True)

@@ -212,8 +212,8 @@ class CodeSandbox:
       self.slot_uids = [first + i for i in range(c.max_concurrency)]
     self.cgroups = None
     if c.cgroup == "auto" and self._root:
-      self.cgroups = cgroups_lib.SlotCgroups.create(
-          range(c.max_concurrency), self.call_memory_mb << 20, c.max_procs + 8)
+      self.cgroups = cgroups_lib.SlotCgroups.create(range(c.max_concurrency), self.call_memory_mb << 20,
+                                                    c.max_procs + 8)
     # Warm sandboxes are started from one long-lived thread: bwrap/unshare tie their lifetime to the thread
     # that forked them (PR_SET_PDEATHSIG), so they must not be forked from short-lived caller threads.
     self._spawner = (concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="sandbox-spawn")
@@ -225,17 +225,18 @@ class CodeSandbox:
     for slot in range(c.max_concurrency if self._spawner else 0):
       self._warm[slot] = self._spawner.submit(self._launcher.start, slot, True)
     if self.cgroups is None:
-      reason = ("not root" if not self._root else "cgroup='off'" if c.cgroup == "off" else
-                "no writable memory cgroup here")
-      log.warning("code sandbox: no per-call memory cgroup (%s); rlimit-only mode: at most %d tasks (processes "
-                  "and threads) of %d MiB each per call", reason,
-                  self.rlimits["RLIMIT_NPROC"] - self._launcher.own_tasks, self.rlimits["RLIMIT_AS"] >> 20)
-    log.info("code sandbox: isolation=%s, python %s, %s, timeout %.1fs, memory %d MiB per process, %s, %d slots%s",
-             self.isolation, self._python,
-             "per-slot unprivileged uids" if self._root else "same uid (user namespace)", c.timeout_s,
-             self.rlimits["RLIMIT_AS"] >> 20,
-             f"cgroup v{self.cgroups.version} cap {self.call_memory_mb} MiB per call" if self.cgroups else
-             "no cgroup (rlimits only)", c.max_concurrency, ", prewarmed" if self._spawner else "")
+      reason = ("not root"
+                if not self._root else "cgroup='off'" if c.cgroup == "off" else "no writable memory cgroup here")
+      log.warning(
+          "code sandbox: no per-call memory cgroup (%s); rlimit-only mode: at most %d tasks (processes "
+          "and threads) of %d MiB each per call", reason, self.rlimits["RLIMIT_NPROC"] - self._launcher.own_tasks,
+          self.rlimits["RLIMIT_AS"] >> 20)
+    log.info(
+        "code sandbox: isolation=%s, python %s, %s, timeout %.1fs, memory %d MiB per process, %s, %d slots%s",
+        self.isolation, self._python, "per-slot unprivileged uids" if self._root else "same uid (user namespace)",
+        c.timeout_s, self.rlimits["RLIMIT_AS"] >> 20,
+        f"cgroup v{self.cgroups.version} cap {self.call_memory_mb} MiB per call"
+        if self.cgroups else "no cgroup (rlimits only)", c.max_concurrency, ", prewarmed" if self._spawner else "")
 
   def _first_that_starts(self, candidates):
     """The launcher of the first mechanism whose real sandbox runs Python and imports the preloaded modules."""
@@ -348,8 +349,8 @@ class CodeSandbox:
       if status == "invalid":
         error = str(result.get("reason"))[:300]
       elif status != "ok" and (status != "missing" or c.require_output_image):
-        error = _OUTPUT_ERRORS.get(status, "output image unreadable").format(
-            name=c.output_name, mb=c.max_output_mb, s=c.output_decode_s)
+        error = _OUTPUT_ERRORS.get(status, "output image unreadable").format(name=c.output_name, mb=c.max_output_mb,
+                                                                             s=c.output_decode_s)
     ok = error is None
     return CodeResult(ok, stdout, stderr, image if ok else None, error, wall, cpu)
 

@@ -161,7 +161,7 @@ class ToolExecutor:
     def work():
       try:
         box["rows"] = self.search_backend.search(queries, k)
-      except Exception as e:  # pylint: disable=broad-except
+      except Exception as e:  # noqa: BLE001 (handed to the caller's thread, which reports it)
         box["error"] = e
       finally:
         with self._lock:

@@ -217,12 +217,13 @@ def main(argv=None):
   args = parser.parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
   backend = search_lib.load_index(args.index)
-  server = make_server(backend, args.host, args.port, args.max_topk,
-                       info={"kind": backend.name, "num_docs": len(backend.docs)}, max_threads=args.max_threads,
-                       request_timeout_s=args.request_timeout)
+  server = make_server(backend, args.host, args.port, args.max_topk, info={
+      "kind": backend.name,
+      "num_docs": len(backend.docs)
+  }, max_threads=args.max_threads, request_timeout_s=args.request_timeout)
   host, port = server.server_address[:2]
-  log.info("serving %s index %s (%d docs) on http://%s:%d/retrieve", backend.name, args.index,
-           len(backend.docs), host, port)
+  log.info("serving %s index %s (%d docs) on http://%s:%d/retrieve", backend.name, args.index, len(backend.docs), host,
+           port)
   print(f"listening on {host}:{port}", flush=True)
   try:
     server.serve_forever()

@@ -3,7 +3,8 @@ privileges. Not read from the host's file system inside the sandbox: the host st
 <result fd>`, BOOT reads this file's text (n bytes) from stdin and runs it, so no checkout path is mounted. Then:
   1. it reads the call spec (one JSON line on stdin); in unshare mode it builds the sandbox root itself: a tmpfs
      with read-only binds of the Python runtime, and chroots into it (bubblewrap does this part in bwrap mode);
-  2. mounts a size-limited tmpfs at the work dir (/work unless the runtime lives there) and pre-imports the configured modules (numpy, cv2, ...);
+  2. mounts a size-limited tmpfs at the work dir (/work unless the runtime lives there) and pre-imports the
+     configured modules (numpy, cv2, ...);
   3. waits for the call on stdin (a warm sandbox waits here, started ahead of its call): a JSON line naming the
      inputs and their sizes, then their bytes, which it writes into the work dir (there is no host folder to share);
   4. forks the program's process, confined (see `_confine`), and kills its whole tree at the wall-clock limit;
@@ -162,9 +163,9 @@ def _seccomp_program(machine):
   for numbers in _SYSCALLS.values():
     when(numbers[col], [(ret, 0, 0, errno | _EPERM)])
   for numbers in _SOCKET_CALLS.values():
-    when(numbers[col], [(ld, 0, 0, arg0), (jeq, 1, 0, _AF_UNIX), (ret, 0, 0, errno | _EAFNOSUPPORT),
-                        (ld, 0, 0, arg1), (alu_and, 0, 0, _SOCK_TYPE_MASK), (jeq, 2, 0, _SOCK_STREAM),
-                        (jeq, 1, 0, _SOCK_SEQPACKET), (ret, 0, 0, errno | _EPERM), (ret, 0, 0, allow)])
+    when(numbers[col], [(ld, 0, 0, arg0), (jeq, 1, 0, _AF_UNIX), (ret, 0, 0, errno | _EAFNOSUPPORT), (ld, 0, 0, arg1),
+                        (alu_and, 0, 0, _SOCK_TYPE_MASK), (jeq, 2, 0, _SOCK_STREAM), (jeq, 1, 0, _SOCK_SEQPACKET),
+                        (ret, 0, 0, errno | _EPERM), (ret, 0, 0, allow)])
   when(_NR_CONNECT[col], [(ret, 0, 0, errno | _EACCES)])
   for numbers in _SIGNAL_CALLS:
     when(numbers[col], [(ld, 0, 0, arg0), (jeq, 0, 1, 1), (ret, 0, 0, errno | _EPERM), (ret, 0, 0, allow)])
@@ -191,7 +192,7 @@ def _preload(modules):
   for name in modules:
     try:
       __import__(name)
-    except Exception:  # The program will see the same import error itself, with its own traceback.
+    except Exception:  # noqa: BLE001 (the program will see the same import error itself, with its traceback)
       pass
 
 
@@ -237,12 +238,12 @@ def _run_program(spec, limits):
     code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     if not isinstance(e.code, (int, type(None))):
       print(e.code, file=sys.stderr)
-  except BaseException as e:  # pylint: disable=broad-except
+  except BaseException as e:  # noqa: BLE001 (the program's own error: reported, exit code 1)
     code = 1
     try:
       import traceback  # pylint: disable=g-import-not-at-top
       traceback.print_exc()
-    except BaseException:  # pylint: disable=broad-except
+    except BaseException:  # noqa: BLE001 (the traceback module itself failed)
       os.write(2, f"{type(e).__name__}: {e}\n".encode())
   finally:
     try:

@@ -48,12 +48,12 @@ print(json.dumps({
 """
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def interpreter_facts(python, modules=()):
   """Asks `python` (outside any sandbox) where its parts and the given modules live."""
   try:
-    out = subprocess.run([python, "-I", "-c", _FACTS, json.dumps(list(modules))], capture_output=True,
-                         timeout=60, check=True, stdin=subprocess.DEVNULL, env=init_env())
+    out = subprocess.run([python, "-I", "-c", _FACTS, json.dumps(list(modules))], capture_output=True, timeout=60,
+                         check=True, stdin=subprocess.DEVNULL, env=init_env())
     return json.loads(out.stdout)
   except (OSError, subprocess.SubprocessError, ValueError) as e:
     detail = getattr(e, "stderr", b"") or b""
@@ -155,8 +155,10 @@ def command(isolation, root, mounts, python, result_fd):
   """The command line of one sandbox (bwrap or unshare) running the init on `python`."""
   init = [python, "-I", "-B", "-c", BOOT, str(os.path.getsize(INIT_SCRIPT)), str(result_fd)]
   if isolation == "bwrap":
-    cmd = ["bwrap", "--die-with-parent", "--new-session", "--as-pid-1", "--unshare-ipc", "--unshare-pid",
-           "--unshare-net", "--unshare-uts", "--unshare-cgroup-try", "--hostname", "sandbox"]
+    cmd = [
+        "bwrap", "--die-with-parent", "--new-session", "--as-pid-1", "--unshare-ipc", "--unshare-pid", "--unshare-net",
+        "--unshare-uts", "--unshare-cgroup-try", "--hostname", "sandbox"
+    ]
     if not root:
       # uid 0 inside the user namespace: with any other uid, --dev makes bwrap nest a second user namespace
       # in which the init may no longer mount (`mount tmpfs -> /work: Operation not permitted`).
@@ -168,10 +170,11 @@ def command(isolation, root, mounts, python, result_fd):
       cmd += ["--perms", "0755", "--dir", parent]
     for op, src, dst in mounts:
       cmd += ["--symlink", src, dst] if op == "symlink" else [f"--{op}", src, dst]
-    return cmd + ["--dev", "/dev", "--proc", "/proc", "--dir", work_dir(mounts), "--remount-ro", "/", "--chdir", "/",
-                 "--"] + init
-  cmd = ["unshare", "--mount", "--net", "--pid", "--ipc", "--uts", "--fork", "--kill-child",
-         "--propagation", "private"]
+    return cmd + [
+        "--dev", "/dev", "--proc", "/proc", "--dir",
+        work_dir(mounts), "--remount-ro", "/", "--chdir", "/", "--"
+    ] + init
+  cmd = ["unshare", "--mount", "--net", "--pid", "--ipc", "--uts", "--fork", "--kill-child", "--propagation", "private"]
   if not root:
     cmd += ["--user", "--map-root-user"]
   return cmd + init
@@ -196,8 +199,8 @@ def start(make_command, spec, cgroups=None, slot=None):
     cmd = make_command(write_fd)
     if cgroups:
       cmd = cgroups.wrap(slot, cmd)
-    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env=init_env(), start_new_session=True, pass_fds=(write_fd,))
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=init_env(),
+                            start_new_session=True, pass_fds=(write_fd,))
   except BaseException:
     os.close(read_fd)
     raise
@@ -261,8 +264,12 @@ def program_env(work):
 
 
 # One thread per library: a call is one CPU's worth of work, and in rlimit-only mode threads count as tasks.
-THREAD_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-              "OPENCV_FOR_THREADS_NUM": "1"}
+THREAD_ENV = {
+    "OMP_NUM_THREADS": "1",
+    "OPENBLAS_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+    "OPENCV_FOR_THREADS_NUM": "1"
+}
 
 
 def init_env():

@@ -129,8 +129,8 @@ def parse_result(raw, max_pixels):
     return header, None
   pixels = memoryview(raw)[:-4 - size]
   w, h = header.get("width"), header.get("height")
-  if not (isinstance(w, int) and isinstance(h, int) and 1 <= w and 1 <= h and w * h <= max_pixels
-          and len(pixels) == 3 * w * h):
+  if not (isinstance(w, int) and isinstance(h, int) and 1 <= w and 1 <= h and w * h <= max_pixels and
+          len(pixels) == 3 * w * h):
     return {**header, "output": "decode_failed"}, None
   return header, Image.frombytes("RGB", (w, h), pixels)
 
@@ -154,18 +154,34 @@ class Launcher:
       tasks = min(c.max_procs, max(1, budget // c.memory_mb))
       memory_mb = min(c.memory_mb, budget // tasks)
     mb = 1 << 20
-    return {"RLIMIT_AS": memory_mb * mb, "RLIMIT_NPROC": tasks + self.own_tasks, "RLIMIT_FSIZE": c.max_file_mb * mb,
-            "RLIMIT_NOFILE": c.max_open_files, "RLIMIT_CORE": 0}
+    return {
+        "RLIMIT_AS": memory_mb * mb,
+        "RLIMIT_NPROC": tasks + self.own_tasks,
+        "RLIMIT_FSIZE": c.max_file_mb * mb,
+        "RLIMIT_NOFILE": c.max_open_files,
+        "RLIMIT_CORE": 0
+    }
 
   def _spec(self, uid, warm):
     c = self.config
     return {
-        "mode": self.isolation, "root_dir": None, "mounts": [list(m) for m in self._mounts], "uid": uid,
-        "work_mb": c.work_mb, "work_inodes": c.work_inodes, "program": PROGRAM_NAME, "output_name": c.output_name,
-        "max_output_bytes": c.max_output_mb << 20, "max_output_pixels": c.max_output_pixels,
-        "max_output_side": c.max_output_side, "observe_pixels": c.observe_max_pixels,
-        "preload": list(c.preload) if warm else [], "seccomp": c.seccomp, "rlimits": self.rlimits,
-        "work_dir": self.work_dir, "env": launch.program_env(self.work_dir),
+        "mode": self.isolation,
+        "root_dir": None,
+        "mounts": [list(m) for m in self._mounts],
+        "uid": uid,
+        "work_mb": c.work_mb,
+        "work_inodes": c.work_inodes,
+        "program": PROGRAM_NAME,
+        "output_name": c.output_name,
+        "max_output_bytes": c.max_output_mb << 20,
+        "max_output_pixels": c.max_output_pixels,
+        "max_output_side": c.max_output_side,
+        "observe_pixels": c.observe_max_pixels,
+        "preload": list(c.preload) if warm else [],
+        "seccomp": c.seccomp,
+        "rlimits": self.rlimits,
+        "work_dir": self.work_dir,
+        "env": launch.program_env(self.work_dir),
     }
 
   def start(self, slot, warm):
@@ -178,8 +194,8 @@ class Launcher:
         scratch = spec["root_dir"] = launch.make_scratch(self.config.tmp_dir)
         spec["mounts"] += [list(m) for m in launch.unshare_extra_mounts(self._mounts)]
       proc, result_fd = launch.start(
-          lambda fd: launch.command(self.isolation, self._root, self._mounts, self.python, fd), spec,
-          self.cgroups, slot)
+          lambda fd: launch.command(self.isolation, self._root, self._mounts, self.python, fd), spec, self.cgroups,
+          slot)
     except BaseException:
       if scratch:
         os.rmdir(scratch)
@@ -192,15 +208,19 @@ class Launcher:
     c = self.config
     files = {**inputs, PROGRAM_NAME: program.encode()}
     cpu = c.cpu_s if c.cpu_s is not None else timeout + 1
-    go = {"inputs": [[name, len(data)] for name, data in files.items()], "cpu_s": max(1, math.ceil(cpu)),
-          "wall_s": timeout, "decode_s": c.output_decode_s}
+    go = {
+        "inputs": [[name, len(data)] for name, data in files.items()],
+        "cpu_s": max(1, math.ceil(cpu)),
+        "wall_s": timeout,
+        "decode_s": c.output_decode_s
+    }
     max_pixels = c.observe_max_pixels or c.max_output_pixels
     deadline = time.monotonic() + timeout + c.output_decode_s + 2 * INIT_GRACE_S
     try:
       oom_before = self.cgroups.oom_kills(started.slot) if self.cgroups else 0
-      stdout, stderr, raw, timed_out = drain(
-          started.proc, deadline, c.stdout_cap, json.dumps(go).encode() + b"\n" + b"".join(files.values()),
-          started.result_fd, sandbox_init.HEADER_CAP + 4 + 3 * max_pixels)
+      stdout, stderr, raw, timed_out = drain(started.proc, deadline, c.stdout_cap,
+                                             json.dumps(go).encode() + b"\n" + b"".join(files.values()),
+                                             started.result_fd, sandbox_init.HEADER_CAP + 4 + 3 * max_pixels)
       oom_killed = bool(self.cgroups) and self.cgroups.oom_kills(started.slot) > oom_before
     finally:
       discard(started)
@@ -258,6 +278,7 @@ def shutdown(spawner, warm, cgroups, uid_lock):
   """Finalizer of a CodeSandbox: no reference to it, only to what must be cleaned up. Never blocks (it may run
   in any thread, the spawner's included, when the garbage collector finds the sandbox): a warm sandbox still
   being started is discarded by a callback once its start completes."""
+
   def discard_once_started(future):
     if not future.cancelled() and future.exception() is None:
       discard(future.result())

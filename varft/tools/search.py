@@ -22,15 +22,15 @@ import threading
 import numpy as np
 
 from varft import prompts
+
 # The shared types and the web backends are also re-exported from here (search.Doc, search.HttpRetrieverBackend).
-from varft.tools.search_types import Doc, SearchBackend, SearchError, doc_from_record  # pylint: disable=unused-import
-from varft.tools.search_web import HttpRetrieverBackend, RateLimiter, SerperBackend, post_json  # pylint: disable=unused-import
+from varft.tools.search_types import SearchBackend, doc_from_record  # pylint: disable=unused-import
+from varft.tools.search_web import HttpRetrieverBackend, SerperBackend  # pylint: disable=unused-import
 
 log = logging.getLogger(__name__)
 
 INDEX_META = "index.json"
 DOCS_FILE = "docs.jsonl"
-
 
 # ----------------------------------------------------------------------------------------------- corpus & formats
 
@@ -95,8 +95,8 @@ def format_search_r1(docs, max_doc_chars=1000):
   """Search-R1's observation: `<information>Doc 1(Title: ...) text\\n...</information>`."""
   if not docs:
     return "<information>No results found.</information>"
-  body = "".join(f"Doc {i}(Title: {_fold(d.title, 200)}) {_fold(d.text, max_doc_chars)}\n"
-                 for i, d in enumerate(docs, 1))
+  body = "".join(
+      f"Doc {i}(Title: {_fold(d.title, 200)}) {_fold(d.text, max_doc_chars)}\n" for i, d in enumerate(docs, 1))
   return f"<information>{body}</information>"
 
 
@@ -172,7 +172,9 @@ class BM25Backend(SearchBackend):
     tokens = bm25s.tokenize(list(queries), stopwords="en", return_ids=False, show_progress=False)
     with self._lock:
       idx, scores = self.retriever.retrieve(tokens, k=min(k, len(self.docs)), show_progress=False)
-    return [[dataclasses.replace(self.docs[int(i)], score=float(s)) for i, s in zip(row_i, row_s) if s > 0]
+    return [[dataclasses.replace(self.docs[int(i)], score=float(s))
+             for i, s in zip(row_i, row_s)
+             if s > 0]
             for row_i, row_s in zip(idx, scores)]
 
 
@@ -239,8 +241,9 @@ class DenseBackend(SearchBackend):
       return []
     scores = self._encode(queries) @ self.embeddings.T
     top = _top_k(scores, k)
-    return [[dataclasses.replace(self.docs[int(i)], score=float(scores[q, i])) for i in row]
-            for q, row in enumerate(top)]
+    return [
+        [dataclasses.replace(self.docs[int(i)], score=float(scores[q, i])) for i in row] for q, row in enumerate(top)
+    ]
 
 
 LOCAL_BACKENDS = {"bm25": BM25Backend, "dense": DenseBackend}

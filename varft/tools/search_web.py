@@ -14,7 +14,6 @@ import urllib.parse
 from varft.tools.search_types import Doc, SearchBackend, SearchError, doc_from_record
 
 
-
 class RateLimiter:
   """Spaces request starts at least 1/qps apart across threads (qps <= 0 disables it)."""
 
@@ -66,8 +65,7 @@ def _post_once(url, data, headers, timeout_s, max_reply_bytes):
   conn = conn_class(parts.hostname, parts.port, timeout=timeout_s)
   deadline = _Deadline(conn, timeout_s)
   try:
-    conn.request("POST", (parts.path or "/") + (f"?{parts.query}" if parts.query else ""), body=data,
-                 headers=headers)
+    conn.request("POST", (parts.path or "/") + (f"?{parts.query}" if parts.query else ""), body=data, headers=headers)
     resp = conn.getresponse()
     length = resp.getheader("Content-Length", "")
     if length.isdigit() and int(length) > max_reply_bytes:
@@ -125,8 +123,8 @@ class SerperBackend(SearchBackend):
 
   name = "serper"
 
-  def __init__(self, api_key_env="SERPER_API_KEY", base_url="https://google.serper.dev", timeout_s=10.0,
-               retries=3, backoff_s=0.5, max_qps=5.0, batch_size=20, extra_params=None, max_reply_mb=64):
+  def __init__(self, api_key_env="SERPER_API_KEY", base_url="https://google.serper.dev", timeout_s=10.0, retries=3,
+               backoff_s=0.5, max_qps=5.0, batch_size=20, extra_params=None, max_reply_mb=64):
     self.api_key = os.environ.get(api_key_env)
     if not self.api_key:
       raise ValueError(f"Serper search needs an API key in the environment variable {api_key_env}")
@@ -141,8 +139,11 @@ class SerperBackend(SearchBackend):
     out = []
     for start in range(0, len(queries), self.batch_size):
       chunk = list(queries[start:start + self.batch_size])
-      reply = post_json(self.url, [{"q": q, "num": k, **self.extra_params} for q in chunk],
-                        headers={"X-API-KEY": self.api_key}, timeout_s=self.timeout_s, retries=self.retries,
+      reply = post_json(self.url, [{
+          "q": q,
+          "num": k,
+          **self.extra_params
+      } for q in chunk], headers={"X-API-KEY": self.api_key}, timeout_s=self.timeout_s, retries=self.retries,
                         backoff_s=self.backoff_s, limiter=self.limiter, max_reply_bytes=self.max_reply_bytes)
       if isinstance(reply, dict):
         reply = [reply]
@@ -158,8 +159,9 @@ class SerperBackend(SearchBackend):
     docs = []
     for item in reply.get("organic") or []:
       if isinstance(item, dict) and (item.get("snippet") or item.get("title")):
-        docs.append(Doc(str(item.get("link", "")), str(item.get("title", "")), str(item.get("snippet", "")),
-                        1.0 / (1 + len(docs))))  # Rank-based: Serper returns no scores.
+        docs.append(
+            Doc(str(item.get("link", "")), str(item.get("title", "")), str(item.get("snippet", "")),
+                1.0 / (1 + len(docs))))  # Rank-based: Serper returns no scores.
     return docs[:k]
 
 
@@ -179,9 +181,12 @@ class HttpRetrieverBackend(SearchBackend):
     out = []
     for start in range(0, len(queries), self.batch_size):
       chunk = list(queries[start:start + self.batch_size])
-      reply = post_json(self.url, {"queries": chunk, "topk": k, "return_scores": True},
-                        timeout_s=self.timeout_s, retries=self.retries, backoff_s=self.backoff_s,
-                        limiter=self.limiter, max_reply_bytes=self.max_reply_bytes)
+      reply = post_json(self.url, {
+          "queries": chunk,
+          "topk": k,
+          "return_scores": True
+      }, timeout_s=self.timeout_s, retries=self.retries, backoff_s=self.backoff_s, limiter=self.limiter,
+                        max_reply_bytes=self.max_reply_bytes)
       rows = reply.get("result") if isinstance(reply, dict) else None
       if not isinstance(rows, list) or len(rows) != len(chunk):
         raise SearchError("retriever returned an unexpected reply")

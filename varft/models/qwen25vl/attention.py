@@ -115,9 +115,9 @@ def _chunked(q, k, v, query_slot, key_valid, chunk):
     return (new_max, denom, acc), None
 
   groups = heads // kv_heads
-  init = (jnp.full((batch, kv_heads, groups, length), -jnp.inf, jnp.float32),
-          jnp.zeros((batch, kv_heads, groups, length), jnp.float32),
-          jnp.zeros((batch, kv_heads, groups, length, hd), jnp.float32))
+  init = (jnp.full((batch, kv_heads, groups, length), -jnp.inf,
+                   jnp.float32), jnp.zeros((batch, kv_heads, groups, length),
+                                           jnp.float32), jnp.zeros((batch, kv_heads, groups, length, hd), jnp.float32))
   starts = jnp.arange(steps, dtype=jnp.int32) * chunk
   (_, denom, acc), _ = jax.lax.scan(step, init, (k_chunks, v_chunks, starts))
   out = (acc / denom[..., None]).astype(q.dtype)  # denom >= 1: the running max term contributes exp(0)
@@ -142,9 +142,9 @@ def _pallas_flash(q, k, v, key_valid):
   to_heads = lambda x: jnp.repeat(x, groups, axis=2).swapaxes(1, 2) if groups > 1 else x.swapaxes(1, 2)
   segments = flash.SegmentIds(q=jnp.ones((batch, length), jnp.int32), kv=key_valid.astype(jnp.int32))
   block = max(size for size in (128, 256, 512) if length % size == 0)
-  sizes = flash.BlockSizes(block_q=block, block_k_major=block, block_k=block, block_b=1,
-                           block_q_major_dkv=block, block_k_major_dkv=block, block_k_dkv=block, block_q_dkv=block,
-                           block_k_major_dq=block, block_k_dq=block, block_q_dq=block)
+  sizes = flash.BlockSizes(block_q=block, block_k_major=block, block_k=block, block_b=1, block_q_major_dkv=block,
+                           block_k_major_dkv=block, block_k_dkv=block, block_q_dkv=block, block_k_major_dq=block,
+                           block_k_dq=block, block_q_dq=block)
   out = flash.flash_attention(q.swapaxes(1, 2), to_heads(k), to_heads(v), segment_ids=segments, causal=True,
                               sm_scale=hd ** -0.5, block_sizes=sizes)
   return out.swapaxes(1, 2)

@@ -4,10 +4,11 @@ A config is a frozen (hashable) dataclass so that it can be a static argument of
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 import dataclasses
 import json
 import os
-from typing import Any, Mapping
+from typing import Any
 
 # Token ids of the Qwen2.5 vocabulary that the model itself depends on.
 IMAGE_TOKEN_ID = 151655
@@ -79,7 +80,7 @@ class Qwen25VLConfig:
   remat: bool = False
   attention: str = "auto"
 
-  def replace(self, **kwargs) -> "Qwen25VLConfig":
+  def replace(self, **kwargs) -> Qwen25VLConfig:
     return dataclasses.replace(self, **kwargs)
 
   def __post_init__(self):
@@ -231,8 +232,11 @@ def to_hf_config(config: Qwen25VLConfig, torch_dtype: str = "bfloat16") -> dict[
           "hidden_act": "silu",
           "rms_norm_eps": t.rms_norm_eps,
           "max_position_embeddings": t.max_position_embeddings,
-          "rope_parameters": {"rope_type": "default", "rope_theta": t.rope_theta,
-                              "mrope_section": list(t.mrope_section)},
+          "rope_parameters": {
+              "rope_type": "default",
+              "rope_theta": t.rope_theta,
+              "mrope_section": list(t.mrope_section)
+          },
           "tie_word_embeddings": t.tie_word_embeddings,
           "use_sliding_window": False,
           "bos_token_id": 151643,

@@ -8,11 +8,12 @@ transformers-5 names and config, so that `Qwen2_5_VLForConditionalGeneration.fro
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 import dataclasses
 import json
 import os
 import shutil
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -22,15 +23,21 @@ import numpy as np
 from varft.models.qwen25vl import config as config_lib
 from varft.models.qwen25vl.config import Qwen25VLConfig
 
-_DTYPES = {"F32": np.dtype(np.float32), "F16": np.dtype(np.float16), "BF16": np.dtype(ml_dtypes.bfloat16),
-           "F64": np.dtype(np.float64), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32)}
+_DTYPES = {
+    "F32": np.dtype(np.float32),
+    "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "F64": np.dtype(np.float64),
+    "I64": np.dtype(np.int64),
+    "I32": np.dtype(np.int32)
+}
 _DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "chat_template.jinja",
                     "chat_template.json", "preprocessor_config.json", "special_tokens_map.json",
                     "generation_config.json")
 
-
 # --------------------------------------------------------------------------------------------- safetensors I/O
+
 
 @dataclasses.dataclass(frozen=True)
 class _Entry:
@@ -109,6 +116,7 @@ def _write_safetensors(path: str, tensors: list[tuple[str, tuple[int, ...], np.d
 
 # ------------------------------------------------------------------------------------------ name/layout mapping
 
+
 @dataclasses.dataclass(frozen=True)
 class _Leaf:
   """How one leaf of our tree is stored: HF tensor names (one per stacked layer) and its layout change."""
@@ -145,8 +153,8 @@ def _leaf_specs(config: Qwen25VLConfig, text_prefix: str, vision_prefix: str) ->
   block = vision_prefix + "blocks.{i}."
   stacked(("vision", "blocks", "norm1"), block + "norm1.weight", v.depth)
   stacked(("vision", "blocks", "norm2"), block + "norm2.weight", v.depth)
-  for ours, theirs in (("qkv", "attn.qkv"), ("proj", "attn.proj"), ("gate", "mlp.gate_proj"),
-                       ("up", "mlp.up_proj"), ("down", "mlp.down_proj")):
+  for ours, theirs in (("qkv", "attn.qkv"), ("proj", "attn.proj"), ("gate", "mlp.gate_proj"), ("up", "mlp.up_proj"),
+                       ("down", "mlp.down_proj")):
     stacked(("vision", "blocks", ours, "w"), block + theirs + ".weight", v.depth, "transpose")
     stacked(("vision", "blocks", ours, "b"), block + theirs + ".bias", v.depth)
   single(("vision", "merger", "norm"), f"{vision_prefix}merger.ln_q.weight")
@@ -209,6 +217,7 @@ def _tree_get(tree: dict, path: tuple[str, ...]):
 
 # ------------------------------------------------------------------------------------------------- public API
 
+
 def load_pretrained(hf_dir: str, dtype: Any = jnp.bfloat16, mesh: jax.sharding.Mesh | None = None,
                     shardings: Any = None) -> tuple[Qwen25VLConfig, dict[str, Any]]:
   """`(config, params)` of an HF Qwen2.5-VL folder; params in `dtype`, which also becomes the compute dtype.
@@ -267,9 +276,9 @@ def save_pretrained(params: dict[str, Any], config: Qwen25VLConfig, out_dir: str
     value = _tree_get(params, path)
     for i, name in enumerate(leaf.names):
       stored_shape = _stored_shape(leaf, value.shape, config)
-      tensors.append((name, stored_shape, np_dtype,
-                      lambda value=value, i=i, leaf=leaf, stored_shape=stored_shape:
-                      _to_stored(_host_array(value[i] if leaf.stacked else value), leaf.layout, stored_shape)))
+      tensors.append(
+          (name, stored_shape, np_dtype, lambda value=value, i=i, leaf=leaf, stored_shape=stored_shape: _to_stored(
+              _host_array(value[i] if leaf.stacked else value), leaf.layout, stored_shape)))
   if jax.process_index() != 0:
     for *_, produce in tensors:  # every process joins the gathers of non-addressable leaves
       produce()

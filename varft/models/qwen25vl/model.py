@@ -28,8 +28,10 @@ def compute_dtype(config: Qwen25VLConfig):
 def init_params(rng: jax.Array, config: Qwen25VLConfig, dtype=jnp.float32) -> Params:
   """Random parameters for both towers."""
   text_rng, vision_rng = jax.random.split(rng)
-  return {"text": text.init_params(text_rng, config.text, dtype),
-          "vision": vision.init_params(vision_rng, config.vision, dtype)}
+  return {
+      "text": text.init_params(text_rng, config.text, dtype),
+      "vision": vision.init_params(vision_rng, config.vision, dtype)
+  }
 
 
 def encode_images(params: Params, config: Qwen25VLConfig, pixel_values: jnp.ndarray,
@@ -92,8 +94,14 @@ def prepare_inputs(config: Qwen25VLConfig, input_ids, attention_mask=None, pixel
     raise ValueError("pixel_values and image_grid_thw go together: pass both or neither.")
   grids = None if image_grid_thw is None else np.asarray(image_grid_thw).reshape(-1, 3)
   positions, _ = rope.sequence_positions(input_ids, grids, config, attention_mask)
-  inputs = {"input_ids": input_ids.astype(np.int32), "attention_mask": attention_mask.astype(np.int32),
-            "positions": positions, "pixel_values": None, "vision_inputs": None, "image_index": None}
+  inputs = {
+      "input_ids": input_ids.astype(np.int32),
+      "attention_mask": attention_mask.astype(np.int32),
+      "positions": positions,
+      "pixel_values": None,
+      "vision_inputs": None,
+      "image_index": None
+  }
   if grids is None:
     return inputs
   pixel_values = np.asarray(pixel_values, np.float32)

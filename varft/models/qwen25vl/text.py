@@ -40,14 +40,31 @@ def init_params(rng: jax.Array, cfg: TextConfig, dtype=jnp.float32) -> Params:
       "norm": jnp.ones((d,), dtype),
       "layers": {
           "attn_norm": jnp.ones((nl, d), dtype),
-          "q": {"w": normal((nl, d, q_out)), "b": jnp.zeros((nl, q_out), dtype)},
-          "k": {"w": normal((nl, d, kv_out)), "b": jnp.zeros((nl, kv_out), dtype)},
-          "v": {"w": normal((nl, d, kv_out)), "b": jnp.zeros((nl, kv_out), dtype)},
-          "o": {"w": normal((nl, q_out, d))},
+          "q": {
+              "w": normal((nl, d, q_out)),
+              "b": jnp.zeros((nl, q_out), dtype)
+          },
+          "k": {
+              "w": normal((nl, d, kv_out)),
+              "b": jnp.zeros((nl, kv_out), dtype)
+          },
+          "v": {
+              "w": normal((nl, d, kv_out)),
+              "b": jnp.zeros((nl, kv_out), dtype)
+          },
+          "o": {
+              "w": normal((nl, q_out, d))
+          },
           "mlp_norm": jnp.ones((nl, d), dtype),
-          "gate": {"w": normal((nl, d, f))},
-          "up": {"w": normal((nl, d, f))},
-          "down": {"w": normal((nl, f, d))},
+          "gate": {
+              "w": normal((nl, d, f))
+          },
+          "up": {
+              "w": normal((nl, d, f))
+          },
+          "down": {
+              "w": normal((nl, f, d))
+          },
       },
   }
   if not cfg.tie_word_embeddings:
@@ -75,10 +92,8 @@ def embed_tokens(params: Params, token_ids: jnp.ndarray, dtype=jnp.float32) -> j
 def logits(params: Params, cfg: TextConfig, hidden: jnp.ndarray) -> jnp.ndarray:
   """Vocabulary logits (float32) of final hidden states `(..., D)`."""
   if cfg.tie_word_embeddings:
-    return jnp.einsum("...d,vd->...v", hidden, params["embed"].astype(hidden.dtype),
-                      preferred_element_type=jnp.float32)
-  return jnp.einsum("...d,dv->...v", hidden, params["lm_head"].astype(hidden.dtype),
-                    preferred_element_type=jnp.float32)
+    return jnp.einsum("...d,vd->...v", hidden, params["embed"].astype(hidden.dtype), preferred_element_type=jnp.float32)
+  return jnp.einsum("...d,dv->...v", hidden, params["lm_head"].astype(hidden.dtype), preferred_element_type=jnp.float32)
 
 
 def _dense(x, p, dtype):
@@ -131,9 +146,8 @@ def _layer(cfg: TextConfig, dtype, attention, x, layer_params, cos, sin, visibil
 
 
 def forward(params: Params, cfg: TextConfig, embeds: jnp.ndarray, positions: jnp.ndarray, *,
-            attention_mask: jnp.ndarray | None = None, cache: KVCache | None = None,
-            dtype=jnp.float32, remat: bool = False, attention: str = "auto"
-            ) -> tuple[jnp.ndarray, KVCache | None]:
+            attention_mask: jnp.ndarray | None = None, cache: KVCache | None = None, dtype=jnp.float32,
+            remat: bool = False, attention: str = "auto") -> tuple[jnp.ndarray, KVCache | None]:
   """Runs the decoder over `embeds` (B, T, D) at M-RoPE `positions` (3, B, T).
 
   Without a cache, tokens attend causally within the chunk to the tokens that `attention_mask` (B, T) marks valid
@@ -161,8 +175,10 @@ def forward(params: Params, cfg: TextConfig, embeds: jnp.ndarray, positions: jnp
     visibility = (offsets[:, None] + query_idx[None, :], key_slot[None, :] < new_length[:, None])
 
   if cache is None:
+
     def body(x, layer_params):
       return _layer(cfg, dtype, attention, x, layer_params, cos, sin, visibility, None, offsets)[0], None
+
     if remat:
       body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
     x, _ = jax.lax.scan(body, embeds.astype(dtype), params["layers"])
@@ -175,6 +191,7 @@ def forward(params: Params, cfg: TextConfig, embeds: jnp.ndarray, positions: jnp
       x, (stack_k, stack_v) = _layer(cfg, dtype, attention, x, layer_params, cos, sin, visibility,
                                      (index, stack_k, stack_v), offsets)
       return (x, stack_k, stack_v), None
+
     layers = jnp.arange(cfg.num_layers, dtype=jnp.int32)
     (x, new_k, new_v), _ = jax.lax.scan(body, (embeds.astype(dtype), cache["k"], cache["v"]),
                                         (params["layers"], layers))

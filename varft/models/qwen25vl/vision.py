@@ -56,20 +56,43 @@ def init_params(rng: jax.Array, cfg: VisionConfig, dtype=jnp.float32) -> Params:
     return jnp.zeros(shape, dtype)
 
   return {
-      "patch_embed": {"w": normal((cfg.patch_dim, d))},
+      "patch_embed": {
+          "w": normal((cfg.patch_dim, d))
+      },
       "blocks": {
           "norm1": jnp.ones((nl, d), dtype),
-          "qkv": {"w": normal((nl, d, 3 * d)), "b": zeros(nl, 3 * d)},
-          "proj": {"w": normal((nl, d, d)), "b": zeros(nl, d)},
+          "qkv": {
+              "w": normal((nl, d, 3 * d)),
+              "b": zeros(nl, 3 * d)
+          },
+          "proj": {
+              "w": normal((nl, d, d)),
+              "b": zeros(nl, d)
+          },
           "norm2": jnp.ones((nl, d), dtype),
-          "gate": {"w": normal((nl, d, f)), "b": zeros(nl, f)},
-          "up": {"w": normal((nl, d, f)), "b": zeros(nl, f)},
-          "down": {"w": normal((nl, f, d)), "b": zeros(nl, d)},
+          "gate": {
+              "w": normal((nl, d, f)),
+              "b": zeros(nl, f)
+          },
+          "up": {
+              "w": normal((nl, d, f)),
+              "b": zeros(nl, f)
+          },
+          "down": {
+              "w": normal((nl, f, d)),
+              "b": zeros(nl, d)
+          },
       },
       "merger": {
           "norm": jnp.ones((d,), dtype),
-          "fc1": {"w": normal((unit * d, unit * d)), "b": zeros(unit * d)},
-          "fc2": {"w": normal((unit * d, cfg.out_hidden_size)), "b": zeros(cfg.out_hidden_size)},
+          "fc1": {
+              "w": normal((unit * d, unit * d)),
+              "b": zeros(unit * d)
+          },
+          "fc2": {
+              "w": normal((unit * d, cfg.out_hidden_size)),
+              "b": zeros(cfg.out_hidden_size)
+          },
       },
   }
 
@@ -251,8 +274,8 @@ def _blocked_forward(q, k, v, segment, key_blocks, block, chunk):
                                                 preferred_element_type=jnp.float32)
     return (new_max, denom, acc), None
 
-  init = (jnp.full((nb, heads, block), -jnp.inf, jnp.float32), jnp.zeros((nb, heads, block), jnp.float32),
-          jnp.zeros((nb, heads, block, hd), jnp.float32))
+  init = (jnp.full((nb, heads, block), -jnp.inf, jnp.float32), jnp.zeros(
+      (nb, heads, block), jnp.float32), jnp.zeros((nb, heads, block, hd), jnp.float32))
   (row_max, denom, acc), _ = jax.lax.scan(step, init, b.steps)
   seen = denom > 0
   out = acc / jnp.where(seen, denom, 1.0)[..., None]
@@ -324,11 +347,9 @@ def _block(cfg: VisionConfig, dtype, block_len, x, layer_params, is_full, cos, s
   qkv = _dense(h, layer_params["qkv"], dtype).reshape(length, 3, heads, d // heads)
   q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
   q, k = rope.apply_rotary(q, cos, sin), rope.apply_rotary(k, cos, sin)
-  attn = jax.lax.cond(is_full,
-                      lambda q, k, v: _blocked_attention(q, k, v, segments[1], key_blocks[1], block_len,
-                                                         FULL_ATTENTION_CHUNK),
-                      lambda q, k, v: _blocked_attention(q, k, v, segments[0], key_blocks[0], block_len, 3),
-                      q, k, v)
+  attn = jax.lax.cond(
+      is_full, lambda q, k, v: _blocked_attention(q, k, v, segments[1], key_blocks[1], block_len, FULL_ATTENTION_CHUNK),
+      lambda q, k, v: _blocked_attention(q, k, v, segments[0], key_blocks[0], block_len, 3), q, k, v)
   x = x + _dense(attn.reshape(length, d), layer_params["proj"], dtype)
   h = rms_norm(x, layer_params["norm2"], cfg.rms_norm_eps)
   mlp = jax.nn.silu(_dense(h, layer_params["gate"], dtype)) * _dense(h, layer_params["up"], dtype)
@@ -336,8 +357,8 @@ def _block(cfg: VisionConfig, dtype, block_len, x, layer_params, is_full, cos, s
   return sharding.constrain(x + _dense(mlp, layer_params["down"], dtype), ("patches", "act_embed"))
 
 
-def forward(params: Params, cfg: VisionConfig, pixel_values: jnp.ndarray, inputs: dict[str, Any],
-            dtype=jnp.float32, remat: bool = False) -> jnp.ndarray:
+def forward(params: Params, cfg: VisionConfig, pixel_values: jnp.ndarray, inputs: dict[str, Any], dtype=jnp.float32,
+            remat: bool = False) -> jnp.ndarray:
   """Image embeddings (P / merge**2, out_hidden_size) of `pixel_values` (P, 1176), in the processor's cell order.
 
   `inputs` is `vision_inputs(image_grid_thw, cfg, P, ...)` (numpy or device arrays). Rows of padded cells are
