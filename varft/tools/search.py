@@ -24,8 +24,8 @@ import numpy as np
 from varft import prompts
 
 # The shared types and the web backends are also re-exported from here (search.Doc, search.HttpRetrieverBackend).
-from varft.tools.search_types import SearchBackend, doc_from_record  # pylint: disable=unused-import
-from varft.tools.search_web import HttpRetrieverBackend, SerperBackend  # pylint: disable=unused-import
+from varft.tools.search_types import Doc, SearchBackend, SearchError, doc_from_record  # noqa: F401
+from varft.tools.search_web import HttpRetrieverBackend, RateLimiter, SerperBackend, post_json  # noqa: F401
 
 log = logging.getLogger(__name__)
 
