@@ -26,6 +26,7 @@ def small_config(dtype: str = "float32"):
   c.model.remat = True
   c.rollout.prompts_per_host = 4  # 16 rows: micro-batches of 8 rows, one per device on 8 devices
   c.grpo.micro_batches = 2
+  c.grpo.beta = 0.04  # the paper's KL term, so the reference log-probs are planned (the demo runs without it)
   c.rollout.max_new_tokens = 32
   c.rollout.max_total_tokens = 192
   c.rollout.length_buckets = (160, 192)
