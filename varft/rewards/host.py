@@ -14,12 +14,13 @@ import zlib
 from absl import logging
 import numpy as np
 
+from varft import tags as grammar
 from varft import text_norm
 from varft.rewards import ops, reference, tags
 
 Embedder = Callable[[list[str]], np.ndarray]
-# Degradation types of MAT-Coding; the rotations must keep ids ops.ROTATION90/ROTATION180.
-PROBLEM_TYPES = ("rotation90", "rotation180", "dark", "overexposure", "blur", "noise", "crop", "none")
+# Degradation types of MAT-Coding, interned first so that the rotations get ids ops.ROTATION90/ROTATION180.
+PROBLEM_TYPES = grammar.DEGRADATIONS
 TOOL_STATS = ("num_calls", "num_failed", "all_valid", "num_code_success")
 # Smallest bucket per padded axis; pass larger values (bucket_mins=...) to pin shapes for a run.
 DEFAULT_BUCKET_MINS = {"batch": 8, "events": 16, "pred_words": 8, "gold_words": 8, "golds": 1, "problems": 4}
