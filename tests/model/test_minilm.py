@@ -62,7 +62,8 @@ def test_missing_weights_name_the_install_line(tmp_path):
 
 def test_rewards_with_minilm_need_no_torch(encoder):
   code = ("import sys; from varft import rewards; from varft.rewards import host; "
-          "config = {'rewards': [('accuracy', 1.0), ('format', 1.0)], 'reward_options': {'query_similarity': 'minilm'}}; "
+          "config = {'rewards': [('accuracy', 1.0), ('format', 1.0)], "
+          "'reward_options': {'query_similarity': 'minilm'}}; "
           "total, _ = rewards.score_batch(['<think>t</think><search>who wrote hamlet</search>'], "
           "[{'step_type': 'search', 'query': 'hamlet author'}], config); "
           "assert total[0] > 1.5 and type(host.default_embedder('minilm')).__name__ == 'MiniLM', total; "
