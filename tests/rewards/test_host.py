@@ -80,12 +80,16 @@ def test_each_distinct_query_is_encoded_once_in_one_call():
     return np.stack([np.eye(8, dtype=np.float32)[len(t) % 8] for t in texts])
 
   group = [f"<think>a</think><search>{q}</search>" for q in ("lego", "lego brand", "lego", "x")]
-  refs = [{"step_type": "search", "query": "lego meaning"}] * 4
+  group.append("<think>a</think><answer>lego</answer>")  # a forbidden tag: similarity 0, nothing to encode
+  refs = [{"step_type": "search", "query": "lego meaning"}] * 5
   arrays = rewards.prepare_reward_inputs(group, refs, names=["query_similarity"], embedder=embedder)
   assert calls == [["lego", "lego brand", "x", "lego meaning"]]  # the group's shared reference query: once
   expected = embedder(["lego", "lego brand", "lego", "x"])
   np.testing.assert_array_equal(arrays["pred_query_emb"][:4], expected)
   np.testing.assert_array_equal(arrays["gold_query_emb"][:4], np.repeat(embedder(["lego meaning"]), 4, 0))
+  assert not arrays["pred_query_emb"][4].any() and not arrays["gold_query_emb"][4].any()
+  _, components = rewards.compute_rewards(arrays, [("query_similarity", 1.0)])
+  assert components["query_similarity"][4] == 0.0 and components["query_similarity"][0] == 1.0
 
 
 def test_minilm_is_loaded_once_per_process(monkeypatch):

@@ -268,8 +268,12 @@ def prepare_reward_inputs(completions: Sequence[str], references: Sequence[Mappi
 
 def _query_embeddings(texts, targets, size, embedder, similarity):
   """The predicted and reference queries of the batch's search steps, encoded in one call. Each distinct text is
-  encoded once: the G samples of a prompt share its reference query (and often repeat a query)."""
-  rows = [i for i, t in enumerate(targets) if t.step_type == "search"]
+  encoded once (the G samples of a prompt share its reference query), and a step whose completion holds a forbidden
+  tag is not encoded at all: the ops zero its similarity, and the paper's trainer never encodes it either."""
+  rows = [
+      i for i, t in enumerate(targets)
+      if t.step_type == "search" and not any(tag in texts[i] for tag in reference.FORBIDDEN_TAGS[(t.task, "search")])
+  ]
   pairs = [reference.extract_tag(texts[i], "search") for i in rows] + [targets[i].query for i in rows]
   distinct = {text: k for k, text in enumerate(dict.fromkeys(pairs))}
   if pairs:
