@@ -2,13 +2,10 @@
 from __future__ import annotations
 
 import dataclasses
-import re
 
-ACTION_TAGS = ("search", "code", "problem", "answer")
-_ACTION_RE = re.compile(r"<(search|code|problem|answer)>(.*?)</\1>", re.S)
-_THINK_RE = re.compile(r"<think>(.*?)</think>", re.S)
-_FENCE_RE = re.compile(r"```[ \t]*(?:python|py|python3)?[ \t]*\n?(.*?)```", re.S | re.I)
-_PROBLEM_RE = re.compile(r"""['"]([A-Za-z0-9_]+)['"]""")
+from varft import tags
+
+ACTION_TAGS = tags.ACTION_TAGS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,18 +24,18 @@ class Action:
 
 def parse_action(text: str) -> Action:
   """The first complete action tag of a turn (generation stops at the first closing tag)."""
-  think = _THINK_RE.search(text)
+  think = tags.THINK_RE.search(text)
   think = think.group(1).strip() if think else ""
-  match = _ACTION_RE.search(text)
+  match = tags.ACTION_RE.search(text)
   if match is None:
-    opened = [t for t in ACTION_TAGS if f"<{t}>" in text]
+    opened = [t for t in ACTION_TAGS if tags.open_tag(t) in text]
     why = f"<{opened[0]}> is never closed" if opened else "no <search>, <code>, <problem> or <answer> tag"
     return Action("malformed", think=think, error=why)
   kind, body = match.group(1), match.group(2).strip()
-  if kind == "code":
-    fence = _FENCE_RE.search(body)
+  if kind == tags.CODE:
+    fence = tags.FENCE_RE.search(body)
     body = fence.group(1).strip("\n") if fence else body
   if not body.strip():
     return Action("malformed", think=think, error=f"empty <{kind}>")
-  problems = tuple(_PROBLEM_RE.findall(body)) if kind == "problem" else ()
+  problems = tuple(tags.QUOTED_NAME_RE.findall(body)) if kind == tags.PROBLEM else ()
   return Action(kind, body, think, problems)

@@ -16,16 +16,9 @@ same each time, so here it ends the item at once (`malformed`): the same predict
 from __future__ import annotations
 
 from collections.abc import Sequence
-import re
 
-from varft import prompts
+from varft import prompts, tags
 from varft.actions import Action
-
-_ANSWER_RE = re.compile(r"<answer>\s*(.*?)\s*</answer>")
-_SEARCH_RE = re.compile(r"<search>\s*(.*?)\s*</search>")
-_PROBLEM_RE = re.compile(r"<problem>\s*\{(.*?)\}\s*</problem>", re.S)
-_QUOTED_RE = re.compile(r"'([^']+)'")
-_CODE_RE = re.compile(r"<code>\s*```python(.*?)```.*?</code>", re.S)
 
 
 def read_turn(text: str, task: str, last_query: str | None = None) -> list[Action]:
@@ -34,27 +27,27 @@ def read_turn(text: str, task: str, last_query: str | None = None) -> list[Actio
   A code action whose program cannot be extracted carries `error` and an empty program: a failed call.
   """
   if "<answer>" in text:
-    match = _ANSWER_RE.search(text)
+    match = tags.PAPER_ANSWER_RE.search(text)
     if match is None:
       return [Action("malformed", error="<answer> without a one-line <answer> ... </answer>")]
     return [Action("answer", match.group(1).strip())]
   if task != "coding":
     if "<search>" not in text:
       return [Action("malformed", error="no <answer> or <search>")]
-    match = _SEARCH_RE.search(text)
+    match = tags.PAPER_SEARCH_RE.search(text)
     query = match.group(1).strip() if match else last_query
     if query is None:
       return [Action("malformed", error="<search> without a one-line query, and no earlier query")]
     return [Action("search", query)]
   actions = []
   if "<problem>" in text:
-    match = _PROBLEM_RE.search(text)
-    problems = tuple(sorted(_QUOTED_RE.findall(match.group(1)))) if match else ()
+    match = tags.PAPER_PROBLEM_RE.search(text)
+    problems = tuple(sorted(tags.PAPER_QUOTED_RE.findall(match.group(1)))) if match else ()
     if not problems:  # the released script stops with an IndexError here
       return [Action("malformed", error="<problem> without a quoted problem set")]
     actions.append(Action("problem", match.group(1), problems=problems))
   if "<code>" in text:
-    match = _CODE_RE.search(text)
+    match = tags.PAPER_CODE_RE.search(text)
     actions.append(
         Action("code", match.group(1)
               ) if match else Action("code", "", error="no ```python ... ``` block inside <code> ... </code>"))

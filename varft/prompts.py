@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from varft import tags
+
 SEARCH_AGENT = """# Role  
 You are a step-by-step multimodal reasoning assistant.  
 Given an image, a question, and optional partial reasoning chain, your task is to solve the problem **one substep at a time**.  
@@ -45,7 +47,7 @@ Your task is to solve an image-based task by applying OpenCV operations one step
 
 # Output Format
 At each step, output **only one** of the following, preceded by a <think> tag:
-1. <problem> Describe the image issue from {'rotation90', 'rotation180', 'dark', 'overexposure', 'blur', 'noise', 'crop', 'none'} </problem>
+1. <problem> Describe the image issue from """ + tags.problem_set_text() + """ </problem>
 2. <code> OpenCV code to process and save the image </code>
 3. <answer> Final answer based on the processed image </answer>
 

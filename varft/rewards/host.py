@@ -14,12 +14,13 @@ import zlib
 from absl import logging
 import numpy as np
 
-from varft import text_norm
+from varft import sampling, text_norm
+from varft import tags as grammar
 from varft.rewards import ops, reference, tags
 
 Embedder = Callable[[list[str]], np.ndarray]
-# Degradation types of MAT-Coding; the rotations must keep ids ops.ROTATION90/ROTATION180.
-PROBLEM_TYPES = ("rotation90", "rotation180", "dark", "overexposure", "blur", "noise", "crop", "none")
+# Degradation types of MAT-Coding, interned first so that the rotations get ids ops.ROTATION90/ROTATION180.
+PROBLEM_TYPES = grammar.DEGRADATIONS
 TOOL_STATS = ("num_calls", "num_failed", "all_valid", "num_code_success")
 # Smallest bucket per padded axis; pass larger values (bucket_mins=...) to pin shapes for a run.
 DEFAULT_BUCKET_MINS = {"batch": 8, "events": 16, "pred_words": 8, "gold_words": 8, "golds": 1, "problems": 4}
@@ -60,9 +61,13 @@ class Target(NamedTuple):
 
 
 def bucket(n: int, minimum: int) -> int:
-  """Smallest power of two >= max(n, minimum)."""
-  size = max(int(n), minimum, 1)
-  return 1 << (size - 1).bit_length()
+  """Smallest power of two >= max(n, minimum) (`sampling.bucket` over the powers of two from `minimum`)."""
+  return sampling.bucket(int(n), _powers_of_two(minimum), beyond="multiple")
+
+
+@functools.cache
+def _powers_of_two(minimum: int) -> tuple[int, ...]:
+  return tuple(1 << i for i in range((max(minimum, 1) - 1).bit_length(), 40))
 
 
 def _as_strings(value, what: str, index: int) -> tuple[str, ...]:
@@ -130,12 +135,6 @@ class LexicalEmbedder:
     return out / np.maximum(norms, 1e-12)
 
 
-@functools.cache
-def _minilm():
-  from varft.models import minilm
-  return minilm.MiniLM.from_folder()
-
-
 def resolve_similarity(name: str) -> str:
   """The query-similarity backend that `name` selects here: 'minilm' or 'lexical' ('auto': MiniLM when its
   weights are installed, else lexical, said once). Raises when 'minilm' is asked for and not installed."""
@@ -162,8 +161,11 @@ def _say_lexical_once() -> None:
 
 
 def default_embedder(similarity: str = "auto") -> Embedder:
-  """The shared query encoder of a backend name (see `resolve_similarity`); MiniLM is loaded once per process."""
-  return _minilm() if resolve_similarity(similarity) == "minilm" else LexicalEmbedder()
+  """The query encoder of a backend name (see `resolve_similarity`); MiniLM is the process's one (`minilm.shared`)."""
+  if resolve_similarity(similarity) == "lexical":
+    return LexicalEmbedder()
+  from varft.models import minilm
+  return minilm.shared()
 
 
 def _intern(vocab: dict, items: Sequence[str]) -> list[int]:
@@ -265,11 +267,18 @@ def prepare_reward_inputs(completions: Sequence[str], references: Sequence[Mappi
 
 
 def _query_embeddings(texts, targets, size, embedder, similarity):
-  rows = [i for i, t in enumerate(targets) if t.step_type == "search"]
+  """The predicted and reference queries of the batch's search steps, encoded in one call. Each distinct text is
+  encoded once (the G samples of a prompt share its reference query), and a step whose completion holds a forbidden
+  tag is not encoded at all: the ops zero its similarity, and the paper's trainer never encodes it either."""
+  rows = [
+      i for i, t in enumerate(targets)
+      if t.step_type == "search" and not any(tag in texts[i] for tag in reference.FORBIDDEN_TAGS[(t.task, "search")])
+  ]
   pairs = [reference.extract_tag(texts[i], "search") for i in rows] + [targets[i].query for i in rows]
+  distinct = {text: k for k, text in enumerate(dict.fromkeys(pairs))}
   if pairs:
-    emb = np.asarray((embedder or default_embedder(similarity))(pairs), np.float32)
-    dim = emb.shape[1]
+    table = np.asarray((embedder or default_embedder(similarity))(list(distinct)), np.float32)
+    emb, dim = table[[distinct[text] for text in pairs]], table.shape[1]
   else:  # no search step: nothing to encode (a coding batch never loads an encoder)
     dim = getattr(embedder, "dim", 1)
   pred, gold = np.zeros((size, dim), np.float32), np.zeros((size, dim), np.float32)

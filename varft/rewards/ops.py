@@ -7,14 +7,15 @@ problem ids with -1. Step types and tasks are the integer codes below.
 import jax
 import jax.numpy as jnp
 
+from varft import tags as grammar
 from varft.rewards import tags
 
 STEP_TYPES = ("none", "answer", "search", "code", "problem")
 NONE, ANSWER, SEARCH, CODE, PROBLEM = range(len(STEP_TYPES))
 TASKS = ("search", "coding")
 SEARCH_TASK, CODING_TASK = range(len(TASKS))
-# Problem ids 0 and 1 are reserved for the rotations that earn partial credit.
-ROTATION90, ROTATION180 = 0, 1
+# Problem ids are indices into the grammar's degradation list (host.PROBLEM_TYPES); its rotations earn partial credit.
+ROTATION90, ROTATION180 = (grammar.DEGRADATIONS.index(r) for r in grammar.ROTATIONS)
 _BIG = jnp.iinfo(jnp.int32).max
 
 

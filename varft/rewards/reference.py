@@ -11,13 +11,13 @@ first single-line `<answer>…</answer>` (no DOTALL), problem lists sorted.
 from collections.abc import Callable, Sequence
 import re
 
+from varft import tags as grammar
 from varft.eval import metrics
 
-ANSWER_PATTERN = r"<think>.*?</think>\s*<answer>.*?</answer>"
-SEARCH_PATTERN = r"<think>.*?</think>\s*<search>.*?</search>"
-CODE_PATTERN = r"<think>.*?</think>\s*<code>\s*```python(.*?)```.*?</code>"
-PROBLEM_PATTERN = r"^<think>.*?</think>\s*<problem>\s*\{\s*'[^']+'\s*(?:,\s*'[^']+'\s*)*\}\s*</problem>$"
-_STEP_PATTERNS = {"answer": ANSWER_PATTERN, "search": SEARCH_PATTERN, "code": CODE_PATTERN, "problem": PROBLEM_PATTERN}
+ANSWER_PATTERN = grammar.PAPER_FORMAT_PATTERNS["answer"]
+SEARCH_PATTERN = grammar.PAPER_FORMAT_PATTERNS["search"]
+CODE_PATTERN = grammar.PAPER_FORMAT_PATTERNS["code"]
+PROBLEM_PATTERN = grammar.PAPER_FORMAT_PATTERNS["problem"]
 # Tags whose repetition voids the format, per task.
 _COUNTED_TAGS = {
     "search": ("<answer>", "<search>", "<think>"),
@@ -35,7 +35,7 @@ FORBIDDEN_TAGS = {
     ("coding", "problem"): ("<answer>", "<code>"),
 }
 STEP_TYPE_PRIORITY = {"search": ("answer", "search"), "coding": ("answer", "code", "problem")}
-ROTATIONS = ("rotation90", "rotation180")
+ROTATIONS = grammar.ROTATIONS
 
 
 def _fullmatch(pattern: str, text: str) -> bool:
@@ -55,7 +55,7 @@ def format_reward(text: str, task: str, step_type: str | None) -> float:
     return 0.0
   if step_type not in ("answer", "code", "problem"):
     return 0.0
-  return float(_fullmatch(_STEP_PATTERNS[step_type], text))
+  return float(_fullmatch(grammar.PAPER_FORMAT_PATTERNS[step_type], text))
 
 
 def step_type_of(solution: str, task: str) -> str | None:
@@ -66,29 +66,23 @@ def step_type_of(solution: str, task: str) -> str | None:
   return None
 
 
-_TAG_CONTENT = {tag: re.compile(f"<{tag}>(.*?)</{tag}>") for tag in ("answer", "search", "code")}
-
-
 def extract_tag(text: str, tag: str) -> str:
   """Content of the first single-line <tag>…</tag>, else the whole text (both stripped)."""
-  match = _TAG_CONTENT[tag].search(text)
-  return match.group(1).strip() if match else text.strip()
-
-
-_EVAL_ANSWER = re.compile(r"<answer>\s*(.*?)\s*</answer>")  # no DOTALL: a multi-line answer is no answer
+  found = grammar.content(text, tag, multiline=False)
+  return (text if found is None else found).strip()
 
 
 def eval_answer(text: str) -> str | None:
   """The released evaluation loops' prediction from a turn: the first single-line <answer>…</answer>, stripped;
   None when there is none (their `re.search` without DOTALL)."""
-  match = _EVAL_ANSWER.search(text)
+  match = grammar.PAPER_ANSWER_RE.search(text)  # no DOTALL: a multi-line answer is no answer
   return match.group(1).strip() if match else None
 
 
 def extract_problems(text: str) -> list[str]:
   """Sorted quoted names of the first <problem>{…}</problem>; [] when there is none."""
-  match = re.search(r"<problem>\s*\{(.*?)\}\s*</problem>", text, re.DOTALL)
-  return sorted(re.findall(r"'([^']+)'", match.group(1))) if match else []
+  match = grammar.PAPER_PROBLEM_RE.search(text)
+  return sorted(grammar.PAPER_QUOTED_RE.findall(match.group(1))) if match else []
 
 
 def problem_reward(pred: Sequence[str], gold: Sequence[str]) -> float:

@@ -13,17 +13,19 @@ import re
 
 import numpy as np
 
+from varft import tags as grammar
+
 PAD, WS, TEXT, LBRACE, RBRACE, QUOTE, COMMA, FENCE_PY, FENCE = range(9)
-TAGS = ("think", "answer", "search", "code", "problem")
+TAGS = (grammar.THINK, grammar.ANSWER, grammar.SEARCH, grammar.CODE, grammar.PROBLEM)
 # Opening tag of TAGS[i] is event 9 + 2 i, its closing tag 10 + 2 i.
 OPEN = {tag: 9 + 2 * i for i, tag in enumerate(TAGS)}
 CLOSE = {tag: 10 + 2 * i for i, tag in enumerate(TAGS)}
 NUM_EVENTS = 9 + 2 * len(TAGS)
 
-_SPECIAL_EVENTS = {"```python": FENCE_PY, "```": FENCE, "{": LBRACE, "}": RBRACE, "'": QUOTE, ",": COMMA}
+_SPECIAL_EVENTS = {grammar.FENCE_PY: FENCE_PY, grammar.FENCE: FENCE, "{": LBRACE, "}": RBRACE, "'": QUOTE, ",": COMMA}
 for _tag in TAGS:
-  _SPECIAL_EVENTS[f"<{_tag}>"] = OPEN[_tag]
-  _SPECIAL_EVENTS[f"</{_tag}>"] = CLOSE[_tag]
+  _SPECIAL_EVENTS[grammar.open_tag(_tag)] = OPEN[_tag]
+  _SPECIAL_EVENTS[grammar.close_tag(_tag)] = CLOSE[_tag]
 # Longer alternatives first so that "```python" wins over "```".
 _SPLIT_RE = re.compile("(" + "|".join(re.escape(s) for s in sorted(_SPECIAL_EVENTS, key=len, reverse=True)) + ")")
 
@@ -139,11 +141,7 @@ def _think_then(tag, *body):
 
 _NOT_QUOTE = _sym(*(_ANY - {QUOTE}))
 _QUOTED = _seq(_sym(QUOTE), _NOT_QUOTE, _star(_NOT_QUOTE), _sym(QUOTE), _opt(_sym(WS)))
-# The paper's patterns (re.fullmatch, DOTALL), in the order of FORMAT_PATTERNS:
-#   answer:  <think>.*?</think>\s*<answer>.*?</answer>
-#   search:  <think>.*?</think>\s*<search>.*?</search>
-#   code:    <think>.*?</think>\s*<code>\s*```python(.*?)```.*?</code>
-#   problem: <think>.*?</think>\s*<problem>\s*\{\s*'[^']+'\s*(?:,\s*'[^']+'\s*)*\}\s*</problem>
+# The paper's patterns (varft.tags.PAPER_FORMAT_PATTERNS: re.fullmatch, DOTALL) over events, in this order:
 FORMAT_PATTERNS = ("answer", "search", "code", "problem")
 _PATTERNS = {
     "answer": _think_then("answer", _star(_sym(*_ANY))),

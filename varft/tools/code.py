@@ -39,6 +39,7 @@ import weakref
 
 from PIL import Image
 
+from varft import tags
 from varft.tools import cgroups as cgroups_lib
 from varft.tools import sandbox_init
 from varft.tools import sandbox_launch as launch
@@ -48,9 +49,8 @@ log = logging.getLogger(__name__)
 
 PROGRAM_NAME = process.PROGRAM_NAME
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
-_MODEL_TEXT_MARKERS = ("<code>", "```", "<think>", "<answer>", "<search>")  # Else the text is the program.
-_CODE_RE = re.compile(r"<code>(.*?)(?:</code>|$)", re.S)
-_FENCE_RE = re.compile(r"```[ \t]*(?:python|py|python3)?[ \t]*\n?(.*?)```", re.S | re.I)
+# Else the text is the program.
+_MODEL_TEXT_MARKERS = (*map(tags.open_tag, (tags.CODE, tags.THINK, tags.ANSWER, tags.SEARCH)), tags.FENCE)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,9 +122,9 @@ def extract_program(text):
   Text without a <code> tag is taken as a fenced block if it has one; plain text is returned as-is only by
   `CodeSandbox.run` (which treats untagged, unfenced input as the program itself).
   """
-  match = _CODE_RE.search(text)
+  match = tags.UNCLOSED_CODE_RE.search(text)
   body = match.group(1) if match else text
-  fence = _FENCE_RE.search(body)
+  fence = tags.FENCE_RE.search(body)
   if fence:
     return fence.group(1).strip("\n")
   if match:
