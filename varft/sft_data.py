@@ -34,12 +34,14 @@ from varft.processing import image as image_lib
 FORMATS = ("stepwise", "multiturn")
 TRUNCATION_NOTE = " ... [tool output truncated: {} more tokens]"  # as varft.rollout writes it
 # The reasoning sentence of a reference turn whose record keeps only the bare step (the published search data).
-# Each step's sentence shares no words with the others: a tiny model blends look-alike sentences.
+# Each step's sentence shares no words with the others (a tiny model blends look-alike sentences) nor with the demo's
+# reference thinks in the context, and names its action last, a few tokens before the action's tag: a 2-layer model
+# copies that word; from further back it copies the tag that follows `</think>` in the context instead.
 _THINK = {
     "search": "I need to search for this.",
     "answer": "Now I can answer.",
-    "problem": "Which degradation is this?",
-    "code": "Restore it with OpenCV."
+    "problem": "What is the problem?",
+    "code": "Time to write code."
 }
 
 

@@ -137,3 +137,24 @@ def test_bm25_backend_serves_every_reference_search(demo_dir, tmp_path):
       results = backend.search(queries, 4)
       assert any(e['company'] == d.title for d in results[0]), queries
       assert any(answers[0] in d.text for d in results[-1]), (queries, answers)
+
+
+def test_coding_reference_steps_fit_the_coding_demos_budgets(demo_dir):
+  """Every reference step fits one demo turn (its update computes logits for that many positions per row) and its
+  row fits the demo's rollout and SFT lengths, so no reference is cut or skipped."""
+  from experiments import coding
+  from varft import sft_data
+  from varft.processing import chat
+  config = coding.get_config('demo')
+  steps = builders.load('mat_training/coding', manual_dir=demo.layout(demo_dir)['mat_dir'])
+  r = config.rollout
+  builder = sft_data.RowBuilder(chat.load_tokenizer(None), merge=2, min_pixels=r.image_min_pixels,
+                                max_pixels=r.image_max_pixels, max_tool_output_tokens=r.max_tool_output_tokens,
+                                think=config.sft.think)
+  for i in range(len(steps)):
+    prompt, row = builder.prompt(steps[i], with_context=True), builder.stepwise(steps[i])
+    assert len(row.tokens) - len(prompt.tokens) <= r.max_new_tokens, steps[i]['id']
+    assert len(prompt.tokens) + r.max_new_tokens <= min(r.max_total_tokens, max(r.length_buckets)), steps[i]['id']
+  trajectories = sft_data.ReferenceSource(steps, 'multiturn')
+  assert max(len(builder.multiturn(trajectories[i]).tokens) for i in range(len(trajectories))) <= max(
+      config.sft.length_buckets)

@@ -1,5 +1,8 @@
 """Supervised rows and loss: only the reference's assistant tokens carry loss, never prompt, tool or image tokens."""
 import io
+import json
+import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -225,3 +228,24 @@ def test_think_step_teaches_the_short_sentence_instead_of_gt(tokenizer):
                             think="step").stepwise(step)
   taught, _, _, _ = _split(tokenizer, row)
   assert taught == short + chat.IM_END
+
+
+def test_each_step_sentence_names_its_action_last_and_shares_no_word(tmp_path):
+  """A tiny model picks the action tag by copying the word just before `</think>`: each short think of the coding
+  steps ends with its action's name, no two share a word it could blend, and none starts with a word of the demo's
+  reference thinks (which the step's context holds)."""
+  from varft.data import demo
+  words = lambda text: re.findall(r"\w+", text.lower())
+  thinks = {}
+  for step in ("problem", "code", "answer"):
+    turn = sft_data.reference_turn({"solution": f"<{step}> x </{step}>"}, "step")
+    match = re.fullmatch(r"<think> (.*) </think>\n<(\w+)> x </\w+>", turn)
+    assert match and match.group(2) == step and words(match.group(1))[-1] == step, turn
+    thinks[step] = words(match.group(1))
+  for step, think in thinks.items():
+    assert not set(think) & set().union(*(set(w) for s, w in thinks.items() if s != step)), thinks
+  paths = demo.generate(str(tmp_path / "demo"))
+  with open(os.path.join(paths["mat_dir"], "MAT-Training", "rft_agent_code_1_2k.json")) as f:
+    contexts = [r.get("context", "") for r in json.load(f)]
+  context_words = set(words(" ".join(re.findall(r"<think>(.*?)</think>", " ".join(contexts)))))
+  assert not {think[0] for think in thinks.values()} & context_words, context_words
