@@ -90,7 +90,7 @@ def test_bad_config_values_fail_at_start_naming_the_key(tmp_path):
   config = echo.get_config()
   config.grpo.advantage = "mean"
   with pytest.raises(ValueError, match=r"config\.grpo\.advantage='mean'"):
-    train.Trainer(config, str(tmp_path))
+    train.setup(config, str(tmp_path))
   config = echo.get_config()
   config.rollout.num_samples = 0
   with pytest.raises(ValueError, match=r"config\.rollout\.num_samples=0 must be a positive integer"):
