@@ -199,6 +199,30 @@ def scored_completions(result: rollout_lib.RolloutResult, examples: Sequence[Map
   return rewards_lib.inject_gold(texts, [ex.get("gt") or "" for ex in examples], [t.group_id for t in transcripts], rng)
 
 
+MAX_SKIPPED_BATCHES = 10
+
+
+def rollout_next(engine, batches, params, rng, num_samples: int) -> tuple[list[dict], Any, int]:
+  """The rollouts of the next batch of `batches` that has an example the engine can prompt: a batch it rejects
+  whole (`SampleRejected`) is skipped, counted and logged. Returns (examples, result, batches skipped)."""
+  for skipped in range(MAX_SKIPPED_BATCHES):
+    examples = next(batches)
+    try:
+      return examples, engine.run(params, examples, rng, num_samples=num_samples), skipped
+    except SampleRejected as e:
+      logging.warning("Skipping a training batch: %s", e)
+      last = e
+  raise ValueError(f"{MAX_SKIPPED_BATCHES} training batches in a row could not be prompted (last: {last}); check "
+                   "config.rollout.max_total_tokens and the data") from last
+
+
+def tool_metrics(executor, kinds: Sequence[str]) -> dict[str, float]:
+  """The executor's counters since the last call, then reset (`ToolExecutor.stats`): calls, errors, timeouts and
+  latency per tool kind; the configured `kinds` count 0 on a step without calls (their curves have no gaps)."""
+  zeros = {f"tools/{kind}/{name}": 0.0 for kind in kinds for name in ("calls", "errors", "timeouts")}
+  return {**zeros, **{k: float(v) for k, v in executor.stats(reset=True).items()}}
+
+
 def _flat_stats(stats: Mapping[str, Any], prefix: str = "rollout/") -> dict[str, float]:
   out = {}
   for key, value in stats.items():
@@ -240,6 +264,7 @@ class AgentEnvironment:
       multihost_utils.sync_global_devices("varft_data_ready")
     tokenizer = chat.load_tokenizer(config.model.hf_dir or None)
     self.executor = ToolExecutor(tool_executor_config(config, self.paths, workdir))
+    self.tool_kinds = ("search",) * bool(config.tools.search.name) + ("code",) * bool(config.tools.use_code)
     self.mesh = mesh
     self.compute_dtype = jnp.dtype(model_cfg.dtype)
     self.rollout_mesh = sharding.rollout_mesh(mesh, sampling_tensor_parallel(config, model_cfg, self.compute_dtype))
@@ -276,18 +301,7 @@ class AgentEnvironment:
     gold_rng = np.random.default_rng(np.asarray(jax.random.key_data(jax.random.fold_in(rng, jax.process_index()))))
     params, rng = sharding.rollout_inputs(params, rng, self.mesh, self.rollout_mesh, self.compute_dtype)
     start = time.perf_counter()
-    skipped_batches = 0
-    while True:
-      examples = next(batches)
-      try:
-        result = self.engine.run(params, examples, rng, num_samples=self.num_samples)
-        break
-      except SampleRejected as e:  # not one example of the batch could be prompted: take the next batch
-        skipped_batches += 1
-        logging.warning("Skipping a training batch: %s", e)
-        if skipped_batches >= 10:
-          raise ValueError(f"10 training batches in a row could not be prompted (last: {e}); check "
-                           "config.rollout.max_total_tokens and the data") from e
+    examples, result, skipped_batches = rollout_next(self.engine, batches, params, rng, self.num_samples)
     rolled = time.perf_counter()
     by_row = [examples[_example_index(examples, t)] for t in result.transcripts]
     refs, step_types = references(by_row, self.mode)
@@ -315,7 +329,7 @@ class AgentEnvironment:
         "rollout/skipped_batches": float(skipped_batches),
         "rollout/reward_errors": float(reward_errors)
     })
-    stats.update(self.executor.stats(reset=True))  # the step's tool calls, failures, latency (`tools/...`)
+    stats.update(tool_metrics(self.executor, self.tool_kinds))
     if self.reward_options.gold_injection:
       stats.update({"rollout/gold_injected": float(injected.sum()), "rollout/gold_missing": float(gold_missing)})
     samples = [
@@ -331,7 +345,7 @@ class AgentEnvironment:
     params, rng = sharding.rollout_inputs(params, rng, self.mesh, self.rollout_mesh, self.compute_dtype)
     for name in self.config.eval.benchmarks:
       metrics.update(evaluate_benchmark(self, name, params, rng, out_dir))
-    metrics.update({f"eval/{k}": v for k, v in self.executor.stats(reset=True).items()})
+    metrics.update({f"eval/{k}": v for k, v in tool_metrics(self.executor, self.tool_kinds).items()})
     return metrics
 
   def close(self) -> None:

@@ -87,6 +87,8 @@ TASKS: dict[str, Callable[[], TaskSpec]] = {"agent": _agent, "echo": _echo}
 
 
 def get(name: str) -> TaskSpec:
+  """The task `name` (`config.task`); an unknown name is a `preflight.ConfigError` naming the known ones."""
   if name not in TASKS:
-    raise ValueError(f"config.task={name!r} is not one of {tuple(TASKS)}")
+    from varft.preflight import ConfigError
+    raise ConfigError(f"config.task={name!r} is not one of {tuple(TASKS)}")
   return TASKS[name]()

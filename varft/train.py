@@ -43,7 +43,6 @@ _CHOICES = {
     "sft.schedule": ("cosine", "linear", "constant"),
     "sft.think": ("gt", "step"),
     "plan_check": ("auto", "off"),
-    "task": tuple(environment.TASKS),
     "grpo.advantage": grpo.ADVANTAGE_MODES,
     "grpo.aggregation": grpo.AGGREGATION_MODES,
     "grpo.policy_loss": tuple(grpo.POLICY_LOSSES),
@@ -69,6 +68,7 @@ def _get(config: ml_collections.ConfigDict, dotted: str) -> Any:
 
 def validate(config: ml_collections.ConfigDict) -> None:
   """Fails at start, naming the key, on values the run would otherwise trip over later."""
+  environment.get(_get(config, "task"))
   for key, choices in _CHOICES.items():
     value = _get(config, key)
     if value not in choices:
