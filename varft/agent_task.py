@@ -248,6 +248,23 @@ def transcript_sample(transcript: rollout_lib.Transcript, example: Mapping[str, 
   }
 
 
+EVAL_PROMPTS = ("agent", "direct")
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """The agent task's part of `train.validate`: the engine configs of training and evaluation (their dataclasses'
+  own checks), the eval prompt, and the reward options that only step-wise training can use."""
+  from varft.eval import settings
+  rollout_config(config.rollout)
+  rollout_config(config.rollout, **settings.rollout_overrides(config))
+  if config.eval.get("prompt", "agent") not in EVAL_PROMPTS:
+    raise ValueError(f"config.eval.prompt={config.eval.prompt!r} is not one of {EVAL_PROMPTS}")
+  options = rewards_lib.options_from_config(config)
+  for key in ("skip_special_tokens", "gold_injection"):  # both read one turn's text against one reference step
+    if getattr(options, key) and config.rollout.mode != "stepwise":
+      raise ValueError(f"config.reward_options.{key} is for step-wise training (rollout.mode=stepwise)")
+
+
 class AgentEnvironment:
   """Training rollouts on `config.data.train` and evaluation on `config.eval.benchmarks` (`environment.Task`)."""
 
@@ -278,15 +295,10 @@ class AgentEnvironment:
       from varft.eval import direct
       self.eval_engine = direct.DirectAnswerEngine(model_cfg, tokenizer, eval_config, mesh=self.rollout_mesh,
                                                    max_new_tokens=config.eval.direct_max_new_tokens)
-    elif eval_prompt == "agent":
+    else:
       self.eval_engine = rollout_lib.RolloutEngine(model_cfg, tokenizer, self.executor, eval_config,
                                                    mesh=self.rollout_mesh)
-    else:
-      raise ValueError(f"config.eval.prompt={eval_prompt!r} is not one of ('agent', 'direct')")
     self.reward_options = rewards_lib.options_from_config(config)
-    for key in ("skip_special_tokens", "gold_injection"):  # both read one turn's text against one reference step
-      if getattr(self.reward_options, key) and self.mode != "stepwise":
-        raise ValueError(f"config.reward_options.{key} is for step-wise training (rollout.mode=stepwise)")
 
   def train_data(self):
     """The grain batches of `config.data.train` (`prompts_per_host` examples each; resumable)."""

@@ -68,7 +68,7 @@ def _get(config: ml_collections.ConfigDict, dotted: str) -> Any:
 
 def validate(config: ml_collections.ConfigDict) -> None:
   """Fails at start, naming the key, on values the run would otherwise trip over later."""
-  environment.get(_get(config, "task"))
+  task = environment.get(_get(config, "task"))
   for key, choices in _CHOICES.items():
     value = _get(config, key)
     if value not in choices:
@@ -108,6 +108,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.model.get("hf_dir") and not os.path.isdir(config.model.hf_dir):
     raise ConfigError(f"config.model.hf_dir={config.model.hf_dir!r} is not a folder: point it at a "
                       "downloaded Qwen2.5-VL checkpoint (config.json + *.safetensors)")
+  # The library configs check their own fields (GRPOConfig, the task's RolloutConfig, ...): built here, at start.
+  try:
+    grpo_config(config)
+    task.check_config(config)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
 
 
 def grpo_config(config: ml_collections.ConfigDict) -> grpo.GRPOConfig:

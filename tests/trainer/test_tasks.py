@@ -184,3 +184,18 @@ def test_the_step_metrics_carry_the_tasks_tool_counters(tmp_path, monkeypatch):
   assert [r["tools/search/wall_s_mean"] for r in rows] == [0.25, 0.25]
   assert json.loads((tmp_path / "config.json").read_text())["task"] == "recording"
   assert any(name.startswith("events.out.tfevents") for name in os.listdir(tmp_path / "tb"))
+
+
+def test_the_tasks_own_config_checks_run_at_start():
+  from experiments import search
+  config = search.get_config("demo")
+  config.rollout.length_buckets = (512,)  # below rollout.max_total_tokens: RolloutConfig's own check
+  with pytest.raises(preflight.ConfigError, match="largest length bucket 512 is below max_total_tokens 1024"):
+    train.validate(config)
+  config = search.get_config("demo,multiturn")
+  config.reward_options.gold_injection = True
+  with pytest.raises(preflight.ConfigError, match=r"config\.reward_options\.gold_injection is for step-wise"):
+    train.validate(config)
+  config = _echo()
+  config.rollout.length_buckets = (512,)  # the echo task has no rollout engine: nothing to check
+  train.validate(config)
