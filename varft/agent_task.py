@@ -252,9 +252,14 @@ EVAL_PROMPTS = ("agent", "direct")
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
-  """The agent task's part of `train.validate`: the engine configs of training and evaluation (their dataclasses'
-  own checks), the eval prompt, and the reward options that only step-wise training can use."""
+  """The agent task's part of `train.validate`: a pretrained checkpoint for the 3b / 7b presets, the engine configs
+  of training and evaluation (their dataclasses' own checks), the eval prompt, and the reward options that only
+  step-wise training can use."""
   from varft.eval import settings
+  size = config.model.name
+  if size in ("3b", "7b") and not config.model.hf_dir:
+    raise ValueError(f"config.model.hf_dir is empty: the {size} configs fine-tune a pretrained Qwen2.5-VL; "
+                     f"pass --config.model.hf_dir=/path/to/Qwen2.5-VL-{size.upper()}-Instruct")
   rollout_config(config.rollout)
   rollout_config(config.rollout, **settings.rollout_overrides(config))
   if config.eval.get("prompt", "agent") not in EVAL_PROMPTS:

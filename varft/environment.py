@@ -66,16 +66,19 @@ class Task(Protocol):
 class TaskSpec:
   """model_config: config -> the policy's Qwen25VLConfig (before `config.model`'s dtype/remat/attention);
   text_only: the policy has no vision tower and prompts carry no images; build: (config, model_cfg, mesh, workdir)
-  -> the Task; check_config: the task's part of `train.validate` (raises ValueError on a bad value)."""
+  -> the Task; references: its data has reference trajectories (a supervised warm-up can run); check_config: the
+  task's part of `train.validate` (raises ValueError on a bad value)."""
   model_config: Callable[[ml_collections.ConfigDict], Any]
   text_only: bool
   build: Callable[..., Task]
+  references: bool = False
   check_config: Callable[[ml_collections.ConfigDict], None] = lambda config: None
 
 
 def _agent() -> TaskSpec:
   from varft import agent_task
-  return TaskSpec(agent_task.model_config, False, agent_task.AgentEnvironment, agent_task.check_config)
+  return TaskSpec(agent_task.model_config, False, agent_task.AgentEnvironment, references=True,
+                  check_config=agent_task.check_config)
 
 
 def _echo() -> TaskSpec:

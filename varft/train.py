@@ -98,13 +98,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
                       f"{config.sft.batch_size}")
   if config.mode == "sft" and config.sft.steps < 1:
     raise ConfigError("config.mode=sft runs config.sft.steps supervised updates: set --config.sft.steps=N (N > 0)")
-  if config.sft.steps and config.task != "agent":
+  if config.sft.steps and not task.references:
+    supervised = tuple(name for name in environment.TASKS if environment.get(name).references)
     raise ConfigError(f"config.sft.steps={config.sft.steps}: the supervised phase needs reference trajectories "
-                      f"(config.task='agent'), not config.task={config.task!r}")
-  size = config.model.name
-  if config.task == "agent" and size in ("3b", "7b") and not config.model.hf_dir:
-    raise ConfigError(f"config.model.hf_dir is empty: the {size} configs fine-tune a pretrained Qwen2.5-VL; "
-                      f"pass --config.model.hf_dir=/path/to/Qwen2.5-VL-{size.upper()}-Instruct")
+                      f"(config.task in {supervised}), not config.task={config.task!r}")
   if config.model.get("hf_dir") and not os.path.isdir(config.model.hf_dir):
     raise ConfigError(f"config.model.hf_dir={config.model.hf_dir!r} is not a folder: point it at a "
                       "downloaded Qwen2.5-VL checkpoint (config.json + *.safetensors)")
