@@ -114,11 +114,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 
 def grpo_config(config: ml_collections.ConfigDict) -> grpo.GRPOConfig:
-  g = config.grpo
-  return grpo.GRPOConfig(beta=g.beta, eps_low=g.eps_low, eps_high=g.eps_high, advantage=g.advantage,
-                         aggregation=g.aggregation, policy_loss=g.policy_loss, tis_cap=g.tis_cap,
-                         temperature=config.rollout.temperature, micro_batches=g.micro_batches,
-                         logits_chunk=g.logits_chunk, train_vision=g.train_vision)
+  """`grpo.GRPOConfig` from every `config.grpo` key it has a field for, at the sampling temperature."""
+  fields = {f.name for f in dataclasses.fields(grpo.GRPOConfig)} - {"temperature"}
+  return grpo.GRPOConfig(**{
+      k: v for k, v in config.grpo.items() if k in fields
+  }, temperature=config.rollout.temperature)
 
 
 def make_optimizer(config: ml_collections.ConfigDict):
