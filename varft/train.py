@@ -193,7 +193,6 @@ class Run:
   batches: environment.TrainData
   plan: Any  # varft.plan's per-program plan, or None where skipped
   lr_fn: Callable[[int], Any]
-  optimizer: Any
   state_shardings: Any
   programs: dict[str, Callable[..., Any]]
   sft: Any  # varft.sft_phase.SupervisedPhase, or None without a supervised warm-up
@@ -271,8 +270,8 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> tuple[Run, dict[st
     checkpointer.close()  # drops the workdir lock now
     raise
   total_steps = sft_steps + (0 if config.mode == "sft" else config.total_steps)
-  run = Run(config, workdir, choices, checkpointer, mesh, model_cfg, gcfg, task, batches, plan, lr_fn, optimizer,
-            state_shardings, programs, sft, sft_steps, total_steps)
+  run = Run(config, workdir, choices, checkpointer, mesh, model_cfg, gcfg, task, batches, plan, lr_fn, state_shardings,
+            programs, sft, sft_steps, total_steps)
   return run, {"step": 0, "train": train_state, "reference": reference}
 
 
@@ -281,14 +280,12 @@ def _reference_checkpointer(run: Run) -> ckpt_lib.Checkpointer:
   return ckpt_lib.Checkpointer(os.path.join(run.workdir, "sft_reference"), max_to_keep=1, async_save=False)
 
 
-def restore(run: Run, state: dict[str, Any], step: int | None = None) -> dict[str, Any]:
-  """`state` resumed from the latest (or the given) complete checkpoint in the workdir; unchanged without one."""
+def restore(run: Run, state: dict[str, Any]) -> dict[str, Any]:
+  """`state` resumed from the latest complete checkpoint in the workdir; unchanged without one."""
   if run.checkpointer.latest_step() is None:
-    if step is not None:
-      raise FileNotFoundError(f"No checkpoint in {run.checkpointer.directory} to restore step {step} from")
     return state
   abstract = ckpt_lib.abstract_like(state["train"], run.state_shardings)
-  restored_step, train_state, data_state, _ = run.checkpointer.restore(abstract, step)
+  restored_step, train_state, data_state, _ = run.checkpointer.restore(abstract)
   mine = lambda hosts: (hosts or [{}])[min(jax.process_index(), len(hosts or [{}]) - 1)]
   if mine(data_state.get("hosts")):
     run.batches.set_state(mine(data_state.get("hosts")))
