@@ -2,6 +2,7 @@
 errors: a bad sample is skipped and counted, a bug propagates; the tool executor's counters per step."""
 import json
 import os
+import struct
 
 import jax
 import numpy as np
@@ -183,7 +184,20 @@ def test_the_step_metrics_carry_the_tasks_tool_counters(tmp_path, monkeypatch):
   rows = metrics_writer.read_metrics(str(tmp_path))
   assert [r["tools/search/wall_s_mean"] for r in rows] == [0.25, 0.25]
   assert json.loads((tmp_path / "config.json").read_text())["task"] == "recording"
-  assert any(name.startswith("events.out.tfevents") for name in os.listdir(tmp_path / "tb"))
+  assert "tools/search/calls" in _tensorboard_tags(tmp_path / "tb")
+
+
+def _tensorboard_tags(folder) -> set[str]:
+  """The summary tags in a TensorBoard folder's event files (TFRecord framing: length, crc, event, crc)."""
+  from tensorboardX.proto import event_pb2
+  tags = set()
+  for name in os.listdir(folder):
+    data, pos = (folder / name).read_bytes(), 0
+    while pos < len(data):
+      (length,) = struct.unpack("<Q", data[pos:pos + 8])
+      tags.update(v.tag for v in event_pb2.Event.FromString(data[pos + 12:pos + 12 + length]).summary.value)
+      pos += 12 + length + 4
+  return tags
 
 
 def test_the_tasks_own_config_checks_run_at_start():
