@@ -24,7 +24,8 @@ from varft import batch as batch_lib
 from varft import rewards as rewards_lib
 from varft import rollout as rollout_lib
 from varft import sharding
-from varft.environment import Experience
+from varft.environment import Experience, SampleRejected
+from varft.rewards import host as reward_host
 
 # Evaluation benchmarks: name -> (dataset, which manual dir holds it, split or None for the only one).
 BENCHMARKS = {
@@ -36,6 +37,13 @@ BENCHMARKS = {
     "bamboogle": ("multihop_qa/bamboogle", "flashrag_dir", "test"),
     "multihop_demo": ("multihop_qa/demo", "flashrag_dir", "test"),
 }
+
+
+def model_config(config: ml_collections.ConfigDict):
+  """The policy: the checkpoint's config.json (`model.hf_dir`) or the preset `model.name` (the task registry's
+  model config)."""
+  from varft.models.qwen25vl import config as model_config_lib
+  return model_config_lib.get_config(config.model.hf_dir or config.model.name)
 
 
 def data_paths(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
@@ -135,33 +143,43 @@ def references(examples: Sequence[Mapping[str, Any]], mode: str) -> tuple[list[d
   return [{"answers": list(ex.get("answers") or [])} for ex in examples], ["answer"] * len(examples)
 
 
+def reference_error(ref: Mapping[str, Any], index: int, task: str, step_type: str | None) -> SampleRejected | None:
+  """Why the reward ops cannot read reference `index` (`rewards.host.parse_reference`, a check of the data alone),
+  or None when they can."""
+  try:
+    reward_host.parse_reference(ref, task=task, index=index, step_type=step_type)
+  except ValueError as e:
+    return SampleRejected(str(e))
+  return None
+
+
 def score_rows(completions: Sequence[str], refs: Sequence[Mapping[str, Any]], config, step_types=None,
                tool_stats=None) -> tuple[np.ndarray, dict[str, np.ndarray], int]:
-  """`rewards.score_batch`, and when one row's reference cannot be scored, row by row: such rows get reward 0 and
-  are counted (a long run never dies on one bad sample). Returns (total, components, rows that failed)."""
-  try:
-    return (*rewards_lib.score_batch(completions, refs, config, step_types=step_types, tool_stats=tool_stats), 0)
-  except ValueError as e:
-    logging.warning("Scoring the batch failed (%s); scoring row by row", e)
+  """`rewards.score_batch` on the rows whose reference can be read; a row whose reference cannot (`reference_error`)
+  gets reward 0 and is counted and logged (a long run never dies on one bad sample). Any error of the scoring itself
+  propagates. Returns (total, components, rows rejected)."""
+  task = rewards_lib.options_from_config(config).task
   n = len(completions)
+  good = []
+  for i in range(n):
+    error = reference_error(refs[i], i, task, None if step_types is None else step_types[i])
+    if error is None:
+      good.append(i)
+    else:
+      logging.warning("Reward of row %d skipped: %s", i, error)
   total = np.zeros((n,), np.float32)
   components = {name: np.zeros((n,), np.float32) for name, _ in rewards_lib.reward_weights(config.rewards)}
-  errors = 0
-  for i in range(n):
-    try:
-      row_total, row_components = rewards_lib.score_batch([completions[i]], [refs[i]], config,
-                                                          step_types=None if step_types is None else [step_types[i]],
-                                                          tool_stats=None if tool_stats is None else {
-                                                              k: [v[i]] for k, v in tool_stats.items()
-                                                          })
-    except ValueError as e:
-      errors += 1
-      logging.warning("Reward of row %d skipped: %s", i, e)
-      continue
-    total[i] = row_total[0]
-    for name, values in row_components.items():
-      components[name][i] = values[0]
-  return total, components, errors
+  if good:
+    pick = lambda values: [values[i] for i in good]
+    good_total, good_components = rewards_lib.score_batch(
+        pick(completions), pick(refs), config, step_types=None if step_types is None else pick(step_types),
+        tool_stats=None if tool_stats is None else {
+            k: pick(v) for k, v in tool_stats.items()
+        })
+    total[good] = good_total
+    for name, values in good_components.items():
+      components[name][good] = values
+  return total, components, n - len(good)
 
 
 def scored_completions(result: rollout_lib.RolloutResult, examples: Sequence[Mapping[str, Any]],
@@ -179,6 +197,30 @@ def scored_completions(result: rollout_lib.RolloutResult, examples: Sequence[Map
   if not options.gold_injection:
     return texts, np.zeros((len(texts),), bool), 0
   return rewards_lib.inject_gold(texts, [ex.get("gt") or "" for ex in examples], [t.group_id for t in transcripts], rng)
+
+
+MAX_SKIPPED_BATCHES = 10
+
+
+def rollout_next(engine, batches, params, rng, num_samples: int) -> tuple[list[dict], Any, int]:
+  """The rollouts of the next batch of `batches` that has an example the engine can prompt: a batch it rejects
+  whole (`SampleRejected`) is skipped, counted and logged. Returns (examples, result, batches skipped)."""
+  for skipped in range(MAX_SKIPPED_BATCHES):
+    examples = next(batches)
+    try:
+      return examples, engine.run(params, examples, rng, num_samples=num_samples), skipped
+    except SampleRejected as e:
+      logging.warning("Skipping a training batch: %s", e)
+      last = e
+  raise ValueError(f"{MAX_SKIPPED_BATCHES} training batches in a row could not be prompted (last: {last}); check "
+                   "config.rollout.max_total_tokens and the data") from last
+
+
+def tool_metrics(executor, kinds: Sequence[str]) -> dict[str, float]:
+  """The executor's counters since the last call, then reset (`ToolExecutor.stats`): calls, errors, timeouts and
+  latency per tool kind; the configured `kinds` count 0 on a step without calls (their curves have no gaps)."""
+  zeros = {f"tools/{kind}/{name}": 0.0 for kind in kinds for name in ("calls", "errors", "timeouts")}
+  return {**zeros, **{k: float(v) for k, v in executor.stats(reset=True).items()}}
 
 
 def _flat_stats(stats: Mapping[str, Any], prefix: str = "rollout/") -> dict[str, float]:
@@ -206,11 +248,32 @@ def transcript_sample(transcript: rollout_lib.Transcript, example: Mapping[str, 
   }
 
 
-class AgentEnvironment:
-  """Training rollouts on `config.data.train` and evaluation on `config.eval.benchmarks`."""
+EVAL_PROMPTS = ("agent", "direct")
 
-  def __init__(self, config: ml_collections.ConfigDict, model_cfg, mesh, workdir: str, training: bool = True):
-    from varft.data import input_pipeline
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """The agent task's part of `train.validate`: a pretrained checkpoint for the 3b / 7b presets, the engine configs
+  of training and evaluation (their dataclasses' own checks), the eval prompt, and the reward options that only
+  step-wise training can use."""
+  from varft.eval import settings
+  size = config.model.name
+  if size in ("3b", "7b") and not config.model.hf_dir:
+    raise ValueError(f"config.model.hf_dir is empty: the {size} configs fine-tune a pretrained Qwen2.5-VL; "
+                     f"pass --config.model.hf_dir=/path/to/Qwen2.5-VL-{size.upper()}-Instruct")
+  rollout_config(config.rollout)
+  rollout_config(config.rollout, **settings.rollout_overrides(config))
+  if config.eval.get("prompt", "agent") not in EVAL_PROMPTS:
+    raise ValueError(f"config.eval.prompt={config.eval.prompt!r} is not one of {EVAL_PROMPTS}")
+  options = rewards_lib.options_from_config(config)
+  for key in ("skip_special_tokens", "gold_injection"):  # both read one turn's text against one reference step
+    if getattr(options, key) and config.rollout.mode != "stepwise":
+      raise ValueError(f"config.reward_options.{key} is for step-wise training (rollout.mode=stepwise)")
+
+
+class AgentEnvironment:
+  """Training rollouts on `config.data.train` and evaluation on `config.eval.benchmarks` (`environment.Task`)."""
+
+  def __init__(self, config: ml_collections.ConfigDict, model_cfg, mesh, workdir: str):
     from varft.processing import chat
     from varft.tools.executor import ToolExecutor
     self.config = config
@@ -223,6 +286,7 @@ class AgentEnvironment:
       multihost_utils.sync_global_devices("varft_data_ready")
     tokenizer = chat.load_tokenizer(config.model.hf_dir or None)
     self.executor = ToolExecutor(tool_executor_config(config, self.paths, workdir))
+    self.tool_kinds = ("search",) * bool(config.tools.search.name) + ("code",) * bool(config.tools.use_code)
     self.mesh = mesh
     self.compute_dtype = jnp.dtype(model_cfg.dtype)
     self.rollout_mesh = sharding.rollout_mesh(mesh, sampling_tensor_parallel(config, model_cfg, self.compute_dtype))
@@ -236,39 +300,25 @@ class AgentEnvironment:
       from varft.eval import direct
       self.eval_engine = direct.DirectAnswerEngine(model_cfg, tokenizer, eval_config, mesh=self.rollout_mesh,
                                                    max_new_tokens=config.eval.direct_max_new_tokens)
-    elif eval_prompt == "agent":
+    else:
       self.eval_engine = rollout_lib.RolloutEngine(model_cfg, tokenizer, self.executor, eval_config,
                                                    mesh=self.rollout_mesh)
-    else:
-      raise ValueError(f"config.eval.prompt={eval_prompt!r} is not one of ('agent', 'direct')")
     self.reward_options = rewards_lib.options_from_config(config)
-    for key in ("skip_special_tokens", "gold_injection"):  # both read one turn's text against one reference step
-      if getattr(self.reward_options, key) and self.mode != "stepwise":
-        raise ValueError(f"config.reward_options.{key} is for step-wise training (rollout.mode=stepwise)")
-    self.batches = None  # evaluation only: no training data needed
-    if training:
-      d = config.data
-      source = _load(d.train, d.train_split or None, self.paths[_manual_dir_key(d.train)], d.tfds_dir)
-      self.batches = input_pipeline.batches(source, batch_size=self.prompts_per_host, seed=config.seed,
-                                            transform=resizer(d.resize))
 
-  def collect(self, params, rng) -> Experience:
+  def train_data(self):
+    """The grain batches of `config.data.train` (`prompts_per_host` examples each; resumable)."""
+    from varft.data import input_pipeline
+    d = self.config.data
+    source = _load(d.train, d.train_split or None, self.paths[_manual_dir_key(d.train)], d.tfds_dir)
+    return input_pipeline.batches(source, batch_size=self.prompts_per_host, seed=self.config.seed,
+                                  transform=resizer(d.resize))
+
+  def collect(self, params, rng, batches) -> Experience:
     """One step's rollouts on this host's next prompts, scored."""
     gold_rng = np.random.default_rng(np.asarray(jax.random.key_data(jax.random.fold_in(rng, jax.process_index()))))
     params, rng = sharding.rollout_inputs(params, rng, self.mesh, self.rollout_mesh, self.compute_dtype)
     start = time.perf_counter()
-    skipped_batches = 0
-    while True:
-      examples = next(self.batches)
-      try:
-        result = self.engine.run(params, examples, rng, num_samples=self.num_samples)
-        break
-      except ValueError as e:  # not one example of the batch could be prompted: take the next batch
-        skipped_batches += 1
-        logging.warning("Skipping a training batch: %s", e)
-        if skipped_batches >= 10:
-          raise ValueError(f"10 training batches in a row could not be prompted (last: {e}); check "
-                           "config.rollout.max_total_tokens and the data") from e
+    examples, result, skipped_batches = rollout_next(self.engine, batches, params, rng, self.num_samples)
     rolled = time.perf_counter()
     by_row = [examples[_example_index(examples, t)] for t in result.transcripts]
     refs, step_types = references(by_row, self.mode)
@@ -296,6 +346,7 @@ class AgentEnvironment:
         "rollout/skipped_batches": float(skipped_batches),
         "rollout/reward_errors": float(reward_errors)
     })
+    stats.update(tool_metrics(self.executor, self.tool_kinds))
     if self.reward_options.gold_injection:
       stats.update({"rollout/gold_injected": float(injected.sum()), "rollout/gold_missing": float(gold_missing)})
     samples = [
@@ -311,14 +362,12 @@ class AgentEnvironment:
     params, rng = sharding.rollout_inputs(params, rng, self.mesh, self.rollout_mesh, self.compute_dtype)
     for name in self.config.eval.benchmarks:
       metrics.update(evaluate_benchmark(self, name, params, rng, out_dir))
+    metrics.update({f"eval/{k}": v for k, v in tool_metrics(self.executor, self.tool_kinds).items()})
     return metrics
 
-  def data_state(self) -> dict[str, Any]:
-    return self.batches.get_state() if self.batches is not None else {}
-
-  def restore_data_state(self, state: dict[str, Any]) -> None:
-    if state and self.batches is not None:
-      self.batches.set_state(state)
+  def close(self) -> None:
+    """Stops the tool executor's workers and its sandbox."""
+    self.executor.close()
 
 
 def _example_index(examples: Sequence[Mapping[str, Any]], transcript: rollout_lib.Transcript) -> int:

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from varft.processing import image as image_lib
+
 
 def base_config() -> ml_collections.ConfigDict:
   """The defaults; a key missing here cannot be overridden from the command line."""
@@ -98,8 +100,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.rollout.length_buckets = (256, 512, 1024, 2048, 4096)
   c.rollout.chunk_buckets = (32, 64, 128, 256, 512, 1024)
   c.rollout.patch_buckets = (1024, 4096, 16384)
-  c.rollout.image_min_pixels = 4 * 28 * 28
-  c.rollout.image_max_pixels = 401408  # the paper's max_pixels
+  c.rollout.image_min_pixels = image_lib.DEFAULT_MIN_PIXELS
+  c.rollout.image_max_pixels = image_lib.PAPER_MAX_PIXELS
   c.rollout.system_prompt = "auto"
   c.rollout.stop_at = "closing_tag"  # closing_tag (stop at the first </search>, </code>, ...) | eos (the released code)
   c.rollout.repetition_penalty = 1.0  # transformers' semantics over each row's context; 1 = off
@@ -169,135 +171,18 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
-def agent_config(arg: str, experiment: str) -> tuple[ml_collections.ConfigDict, str, str]:
-  """Base config of an agent experiment from its `size[,mode][,paper]` argument: (config, size, mode).
+AGENT_SIZES = ("demo", "3b", "7b")
+AGENT_MODES = ("stepwise", "multiturn")
 
-  `paper` (step-wise only) sets `config.paper`: behave as the released Visual-ARFT code does where it differs.
-  """
+
+def parse_agent_arg(arg: str, experiment: str) -> tuple[str, str, bool]:
+  """(size, mode, paper) of an agent experiment's `size[,stepwise|multiturn][,paper]` argument (mode default:
+  stepwise; `paper`, step-wise only: behave as the released Visual-ARFT code does where it differs)."""
   size, *options = arg.split(",")
   paper = "paper" in options
   modes = [o for o in options if o != "paper"]
   mode = modes[0] if modes else "stepwise"
-  if (size not in ("demo", "3b", "7b") or len(modes) > 1 or mode not in ("stepwise", "multiturn") or
-      (paper and mode != "stepwise")):
+  if size not in AGENT_SIZES or len(modes) > 1 or mode not in AGENT_MODES or (paper and mode != "stepwise"):
     raise ValueError(f"{experiment}: arg {arg!r} must be demo|3b|7b[,stepwise|multiturn][,paper] "
                      "(paper: step-wise only)")
-  c = base_config()
-  c.task = "agent"
-  c.rollout.mode = mode
-  c.paper = paper
-  return c, size, mode
-
-
-def apply_paper_recipe(c: ml_collections.ConfigDict, size: str, mode: str) -> None:
-  """The paper's training recipe (Visual-ARFT scripts, 8 GPUs) on the 3b / 7b presets: G=8, 1 prompt per GPU x 2
-  accumulation steps (16 prompts per update), beta 0.04, lr 1e-6 (AdamW with HF defaults: linear decay, no warm-up,
-  clip 1.0), bf16 + gradient checkpointing, max_pixels 401408 with inputs resized to 720x720, mu = 1."""
-  c.model.name = size
-  c.model.dtype = "bfloat16"
-  c.model.param_dtype = "float32"
-  c.model.remat = True
-  c.checkpoint_every = 100
-  c.samples_every = 20
-  c.grpo.beta = 0.04
-  c.grpo.epochs = 1
-  c.grpo.micro_batches = 16
-  c.optim.learning_rate = 1e-6
-  c.optim.schedule = "linear"
-  c.optim.warmup_steps = 0
-  c.rollout.prompts_per_host = 16
-  c.rollout.num_samples = 8
-  c.rollout.temperature = 1.0
-  c.rollout.top_k = 50 if c.paper else 0  # the released trainer samples with transformers' default top-k 50
-  if c.paper:
-    apply_paper_setting(c)
-  c.rollout.max_new_tokens = 256 if mode == "stepwise" else 512
-  c.rollout.max_total_tokens = 4096
-  c.rollout.image_max_pixels = 401408
-  c.data.resize = 720
-  c.reward_options.query_similarity = "minilm"
-  c.mesh = {"data": 1, "fsdp": -1, "tensor": 1}
-  if c.paper:
-    apply_paper_eval(c)
-
-
-def apply_paper_eval(c: ml_collections.ConfigDict) -> None:
-  """The released eval scripts (evaluation_*_visual_arft.py) for `c.reward_options.task`: every turn one rebuilt
-  user message, their turn rules, generation to EOS (2048 new tokens for search, 1024 for coding; 5 turns), greedy
-  with the checkpoint generation config's repetition penalty 1.05, images at their aspect ratio through
-  qwen-vl-utils and the checkpoint's processor, the crop override (coding), Serper's top 4 snippets rendered as
-  those scripts do (search)."""
-  coding = c.reward_options.task == "coding"
-  c.eval.layout = "single_turn"
-  c.eval.agent_rules = "paper"
-  c.eval.stop_at = "eos"
-  c.eval.repetition_penalty = 1.05
-  c.eval.temperature = 0.0
-  c.eval.max_turns = 5
-  c.eval.max_new_tokens = 1024 if coding else 2048
-  c.eval.max_total_tokens = 16384  # the scripts have no bound; longer chains end as max_tokens (counted)
-  c.eval.crop_override = coding
-  c.eval.image_prefit = True
-  c.eval.image_max_pixels = -1
-  c.eval.resize = 0
-  c.tools.topk = 4
-  c.tools.search_format = "paper_exact"
-  if not coding:
-    c.tools.search.name = "serper"
-
-
-def apply_paper_setting(c: ml_collections.ConfigDict) -> None:
-  """Where the released Visual-ARFT trainers differ from varft's defaults, for both tasks (the task's own parts are in
-  experiments/*.py; every remaining difference is in the README's "Paper setting"):
-  - the policy term exp(logp - sg(logp)) A: REINFORCE with the group baseline, never clipped;
-  - samples run to EOS (or max_new_tokens), not to the first closing tag, so <|im_end|> is sampled and trained;
-  - they are scored decoded without special tokens, by the fullmatch format rules, so any text after the action
-    (which a closing-tag stop never lets through) costs the format reward.
-  """
-  c.grpo.policy_loss = "reinforce"
-  c.rollout.stop_at = "eos"  # varft.rollout.RolloutConfig.stop_at: closing_tag | eos
-  c.reward_options.skip_special_tokens = True
-
-
-def apply_demo(c: ml_collections.ConfigDict) -> None:
-  """The tiny model on the embedded demo: a supervised warm-up on the reference steps, then GRPO; finishes on 2 CPU
-  cores in a few minutes. The tiny model learns the format and the tool calls, not to read the images."""
-  c.data.demo = True
-  c.model.name = "tiny"
-  c.model.dtype = "float32"
-  c.model.remat = False
-  # Dense XLA attention: at 16 rows x 1024 tokens x 4 heads its scores are small, and on CPU it is ~2.5x faster
-  # (forward + backward) than the chunked online softmax `auto` picks there (benchmarks/demo_update_profile.py).
-  c.model.attention = "dot_product"
-  # A random 10M model needs ~100 updates to write the template in order: many small, short batches.
-  c.sft.steps = 150
-  c.sft.batch_size = 2
-  c.sft.learning_rate = 1.5e-2
-  c.sft.warmup_steps = 10
-  c.sft.schedule = "cosine"  # annealing to 0 brings the last loss down: the tags come out right more often
-  c.sft.think = "step"  # the gt thinks describe the image, which the tiny model cannot read
-  c.sft.length_buckets = (768,)  # the longest demo reference (a two-hop answer step) is ~760 tokens
-  c.total_steps = 16  # GRPO steps after the warm-up
-  c.checkpoint_every = 80
-  c.samples_every = 10
-  c.eval_every = 1000  # at the end only
-  c.export_hf = True
-  c.grpo.beta = 0.0  # a few RL steps from the warmed-up policy: no KL anchor, no reference forward pass
-  c.optim.learning_rate = 1e-3
-  c.optim.schedule = "constant"
-  c.rollout.prompts_per_host = 4  # 16 rollouts per step: a step's mean reward is not just which prompts came up
-  c.rollout.num_samples = 4
-  c.rollout.temperature = 0.5  # the warmed-up tiny model writes the format at 0.5 more often than not
-  c.rollout.max_turns = 2
-  c.rollout.max_new_tokens = 40
-  c.rollout.max_total_tokens = 1024
-  c.rollout.max_tool_output_tokens = 96
-  c.rollout.length_buckets = (1024,)
-  c.rollout.chunk_buckets = (128,)
-  c.rollout.patch_buckets = (1024,)
-  c.rollout.image_max_pixels = 112 * 112  # 16 image tokens: the tiny model cannot read images anyway
-  c.tools.code.prewarm = False
-  c.samples_per_step = 4
-  c.eval.num_prompts = 8
-  c.eval.batch_size = 4
-  c.eval.max_turns = 2
+  return size, mode, paper

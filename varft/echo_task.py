@@ -13,6 +13,7 @@ import time
 from typing import Any
 
 import jax
+import ml_collections
 import numpy as np
 
 from varft import batch as batch_lib
@@ -34,8 +35,36 @@ def model_config(vocab_size: int = 16, hidden_size: int = 32, num_layers: int = 
   return Qwen25VLConfig(text=text, vision=vision)
 
 
+def config_model(config: ml_collections.ConfigDict) -> Qwen25VLConfig:
+  """The echo policy of `config.model.echo` (the task registry's model config)."""
+  return model_config(**dict(config.model.get("echo", {})))
+
+
+class EchoPrompts:
+  """The training prompts: a counter of prompts shown so far, `prompts_per_host` more each step (resumable)."""
+
+  def __init__(self, prompts_per_host: int):
+    self.prompts_per_host = prompts_per_host
+    self.next_prompt = 0
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> int:
+    """The index of the step's first prompt."""
+    first = self.next_prompt
+    self.next_prompt += self.prompts_per_host
+    return first
+
+  def get_state(self) -> dict[str, Any]:
+    return {"next_prompt": self.next_prompt}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    self.next_prompt = int(state.get("next_prompt", 0))
+
+
 class EchoEnvironment:
-  """Prompts `prompts_per_host` shown tokens per step, G samples each; resumable by its prompt counter."""
+  """Prompts `prompts_per_host` shown tokens per step, G samples each (`varft.environment.Task`)."""
 
   def __init__(self, model_cfg: Qwen25VLConfig, mesh, prompts_per_host: int, num_samples: int, temperature: float = 1.0,
                seed: int = 0, eval_prompts: int = 64, tensor_parallel: int = 1):
@@ -47,7 +76,6 @@ class EchoEnvironment:
     self.temperature = temperature
     self.seed = seed
     self.eval_prompts = eval_prompts
-    self._next_prompt = 0
     # One stop pattern that no token can fill (no token carries its bit): answers end by length only.
     no_stops = sampling.StopTable(np.zeros((model_cfg.text.vocab_size,), np.int32), np.ones((1, 1), np.int32),
                                   ("<never>",))
@@ -56,6 +84,17 @@ class EchoEnvironment:
                                  sampling.SamplingConfig(0.0 if greedy else temperature, max_new_tokens=1, eos_ids=()),
                                  no_stops, mesh=self.rollout_mesh) for greedy in (False, True)
     }
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict, model_cfg: Qwen25VLConfig, mesh,
+                  workdir: str) -> EchoEnvironment:
+    del workdir  # the echo task writes nothing
+    r = config.rollout
+    return cls(model_cfg, mesh, r.prompts_per_host, r.num_samples, temperature=r.temperature, seed=config.seed,
+               eval_prompts=config.eval.num_prompts)
+
+  def train_data(self) -> EchoPrompts:
+    return EchoPrompts(self.prompts_per_host)
 
   def _shown_tokens(self, start: int, count: int, salt: int) -> np.ndarray:
     host_rng = np.random.default_rng([self.seed, salt, jax.process_index(), start])
@@ -83,10 +122,9 @@ class EchoEnvironment:
     batch = batch_lib.assemble(trajectories, {}, num_rows=n, num_samples=num_samples, num_devices=1, length=4)
     return batch, (answer == shown).astype(np.float32)
 
-  def collect(self, params, rng) -> Experience:
+  def collect(self, params, rng, batches: EchoPrompts) -> Experience:
     start = time.perf_counter()
-    shown = np.repeat(self._shown_tokens(self._next_prompt, self.prompts_per_host, 0), self.num_samples)
-    self._next_prompt += self.prompts_per_host
+    shown = np.repeat(self._shown_tokens(next(batches), self.prompts_per_host, 0), self.num_samples)
     batch, rewards = self._rollout(params, shown, rng, greedy=False, num_samples=self.num_samples)
     rollout_s = time.perf_counter() - start
     samples = [{
@@ -104,8 +142,5 @@ class EchoEnvironment:
     _, correct = self._rollout(params, shown, rng, greedy=True)
     return {"eval/accuracy": float(correct.mean())}
 
-  def data_state(self) -> dict[str, Any]:
-    return {"next_prompt": self._next_prompt}
-
-  def restore_data_state(self, state: dict[str, Any]) -> None:
-    self._next_prompt = int(state.get("next_prompt", 0))
+  def close(self) -> None:
+    """Nothing to release: the echo task starts no tools."""

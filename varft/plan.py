@@ -48,7 +48,7 @@ from jax.sharding import NamedSharding
 import numpy as np
 
 from varft import batch as batch_lib
-from varft import grpo, sampling, sharding, train
+from varft import environment, grpo, sampling, sharding, train
 from varft.models.qwen25vl import model as qwen_model
 from varft.plan_flops import program_flops
 from varft.plan_hlo import hlo_buffers
@@ -107,7 +107,7 @@ def recipe(config, prompt_len: int = 1024, train_len: int = 0, cache_len: int = 
   r = config.rollout
   prompt = sampling.bucket(min(prompt_len, r.max_total_tokens - r.max_new_tokens), r.length_buckets)
   grid = None
-  if config.task != "echo" and with_images:
+  if not environment.get(config.task).text_only and with_images:
     side = config.data.resize or int(r.image_max_pixels ** 0.5)
     h, w = image_lib.smart_resize(side, side, min_pixels=r.image_min_pixels, max_pixels=r.image_max_pixels)
     grid = (1, h // 14, w // 14)
@@ -164,7 +164,8 @@ def abstract_state(config, model_cfg, optimizer, mesh):
   """(train state, reference params) as sharded abstract arrays (params in `model.param_dtype`, the frozen
   reference in the compute dtype, as the trainer keeps it)."""
   dtype = jnp.dtype(config.model.param_dtype)
-  params = jax.eval_shape(lambda: train.init_params(model_cfg, jax.random.key(0), config.task == "echo", dtype))
+  params = jax.eval_shape(lambda: train.init_params(model_cfg, jax.random.key(0),
+                                                    environment.get(config.task).text_only, dtype))
   state = jax.eval_shape(lambda p: grpo.init_train_state(p, optimizer), params)
   state = _abstract(state, sharding.tree_shardings(state, mesh))
   ref = None
@@ -176,8 +177,8 @@ def abstract_state(config, model_cfg, optimizer, mesh):
 
 def rollout_tensor_parallel(config, model_cfg, devices, memory_bytes: int | None) -> int:
   """`rollout.tensor_parallel` resolved as the agent task resolves it (over this host's devices), for devices of
-  `memory_bytes` each; the echo task samples from replicas."""
-  if config.task == "echo":
+  `memory_bytes` each; a text-only task (echo) samples from replicas."""
+  if environment.get(config.task).text_only:
     return 1
   dtype = jnp.dtype(model_cfg.dtype)
   shapes = jax.eval_shape(lambda: train.init_params(model_cfg, jax.random.key(0), False, dtype))

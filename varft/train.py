@@ -1,19 +1,22 @@
-"""The GRPO training loop: rollouts -> rewards -> group advantages -> mu sharded updates; checkpoints, metrics.
+"""The training loop, read top to bottom: `setup` builds a run, `train` steps it; the state is a plain pytree.
 
-    state = init or resume (params, AdamW state, step; data position)
-    for step:
-      experience = env.collect(params, rng_step)          # host: sampler + tools + rewards, this host's rows
-      batch = to_devices(experience)                      # global arrays (varft.batch), rows over (data, fsdp)
-      advantages = group_advantages(rewards)              # device, over the global groups
-      ref_logps = logps(ref_params, batch)                # frozen reference (beta > 0)
-      for epoch in range(mu): state = train_step(state, batch)   # old log-probs = the sampler's
-      log / samples / eval / checkpoint
+    run, state = setup(config, workdir)     # checks, workdir lock, mesh, task (data, tools), params, jitted programs
+    state = restore(run, state)             # the latest checkpoint, if any
+    while state["step"] < run.total_steps:
+      state, metrics, samples = train_step(run, state)   # SFT warm-up steps (varft.sft_phase), then GRPO steps:
+        experience = task.collect(params, rng_step, batches)   # host: sampler + tools + rewards, this host's rows
+        batch = to_devices(experience)                         # global arrays (varft.batch), rows over (data, fsdp)
+        advantages, ref_logps -> mu jitted updates (varft.grpo)  # old log-probs = the sampler's
+      eval / log / samples / checkpoint
 
-Per-step randomness is `fold_in(seed, step)`, and the data position is checkpointed, so a resumed run repeats the
-uninterrupted run exactly.
+`state` is {"step": int, "train": grpo.TrainState, "reference": frozen reference params or None}. Per-step
+randomness is `fold_in(seed, step)`, and the data position is checkpointed, so a resumed run repeats the
+uninterrupted run exactly. Tasks come by name from `varft.environment.TASKS`.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+import dataclasses
 import functools
 import os
 import sys
@@ -28,7 +31,7 @@ import numpy as np
 
 from varft import batch as batch_lib
 from varft import checkpoint as ckpt_lib
-from varft import console, grpo, metrics_writer, preflight, sharding
+from varft import console, environment, grpo, metrics_writer, preflight, sharding
 from varft.models.qwen25vl import config as model_config_lib
 from varft.models.qwen25vl import text as text_model
 from varft.preflight import ConfigError
@@ -40,7 +43,6 @@ _CHOICES = {
     "sft.schedule": ("cosine", "linear", "constant"),
     "sft.think": ("gt", "step"),
     "plan_check": ("auto", "off"),
-    "task": ("echo", "agent"),
     "grpo.advantage": grpo.ADVANTAGE_MODES,
     "grpo.aggregation": grpo.AGGREGATION_MODES,
     "grpo.policy_loss": tuple(grpo.POLICY_LOSSES),
@@ -66,6 +68,7 @@ def _get(config: ml_collections.ConfigDict, dotted: str) -> Any:
 
 def validate(config: ml_collections.ConfigDict) -> None:
   """Fails at start, naming the key, on values the run would otherwise trip over later."""
+  task = environment.get(_get(config, "task"))
   for key, choices in _CHOICES.items():
     value = _get(config, key)
     if value not in choices:
@@ -95,24 +98,27 @@ def validate(config: ml_collections.ConfigDict) -> None:
                       f"{config.sft.batch_size}")
   if config.mode == "sft" and config.sft.steps < 1:
     raise ConfigError("config.mode=sft runs config.sft.steps supervised updates: set --config.sft.steps=N (N > 0)")
-  if config.sft.steps and config.task != "agent":
+  if config.sft.steps and not task.references:
+    supervised = tuple(name for name in environment.TASKS if environment.get(name).references)
     raise ConfigError(f"config.sft.steps={config.sft.steps}: the supervised phase needs reference trajectories "
-                      f"(config.task='agent'), not config.task={config.task!r}")
-  size = config.model.name
-  if config.task == "agent" and size in ("3b", "7b") and not config.model.hf_dir:
-    raise ConfigError(f"config.model.hf_dir is empty: the {size} configs fine-tune a pretrained Qwen2.5-VL; "
-                      f"pass --config.model.hf_dir=/path/to/Qwen2.5-VL-{size.upper()}-Instruct")
+                      f"(config.task in {supervised}), not config.task={config.task!r}")
   if config.model.get("hf_dir") and not os.path.isdir(config.model.hf_dir):
     raise ConfigError(f"config.model.hf_dir={config.model.hf_dir!r} is not a folder: point it at a "
                       "downloaded Qwen2.5-VL checkpoint (config.json + *.safetensors)")
+  # The library configs check their own fields (GRPOConfig, the task's RolloutConfig, ...): built here, at start.
+  try:
+    grpo_config(config)
+    task.check_config(config)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
 
 
 def grpo_config(config: ml_collections.ConfigDict) -> grpo.GRPOConfig:
-  g = config.grpo
-  return grpo.GRPOConfig(beta=g.beta, eps_low=g.eps_low, eps_high=g.eps_high, advantage=g.advantage,
-                         aggregation=g.aggregation, policy_loss=g.policy_loss, tis_cap=g.tis_cap,
-                         temperature=config.rollout.temperature, micro_batches=g.micro_batches,
-                         logits_chunk=g.logits_chunk, train_vision=g.train_vision)
+  """`grpo.GRPOConfig` from every `config.grpo` key it has a field for, at the sampling temperature."""
+  fields = {f.name for f in dataclasses.fields(grpo.GRPOConfig)} - {"temperature"}
+  return grpo.GRPOConfig(**{
+      k: v for k, v in config.grpo.items() if k in fields
+  }, temperature=config.rollout.temperature)
 
 
 def make_optimizer(config: ml_collections.ConfigDict):
@@ -124,11 +130,7 @@ def make_optimizer(config: ml_collections.ConfigDict):
 
 def model_config(config: ml_collections.ConfigDict) -> model_config_lib.Qwen25VLConfig:
   m = config.model
-  if config.task == "echo":
-    from varft import echo_task
-    base = echo_task.model_config(**dict(m.get("echo", {})))
-  else:
-    base = model_config_lib.get_config(m.hf_dir or m.name)
+  base = environment.get(config.task).model_config(config)
   return base.replace(dtype=m.dtype, remat=m.remat, attention=m.attention)
 
 
@@ -144,12 +146,13 @@ def load_params(config, model_cfg, mesh) -> dict:
   param_dtype = jnp.dtype(config.model.param_dtype)
   if config.model.get("hf_dir"):
     from varft.models.qwen25vl import hf
-    text_only = config.task == "echo"
+    text_only = environment.get(config.task).text_only
     abstract = jax.eval_shape(lambda: init_params(model_cfg, jax.random.key(0), text_only, param_dtype))
     _, params = hf.load_pretrained(config.model.hf_dir, dtype=param_dtype, mesh=mesh,
                                    shardings=sharding.tree_shardings(abstract, mesh))
     return params
-  init = functools.partial(init_params, model_cfg, text_only=config.task == "echo", param_dtype=param_dtype)
+  init = functools.partial(init_params, model_cfg, text_only=environment.get(config.task).text_only,
+                           param_dtype=param_dtype)
   rng = jax.random.key(config.model.init_seed)
   shardings = sharding.tree_shardings(jax.eval_shape(init, rng), mesh)
   return jax.jit(init, out_shardings=shardings)(rng)
@@ -173,225 +176,279 @@ def loss_slots(loss_mask, minimum: int) -> int:
   return max(minimum, *sharding.gather_json(grpo.row_loss_token_bucket(loss_mask)))
 
 
-def make_environment(config, model_cfg, mesh, workdir: str, training: bool = True):
-  if config.task == "echo":
-    from varft import echo_task
-    return echo_task.EchoEnvironment(model_cfg, mesh, config.rollout.prompts_per_host, config.rollout.num_samples,
-                                     temperature=config.rollout.temperature, seed=config.seed,
-                                     eval_prompts=config.eval.num_prompts)
-  from varft import agent_task
-  return agent_task.AgentEnvironment(config, model_cfg, mesh, workdir, training=training)
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """What `setup` builds once for a training run (the state that changes is passed alongside, see the module doc).
+
+  programs: the jitted device programs by name (advantages, logps, prepare, update, reset, reference).
+  """
+  config: ml_collections.ConfigDict
+  workdir: str
+  choices: dict[str, Any]  # preflight's resolved optional parts
+  checkpointer: ckpt_lib.Checkpointer
+  mesh: jax.sharding.Mesh
+  model_cfg: model_config_lib.Qwen25VLConfig
+  gcfg: grpo.GRPOConfig
+  task: environment.Task
+  batches: environment.TrainData
+  plan: Any  # varft.plan's per-program plan, or None where skipped
+  lr_fn: Callable[[int], Any]
+  state_shardings: Any
+  programs: dict[str, Callable[..., Any]]
+  sft: Any  # varft.sft_phase.SupervisedPhase, or None without a supervised warm-up
+  sft_steps: int
+  total_steps: int
 
 
-class Trainer:
-  """Holds the mesh, jitted functions, state and environment of one run (`run()` trains to the end)."""
+def make_programs(config, model_cfg, gcfg, mesh, optimizer, state_shardings,
+                  params_shardings) -> dict[str, Callable[..., Any]]:
+  """The run's jitted device programs: the update itself lives in `varft.grpo`."""
+  num_groups = config.rollout.prompts_per_host * jax.process_count()
+  replicated = sharding.replicated(mesh)
+  return {
+      "advantages": jax.jit(functools.partial(grpo.group_advantages, num_groups=num_groups, mode=gcfg.advantage)),
+      "logps": jax.jit(grpo.make_logps_fn(model_cfg, gcfg, mesh), static_argnames="row_loss_tokens"),
+      "prepare": jax.jit(functools.partial(grpo.prepare_batch, gcfg=gcfg)),
+      "update": jax.jit(grpo.make_train_step(model_cfg, gcfg, optimizer,
+                                             mesh), out_shardings=(state_shardings, replicated), donate_argnums=0,
+                        static_argnames="row_loss_tokens"),
+      # Fresh optimizer moments on GRPO's schedule (after the supervised phase).
+      "reset": jax.jit(lambda state: grpo.init_train_state(state["params"], optimizer), out_shardings=state_shardings,
+                       donate_argnums=0),
+      # The frozen reference: separate buffers (the train state is donated every step), in the compute dtype (every
+      # use casts it there anyway, so its log-probs are unchanged at half the memory).
+      "reference": jax.jit(lambda p: grpo.compute_params(p, model_cfg), out_shardings=params_shardings),
+  }
 
-  def __init__(self, config: ml_collections.ConfigDict, workdir: str, training: bool = True):
-    validate(config)
-    self.choices = preflight.check(config)
-    self.config, self.workdir = config, workdir
-    # Before any weights load: a training run locks its workdir and refuses checkpoints of another recipe.
-    self.checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints,
-                                              async_save=config.async_checkpoints,
-                                              fingerprint=ckpt_lib.fingerprint(config) if training else None,
-                                              resume=config.resume,
-                                              lock=ckpt_lib.lock_workdir(workdir) if training else None,
-                                              keep_steps=config.keep_checkpoint_steps)
-    self.mesh = sharding.make_mesh(dict(config.mesh))
-    self.model_cfg = model_config(config)
-    self.gcfg = grpo_config(config)
-    self.optimizer, self.lr_fn = make_optimizer(config)
-    # Data, tools and the sandbox start before the weights load: a run that cannot work fails in seconds.
-    self.env = make_environment(config, self.model_cfg, self.mesh, workdir, training)
-    self.plan = check_plan(config, self.mesh) if training else None
-    params = load_params(config, self.model_cfg, self.mesh)
-    state_shapes = jax.eval_shape(lambda p: grpo.init_train_state(p, self.optimizer), params)
-    self.state_shardings = sharding.tree_shardings(state_shapes, self.mesh)
-    self.state = jax.jit(lambda p: grpo.init_train_state(p, self.optimizer), out_shardings=self.state_shardings)(params)
-    # The frozen reference is the initial policy (separate buffers: the train state is donated every step), kept in
-    # the compute dtype: every use casts it there anyway, so its log-probs are unchanged at half the memory.
-    self.ref_params = None
-    if self.gcfg.beta > 0:
-      self.ref_params = jax.jit(lambda p: grpo.compute_params(p, self.model_cfg),
-                                out_shardings=sharding.tree_shardings(params, self.mesh))(params)
-    num_groups = config.rollout.prompts_per_host * jax.process_count()
-    replicated = sharding.replicated(self.mesh)
-    self._advantages = jax.jit(functools.partial(grpo.group_advantages, num_groups=num_groups,
-                                                 mode=self.gcfg.advantage))
-    self._logps = jax.jit(grpo.make_logps_fn(self.model_cfg, self.gcfg, self.mesh), static_argnames="row_loss_tokens")
-    self._prepare = jax.jit(functools.partial(grpo.prepare_batch, gcfg=self.gcfg))
-    self._train_step = jax.jit(grpo.make_train_step(self.model_cfg, self.gcfg, self.optimizer,
-                                                    self.mesh), out_shardings=(self.state_shardings, replicated),
-                               donate_argnums=0, static_argnames="row_loss_tokens")
-    # Steps 1..sft_steps are supervised (varft.sft_phase), the next grpo_steps GRPO.
-    self.sft_steps = int(config.sft.steps) if training else 0
-    self.min_loss_slots = grpo.row_loss_token_bucket(np.ones((1, config.rollout.max_new_tokens)))
-    self.grpo_steps = 0 if config.mode == "sft" else config.total_steps
-    self.total_steps = self.sft_steps + self.grpo_steps
-    self.sft = None
-    if self.sft_steps:
+
+def setup(config: ml_collections.ConfigDict, workdir: str) -> tuple[Run, dict[str, Any]]:
+  """Builds a training run and its initial state; fails, before any weights load, on what would stop it later."""
+  # ---------------------------------------------------------------------------------------------------------------
+  # Checks: the config, the optional parts, the workdir lock and the recipe of its checkpoints.
+  # ---------------------------------------------------------------------------------------------------------------
+  validate(config)
+  choices = preflight.check(config)
+  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints,
+                                       async_save=config.async_checkpoints, fingerprint=ckpt_lib.fingerprint(config),
+                                       resume=config.resume, lock=ckpt_lib.lock_workdir(workdir),
+                                       keep_steps=config.keep_checkpoint_steps)
+  task = None
+  try:
+    # -------------------------------------------------------------------------------------------------------------
+    # Mesh and task: data, tools and the sandbox start before the weights load (a run that cannot work fails in
+    # seconds), then the compile-time memory plan.
+    # -------------------------------------------------------------------------------------------------------------
+    mesh = sharding.make_mesh(dict(config.mesh))
+    model_cfg, gcfg = model_config(config), grpo_config(config)
+    task = environment.get(config.task).build(config, model_cfg, mesh, workdir)
+    batches = task.train_data()
+    plan = check_plan(config, mesh)
+    # -------------------------------------------------------------------------------------------------------------
+    # Parameters, train state (params, AdamW moments, update counter), frozen reference, jitted programs.
+    # -------------------------------------------------------------------------------------------------------------
+    optimizer, lr_fn = make_optimizer(config)
+    params = load_params(config, model_cfg, mesh)
+    init_state = lambda p: grpo.init_train_state(p, optimizer)
+    state_shardings = sharding.tree_shardings(jax.eval_shape(init_state, params), mesh)
+    programs = make_programs(config, model_cfg, gcfg, mesh, optimizer, state_shardings,
+                             sharding.tree_shardings(params, mesh))
+    reference = programs["reference"](params) if gcfg.beta > 0 else None
+    train_state = jax.jit(init_state, out_shardings=state_shardings)(params)
+    # -------------------------------------------------------------------------------------------------------------
+    # Phases: steps 1..sft.steps are supervised (varft.sft_phase), the next total_steps GRPO (none in mode=sft).
+    # -------------------------------------------------------------------------------------------------------------
+    sft_steps = int(config.sft.steps)
+    sft = None
+    if sft_steps:
       from varft import sft_phase
-      self.sft = sft_phase.SupervisedPhase(config, self.model_cfg, self.mesh, workdir, self.state_shardings,
-                                           lambda mask: loss_slots(mask, self.min_loss_slots))
-    self.step = 0
-    self.rng = jax.random.key(config.seed)
-    self.last_samples: list[dict[str, Any]] = []
+      minimum = grpo.row_loss_token_bucket(np.ones((1, config.rollout.max_new_tokens)))
+      sft = sft_phase.SupervisedPhase(config, model_cfg, mesh, workdir, state_shardings,
+                                      lambda mask: loss_slots(mask, minimum))
+  except BaseException:
+    if task is not None:
+      task.close()
+    checkpointer.close()  # drops the workdir lock now
+    raise
+  total_steps = sft_steps + (0 if config.mode == "sft" else config.total_steps)
+  run = Run(config, workdir, choices, checkpointer, mesh, model_cfg, gcfg, task, batches, plan, lr_fn, state_shardings,
+            programs, sft, sft_steps, total_steps)
+  return run, {"step": 0, "train": train_state, "reference": reference}
 
-  def maybe_restore(self, step: int | None = None) -> bool:
-    """Resumes from the latest (or the given) complete checkpoint in the workdir, if any."""
-    if self.checkpointer.latest_step() is None:
-      if step is not None:
-        raise FileNotFoundError(f"No checkpoint in {self.checkpointer.directory} to restore step {step} from")
-      return False
-    abstract = ckpt_lib.abstract_like(self.state, self.state_shardings)
-    self.step, self.state, data_state, _ = self.checkpointer.restore(abstract, step)
-    mine = lambda hosts: (hosts or [{}])[min(jax.process_index(), len(hosts or [{}]) - 1)]
-    self.env.restore_data_state(mine(data_state.get("hosts")))
-    if self.sft is not None:
-      self.sft.restore_data_state(mine(data_state.get("sft_hosts")))
-      if self.sft_steps < self.step and self.ref_params is not None:
-        reference = self._reference_checkpointer()
-        self.ref_params = reference.restore(ckpt_lib.abstract_like(self.ref_params))[1]
-        reference.close()
-    logging.info("Resumed at step %d", self.step)
-    return True
 
-  def save(self, force: bool = False) -> None:
-    data = {"hosts": sharding.gather_json(self.env.data_state())}
-    if self.sft is not None:
-      data["sft_hosts"] = sharding.gather_json(self.sft.data_state())
-    meta = {"step": self.step, "config": self.config.to_json_best_effort()}
-    self.checkpointer.save(self.step, self.state, data, meta, force=force)
+def _reference_checkpointer(run: Run) -> ckpt_lib.Checkpointer:
+  """Where the warmed-up policy is kept as GRPO's frozen reference (a resumed run reads it back)."""
+  return ckpt_lib.Checkpointer(os.path.join(run.workdir, "sft_reference"), max_to_keep=1, async_save=False)
 
-  def _reference_checkpointer(self) -> ckpt_lib.Checkpointer:
-    """Where the warmed-up policy is kept as GRPO's frozen reference (a resumed run reads it back)."""
-    return ckpt_lib.Checkpointer(os.path.join(self.workdir, "sft_reference"), max_to_keep=1, async_save=False)
 
-  def _start_grpo(self) -> None:
-    """After the supervised phase: fresh optimizer moments on GRPO's schedule; with a KL term the warmed-up policy
-    becomes the frozen reference (in the compute dtype, as the initial one), saved for a resumed run."""
-    params = self.state["params"]
-    if self.ref_params is not None:
-      self.ref_params = jax.jit(lambda p: grpo.compute_params(p, self.model_cfg),
-                                out_shardings=sharding.tree_shardings(params, self.mesh))(params)
-      reference = self._reference_checkpointer()
-      reference.save(self.step, self.ref_params, force=True)
-      reference.close()
-    reset = lambda state: grpo.init_train_state(state["params"], self.optimizer)
-    self.state = jax.jit(reset, out_shardings=self.state_shardings, donate_argnums=0)(self.state)
+def restore(run: Run, state: dict[str, Any]) -> dict[str, Any]:
+  """`state` resumed from the latest complete checkpoint in the workdir; unchanged without one."""
+  if run.checkpointer.latest_step() is None:
+    return state
+  abstract = ckpt_lib.abstract_like(state["train"], run.state_shardings)
+  restored_step, train_state, data_state, _ = run.checkpointer.restore(abstract)
+  mine = lambda hosts: (hosts or [{}])[min(jax.process_index(), len(hosts or [{}]) - 1)]
+  if mine(data_state.get("hosts")):
+    run.batches.set_state(mine(data_state.get("hosts")))
+  reference = state["reference"]
+  if run.sft is not None:
+    run.sft.restore_data_state(mine(data_state.get("sft_hosts")))
+    if run.sft_steps < restored_step and reference is not None:
+      checkpointer = _reference_checkpointer(run)
+      reference = checkpointer.restore(ckpt_lib.abstract_like(reference))[1]
+      checkpointer.close()
+  logging.info("Resumed at step %d", restored_step)
+  return {"step": restored_step, "train": train_state, "reference": reference}
 
-  def train_step(self) -> dict[str, float]:
-    """The next step of the run: a supervised update (the first `sft.steps`), else a GRPO step."""
-    if self.step < self.sft_steps:
-      self.state, metrics = self.sft.step(self.state, self.step + 1)
-      self.last_samples = self.sft.last_samples
-      self.step += 1
-      return metrics
-    if self.step == self.sft_steps and self.sft_steps:
-      self._start_grpo()
-    return self.grpo_step()
 
-  def grpo_step(self) -> dict[str, float]:
-    """One rollout step and its `grpo.epochs` updates; returns the metrics (all hosts agree)."""
-    config, timer = self.config, time.perf_counter
-    start = timer()
-    rollout_rng = jax.random.fold_in(self.rng, self.step)
-    experience = self.env.collect(self.state["params"], rollout_rng)
-    self.last_samples = experience.samples
-    collected = timer()
-    local = dict(experience.batch)
-    local["rewards"] = np.asarray(experience.rewards, np.float32)
-    local["group_ids"] = (np.asarray(local["group_ids"], np.int32) +
-                          jax.process_index() * config.rollout.prompts_per_host)
-    batch = batch_lib.to_devices(local, self.mesh, self.model_cfg.vision)
-    # Logits only at the sampled positions: a static per-row bucket (agreed by all hosts) >= any row's count.
-    row_slots = loss_slots(local["loss_mask"], self.min_loss_slots)
-    advantages = self._advantages(batch["rewards"], batch["group_ids"])
-    ref_logps = self._logps(self.ref_params, batch, row_loss_tokens=row_slots) if self.gcfg.beta > 0 else None
-    trainer_logps = (self._logps(self.state["params"], batch, row_loss_tokens=row_slots)
-                     if self.gcfg.tis_cap > 0 else None)
-    prepared = self._prepare(batch, advantages, batch["sampler_logps"], ref_logps=ref_logps,
-                             trainer_logps=trainer_logps)
-    for _ in range(config.grpo.epochs):
-      self.state, device_metrics = self._train_step(self.state, prepared, row_loss_tokens=row_slots)
-    device_metrics = sharding.to_host(device_metrics)
-    updated = timer()
-    self.step += 1
+def save(run: Run, state: dict[str, Any], force: bool = False) -> None:
+  data = {"hosts": sharding.gather_json(run.batches.get_state())}
+  if run.sft is not None:
+    data["sft_hosts"] = sharding.gather_json(run.sft.data_state())
+  meta = {"step": state["step"], "config": run.config.to_json_best_effort()}
+  run.checkpointer.save(state["step"], state["train"], data, meta, force=force)
 
-    host = {f"reward/{k}": float(np.mean(v)) for k, v in experience.components.items()}
-    host.update({k: float(v) for k, v in experience.stats.items()})
-    if "rollout/tool_calls" in host and host.get("rollout/num_trajectories"):
-      host["rollout/tool_calls_per_trajectory"] = host["rollout/tool_calls"] / host["rollout/num_trajectories"]
-    real = np.asarray(local["attention_mask"]).any(axis=1)  # rows of prompts the rollout could not run are empty
-    rewards = local["rewards"][real] if real.any() else np.zeros((1,), np.float32)
-    local_tokens = float(np.sum(local["attention_mask"]))
-    host.update({
-        "reward/mean": float(np.mean(rewards)),
-        "reward/std": float(np.std(rewards)),
-        "rollout/tokens": local_tokens,
-        "rollout/sequence_length": local_tokens / max(int(real.sum()), 1)
-    })
-    metrics = sharding.host_mean(host)
-    metrics.update({k: float(v) for k, v in device_metrics.items()})
-    metrics["train/learning_rate"] = float(self.lr_fn((self.step - self.sft_steps) * config.grpo.epochs - 1))
-    metrics["time/collect_s"] = collected - start
-    metrics["time/update_s"] = updated - collected
-    metrics["time/step_s"] = updated - start
-    metrics["perf/tokens_per_s"] = metrics["rollout/tokens"] * jax.process_count() / max(updated - start, 1e-9)
-    return metrics
 
-  def evaluate(self) -> dict[str, float]:
-    out_dir = os.path.join(self.workdir, "eval", f"step_{self.step:06d}")
-    rng = jax.random.fold_in(jax.random.key(self.config.seed + 1), self.step)
-    return sharding.host_mean(self.env.evaluate(self.state["params"], rng, out_dir if sharding.is_writer() else None))
+def start_grpo(run: Run, state: dict[str, Any]) -> dict[str, Any]:
+  """After the supervised phase: fresh optimizer moments on GRPO's schedule; with a KL term the warmed-up policy
+  becomes the frozen reference (in the compute dtype, as the initial one), saved for a resumed run."""
+  reference = state["reference"]
+  if reference is not None:
+    reference = run.programs["reference"](state["train"]["params"])
+    checkpointer = _reference_checkpointer(run)
+    checkpointer.save(state["step"], reference, force=True)
+    checkpointer.close()
+  return {**state, "train": run.programs["reset"](state["train"]), "reference": reference}
 
-  def run(self) -> dict[str, float]:
-    """Trains (resuming if possible) to `total_steps`; returns the last logged metrics."""
-    config, writer_host = self.config, sharding.is_writer()
-    self.maybe_restore()
-    if writer_host:
-      console.write_config(self.workdir, config)
-      num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.state["params"]))
-      print(console.start_summary(config, self.workdir, jax.devices(), dict(self.mesh.shape), num_params, self.choices),
-            file=sys.stderr, flush=True)
-    writer = metrics_writer.MetricsWriter(self.workdir, enabled=writer_host)
-    choices = {f"run/{k}": str(v) for k, v in self.choices.items()}
-    metrics: dict[str, float] = {}
-    progress = console.Progress(self.total_steps, self.step, enabled=writer_host)
-    exported = None
-    try:
-      while self.step < self.total_steps:
-        metrics = self.train_step()
-        last = self.step == self.total_steps
-        if config.eval_every and (self.step % config.eval_every == 0 or last):
-          metrics.update(self.evaluate())
-        if self.step % config.log_every == 0 or last:
-          writer.write(self.step, {**metrics, **choices})
-        if writer_host and config.samples_every and (self.step % config.samples_every == 0 or last):
-          metrics_writer.write_samples(os.path.join(self.workdir, "samples"), self.step, self.last_samples)
-          writer.write_samples(self.step, self.last_samples)
-        if (config.checkpoint_every and (self.step % config.checkpoint_every == 0 or last) or
-            self.step in config.keep_checkpoint_steps):
-          self.save(force=last)
-        progress.update(self.step, metrics)
-      self.checkpointer.wait()
-      if config.export_hf:
-        exported = ckpt_lib.export_hf(self.state["params"], self.model_cfg, os.path.join(self.workdir, "hf"),
-                                      tokenizer_dir=config.model.hf_dir or None,
-                                      min_pixels=config.rollout.image_min_pixels,
-                                      max_pixels=config.rollout.image_max_pixels)
-    finally:
-      progress.close()
-      writer.close()
-      self.checkpointer.close()
-    if writer_host:
-      print(
-          console.end_summary(self.workdir, metrics_writer.read_metrics(self.workdir), exported,
-                              sft_steps=self.sft_steps), file=sys.stderr, flush=True)
-    return metrics
+
+def train_step(run: Run, state: dict[str, Any]) -> tuple[dict[str, Any], dict[str, float], list[dict[str, Any]]]:
+  """The next step of the run: a supervised update (the first `sft.steps`), else a GRPO step. Returns (state,
+  metrics, samples)."""
+  step = state["step"]
+  if step < run.sft_steps:
+    train_state, metrics = run.sft.step(state["train"], step + 1)
+    return {**state, "step": step + 1, "train": train_state}, metrics, run.sft.last_samples
+  if step == run.sft_steps and run.sft_steps:
+    state = start_grpo(run, state)
+  return grpo_step(run, state)
+
+
+def grpo_step(run: Run, state: dict[str, Any]) -> tuple[dict[str, Any], dict[str, float], list[dict[str, Any]]]:
+  """One rollout step and its `grpo.epochs` updates; the metrics agree on all hosts."""
+  config, programs, timer = run.config, run.programs, time.perf_counter
+  start = timer()
+  rollout_rng = jax.random.fold_in(jax.random.key(config.seed), state["step"])
+  experience = run.task.collect(state["train"]["params"], rollout_rng, run.batches)
+  collected = timer()
+  local = dict(experience.batch)
+  local["rewards"] = np.asarray(experience.rewards, np.float32)
+  local["group_ids"] = (np.asarray(local["group_ids"], np.int32) +
+                        jax.process_index() * config.rollout.prompts_per_host)
+  batch = batch_lib.to_devices(local, run.mesh, run.model_cfg.vision)
+  # Logits only at the sampled positions: a static per-row bucket (agreed by all hosts) >= any row's count; with
+  # the bucket of `rollout.max_new_tokens` as the minimum (what the planner plans for) the update compiles once.
+  row_slots = loss_slots(local["loss_mask"], grpo.row_loss_token_bucket(np.ones((1, config.rollout.max_new_tokens))))
+  logps = functools.partial(programs["logps"], batch=batch, row_loss_tokens=row_slots)
+  advantages = programs["advantages"](batch["rewards"], batch["group_ids"])
+  ref_logps = logps(state["reference"]) if run.gcfg.beta > 0 else None
+  trainer_logps = logps(state["train"]["params"]) if run.gcfg.tis_cap > 0 else None
+  prepared = programs["prepare"](batch, advantages, batch["sampler_logps"], ref_logps=ref_logps,
+                                 trainer_logps=trainer_logps)
+  train_state = state["train"]
+  for _ in range(config.grpo.epochs):
+    train_state, device_metrics = programs["update"](train_state, prepared, row_loss_tokens=row_slots)
+  device_metrics = sharding.to_host(device_metrics)
+  updated = timer()
+  step = state["step"] + 1
+
+  metrics = sharding.host_mean(host_metrics(experience, local))
+  metrics.update({k: float(v) for k, v in device_metrics.items()})
+  metrics["train/learning_rate"] = float(run.lr_fn((step - run.sft_steps) * config.grpo.epochs - 1))
+  metrics["time/collect_s"] = collected - start
+  metrics["time/update_s"] = updated - collected
+  metrics["time/step_s"] = updated - start
+  metrics["perf/tokens_per_s"] = metrics["rollout/tokens"] * jax.process_count() / max(updated - start, 1e-9)
+  return {**state, "step": step, "train": train_state}, metrics, experience.samples
+
+
+def host_metrics(experience: environment.Experience, local: dict[str, Any]) -> dict[str, float]:
+  """This host's metrics of a step's experience: reward parts, the task's stats (rollout, tools), lengths."""
+  host = {f"reward/{k}": float(np.mean(v)) for k, v in experience.components.items()}
+  host.update({k: float(v) for k, v in experience.stats.items()})
+  if "rollout/tool_calls" in host and host.get("rollout/num_trajectories"):
+    host["rollout/tool_calls_per_trajectory"] = host["rollout/tool_calls"] / host["rollout/num_trajectories"]
+  real = np.asarray(local["attention_mask"]).any(axis=1)  # rows of prompts the rollout could not run are empty
+  rewards = local["rewards"][real] if real.any() else np.zeros((1,), np.float32)
+  local_tokens = float(np.sum(local["attention_mask"]))
+  host.update({
+      "reward/mean": float(np.mean(rewards)),
+      "reward/std": float(np.std(rewards)),
+      "rollout/tokens": local_tokens,
+      "rollout/sequence_length": local_tokens / max(int(real.sum()), 1)
+  })
+  return host
+
+
+def evaluate(task: environment.Task, config: ml_collections.ConfigDict, workdir: str, params,
+             step: int) -> dict[str, float]:
+  """The task's evaluation of `params` at `step` (predictions under `<workdir>/eval/step_<N>/`), all hosts' mean."""
+  out_dir = os.path.join(workdir, "eval", f"step_{step:06d}")
+  rng = jax.random.fold_in(jax.random.key(config.seed + 1), step)
+  return sharding.host_mean(task.evaluate(params, rng, out_dir if sharding.is_writer() else None))
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-  """Trains `config` in `workdir` (resuming from its checkpoints); returns the last metrics."""
+  """Trains `config` in `workdir` (resuming from its checkpoints) to the end; returns the last logged metrics."""
   sharding.initialize_distributed(config.distributed)
-  return Trainer(config, workdir).run()
+  run, state = setup(config, workdir)
+  writer_host = sharding.is_writer()
+  writer = metrics_writer.MetricsWriter(workdir, enabled=writer_host)
+  progress, exported, metrics = None, None, {}
+  try:
+    # -------------------------------------------------------------------------------------------------------------
+    # Resume, and say what runs where.
+    # -------------------------------------------------------------------------------------------------------------
+    state = restore(run, state)
+    if writer_host:
+      console.write_config(workdir, config)
+      num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["train"]["params"]))
+      print(console.start_summary(config, workdir, jax.devices(), dict(run.mesh.shape), num_params, run.choices),
+            file=sys.stderr, flush=True)
+    choices = {f"run/{k}": str(v) for k, v in run.choices.items()}
+    progress = console.Progress(run.total_steps, state["step"], enabled=writer_host)
+    # -------------------------------------------------------------------------------------------------------------
+    # The loop: a step, then the periodic work (eval, metrics, samples, checkpoints).
+    # -------------------------------------------------------------------------------------------------------------
+    while state["step"] < run.total_steps:
+      state, metrics, samples = train_step(run, state)
+      step = state["step"]
+      last = step == run.total_steps
+      if config.eval_every and (step % config.eval_every == 0 or last):
+        metrics.update(evaluate(run.task, config, workdir, state["train"]["params"], step))
+      if step % config.log_every == 0 or last:
+        writer.write(step, {**metrics, **choices})
+      if writer_host and config.samples_every and (step % config.samples_every == 0 or last):
+        metrics_writer.write_samples(os.path.join(workdir, "samples"), step, samples)
+        writer.write_samples(step, samples)
+      if (config.checkpoint_every and (step % config.checkpoint_every == 0 or last) or
+          step in config.keep_checkpoint_steps):
+        save(run, state, force=last)
+      progress.update(step, metrics)
+    # -------------------------------------------------------------------------------------------------------------
+    # The end: pending saves on disk, the HF export, the summary.
+    # -------------------------------------------------------------------------------------------------------------
+    run.checkpointer.wait()
+    if config.export_hf:
+      exported = ckpt_lib.export_hf(state["train"]["params"], run.model_cfg, os.path.join(workdir, "hf"),
+                                    tokenizer_dir=config.model.hf_dir or None,
+                                    min_pixels=config.rollout.image_min_pixels,
+                                    max_pixels=config.rollout.image_max_pixels)
+  finally:
+    if progress is not None:
+      progress.close()
+    writer.close()
+    run.task.close()
+    run.checkpointer.close()
+  if writer_host:
+    print(console.end_summary(workdir, metrics_writer.read_metrics(workdir), exported, sft_steps=run.sft_steps),
+          file=sys.stderr, flush=True)
+  return metrics

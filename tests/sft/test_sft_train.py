@@ -46,17 +46,28 @@ def _deterministic(rows):
 
 def _run_until(config, workdir, stop):
   """Trains from the workdir's checkpoint to `stop`, checkpointing every step, as a run killed there would."""
-  trainer = train.Trainer(config, workdir)
-  trainer.maybe_restore()
+  run, state = train.setup(config, workdir)
+  state = train.restore(run, state)
   writer = metrics_writer.MetricsWriter(workdir)
   try:
-    while trainer.step < stop:
-      metrics = trainer.train_step()
-      writer.write(trainer.step, metrics)
-      trainer.save(force=True)
+    while state["step"] < stop:
+      state, metrics, _ = train.train_step(run, state)
+      writer.write(state["step"], metrics)
+      train.save(run, state, force=True)
   finally:
     writer.close()
-    trainer.checkpointer.close()
+    run.task.close()
+    run.checkpointer.close()
+
+
+def _final_state(config, workdir):
+  """The train state of a finished run, from its last checkpoint."""
+  run, state = train.setup(config, workdir)
+  try:
+    return train.restore(run, state)
+  finally:
+    run.task.close()
+    run.checkpointer.close()
 
 
 def test_resume_in_the_middle_of_either_phase_repeats_the_uninterrupted_run(demo_root, tmp_path):
@@ -64,16 +75,15 @@ def test_resume_in_the_middle_of_either_phase_repeats_the_uninterrupted_run(demo
   config.grpo.beta = 0.04  # the reference policy (the warmed-up one) must come back too
   config.checkpoint_every = 1
   reference_dir = _workdir(demo_root, tmp_path, "reference")
-  reference = train.Trainer(config, reference_dir)
-  reference.run()
+  train.train(config, reference_dir)
 
   run_dir = _workdir(demo_root, tmp_path, "run")
   _run_until(config, run_dir, 1)  # stopped during SFT
   _run_until(config, run_dir, 3)  # resumed: the rest of SFT, the switch, one GRPO step; stopped during GRPO
-  resumed = train.Trainer(config, run_dir)
-  resumed.run()
-  assert resumed.step == reference.step == 4
-  for a, b in zip(jax.tree.leaves(reference.state), jax.tree.leaves(resumed.state)):
+  train.train(config, run_dir)
+  reference, resumed = _final_state(config, reference_dir), _final_state(config, run_dir)
+  assert resumed["step"] == reference["step"] == 4
+  for a, b in zip(jax.tree.leaves(reference["train"]), jax.tree.leaves(resumed["train"])):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   rows = _deterministic(metrics_writer.read_metrics(run_dir))
   assert rows == _deterministic(metrics_writer.read_metrics(reference_dir))

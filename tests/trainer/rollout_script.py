@@ -41,11 +41,11 @@ def run(mesh, tensor_parallel: int = 1) -> dict[str, np.ndarray]:
   params = init_params(mesh)
   batch, _ = env._rollout(params, shown, jax.random.key(1), greedy=True)
   update = jax.jit(lambda p: jax.tree.map(lambda x: x * 0.999, p))
-  compiles = []
+  compiles, prompts = [], env.train_data()
   for step in range(3):
     before = len(COMPILES)
     params = update(params)
-    env.collect(params, jax.random.key(step))
+    env.collect(params, jax.random.key(step), prompts)
     compiles.append(len(COMPILES) - before)
   return {
       "shown": shown,

@@ -90,7 +90,7 @@ def test_bad_config_values_fail_at_start_naming_the_key(tmp_path):
   config = echo.get_config()
   config.grpo.advantage = "mean"
   with pytest.raises(ValueError, match=r"config\.grpo\.advantage='mean'"):
-    train.Trainer(config, str(tmp_path))
+    train.setup(config, str(tmp_path))
   config = echo.get_config()
   config.rollout.num_samples = 0
   with pytest.raises(ValueError, match=r"config\.rollout\.num_samples=0 must be a positive integer"):
@@ -134,7 +134,8 @@ def test_search_demo_step_runs_the_agentic_loop_and_writes_every_output(tmp_path
   config.eval.max_turns = 1
   metrics = train.train(config, str(tmp_path))
   for key in ("reward/answer_f1", "reward/format", "time/rollout_s", "time/rewards_s", "time/update_s", "train/loss",
-              "train/kl", "train/entropy", "rollout/tool_calls", "eval/mat_search/f1"):
+              "train/kl", "train/entropy", "rollout/tool_calls", "eval/mat_search/f1", "tools/search/calls",
+              "tools/search/errors", "eval/tools/search/calls"):
     assert key in metrics, key
   assert metrics["train/loss_tokens"] == 2 * 2 * 8  # only sampled tokens carry loss
   predictions = json.loads((tmp_path / "eval" / "step_000001" / "mat_search.json").read_text())

@@ -11,7 +11,7 @@ import pytest
 
 from experiments import echo
 from varft import checkpoint as ckpt_lib
-from varft import train
+from varft import evaluate, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -65,13 +65,13 @@ def test_second_trainer_on_a_locked_workdir_fails_at_once_and_sigkill_frees_it(t
   proc = holder(workdir)
   monkeypatch.setattr(train, "load_params", _no_weights)
   with pytest.raises(ckpt_lib.RunFolderError) as info:
-    train.Trainer(_echo(), str(workdir))
+    train.setup(_echo(), str(workdir))
   message = str(info.value)
   assert "\n" not in message
   assert f"workdir {workdir} is in use by another run (pid {proc.pid} on " in message
   # Evaluating a running run's checkpoints takes no lock.
   with pytest.raises(AssertionError, match="weights were loaded"):
-    train.Trainer(_echo(), str(workdir), training=False)
+    evaluate.run(_echo(mode="eval"), str(workdir))
 
   proc.send_signal(signal.SIGKILL)
   proc.wait()
@@ -103,15 +103,15 @@ def test_a_finished_run_releases_its_lock(tmp_path):
 def test_resume_under_another_recipe_is_refused_naming_the_keys_unless_forced(tmp_path, monkeypatch):
   train.train(_echo(steps=2), str(tmp_path))
   # Run-only keys (logging, checkpoint cadence, layout) may change on resume.
-  trainer = train.Trainer(_echo(steps=2, log_every=2, checkpoint_every=5, keep_checkpoints=1), str(tmp_path))
-  assert trainer.maybe_restore() and trainer.step == 2
-  trainer.checkpointer.close()
+  run, state = train.setup(_echo(steps=2, log_every=2, checkpoint_every=5, keep_checkpoints=1), str(tmp_path))
+  assert train.restore(run, state)["step"] == 2
+  run.checkpointer.close()
 
   changed = _echo(steps=2, seed=3, log_every=2, **{"optim.learning_rate": 0.5})
   with monkeypatch.context() as m:
     m.setattr(train, "load_params", _no_weights)
     with pytest.raises(ckpt_lib.RunFolderError) as info:
-      train.Trainer(changed, str(tmp_path))
+      train.setup(changed, str(tmp_path))
   message = str(info.value)
   assert "\n" not in message and "checkpoint step 2 in" in message and "--config.resume=force" in message
   assert "optim.learning_rate: 0.003 -> 0.5" in message
@@ -119,9 +119,9 @@ def test_resume_under_another_recipe_is_refused_naming_the_keys_unless_forced(tm
   ckpt_lib.WorkdirLock(str(tmp_path)).release()  # the refused trainer let go of the lock
 
   changed.resume = "force"
-  trainer = train.Trainer(changed, str(tmp_path))
-  assert trainer.maybe_restore() and trainer.step == 2
-  trainer.checkpointer.close()
+  run, state = train.setup(changed, str(tmp_path))
+  assert train.restore(run, state)["step"] == 2
+  run.checkpointer.close()
 
 
 def test_checkpoints_store_the_fingerprint_and_old_ones_are_checked_through_their_config(tmp_path):

@@ -19,8 +19,11 @@ from PIL import Image
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# The Qwen2.5-VL image processor's own min/max pixels (a checkpoint without preprocessor_config.json).
 DEFAULT_MIN_PIXELS = 56 * 56
 DEFAULT_MAX_PIXELS = 28 * 28 * 1280
+# The Visual-ARFT scripts' max_pixels: what varft's recipes (varft.defaults) train and evaluate at.
+PAPER_MAX_PIXELS = 512 * 28 * 28
 MAX_ASPECT_RATIO = 200
 
 ImageSource = str | os.PathLike | bytes | Image.Image
