@@ -18,14 +18,15 @@ from varft import sharding, train
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Evaluates and returns the metrics (`eval/<benchmark>/f1`, `.../em`, ...)."""
   sharding.initialize_distributed(config.distributed)
-  trainer = train.Trainer(config, workdir, training=False)
-  try:
-    step = None if config.eval.checkpoint_step < 0 else config.eval.checkpoint_step
-    if not trainer.maybe_restore(step):
-      logging.info("No checkpoint in %s: evaluating the initial weights", workdir)
-    metrics = trainer.evaluate()
-  finally:
-    trainer.checkpointer.close()
+  with sharding.axis_rules(config.sharding.rules):
+    trainer = train.Trainer(config, workdir, training=False)
+    try:
+      step = None if config.eval.checkpoint_step < 0 else config.eval.checkpoint_step
+      if not trainer.maybe_restore(step):
+        logging.info("No checkpoint in %s: evaluating the initial weights", workdir)
+      metrics = trainer.evaluate()
+    finally:
+      trainer.checkpointer.close()
   if sharding.is_writer():
     out_dir = os.path.join(workdir, "eval", f"step_{trainer.step:06d}")
     tables = [

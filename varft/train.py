@@ -394,4 +394,5 @@ class Trainer:
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Trains `config` in `workdir` (resuming from its checkpoints); returns the last metrics."""
   sharding.initialize_distributed(config.distributed)
-  return Trainer(config, workdir).run()
+  with sharding.axis_rules(config.sharding.rules):  # every layout and activation constraint of the run
+    return Trainer(config, workdir).run()

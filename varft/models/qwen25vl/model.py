@@ -26,6 +26,10 @@ def compute_dtype(config: Qwen25VLConfig):
   return jnp.dtype(config.dtype)
 
 
+# The logical axes of both towers' parameters, in `init_params`' tree (see text.PARAM_AXES, vision.PARAM_AXES).
+PARAM_AXES: dict[str, Any] = {"text": text.PARAM_AXES, "vision": vision.PARAM_AXES}
+
+
 def init_params(rng: jax.Array, config: Qwen25VLConfig, dtype=jnp.float32) -> Params:
   """Random parameters for both towers."""
   text_rng, vision_rng = jax.random.split(rng)
