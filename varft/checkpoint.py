@@ -48,6 +48,7 @@ NOT_RECIPE = (
     "export_hf",
     "distributed",
     "mesh",
+    "sharding",
     "plan_check",
     "model.remat",
     "grpo.micro_batches",

@@ -6,6 +6,35 @@ import ml_collections
 from varft.processing import image as image_lib
 
 
+def sharding_config() -> ml_collections.ConfigDict:
+  """`config.sharding.rules`: logical axis -> the mesh axes (`data`, `fsdp`, `tensor`) it is split over, () for
+  replicated, or `unconstrained` (left to XLA). Parameters name their axes where the model creates them
+  (`PARAM_AXES` in varft/models/qwen25vl); activations name theirs at the layer boundaries (`sharding.constrain`)."""
+  return ml_collections.ConfigDict({
+      "rules": {
+          "batch": ("data", "fsdp"),
+          "vocab": ("tensor",),
+          "embed": ("fsdp",),
+          "heads": ("tensor",),
+          "kv_heads": ("tensor",),
+          "mlp": ("tensor",),
+          "layers": (),
+          # Activations: rows over the batch axes, features whole (the fsdp axis shards weights, not activations).
+          "length": (),
+          "act_embed": (),
+          "act_heads": ("tensor",),
+          "act_kv_heads": ("tensor",),
+          "act_mlp": ("tensor",),
+          "act_vocab": ("tensor",),
+          # The loss's vocabulary-parallel logits: rows whole within a data shard, the vocabulary over fsdp x tensor.
+          "loss_batch": ("data",),
+          "loss_vocab": ("fsdp", "tensor"),
+          # Vision patches: left to the image table's layout (a per-device table keeps them on their device).
+          "patches": "unconstrained",
+      }
+  })
+
+
 def base_config() -> ml_collections.ConfigDict:
   """The defaults; a key missing here cannot be overridden from the command line."""
   c = ml_collections.ConfigDict()
@@ -32,6 +61,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.plan_check = "auto"
 
   c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
+  c.sharding = sharding_config()
 
   c.model = ml_collections.ConfigDict()
   c.model.name = "tiny"  # a preset of varft.models.qwen25vl.config (tiny | 3b | 7b) ...

@@ -40,23 +40,24 @@ def restore_params(directory: str, params, step: int | None) -> tuple[int, objec
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Evaluates and returns the metrics (`eval/<benchmark>/f1`, `.../em`, ...)."""
   sharding.initialize_distributed(config.distributed)
-  train.validate(config)
-  preflight.check(config)
-  mesh = sharding.make_mesh(dict(config.mesh))
-  model_cfg = train.model_config(config)
-  task = environment.get(config.task).build(config, model_cfg, mesh, workdir)
-  try:
-    params = train.load_params(config, model_cfg, mesh)
-    wanted = None if config.eval.checkpoint_step < 0 else config.eval.checkpoint_step
-    restored = restore_params(os.path.join(workdir, "checkpoints"), params, wanted)
-    step = 0
-    if restored is None:
-      logging.info("No checkpoint in %s: evaluating the initial weights", workdir)
-    else:
-      step, params = restored
-    metrics = train.evaluate(task, config, workdir, params, step)
-  finally:
-    task.close()
+  with sharding.axis_rules(config.sharding.rules):  # every layout and activation constraint
+    train.validate(config)
+    preflight.check(config)
+    mesh = sharding.make_mesh(dict(config.mesh))
+    model_cfg = train.model_config(config)
+    task = environment.get(config.task).build(config, model_cfg, mesh, workdir)
+    try:
+      params = train.load_params(config, model_cfg, mesh)
+      wanted = None if config.eval.checkpoint_step < 0 else config.eval.checkpoint_step
+      restored = restore_params(os.path.join(workdir, "checkpoints"), params, wanted)
+      step = 0
+      if restored is None:
+        logging.info("No checkpoint in %s: evaluating the initial weights", workdir)
+      else:
+        step, params = restored
+      metrics = train.evaluate(task, config, workdir, params, step)
+    finally:
+      task.close()
   if sharding.is_writer():
     out_dir = os.path.join(workdir, "eval", f"step_{step:06d}")
     tables = [

@@ -32,7 +32,8 @@ import numpy as np
 import optax
 
 from varft import batch as batch_lib
-from varft import sharding
+from varft import sampling, sharding
+from varft.models.qwen25vl import model
 from varft.models.qwen25vl import text as text_model
 from varft.models.qwen25vl.config import Qwen25VLConfig
 
@@ -153,20 +154,12 @@ def encode_images(params: Params, config: Qwen25VLConfig, batch: Batch) -> jnp.n
   """The merged image embeddings (D, M, E) of each device's image table, or None for a text-only batch."""
   if not batch_lib.num_tables(batch):
     return None
-  from varft.models.qwen25vl import model  # the vision tower; text-only use needs none of it
   return batch_lib.encode_tables(lambda pv, vi: model.encode_images(params, config, pv, vi), batch["pixel_values"],
                                  batch["vision_inputs"])
 
 
-def _embed(params: Params, config: Qwen25VLConfig, tokens: jnp.ndarray, image_index: jnp.ndarray | None,
-           image_embeds: jnp.ndarray | None) -> jnp.ndarray:
-  """Token embeddings with image rows (from each row's own device table) scattered in where `image_index >= 0`."""
-  embeds = text_model.embed_tokens(params["text"], tokens, jnp.dtype(config.dtype))
-  if image_embeds is None or image_index is None:
-    return embeds
-  rows = batch_lib.lookup_images(image_embeds.astype(embeds.dtype), image_index)
-  rows = sharding.constrain(rows, ("batch", "length", "act_embed"))  # each device looks up its own rows' images
-  return jnp.where((image_index >= 0)[..., None], rows, embeds)
+# The static logit-slot counts a step compiles for: powers of two, so a run compiles a few programs at most.
+LOSS_SLOT_BUCKETS = tuple(1 << i for i in range(40))
 
 
 def loss_token_bucket(loss_mask, micro_batches: int = 1, minimum: int = 64) -> int:
@@ -176,7 +169,7 @@ def loss_token_bucket(loss_mask, micro_batches: int = 1, minimum: int = 64) -> i
   """
   mask = np.asarray(loss_mask) > 0
   per_micro = max(int(mask[i::micro_batches].sum()) for i in range(micro_batches))
-  return 1 << (max(per_micro, minimum) - 1).bit_length()
+  return sampling.bucket(max(per_micro, minimum), LOSS_SLOT_BUCKETS)
 
 
 def row_loss_token_bucket(loss_mask, minimum: int = 16) -> int:
@@ -185,7 +178,7 @@ def row_loss_token_bucket(loss_mask, minimum: int = 16) -> int:
   Host-side (numpy); all hosts must agree on it (take the max over hosts).
   """
   per_row = int((np.asarray(loss_mask) > 0).sum(axis=1).max(initial=0))
-  return 1 << (max(per_row, minimum) - 1).bit_length()
+  return sampling.bucket(max(per_row, minimum), LOSS_SLOT_BUCKETS)
 
 
 def sequence_logps(params: Params, config: Qwen25VLConfig, batch: Batch, image_embeds: jnp.ndarray | None,
@@ -200,7 +193,7 @@ def sequence_logps(params: Params, config: Qwen25VLConfig, batch: Batch, image_e
   the positions of all rows are gathered into one list. Neither: logits at every position.
   """
   tokens = batch["tokens"]
-  embeds = _embed(params, config, tokens, batch.get("image_index"), image_embeds)
+  embeds = model.embed(params, config, tokens, image_embeds, batch.get("image_index"))
   hidden, _ = text_model.forward(params["text"], config.text, embeds, batch["positions"],
                                  attention_mask=batch["attention_mask"], dtype=jnp.dtype(config.dtype),
                                  remat=config.remat, attention=config.attention)
@@ -392,6 +385,46 @@ def prepare_batch(batch: Batch, advantages: jnp.ndarray, old_logps: jnp.ndarray,
 _split_micro = batch_lib.split_micro
 
 
+def apply_gradients(state: TrainState, batch: Batch, loss_fn: Callable[..., tuple[jnp.ndarray, dict]],
+                    config: Qwen25VLConfig, optimizer: optax.GradientTransformation, micro_batches: int = 1,
+                    train_vision: bool = True) -> tuple[TrainState, jnp.ndarray, dict, Params]:
+  """One optimizer update of `state` from `loss_fn(params, image_embeds, micro_batch) -> (loss, sums)` (the GRPO
+  and the SFT step): (the new state, the loss and the sums over the micro-batches, the gradients).
+
+  Each device encodes its image table once (`encode_images`); the micro-batches (`batch.split_micro`) accumulate, in
+  float32, gradients w.r.t. the parameters and the image embeddings, which are pulled back through the vision tower
+  once at the end (without `train_vision` the tower gets no gradient).
+  """
+  params = state["params"]
+  grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)
+  image_embeds = vision_vjp = None
+  if batch_lib.num_tables(batch):
+    encode = lambda p: encode_images(compute_params(p, config), config, batch)
+    if train_vision:
+      image_embeds, vision_vjp = jax.vjp(encode, params)
+    else:
+      image_embeds = jax.lax.stop_gradient(encode(params))
+  if micro_batches == 1:
+    (loss, sums), (grads, embed_grads) = grad_fn(params, image_embeds, batch)
+  else:
+    micro = _split_micro(batch, micro_batches)
+
+    def accumulate(carry, mb):
+      (loss, sums), g = grad_fn(params, image_embeds, mb)
+      return jax.tree.map(lambda a, b: a + b.astype(a.dtype), carry, (loss, sums, g)), None
+
+    shapes = jax.eval_shape(lambda: grad_fn(params, image_embeds, jax.tree.map(lambda x: x[0], micro)))
+    init = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), (shapes[0][0], shapes[0][1], shapes[1]))
+    (loss, sums, (grads, embed_grads)), _ = jax.lax.scan(accumulate, init, micro)
+  if vision_vjp is not None:
+    (vision_grads,) = vision_vjp(embed_grads.astype(image_embeds.dtype))
+    grads = jax.tree.map(jnp.add, grads, vision_grads)
+  grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
+  updates, opt_state = optimizer.update(grads, state["opt_state"], params)
+  new_state = {"params": optax.apply_updates(params, updates), "opt_state": opt_state, "step": state["step"] + 1}
+  return new_state, loss, sums, grads
+
+
 def make_train_step(config: Qwen25VLConfig, gcfg: GRPOConfig, optimizer: optax.GradientTransformation,
                     mesh=None) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jnp.ndarray]]]:
   """`train_step(state, batch, num_loss_tokens=None, row_loss_tokens=None) -> (state, metrics)` for a batch from
@@ -415,49 +448,11 @@ def make_train_step(config: Qwen25VLConfig, gcfg: GRPOConfig, optimizer: optax.G
     sums["tokens"] = jnp.sum(mask)
     return jnp.sum(per_token * mb["loss_weights"]), sums
 
-  grad_fn = jax.value_and_grad(micro_loss, argnums=(0, 1), has_aux=True)
-
   def train_step(state, batch, num_loss_tokens=None, row_loss_tokens=None):
     with sharding.tracing_mesh(mesh):
-      return _train_step(state, batch, num_loss_tokens, row_loss_tokens)
-
-  def _train_step(state, batch, num_loss_tokens, row_loss_tokens):
-    params = state["params"]
-    encode = lambda p: encode_images(compute_params(p, config), config, batch)
-    image_embeds = vision_vjp = None
-    has_images = batch.get("pixel_values") is not None and batch["pixel_values"].shape[0] > 0
-    if has_images and gcfg.train_vision:
-      # Encode the batch's images once; micro-batches accumulate gradients w.r.t. the embeddings, pulled back
-      # through the vision tower once at the end.
-      image_embeds, vision_vjp = jax.vjp(encode, params)
-    elif has_images:
-      image_embeds = jax.lax.stop_gradient(encode(params))
-    m = gcfg.micro_batches
-    if m == 1:
-      (loss, sums), (grads, embed_grads) = grad_fn(params, image_embeds, batch, num_loss_tokens, row_loss_tokens)
-    else:
-      micro = _split_micro(batch, m)
-      for k in ("pixel_values", "vision_inputs"):
-        micro.pop(k, None)
-      zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), (params, image_embeds))
-
-      def accumulate(carry, mb):
-        (loss, sums), g = grad_fn(params, image_embeds, mb, num_loss_tokens, row_loss_tokens)
-        acc_loss, acc_sums, acc_g = carry
-        return (acc_loss + loss, jax.tree.map(jnp.add, acc_sums,
-                                              sums), jax.tree.map(lambda a, b: a + b.astype(jnp.float32), acc_g,
-                                                                  g)), None
-
-      first_sums = jax.eval_shape(lambda: grad_fn(params, image_embeds, jax.tree.map(lambda x: x[0], micro),
-                                                  num_loss_tokens, row_loss_tokens))[0][1]
-      init = (jnp.zeros((), jnp.float32), jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), first_sums), zeros)
-      (loss, sums, (grads, embed_grads)), _ = jax.lax.scan(accumulate, init, micro)
-    if vision_vjp is not None:
-      (vision_grads,) = vision_vjp(embed_grads.astype(image_embeds.dtype))
-      grads = jax.tree.map(jnp.add, grads, vision_grads)
-    grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
-    updates, opt_state = optimizer.update(grads, state["opt_state"], params)
-    new_params = optax.apply_updates(params, updates)
+      loss_fn = lambda p, e, mb: micro_loss(p, e, mb, num_loss_tokens, row_loss_tokens)
+      new_state, loss, sums, grads = apply_gradients(state, batch, loss_fn, config, optimizer, gcfg.micro_batches,
+                                                     gcfg.train_vision)
     tokens = jnp.maximum(sums.pop("tokens"), 1.0)
     metrics = {f"train/{k}": v / tokens for k, v in sums.items()}
     metrics["train/clip_fraction"] = metrics["train/clip_low"] + metrics["train/clip_high"]
@@ -465,10 +460,9 @@ def make_train_step(config: Qwen25VLConfig, gcfg: GRPOConfig, optimizer: optax.G
         "train/loss": loss,
         "train/grad_norm": optax.global_norm(grads),
         "train/nonfinite_grads": 1.0 - jnp.isfinite(optax.global_norm(grads)).astype(jnp.float32),
-        "train/param_norm": optax.global_norm(new_params),
+        "train/param_norm": optax.global_norm(new_state["params"]),
         "train/loss_tokens": tokens
     })
-    new_state = {"params": new_params, "opt_state": opt_state, "step": state["step"] + 1}
     return new_state, metrics
 
   return train_step

@@ -327,26 +327,28 @@ def plan_program(name: str, fn, args, kwargs, resident: int, mesh, flops: float,
 
 def plan(config, devices: Sequence[jax.Device] | None = None, programs: Sequence[str] = PROGRAMS,
          accelerator: str | None = None, **recipe_overrides) -> list[ProgramPlan]:
-  """Every (selected) device program of one step compiled for `devices` (default: all) on the config's mesh, the
-  rollout's tensor parallelism resolved for `accelerator`'s memory (default: the devices' own)."""
+  """Every (selected) device program of one step compiled for `devices` (default: all) on the config's mesh with
+  its `sharding.rules`, the rollout's tensor parallelism resolved for `accelerator`'s memory (default: the devices'
+  own)."""
   devices = list(jax.devices() if devices is None else devices)
-  mesh = sharding.make_mesh(dict(config.mesh), devices)
-  model_cfg = train.model_config(config)
-  rec = recipe(config, **recipe_overrides)
-  batch_devices = sharding.batch_size_multiple(mesh)
-  if rec.rows % (rec.micro_batches * batch_devices):
-    raise PlanError(f"{rec.rows} rows in {rec.micro_batches} micro-batches do not split over {batch_devices} "
-                    "batch devices (each device would compute every row of a micro-batch): lower "
-                    "grpo.micro_batches or change rollout.prompts_per_host / num_samples / the mesh.")
-  memory = ACCELERATORS[accelerator] if accelerator else device_memory_limit(devices)
-  tp = rollout_tensor_parallel(config, model_cfg, devices, memory)
-  table, images = _programs(config, model_cfg, rec, mesh, tp)
-  return [
-      plan_program(name, *table[name], program_flops(name, rec, model_cfg, config, images), len(devices),
-                   tp if table[name][-1] is None else mesh.shape["tensor"], devices[0].platform)
-      for name in programs
-      if name in table
-  ]
+  with sharding.axis_rules(config.sharding.rules):  # the layouts and the activation constraints of the config
+    mesh = sharding.make_mesh(dict(config.mesh), devices)
+    model_cfg = train.model_config(config)
+    rec = recipe(config, **recipe_overrides)
+    batch_devices = sharding.batch_size_multiple(mesh)
+    if rec.rows % (rec.micro_batches * batch_devices):
+      raise PlanError(f"{rec.rows} rows in {rec.micro_batches} micro-batches do not split over {batch_devices} "
+                      "batch devices (each device would compute every row of a micro-batch): lower "
+                      "grpo.micro_batches or change rollout.prompts_per_host / num_samples / the mesh.")
+    memory = ACCELERATORS[accelerator] if accelerator else device_memory_limit(devices)
+    tp = rollout_tensor_parallel(config, model_cfg, devices, memory)
+    table, images = _programs(config, model_cfg, rec, mesh, tp)
+    return [
+        plan_program(name, *table[name], program_flops(name, rec, model_cfg, config, images), len(devices),
+                     tp if table[name][-1] is None else mesh.shape["tensor"], devices[0].platform)
+        for name in programs
+        if name in table
+    ]
 
 
 def device_memory_limit(devices: Sequence[jax.Device]) -> int | None:

@@ -18,7 +18,6 @@ from collections.abc import Callable
 import dataclasses
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import optax
 
@@ -89,42 +88,11 @@ def make_sft_step(config: Qwen25VLConfig, scfg: SFTConfig, optimizer: optax.Grad
     }
     return jnp.sum(nll * mb["loss_weights"]), sums
 
-  grad_fn = jax.value_and_grad(micro_loss, argnums=(0, 1), has_aux=True)
-
   def sft_step(state, batch, row_loss_tokens=None):
     with sharding.tracing_mesh(mesh):
-      return _sft_step(state, batch, row_loss_tokens)
-
-  def _sft_step(state, batch, row_loss_tokens):
-    params = state["params"]
-    image_embeds = vision_vjp = None
-    if batch_lib.num_tables(batch):
-      encode = lambda p: grpo.encode_images(grpo.compute_params(p, config), config, batch)
-      if scfg.train_vision:
-        # Each table is encoded once; micro-batches accumulate gradients w.r.t. the embeddings, pulled back through
-        # the vision tower once at the end.
-        image_embeds, vision_vjp = jax.vjp(encode, params)
-      else:
-        image_embeds = jax.lax.stop_gradient(encode(params))
-    if scfg.micro_batches == 1:
-      (loss, sums), (grads, embed_grads) = grad_fn(params, image_embeds, batch, row_loss_tokens)
-    else:
-      micro = batch_lib.split_micro(batch, scfg.micro_batches)
-
-      def accumulate(carry, mb):
-        (loss, sums), g = grad_fn(params, image_embeds, mb, row_loss_tokens)
-        return jax.tree.map(lambda a, b: a + b.astype(a.dtype), carry, (loss, sums, g)), None
-
-      shapes = jax.eval_shape(
-          lambda: grad_fn(params, image_embeds, jax.tree.map(lambda x: x[0], micro), row_loss_tokens))
-      init = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), (shapes[0][0], shapes[0][1], shapes[1]))
-      (loss, sums, (grads, embed_grads)), _ = jax.lax.scan(accumulate, init, micro)
-    if vision_vjp is not None:
-      (vision_grads,) = vision_vjp(embed_grads.astype(image_embeds.dtype))
-      grads = jax.tree.map(jnp.add, grads, vision_grads)
-    grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
-    updates, opt_state = optimizer.update(grads, state["opt_state"], params)
-    new_params = optax.apply_updates(params, updates)
+      loss_fn = lambda p, e, mb: micro_loss(p, e, mb, row_loss_tokens)
+      new_state, loss, sums, grads = grpo.apply_gradients(state, batch, loss_fn, config, optimizer, scfg.micro_batches,
+                                                          scfg.train_vision)
     tokens = jnp.maximum(sums["tokens"], 1.0)
     grad_norm = optax.global_norm(grads)
     metrics = {
@@ -134,9 +102,9 @@ def make_sft_step(config: Qwen25VLConfig, scfg: SFTConfig, optimizer: optax.Grad
         "train/entropy": sums["entropy"] / tokens,
         "train/grad_norm": grad_norm,
         "train/nonfinite_grads": 1.0 - jnp.isfinite(grad_norm).astype(jnp.float32),
-        "train/param_norm": optax.global_norm(new_params),
+        "train/param_norm": optax.global_norm(new_state["params"]),
         "train/loss_tokens": sums["tokens"]
     }
-    return {"params": new_params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
+    return new_state, metrics
 
   return sft_step

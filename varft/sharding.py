@@ -1,14 +1,16 @@
 """The device mesh, logical-axis rules -> PartitionSpecs, and the multi-host plumbing.
 
-One mesh with axes (`data`, `fsdp`, `tensor`). Parameters get logical axes from their path in the model's pytree
-(`vocab`, `embed`, `heads`, `kv_heads`, `mlp`, `layers`); rules map logical axes to mesh axes. Activations name
-their axes too (`batch`, `length`, `act_embed`, `act_heads`, `act_mlp`, ...) at the layer boundaries of both
-towers and at the loss (`constrain`), resolved by the same rules against the mesh being traced (the abstract mesh
-of `jax.set_mesh` / `use_abstract_mesh`; no mesh: no constraint): rows stay on their device, so on an fsdp mesh
-the only large collectives are weight all-gathers and gradient reduce-scatters (plus, in the loss, the loss-slot
-hidden states gathered for vocabulary-parallel logits: `loss_batch`, `loss_vocab`). Any leaf of another
-tree whose trailing keys form a parameter path (AdamW's `mu`/`nu`, the reference params) is sharded like that
-parameter. A dimension that a mesh axis does not divide stays replicated, so small models run on any mesh.
+One mesh with axes (`data`, `fsdp`, `tensor`). Each model module declares its parameters' logical axes beside its
+`init_params` (`PARAM_AXES`: `vocab`, `embed`, `heads`, `kv_heads`, `mlp`, `layers`); the rules,
+`config.sharding.rules` (defaults: `DEFAULT_RULES`, made current for a run by `axis_rules`), map logical axes to mesh
+axes. Activations name their axes too (`batch`, `length`, `act_embed`, `act_heads`, `act_mlp`, ...) at the layer
+boundaries of both towers and at the loss (`constrain`), resolved by the same rules against the mesh being traced
+(the abstract mesh of `jax.set_mesh` / `use_abstract_mesh`; no mesh: no constraint): rows stay on their device, so
+on an fsdp mesh the only large collectives are weight all-gathers and gradient reduce-scatters (plus, in the loss,
+the loss-slot hidden states gathered for vocabulary-parallel logits: `loss_batch`, `loss_vocab`). Any leaf of
+another tree whose trailing keys form a parameter path (AdamW's `mu`/`nu`, the reference params) is sharded like
+that parameter. A dimension that a mesh axis does not divide stays replicated, so small models run on any mesh.
+`layout_table` is the resolved layout as text, for the start-up log.
 
 Batches are sharded by rows over (`data`, `fsdp`) (`varft.batch`). Rollouts run on `rollout_mesh`: every device
 decodes its own rows, from weights resharded to a decode layout once per step (`sampling_params`).
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 import contextlib
+import contextvars
 import functools
 import json
 import math
@@ -31,58 +34,49 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 import numpy as np
 
+from varft import defaults
+
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
-# Logical axes -> mesh axes (None: replicated).
-DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
-    ("batch", BATCH_AXES),
-    ("vocab", "tensor"),
-    ("embed", "fsdp"),
-    ("heads", "tensor"),
-    ("kv_heads", "tensor"),
-    ("mlp", "tensor"),
-    ("layers", None),
-    # Activations: rows over the batch axes, features whole (the fsdp axis shards weights, not activations).
-    ("length", None),
-    ("act_embed", None),
-    ("act_heads", "tensor"),
-    ("act_kv_heads", "tensor"),
-    ("act_mlp", "tensor"),
-    ("act_vocab", "tensor"),
-    # The loss's vocabulary-parallel logits: rows whole within a data shard, the vocabulary over fsdp x tensor.
-    ("loss_batch", "data"),
-    ("loss_vocab", ("fsdp", "tensor")),
-    # Vision patches: left to the image table's layout (a per-device table keeps them on their device).
-    ("patches", P.UNCONSTRAINED),
-)
 
-# Logical axes of parameters, by the last one or two keys of their path. Unlisted leaves (norm scales, biases of
-# outputs, scalars) are replicated.
-_PARAM_AXES: dict[tuple[str, ...], tuple[str | None, ...]] = {
-    ("embed",): ("vocab", "embed"),
-    ("lm_head",): ("embed", "vocab"),
-    ("q", "w"): ("layers", "embed", "heads"),
-    ("q", "b"): ("layers", "heads"),
-    ("k", "w"): ("layers", "embed", "kv_heads"),
-    ("k", "b"): ("layers", "kv_heads"),
-    ("v", "w"): ("layers", "embed", "kv_heads"),
-    ("v", "b"): ("layers", "kv_heads"),
-    ("o", "w"): ("layers", "heads", "embed"),
-    ("gate", "w"): ("layers", "embed", "mlp"),
-    ("gate", "b"): ("layers", "mlp"),
-    ("up", "w"): ("layers", "embed", "mlp"),
-    ("up", "b"): ("layers", "mlp"),
-    ("down", "w"): ("layers", "mlp", "embed"),
-    # Vision tower.
-    ("patch_embed", "w"): (None, "embed"),
-    ("qkv", "w"): ("layers", "embed", "heads"),
-    ("qkv", "b"): ("layers", "heads"),
-    ("proj", "w"): ("layers", "heads", "embed"),
-    ("fc1", "w"): ("embed", "mlp"),
-    ("fc1", "b"): ("mlp",),
-    ("fc2", "w"): ("mlp", "embed"),
-}
+def rules_from_config(rules: Any) -> tuple[tuple[str, Any], ...]:
+  """`config.sharding.rules` (logical axis -> a mesh axis, a sequence of them, None for replicated, or
+  `unconstrained`: left to XLA), or (logical, mesh axes) pairs, as the pairs `spec_for` resolves."""
+  pairs = rules.items() if hasattr(rules, "items") else rules
+  out = []
+  for name, axes in pairs:
+    if axes == "unconstrained" or axes is P.UNCONSTRAINED:
+      out.append((name, P.UNCONSTRAINED))
+      continue
+    axes = tuple(axes) if isinstance(axes, (list, tuple)) else axes
+    unknown = [a for a in ((axes,) if isinstance(axes, str) else axes or ()) if a not in MESH_AXES]
+    if unknown:
+      raise ValueError(f"sharding.rules.{name}={axes!r}: {unknown} are not mesh axes; use {MESH_AXES}, None or "
+                       "'unconstrained'")
+    out.append((name, axes))
+  return tuple(out)
+
+
+# Logical axes -> mesh axes: the defaults of `config.sharding.rules` (varft.defaults).
+DEFAULT_RULES: tuple[tuple[str, Any], ...] = rules_from_config(defaults.sharding_config().rules)
+_RULES: contextvars.ContextVar[tuple[tuple[str, Any], ...]] = contextvars.ContextVar("rules", default=DEFAULT_RULES)
+
+
+@contextlib.contextmanager
+def axis_rules(rules: Any):
+  """Within the context every resolution without explicit rules (parameter and state layouts, activation
+  constraints while a function is traced) uses `rules` (`config.sharding.rules`); a run is traced inside it."""
+  token = _RULES.set(rules_from_config(rules))
+  try:
+    yield
+  finally:
+    _RULES.reset(token)
+
+
+def current_rules() -> tuple[tuple[str, Any], ...]:
+  """The rules of the innermost `axis_rules` context (DEFAULT_RULES outside any)."""
+  return _RULES.get()
 
 
 def initialize_distributed(enabled: str | bool = "auto", coordinator_address: str | None = None,
@@ -142,22 +136,33 @@ def _path_names(path) -> tuple[str, ...]:
   return tuple(names)
 
 
+@functools.cache
+def _declared_axes() -> dict[tuple[str, ...], tuple[str | None, ...]]:
+  """Every parameter path of the model -> the logical axes its module declares beside `init_params`."""
+  from varft.models.qwen25vl import model  # here, not above: the model imports this module (activation constraints)
+  leaves = jax.tree_util.tree_leaves_with_path(model.PARAM_AXES, is_leaf=lambda x: isinstance(x, tuple))
+  return {_path_names(path): axes for path, axes in leaves}
+
+
 def logical_axes(path_names: tuple[str, ...], ndim: int) -> tuple[str | None, ...]:
-  """Logical axes of a leaf from the names along its path (None everywhere when it is not a known parameter)."""
-  for suffix_len in (2, 1):
-    axes = _PARAM_AXES.get(path_names[-suffix_len:]) if len(path_names) >= suffix_len else None
+  """Logical axes of a leaf whose trailing keys are a parameter's path (the parameter itself, its AdamW moments,
+  its reference copy): the axes the model declares for it; None everywhere for any other leaf."""
+  declared = _declared_axes()
+  for start in range(len(path_names)):
+    axes = declared.get(path_names[start:])
     if axes is not None:
       if len(axes) != ndim:
-        raise ValueError(f"Parameter {'/'.join(path_names)} has {ndim} dims, its sharding rule expects "
-                         f"{len(axes)} {axes}")
+        raise ValueError(f"Parameter {'/'.join(path_names)} has {ndim} dims, its declared logical axes {axes} "
+                         f"{len(axes)}")
       return axes
   return (None,) * ndim
 
 
 def spec_for(axes: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh,
-             rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> P:
-  """The PartitionSpec of logical `axes`; dimensions that the mesh axes do not divide stay replicated."""
-  rule = dict(rules)
+             rules: Sequence[tuple[str, Any]] | None = None) -> P:
+  """The PartitionSpec of logical `axes` by `rules` (default: `current_rules()`); dimensions that the mesh axes do
+  not divide stay replicated."""
+  rule = dict(current_rules() if rules is None else rules)
   used: set[str] = set()
   spec = []
   for name, size in zip(axes, shape):
@@ -176,8 +181,7 @@ def spec_for(axes: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh,
   return P(*spec)
 
 
-def constrain(x: jax.Array, axes: tuple[str | None, ...], rules: Sequence[tuple[str,
-                                                                                Any]] = DEFAULT_RULES) -> jax.Array:
+def constrain(x: jax.Array, axes: tuple[str | None, ...], rules: Sequence[tuple[str, Any]] | None = None) -> jax.Array:
   """`x` constrained to the sharding of its logical `axes` on the mesh being traced; unchanged without one."""
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
@@ -185,7 +189,7 @@ def constrain(x: jax.Array, axes: tuple[str | None, ...], rules: Sequence[tuple[
   return jax.lax.with_sharding_constraint(x, spec_for(axes, tuple(x.shape), mesh, rules))
 
 
-def constrain_params(tree: Any, rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> Any:
+def constrain_params(tree: Any, rules: Sequence[tuple[str, Any]] | None = None) -> Any:
   """A parameter-shaped tree constrained to the parameters' shardings on the mesh being traced (e.g. a compute-
   dtype copy: cast shard by shard, so the layers all-gather the cast weights); unchanged without a mesh."""
   mesh = jax.sharding.get_abstract_mesh()
@@ -202,7 +206,7 @@ def tracing_mesh(mesh: Mesh | None):
   return jax.sharding.use_abstract_mesh(mesh.abstract_mesh)
 
 
-def tree_specs(tree: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> Any:
+def tree_specs(tree: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]] | None = None) -> Any:
   """PartitionSpecs for params, optimizer state or any tree whose leaves sit under parameter paths."""
 
   def leaf_spec(path, leaf):
@@ -212,7 +216,7 @@ def tree_specs(tree: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]] = DEFAULT
   return jax.tree_util.tree_map_with_path(leaf_spec, tree)
 
 
-def tree_shardings(tree: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> Any:
+def tree_shardings(tree: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]] | None = None) -> Any:
   return jax.tree.map(lambda spec: NamedSharding(mesh, spec), tree_specs(tree, mesh, rules),
                       is_leaf=lambda x: isinstance(x, P))
 
@@ -221,9 +225,24 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-# The sampler's parameter layout: no FSDP (a decode step would gather every weight), tensor-parallel over `tensor`.
-SAMPLING_RULES: tuple[tuple[str, Any], ...] = tuple(
-    (name, None if name == "embed" else axes) for name, axes in DEFAULT_RULES)
+def layout_table(tree: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]] | None = None) -> str:
+  """The resolved layout of a parameter tree, one line per leaf: path, shape, logical axes, PartitionSpec (what
+  the trainer logs at start)."""
+  rows = []
+  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+    shape = tuple(np.shape(leaf))
+    axes = logical_axes(_path_names(path), len(shape))
+    rows.append(("/".join(_path_names(path)), str(shape), str(axes), str(spec_for(axes, shape, mesh, rules))))
+  widths = [max(len(row[i]) for row in rows) for i in range(3)]
+  return "\n".join("  ".join([c.ljust(w) for c, w in zip(row, widths)] + [row[3]]) for row in rows)
+
+
+def sampling_rules(rules: Sequence[tuple[str, Any]] | None = None) -> tuple[tuple[str, Any], ...]:
+  """The sampler's parameter layout from `rules` (default: `current_rules()`): no FSDP (a decode step would gather
+  every weight), tensor-parallel over `tensor` as the rules say."""
+  rules = current_rules() if rules is None else rules
+  return tuple((name, None if name == "embed" else axes) for name, axes in rules)
+
 
 # `rollout.tensor_parallel = auto`: the sampling weights may take this fraction of a device's memory; the rest holds
 # the resident train state (FSDP-sharded), the KV cache and the activations of the rollout programs.
@@ -346,8 +365,8 @@ def _resharder(dtype: str | None, treedef, in_shardings: tuple, out_shardings: t
 
 
 def sampling_shardings(params: Any, sampler_mesh: Mesh) -> Any:
-  """The sampler's layout of `params` (`SAMPLING_RULES`) on `sampler_mesh`, as a tree of NamedShardings."""
-  return jax.tree.map(lambda s: NamedSharding(sampler_mesh, s), tree_specs(params, sampler_mesh, SAMPLING_RULES),
+  """The sampler's layout of `params` (`sampling_rules()`) on `sampler_mesh`, as a tree of NamedShardings."""
+  return jax.tree.map(lambda s: NamedSharding(sampler_mesh, s), tree_specs(params, sampler_mesh, sampling_rules()),
                       is_leaf=lambda x: isinstance(x, P))
 
 
@@ -366,7 +385,7 @@ def sampling_resharder(params: Any, mesh: Mesh, sampler_mesh: Mesh, dtype=None) 
 def sampling_params(params: Any, mesh: Mesh, sampler_mesh: Mesh, dtype=None) -> Any:
   """The train state's `params` (sharded on `mesh`) in the sampler's layout on `sampler_mesh`, cast to `dtype`.
 
-  One on-device program (compiled once, `sampling_resharder`) reshards them to `SAMPLING_RULES` over the same
+  One on-device program (compiled once, `sampling_resharder`) reshards them to `sampling_rules()` over the same
   devices; with several hosts each host then wraps its own devices' shards as arrays on its `sampler_mesh` (no
   host copy).
   """

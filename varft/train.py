@@ -248,6 +248,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> tuple[Run, dict[st
     # -------------------------------------------------------------------------------------------------------------
     optimizer, lr_fn = make_optimizer(config)
     params = load_params(config, model_cfg, mesh)
+    logging.info("Parameter layout (config.sharding.rules):\n%s", sharding.layout_table(params, mesh))
     init_state = lambda p: grpo.init_train_state(p, optimizer)
     state_shardings = sharding.tree_shardings(jax.eval_shape(init_state, params), mesh)
     programs = make_programs(config, model_cfg, gcfg, mesh, optimizer, state_shardings,
@@ -399,56 +400,57 @@ def evaluate(task: environment.Task, config: ml_collections.ConfigDict, workdir:
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Trains `config` in `workdir` (resuming from its checkpoints) to the end; returns the last logged metrics."""
   sharding.initialize_distributed(config.distributed)
-  run, state = setup(config, workdir)
-  writer_host = sharding.is_writer()
-  writer = metrics_writer.MetricsWriter(workdir, enabled=writer_host)
-  progress, exported, metrics = None, None, {}
-  try:
-    # -------------------------------------------------------------------------------------------------------------
-    # Resume, and say what runs where.
-    # -------------------------------------------------------------------------------------------------------------
-    state = restore(run, state)
+  with sharding.axis_rules(config.sharding.rules):  # every layout and activation constraint of the run
+    run, state = setup(config, workdir)
+    writer_host = sharding.is_writer()
+    writer = metrics_writer.MetricsWriter(workdir, enabled=writer_host)
+    progress, exported, metrics = None, None, {}
+    try:
+      # -------------------------------------------------------------------------------------------------------------
+      # Resume, and say what runs where.
+      # -------------------------------------------------------------------------------------------------------------
+      state = restore(run, state)
+      if writer_host:
+        console.write_config(workdir, config)
+        num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["train"]["params"]))
+        print(console.start_summary(config, workdir, jax.devices(), dict(run.mesh.shape), num_params, run.choices),
+              file=sys.stderr, flush=True)
+      choices = {f"run/{k}": str(v) for k, v in run.choices.items()}
+      progress = console.Progress(run.total_steps, state["step"], enabled=writer_host)
+      # -------------------------------------------------------------------------------------------------------------
+      # The loop: a step, then the periodic work (eval, metrics, samples, checkpoints).
+      # -------------------------------------------------------------------------------------------------------------
+      while state["step"] < run.total_steps:
+        state, metrics, samples = train_step(run, state)
+        step = state["step"]
+        last = step == run.total_steps
+        if config.eval_every and (step % config.eval_every == 0 or last):
+          metrics.update(evaluate(run.task, config, workdir, state["train"]["params"], step))
+        if step % config.log_every == 0 or last:
+          writer.write(step, {**metrics, **choices})
+        if writer_host and config.samples_every and (step % config.samples_every == 0 or last):
+          metrics_writer.write_samples(os.path.join(workdir, "samples"), step, samples)
+          writer.write_samples(step, samples)
+        if (config.checkpoint_every and (step % config.checkpoint_every == 0 or last) or
+            step in config.keep_checkpoint_steps):
+          save(run, state, force=last)
+        progress.update(step, metrics)
+      # -------------------------------------------------------------------------------------------------------------
+      # The end: pending saves on disk, the HF export, the summary.
+      # -------------------------------------------------------------------------------------------------------------
+      run.checkpointer.wait()
+      if config.export_hf:
+        exported = ckpt_lib.export_hf(state["train"]["params"], run.model_cfg, os.path.join(workdir, "hf"),
+                                      tokenizer_dir=config.model.hf_dir or None,
+                                      min_pixels=config.rollout.image_min_pixels,
+                                      max_pixels=config.rollout.image_max_pixels)
+    finally:
+      if progress is not None:
+        progress.close()
+      writer.close()
+      run.task.close()
+      run.checkpointer.close()
     if writer_host:
-      console.write_config(workdir, config)
-      num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["train"]["params"]))
-      print(console.start_summary(config, workdir, jax.devices(), dict(run.mesh.shape), num_params, run.choices),
+      print(console.end_summary(workdir, metrics_writer.read_metrics(workdir), exported, sft_steps=run.sft_steps),
             file=sys.stderr, flush=True)
-    choices = {f"run/{k}": str(v) for k, v in run.choices.items()}
-    progress = console.Progress(run.total_steps, state["step"], enabled=writer_host)
-    # -------------------------------------------------------------------------------------------------------------
-    # The loop: a step, then the periodic work (eval, metrics, samples, checkpoints).
-    # -------------------------------------------------------------------------------------------------------------
-    while state["step"] < run.total_steps:
-      state, metrics, samples = train_step(run, state)
-      step = state["step"]
-      last = step == run.total_steps
-      if config.eval_every and (step % config.eval_every == 0 or last):
-        metrics.update(evaluate(run.task, config, workdir, state["train"]["params"], step))
-      if step % config.log_every == 0 or last:
-        writer.write(step, {**metrics, **choices})
-      if writer_host and config.samples_every and (step % config.samples_every == 0 or last):
-        metrics_writer.write_samples(os.path.join(workdir, "samples"), step, samples)
-        writer.write_samples(step, samples)
-      if (config.checkpoint_every and (step % config.checkpoint_every == 0 or last) or
-          step in config.keep_checkpoint_steps):
-        save(run, state, force=last)
-      progress.update(step, metrics)
-    # -------------------------------------------------------------------------------------------------------------
-    # The end: pending saves on disk, the HF export, the summary.
-    # -------------------------------------------------------------------------------------------------------------
-    run.checkpointer.wait()
-    if config.export_hf:
-      exported = ckpt_lib.export_hf(state["train"]["params"], run.model_cfg, os.path.join(workdir, "hf"),
-                                    tokenizer_dir=config.model.hf_dir or None,
-                                    min_pixels=config.rollout.image_min_pixels,
-                                    max_pixels=config.rollout.image_max_pixels)
-  finally:
-    if progress is not None:
-      progress.close()
-    writer.close()
-    run.task.close()
-    run.checkpointer.close()
-  if writer_host:
-    print(console.end_summary(workdir, metrics_writer.read_metrics(workdir), exported, sft_steps=run.sft_steps),
-          file=sys.stderr, flush=True)
-  return metrics
+    return metrics

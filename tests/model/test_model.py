@@ -139,6 +139,19 @@ def test_image_tokens_take_image_embeddings_in_order(random_model):
   np.testing.assert_array_equal(embeds[0, 0], params["text"]["embed"][5])
 
 
+def test_per_device_image_tables_feed_their_own_rows(random_model):
+  config, params = random_model
+  image = config.image_token_id
+  ids = np.array([[image, 5], [image, image], [7, image], [image, 9]])  # rows 0-1 on table 0, rows 2-3 on table 1
+  index = np.array([[0, -1], [1, 2], [-1, 0], [1, -1]], np.int32)
+  tables = jnp.arange(2 * 3 * 64, dtype=jnp.float32).reshape(2, 3, 64)
+  embeds = model.embed(params, config, jnp.asarray(ids), tables, jnp.asarray(index))
+  np.testing.assert_array_equal(embeds[1, 1], tables[0, 2])
+  np.testing.assert_array_equal(embeds[2, 1], tables[1, 0])
+  np.testing.assert_array_equal(embeds[3, 0], tables[1, 1])
+  np.testing.assert_array_equal(embeds[2, 0], params["text"]["embed"][7])
+
+
 def test_input_mismatches_are_rejected(random_model):
   config, _ = random_model
   grids = np.array([[1, 4, 4]])

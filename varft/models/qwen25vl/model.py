@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from varft import batch as batch_lib
 from varft import sharding
 from varft.models.qwen25vl import rope, text, vision
 from varft.models.qwen25vl.config import Qwen25VLConfig
@@ -23,6 +24,10 @@ Params = dict[str, Any]
 
 def compute_dtype(config: Qwen25VLConfig):
   return jnp.dtype(config.dtype)
+
+
+# The logical axes of both towers' parameters, in `init_params`' tree (see text.PARAM_AXES, vision.PARAM_AXES).
+PARAM_AXES: dict[str, Any] = {"text": text.PARAM_AXES, "vision": vision.PARAM_AXES}
 
 
 def init_params(rng: jax.Array, config: Qwen25VLConfig, dtype=jnp.float32) -> Params:
@@ -49,12 +54,17 @@ def image_index_for(input_ids, config: Qwen25VLConfig) -> np.ndarray:
 
 def embed(params: Params, config: Qwen25VLConfig, input_ids: jnp.ndarray, image_embeds: jnp.ndarray | None = None,
           image_index: jnp.ndarray | None = None) -> jnp.ndarray:
-  """Token embeddings (B, T, D) with image tokens replaced by rows `image_index` of `image_embeds` (M, D)."""
+  """Token embeddings (B, T, D) with image tokens replaced by rows `image_index` of `image_embeds`: one table
+  (M, D) for the whole batch, or per-device tables (devices, M, D) where each row reads its own device's table
+  (`batch.lookup_images`, the training batch's layout)."""
   dtype = compute_dtype(config)
   embeds = text.embed_tokens(params["text"], input_ids, dtype)
-  if image_embeds is None:
+  if image_embeds is None or image_index is None:
     return embeds
-  rows = jnp.take(image_embeds, jnp.maximum(image_index, 0), axis=0, mode="clip").astype(dtype)
+  if image_embeds.ndim == 3:
+    rows = batch_lib.lookup_images(image_embeds.astype(dtype), image_index)
+  else:
+    rows = jnp.take(image_embeds, jnp.maximum(image_index, 0), axis=0, mode="clip").astype(dtype)
   rows = sharding.constrain(rows, ("batch", "length", "act_embed"))  # each device looks up its own rows' images
   return jnp.where((image_index >= 0)[..., None], rows, embeds)
 

@@ -7,6 +7,8 @@ sharding rules). Parameters:
     layers: attn_norm (L, D); q/k/v: {w (L, D, heads*hd), b (L, heads*hd)}; o: {w (L, H*hd, D)};
             mlp_norm (L, D); gate/up: {w (L, D, F)}; down: {w (L, F, D)}
 
+Their logical axes (`PARAM_AXES`, beside `init_params`) say how they are sharded.
+
 `forward` runs a chunk of embeddings either stand-alone (prefill / training) or against a fixed-size KV cache that
 it extends at per-row offsets (the sampler's extend and decode steps).
 """
@@ -24,6 +26,42 @@ from varft.models.qwen25vl.config import TextConfig
 
 Params = dict[str, Any]
 KVCache = dict[str, jnp.ndarray]  # k, v: (L, B, S, KV, hd); length: (B,) tokens already in the cache per row
+
+# The logical axes of every parameter `init_params` creates, in its tree (`lm_head` only with untied embeddings);
+# `sharding` maps them to mesh axes by the config's rules. Norm scales name no axes: small, they stay whole.
+PARAM_AXES: dict[str, Any] = {
+    "embed": ("vocab", "embed"),
+    "norm": (None,),
+    "lm_head": ("embed", "vocab"),
+    "layers": {
+        "attn_norm": (None, None),
+        "q": {
+            "w": ("layers", "embed", "heads"),
+            "b": ("layers", "heads")
+        },
+        "k": {
+            "w": ("layers", "embed", "kv_heads"),
+            "b": ("layers", "kv_heads")
+        },
+        "v": {
+            "w": ("layers", "embed", "kv_heads"),
+            "b": ("layers", "kv_heads")
+        },
+        "o": {
+            "w": ("layers", "heads", "embed")
+        },
+        "mlp_norm": (None, None),
+        "gate": {
+            "w": ("layers", "embed", "mlp")
+        },
+        "up": {
+            "w": ("layers", "embed", "mlp")
+        },
+        "down": {
+            "w": ("layers", "mlp", "embed")
+        },
+    },
+}
 
 
 def init_params(rng: jax.Array, cfg: TextConfig, dtype=jnp.float32) -> Params:

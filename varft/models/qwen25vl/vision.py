@@ -22,6 +22,8 @@ Parameters (blocks stacked along a leading axis and run with `lax.scan`):
     blocks: norm1 (L, Dv); qkv: {w (L, Dv, 3Dv), b (L, 3Dv)}; proj: {w (L, Dv, Dv), b (L, Dv)}; norm2 (L, Dv);
             gate/up: {w (L, Dv, F), b (L, F)}; down: {w (L, F, Dv), b (L, Dv)}
     merger: norm (Dv,); fc1: {w (4Dv, 4Dv), b (4Dv,)}; fc2: {w (4Dv, D_text), b (D_text,)}
+
+Their logical axes (`PARAM_AXES`, beside `init_params`) say how they are sharded.
 """
 from __future__ import annotations
 
@@ -42,6 +44,49 @@ Params = dict[str, Any]
 _INTERNAL_PAD = -1  # segment id of the internal padding up to a whole number of blocks
 _NEVER = -2  # segment id of the empty key block that pads key-block lists
 FULL_ATTENTION_CHUNK = 4  # key blocks per online-softmax step in full attention
+
+# The logical axes of every parameter `init_params` creates, in its tree; `sharding` maps them to mesh axes by the
+# config's rules. Norm scales and the biases added to the residual stream name no axes: small, they stay whole.
+PARAM_AXES: dict[str, Any] = {
+    "patch_embed": {
+        "w": (None, "embed")
+    },
+    "blocks": {
+        "norm1": (None, None),
+        "qkv": {
+            "w": ("layers", "embed", "heads"),
+            "b": ("layers", "heads")
+        },
+        "proj": {
+            "w": ("layers", "heads", "embed"),
+            "b": (None, None)
+        },
+        "norm2": (None, None),
+        "gate": {
+            "w": ("layers", "embed", "mlp"),
+            "b": ("layers", "mlp")
+        },
+        "up": {
+            "w": ("layers", "embed", "mlp"),
+            "b": ("layers", "mlp")
+        },
+        "down": {
+            "w": ("layers", "mlp", "embed"),
+            "b": (None, None)
+        },
+    },
+    "merger": {
+        "norm": (None,),
+        "fc1": {
+            "w": ("embed", "mlp"),
+            "b": ("mlp",)
+        },
+        "fc2": {
+            "w": ("mlp", "embed"),
+            "b": (None,)
+        },
+    },
+}
 
 
 def init_params(rng: jax.Array, cfg: VisionConfig, dtype=jnp.float32) -> Params:
