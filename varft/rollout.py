@@ -43,7 +43,7 @@ import numpy as np
 
 from varft import actions as actions_lib
 from varft import batch as batch_lib
-from varft import paper_rules, prompts, sampling
+from varft import paper_rules, prompts, sampling, turns
 from varft.models.qwen25vl import rope
 from varft.models.qwen25vl.config import Qwen25VLConfig
 from varft.processing import chat
@@ -89,7 +89,7 @@ class RolloutConfig:
   temperature: float = 1.0
   top_k: int = 0
   top_p: float = 1.0
-  stop_tags: tuple[str, ...] = sampling.DEFAULT_STOP_TAGS
+  stop_tags: tuple[str, ...] = turns.AGENT_STOP_TAGS
   length_buckets: tuple[int, ...] = (256, 512, 1024, 2048, 4096)
   chunk_buckets: tuple[int, ...] = (32, 64, 128, 256, 512, 1024)
   patch_buckets: tuple[int, ...] = (1024, 4096, 16384)
