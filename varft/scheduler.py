@@ -192,7 +192,9 @@ class Scheduler:
         (out.tokens, out.logps, out.num_tokens, out.stop_reason, out.stop_index, out.steps))
     self.timings["generate_s"] += time.perf_counter() - start
     self.counts["generate_calls"] += 1
+    self.counts["decode_steps"] += int(steps)
     self.counts["slot_steps"] += int(steps) * slots
+    self.counts["occupied_slot_steps"] += int(steps) * len(self._active())
     self.counts["live_slot_steps"] += int(counts.sum())
     for row in decoding:
       s = row.slot
