@@ -1,17 +1,22 @@
 """Heterogeneous agent rollouts: rollout engine v2 (continuous batching) vs the lock-step schedule, same tiny model.
 
 Workload (fixed seed): 128 search trajectories (text prompts), each making 1-5 tool turns and then answering; each
-turn samples 4-40 free tokens before its action (`<search> q </search>`, the last `<answer> a </answer>`), and each
-search is answered by a local fake tool after its own latency, drawn from 0.05-1.0 s. Both sides run the same
-`RolloutEngine` with the same executor (calls start when submitted, in parallel); they differ only in the schedule:
+turn decodes 4-40 free tokens (drawn, then replaced by fixed ordinary text tokens so that no free token is an EOS
+and both sides decode the same sequences) before its action (`<search> q </search>`, the last `<answer> a
+</answer>`), and each search is answered by a local fake tool after its own latency, drawn from 0.05-1.0 s. Both
+sides run the same `RolloutEngine` with the same executor (calls start when submitted, in parallel); they differ only
+in the schedule:
 
 * continuous (v2): a row that stops goes to its tool at once and rejoins when its observation is ready, the others
   keep decoding;
 * lockstep (the previous engine's order): every row decodes until the last one stopped, then the whole batch waits
-  for the slowest tool, then every row is extended.
+  for the slowest tool, then every row is extended;
+* v2 streaming: the continuous engine on `--slots` device slots (fewer than the tasks, as evaluation runs): a
+  finished trajectory's slot takes the next task.
 
-Reported: tasks/s of each (median of `--repeats` runs, the sides interleaved, after a warm-up run of each), their
-ratio, and the fraction of slot-steps of the generate calls that decoded a live row.
+Reported: tasks/s of each (median of `--repeats` runs, the sides interleaved, after a warm-up run of each with short
+turns that compiles the same programs), the ratios to lock-step, and the fraction of slot-steps of the generate
+calls that decoded a live row (of all slots, and of the slots holding an unfinished trajectory).
 
     PYTHONPATH=. python benchmarks/rollout_heterogeneous.py [--tasks 128] [--repeats 3]
 """
@@ -28,7 +33,7 @@ import jax
 import numpy as np
 
 from tests.rollout import scripted
-from varft import prompts, rollout
+from varft import prompts, rollout, sampling
 from varft.models.qwen25vl import config as config_lib
 from varft.models.qwen25vl import model
 from varft.processing import chat
@@ -60,7 +65,7 @@ class SlowSearch:
 def workload(n: int, seed: int = 0):
   rng = np.random.default_rng(seed)
   tool_turns = rng.integers(1, 6, n)
-  free = {(i, t): int(rng.integers(4, 41)) for i in range(n) for t in range(1, 7)}
+  free = {(i, t): rng.integers(300, 20000, int(rng.integers(4, 41))).tolist() for i in range(n) for t in range(1, 7)}
   latency = {(i, t): float(rng.uniform(0.05, 1.0)) for i in range(n) for t in range(1, 7)}
   tasks = [{
       "id": str(i),
@@ -75,6 +80,7 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--tasks", type=int, default=128)
   parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--slots", type=int, default=32)
   args = parser.parse_args()
   config = config_lib.get_config("tiny")
   params = model.init_params(jax.random.PRNGKey(0), config)
@@ -83,8 +89,12 @@ def main():
   actions = {t: tokenizer.encode(f"<search> query {t} </search>") for t in range(1, 7)}
   answer = tokenizer.encode("<answer> Paris </answer>")
 
+  warm = {"on": True}
+
   def script(i, t):
-    return [-1] * free[(i, t)] + (actions[t] if t <= tool_turns[i] else answer)
+    if warm["on"]:  # the warm-up: one short search turn, then the answer
+      return [300] * 4 + (actions[t] if t == 1 else answer)
+    return free[(i, t)] + (actions[t] if t <= tool_turns[i] else answer)
 
   executor = SlowSearch(latency)
   engines = {
@@ -94,37 +104,52 @@ def main():
                                 chunk_buckets=(64,), temperature=1.0, schedule=schedule),
           script=script) for schedule in ("continuous", "lockstep")
   }
-  times = {s: [] for s in engines}
+  sides = {
+      "v2": (engines["continuous"], None),
+      "lockstep": (engines["lockstep"], None),
+      "v2_streaming": (engines["continuous"], args.slots)
+  }
+  times = {s: [] for s in sides}
   stats = {}
   for i in range(args.repeats + 1):
-    for schedule, engine in engines.items():
+    warm["on"] = i == 0
+    for side, (engine, slots) in sides.items():
       start = time.perf_counter()
-      result = engine.run(params, tasks, jax.random.PRNGKey(i))
+      result = engine.run(params, tasks, jax.random.PRNGKey(i), slots=slots)
       if i:
-        times[schedule].append(time.perf_counter() - start)
-      assert result.stats["stop_reasons"]["answer"] == len(tasks), result.stats["stop_reasons"]
-      assert result.stats["tool_calls"] == int(tool_turns.sum())
-      stats[schedule] = result.stats
+        times[side].append(time.perf_counter() - start)
+        assert result.stats["stop_reasons"]["answer"] == len(tasks), result.stats["stop_reasons"]
+        assert result.stats["tool_calls"] == int(tool_turns.sum())
+        stats[side] = result.stats
+      print(side, i, round(time.perf_counter() - start, 2), round(result.stats["live_slot_fraction"], 3),
+            result.stats["decode_steps"], flush=True)
   rates = {s: args.tasks / statistics.median(t) for s, t in times.items()}
-  keys = ("generate_s", "extend_s", "prefill_s", "tools_wait_s", "generate_calls", "extends")
-  print(
-      json.dumps({
-          "tasks": args.tasks,
-          "tool_calls": int(tool_turns.sum()),
-          "v2_tasks_s": round(rates["continuous"], 2),
-          "lockstep_tasks_s": round(rates["lockstep"], 2),
-          "speedup": round(rates["continuous"] / rates["lockstep"], 2),
-          "v2_live_slot_fraction": round(stats["continuous"]["live_slot_fraction"], 3),
-          "lockstep_live_slot_fraction": round(stats["lockstep"]["live_slot_fraction"], 3),
-          "runs_s": {
-              s: [round(x, 2) for x in t] for s, t in times.items()
-          },
-          "breakdown": {
-              s: {
-                  k: stats[s].get(k) for k in keys
-              } for s in stats
-          },
-      }))
+  keys = ("generate_s", "extend_s", "prefill_s", "tools_wait_s", "generate_calls", "extends", "decode_steps",
+          "live_occupied_fraction")
+  summary = {
+      "tasks": args.tasks,
+      "slots_streaming": args.slots,
+      "tool_calls": int(tool_turns.sum()),
+      "tasks_s": {
+          s: round(r, 3) for s, r in rates.items()
+      },
+      "speedup_vs_lockstep": {
+          s: round(r / rates["lockstep"], 2) for s, r in rates.items()
+      },
+      "live_slot_fraction": {
+          s: round(stats[s]["live_slot_fraction"], 3) for s in stats
+      },
+      "runs_s": {
+          s: [round(x, 2) for x in t] for s, t in times.items()
+      },
+      "breakdown": {
+          s: {
+              k: stats[s].get(k) for k in keys
+          } for s in stats
+      },
+      "compiles": sampling.Sampler.compile_count(),
+  }
+  print(json.dumps(summary))
 
 
 if __name__ == "__main__":
