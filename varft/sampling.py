@@ -7,11 +7,16 @@ Two device programs, each compiled once per bucket shape:
   an empty cache.
 * `generate`: samples up to `max_new_tokens` tokens per row (greedy, temperature, top-k, top-p; optionally with a
   per-row repetition penalty over the tokens the row has seen) and feeds each back through the decoder, stopping a
-  row on EOS / `<|im_end|>`, on a stop tag (`</search>`, `</code>`, ...: matched on device as a suffix of token
-  classes, see `StopTable`; an empty table stops on EOS / budget only), or when it exhausts its own token budget.
+  row on an EOS id, on a stop string (matched on device as a suffix of token classes, see `StopTable`; an empty
+  table stops on EOS / budget only), or when it exhausts its own token budget. A call may return early (after a
+  traced number of steps, or once a number of rows stopped) and be resumed: the stop window carries over.
+* `prefill`: P prompts into a fresh (P, T) cache, each copied into the cache rows that show it (a prompt's G
+  samples share one prefill; the copy is a per-layer in-place scatter into the donated cache, which also resets a
+  reused row).
 
 Every sampled token, including the one that stopped the row, is written to the cache, so a rollout can extend the
-same cache with the tool's observation and go on. The cache is donated to both programs.
+same cache with the tool's observation and go on. The cache is donated to every program. Which strings stop and
+which ids are EOS is the caller's (the agent's tags: `varft.turns`).
 """
 from __future__ import annotations
 
@@ -29,13 +34,10 @@ from varft import batch as batch_lib
 from varft import sharding
 from varft.models.qwen25vl import model, text
 from varft.models.qwen25vl.config import Qwen25VLConfig
+from varft.stop_table import StopTable, make_stop_table, token_texts  # noqa: F401 (part of the sampler's API)
 
 # Why a row stopped (`GenerateOutput.stop_reason`).
 NOT_RUN, EOS, STOP_TAG, LENGTH = 0, 1, 2, 3
-
-# <|im_end|> and <|endoftext|> of the Qwen2.5 vocabulary.
-QWEN_EOS_IDS = (151645, 151643)
-DEFAULT_STOP_TAGS = ("</search>", "</code>", "</answer>", "</problem>")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,7 +52,7 @@ class SamplingConfig:
   top_k: int = 0
   top_p: float = 1.0
   max_new_tokens: int = 256
-  eos_ids: tuple[int, ...] = QWEN_EOS_IDS
+  eos_ids: tuple[int, ...] = ()
 
   def __post_init__(self):
     if self.temperature < 0:
@@ -65,73 +67,6 @@ class SamplingConfig:
   @property
   def greedy(self) -> bool:
     return self.temperature == 0
-
-
-class StopTable(NamedTuple):
-  """Stop strings as suffixes of token classes, checked on device after each sampled token.
-
-  A stop string such as `</search>` spans several tokens and its first and last tokens vary with the neighbouring
-  text (`</`, `?</`, `.</`; `>`, `>\\n`). Each (string, position) pair is one bit; `token_bits[v]` has the bits of
-  every pair that token `v` may fill, and `pattern_bits[s]` holds string `s`'s bits right-aligned in a window of
-  the last W tokens (0 = any token).
-  """
-  token_bits: np.ndarray  # (V,) int32
-  pattern_bits: np.ndarray  # (S, W) int32
-  strings: tuple[str, ...]
-
-
-def _token_ids(tokenizer, text_: str) -> list[int]:
-  ids = tokenizer.encode(text_)
-  return list(ids.ids) if hasattr(ids, "ids") else list(ids)
-
-
-def token_texts(tokenizer, vocab_size: int) -> list[str]:
-  """The decoded text of every token id below `vocab_size` ('' for ids the tokenizer does not know)."""
-  known = tokenizer.vocab_size if hasattr(tokenizer, "vocab_size") else tokenizer.get_vocab_size()
-  texts = [tokenizer.decode([i]) for i in range(min(known, vocab_size))]
-  return texts + [""] * (vocab_size - len(texts))
-
-
-def make_stop_table(tokenizer, vocab_size: int, stop_strings: Sequence[str] = DEFAULT_STOP_TAGS,
-                    texts: Sequence[str] | None = None) -> StopTable:
-  """Builds the token classes of each stop string from its canonical tokenization `p_1 .. p_n`.
-
-  The first token may carry any text before `p_1` (`?</`), the last token any whitespace after `p_n` (`>\\n`),
-  the middle tokens are exact. A one-token string matches any token that ends with it (up to trailing whitespace).
-  No stop strings: a table whose one pattern no token fills (generation stops on EOS and budget only).
-  """
-  if not stop_strings:
-    return StopTable(np.zeros((vocab_size,), np.int32), np.ones((1, 1), np.int32), ())
-  texts = token_texts(tokenizer, vocab_size) if texts is None else list(texts)
-  pieces = []
-  for s in stop_strings:
-    ids = _token_ids(tokenizer, s)
-    if not ids or max(ids) >= vocab_size:
-      raise ValueError(f"Stop string {s!r} tokenizes to {ids}: nothing, or ids beyond the model's vocabulary "
-                       f"({vocab_size}); is this the model's tokenizer?")
-    pieces.append([texts[i] for i in ids])
-  num_pairs = sum(len(p) for p in pieces)
-  if num_pairs > 31:
-    raise ValueError(f"{len(stop_strings)} stop strings use {num_pairs} token positions; at most 31 fit.")
-  window = max(len(p) for p in pieces)
-  token_bits = np.zeros((vocab_size,), np.int64)
-  pattern_bits = np.zeros((len(pieces), window), np.int32)
-  bit = 0
-  for s, parts in enumerate(pieces):
-    n = len(parts)
-    for j, part in enumerate(parts):
-      if n == 1:
-        members = [v for v, t in enumerate(texts) if t and t.rstrip().endswith(part)]
-      elif j == 0:
-        members = [v for v, t in enumerate(texts) if t.endswith(part)]
-      elif j == n - 1:
-        members = [v for v, t in enumerate(texts) if t.startswith(part) and not t[len(part):].strip()]
-      else:
-        members = [v for v, t in enumerate(texts) if t == part]
-      token_bits[members] |= 1 << bit
-      pattern_bits[s, window - n + j] = 1 << bit
-      bit += 1
-  return StopTable(token_bits.astype(np.int32), pattern_bits, tuple(stop_strings))
 
 
 class Chunk(NamedTuple):
@@ -151,9 +86,11 @@ class GenerateOutput(NamedTuple):
   stop_index: jax.Array  # (B,) int32: which stop string matched (-1 if none)
   next_positions: jax.Array  # (B,) int32: text position of the next token
   logits: jax.Array  # (B, V) float32 next-token logits after the last fed token
+  steps: jax.Array  # () int32: decode steps this call ran
 
 
-def _extend(params, cache, chunk: Chunk, image_embeds, images, *, model_config: Qwen25VLConfig):
+def _extend(params, cache, chunk: Chunk, image_embeds, images, logits=None, *, model_config: Qwen25VLConfig):
+  """`logits` (B, V), optional: the rows without tokens in `chunk` keep these (else they get padding's logits)."""
   cfg = model_config.text
   dtype = jnp.dtype(model_config.dtype)
   if images is not None:  # each device encodes its own rows' images (see `varft.batch`)
@@ -166,9 +103,33 @@ def _extend(params, cache, chunk: Chunk, image_embeds, images, *, model_config: 
     embeds = model.embed(params, model_config, chunk.tokens, image_embeds, chunk.image_index)
   hidden, cache = text.forward(params["text"], cfg, embeds, chunk.positions, attention_mask=chunk.mask, cache=cache,
                                dtype=dtype, attention=model_config.attention)
-  last = jnp.maximum(chunk.mask.sum(axis=1) - 1, 0)
-  last_hidden = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
-  return text.logits(params["text"], cfg, last_hidden), cache
+  count = chunk.mask.sum(axis=1)
+  last_hidden = jnp.take_along_axis(hidden, jnp.maximum(count - 1, 0)[:, None, None], axis=1)[:, 0]
+  new = text.logits(params["text"], cfg, last_hidden)
+  return (new if logits is None else jnp.where((count > 0)[:, None], new, logits)), cache
+
+
+def _prefill(params, cache, logits, chunk: Chunk, image_embeds, images, source, *, model_config: Qwen25VLConfig):
+  """Prefills the P prompts of `chunk` (P, T) into a fresh (P, T) cache and copies prompt `source[b]` into row b of
+  `cache` (B rows; `source[b] < 0`: row b and its logits are kept). The copy is a scatter per layer into the
+  donated cache (the temporary is one layer of B x T slots, never a second cache)."""
+  cfg = model_config.text
+  prompts, length = chunk.tokens.shape
+  fresh = text.init_cache(cfg, prompts, length, cache["k"].dtype)
+  new_logits, fresh = _extend(params, fresh, chunk, image_embeds, images, model_config=model_config)
+  chosen = source >= 0
+  source = jnp.maximum(source, 0)
+  # Rows that keep their cache write past its end (dropped by the scatter).
+  offsets = jnp.where(chosen, 0, cache["k"].shape[2]).astype(jnp.int32)
+
+  def copy(layer, stacks):
+    k, v = stacks
+    return (text._write_rows(k, fresh["k"][layer][source], layer,
+                             offsets), text._write_rows(v, fresh["v"][layer][source], layer, offsets))
+
+  k, v = jax.lax.fori_loop(0, cfg.num_layers, copy, (cache["k"], cache["v"]))
+  length = jnp.where(chosen, fresh["length"][source], cache["length"])
+  return jnp.where(chosen[:, None], new_logits[source], logits), {"k": k, "v": v, "length": length}
 
 
 def _first_argmax(x):
@@ -256,20 +217,25 @@ def _sample(logits, rng, sampling: SamplingConfig, forced):
   return token, logp
 
 
-def _generate(params, cache, logits, next_positions, rng, budget, forced, token_bits, pattern_bits, repetition=None, *,
-              model_config: Qwen25VLConfig, sampling: SamplingConfig):
+def _generate(params, cache, logits, next_positions, rng, budget, forced, token_bits, pattern_bits, repetition=None,
+              recent=None, max_steps=None, exit_after=None, *, model_config: Qwen25VLConfig, sampling: SamplingConfig):
   """`repetition`: None, or (context (B, C) int32, penalty (B,) float32): the repetition penalty of each row over the
-  tokens of its context and of everything it samples."""
+  tokens of its context and of everything it samples. `recent` (B, W) int32: the row's last tokens of this turn
+  before the call (-1 = none), so that a stop string begun in an earlier call still stops. Traced scalars:
+  `max_steps` (at most `max_new_tokens`) and `exit_after` (return once that many rows stopped in this call)."""
   cfg = model_config.text
   dtype = jnp.dtype(model_config.dtype)
   batch = logits.shape[0]
-  steps = sampling.max_new_tokens
   window = pattern_bits.shape[1]
   eos = jnp.asarray(sampling.eos_ids, jnp.int32)
+  max_steps = jnp.int32(sampling.max_new_tokens) if max_steps is None else jnp.minimum(
+      max_steps, sampling.max_new_tokens)
+  exit_after = jnp.int32(batch) if exit_after is None else exit_after
+  done = budget <= 0
 
   def cond(state):
-    step, done = state[0], state[5]
-    return (step < steps) & ~jnp.all(done)
+    step, stopped = state[0], state[5] & ~done
+    return (step < max_steps) & ~jnp.all(state[5]) & (jnp.sum(stopped) < exit_after)
 
   def body(state):
     step, cache, logits, positions, rng, done, tokens, logps, count, reason, stop_index, recent, seen = state
@@ -301,20 +267,25 @@ def _generate(params, cache, logits, next_positions, rng, budget, forced, token_
     done = done | (live & (is_eos | is_tag | out_of_budget))
     return step + 1, cache, logits, positions, rng, done, tokens, logps, count, reason, stop_index, recent, seen
 
-  done = budget <= 0
   seen = None if repetition is None else seen_tokens(repetition[0], logits.shape[-1])
+  if recent is None:
+    bits = jnp.zeros((batch, window), jnp.int32)
+  else:
+    recent = recent[:, recent.shape[1] - window:]
+    bits = jnp.where(recent >= 0, token_bits[jnp.maximum(recent, 0)], 0)
+  steps = sampling.max_new_tokens
   state = (jnp.int32(0), cache, logits, next_positions, rng, done, jnp.zeros(
       (batch, steps), jnp.int32), jnp.zeros((batch, steps), jnp.float32), jnp.zeros(
-          (batch,), jnp.int32), jnp.zeros((batch,), jnp.int32), jnp.full(
-              (batch,), -1, jnp.int32), jnp.zeros((batch, window), jnp.int32), seen)
+          (batch,), jnp.int32), jnp.zeros((batch,), jnp.int32), jnp.full((batch,), -1, jnp.int32), bits, seen)
   state = jax.lax.while_loop(cond, body, state)
-  _, cache, logits, positions, _, _, tokens, logps, count, reason, stop_index, _, _ = state
-  return GenerateOutput(tokens, logps, count, reason, stop_index, positions, logits), cache
+  step, cache, logits, positions, _, _, tokens, logps, count, reason, stop_index, _, _ = state
+  return GenerateOutput(tokens, logps, count, reason, stop_index, positions, logits, step), cache
 
 
 # Module-level so that samplers with equal configs (e.g. a multi-turn and a step-wise engine) share programs.
 _extend_jit = jax.jit(_extend, static_argnames=("model_config",), donate_argnums=(1,))
 _generate_jit = jax.jit(_generate, static_argnames=("model_config", "sampling"), donate_argnums=(1,))
+_prefill_jit = jax.jit(_prefill, static_argnames=("model_config",), donate_argnums=(1, 2))
 
 
 class Sampler:
@@ -370,23 +341,45 @@ class Sampler:
         "length": self._shard(cache["length"])
     }
 
-  def extend(self, params, cache, chunk: Chunk, image_embeds: jax.Array | None = None, images=None):
+  def empty_logits(self, batch: int) -> jax.Array:
+    """(B, V) zeros, batch-sharded: the logits of rows that hold nothing yet (see `prefill`)."""
+    return self._shard(np.zeros((batch, self.model_config.text.vocab_size), np.float32))
+
+  @property
+  def stop_window(self) -> int:
+    """How many of a row's last tokens the stop strings look at (the width of `generate`'s `recent`)."""
+    return int(self.stop_table.pattern_bits.shape[1])
+
+  def _chunk(self, chunk: Chunk) -> Chunk:
+    return Chunk(self._shard(np.asarray(chunk.tokens, np.int32)), self._shard(np.asarray(chunk.positions, np.int32), 1),
+                 self._shard(np.asarray(chunk.mask, np.int32)), self._shard(np.asarray(chunk.image_index, np.int32)))
+
+  def extend(self, params, cache, chunk: Chunk, image_embeds: jax.Array | None = None, images=None,
+             logits: jax.Array | None = None):
     """Appends `chunk` to each row of `cache` (donated); returns (next-token logits (B, V), new cache).
 
     Image tokens read `image_embeds` (a flat table), or `images = (pixel_values, vision_inputs)`: each device's
     image table (leading axis D, `varft.batch.image_tables`), encoded inside this program where it lives.
+    `logits` (B, V), optional: the rows without tokens in `chunk` keep theirs.
     The padded chunk is written whole at each row's length, so every row needs `length + T <= cache size`
     (rows without tokens included: they get scratch writes past their length).
     """
-    chunk = Chunk(self._shard(np.asarray(chunk.tokens, np.int32)), self._shard(np.asarray(chunk.positions, np.int32),
-                                                                               1),
-                  self._shard(np.asarray(chunk.mask, np.int32)), self._shard(np.asarray(chunk.image_index, np.int32)))
     if images is not None:
       images = jax.tree.map(self._shard, tuple(images))
-    return _extend_jit(params, cache, chunk, image_embeds, images, model_config=self.model_config)
+    return _extend_jit(params, cache, self._chunk(chunk), image_embeds, images, logits, model_config=self.model_config)
+
+  def prefill(self, params, cache, logits, chunk: Chunk, source: Sequence[int], images=None):
+    """Prefills the P prompts of `chunk` once each and puts prompt `source[b]` into row b (`source[b] = -1`: row b
+    is kept as it is); a row that gets a prompt is reset to it. `cache` and `logits` (B, V) are donated; returns
+    (logits, cache). P must be a multiple of `num_shards` (pad with empty prompts); `images` as for `extend`."""
+    if images is not None:
+      images = jax.tree.map(self._shard, tuple(images))
+    return _prefill_jit(params, cache, logits, self._chunk(chunk), None, images,
+                        self._shard(np.asarray(source, np.int32)), model_config=self.model_config)
 
   def generate(self, params, cache, logits, next_positions, rng, budget, forced: np.ndarray | None = None,
-               repetition: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[GenerateOutput, text.KVCache]:
+               repetition: tuple[np.ndarray, np.ndarray] | None = None, *, recent: np.ndarray | None = None,
+               max_steps: int | None = None, exit_after: int | None = None) -> tuple[GenerateOutput, text.KVCache]:
     """Samples up to `min(budget[b], max_new_tokens)` tokens for every row with `budget[b] > 0`.
 
     `logits` are the next-token logits from the last extend/generate, `next_positions` (B,) the text position of
@@ -395,25 +388,33 @@ class Sampler:
     `repetition` = (context (B, C) int32, penalty (B,) float), optional: each row's logits get transformers'
     repetition penalty (`apply_repetition_penalty`) over the tokens of its context (-1 = padding) and those it
     samples; penalty and context are traced (a fixed C compiles once); log-probs are those of the penalised logits.
-    Returns the output and the cache (donated) holding every sampled token. Rows with budget 0 get a scratch write
-    at slot `length`, so they need `length < cache size` if their cache is used again.
+
+    Resuming: the call returns after `max_steps` steps or once `exit_after` rows stopped in it (both traced: one
+    program); `out.steps` says how many it ran. A row resumed mid-turn passes the last `stop_window` tokens it
+    sampled in this turn as `recent` (B, stop_window) (-1 = none), and its budget and forced tokens offset by what
+    it already sampled. Returns the output and the cache (donated) holding every sampled token. Rows with budget 0
+    get a scratch write at slot `length`, so they need `length < cache size` if their cache is used again.
     """
     batch, steps = len(next_positions), self.sampling.max_new_tokens
     budget = np.minimum(np.asarray(budget, np.int32), steps)
     forced = np.full((batch, steps), -1, np.int32) if forced is None else np.asarray(forced, np.int32)
     if forced.shape != (batch, steps):
       raise ValueError(f"forced tokens have shape {forced.shape}, expected {(batch, steps)}")
+    recent = np.full((batch, self.stop_window), -1, np.int32) if recent is None else np.asarray(recent, np.int32)
+    if recent.shape != (batch, self.stop_window):
+      raise ValueError(f"recent tokens have shape {recent.shape}, expected {(batch, self.stop_window)}")
     if repetition is not None:
       context, penalty = repetition
       repetition = (self._shard(np.asarray(context, np.int32)), self._shard(np.asarray(penalty, np.float32)))
+    limits = np.int32(steps if max_steps is None else max_steps), np.int32(batch if exit_after is None else exit_after)
     return _generate_jit(params, cache, logits, self._shard(np.asarray(next_positions, np.int32)), rng,
                          self._shard(budget), self._shard(forced), self._token_bits, self._pattern_bits, repetition,
-                         model_config=self.model_config, sampling=self.sampling)
+                         self._shard(recent), *limits, model_config=self.model_config, sampling=self.sampling)
 
   @staticmethod
   def compile_count() -> int:
     """How many programs extend/generate hold, over all samplers (one per config and shape signature)."""
-    return _extend_jit._cache_size() + _generate_jit._cache_size()
+    return _extend_jit._cache_size() + _generate_jit._cache_size() + _prefill_jit._cache_size()
 
 
 def bucket(n: int, buckets: Sequence[int], beyond: str = "error") -> int:

@@ -1,4 +1,5 @@
-"""One trajectory of a rollout: its token ledger (what training sees) and its readable transcript."""
+"""One trajectory of a rollout: one record (`Ledger`) holding its tokens (what training sees), the state its next
+turn needs, and its readable transcript (a part of the record, filled as the trajectory goes)."""
 from __future__ import annotations
 
 import dataclasses
@@ -65,17 +66,8 @@ class RolloutResult:
 
 
 @dataclasses.dataclass
-class ImageEntry:
-  key: str
-  pil: Image.Image
-  patches: np.ndarray
-  grid: np.ndarray
-  num_tokens: int
-
-
-@dataclasses.dataclass
 class Ledger:
-  """The ledger of one trajectory: every token the sampler saw, and the state its next turn needs."""
+  """The record of one trajectory: every token the sampler saw, the state its next turn needs, its transcript."""
   group: int
   tokens: list[int]
   image_key: list[str | None]  # per token: which image it belongs to (None for text)
@@ -96,6 +88,17 @@ class Ledger:
   shown: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (image key, transcript ref) pairs
   problems: tuple[str, ...] = ()  # the latest <problem> set
   last_query: str | None = None
+  # Where the scheduler has it: its trajectory index, the ledger index where its current turn began, and the
+  # turn's actions waiting for their tools: (action, future of its Observation or None, crop override applied).
+  index: int = 0
+  slot: int = -1
+  turn_start: int = 0
+  waiting: list[tuple[actions_lib.Action, Any, bool]] = dataclasses.field(default_factory=list)
+
+  @property
+  def turn_tokens(self) -> list[int]:
+    """The tokens sampled so far in the current turn."""
+    return self.tokens[self.turn_start:]
 
   def start(self, tokens, positions, image_key, image_local, images):
     """Resets the ledger to a prompt (a new single-turn prompt replaces the whole ledger)."""

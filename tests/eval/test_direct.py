@@ -11,6 +11,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from tests import hf_tiny  # noqa: E402
+from tests.rollout import scripted  # noqa: E402
 from varft import agent_task, rollout  # noqa: E402
 from varft.eval import direct  # noqa: E402
 from varft.models.qwen25vl import config as config_lib  # noqa: E402
@@ -83,7 +84,9 @@ def test_prompts_are_the_df_scripts_turn(setup):
 def test_greedy_replies_equal_transformers_and_the_whole_reply_is_the_prediction(setup):
   config, params, torch_model, tokenizer, engine = setup
   forced = tokenizer.encode("Paris" + chat.IM_END)
-  result = engine.run(params, EXAMPLES, jax.random.key(0), script=lambda b: forced if b == 2 else None)
+  answering = scripted.ScriptedDirectEngine(config, tokenizer, engine.config, max_new_tokens=NEW_TOKENS,
+                                            script=lambda b: forced if b == 2 else None)
+  result = answering.run(params, EXAMPLES, jax.random.key(0))
   t = result.transcripts
   assert [x.example_id for x in t] == ["m1", "h1", "h2"]
   assert t[2].answer == "Paris" and t[2].stop_reason == "answer"  # <|im_end|> ends it and is not in the answer

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 from PIL import Image
 
-from varft import rollout, sampling, sharding
+from varft import rollout, sampling, sharding, turns
 from varft.models.qwen25vl import config as config_lib
 from varft.models.qwen25vl import model
 from varft.processing import chat
@@ -49,7 +49,7 @@ def run(mesh, params, tokenizer, table):
 
 def main():
   tokenizer = chat.load_tokenizer()
-  table = sampling.make_stop_table(tokenizer, CFG.text.vocab_size)
+  table = sampling.make_stop_table(tokenizer, CFG.text.vocab_size, turns.AGENT_STOP_TAGS)
   params = model.init_params(jax.random.PRNGKey(0), CFG)
   one = run(None, jax.device_put(params, jax.devices()[0]), tokenizer, table)
   mesh = sharding.rollout_mesh(sharding.make_mesh({"fsdp": 8}))

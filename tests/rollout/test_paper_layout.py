@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
+from tests.rollout import scripted
 from varft import prompts, rollout
 from varft.models.qwen25vl import config as config_lib
 from varft.models.qwen25vl import model
@@ -88,12 +89,12 @@ def setup():
 
 def _run(setup, rollout_config, executor, example, turns):
   config, params, tokenizer = setup
-  engine = rollout.RolloutEngine(config, tokenizer, executor, rollout_config)
 
   def script(row, turn):
     return tokenizer.encode(turns[turn - 1] + "<|im_end|>") if turn <= len(turns) else None
 
-  return engine.run(params, [example], jax.random.PRNGKey(0), script=script), tokenizer
+  engine = scripted.ScriptedEngine(config, tokenizer, executor, rollout_config, script=script)
+  return engine.run(params, [example], jax.random.PRNGKey(0)), tokenizer
 
 
 def _expected_ids(tokenizer, text, image_tokens):

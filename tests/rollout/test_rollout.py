@@ -1,12 +1,17 @@
 """The rollout engine with a scripted policy (forced tokens through the real sampler) and a scripted tool executor.
 
-One run covers: search (ok, tool error, result truncation), code with an output image, a `<problem>` hint, a
-malformed action, the max-turn limit, both ways of hitting the max-token limit, and free sampling. The batch is then
-checked against independent computations: positions against transformers' `get_rope_index` on the final sequences,
-stored log-probs against a fresh forward pass, and the loss mask against the scripted tokens.
+Every check runs on both schedules: lock-step, and continuous with tools of different latencies (rows interleave:
+one row's slow search is still out while the others go on). One run covers: search (ok, tool error, result
+truncation), code with an output image, a `<problem>` hint, a malformed action, the max-turn limit, both ways of
+hitting the max-token limit, and free sampling. The batch is then checked against independent computations:
+positions against transformers' `get_rope_index` on the final sequences, stored log-probs against a fresh forward
+pass, and the loss mask against the scripted tokens.
 """
+import concurrent.futures
 import dataclasses
 import io
+import threading
+import time
 
 import jax
 import numpy as np
@@ -16,6 +21,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from tests import hf_tiny  # noqa: E402
+from tests.rollout import scripted  # noqa: E402
 from varft import batch as batch_lib  # noqa: E402
 from varft import prompts, rollout, sampling  # noqa: E402
 from varft.models.qwen25vl import config as config_lib  # noqa: E402
@@ -101,8 +107,40 @@ class ScriptedExecutor:
     return out
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+class DelayedExecutor(ScriptedExecutor):
+  """The same tools behind `submit`, each call finishing after its own delay; row 1's first search is held until
+  row 2 submitted its second one (60 s at most: a lock-step engine would wait for it). Records, for each submitted
+  call, which calls had finished by then."""
+
+  DELAYS = {"0:1": 0.2, "4:1": 0.1, "2:1": 0.05}
+
+  def __init__(self):
+    super().__init__()
+    self.finished, self.submitted = set(), {}
+    self.lock = threading.Lock()
+    self.pool = concurrent.futures.ThreadPoolExecutor(8)
+    self.gate = threading.Event()
+
+  def submit(self, call):
+    with self.lock:
+      self.submitted[call.call_id] = set(self.finished)
+    if call.call_id == "2:2":
+      self.gate.set()
+
+    def run():
+      time.sleep(self.DELAYS.get(call.call_id, 0.0))
+      if call.call_id == "1:1":
+        self.gate.wait(60)
+      obs = self.execute([call])[0]
+      with self.lock:
+        self.finished.add(call.call_id)
+      return obs
+
+    return self.pool.submit(run)
+
+
+@pytest.fixture(scope="module", params=["lockstep", "continuous"])
+def setup(request, tmp_path_factory):
   path, torch_model = hf_tiny.make_tiny_hf_checkpoint(tmp_path_factory.mktemp("tiny"), tie=True)
   config = config_lib.from_hf_config(path)
   params = hf.params_from_state_dict(torch_model.state_dict(), config)
@@ -112,14 +150,15 @@ def setup(tmp_path_factory):
   longest = len(chat.encode_messages(tokenizer, [{"role": "user", "content": text}]))
   rollout_config = rollout.RolloutConfig(max_turns=3, max_new_tokens=24, max_total_tokens=longest + 56,
                                          max_tool_output_tokens=TOOL_TOKENS, temperature=1.0, length_buckets=(512, 768),
-                                         chunk_buckets=(32, 64, 128), patch_buckets=(256,), image_max_pixels=224 * 224)
-  executor = ScriptedExecutor()
-  engine = rollout.RolloutEngine(config, tokenizer, executor, rollout_config)
+                                         chunk_buckets=(32, 64, 128), patch_buckets=(256,), image_max_pixels=224 * 224,
+                                         schedule=request.param)
+  executor = ScriptedExecutor() if request.param == "lockstep" else DelayedExecutor()
 
   def script(row, turn):
     return tokenizer.encode(SCRIPT[(row, turn)]) if (row, turn) in SCRIPT else None
 
-  result = engine.run(params, EXAMPLES, jax.random.PRNGKey(0), num_samples=G, script=script)
+  engine = scripted.ScriptedEngine(config, tokenizer, executor, rollout_config, script=script)
+  result = engine.run(params, EXAMPLES, jax.random.PRNGKey(0), num_samples=G)
   return config, params, torch_model, tokenizer, engine, executor, result
 
 
@@ -143,14 +182,31 @@ def test_stop_reasons_and_transcripts(setup):
   assert t[4].observations[0]["truncated"] and "tool output truncated" in t[4].messages[2]["text"]
   assert t[5].actions[0].kind == "malformed"
   assert "--- assistant ---" in t[3].render()
-  # One execute() per turn for the whole batch; the code tool got row 3's prompt image.
-  assert [sorted(c.call_id for c in b) for b in executor.batches] == [["0:1", "1:1", "2:1", "4:1", "6:1", "8:1"],
-                                                                      ["2:2", "3:2"]]
-  code_call = executor.batches[1][1]
+  calls = [c for b in executor.batches for c in b]
+  assert sorted(c.call_id for c in calls) == ["0:1", "1:1", "2:1", "2:2", "3:2", "4:1", "6:1", "8:1"]
+  if engine.config.schedule == "lockstep":  # one execute() per turn for the whole batch
+    assert [sorted(c.call_id for c in b) for b in executor.batches] == [["0:1", "1:1", "2:1", "4:1", "6:1", "8:1"],
+                                                                        ["2:2", "3:2"]]
+  else:  # row 2 went on to its second search while row 1's first search was still out
+    assert "1:1" not in executor.submitted["2:2"] and "2:1" in executor.submitted["2:2"]
+  code_call, = [c for c in calls if c.call_id == "3:2"]  # the code tool got row 3's prompt image
   assert code_call.kind == "code" and code_call.images["path_to_input_image.jpg"].size == (84, 56)
   # Two prompt images + one tool-output image, each through the vision tower once for all G samples.
   assert result.stats["images_encoded"] == 3
   assert result.stats["tool_calls"] == 8 and result.stats["stop_reasons"]["answer"] == 3
+  # One prefill per prompt: its G rows copy it (1/G of the prompt tokens of all rows).
+  prompt_tokens = np.argmax(result.batch["loss_mask"] == 1, axis=1)  # every row samples: its prompt ends there
+  assert result.stats["prefill_tokens"] * G == prompt_tokens.sum()
+  assert 0 < result.stats["live_slot_fraction"] <= 1
+
+
+def test_no_recompiles_after_warm_up(setup):
+  """The same run again (another seed, the same buckets): every program is already compiled."""
+  *_, engine, executor, result = setup
+  before = sampling.Sampler.compile_count()
+  again = engine.run(setup[1], EXAMPLES, jax.random.PRNGKey(5), num_samples=G)
+  assert sampling.Sampler.compile_count() == before
+  assert [t.stop_reason for t in again.transcripts] == [t.stop_reason for t in result.transcripts]
 
 
 def test_loss_mask_holds_exactly_the_sampled_tokens(setup):
@@ -224,13 +280,14 @@ def test_stored_logps_equal_a_fresh_forward_pass(setup):
 def test_stepwise_mode_makes_one_turn_from_the_carried_context(setup):
   config, params, _, tokenizer, engine, *_ = setup
   executor = ScriptedExecutor()
-  stepwise = rollout.RolloutEngine(config, tokenizer, executor, dataclasses.replace(engine.config, mode="stepwise"),
-                                   stop_table=engine.sampler.stop_table)
+  stepwise = scripted.ScriptedEngine(
+      config, tokenizer, executor, dataclasses.replace(engine.config, mode="stepwise"),
+      stop_table=engine.sampler.stop_table, script=lambda row, turn: tokenizer.encode("<search> again </search>")
+      if row == 0 else None)
   context = "<think> earlier </think>\n<search> q </search>\n<information> 1. Content:Paris </information>"
   examples = [dict(ex, step_type="answer", context=context) for ex in EXAMPLES]
   before = sampling.Sampler.compile_count()
-  result = stepwise.run(params, examples, jax.random.PRNGKey(1), num_samples=G,
-                        script=lambda row, turn: tokenizer.encode("<search> again </search>") if row == 0 else None)
+  result = stepwise.run(params, examples, jax.random.PRNGKey(1), num_samples=G)
   assert sampling.Sampler.compile_count() == before  # same buckets and sampling config: no new programs
   assert [t.stop_reason for t in result.transcripts] == ["step"] + ["max_new_tokens"] * 8
   assert executor.batches == []  # a step-wise sample never calls a tool
@@ -243,8 +300,10 @@ def test_stepwise_mode_makes_one_turn_from_the_carried_context(setup):
 def test_bad_examples_are_skipped_and_counted(setup):
   config, params, _, tokenizer, engine, *_ = setup
   broken = dict(EXAMPLES[0], id="broken", images=[b"not an image"])
-  result = engine.run(params, [broken, EXAMPLES[0]], jax.random.PRNGKey(2), num_samples=1,
-                      script=lambda row, turn: tokenizer.encode("<answer> x </answer>"))
+  answering = scripted.ScriptedEngine(config, tokenizer, ScriptedExecutor(), engine.config,
+                                      stop_table=engine.sampler.stop_table,
+                                      script=lambda row, turn: tokenizer.encode("<answer> x </answer>"))
+  result = answering.run(params, [broken, EXAMPLES[0]], jax.random.PRNGKey(2), num_samples=1)
   assert result.stats["skipped"] == 1 and len(result.transcripts) == 1
   assert result.transcripts[0].example_id == "s1" and result.transcripts[0].group_id == 0
   with pytest.raises(ValueError, match="No example could be prompted"):

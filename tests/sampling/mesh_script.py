@@ -11,7 +11,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from varft import sampling, sharding
+from varft import sampling, sharding, turns
 from varft.models.qwen25vl import config as config_lib
 from varft.models.qwen25vl import text
 from varft.processing import chat
@@ -28,7 +28,7 @@ def greedy(params, mesh, table):
 
 
 def main():
-  table = sampling.make_stop_table(chat.load_tokenizer(), CFG.text.vocab_size)
+  table = sampling.make_stop_table(chat.load_tokenizer(), CFG.text.vocab_size, turns.AGENT_STOP_TAGS)
   init = lambda rng: {"text": text.init_params(rng, CFG.text)}
   reference, _ = greedy(jax.device_put(init(jax.random.PRNGKey(0)), jax.devices()[0]), None, table)
   for axes, tp in (({"fsdp": 8}, 1), ({"data": 2, "fsdp": 4}, 1), ({"fsdp": 8}, 2), ({"fsdp": 8}, 4)):

@@ -7,7 +7,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from tests import hf_tiny  # noqa: E402
-from varft import sampling  # noqa: E402
+from varft import sampling, turns  # noqa: E402
 from varft.models.qwen25vl import config as config_lib  # noqa: E402
 from varft.models.qwen25vl import hf, model, rope, vision  # noqa: E402
 from varft.processing import chat  # noqa: E402
@@ -26,7 +26,7 @@ def setup(tmp_path_factory):
         p.mul_(4.0)
   config = config_lib.from_hf_config(path)
   tokenizer = chat.load_tokenizer(path)
-  table = sampling.make_stop_table(tokenizer, config.text.vocab_size)
+  table = sampling.make_stop_table(tokenizer, config.text.vocab_size, turns.AGENT_STOP_TAGS)
   sampler = sampling.Sampler(config, sampling.SamplingConfig(temperature=0, max_new_tokens=NEW_TOKENS, eos_ids=()),
                              table)
   return config, hf.params_from_state_dict(torch_model.state_dict(), config), torch_model, tokenizer, sampler

@@ -103,7 +103,8 @@ def test_empty_stop_table_stops_on_eos_and_budget_only(params, tokenizer):
   steps = 14
   table = sampling.make_stop_table(tokenizer, CFG.text.vocab_size, ())
   assert table.strings == ()
-  sampler = sampling.Sampler(CFG, sampling.SamplingConfig(temperature=1.0, max_new_tokens=steps), table)
+  eos = (tokenizer.im_end_id, tokenizer.end_of_text_id)
+  sampler = sampling.Sampler(CFG, sampling.SamplingConfig(temperature=1.0, max_new_tokens=steps, eos_ids=eos), table)
   scripts = [
       tokenizer.encode("<search> who? </search> more"),
       tokenizer.encode("<answer> 3 </answer>") + [tokenizer.im_end_id] + [5] * 8

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from varft import sampling
+from varft import sampling, turns
 from varft.models.qwen25vl import config as config_lib
 from varft.models.qwen25vl import text
 from varft.processing import chat
@@ -24,7 +24,7 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def stop_table(tokenizer):
-  return sampling.make_stop_table(tokenizer, CFG.text.vocab_size)
+  return sampling.make_stop_table(tokenizer, CFG.text.vocab_size, turns.AGENT_STOP_TAGS)
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +120,9 @@ def test_stop_table_matches_tag_variants(tokenizer, stop_table):
 
 def test_stop_on_tag_eos_and_budget(params, tokenizer, stop_table):
   steps = 16
-  sampler = sampling.Sampler(CFG, sampling.SamplingConfig(temperature=1.0, max_new_tokens=steps), stop_table)
+  eos = (tokenizer.im_end_id, tokenizer.end_of_text_id)
+  sampler = sampling.Sampler(CFG, sampling.SamplingConfig(temperature=1.0, max_new_tokens=steps, eos_ids=eos),
+                             stop_table)
   scripts = [
       tokenizer.encode("<search> who? </search> more text"),
       tokenizer.encode("<answer> 3 </answer>") + [tokenizer.im_end_id] * 8,
@@ -236,12 +238,12 @@ def test_config_errors():
 _MESH_SCRIPT = textwrap.dedent("""
     import jax, numpy as np
     from jax.sharding import AxisType
-    from varft import sampling
+    from varft import sampling, turns
     from varft.models.qwen25vl import config as config_lib, text
     from varft.processing import chat
     cfg = config_lib.get_config("tiny")
     params = {"text": text.init_params(jax.random.PRNGKey(0), cfg.text)}
-    table = sampling.make_stop_table(chat.load_tokenizer(), cfg.text.vocab_size)
+    table = sampling.make_stop_table(chat.load_tokenizer(), cfg.text.vocab_size, turns.AGENT_STOP_TAGS)
     rows = [[9707, 11, 1879], [785, 6722], [40], [1, 2, 3, 4]]
     outs = []
     for mesh in (None, jax.make_mesh((4,), ("data",), axis_types=(AxisType.Auto,))):

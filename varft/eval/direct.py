@@ -8,7 +8,7 @@ agent evaluation's own.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 import time
 from typing import Any
 
@@ -78,9 +78,15 @@ class DirectAnswerEngine:
     row = batch_lib.Row(0, ids, positions[:, 0], [], [], keys, local)
     return row, images, int(positions.max()) + 1, rendered
 
-  def run(self, params, examples: Sequence[Mapping[str, Any]], rng: jax.Array, num_samples: int = 1,
-          script: Callable[[int], Sequence[int] | None] | None = None) -> rollout.RolloutResult:
-    """One answer per example. `script(b)`, optional, forces example b's first reply tokens (tests)."""
+  def scripted_tokens(self, index: int) -> Sequence[int] | None:
+    """Tokens to force at the start of example `index`'s reply (None: all sampled); a scripted policy (tests)
+    overrides this."""
+    del index
+    return None
+
+  def run(self, params, examples: Sequence[Mapping[str, Any]], rng: jax.Array,
+          num_samples: int = 1) -> rollout.RolloutResult:
+    """One answer per example."""
     if num_samples != 1:
       raise ValueError("direct-answer baselines take one sample per example")
     start = time.perf_counter()
@@ -106,7 +112,7 @@ class DirectAnswerEngine:
     budget = np.asarray([self.max_new_tokens] * len(prompted) + [0] * (num_rows - len(prompted)), np.int32)
     forced = np.full((num_rows, self.max_new_tokens), -1, np.int32)
     for r, (b, *_) in enumerate(prompted):
-      ids = list((script(b) if script else None) or ())[:self.max_new_tokens]
+      ids = list(self.scripted_tokens(b) or ())[:self.max_new_tokens]
       forced[r, :len(ids)] = ids
     next_positions = [p[3] for p in prompted] + [0] * (num_rows - len(prompted))
     repetition = None

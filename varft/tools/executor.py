@@ -1,9 +1,12 @@
-"""Runs a batch of tool calls for the rollout engine: concurrently, bounded, and without ever raising.
+"""Runs tool calls for the rollout engine: as they arrive, concurrently, bounded, and without ever raising.
 
 Every failure (sandbox error, timeout, search service down, HTTP 500, malformed reply, unknown tool) becomes an
-`Observation` with ok=False and a short error the model reads; a training step never dies on a tool.
+`Observation` with ok=False and a short error the model reads; a training step never dies on a tool. A call past
+its deadline (`call_timeout_s`) gets a timeout observation at the deadline, whatever its tool is still doing: it
+costs its own trajectory only.
 
   executor = ToolExecutor({'search': {'name': 'bm25', 'index_dir': ...}, 'code': {'timeout_s': 10}})
+  future = executor.submit(ToolCall('code', text, images))  # concurrent.futures.Future[Observation]
   observations = executor.execute([ToolCall('search', 'who painted ...'), ToolCall('code', text, images)])
   metrics = executor.stats()
 """
@@ -56,6 +59,7 @@ class ExecutorConfig:
   max_doc_chars: int = 1000
   max_query_chars: int = 1000
   max_text_chars: int = 4000  # Cap on the text of one code observation.
+  call_timeout_s: float = 120.0  # Wall limit for one submitted call (or batch of searches), queueing included.
 
 
 class ToolExecutor:
@@ -73,37 +77,64 @@ class ToolExecutor:
     self.search_backend = search_backend or (search_lib.make_search_backend(search_cfg) if search_cfg else None)
     self._owns_sandbox = sandbox is None and code_cfg is not None
     self.sandbox = sandbox or (code_lib.CodeSandbox(code_cfg) if code_cfg is not None else None)
-    self._pool = concurrent.futures.ThreadPoolExecutor(self.config.max_workers, thread_name_prefix="tool-code")
+    self._pool = concurrent.futures.ThreadPoolExecutor(self.config.max_workers, thread_name_prefix="tool")
     self._lock = threading.Lock()
     self._stats = collections.defaultdict(float)
     self._stuck = 0  # Search requests past their deadline whose threads have not returned yet.
+
+  def submit(self, call: ToolCall) -> concurrent.futures.Future:
+    """Starts one call now; its future always gets an Observation (never an exception), at the latest at the
+    call's deadline."""
+    return self._start(self._run_one, [call])[0]
 
   def execute(self, calls):
     """Runs all calls (searches batched into one backend request) and returns one Observation per call, in
     order. Never raises for a failing tool."""
     calls = list(calls)
-    out = [None] * len(calls)
-    searches = []
-    futures = {}
+    searches = [i for i, c in enumerate(calls) if c.kind == "search"]
+    futures = dict(zip(searches, self._start(self._run_searches, [calls[i] for i in searches]) if searches else []))
     for i, call in enumerate(calls):
-      if call.kind == "search":
-        searches.append(i)
-      elif call.kind == "code":
-        futures[self._pool.submit(self._run_code, call)] = i
-      else:
-        out[i] = self._failure(call, f"unknown tool {call.kind!r}; use <search> or <code>", 0.0)
-    if searches:
-      for i, obs in zip(searches, self._run_searches([calls[i] for i in searches])):
-        out[i] = obs
-    for future, i in futures.items():
+      if i not in futures:
+        futures[i] = self.submit(call)
+    return [futures[i].result() for i in range(len(calls))]
+
+  def _start(self, run, calls):
+    """Runs `run(calls) -> observations` on the pool; one future per call, resolved by the run or by the deadline,
+    whichever comes first (each observation recorded in the stats once)."""
+    futures = [concurrent.futures.Future() for _ in calls]
+    deadline = self.config.call_timeout_s
+
+    def resolve(observations):
+      for future, obs in zip(futures, observations):
+        with self._lock:
+          if future.done():
+            continue
+          future.set_result(obs)
+        self._record(obs)
+
+    def work():
       try:
-        out[i] = future.result()
+        observations = run(calls)
       except Exception as e:  # pylint: disable=broad-except
-        log.exception("code tool crashed")
-        out[i] = self._failure(calls[i], f"code tool failed: {type(e).__name__}", 0.0)
-    for obs in out:
-      self._record(obs)
-    return out
+        log.exception("%s tool crashed", calls[0].kind)
+        observations = [self._failure(c, f"{c.kind} tool failed: {type(e).__name__}", 0.0) for c in calls]
+      resolve(observations)
+
+    timer = threading.Timer(
+        deadline, lambda: resolve([self._failure(c, f"timed out after {deadline:g} s", deadline) for c in calls]))
+    timer.daemon = True
+    timer.start()
+    futures[-1].add_done_callback(lambda _: timer.cancel())
+    self._pool.submit(work)
+    return futures
+
+  def _run_one(self, calls):
+    call, = calls
+    if call.kind == "search":
+      return self._run_searches(calls)
+    if call.kind == "code":
+      return [self._run_code(call)]
+    return [self._failure(call, f"unknown tool {call.kind!r}; use <search> or <code>", 0.0)]
 
   def _failure(self, call, error, wall_s):
     return Observation(f"Error: {error}", None, False, error, wall_s, call.kind, call.call_id)

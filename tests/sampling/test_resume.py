@@ -1,0 +1,107 @@
+"""The sampler's resumable generate (early exit, a stop string across calls), merged logits, one prefill per group."""
+import jax
+import numpy as np
+import pytest
+
+from tests.sampling.test_sampling import PROMPTS, full_logits, prefill
+from varft import sampling, turns
+from varft.models.qwen25vl import config as config_lib
+from varft.models.qwen25vl import text
+from varft.processing import chat
+
+CFG = config_lib.get_config("tiny")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+  return chat.load_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def params():
+  p = text.init_params(jax.random.PRNGKey(0), CFG.text)
+  return {"text": jax.tree.map(lambda x: x * 6 if x.ndim > 1 else x, p)}
+
+
+@pytest.fixture(scope="module")
+def sampler(tokenizer):
+  table = sampling.make_stop_table(tokenizer, CFG.text.vocab_size, turns.AGENT_STOP_TAGS)
+  return sampling.Sampler(CFG, sampling.SamplingConfig(temperature=0, max_new_tokens=12, eos_ids=()), table)
+
+
+def test_an_early_exit_resumed_equals_one_call(params, sampler):
+  logits, cache = prefill(sampler, params, PROMPTS)
+  whole, _ = sampler.generate(params, cache, logits, [len(r) for r in PROMPTS], jax.random.PRNGKey(0), [12, 5, 9])
+  logits, cache = prefill(sampler, params, PROMPTS)
+  before = sampler.compile_count()
+  first, cache = sampler.generate(params, cache, logits, [len(r) for r in PROMPTS], jax.random.PRNGKey(0), [12, 5, 9],
+                                  exit_after=1)
+  assert int(first.steps) == 5  # row 1 ran out of its budget at step 5: one row stopped, the call returns
+  np.testing.assert_array_equal(first.num_tokens, [5, 5, 5])
+  np.testing.assert_array_equal(first.stop_reason, [sampling.NOT_RUN, sampling.LENGTH, sampling.NOT_RUN])
+  budget = [7, 0, 4]
+  second, cache = sampler.generate(params, cache, first.logits, first.next_positions, jax.random.PRNGKey(1), budget,
+                                   max_steps=3)
+  assert int(second.steps) == 3 and sampler.compile_count() == before  # traced limits: one program
+  third, _ = sampler.generate(params, cache, second.logits, second.next_positions, jax.random.PRNGKey(2), [4, 0, 1])
+  for b, total in enumerate([12, 5, 9]):
+    got = [int(t) for o in (first, second, third) for t in o.tokens[b, :int(o.num_tokens[b])]]
+    np.testing.assert_array_equal(got, whole.tokens[b, :total])
+  np.testing.assert_array_equal(third.stop_reason, [sampling.LENGTH, sampling.NOT_RUN, sampling.LENGTH])
+
+
+def test_a_stop_string_split_over_two_calls_stops(params, sampler, tokenizer):
+  ids = tokenizer.encode("<search> who? </search> more")
+  end = len(tokenizer.encode("<search> who? </search>"))
+  cut = end - 1  # the call ends inside `</search>`
+  rows = PROMPTS[:2]
+  logits, cache = prefill(sampler, params, rows)
+  forced = np.full((2, 12), -1, np.int32)
+  forced[:, :cut] = ids[:cut]
+  first, cache = sampler.generate(params, cache, logits, [len(r) for r in rows], jax.random.PRNGKey(0), [cut, cut],
+                                  forced)
+  np.testing.assert_array_equal(first.stop_reason, [sampling.LENGTH] * 2)
+  forced = np.full((2, 12), -1, np.int32)
+  forced[:, :len(ids) - cut] = ids[cut:]
+  recent = np.full((2, sampler.stop_window), -1, np.int32)
+  tail = ids[:cut][-sampler.stop_window:]
+  recent[0, sampler.stop_window - len(tail):] = tail  # row 0 carries its window, row 1 does not
+  second, _ = sampler.generate(params, cache, first.logits, first.next_positions, jax.random.PRNGKey(0), [12, 4],
+                               forced, recent=recent)
+  np.testing.assert_array_equal(second.stop_reason, [sampling.STOP_TAG, sampling.LENGTH])
+  np.testing.assert_array_equal(second.num_tokens, [1, 4])
+  assert sampler.stop_table.strings[int(second.stop_index[0])] == "</search>"
+
+
+def test_extend_keeps_the_logits_of_rows_it_does_not_touch(params, sampler):
+  logits, cache = prefill(sampler, params, PROMPTS)
+  kept = np.asarray(logits)
+  chunk = sampling.text_chunk([[11, 12], [], [13]], [len(r) for r in PROMPTS], 16)
+  merged, cache = sampler.extend(params, cache, chunk, logits=logits)
+  np.testing.assert_array_equal(merged[1], kept[1])
+  np.testing.assert_allclose(merged[0], full_logits(params, [PROMPTS[0] + [11, 12]])[0], atol=1e-4)
+  np.testing.assert_array_equal(cache["length"], [len(PROMPTS[0]) + 2, len(PROMPTS[1]), len(PROMPTS[2]) + 1])
+
+
+def test_one_prefill_per_group_equals_prefilling_every_row(params, sampler):
+  groups = [PROMPTS[0], PROMPTS[1]]
+  rows = [PROMPTS[0]] * 3 + [PROMPTS[1]] * 3
+  logits, cache = prefill(sampler, params, rows)
+  want, _ = sampler.generate(params, cache, logits, [len(r) for r in rows], jax.random.PRNGKey(3), [12] * 6)
+  cache, logits = sampler.new_cache(6, 96), sampler.empty_logits(6)
+  logits, cache = sampler.prefill(params, cache, logits, sampling.text_chunk(groups, [0, 0], 32), [0, 0, 0, 1, 1, 1])
+  np.testing.assert_array_equal(cache["length"], [len(r) for r in rows])
+  got, cache = sampler.generate(params, cache, logits, [len(r) for r in rows], jax.random.PRNGKey(3), [12] * 6)
+  np.testing.assert_array_equal(got.tokens, want.tokens)
+  np.testing.assert_allclose(got.logps, want.logps, atol=1e-5)
+  # Reusing one slot: row 4 gets a new prompt (reset to it), the other rows and their logits are untouched.
+  before = np.asarray(got.logits)
+  logits, cache = sampler.prefill(params, cache, got.logits, sampling.text_chunk([PROMPTS[2], []], [0, 0], 32),
+                                  [-1, -1, -1, -1, 0, -1])
+  assert int(cache["length"][4]) == len(PROMPTS[2]) and int(cache["length"][0]) == len(rows[0]) + 12
+  np.testing.assert_array_equal(np.delete(np.asarray(logits), 4, 0), np.delete(before, 4, 0))
+  np.testing.assert_allclose(logits[4], full_logits(params, [PROMPTS[2]])[0], atol=1e-4)
+  seq = rows[0] + [int(t) for t in got.tokens[0]]
+  out, _ = sampler.generate(params, cache, logits, [len(seq)] * 4 + [len(PROMPTS[2]), len(seq)], jax.random.PRNGKey(4),
+                            [2, 0, 0, 0, 0, 0])
+  assert int(out.tokens[0, 0]) == int(np.argmax(full_logits(params, [seq])[0]))

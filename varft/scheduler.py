@@ -1,0 +1,213 @@
+"""Continuous batching of agent trajectories over the sampler's fixed set of device slots.
+
+Each slot holds one trajectory's rows of the KV cache. A trajectory whose turn stops goes to its tools at once
+(the executor's futures) while the other slots keep decoding; when its observations are ready it rejoins: one
+extend of the ready rows only (the others masked, their logits kept), then it decodes again. A generate call
+returns early (once a few rows stopped, or after `resume_steps` steps while tools are out) so that stopped rows
+reach their tools and ready rows rejoin without waiting for the slowest row; no call waits for the slowest tool.
+A finished trajectory's slot takes the next prompt (evaluation streams through fewer slots than items), and a
+prompt's G samples share one prefill (copied into their G slots). Shapes are static: slots, the output buffer,
+the length / chunk / prompt-count buckets; `max_steps` and `exit_after` are traced, so nothing recompiles.
+
+`schedule='lockstep'` keeps the previous engine's order (all rows decode until every row stopped, every tool of
+the turn finishes, then all rows are extended) for comparison.
+"""
+from __future__ import annotations
+
+import collections
+from collections.abc import Sequence
+import concurrent.futures
+import time
+
+import jax
+import numpy as np
+
+from varft import batch as batch_lib
+from varft import sampling
+from varft.models.qwen25vl import rope
+from varft.trajectory import Ledger
+
+SCHEDULES = ("continuous", "lockstep")
+
+
+def _prompt_buckets(shards: int, slots: int) -> list[int]:
+  """Prompt counts a prefill is padded to: `shards` times powers of two, up to all slots."""
+  sizes, n = [], shards
+  while n < slots:
+    sizes.append(n)
+    n *= 2
+  return sizes + [-(-slots // shards) * shards]
+
+
+class Scheduler:
+  """Runs trajectories (prompted `Ledger`s, in groups sharing a prompt) through `num_slots` device slots; the
+  engine (`RolloutEngine`) owns the turn logic: `end_turn`, `observe`, `scripted_tokens`, `flush_calls`."""
+
+  def __init__(self, engine, params, rng: jax.Array, num_slots: int):
+    self.engine, self.params, self.rng = engine, params, rng
+    self.sampler = engine.sampler
+    self.config = engine.config
+    self.slots: list[Ledger | None] = [None] * num_slots
+    self.cache = self.sampler.new_cache(num_slots, engine.cache_len)
+    self.logits = self.sampler.empty_logits(num_slots)
+    self.counts = collections.Counter()
+    self.timings = collections.Counter()
+
+  @property
+  def lockstep(self) -> bool:
+    return self.config.schedule == "lockstep"
+
+  def _active(self) -> list[Ledger]:
+    return [r for r in self.slots if r is not None and not r.done]
+
+  def run(self, groups: Sequence[Sequence[Ledger]]) -> None:
+    queue = collections.deque(groups)
+    while True:
+      self._admit(queue)
+      self._rejoin()
+      active = self._active()
+      decoding = [r for r in active if not r.waiting]
+      if decoding:
+        self._decode(decoding, waiting=len(active) > len(decoding))
+      elif active:
+        self._wait_for_tools(active)
+      elif not queue:
+        return
+
+  def _begin_turn(self, row: Ledger) -> None:
+    row.turns += 1
+    row.turn_start = len(row.tokens)
+
+  # ---- device steps ---------------------------------------------------------------------------------------------
+
+  def _admit(self, queue) -> None:
+    """Puts the next prompts into free slots (a whole group or none) and prefills each prompt once."""
+    free = [s for s, r in enumerate(self.slots) if r is None or r.done]
+    prompts = []
+    while queue and len(queue[0]) <= len(free):
+      group = queue.popleft()
+      slots = [free.pop(0) for _ in group]
+      for slot, row in zip(slots, group):
+        self.slots[slot], row.slot = row, slot
+      prompts.append((self.engine.ledger_chunk(group[0]), slots))
+      for row in group:
+        self._begin_turn(row)
+    if prompts:
+      self._prefill(prompts)
+
+  def _prefill(self, prompts) -> None:
+    """One prefill of each (chunk, slots) prompt, copied into its slots (which are reset to it)."""
+    start = time.perf_counter()
+    shards = self.sampler.num_shards
+    count = sampling.bucket(len(prompts), _prompt_buckets(shards, len(self.slots)))
+    length = min(sampling.bucket(max(len(c[0]) for c, _ in prompts), self.config.length_buckets), self.engine.cache_len)
+    source = np.full((len(self.slots),), -1, np.int32)
+    for p, (_, slots) in enumerate(prompts):
+      source[slots] = p
+    chunk, images = self._chunk([c for c, _ in prompts] + [None] * (count - len(prompts)), length)
+    self.logits, self.cache = self.sampler.prefill(self.params, self.cache, self.logits, chunk, source, images)
+    self.counts["prefill_tokens"] += sum(len(c[0]) for c, _ in prompts)
+    self.timings["prefill_s"] += time.perf_counter() - start
+
+  def _chunk(self, news, length: int):
+    """A right-padded chunk of (tokens, positions, image keys, image-local indices) rows (None: empty) and the
+    image tables its images need (None: text only)."""
+    batch = len(news)
+    tokens, mask = np.zeros((batch, length), np.int32), np.zeros((batch, length), np.int32)
+    positions, image_index = np.zeros((3, batch, length), np.int32), np.full((batch, length), -1, np.int32)
+    rows = []
+    for b, new in enumerate(news):
+      if new is None:
+        rows.append(batch_lib.Row(0, [], None, [], [], [], []))
+        continue
+      ids, pos, keys, local = new
+      tokens[b, :len(ids)], mask[b, :len(ids)], positions[:, b, :len(ids)] = ids, 1, pos
+      rows.append(batch_lib.Row(0, ids, pos, [], [], keys, local))
+    images = None
+    if any(k is not None for r in rows for k in r.image_key):
+      images, index = self.engine.images.device_tables(rows, self.sampler.num_shards)
+      image_index[:, :index.shape[1]] = index
+    return sampling.Chunk(tokens, positions, mask, image_index), images
+
+  def _rejoin(self) -> None:
+    """Rows whose observations are all in: record them and extend those rows (or prefill a single-turn prompt)."""
+    active = self._active()
+    ready = [r for r in active if r.waiting and all(f.done() for _, f, _ in r.waiting)]
+    if self.lockstep and len(ready) < len(active):  # lock-step: only once every row waits and every tool is done
+      return
+    news, prompts = [None] * len(self.slots), []
+    for row in ready:
+      kind, new = self.engine.observe(row)
+      if row.done:
+        continue
+      if kind == "prefill":
+        prompts.append((new, [row.slot]))
+      else:
+        news[row.slot] = new
+      self._begin_turn(row)
+    if prompts:
+      self._prefill(prompts)
+    if any(n is not None for n in news):
+      start = time.perf_counter()
+      length = sampling.bucket(max(len(n[0]) for n in news if n is not None), self.config.chunk_buckets)
+      chunk, images = self._chunk(news, length)
+      self.logits, self.cache = self.sampler.extend(self.params, self.cache, chunk, images=images, logits=self.logits)
+      self.counts["extends"] += 1
+      self.timings["extend_s"] += time.perf_counter() - start
+
+  def _decode(self, decoding: Sequence[Ledger], waiting: bool) -> None:
+    """One generate call over every slot (only `decoding` rows live); stopped turns go to the engine."""
+    cfg, slots = self.config, len(self.slots)
+    budget, next_positions = np.zeros((slots,), np.int32), np.zeros((slots,), np.int32)
+    recent = np.full((slots, self.sampler.stop_window), -1, np.int32)
+    forced = None
+    for row in decoding:
+      s = row.slot
+      budget[s] = min(cfg.max_new_tokens - len(row.turn_tokens), cfg.max_total_tokens - len(row.tokens))
+      next_positions[s] = row.next_position
+      tail = row.turn_tokens[-self.sampler.stop_window:]
+      recent[s, recent.shape[1] - len(tail):] = tail
+      script = self.engine.scripted_tokens(row)
+      if script is not None:
+        forced = np.full((slots, cfg.max_new_tokens), -1, np.int32) if forced is None else forced
+        script = list(script)[:cfg.max_new_tokens]
+        forced[s, :len(script)] = script
+    repetition = None
+    if cfg.repetition_penalty != 1.0:
+      context = np.full((slots, self.engine.cache_len), -1, np.int32)
+      for row in decoding:
+        context[row.slot, :len(row.tokens)] = row.tokens
+      repetition = context, np.full((slots,), cfg.repetition_penalty, np.float32)
+    if self.lockstep:
+      exit_after, max_steps = slots, cfg.max_new_tokens
+    else:
+      exit_after = max(1, int(np.ceil(len(decoding) * cfg.exit_fraction)))
+      max_steps = cfg.resume_steps if waiting else cfg.max_new_tokens
+    self.rng, key = jax.random.split(self.rng)
+    start = time.perf_counter()
+    out, self.cache = self.sampler.generate(self.params, self.cache, self.logits, next_positions, key, budget, forced,
+                                            repetition, recent=recent, max_steps=max_steps, exit_after=exit_after)
+    self.logits = out.logits  # stays on the device
+    tokens, logps, counts, reasons, tags, steps = jax.device_get(
+        (out.tokens, out.logps, out.num_tokens, out.stop_reason, out.stop_index, out.steps))
+    self.timings["generate_s"] += time.perf_counter() - start
+    self.counts["generate_calls"] += 1
+    self.counts["decode_steps"] += int(steps)
+    self.counts["slot_steps"] += int(steps) * slots
+    self.counts["occupied_slot_steps"] += int(steps) * len(self._active())
+    self.counts["live_slot_steps"] += int(counts.sum())
+    for row in decoding:
+      s = row.slot
+      n = int(counts[s])
+      pos, nxt = rope.text_positions(row.next_position, n)
+      row.append(tokens[s, :n], pos, nxt, sampled_logps=logps[s, :n])
+      if int(reasons[s]) != sampling.NOT_RUN or budget[s] <= 0:
+        self.engine.end_turn(row, int(reasons[s]) if budget[s] > 0 else sampling.LENGTH, int(tags[s]))
+    self.engine.flush_calls()
+
+  def _wait_for_tools(self, active: Sequence[Ledger]) -> None:
+    start = time.perf_counter()
+    futures = [f for r in active for _, f, _ in r.waiting if not f.done()]
+    when = concurrent.futures.ALL_COMPLETED if self.lockstep else concurrent.futures.FIRST_COMPLETED
+    concurrent.futures.wait(futures, return_when=when)
+    self.timings["tools_wait_s"] += time.perf_counter() - start
