@@ -45,7 +45,7 @@ import numpy as np
 
 from varft import actions as actions_lib
 from varft import batch as batch_lib
-from varft import prompts, rollout_config, sampling, scheduler, turns
+from varft import environment, prompts, rollout_config, sampling, scheduler, turns
 from varft.image_table import ImageTable
 from varft.models.qwen25vl import rope
 from varft.models.qwen25vl.config import Qwen25VLConfig
@@ -308,7 +308,7 @@ class RolloutEngine:
                              cfg.patch_buckets)
     groups, skipped = self._start_rows(examples, num_samples)
     if not groups:
-      raise ValueError(f"No example could be prompted ({len(skipped)} skipped: {skipped[:5]}).")
+      raise environment.SampleRejected(f"No example could be prompted ({len(skipped)} skipped: {skipped[:5]}).")
     rows = [r for g in groups for r in g]
     slots = len(rows) if slots is None else slots
     if slots < num_samples:

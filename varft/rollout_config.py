@@ -28,7 +28,10 @@ class RolloutConfig:
   smart_resize, then the processor's), not in one step.
   schedule: 'continuous' (`varft.scheduler`) or 'lockstep' (every turn: all rows decode, all tools, all extend);
   resume_steps: while tools are out, a generate call returns after this many steps so ready rows can rejoin;
-  exit_fraction: and once this fraction of its decoding rows stopped (at least one), so their tools start.
+  exit_fraction: and once this fraction of its decoding rows stopped (at least one), so their tools start;
+  rejoin_fraction: while rows still decode, rows whose observations are in rejoin (one extend over every slot)
+  once they are this fraction of the unfinished rows; an extend costs about a decode step of every slot, so a
+  few rows at a time would make many.
   """
   mode: str = "multiturn"
   max_turns: int = 5
@@ -43,7 +46,7 @@ class RolloutConfig:
   chunk_buckets: tuple[int, ...] = (32, 64, 128, 256, 512, 1024)
   patch_buckets: tuple[int, ...] = (1024, 4096, 16384)
   image_min_pixels: int = image_lib.DEFAULT_MIN_PIXELS
-  image_max_pixels: int = 1024 * 28 * 28
+  image_max_pixels: int = image_lib.PAPER_MAX_PIXELS
   system_prompt: str = "auto"
   layout: str = "chat"
   agent_rules: str = "varft"
@@ -54,6 +57,7 @@ class RolloutConfig:
   schedule: str = "continuous"
   resume_steps: int = 16
   exit_fraction: float = 0.0625
+  rejoin_fraction: float = 0.25
 
   def __post_init__(self):
     problems = []
@@ -67,8 +71,9 @@ class RolloutConfig:
            self.resume_steps) < 1:
       problems.append("max_turns, max_new_tokens, max_total_tokens, max_tool_output_tokens and resume_steps must "
                       "be >= 1")
-    if not 0 <= self.exit_fraction <= 1:
-      problems.append(f"exit_fraction must be in [0, 1], got {self.exit_fraction}")
+    for name in ("exit_fraction", "rejoin_fraction"):
+      if not 0 <= getattr(self, name) <= 1:
+        problems.append(f"{name} must be in [0, 1], got {getattr(self, name)}")
     if max(self.length_buckets) < self.max_total_tokens:
       problems.append(f"the largest length bucket {max(self.length_buckets)} is below max_total_tokens "
                       f"{self.max_total_tokens}")

@@ -135,6 +135,9 @@ class Scheduler:
     ready = [r for r in active if r.waiting and all(f.done() for _, f, _ in r.waiting)]
     if self.lockstep and len(ready) < len(active):  # lock-step: only once every row waits and every tool is done
       return
+    decoding = any(not r.waiting for r in active)
+    if decoding and len(ready) < self.config.rejoin_fraction * len(active):  # too few for an extend yet
+      return
     news, prompts = [None] * len(self.slots), []
     for row in ready:
       kind, new = self.engine.observe(row)

@@ -1,6 +1,6 @@
 """The evaluation engine's settings (`config.eval` over `config.rollout`) and what each result records of them.
 
-`config.eval` keys (defaults: varft's chat evaluation; `defaults.apply_paper_eval`: the released scripts'):
+`config.eval` keys (defaults: varft's chat evaluation; the experiment files' `,paper` section: the released scripts'):
   layout ('chat' | 'single_turn'), agent_rules ('varft' | 'paper'), stop_at ('closing_tag' | 'eos'),
   repetition_penalty (1 = off), crop_override, image_prefit: the `varft.rollout.RolloutConfig` fields of the same name;
   max_new_tokens, max_total_tokens: per turn / per trajectory (0: the rollout's; larger ones add length buckets);
