@@ -40,6 +40,7 @@ import weakref
 from PIL import Image
 
 from varft import tags
+from varft.processing import image as image_lib
 from varft.tools import cgroups as cgroups_lib
 from varft.tools import sandbox_init
 from varft.tools import sandbox_launch as launch
@@ -68,7 +69,8 @@ class SandboxConfig:
   max_output_mb: int = 32
   max_output_pixels: int = 40_000_000  # Largest output image decoded at all.
   max_output_side: int = 16384
-  observe_max_pixels: int = 802_816  # Output images are downscaled to this (what the model sees); 0: keep size.
+  # Output images are downscaled to this (what the model sees); 0: keep size.
+  observe_max_pixels: int = image_lib.PAPER_MAX_PIXELS
   output_decode_s: float = 5.0  # Wall clock for decoding the output image, inside the sandbox.
   require_output_image: bool = True  # A program that writes no output image is an error (paper's tool).
   # Cap on the whole call (all processes + tmpfs) by a cgroup; without cgroups (rlimit-only mode) the bound of
@@ -81,7 +83,7 @@ class SandboxConfig:
   # there it would only lengthen the critical path, by modules the program may not even use.)
   preload: tuple[str, ...] = ("numpy", "cv2", "PIL.Image")
   prewarm: bool = True  # Keep one started (namespaces + preload done) sandbox per idle slot; each runs once.
-  max_concurrency: int = 8
+  max_concurrency: int = 4
   uid_base: int = 1_700_000  # Start of the unprivileged uids the slots run as (root only; see slot_uids).
   input_name: str = "path_to_input_image.jpg"
   output_name: str = "path_to_output_image.jpg"
