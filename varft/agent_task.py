@@ -396,6 +396,9 @@ def evaluate_benchmark(env: AgentEnvironment, name: str, params, rng, out_dir: s
   return evaluate_source(env, name, source, params, rng, out_dir)
 
 
+EVAL_STREAM_BATCHES = 8
+
+
 def evaluate_source(env: AgentEnvironment, name: str, source: Sequence[Mapping[str, Any]], params, rng,
                     out_dir: str | None) -> dict[str, float]:
   """`evaluate_benchmark` on a random-access `source`: the first `eval.num_prompts` items (all when 0), each host
@@ -405,11 +408,19 @@ def evaluate_source(env: AgentEnvironment, name: str, source: Sequence[Mapping[s
   mine = host_items(min(len(source), limit) if limit else len(source))
   transform = resizer(settings.eval_resize(env.config)) or (lambda example: example)
   size = env.config.eval.batch_size
+  # The agent engine streams a run's items through `size` device slots (a finished trajectory's slot takes the next
+  # item); a run holds at most EVAL_STREAM_BATCHES batches' items, which bounds the images it keeps.
+  streaming = isinstance(env.eval_engine, rollout_lib.RolloutEngine)
+  per_run = size * EVAL_STREAM_BATCHES if streaming else size
   items = []
-  for first in range(mine.start, mine.stop, size):
-    examples = [transform(source[i]) for i in range(first, min(first + size, mine.stop))]
-    # The key of a batch is its first item's index: the same predictions whatever the number of hosts.
-    result = env.eval_engine.run(params, examples, jax.random.fold_in(rng, first), num_samples=1)
+  for first in range(mine.start, mine.stop, per_run):
+    examples = [transform(source[i]) for i in range(first, min(first + per_run, mine.stop))]
+    # The key of a run is its first item's index (greedy eval: the same predictions whatever the number of hosts).
+    key = jax.random.fold_in(rng, first)
+    if streaming:
+      result = env.eval_engine.run(params, examples, key, num_samples=1, slots=size)
+    else:
+      result = env.eval_engine.run(params, examples, key, num_samples=1)
     answered = {t.example_id: t for t in result.transcripts}
     for j, ex in enumerate(examples):
       t = answered.get(str(ex.get("id", j)))
