@@ -30,9 +30,10 @@ LOCK_FILE = "varft.lock"
 RESUME_MODES = ("auto", "force")
 # Config keys (and key prefixes) that are not part of the recipe, so a run may resume with other values: how often it
 # logs, samples, evaluates and saves; where its inputs live (the same data and weights may move); how the work is laid
-# out over devices and memory (mesh, micro-batches, logits chunks, remat, shape buckets); how tools are served
-# (workers, timeouts, concurrency). Every other key (task, seed, total_steps, model, data selection, rollout, tools'
-# behaviour, rewards, GRPO, optimizer) is recipe: its value is stored with each checkpoint and checked on resume.
+# out over devices and memory (mesh, micro-batches, logits chunks, remat, shape buckets, the rollout schedule); how
+# tools are served (workers, timeouts, concurrency). Every other key (task, seed, total_steps, model, data selection,
+# rollout, tools' behaviour, rewards, GRPO, optimizer) is recipe: its value is stored with each checkpoint and checked
+# on resume.
 NOT_RECIPE = (
     "mode",
     "resume",
@@ -57,6 +58,10 @@ NOT_RECIPE = (
     "rollout.chunk_buckets",
     "rollout.patch_buckets",
     "rollout.tensor_parallel",
+    "rollout.schedule",
+    "rollout.resume_steps",
+    "rollout.exit_fraction",
+    "rollout.rejoin_fraction",
     "data.mat_dir",
     "data.flashrag_dir",
     "data.tfds_dir",

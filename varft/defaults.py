@@ -139,6 +139,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.rollout.agent_rules = "varft"  # varft | paper (the released eval scripts' turn rules, varft.paper_rules)
   c.rollout.crop_override = False  # a crop step's [a:b, c:d] slices take the question's box (released MAT-Coding eval)
   c.rollout.image_prefit = False  # resize as qwen-vl-utils does before the processor (the released scripts)
+  # schedule: continuous (varft.scheduler: a row that stops goes to its tools while the others decode, and rejoins
+  # once rejoin_fraction of the unfinished rows are ready; a generate call returns after resume_steps while tools
+  # are out, or once exit_fraction of its rows stopped) | lockstep (every turn: all rows decode, all tools, all extend).
+  c.rollout.schedule = "continuous"
+  c.rollout.resume_steps = 16
+  c.rollout.exit_fraction = 0.0625
+  c.rollout.rejoin_fraction = 0.25
 
   # Data (varft.data): the downloaded folders, or the embedded demo generated under the workdir.
   c.data = ml_collections.ConfigDict()
