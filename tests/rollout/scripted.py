@@ -3,8 +3,19 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from varft import rollout
+from varft import prompts, rollout
 from varft.eval import direct
+from varft.tools.executor import Observation
+
+
+class InstantSearch:
+  """A search tool that answers every query at once with one document naming it."""
+
+  def execute(self, calls):
+    return [
+        Observation(prompts.search_observation([f"{c.payload} is known."]), None, True, None, 0.0, "search", c.call_id)
+        for c in calls
+    ]
 
 
 class ScriptedEngine(rollout.RolloutEngine):

@@ -6,23 +6,13 @@ import numpy as np
 import pytest
 
 from tests.rollout import scripted
-from varft import prompts, rollout
+from varft import rollout
 from varft.models.qwen25vl import config as config_lib
 from varft.models.qwen25vl import model
 from varft.processing import chat
-from varft.tools.executor import Observation
 
 CFG = config_lib.get_config("tiny")
 EXAMPLES = [{"id": f"q{i}", "task": "search", "question": f"Question {i}?"} for i in range(8)]
-
-
-class InstantSearch:
-
-  def execute(self, calls):
-    return [
-        Observation(prompts.search_observation([f"{c.payload} is known."]), None, True, None, 0.0, "search", c.call_id)
-        for c in calls
-    ]
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +27,7 @@ def runs():
   out = {}
   for fraction in (0.0, 1.0):
     config = dataclasses.replace(base, rejoin_fraction=fraction)
-    engine = scripted.ScriptedEngine(CFG, tokenizer, InstantSearch(), config, script=lambda r, t: text[(r, t)])
+    engine = scripted.ScriptedEngine(CFG, tokenizer, scripted.InstantSearch(), config, script=lambda r, t: text[(r, t)])
     out[fraction] = engine.run(params, EXAMPLES, jax.random.PRNGKey(0))
   return out
 

@@ -4,23 +4,13 @@ import numpy as np
 import pytest
 
 from tests.rollout import scripted
-from varft import prompts, rollout
+from varft import rollout
 from varft.models.qwen25vl import config as config_lib
 from varft.models.qwen25vl import model
 from varft.processing import chat
-from varft.tools.executor import Observation
 
 CFG = config_lib.get_config("tiny")
 EXAMPLES = [{"id": f"q{i}", "task": "search", "question": f"Question {i}?" + " more" * i} for i in range(5)]
-
-
-class Tools:
-
-  def execute(self, calls):
-    return [
-        Observation(prompts.search_observation([f"{c.payload} is known."]), None, True, None, 0.0, "search", c.call_id)
-        for c in calls
-    ]
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +21,8 @@ def runs():
                                  chunk_buckets=(64,), temperature=0.0)
   text = {(i, 1): f"<search> q{i} </search>" if i % 2 == 0 else f"<answer> a{i} </answer>" for i in range(5)}
   text.update({(i, 2): f"<answer> b{i} </answer>" for i in range(5)})
-  engine = scripted.ScriptedEngine(CFG, tokenizer, Tools(), config, script=lambda row, turn: tokenizer.encode(text[
-      (row, turn)]))
+  engine = scripted.ScriptedEngine(CFG, tokenizer, scripted.InstantSearch(), config,
+                                   script=lambda row, turn: tokenizer.encode(text[(row, turn)]))
   return [engine.run(params, EXAMPLES, jax.random.PRNGKey(0), slots=slots) for slots in (None, 2)]
 
 
@@ -51,6 +41,6 @@ def test_two_slots_stream_five_items_with_the_same_trajectories(runs):
 
 def test_too_few_slots_for_a_group_is_an_error(runs):
   engine_config = rollout.RolloutConfig(max_total_tokens=512, length_buckets=(512,))
-  engine = rollout.RolloutEngine(CFG, chat.load_tokenizer(), Tools(), engine_config)
+  engine = rollout.RolloutEngine(CFG, chat.load_tokenizer(), scripted.InstantSearch(), engine_config)
   with pytest.raises(ValueError, match="1 slots cannot hold a prompt's 2 samples"):
     engine.run(None, EXAMPLES[:1], jax.random.PRNGKey(0), num_samples=2, slots=1)
