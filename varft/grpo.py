@@ -41,9 +41,6 @@ Params = dict[str, Any]
 Batch = dict[str, Any]
 TrainState = dict[str, Any]  # params, opt_state, step
 
-ADVANTAGE_MODES = ("std", "no_std", "leave_one_out")
-AGGREGATION_MODES = ("sequence_mean", "token_mean")
-
 
 @dataclasses.dataclass(frozen=True)
 class GRPOConfig:
@@ -61,7 +58,7 @@ class GRPOConfig:
   train_vision: bool = True
 
   def __post_init__(self):
-    if self.advantage not in ADVANTAGE_MODES:
+    if self.advantage not in ADVANTAGE_MODES:  # the tables are defined with their functions, below
       raise ValueError(f"grpo.advantage {self.advantage!r} is not one of {ADVANTAGE_MODES}")
     if self.aggregation not in AGGREGATION_MODES:
       raise ValueError(f"grpo.aggregation {self.aggregation!r} is not one of {AGGREGATION_MODES}")
@@ -76,6 +73,27 @@ class GRPOConfig:
 # --------------------------------------------------------------------------------------------------- advantages
 
 
+def _std_advantages(rewards, mean, n, group_ids, num_groups, eps):
+  sq = jax.ops.segment_sum((rewards - mean) ** 2, group_ids, num_groups)[group_ids]
+  std = jnp.sqrt(sq / jnp.maximum(n - 1.0, 1.0))
+  return (rewards - mean) / (std + eps)
+
+
+def _mean_advantages(rewards, mean, n, group_ids, num_groups, eps):
+  del n, group_ids, num_groups, eps
+  return rewards - mean
+
+
+def _leave_one_out_advantages(rewards, mean, n, group_ids, num_groups, eps):
+  del group_ids, num_groups, eps
+  return jnp.where(n > 1, (rewards - mean) * n / jnp.maximum(n - 1.0, 1.0), 0.0)
+
+
+# grpo.advantage -> (rewards, group mean, group size, group_ids, num_groups, eps) -> advantages.
+ADVANTAGES = {"std": _std_advantages, "no_std": _mean_advantages, "leave_one_out": _leave_one_out_advantages}
+ADVANTAGE_MODES = tuple(ADVANTAGES)
+
+
 def group_advantages(rewards: jnp.ndarray, group_ids: jnp.ndarray, num_groups: int, mode: str = "std",
                      eps: float = 1e-4) -> jnp.ndarray:
   """Advantages (N,) of rewards (N,) relative to the other samples of the same prompt (`group_ids`).
@@ -83,20 +101,13 @@ def group_advantages(rewards: jnp.ndarray, group_ids: jnp.ndarray, num_groups: i
   `std`: (r - mean) / (std + eps) with the unbiased std, as the paper's trainer; `no_std`: r - mean (Dr. GRPO);
   `leave_one_out`: r - mean of the *other* samples of the group (RLOO).
   """
+  if mode not in ADVANTAGES:
+    raise ValueError(f"Unknown advantage mode {mode!r}: use one of {ADVANTAGE_MODES}")
   rewards = rewards.astype(jnp.float32)
   count = jax.ops.segment_sum(jnp.ones_like(rewards), group_ids, num_groups)
   total = jax.ops.segment_sum(rewards, group_ids, num_groups)
   mean = (total / jnp.maximum(count, 1.0))[group_ids]
-  n = count[group_ids]
-  if mode == "no_std":
-    return rewards - mean
-  if mode == "leave_one_out":
-    return jnp.where(n > 1, (rewards - mean) * n / jnp.maximum(n - 1.0, 1.0), 0.0)
-  if mode == "std":
-    sq = jax.ops.segment_sum((rewards - mean) ** 2, group_ids, num_groups)[group_ids]
-    std = jnp.sqrt(sq / jnp.maximum(n - 1.0, 1.0))
-    return (rewards - mean) / (std + eps)
-  raise ValueError(f"Unknown advantage mode {mode!r}: use one of {ADVANTAGE_MODES}")
+  return ADVANTAGES[mode](rewards, mean, count[group_ids], group_ids, num_groups, eps)
 
 
 # --------------------------------------------------------------------------------------------------- log-probs
@@ -262,16 +273,26 @@ def _constrain_rows(batch: Batch) -> Batch:
 # --------------------------------------------------------------------------------------------------- the loss
 
 
+def _token_mean_weights(mask):
+  return mask / jnp.maximum(mask.sum(), 1.0)
+
+
+def _sequence_mean_weights(mask):
+  seq_tokens = mask.sum(axis=1, keepdims=True)
+  num_seqs = jnp.maximum((seq_tokens > 0).sum(), 1)
+  return mask / (jnp.maximum(seq_tokens, 1.0) * num_seqs)
+
+
+# grpo.aggregation / sft.aggregation -> loss mask (N, L) float -> per-token weights.
+AGGREGATIONS = {"sequence_mean": _sequence_mean_weights, "token_mean": _token_mean_weights}
+AGGREGATION_MODES = tuple(AGGREGATIONS)
+
+
 def loss_weights(loss_mask: jnp.ndarray, aggregation: str) -> jnp.ndarray:
   """Per-token weights (N, L) that sum the per-token losses into the aggregated batch loss."""
-  mask = loss_mask.astype(jnp.float32)
-  if aggregation == "token_mean":
-    return mask / jnp.maximum(mask.sum(), 1.0)
-  if aggregation == "sequence_mean":
-    seq_tokens = mask.sum(axis=1, keepdims=True)
-    num_seqs = jnp.maximum((seq_tokens > 0).sum(), 1)
-    return mask / (jnp.maximum(seq_tokens, 1.0) * num_seqs)
-  raise ValueError(f"Unknown aggregation {aggregation!r}: use one of {AGGREGATION_MODES}")
+  if aggregation not in AGGREGATIONS:
+    raise ValueError(f"Unknown aggregation {aggregation!r}: use one of {AGGREGATION_MODES}")
+  return AGGREGATIONS[aggregation](loss_mask.astype(jnp.float32))
 
 
 def clipped_surrogate(logps: jnp.ndarray, ratio: jnp.ndarray, adv: jnp.ndarray,
