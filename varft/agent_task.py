@@ -27,17 +27,6 @@ from varft import sharding
 from varft.environment import Experience, SampleRejected
 from varft.rewards import host as reward_host
 
-# Evaluation benchmarks: name -> (dataset, which manual dir holds it, split or None for the only one).
-BENCHMARKS = {
-    "mat_search": ("mat_benchmark/search", "mat_dir", None),
-    "mat_coding": ("mat_benchmark/coding", "mat_dir", None),
-    "2wiki": ("multihop_qa/2wikimultihopqa", "flashrag_dir", "dev"),
-    "hotpotqa": ("multihop_qa/hotpotqa", "flashrag_dir", "dev"),
-    "musique": ("multihop_qa/musique", "flashrag_dir", "dev"),
-    "bamboogle": ("multihop_qa/bamboogle", "flashrag_dir", "test"),
-    "multihop_demo": ("multihop_qa/demo", "flashrag_dir", "test"),
-}
-
 
 def model_config(config: ml_collections.ConfigDict):
   """The policy: the checkpoint's config.json (`model.hf_dir`) or the preset `model.name` (the task registry's
@@ -389,10 +378,11 @@ def host_items(num_items: int) -> range:
 
 def evaluate_benchmark(env: AgentEnvironment, name: str, params, rng, out_dir: str | None) -> dict[str, float]:
   """Runs one benchmark (this host's share), gathers predictions on process 0, writes and scores them."""
-  if name not in BENCHMARKS:
-    raise ValueError(f"config.eval.benchmarks: unknown benchmark {name!r}; known: {sorted(BENCHMARKS)}")
-  dataset, dir_key, split = BENCHMARKS[name]
-  source = _load(dataset, split, env.paths[dir_key], env.config.data.tfds_dir)
+  from varft.eval import score
+  if name not in score.BENCHMARKS:
+    raise ValueError(f"config.eval.benchmarks: unknown benchmark {name!r}; known: {sorted(score.BENCHMARKS)}")
+  spec = score.BENCHMARKS[name]
+  source = _load(spec.dataset, spec.split, env.paths[spec.data_dir], env.config.data.tfds_dir)
   return evaluate_source(env, name, source, params, rng, out_dir)
 
 

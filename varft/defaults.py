@@ -186,7 +186,7 @@ def base_config() -> ml_collections.ConfigDict:
   })
 
   c.eval = ml_collections.ConfigDict()
-  c.eval.benchmarks = ("mat_search",)  # names in varft.agent_task.BENCHMARKS
+  c.eval.benchmarks = ("mat_search",)  # names in varft.eval.score.BENCHMARKS
   c.eval.num_prompts = 0  # 0 = the whole benchmark
   c.eval.batch_size = 8
   c.eval.temperature = 0.0  # greedy

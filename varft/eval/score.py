@@ -20,19 +20,26 @@ from varft.eval import metrics
 
 @dataclasses.dataclass(frozen=True)
 class Benchmark:
+  """An evaluation benchmark: how it is scored, and where its items come from (a TFDS dataset in the manual dir
+  named by the config key `data.<data_dir>`; `split` None for the only one)."""
   name: str
+  dataset: str
+  data_dir: str
+  split: str | None = None
   cjk: bool = False
   num_items: int | None = None  # required item count (MAT splits are positional)
   num_simple: int | None = None  # the first num_simple items are the simple split
 
 
+# The one registry of evaluation benchmarks (`config.eval.benchmarks` names these).
 BENCHMARKS = {
-    "mat_search": Benchmark("MAT-Search", num_items=150, num_simple=75),
-    "mat_coding": Benchmark("MAT-Coding", cjk=True, num_items=200, num_simple=70),
-    "2wiki": Benchmark("2WikiMultihopQA"),
-    "hotpotqa": Benchmark("HotpotQA"),
-    "musique": Benchmark("MuSiQue"),
-    "bamboogle": Benchmark("Bamboogle"),
+    "mat_search": Benchmark("MAT-Search", "mat_benchmark/search", "mat_dir", num_items=150, num_simple=75),
+    "mat_coding": Benchmark("MAT-Coding", "mat_benchmark/coding", "mat_dir", cjk=True, num_items=200, num_simple=70),
+    "2wiki": Benchmark("2WikiMultihopQA", "multihop_qa/2wikimultihopqa", "flashrag_dir", "dev"),
+    "hotpotqa": Benchmark("HotpotQA", "multihop_qa/hotpotqa", "flashrag_dir", "dev"),
+    "musique": Benchmark("MuSiQue", "multihop_qa/musique", "flashrag_dir", "dev"),
+    "bamboogle": Benchmark("Bamboogle", "multihop_qa/bamboogle", "flashrag_dir", "test"),
+    "multihop_demo": Benchmark("Multi-hop demo", "multihop_qa/demo", "flashrag_dir", "test"),
 }
 
 
