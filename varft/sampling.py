@@ -51,7 +51,7 @@ class SamplingConfig:
   temperature: float = 1.0
   top_k: int = 0
   top_p: float = 1.0
-  max_new_tokens: int = 256
+  max_new_tokens: int = 512  # the config's rollout.max_new_tokens
   eos_ids: tuple[int, ...] = ()
 
   def __post_init__(self):
