@@ -170,9 +170,6 @@ def encode_images(params: Params, config: Qwen25VLConfig, batch: Batch) -> jnp.n
 
 
 # The static logit-slot counts a step compiles for: powers of two, so a run compiles a few programs at most.
-LOSS_SLOT_BUCKETS = tuple(1 << i for i in range(40))
-
-
 def loss_token_bucket(loss_mask, micro_batches: int = 1, minimum: int = 64) -> int:
   """A static count >= the loss tokens of any micro-batch (a power of two): the positions that get logits.
 
@@ -180,7 +177,7 @@ def loss_token_bucket(loss_mask, micro_batches: int = 1, minimum: int = 64) -> i
   """
   mask = np.asarray(loss_mask) > 0
   per_micro = max(int(mask[i::micro_batches].sum()) for i in range(micro_batches))
-  return sampling.bucket(max(per_micro, minimum), LOSS_SLOT_BUCKETS)
+  return sampling.power_of_two_bucket(per_micro, minimum)
 
 
 def row_loss_token_bucket(loss_mask, minimum: int = 16) -> int:
@@ -189,7 +186,7 @@ def row_loss_token_bucket(loss_mask, minimum: int = 16) -> int:
   Host-side (numpy); all hosts must agree on it (take the max over hosts).
   """
   per_row = int((np.asarray(loss_mask) > 0).sum(axis=1).max(initial=0))
-  return sampling.bucket(max(per_row, minimum), LOSS_SLOT_BUCKETS)
+  return sampling.power_of_two_bucket(per_row, minimum)
 
 
 def sequence_logps(params: Params, config: Qwen25VLConfig, batch: Batch, image_embeds: jnp.ndarray | None,

@@ -427,6 +427,11 @@ def bucket(n: int, buckets: Sequence[int], beyond: str = "error") -> int:
   raise ValueError(f"Length {n} exceeds the largest bucket {max(buckets)}; add a larger bucket to the config.")
 
 
+def power_of_two_bucket(n: int, minimum: int = 1) -> int:
+  """The smallest power of two >= max(n, minimum): the bucket of sizes with no fixed list."""
+  return 1 << (max(int(n), int(minimum), 1) - 1).bit_length()
+
+
 def text_chunk(rows: Sequence[Sequence[int]], starts: Sequence[int], length: int) -> Chunk:
   """A right-padded text-only chunk of token rows, row b starting at text position `starts[b]`."""
   batch = len(rows)

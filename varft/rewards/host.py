@@ -61,13 +61,8 @@ class Target(NamedTuple):
 
 
 def bucket(n: int, minimum: int) -> int:
-  """Smallest power of two >= max(n, minimum) (`sampling.bucket` over the powers of two from `minimum`)."""
-  return sampling.bucket(int(n), _powers_of_two(minimum), beyond="multiple")
-
-
-@functools.cache
-def _powers_of_two(minimum: int) -> tuple[int, ...]:
-  return tuple(1 << i for i in range((max(minimum, 1) - 1).bit_length(), 40))
+  """Smallest power of two >= max(n, minimum)."""
+  return sampling.power_of_two_bucket(n, minimum)
 
 
 def _as_strings(value, what: str, index: int) -> tuple[str, ...]:
