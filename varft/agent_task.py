@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 import dataclasses
-import io
 import json
 import os
 import time
@@ -25,6 +24,8 @@ from varft import rewards as rewards_lib
 from varft import rollout as rollout_lib
 from varft import sharding
 from varft.environment import Experience, SampleRejected
+from varft.eval import stream
+from varft.processing import image as image_lib
 from varft.rewards import host as reward_host
 
 
@@ -52,16 +53,19 @@ def data_paths(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str
   return paths
 
 
-def _manual_dir_key(dataset: str) -> str:
-  return "flashrag_dir" if dataset.startswith("multihop_qa/") else "mat_dir"
-
-
-def _load(dataset: str, split: str | None, manual_dir: str, tfds_dir: str):
+def load_source(dataset: str, split: str | None, manual_dir: str, tfds_dir: str):
+  """A random-access source of `dataset`'s records (prepared once into `tfds_dir` from its download folder)."""
   from varft.data import builders
   if not manual_dir and not tfds_dir:
     raise ValueError(f"Dataset {dataset} needs its download folder: set config.data.mat_dir / "
                      "config.data.flashrag_dir (or config.data.demo=True for the embedded demo)")
   return builders.load(dataset, split or None, manual_dir=manual_dir or None, data_dir=tfds_dir or None)
+
+
+def training_source(config: ml_collections.ConfigDict, paths: Mapping[str, str], dataset: str):
+  """`dataset`'s `config.data.train_split` records: the RL prompts and the SFT references read the same."""
+  manual_dir = paths["flashrag_dir" if dataset.startswith("multihop_qa/") else "mat_dir"]
+  return load_source(dataset, config.data.train_split or None, manual_dir, config.data.tfds_dir)
 
 
 def tool_executor_config(config: ml_collections.ConfigDict, paths: Mapping[str, str], workdir: str) -> dict:
@@ -78,28 +82,6 @@ def tool_executor_config(config: ml_collections.ConfigDict, paths: Mapping[str, 
     seen = max(config.rollout.image_max_pixels, settings.image_pixels(config)[1])
     out["code"] = {"observe_max_pixels": seen, **dict(t.code)}
   return out
-
-
-def resizer(size: int):
-  """An example transform resizing every image to size x size (the paper's 720 x 720), or None for size 0."""
-  if not size:
-    return None
-
-  def resize(example: dict) -> dict:
-    from PIL import Image
-    images = []
-    for data in example.get("images") or ():
-      try:
-        image = Image.open(io.BytesIO(data)).convert("RGB").resize((size, size), Image.BICUBIC)
-      except (OSError, ValueError):
-        images.append(data)  # left for the rollout, which skips and counts unreadable images
-        continue
-      buffer = io.BytesIO()
-      image.save(buffer, format="PNG")
-      images.append(buffer.getvalue())
-    return {**example, "images": images}
-
-  return resize
 
 
 TRAINER_ROLLOUT_KEYS = ("prompts_per_host", "num_samples", "tensor_parallel")
@@ -298,9 +280,8 @@ class AgentEnvironment:
     """The grain batches of `config.data.train` (`prompts_per_host` examples each; resumable)."""
     from varft.data import input_pipeline
     d = self.config.data
-    source = _load(d.train, d.train_split or None, self.paths[_manual_dir_key(d.train)], d.tfds_dir)
-    return input_pipeline.batches(source, batch_size=self.prompts_per_host, seed=self.config.seed,
-                                  transform=resizer(d.resize))
+    return input_pipeline.batches(training_source(self.config, self.paths, d.train), batch_size=self.prompts_per_host,
+                                  seed=self.config.seed, transform=image_lib.square_resizer(d.resize))
 
   def collect(self, params, rng, batches) -> Experience:
     """One step's rollouts on this host's next prompts, scored."""
@@ -366,106 +347,11 @@ def _example_index(examples: Sequence[Mapping[str, Any]], transcript: rollout_li
   raise KeyError(f"No example with id {transcript.example_id!r} in the batch")
 
 
-def host_items(num_items: int) -> range:
-  """This host's contiguous block of `num_items` items: the hosts, in process order, cover every item in order (the
-  first hosts take one more when the count does not divide), so the gathered predictions keep the benchmark's
-  order, which its positional splits (MAT's simple / hard) rely on."""
-  per_host, extra = divmod(num_items, jax.process_count())
-  host = jax.process_index()
-  start = host * per_host + min(host, extra)
-  return range(start, start + per_host + (host < extra))
-
-
 def evaluate_benchmark(env: AgentEnvironment, name: str, params, rng, out_dir: str | None) -> dict[str, float]:
   """Runs one benchmark (this host's share), gathers predictions on process 0, writes and scores them."""
   from varft.eval import score
   if name not in score.BENCHMARKS:
     raise ValueError(f"config.eval.benchmarks: unknown benchmark {name!r}; known: {sorted(score.BENCHMARKS)}")
   spec = score.BENCHMARKS[name]
-  source = _load(spec.dataset, spec.split, env.paths[spec.data_dir], env.config.data.tfds_dir)
-  return evaluate_source(env, name, source, params, rng, out_dir)
-
-
-EVAL_STREAM_BATCHES = 8
-
-
-def evaluate_source(env: AgentEnvironment, name: str, source: Sequence[Mapping[str, Any]], params, rng,
-                    out_dir: str | None) -> dict[str, float]:
-  """`evaluate_benchmark` on a random-access `source`: the first `eval.num_prompts` items (all when 0), each host
-  its own contiguous block (`host_items`), predictions gathered in item order."""
-  from varft.eval import score, settings
-  limit = env.config.eval.num_prompts
-  mine = host_items(min(len(source), limit) if limit else len(source))
-  transform = resizer(settings.eval_resize(env.config)) or (lambda example: example)
-  size = env.config.eval.batch_size
-  # The agent engine streams a run's items through `size` device slots (a finished trajectory's slot takes the next
-  # item); a run holds at most EVAL_STREAM_BATCHES batches' items, which bounds the images it keeps.
-  streaming = isinstance(env.eval_engine, rollout_lib.RolloutEngine)
-  per_run = size * EVAL_STREAM_BATCHES if streaming else size
-  items = []
-  for first in range(mine.start, mine.stop, per_run):
-    examples = [transform(source[i]) for i in range(first, min(first + per_run, mine.stop))]
-    # The key of a run is its first item's index (greedy eval: the same predictions whatever the number of hosts).
-    key = jax.random.fold_in(rng, first)
-    if streaming:
-      result = env.eval_engine.run(params, examples, key, num_samples=1, slots=size)
-    else:
-      result = env.eval_engine.run(params, examples, key, num_samples=1)
-    answered = {t.example_id: t for t in result.transcripts}
-    for j, ex in enumerate(examples):
-      t = answered.get(str(ex.get("id", j)))
-      items.append({
-          "id": ex.get("id"),
-          "question": ex["question"],
-          "pred_answer": t.answer if t else None,
-          "gt": list(ex.get("answers") or []),
-          "trajectory": t.render() if t else "",
-          "stop_reason": t.stop_reason if t else "skipped",
-          "crop_overrides": sum(o.get("crop_override", False) for o in t.observations) if t else 0
-      })
-  items = [item for per_host in sharding.gather_json(items) for item in per_host]
-  result = score_items(items, name)
-  result["settings"] = env.eval_settings
-  result["crop_overrides"] = sum(item["crop_overrides"] for item in items)
-  if out_dir:
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
-      json.dump(items, f, indent=1, ensure_ascii=False)
-    with open(os.path.join(out_dir, f"{name}_scores.json"), "w") as f:
-      json.dump(result, f, indent=2)
-    table = score.format_table(result)
-    with open(os.path.join(out_dir, f"{name}_scores.txt"), "w") as f:
-      f.write(table + "\n")
-    logging.info("Eval %s:\n%s", name, table)
-  out = {
-      f"eval/{name}/f1": result["all"]["f1"],
-      f"eval/{name}/em": result["all"]["em"],
-      f"eval/{name}/answered": 1.0 - result["num_missing"] / max(len(items), 1)
-  }
-  return out
-
-
-def score_items(items: Sequence[Mapping[str, Any]], name: str) -> dict[str, Any]:
-  """The paper's scores; a subset of a MAT benchmark (e.g. the demo, eval.num_prompts) is scored as one split."""
-  from varft.eval import metrics, score
-  spec = score.BENCHMARKS.get(name)
-  if spec is not None and (spec.num_items is None or spec.num_items == len(items)):
-    return score.score_predictions(list(items), name)
-  cjk = bool(spec and spec.cjk)
-  f1s, ems = [], []
-  for item in items:
-    golds = [item["gt"]] if isinstance(item["gt"], str) else list(item["gt"])
-    f1, em = metrics.score_item(item["pred_answer"], golds, cjk=cjk)
-    f1s.append(f1)
-    ems.append(em)
-  mean = lambda v: 100.0 * sum(v) / len(v) if v else 0.0
-  return {
-      "benchmark": name,
-      "name": f"{spec.name if spec else name} ({len(items)} items)",
-      "num_missing": sum(i["pred_answer"] is None for i in items),
-      "all": {
-          "f1": mean(f1s),
-          "em": mean(ems),
-          "count": len(items)
-      }
-  }
+  source = load_source(spec.dataset, spec.split, env.paths[spec.data_dir], env.config.data.tfds_dir)
+  return stream.evaluate_source(env, name, source, params, rng, out_dir)

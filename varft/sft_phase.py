@@ -44,9 +44,7 @@ def load_references(config: ml_collections.ConfigDict, workdir: str):
   """The reference records (`sft.data`, default `data.train`) through `varft.data`, as the RL mode reads them."""
   from varft import agent_task
   dataset = config.sft.data or config.data.train
-  paths = agent_task.data_paths(config, workdir)
-  return agent_task._load(dataset, config.data.train_split or None, paths[agent_task._manual_dir_key(dataset)],
-                          config.data.tfds_dir)
+  return agent_task.training_source(config, agent_task.data_paths(config, workdir), dataset)
 
 
 class SupervisedPhase:
@@ -55,7 +53,6 @@ class SupervisedPhase:
 
   def __init__(self, config: ml_collections.ConfigDict, model_cfg, mesh, workdir: str, state_shardings,
                loss_slots: Callable[[Any], int]):
-    from varft import agent_task
     from varft.data import input_pipeline
     from varft.processing import chat
     self.config, self.model_cfg, self.mesh = config, model_cfg, mesh
@@ -74,7 +71,7 @@ class SupervisedPhase:
                              system_prompt=r.system_prompt, think=config.sft.think)
     self.source = sft_data.ReferenceSource(load_references(config, workdir), self.format)
     self.batches = input_pipeline.batches(self.source, batch_size=self.rows, seed=config.seed + 17, transform=None)
-    self.resize = agent_task.resizer(config.data.resize)
+    self.resize = image_lib.square_resizer(config.data.resize)
     self._prepare = jax.jit(lambda b: sft.prepare_batch(b, self.scfg))
     self._step = jax.jit(sft.make_sft_step(model_cfg, self.scfg, self.optimizer,
                                            mesh), out_shardings=(state_shardings, sharding.replicated(mesh)),

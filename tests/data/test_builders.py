@@ -170,7 +170,7 @@ def test_cli_prepared_data_is_what_the_trainer_loads_without_regenerating(mat_di
   assert f'at {folder}' in out.stdout
   assert builders.dataset_dir('mat_training/search', data_dir=str(data_dir)) == str(folder)
   shutil.rmtree(mat_dir)  # regenerating would now fail: the trainer must read the prepared folder
-  source = agent_task._load('mat_training/search', None, mat_dir, str(data_dir))  # what AgentEnvironment calls
+  source = agent_task.load_source('mat_training/search', None, mat_dir, str(data_dir))  # what AgentEnvironment calls
   assert len(source) == 2 and source[1]['step_type'] == 'answer'
 
 

@@ -12,8 +12,8 @@ torch = pytest.importorskip("torch")
 
 from tests import hf_tiny  # noqa: E402
 from tests.rollout import scripted  # noqa: E402
-from varft import agent_task, rollout  # noqa: E402
-from varft.eval import direct  # noqa: E402
+from varft import rollout  # noqa: E402
+from varft.eval import direct, stream  # noqa: E402
 from varft.models.qwen25vl import config as config_lib  # noqa: E402
 from varft.models.qwen25vl import hf  # noqa: E402
 from varft.processing import chat  # noqa: E402
@@ -111,7 +111,7 @@ def test_greedy_replies_equal_transformers_and_the_whole_reply_is_the_prediction
     expected = tokenizer.decode(ids[0, len(row.tokens):].tolist(), skip_special_tokens=True)
     assert t[b].answer == expected and len(ids[0]) > len(row.tokens), b
   items = [{"pred_answer": x.answer, "gt": ex["answers"]} for x, ex in zip(t, EXAMPLES)]
-  scores = agent_task.score_items(items, "multihop_demo")
+  scores = stream.score_items(items, "multihop_demo")
   assert scores["all"]["count"] == 3 and scores["all"]["f1"] >= 100.0 / 3  # the scripted "Paris" scores 1
 
 

@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image
 
 from varft import agent_task, defaults, rollout
-from varft.eval import score, settings
+from varft.eval import score, settings, stream
 from varft.processing import hf_files
 
 REPO = pathlib.Path(__file__).parents[2]
@@ -114,7 +114,7 @@ def test_evaluation_images_keep_their_aspect_ratio_in_the_paper_setting(tmp_path
     }
     engine = SeeingEngine()
     env = types.SimpleNamespace(config=config, eval_engine=engine, eval_settings=record)
-    metrics = agent_task.evaluate_source(env, "mat_search", source, None, jax.random.key(0), str(tmp_path))
+    metrics = stream.evaluate_source(env, "mat_search", source, None, jax.random.key(0), str(tmp_path))
     assert engine.sizes == [size] and metrics["eval/mat_search/answered"] == 0.0
   table = (tmp_path / "mat_search_scores.txt").read_text()
   assert "search backend: serper (top 4, paper_exact); layout single_turn, rules paper" in table

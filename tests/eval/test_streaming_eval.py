@@ -4,7 +4,8 @@ import types
 import jax
 import ml_collections
 
-from varft import agent_task, rollout
+from varft import rollout
+from varft.eval import stream
 
 
 class RecordingEngine(rollout.RolloutEngine):
@@ -26,8 +27,8 @@ def test_agent_eval_streams_many_items_through_batch_size_slots():
   engine = RecordingEngine()
   env = types.SimpleNamespace(config=config, eval_engine=engine, eval_settings={})
   source = [{"id": f"m-{i}", "question": "q", "answers": [f"gold {i}"]} for i in range(70)]
-  metrics = agent_task.evaluate_source(env, "mat_search", source, None, jax.random.key(0), None)
-  per_run = 4 * agent_task.EVAL_STREAM_BATCHES
+  metrics = stream.evaluate_source(env, "mat_search", source, None, jax.random.key(0), None)
+  per_run = 4 * stream.EVAL_STREAM_BATCHES
   assert [len(ids) for ids, _ in engine.calls] == [per_run, per_run, 70 - 2 * per_run]
   assert {slots for _, slots in engine.calls} == {4}
   assert [i for ids, _ in engine.calls for i in ids] == [f"m-{i}" for i in range(70)]

@@ -180,3 +180,12 @@ def test_eight_bit_images_are_left_as_they_are():
   for mode in ("L", "RGB", "RGBA"):
     image = _random_image(9, 7, mode)
     assert image_lib.to_8bit(image) is image
+
+
+def test_square_resizer_resizes_and_keeps_unreadable_images():
+  buffer = io.BytesIO()
+  Image.new("RGB", (40, 20), (255, 0, 0)).save(buffer, format="PNG")
+  out = image_lib.square_resizer(32)({"id": "a", "images": [buffer.getvalue(), b"not an image"]})
+  assert Image.open(io.BytesIO(out["images"][0])).size == (32, 32)
+  assert out["images"][1] == b"not an image" and out["id"] == "a"
+  assert image_lib.square_resizer(0) is None

@@ -13,7 +13,8 @@ import types
 import jax
 import ml_collections
 
-from varft import agent_task, sharding
+from varft import sharding
+from varft.eval import stream
 
 
 class StubEngine:
@@ -47,7 +48,7 @@ def main(out_dir: str) -> None:
       } for i in range(7)]
   }
   for name, source in sources.items():
-    agent_task.evaluate_source(env, name, source, None, jax.random.key(0), out_dir if sharding.is_writer() else None)
+    stream.evaluate_source(env, name, source, None, jax.random.key(0), out_dir if sharding.is_writer() else None)
 
 
 if __name__ == "__main__":

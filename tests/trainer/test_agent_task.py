@@ -1,8 +1,5 @@
-"""Host-side pieces of the agentic task: reward references, scoring subsets, image resizing, the rollout config."""
-import io
-
+"""Host-side pieces of the agentic task: reward references, the rollout stats and config."""
 import numpy as np
-from PIL import Image
 
 from varft import agent_task
 
@@ -13,25 +10,6 @@ def test_references_per_mode():
   assert refs == [{"solution": "<answer> 7 </answer>", "step_type": "answer"}] and types is None
   refs, types = agent_task.references(examples, "multiturn")
   assert refs == [{"answers": ["7"]}] and types == ["answer"]
-
-
-def test_score_items_full_benchmark_and_subset():
-  items = [{"pred_answer": "Paris", "gt": ["paris"]}, {"pred_answer": None, "gt": "Rome"}]
-  subset = agent_task.score_items(items, "mat_search")  # 2 of 150 items: one split, no simple/hard
-  assert subset["all"] == {"f1": 50.0, "em": 50.0, "count": 2} and subset["num_missing"] == 1
-  assert "simple" not in subset
-  full = agent_task.score_items(items * 75, "mat_search")
-  assert full["simple"]["count"] == 75 and full["all"]["em"] == 50.0
-  assert agent_task.score_items(items, "multihop_demo")["all"]["f1"] == 50.0
-
-
-def test_resizer_resizes_and_keeps_unreadable_images():
-  buffer = io.BytesIO()
-  Image.new("RGB", (40, 20), (255, 0, 0)).save(buffer, format="PNG")
-  out = agent_task.resizer(32)({"id": "a", "images": [buffer.getvalue(), b"not an image"]})
-  assert Image.open(io.BytesIO(out["images"][0])).size == (32, 32)
-  assert out["images"][1] == b"not an image" and out["id"] == "a"
-  assert agent_task.resizer(0) is None
 
 
 def test_rollout_stats_are_flattened_for_logging():

@@ -179,3 +179,24 @@ def processor_settings(hf_dir: str | None = None) -> dict[str, int]:
   for key in ("patch_size", "merge_size", "temporal_patch_size"):
     settings[key] = int(raw.get(key, settings[key]))
   return settings
+
+
+def square_resizer(size: int):
+  """An example transform resizing every image to size x size (the paper's 720 x 720), or None for size 0."""
+  if not size:
+    return None
+
+  def resize(example: dict) -> dict:
+    images = []
+    for data in example.get("images") or ():
+      try:
+        image = Image.open(io.BytesIO(data)).convert("RGB").resize((size, size), Image.BICUBIC)
+      except (OSError, ValueError):
+        images.append(data)  # left for the rollout, which skips and counts unreadable images
+        continue
+      buffer = io.BytesIO()
+      image.save(buffer, format="PNG")
+      images.append(buffer.getvalue())
+    return {**example, "images": images}
+
+  return resize
