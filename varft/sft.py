@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import optax
 
 from varft import batch as batch_lib
-from varft import grpo, sharding
+from varft import grpo, grpo_loss, sharding
 from varft.models.qwen25vl.config import Qwen25VLConfig
 
 Batch = dict[str, Any]
@@ -31,14 +31,14 @@ Batch = dict[str, Any]
 @dataclasses.dataclass(frozen=True)
 class SFTConfig:
   """Static settings of the supervised step (hashable: part of the jitted step's closure)."""
-  aggregation: str = "token_mean"  # token_mean | sequence_mean (as grpo.loss_weights)
+  aggregation: str = "token_mean"  # token_mean | sequence_mean (as grpo_loss.loss_weights)
   micro_batches: int = 1
   logits_chunk: int = 256
   train_vision: bool = True
 
   def __post_init__(self):
-    if self.aggregation not in grpo.AGGREGATION_MODES:
-      raise ValueError(f"sft.aggregation {self.aggregation!r} is not one of {grpo.AGGREGATION_MODES}")
+    if self.aggregation not in grpo_loss.AGGREGATION_MODES:
+      raise ValueError(f"sft.aggregation {self.aggregation!r} is not one of {grpo_loss.AGGREGATION_MODES}")
     if self.micro_batches < 1 or self.logits_chunk < 1:
       raise ValueError("sft.micro_batches and sft.logits_chunk must be >= 1")
 
@@ -56,7 +56,7 @@ def prepare_batch(batch: Batch, scfg: SFTConfig) -> Batch:
   aggregation weights (`loss_weights`, a `batch.TRAIN_FIELDS` field)."""
   out = {k: batch[k] for k in batch_lib.MODEL_INPUTS if k in batch and batch[k] is not None}
   out["loss_mask"] = effective_loss_mask(batch)
-  out["loss_weights"] = grpo.loss_weights(out["loss_mask"], scfg.aggregation)
+  out["loss_weights"] = grpo_loss.loss_weights(out["loss_mask"], scfg.aggregation)
   return out
 
 

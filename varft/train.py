@@ -31,7 +31,7 @@ import numpy as np
 
 from varft import batch as batch_lib
 from varft import checkpoint as ckpt_lib
-from varft import console, environment, grpo, metrics_writer, preflight, sharding
+from varft import console, environment, grpo, grpo_loss, metrics_writer, preflight, sharding
 from varft.models.qwen25vl import config as model_config_lib
 from varft.models.qwen25vl import text as text_model
 from varft.preflight import ConfigError
@@ -39,13 +39,13 @@ from varft.preflight import ConfigError
 _CHOICES = {
     "mode": ("train", "eval", "sft"),
     "sft.format": ("auto", "stepwise", "multiturn"),
-    "sft.aggregation": grpo.AGGREGATION_MODES,
+    "sft.aggregation": grpo_loss.AGGREGATION_MODES,
     "sft.schedule": ("cosine", "linear", "constant"),
     "sft.think": ("gt", "step"),
     "plan_check": ("auto", "off"),
-    "grpo.advantage": grpo.ADVANTAGE_MODES,
-    "grpo.aggregation": grpo.AGGREGATION_MODES,
-    "grpo.policy_loss": tuple(grpo.POLICY_LOSSES),
+    "grpo.advantage": grpo_loss.ADVANTAGE_MODES,
+    "grpo.aggregation": grpo_loss.AGGREGATION_MODES,
+    "grpo.policy_loss": tuple(grpo_loss.POLICY_LOSSES),
     "optim.schedule": ("cosine", "linear", "constant"),
     "model.param_dtype": ("float32", "bfloat16"),
     "model.dtype": ("float32", "bfloat16", "float16"),
@@ -206,7 +206,7 @@ def make_programs(config, model_cfg, gcfg, mesh, optimizer, state_shardings,
   num_groups = config.rollout.prompts_per_host * jax.process_count()
   replicated = sharding.replicated(mesh)
   return {
-      "advantages": jax.jit(functools.partial(grpo.group_advantages, num_groups=num_groups, mode=gcfg.advantage)),
+      "advantages": jax.jit(functools.partial(grpo_loss.group_advantages, num_groups=num_groups, mode=gcfg.advantage)),
       "logps": jax.jit(grpo.make_logps_fn(model_cfg, gcfg, mesh), static_argnames="row_loss_tokens"),
       "prepare": jax.jit(functools.partial(grpo.prepare_batch, gcfg=gcfg)),
       "update": jax.jit(grpo.make_train_step(model_cfg, gcfg, optimizer,

@@ -19,7 +19,7 @@ import numpy as np
 import optax
 
 from varft import batch as batch_lib
-from varft import echo_task, grpo, sampling, sharding
+from varft import echo_task, grpo, grpo_loss, sampling, sharding
 from varft.models.qwen25vl import model
 
 MODEL = echo_task.model_config(vocab_size=64)
@@ -72,7 +72,7 @@ def step(mesh):
   state_shapes = jax.eval_shape(lambda p: grpo.init_train_state(p, optimizer), params)
   state_shardings = sharding.tree_shardings(state_shapes, mesh)
   state = jax.jit(lambda p: grpo.init_train_state(p, optimizer), out_shardings=state_shardings)(params)
-  advantages = jax.jit(lambda r, g: grpo.group_advantages(r, g, PROMPTS))(batch["rewards"], batch["group_ids"])
+  advantages = jax.jit(lambda r, g: grpo_loss.group_advantages(r, g, PROMPTS))(batch["rewards"], batch["group_ids"])
   prepared = jax.jit(lambda b, a: grpo.prepare_batch(b, a, b["sampler_logps"], GCFG))(batch, advantages)
   train_step = jax.jit(functools.partial(grpo.make_train_step(MODEL, GCFG, optimizer), num_loss_tokens=64),
                        out_shardings=(state_shardings, sharding.replicated(mesh)))

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from tests.trainer import step_script
-from varft import echo_task, grpo
+from varft import echo_task, grpo, grpo_loss
 from varft.models.qwen25vl import text as text_model
 
 
@@ -16,17 +16,17 @@ def test_group_advantages_by_hand():
   rewards = jnp.array([1.0, 0.0, 0.0, 0.0, 2.0, 2.0, 2.0, 2.0])
   groups = jnp.array([0, 0, 0, 0, 1, 1, 1, 1])
   # Group 0: mean 0.25, unbiased std sqrt((0.75^2 + 3 * 0.25^2) / 3) = 0.5. Group 1: all equal -> 0.
-  std = grpo.group_advantages(rewards, groups, 2, "std")
+  std = grpo_loss.group_advantages(rewards, groups, 2, "std")
   np.testing.assert_allclose(std, [0.75 / 0.5001, -0.25 / 0.5001, -0.25 / 0.5001, -0.25 / 0.5001, 0, 0, 0, 0],
                              rtol=1e-6)
-  np.testing.assert_allclose(grpo.group_advantages(rewards, groups, 2, "no_std"),
+  np.testing.assert_allclose(grpo_loss.group_advantages(rewards, groups, 2, "no_std"),
                              [0.75, -0.25, -0.25, -0.25, 0, 0, 0, 0], atol=1e-7)
   # Leave-one-out: r_i minus the mean of the other three.
-  np.testing.assert_allclose(grpo.group_advantages(rewards, groups, 2, "leave_one_out"),
+  np.testing.assert_allclose(grpo_loss.group_advantages(rewards, groups, 2, "leave_one_out"),
                              [1.0, -1 / 3, -1 / 3, -1 / 3, 0, 0, 0, 0], atol=1e-6)
   # Groups may be interleaved in any order.
   perm = jnp.array([3, 6, 0, 5, 1, 7, 2, 4])
-  np.testing.assert_allclose(grpo.group_advantages(rewards[perm], groups[perm], 2, "std"), std[perm], rtol=1e-6)
+  np.testing.assert_allclose(grpo_loss.group_advantages(rewards[perm], groups[perm], 2, "std"), std[perm], rtol=1e-6)
 
 
 def test_per_token_loss_clipping_and_k3_by_hand():
@@ -35,8 +35,8 @@ def test_per_token_loss_clipping_and_k3_by_hand():
   old = jnp.log(jnp.array([[0.4, 0.4, 0.4, 0.4]]))
   ref = jnp.log(jnp.array([[0.4, 0.4, 0.4, 0.1]]))
   mask = jnp.array([[1.0, 1.0, 1.0, 0.0]])
-  loss_pos, stats = grpo.per_token_loss(logps, old, jnp.array([1.0]), mask, gcfg, ref)
-  loss_neg, stats_neg = grpo.per_token_loss(logps, old, jnp.array([-1.0]), mask, gcfg, ref)
+  loss_pos, stats = grpo_loss.per_token_loss(logps, old, jnp.array([1.0]), mask, gcfg, ref)
+  loss_neg, stats_neg = grpo_loss.per_token_loss(logps, old, jnp.array([-1.0]), mask, gcfg, ref)
   k3 = lambda p, r: r / p - math.log(r / p) - 1  # exp(ref - logp) - (ref - logp) - 1
   # ratio 1.25 (A=+1): clipped to 1.2; ratio 0.5 (A=+1): unclipped 0.5.
   np.testing.assert_allclose(loss_pos[0, :3],
@@ -57,15 +57,15 @@ def test_off_mask_garbage_cannot_reach_the_loss_or_make_nans():
   logps = jnp.array([[-200.0, -1.0, -300.0]])
   old = jnp.array([[0.0, -1.5, 0.0]])
   ref = jnp.array([[-0.1, -1.2, -0.1]])  # exp(ref - logp) would overflow at the masked positions
-  loss_fn = lambda lp: jnp.sum(grpo.per_token_loss(lp, old, jnp.array([1.0]), mask, gcfg, ref)[0])
+  loss_fn = lambda lp: jnp.sum(grpo_loss.per_token_loss(lp, old, jnp.array([1.0]), mask, gcfg, ref)[0])
   grads = jax.grad(loss_fn)(logps)
   assert np.all(np.isfinite(grads)) and float(grads[0, 0]) == 0.0 and float(grads[0, 2]) == 0.0
 
 
 def test_loss_weights_by_hand():
   mask = jnp.array([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
-  np.testing.assert_allclose(grpo.loss_weights(mask, "sequence_mean"), [[0.25, 0.25, 0], [0.5, 0, 0], [0, 0, 0]])
-  np.testing.assert_allclose(grpo.loss_weights(mask, "token_mean"), mask / 3)
+  np.testing.assert_allclose(grpo_loss.loss_weights(mask, "sequence_mean"), [[0.25, 0.25, 0], [0.5, 0, 0], [0, 0, 0]])
+  np.testing.assert_allclose(grpo_loss.loss_weights(mask, "token_mean"), mask / 3)
 
 
 def test_chunked_logps_and_entropy_equal_full_softmax():
@@ -97,7 +97,7 @@ def _one_update(gcfg, batch_np):
   logps_fn, step_fn = _jitted(gcfg)
   params = {"text": text_model.init_params(jax.random.key(0), step_script.MODEL.text)}
   batch = {k: jnp.asarray(v) for k, v in batch_np.items()}
-  adv = grpo.group_advantages(batch["rewards"], batch["group_ids"], step_script.GROUPS)
+  adv = grpo_loss.group_advantages(batch["rewards"], batch["group_ids"], step_script.GROUPS)
   prepared = grpo.prepare_batch(batch, adv, batch["sampler_logps"], gcfg, ref_logps=logps_fn(params, batch))
   state, metrics = step_fn(grpo.init_train_state(params, _OPTIMIZER), prepared)
   return state["params"], metrics
@@ -231,7 +231,7 @@ def test_vision_gradients_pulled_back_once_equal_direct_gradients():
   def direct_loss(p):
     embeds = grpo.encode_images(p, cfg, batch)
     logps, _ = grpo.sequence_logps(p, cfg, batch, embeds)
-    per_token, _ = grpo.per_token_loss(logps, prepared["old_logps"], adv, batch["loss_mask"], gcfg)
+    per_token, _ = grpo_loss.per_token_loss(logps, prepared["old_logps"], adv, batch["loss_mask"], gcfg)
     return jnp.sum(per_token * prepared["loss_weights"])
 
   grads = jax.grad(direct_loss)(params)
@@ -253,7 +253,7 @@ def test_bf16_compute_keeps_fp32_master_weights():
   gcfg = grpo.GRPOConfig()
   params = {"text": text_model.init_params(jax.random.key(0), cfg16.text)}
   b = {k: jnp.asarray(v) for k, v in batch.items()}
-  adv = grpo.group_advantages(b["rewards"], b["group_ids"], step_script.GROUPS)
+  adv = grpo_loss.group_advantages(b["rewards"], b["group_ids"], step_script.GROUPS)
   ref = grpo.make_logps_fn(step_script.MODEL, gcfg)(params, b)
   prepared = grpo.prepare_batch(b, adv, b["sampler_logps"], gcfg, ref_logps=ref)
   state, m16 = jax.jit(grpo.make_train_step(cfg16, gcfg, _OPTIMIZER))(grpo.init_train_state(params, _OPTIMIZER),

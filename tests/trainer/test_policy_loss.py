@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from varft import grpo
+from varft import grpo, grpo_loss
 
 # A toy policy: one categorical per position, its logits are the parameters.
 VOCAB, LENGTH = 5, 4
@@ -20,8 +20,8 @@ def _logps(theta):
 
 
 def _loss(theta, old_logps, gcfg):
-  weights = grpo.loss_weights(MASK, gcfg.aggregation)
-  per_token, _ = grpo.per_token_loss(_logps(theta), old_logps, ADVANTAGES, MASK, gcfg)
+  weights = grpo_loss.loss_weights(MASK, gcfg.aggregation)
+  per_token, _ = grpo_loss.per_token_loss(_logps(theta), old_logps, ADVANTAGES, MASK, gcfg)
   return jnp.sum(per_token * weights)
 
 
@@ -35,7 +35,7 @@ def test_reinforce_gradient_is_the_analytic_one_whatever_the_old_policy():
   gcfg = grpo.GRPOConfig(beta=0.0, policy_loss="reinforce")
   grads = jax.grad(_loss)(theta, old, gcfg)
   # -sum_t w_t A grad log pi(token_t) with grad_theta log softmax = onehot - softmax.
-  weights = grpo.loss_weights(MASK, "sequence_mean")
+  weights = grpo_loss.loss_weights(MASK, "sequence_mean")
   score = jax.nn.one_hot(TOKENS, VOCAB) - jax.nn.softmax(theta, axis=-1)
   expected = -(weights * ADVANTAGES[:, None])[..., None] * score
   np.testing.assert_allclose(grads, expected, rtol=1e-5, atol=1e-7)
@@ -59,7 +59,7 @@ def test_reinforce_differs_from_clipped_when_ratios_are_not_one_and_equals_it_at
 def test_reinforce_reports_no_clipping_but_the_true_ratio():
   theta = _theta()
   old = _logps(_theta(1))
-  _, stats = grpo.per_token_loss(_logps(theta), old, ADVANTAGES, MASK, grpo.GRPOConfig(policy_loss="reinforce"))
+  _, stats = grpo_loss.per_token_loss(_logps(theta), old, ADVANTAGES, MASK, grpo.GRPOConfig(policy_loss="reinforce"))
   assert float(jnp.sum(stats["clip_low"] + stats["clip_high"])) == 0.0
   np.testing.assert_allclose(stats["ratio"] * MASK, jnp.exp(_logps(theta) - old) * MASK, rtol=1e-6)
 
