@@ -223,7 +223,7 @@ EVAL_PROMPTS = ("agent", "direct")
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
-  """The agent task's part of `train.validate`: a pretrained checkpoint for the 3b / 7b presets, the engine configs
+  """The agent task's part of `run_config.validate`: a pretrained checkpoint for the 3b / 7b presets, the engine configs
   of training and evaluation (their dataclasses' own checks), the eval prompt, and the reward options that only
   step-wise training can use."""
   from varft.eval import settings

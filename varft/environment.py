@@ -67,7 +67,7 @@ class TaskSpec:
   """model_config: config -> the policy's Qwen25VLConfig (before `config.model`'s dtype/remat/attention);
   text_only: the policy has no vision tower and prompts carry no images; build: (config, model_cfg, mesh, workdir)
   -> the Task; references: its data has reference trajectories (a supervised warm-up can run); check_config: the
-  task's part of `train.validate` (raises ValueError on a bad value)."""
+  task's part of `run_config.validate` (raises ValueError on a bad value)."""
   model_config: Callable[[ml_collections.ConfigDict], Any]
   text_only: bool
   build: Callable[..., Task]

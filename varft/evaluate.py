@@ -15,7 +15,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 
 from varft import checkpoint as ckpt_lib
-from varft import environment, preflight, sharding, train
+from varft import environment, preflight, run_config, sharding, train
 
 
 def restore_params(directory: str, params, step: int | None) -> tuple[int, object] | None:
@@ -41,7 +41,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Evaluates and returns the metrics (`eval/<benchmark>/f1`, `.../em`, ...)."""
   sharding.initialize_distributed(config.distributed)
   with sharding.axis_rules(config.sharding.rules):  # every layout and activation constraint
-    train.validate(config)
+    run_config.validate(config)
     preflight.check(config)
     mesh = sharding.make_mesh(dict(config.mesh))
     model_cfg = train.model_config(config)

@@ -95,8 +95,8 @@ def main(argv):
     user_error("--workdir is missing: every run writes into its own folder (--workdir=DIR)")
   try:
     if action == "check":
-      from varft import train
-      train.validate(config)
+      from varft import run_config
+      run_config.validate(config)
       print(f"ok: {preflight.describe(preflight.check(config))}")
     elif config.mode == "eval":
       from varft import evaluate

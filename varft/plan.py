@@ -48,7 +48,7 @@ from jax.sharding import NamedSharding
 import numpy as np
 
 from varft import batch as batch_lib
-from varft import environment, grpo, sampling, sharding, train
+from varft import environment, grpo, run_config, sampling, sharding, train
 from varft.models.qwen25vl import model as qwen_model
 from varft.plan_flops import program_flops
 from varft.plan_hlo import hlo_buffers
@@ -153,7 +153,7 @@ def abstract_batch(model_cfg, rec: Recipe, mesh, stage: str, length: int, gcfg=N
 
 def abstract_train_batch(config, model_cfg, rec: Recipe, mesh) -> dict[str, jax.ShapeDtypeStruct]:
   """The training batch `grpo.train_step` consumes (`grpo.prepare_batch`'s keys), as sharded abstract arrays."""
-  return abstract_batch(model_cfg, rec, mesh, "train", rec.train_len, train.grpo_config(config))
+  return abstract_batch(model_cfg, rec, mesh, "train", rec.train_len, run_config.grpo_config(config))
 
 
 def _model_view(batch):
@@ -169,7 +169,7 @@ def abstract_state(config, model_cfg, optimizer, mesh):
   state = jax.eval_shape(lambda p: grpo.init_train_state(p, optimizer), params)
   state = _abstract(state, sharding.tree_shardings(state, mesh))
   ref = None
-  if train.grpo_config(config).beta > 0:
+  if run_config.grpo_config(config).beta > 0:
     ref = jax.eval_shape(lambda p: grpo.compute_params(p, model_cfg), params)
     ref = _abstract(ref, sharding.tree_shardings(ref, mesh))
   return state, ref
@@ -247,7 +247,7 @@ def _sampler_programs(config, model_cfg, rec: Recipe, mesh, params, tp: int):
 def _programs(config, model_cfg, rec: Recipe, mesh, tp: int):
   """(name -> (jitted function, abstract args, static kwargs, resident bytes per device outside the args, the mesh
   it is traced under), image tables -> (padded patches over all tables, key blocks))."""
-  gcfg = train.grpo_config(config)
+  gcfg = run_config.grpo_config(config)
   optimizer, _ = train.make_optimizer(config)
   state, ref = abstract_state(config, model_cfg, optimizer, mesh)
   batch = abstract_train_batch(config, model_cfg, rec, mesh)

@@ -52,11 +52,11 @@ def test_transformers_loads_the_tokenizer_the_image_processor_and_the_model(expo
 
 def test_varft_accepts_the_export_as_hf_dir(exported, tmp_path):
   from experiments import search
-  from varft import train
+  from varft import run_config, train
   out, config, params = exported
   run = search.get_config("demo")
   run.model.hf_dir = out
-  train.validate(run)
+  run_config.validate(run)
   loaded = train.model_config(run)
   assert (loaded.text.hidden_size, loaded.text.num_layers, loaded.vision.depth) == \
       (config.text.hidden_size, config.text.num_layers, config.vision.depth)

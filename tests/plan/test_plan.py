@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from experiments import search
-from varft import grpo, plan, sampling, sharding, train
+from varft import grpo, plan, run_config, sampling, sharding, train
 from varft.models.qwen25vl import config as config_lib
 from varft.models.qwen25vl import text
 
@@ -54,7 +54,7 @@ def test_abstract_train_batch_is_what_prepare_batch_makes():
   }
   n, length = rec.rows, rec.train_len
   logps = jax.ShapeDtypeStruct((n, length), np.float32)
-  prepared = jax.eval_shape(lambda b, a, o, r: grpo.prepare_batch(b, a, o, train.grpo_config(config), r), rollout,
+  prepared = jax.eval_shape(lambda b, a, o, r: grpo.prepare_batch(b, a, o, run_config.grpo_config(config), r), rollout,
                             jax.ShapeDtypeStruct((n,), np.float32), logps, logps)
   assert sorted(prepared) == sorted(abstract)
   shapes = lambda tree: jax.tree.map(lambda x: (x.shape, np.dtype(x.dtype)), tree)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from experiments import search
-from varft import metrics_writer, train
+from varft import metrics_writer, run_config, train
 from varft.data import builders, demo
 
 
@@ -104,7 +104,7 @@ def test_mode_sft_runs_only_the_supervised_phase(demo_root, tmp_path):
   assert "&lt;information&gt;" in page and "reference" in page  # whole trajectories with their search results
   config.sft.steps = 0
   with pytest.raises(ValueError, match=r"config\.sft\.steps"):
-    train.validate(config)
+    run_config.validate(config)
 
 
 @pytest.mark.slow

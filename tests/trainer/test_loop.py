@@ -8,7 +8,7 @@ import time
 import pytest
 
 from experiments import echo
-from varft import evaluate, metrics_writer, train
+from varft import evaluate, metrics_writer, run_config, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -94,20 +94,20 @@ def test_bad_config_values_fail_at_start_naming_the_key(tmp_path):
   config = echo.get_config()
   config.rollout.num_samples = 0
   with pytest.raises(ValueError, match=r"config\.rollout\.num_samples=0 must be a positive integer"):
-    train.validate(config)
+    run_config.validate(config)
   config = echo.get_config()
   config.mesh.tensor = 3
   with pytest.raises(ValueError, match=r"config\.mesh"):
-    train.validate(config)
+    run_config.validate(config)
   from experiments import coding, search
   for module in (search, coding):
     for arg in ("demo", "3b", "7b,multiturn", "demo,stepwise"):
       config = module.get_config(arg)
       if config.model.name != "tiny":
         with pytest.raises(ValueError, match=r"config\.model\.hf_dir is empty"):
-          train.validate(config)
+          run_config.validate(config)
         config.model.hf_dir = str(tmp_path)
-      train.validate(config)
+      run_config.validate(config)
     with pytest.raises(ValueError, match="must be demo"):
       module.get_config("13b")
   out = subprocess.run([

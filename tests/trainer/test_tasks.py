@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from experiments import echo
-from varft import agent_task, echo_task, environment, evaluate, grpo, metrics_writer, preflight, train
+from varft import agent_task, echo_task, environment, evaluate, grpo, metrics_writer, preflight, run_config, train
 from varft import rewards as rewards_lib
 from varft.tools.executor import ToolCall, ToolExecutor
 
@@ -30,7 +30,7 @@ def test_tasks_are_looked_up_by_name_and_an_unknown_name_fails_naming_the_known_
   assert train.model_config(config).text.vocab_size == config.model.echo.vocab_size
   config.task = "echoes"
   with pytest.raises(preflight.ConfigError, match=r"config\.task='echoes' is not one of \('agent', 'echo'\)"):
-    train.validate(config)
+    run_config.validate(config)
 
 
 class _Recording(echo_task.EchoEnvironment):
@@ -205,11 +205,11 @@ def test_the_tasks_own_config_checks_run_at_start():
   config = search.get_config("demo")
   config.rollout.length_buckets = (512,)  # below rollout.max_total_tokens: RolloutConfig's own check
   with pytest.raises(preflight.ConfigError, match="largest length bucket 512 is below max_total_tokens 1024"):
-    train.validate(config)
+    run_config.validate(config)
   config = search.get_config("demo,multiturn")
   config.reward_options.gold_injection = True
   with pytest.raises(preflight.ConfigError, match=r"config\.reward_options\.gold_injection is for step-wise"):
-    train.validate(config)
+    run_config.validate(config)
   config = _echo()
   config.rollout.length_buckets = (512,)  # the echo task has no rollout engine: nothing to check
-  train.validate(config)
+  run_config.validate(config)
