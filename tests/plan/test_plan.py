@@ -162,7 +162,10 @@ def test_rollout_programs_hold_one_kv_cache():
                                           i32(rows), jax.random.key(0), i32(rows), i32(rows, steps), i32(t.vocab_size),
                                           i32(4, 4), model_config=cfg,
                                           sampling=sampling.SamplingConfig(max_new_tokens=steps))
-  for name, lowered in (("extend", extend), ("generate", generate)):
+  prefill = sampling._prefill_jit.lower(params, cache, jax.ShapeDtypeStruct((rows, t.vocab_size), jnp.float32),
+                                        sampling.Chunk(i32(2, 32), i32(3, 2, 32), i32(2, 32), i32(2, 32)), None, None,
+                                        i32(rows), model_config=cfg)
+  for name, lowered in (("extend", extend), ("generate", generate), ("prefill", prefill)):
     stats = lowered.compile(plan.CPU_COMPILER_OPTIONS).memory_analysis()
     # Donated and written in place, a layer at a time: no second cache among the temporaries (16 layers: a
     # layer's slice of k and v is 1/16 of it).
