@@ -279,7 +279,8 @@ def _sampler_programs(config, model_cfg, rec: Recipe, mesh, params, tp: int):
 
 def _programs(config, model_cfg, rec: Recipe, mesh, tp: int):
   """(name -> (jitted function, abstract args, static kwargs, resident bytes per device outside the args, the mesh
-  it is traced under), image tables -> (padded patches over all tables, key blocks))."""
+  it is traced under), sizes for `program_flops`: image tables -> (padded patches over all tables, key blocks) and
+  `prompt_rows` -> (the prefill's prompt rows, 0))."""
   gcfg = train.grpo_config(config)
   optimizer, _ = train.make_optimizer(config)
   state, ref = abstract_state(config, model_cfg, optimizer, mesh)
