@@ -14,7 +14,7 @@ and each search is answered by a deterministic local tool (a fixed passage in th
 
 The paper loop is sequential, so its per-task time is measured on `--paper-tasks` tasks and reported as tasks/s;
 the sides alternate for `--repeats` rounds after a warm-up of each (medians). Also reported: our decode step time
-and, for scale, one jitted vocabulary matmul (the step's largest op) at batch 1 and 64 on this CPU.
+and, for scale, the vocabulary matmul (the step's largest op) alone in a jitted loop at batch 1 and 64.
 
     PYTHONPATH=. python benchmarks/rollout_multiturn.py [--tasks 64] [--paper-tasks 8] [--repeats 3]
 """
