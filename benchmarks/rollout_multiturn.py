@@ -14,7 +14,8 @@ and each search is answered by a deterministic local tool (a fixed passage in th
 
 The paper loop is sequential, so its per-task time is measured on `--paper-tasks` tasks and reported as tasks/s;
 the sides alternate for `--repeats` rounds after a warm-up of each (medians). Also reported: our decode step time
-and, for scale, the vocabulary matmul (the step's largest op) alone in a jitted loop at batch 1 and 64.
+and, for scale, a decode step's vocabulary-wide parts alone (the tied projection, the sampler's draw) in jitted loops
+at batch 1 and 64.
 
     PYTHONPATH=. python benchmarks/rollout_multiturn.py [--tasks 64] [--paper-tasks 8] [--repeats 3]
 """
@@ -38,7 +39,7 @@ from transformers import AutoTokenizer, LogitsProcessor, LogitsProcessorList, Qw
 
 from tests import hf_tiny
 from tests.rollout import scripted
-from varft import prompts, rollout
+from varft import prompts, rollout, sampling
 from varft.models.qwen25vl import config as config_lib
 from varft.models.qwen25vl import hf
 from varft.processing import chat
@@ -122,28 +123,41 @@ def our_run(engine, params, tasks, seeds):
   raise RuntimeError(f"every seed of {list(seeds)} stopped a trajectory early: {stats['stop_reasons']}")
 
 
-def vocabulary_matmul_s(hidden: int, vocab: int, batch: int, steps: int = 50) -> float:
-  """Seconds per step of a jitted loop of the tied vocabulary projection (batch, hidden) x (vocab, hidden), f32,
-  each step's input depending on the last (buffers reused, as in the decode loop): the step's floor on this CPU."""
-
-  @jax.jit
-  def loop(x, embed):
-
-    def body(_, carry):
-      x, total = carry
-      logits = jnp.einsum("bh,vh->bv", x, embed)
-      return x + 1e-9 * logits[:, :hidden], total + logits[:, 0]
-
-    return jax.lax.fori_loop(0, steps, body, (x, jnp.zeros((batch,))))[1]
-
-  x, embed = jnp.ones((batch, hidden), jnp.float32), jnp.ones((vocab, hidden), jnp.float32)
-  loop(x, embed).block_until_ready()
+def _loop_s(step, x, steps: int = 50) -> float:
+  """Seconds per step of `step` (x -> x) run `steps` times in one jitted loop (buffers reused, as in the decode
+  loop), median of 5 calls."""
+  loop = jax.jit(lambda x: jax.lax.fori_loop(0, steps, lambda _, x: step(x), x))
+  jax.block_until_ready(loop(x))
   times = []
   for _ in range(5):
     start = time.perf_counter()
-    loop(x, embed).block_until_ready()
+    jax.block_until_ready(loop(x))
     times.append(time.perf_counter() - start)
   return statistics.median(times) / steps
+
+
+def decode_floor_s(hidden: int, vocab: int, batch: int) -> dict[str, float]:
+  """A decode step's two vocabulary-wide parts alone, f32, on this CPU: the tied projection (batch, hidden) x
+  (vocab, hidden), and the sampler's draw over (batch, vocab) logits (temperature 1, full vocabulary)."""
+  embed = jnp.ones((vocab, hidden), jnp.float32)
+
+  def project(x):
+    logits = jnp.einsum("bh,vh->bv", x, embed)
+    return x + 1e-9 * logits[:, :hidden]
+
+  config = sampling.SamplingConfig(temperature=1.0)
+
+  def draw(carry):
+    logits, rng = carry
+    rng, key = jax.random.split(rng)
+    token, logp = sampling._sample(logits, key, config, jnp.full((batch,), -1, jnp.int32))
+    return logits.at[:, 0].add(1e-9 * (token + logp)), rng
+
+  logits = jax.random.normal(jax.random.PRNGKey(0), (batch, vocab))
+  return {
+      "vocab_matmul": _loop_s(project, jnp.ones((batch, hidden), jnp.float32)),
+      "sampling": _loop_s(draw, (logits, jax.random.PRNGKey(1)))
+  }
 
 
 def paper_loop(hf_dir, torch_model, tasks, actions):
@@ -236,8 +250,10 @@ def main():
           "ours_decode_steps": steps,
           "ours_step_ms": round(1e3 * median("generate_s") / steps, 2),
           "paper_token_ms": round(1e3 * paper_s / (args.paper_tasks * paper_tokens), 2),
-          "vocab_matmul_ms": {
-              f"batch {b}": round(1e3 * vocabulary_matmul_s(text.hidden_size, text.vocab_size, b), 3) for b in (1, 64)
+          "vocab_parts_ms": {
+              f"batch {b}": {
+                  k: round(1e3 * v, 2) for k, v in decode_floor_s(text.hidden_size, text.vocab_size, b).items()
+              } for b in (1, args.tasks)
           },
           "vocab_matmul_gflop_batch64": round(2 * 64 * text.hidden_size * text.vocab_size / 1e9, 3),
           "load_average": [round(x, 1) for x in load_start + os.getloadavg()],
