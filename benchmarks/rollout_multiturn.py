@@ -255,7 +255,7 @@ def main():
                   k: round(1e3 * v, 2) for k, v in decode_floor_s(text.hidden_size, text.vocab_size, b).items()
               } for b in (1, args.tasks)
           },
-          "vocab_matmul_gflop_batch64": round(2 * 64 * text.hidden_size * text.vocab_size / 1e9, 3),
+          "vocab_matmul_gflop": round(2 * args.tasks * text.hidden_size * text.vocab_size / 1e9, 3),
           "load_average": [round(x, 1) for x in load_start + os.getloadavg()],
       }))
 
