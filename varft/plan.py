@@ -11,10 +11,12 @@ partitioned program gives the bytes per device. FLOPs are counted analytically (
 cost analysis counts a scanned layer once, not once per layer.
 
 Programs: `sampling_weights` (the train params cast and resharded to the sampler's layout), `encode_images` (every
-sampler device encoding its own image table), `extend` (prefill of every row, the image tables encoded inside it),
-`generate` (decode), `reference_logps`, `train_step`. The batches are `varft.batch.abstract` (rows over the batch
-axes, one image table per batch device); the sampler programs take `Sampler`'s arguments in its layouts on the
-rollout mesh, from the weights as `sharding.sampling_params` reshards them, tensor-parallel as
+sampler device encoding its own image table), `prefill` (each prompt once, P rows padded to the scheduler's prompt-
+count bucket, copied into its G rows of the cache; the prompt images encoded inside it), `extend` (an observation
+chunk of the largest chunk bucket on every row; with the code tool, one observation image per row when one fits the
+chunk), `generate` (decode), `reference_logps`, `train_step`. The batches are `varft.batch.abstract` (rows
+over the batch axes, one image table per batch device); the sampler programs take `Sampler`'s arguments in its
+layouts on the rollout mesh, from the weights as `sharding.sampling_params` reshards them, tensor-parallel as
 `rollout.tensor_parallel` resolves for the target accelerator's memory (`--accelerator`; on GPU/TPU the devices'
 own). A program's `peak_bytes` adds the arrays that stay resident while it runs (the train state and the reference
 weights during rollouts, the rest of the state and the reference while the params are resharded, the reference
@@ -48,7 +50,7 @@ from jax.sharding import NamedSharding
 import numpy as np
 
 from varft import batch as batch_lib
-from varft import environment, grpo, run_config, sampling, sharding, train
+from varft import environment, grpo, run_config, sampling, scheduler, sharding, train
 from varft.models.qwen25vl import model as qwen_model
 from varft.plan_flops import program_flops
 from varft.plan_hlo import hlo_buffers
@@ -74,7 +76,7 @@ DEFAULT_MARGIN = 0.10
 # and TPU programs, with native bf16 dots, do not have). CPU plans are compiled without that pass: the widening
 # stays per layer.
 CPU_COMPILER_OPTIONS = {"xla_disable_hlo_passes": "while-loop-invariant-code-motion"}
-PROGRAMS = ("sampling_weights", "encode_images", "extend", "generate", "reference_logps", "train_step")
+PROGRAMS = ("sampling_weights", "encode_images", "prefill", "extend", "generate", "reference_logps", "train_step")
 
 
 class PlanError(ConfigError):
@@ -87,6 +89,7 @@ class Recipe:
   prompts: int
   samples: int  # G
   prompt_len: int  # the prefill chunk (a length bucket)
+  chunk_len: int  # an observation chunk (the largest chunk bucket)
   new_tokens: int  # sampled per turn
   train_len: int  # the training batch's length bucket
   cache_len: int  # KV-cache slots per row
@@ -113,7 +116,7 @@ def recipe(config, prompt_len: int = 1024, train_len: int = 0, cache_len: int = 
     grid = (1, h // 14, w // 14)
   return Recipe(
       prompts=r.prompts_per_host * jax.process_count(), samples=r.num_samples, prompt_len=prompt,
-      new_tokens=r.max_new_tokens, train_len=train_len or
+      chunk_len=max(r.chunk_buckets), new_tokens=r.max_new_tokens, train_len=train_len or
       sampling.bucket(min(prompt_len + r.max_new_tokens, r.max_total_tokens), r.length_buckets), cache_len=cache_len or
       r.max_total_tokens + max(r.chunk_buckets), image_grid=grid, max_image_patches=r.image_max_pixels // 14 ** 2,
       micro_batches=config.grpo.micro_batches, row_loss_tokens=grpo.row_loss_token_bucket(np.ones(
@@ -201,9 +204,29 @@ def _sampler(config, model_cfg, rec: Recipe, mesh, params, tp: int):
   return sampler, _abstract(weights, sharding.sampling_shardings(weights, rollout_mesh))
 
 
+def prefill_prompts(rec: Recipe, shards: int) -> int:
+  """The prompt rows of a step's first prefill: the scheduler's prompt-count bucket of all its prompts."""
+  return sampling.bucket(rec.prompts, scheduler._prompt_buckets(shards, rec.rows))
+
+
+def _chunk_args(model_cfg, rec: Recipe, mesh, length: int, with_images: bool = True):
+  """A `Sampler` chunk of `rec.rows` rows of `length` tokens (one image per prompt of `rec` when it has images and
+  `with_images`) and its image tables, as sharded abstract arrays."""
+  rec = rec if with_images else dataclasses.replace(rec, image_grid=None)
+  batch = abstract_batch(model_cfg, rec, mesh, "rollout", length)
+  chunk = sampling.Chunk(*(jax.ShapeDtypeStruct(batch[k].shape, jnp.int32, sharding=batch[k].sharding)
+                           for k in ("tokens", "positions", "attention_mask", "image_index")))
+  return chunk, (batch["pixel_values"], batch["vision_inputs"]) if "pixel_values" in batch else None
+
+
+def _table_size(images):
+  """(padded patches over all tables, full-attention key blocks) of a chunk's image tables."""
+  return images[0].shape[0] * images[0].shape[1], images[1]["full_key_blocks"].shape[-1]
+
+
 def _sampler_programs(config, model_cfg, rec: Recipe, mesh, params, tp: int):
-  """encode_images / extend / generate with the Sampler's signature and layouts: rows and KV cache over every batch
-  axis of the rollout mesh, each device encoding its own rows' image table inside extend."""
+  """encode_images / prefill / extend / generate with the Sampler's signature and layouts: rows and KV cache over
+  every batch axis of the rollout mesh, each device encoding its own rows' image table inside prefill / extend."""
   sampler, weights = _sampler(config, model_cfg, rec, mesh, params, tp)
   reshard, _ = sharding.sampling_resharder(params, mesh, sampler.mesh, model_cfg.dtype)
   rec = dataclasses.replace(rec, prompts=rec.prompts // jax.process_count())  # each host samples its own prompts
@@ -215,19 +238,27 @@ def _sampler_programs(config, model_cfg, rec: Recipe, mesh, params, tp: int):
       "v": sds(kv_shape, model_cfg.dtype, 1, 3),
       "length": sds((n,), jnp.int32)
   }
-  prefill = abstract_batch(model_cfg, rec, sampler.mesh, "rollout", rec.prompt_len)
-  chunk = sampling.Chunk(*(jax.ShapeDtypeStruct(prefill[k].shape, jnp.int32, sharding=prefill[k].sharding)
-                           for k in ("tokens", "positions", "attention_mask", "image_index")))
-  images = (prefill["pixel_values"], prefill["vision_inputs"]) if "pixel_values" in prefill else None
+  logits = sds((n, t.vocab_size), jnp.float32)
+  prompts = dataclasses.replace(rec, prompts=prefill_prompts(rec, sampler.num_shards), samples=1)
+  prompt_chunk, images = _chunk_args(model_cfg, prompts, sampler.mesh, rec.prompt_len)
+  # An observation image per row when the code tool (whose output is an image) is on and one fits the chunk; search
+  # observations are text.
+  code = bool(config.get("tools", {}).get("use_code", False))
+  fits = code and rec.image_grid is not None and int(np.prod(rec.image_grid)) // 4 <= rec.chunk_len
+  observation, observed = _chunk_args(model_cfg, dataclasses.replace(rec, prompts=n, samples=1), sampler.mesh,
+                                      rec.chunk_len, fits)
   rng = jax.eval_shape(lambda: jax.random.key(0))
-  generate_args = (weights, cache, sds((n, t.vocab_size), jnp.float32), sds(
+  generate_args = (weights, cache, logits, sds(
       (n,), jnp.int32), jax.ShapeDtypeStruct(rng.shape, rng.dtype,
                                              sharding=sharding.replicated(sampler.mesh)), sds(
                                                  (n,), jnp.int32), sds((n, rec.new_tokens), jnp.int32),
                    jnp.asarray(sampler.stop_table.token_bits), jnp.asarray(sampler.stop_table.pattern_bits))
   programs = {
       "sampling_weights": (reshard, (params,), {}),
-      "extend": (sampling._extend_jit, (weights, cache, chunk, None, images), {
+      "prefill": (sampling._prefill_jit, (weights, cache, logits, prompt_chunk, None, images, sds((n,), jnp.int32)), {
+          "model_config": model_cfg
+      }),
+      "extend": (sampling._extend_jit, (weights, cache, observation, None, observed, logits), {
           "model_config": model_cfg
       }),
       "generate": (sampling._generate_jit, generate_args, {
@@ -235,18 +266,21 @@ def _sampler_programs(config, model_cfg, rec: Recipe, mesh, params, tp: int):
           "sampling": sampler.sampling
       }),
   }
-  tables = {}
+  tables = {"prompt_rows": (prompts.prompts, 0)}
   if images is not None:
     encode = lambda p, pv, vi: batch_lib.encode_tables(lambda x, v: qwen_model.encode_images(p, model_cfg, x, v), pv, vi
                                                       )
     programs["encode_images"] = (jax.jit(encode), (weights,) + images, {})
-    tables["call"] = images[0].shape[0] * images[0].shape[1], images[1]["full_key_blocks"].shape[-1]
+    tables["prefill"] = _table_size(images)
+  if observed is not None:
+    tables["extend"] = _table_size(observed)
   return programs, tables
 
 
 def _programs(config, model_cfg, rec: Recipe, mesh, tp: int):
   """(name -> (jitted function, abstract args, static kwargs, resident bytes per device outside the args, the mesh
-  it is traced under), image tables -> (padded patches over all tables, key blocks))."""
+  it is traced under), sizes for `program_flops`: image tables -> (padded patches over all tables, key blocks) and
+  `prompt_rows` -> (the prefill's prompt rows, 0))."""
   gcfg = run_config.grpo_config(config)
   optimizer, _ = train.make_optimizer(config)
   state, ref = abstract_state(config, model_cfg, optimizer, mesh)

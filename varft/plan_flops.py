@@ -38,17 +38,22 @@ def vision_flops(model_cfg, patches: int, key_blocks: int) -> float:
 
 def program_flops(name: str, rec, model_cfg, config, tables: dict[str, tuple[int, int]]) -> float:
   """FLOPs of program `name` (see the module docstring) for the recipe `rec`; `tables` gives (padded patches,
-  full-attention key blocks) of the training batch's image tables (`batch`) and of the rollout's (`call`), patches
-summed over the devices' tables."""
+  full-attention key blocks) of the image tables of the training batch (`batch`), of the prefill's prompts
+  (`prefill`) and of the observation extend (`extend`), patches summed over the devices' tables, and the prefill's
+  prompt rows (`prompt_rows`: (P, 0))."""
   t = model_cfg.text
   n, length = rec.rows, rec.train_len
-  images = {k: vision_flops(model_cfg, *v) for k, v in tables.items()}
+  images = {k: vision_flops(model_cfg, *v) for k, v in tables.items() if k != "prompt_rows"}
   if name == "sampling_weights":  # a cast and a reshard: no multiply-adds
     return 0.0
   if name == "encode_images":
-    return images["call"]
-  if name == "extend":  # the image tables are encoded inside the prefill
-    return n * rec.prompt_len * text_token_flops(t, rec.cache_len) + n * logits_flops(t) + images.get("call", 0.0)
+    return images["prefill"]
+  if name == "prefill":  # each prompt once, into a fresh cache of the chunk's length; its images encoded inside
+    prompts = tables["prompt_rows"][0]
+    return (prompts * rec.prompt_len * text_token_flops(t, rec.prompt_len) + prompts * logits_flops(t) +
+            images.get("prefill", 0.0))
+  if name == "extend":  # an observation chunk on every row, its images encoded inside
+    return n * rec.chunk_len * text_token_flops(t, rec.cache_len) + n * logits_flops(t) + images.get("extend", 0.0)
   if name == "generate":
     return n * rec.new_tokens * (text_token_flops(t, rec.cache_len) + logits_flops(t))
   text_forward = n * length * text_token_flops(t, length) + n * rec.row_loss_tokens * logits_flops(t)

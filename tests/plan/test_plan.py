@@ -162,7 +162,10 @@ def test_rollout_programs_hold_one_kv_cache():
                                           i32(rows), jax.random.key(0), i32(rows), i32(rows, steps), i32(t.vocab_size),
                                           i32(4, 4), model_config=cfg,
                                           sampling=sampling.SamplingConfig(max_new_tokens=steps))
-  for name, lowered in (("extend", extend), ("generate", generate)):
+  prefill = sampling._prefill_jit.lower(params, cache, jax.ShapeDtypeStruct((rows, t.vocab_size), jnp.float32),
+                                        sampling.Chunk(i32(2, 32), i32(3, 2, 32), i32(2, 32), i32(2, 32)), None, None,
+                                        i32(rows), model_config=cfg)
+  for name, lowered in (("extend", extend), ("generate", generate), ("prefill", prefill)):
     stats = lowered.compile(plan.CPU_COMPILER_OPTIONS).memory_analysis()
     # Donated and written in place, a layer at a time: no second cache among the temporaries (16 layers: a
     # layer's slice of k and v is 1/16 of it).
@@ -181,3 +184,28 @@ def test_cpu_plans_keep_the_bf16_widening_inside_the_layer_loop():
   p = plan.plan_program("toy", jax.jit(forward), (weights, x), {}, 0, None, 0.0, 1)
   # XLA:CPU widens bf16 dot operands to f32; hoisted out of the loop that is an f32 copy of the whole stack.
   assert p.temp_bytes < layers * dim * 4 * dim * 4 / 4, p.temp_bytes
+
+
+def test_prefill_is_planned_once_per_prompt_at_the_schedulers_bucket():
+  from tests.plan import plan_script
+  config = plan_script.small_config()
+  rec = plan.recipe(config, **plan_script.SMALL)
+  # The scheduler pads a prefill's prompt count to `shards` times a power of two (up to all slots).
+  buckets = [plan.prefill_prompts(dataclasses.replace(rec, prompts=p), s) for p, s in ((4, 1), (3, 1), (4, 8))]
+  assert buckets == [4, 4, 8]
+  with sharding.axis_rules(config.sharding.rules):
+    mesh = sharding.make_mesh(dict(config.mesh), jax.devices()[:1])
+    table, images = plan._programs(config, train.model_config(config), rec, mesh, 1)
+  _, args, _, _, _ = table["prefill"]
+  chunk, images_arg, source = args[3], args[5], args[6]
+  assert chunk.tokens.shape == (rec.prompts, rec.prompt_len)  # P prompt rows, not the B x G rows
+  assert images_arg[0].shape[0] == 1 and source.shape == (rec.rows,)
+  assert args[1]["k"].shape[1] == rec.rows  # copied into every row of the cache
+  _, args, _, _, _ = table["extend"]
+  assert args[2].tokens.shape == (rec.rows, rec.chunk_len) and args[4] is None  # search observations: text
+  assert images["prompt_rows"] == (rec.prompts, 0)
+  plans = plan.plan(config, jax.devices()[:1], programs=("prefill", "extend"), **plan_script.SMALL)
+  assert [p.program for p in plans] == ["prefill", "extend"]
+  prefill, extend = plans
+  # One prefill of 4 prompts does a quarter of the prompt-token work of prefilling all 16 rows.
+  assert prefill.flops < extend.flops * rec.prompt_len / rec.chunk_len / 2, (prefill.flops, extend.flops)
