@@ -44,8 +44,10 @@ def get_config(arg="demo"):
     # Dense XLA attention: at 16 rows x 768 tokens x 4 heads its scores are small, and on CPU it is ~2.5x faster
     # (forward + backward) than the chunked online softmax `auto` picks there (benchmarks/demo_update_profile.py).
     c.model.attention = "dot_product"
-    # A random 10M model needs ~100 updates to write the template in order: many small, short batches.
-    c.sft.steps = 150
+    # A random 10M model needs ~100 updates to write the template in order: many small, short batches. The coding
+    # steps need 300: after 150 the step-type decisions (which step, which tag, which program line) are still near
+    # 50/50 and the warm-up policy writes the format in ~40% of its rollouts (BENCHMARKS.md, issue 16 second pass).
+    c.sft.steps = 300
     c.sft.batch_size = 2
     c.sft.learning_rate = 1.5e-2
     c.sft.warmup_steps = 10
@@ -59,7 +61,8 @@ def get_config(arg="demo"):
     c.export_hf = True
     c.grpo.beta = 0.0  # a few RL steps from the warmed-up policy: no KL anchor, no reference forward pass
     c.grpo.logits_chunk = 32  # 16 rows x 128 slots: logits 32 positions at a time keep the update near 2.6 GB
-    c.optim.learning_rate = 1e-3
+    # Well below the warm-up's peak: fresh AdamW moments move every parameter by ~lr on GRPO's first update.
+    c.optim.learning_rate = 3e-4
     c.optim.schedule = "constant"
     c.rollout.prompts_per_host = 4  # 16 rollouts per step: a step's mean reward is not just which prompts came up
     c.rollout.num_samples = 4

@@ -60,6 +60,9 @@ def get_config(arg="demo"):
     c.grpo.beta = 0.0  # a few RL steps from the warmed-up policy: no KL anchor, no reference forward pass
     c.optim.learning_rate = 1e-3
     c.optim.schedule = "constant"
+    # GRPO starts from fresh AdamW moments: its first update moves every parameter with a gradient by ~lr (the
+    # 152k tied embedding rows too), a kick that undoes part of the warm-up; 3 steps of warm-up ramp it in.
+    c.optim.warmup_steps = 3
     c.rollout.prompts_per_host = 4  # 16 rollouts per step: a step's mean reward is not just which prompts came up
     c.rollout.num_samples = 4
     c.rollout.temperature = 0.5  # the warmed-up tiny model writes the format at 0.5 more often than not

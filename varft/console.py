@@ -85,23 +85,34 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 
 def phase_lines(history: Sequence[Mapping[str, float]], sft_steps: int, window: int = 3) -> list[str]:
-  """For a run with a supervised warm-up: SFT loss first -> last; GRPO's mean reward over its first and last
-  `window` steps with the std between those steps (the noise a rise has to beat) and the final format reward."""
+  """For a run with a supervised warm-up: SFT loss first -> mean of the last 10 updates; GRPO's mean reward over its
+  first and last `window` steps with the std between those steps (the noise a rise has to beat) and the rise in
+  units of their pooled std; "at the end": the format reward over the last `window` GRPO steps' rollouts (and the
+  last step's alone, which is only its own rollouts)."""
   lines = []
   sft_rows = [r for r in history if r["step"] <= sft_steps and "sft/nll_per_token" in r]
   if sft_rows:
+    tail = sft_rows[-10:]
     lines.append(f"  SFT steps 1..{sft_rows[-1]['step']}: loss per token {sft_rows[0]['sft/nll_per_token']:.3f} -> "
-                 f"{sft_rows[-1]['sft/nll_per_token']:.3f} (token prob {sft_rows[-1]['sft/token_prob']:.2f})")
+                 f"{np.mean([r['sft/nll_per_token'] for r in tail]):.3f} (mean of the last {len(tail)}; token prob "
+                 f"{np.mean([r['sft/token_prob'] for r in tail]):.2f})")
   rl = [r for r in history if r["step"] > sft_steps and "reward/mean" in r]
   if len(rl) >= 2 * window:
     first, first_std = _mean_std([r["reward/mean"] for r in rl[:window]])
     last, last_std = _mean_std([r["reward/mean"] for r in rl[-window:]])
+    pooled = float(np.sqrt((first_std ** 2 + last_std ** 2) / 2))
+    rise = f"{(last - first) / pooled:+.1f} x their pooled std" if pooled > 0 else "no spread between steps"
     lines.append(f"  GRPO mean reward, first {window} steps {first:.3f} +- {first_std:.3f} -> last {window} "
-                 f"{last:.3f} +- {last_std:.3f} (+- : std between steps)")
-  if rl and "reward/format" in rl[-1]:
-    tools = rl[-1].get("rollout/tool_calls_per_trajectory")
-    lines.append(f"  at the end: reward/format {rl[-1]['reward/format']:.3f}" +
-                 (f", tool calls per trajectory {tools:.2f}" if tools is not None else ""))
+                 f"{last:.3f} +- {last_std:.3f} (+- : std between steps; change {last - first:+.3f} = {rise})")
+  end = rl[-window:]
+  if end and all("reward/format" in r for r in end):
+    rollouts = [r.get("rollout/num_trajectories", 1.0) for r in end]
+    fmt = float(np.average([r["reward/format"] for r in end], weights=rollouts))
+    tools = [r["rollout/tool_calls_per_trajectory"] for r in end if "rollout/tool_calls_per_trajectory" in r]
+    lines.append(
+        f"  at the end (last {len(end)} GRPO steps, {sum(rollouts):.0f} rollouts): reward/format {fmt:.3f} "
+        f"(last step {end[-1]['reward/format']:.3f})" +
+        (f", tool calls per trajectory {np.average(tools, weights=rollouts):.2f}" if len(tools) == len(end) else ""))
   return lines
 
 
