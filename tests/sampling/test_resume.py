@@ -148,3 +148,23 @@ def test_a_gathered_generate_equals_decoding_in_place(params, sampler):
 def test_row_bucket():
   assert [sampling.row_bucket(n) for n in (1, 4, 5, 7, 9, 13, 17, 25, 33, 49)] == [4, 4, 6, 8, 12, 16, 24, 32, 48, 64]
   assert sampling.row_bucket(5, multiple=2) == 8 and sampling.row_bucket(17, multiple=2) == 24
+
+
+def test_a_gathered_generate_holds_its_rows_not_a_second_cache(sampler):
+  """Compiled at 32 rows of 1024 slots, a generate over 4 gathered rows needs temporaries well under the cache: the
+  4 rows and their logits, the cache and logits being donated and written back in place."""
+  rows, slots, width = 32, 1024, 4
+  cache = jax.eval_shape(lambda: text.init_cache(CFG.text, rows, slots))
+  abstract = lambda *shape: jax.ShapeDtypeStruct(shape, np.int32)
+  params = {"text": jax.eval_shape(lambda: text.init_params(jax.random.PRNGKey(0), CFG.text))}
+  logits = jax.ShapeDtypeStruct((rows, CFG.text.vocab_size), np.float32)
+  table = sampler.stop_table
+  args = (params, cache, logits, abstract(width), abstract(width), jax.random.PRNGKey(0), abstract(width),
+          abstract(width, 12), abstract(*table.token_bits.shape), abstract(*table.pattern_bits.shape), None,
+          abstract(width, sampler.stop_window), abstract(), abstract())
+  compiled = sampling._generate_rows_jit.lower(*args, model_config=CFG, sampling=sampler.sampling).compile()
+  memory = compiled.memory_analysis()
+  cache_bytes = cache["k"].size * 4 * 2
+  row_bytes = cache_bytes // rows + CFG.text.vocab_size * 4
+  assert memory.alias_size_in_bytes >= cache_bytes  # donated: written in place
+  assert memory.temp_size_in_bytes < min(3 * width * row_bytes, cache_bytes)
