@@ -2,7 +2,7 @@
 
 Each slot holds one trajectory's rows of the KV cache. A trajectory whose turn stops goes to its tools at once
 (the executor's futures) while the other slots keep decoding; when its observations are ready it rejoins: one
-extend of the ready rows only (the others masked, their logits kept), then it decodes again. A generate call
+extend of the ready rows only (gathered, see below), then it decodes again. A generate call
 returns early (once a few rows stopped, or after `resume_steps` steps while tools are out) so that stopped rows
 reach their tools and ready rows rejoin without waiting for the slowest row; no call waits for the slowest tool.
 A finished trajectory's slot takes the next prompt (evaluation streams through fewer slots than items), and a
