@@ -14,9 +14,11 @@ in the schedule:
 * v2 streaming: the continuous engine on `--slots` device slots (fewer than the tasks, as evaluation runs): a
   finished trajectory's slot takes the next task.
 
-Reported: tasks/s of each (median of `--repeats` runs, the sides interleaved, after a warm-up run of each with short
-turns that compiles the same programs), the ratios to lock-step, and the fraction of slot-steps of the generate
-calls that decoded a live row (of all slots, and of the slots holding an unfinished trajectory).
+Reported: tasks/s of each (median of `--repeats` runs, the sides interleaved, after an untimed warm-up run of each
+on the same workload, which compiles the programs), the ratios to lock-step, the fraction of the rows the generate
+calls computed that decoded a live row (v2 computes the decoding rows only, gathered, when they are few; lock-step
+every slot), the rows computed by decode steps and by extends, the programs compiled after the warm-up, and the
+load average during the timed runs.
 
     PYTHONPATH=. python benchmarks/rollout_heterogeneous.py [--tasks 128] [--repeats 3]
 """
@@ -80,7 +82,7 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--tasks", type=int, default=128)
   parser.add_argument("--repeats", type=int, default=3)
-  parser.add_argument("--slots", type=int, default=32)
+  parser.add_argument("--slots", type=int, nargs="+", default=[32, 64], help="device slots of the streaming sides")
   args = parser.parse_args()
   config = config_lib.get_config("tiny")
   params = model.init_params(jax.random.PRNGKey(0), config)
@@ -89,11 +91,7 @@ def main():
   actions = {t: tokenizer.encode(f"<search> query {t} </search>") for t in range(1, 7)}
   answer = tokenizer.encode("<answer> Paris </answer>")
 
-  warm = {"on": True}
-
   def script(i, t):
-    if warm["on"]:  # the warm-up: one short search turn, then the answer
-      return [300] * 4 + (actions[t] if t == 1 else answer)
     return free[(i, t)] + (actions[t] if t <= tool_turns[i] else answer)
 
   executor = SlowSearch(latency)
@@ -104,15 +102,14 @@ def main():
                                 chunk_buckets=(64,), temperature=1.0, schedule=schedule),
           script=script) for schedule in ("continuous", "lockstep")
   }
-  sides = {
-      "v2": (engines["continuous"], None),
-      "lockstep": (engines["lockstep"], None),
-      "v2_streaming": (engines["continuous"], args.slots)
-  }
+  sides = {"v2": (engines["continuous"], None), "lockstep": (engines["lockstep"], None)}
+  sides.update({f"v2_streaming_{n}": (engines["continuous"], n) for n in args.slots})
   times = {s: [] for s in sides}
-  stats = {}
+  stats, loads = {}, []
   for i in range(args.repeats + 1):
-    warm["on"] = i == 0
+    if i == 1:
+      warm_compiles = sampling.Sampler.compile_count()
+    loads.append(os.getloadavg()[0])
     for side, (engine, slots) in sides.items():
       start = time.perf_counter()
       result = engine.run(params, tasks, jax.random.PRNGKey(i), slots=slots)
@@ -125,7 +122,7 @@ def main():
             result.stats["decode_steps"], flush=True)
   rates = {s: args.tasks / statistics.median(t) for s, t in times.items()}
   keys = ("generate_s", "extend_s", "prefill_s", "tools_wait_s", "generate_calls", "extends", "decode_steps",
-          "live_occupied_fraction")
+          "decode_rows", "extend_rows", "live_occupied_fraction")
   summary = {
       "tasks": args.tasks,
       "slots_streaming": args.slots,
@@ -147,7 +144,8 @@ def main():
               k: stats[s].get(k) for k in keys
           } for s in stats
       },
-      "compiles": sampling.Sampler.compile_count(),
+      "compiles_after_warm_up": sampling.Sampler.compile_count() - warm_compiles,
+      "load_average": [round(x, 1) for x in loads[1:] + [os.getloadavg()[0]]],
   }
   print(json.dumps(summary))
 

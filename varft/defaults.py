@@ -145,7 +145,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.rollout.schedule = "continuous"
   c.rollout.resume_steps = 16
   c.rollout.exit_fraction = 0.0625
-  c.rollout.rejoin_fraction = 0.25
+  c.rollout.rejoin_fraction = 0.0625
 
   # Data (varft.data): the downloaded folders, or the embedded demo generated under the workdir.
   c.data = ml_collections.ConfigDict()

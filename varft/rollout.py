@@ -349,8 +349,11 @@ class RolloutEngine:
         "generate_calls": counts["generate_calls"],
         "extends": counts["extends"],
         "decode_steps": counts["decode_steps"],
-        # Of the slot-steps the generate calls ran, the fraction that decoded a live row; and of those whose slot
-        # held an unfinished trajectory (the rest: slots whose trajectory ended, with no prompt left to take them).
+        # Rows computed: by the decode steps (rows of each call x its steps) and by the extends (rows of each).
+        "decode_rows": counts["slot_steps"],
+        "extend_rows": counts["extend_rows"],
+        # Of the rows the generate calls computed (gathered decoding rows, or every slot in place), the fraction
+        # that decoded a live row; and of those holding an unfinished trajectory (the rest: finished or empty).
         "live_slot_fraction": counts["live_slot_steps"] / max(counts["slot_steps"], 1),
         "live_occupied_fraction": counts["live_slot_steps"] / max(counts["occupied_slot_steps"], 1),
         "run_s": round(run_s, 4),

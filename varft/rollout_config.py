@@ -29,9 +29,9 @@ class RolloutConfig:
   schedule: 'continuous' (`varft.scheduler`) or 'lockstep' (every turn: all rows decode, all tools, all extend);
   resume_steps: while tools are out, a generate call returns after this many steps so ready rows can rejoin;
   exit_fraction: and once this fraction of its decoding rows stopped (at least one), so their tools start;
-  rejoin_fraction: while rows still decode, rows whose observations are in rejoin (one extend over every slot)
-  once they are this fraction of the unfinished rows; an extend costs about a decode step of every slot, so a
-  few rows at a time would make many.
+  rejoin_fraction: while rows still decode, rows whose observations are in rejoin (one extend of those rows)
+  once they are this fraction of the unfinished rows; an extend computes only its rows, so a small fraction lets
+  rows rejoin early at the cost of a few more (small) extends.
   """
   mode: str = "multiturn"
   max_turns: int = 5
@@ -57,7 +57,7 @@ class RolloutConfig:
   schedule: str = "continuous"
   resume_steps: int = 16
   exit_fraction: float = 0.0625
-  rejoin_fraction: float = 0.25
+  rejoin_fraction: float = 0.0625
 
   def __post_init__(self):
     problems = []

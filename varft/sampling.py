@@ -1,6 +1,6 @@
 """Jitted KV-cache sampler for the Qwen2.5-VL policy: extend (prefill) and decode with `lax.while_loop`.
 
-Two device programs, each compiled once per bucket shape:
+Device programs, each compiled once per bucket shape:
 
 * `extend`: appends a right-padded chunk of tokens (text and image embeddings) to every row of a fixed-size KV cache
   at that row's own offset and returns the next-token logits at each row's last new token. Prefill is an extend of
@@ -13,6 +13,9 @@ Two device programs, each compiled once per bucket shape:
 * `prefill`: P prompts into a fresh (P, T) cache, each copied into the cache rows that show it (a prompt's G
   samples share one prefill; the copy is a per-layer in-place scatter into the donated cache, which also resets a
   reused row).
+* `extend` and `generate` over some rows only (`rows=`): those cache rows are gathered into a batch of b rows
+  (`row_bucket`), run, and written back in place into the donated cache, so a program's cost scales with the rows
+  it serves; the temporary is the b gathered rows (which rows, and when it is worth it: `varft.scheduler`).
 
 Every sampled token, including the one that stopped the row, is written to the cache, so a rollout can extend the
 same cache with the tool's observation and go on. The cache is donated to every program. Which strings stop and
@@ -130,6 +133,26 @@ def _prefill(params, cache, logits, chunk: Chunk, image_embeds, images, source, 
   k, v = jax.lax.fori_loop(0, cfg.num_layers, copy, (cache["k"], cache["v"]))
   length = jnp.where(chosen, fresh["length"][source], cache["length"])
   return jnp.where(chosen[:, None], new_logits[source], logits), {"k": k, "v": v, "length": length}
+
+
+def _take_logits(logits, rows):
+  return jnp.take(logits, rows, axis=0, mode="fill", fill_value=0)
+
+
+def _extend_rows(params, cache, logits, chunk: Chunk, image_embeds, images, rows, *, model_config: Qwen25VLConfig):
+  """`_extend` of a chunk of b rows into cache rows `rows` (b,) only (an index past the cache: a padding row): those
+  rows are gathered, extended and written back in place; the others and their logits are untouched."""
+  new_logits, sub = _extend(params, text.take_rows(cache, rows), chunk, image_embeds, images,
+                            _take_logits(logits, rows), model_config=model_config)
+  return logits.at[rows].set(new_logits, mode="drop"), text.put_rows(cache, rows, sub)
+
+
+def _generate_rows(params, cache, logits, rows, *args, model_config: Qwen25VLConfig, sampling: SamplingConfig):
+  """`_generate` over cache rows `rows` (b,) only (gathered, decoded, written back in place); the per-row inputs
+  and outputs are the b gathered rows', the returned logits all of the cache's rows."""
+  out, sub = _generate(params, text.take_rows(cache, rows), _take_logits(logits, rows), *args,
+                       model_config=model_config, sampling=sampling)
+  return out._replace(logits=logits.at[rows].set(out.logits, mode="drop")), text.put_rows(cache, rows, sub)
 
 
 def _first_argmax(x):
@@ -286,6 +309,9 @@ def _generate(params, cache, logits, next_positions, rng, budget, forced, token_
 _extend_jit = jax.jit(_extend, static_argnames=("model_config",), donate_argnums=(1,))
 _generate_jit = jax.jit(_generate, static_argnames=("model_config", "sampling"), donate_argnums=(1,))
 _prefill_jit = jax.jit(_prefill, static_argnames=("model_config",), donate_argnums=(1, 2))
+_extend_rows_jit = jax.jit(_extend_rows, static_argnames=("model_config",), donate_argnums=(1, 2))
+_generate_rows_jit = jax.jit(_generate_rows, static_argnames=("model_config", "sampling"), donate_argnums=(1, 2))
+_PROGRAMS = (_extend_jit, _generate_jit, _prefill_jit, _extend_rows_jit, _generate_rows_jit)
 
 
 class Sampler:
@@ -354,18 +380,28 @@ class Sampler:
     return Chunk(self._shard(np.asarray(chunk.tokens, np.int32)), self._shard(np.asarray(chunk.positions, np.int32), 1),
                  self._shard(np.asarray(chunk.mask, np.int32)), self._shard(np.asarray(chunk.image_index, np.int32)))
 
+  def _rows(self, rows: Sequence[int], cache) -> jax.Array:
+    """Cache row indices for a gathered program; -1 (padding) becomes an index past the cache's rows."""
+    rows = np.asarray(rows, np.int32)
+    return self._shard(np.where(rows < 0, cache["length"].shape[0], rows).astype(np.int32))
+
   def extend(self, params, cache, chunk: Chunk, image_embeds: jax.Array | None = None, images=None,
-             logits: jax.Array | None = None):
+             logits: jax.Array | None = None, rows: Sequence[int] | None = None):
     """Appends `chunk` to each row of `cache` (donated); returns (next-token logits (B, V), new cache).
 
     Image tokens read `image_embeds` (a flat table), or `images = (pixel_values, vision_inputs)`: each device's
     image table (leading axis D, `varft.batch.image_tables`), encoded inside this program where it lives.
     `logits` (B, V), optional: the rows without tokens in `chunk` keep theirs.
+    `rows` (b,), optional: chunk row j goes to cache row `rows[j]` (-1: a padding row), and only those rows are
+    computed (gathered, extended, written back in place; `logits` (B, V) is then required and returned whole).
     The padded chunk is written whole at each row's length, so every row needs `length + T <= cache size`
     (rows without tokens included: they get scratch writes past their length).
     """
     if images is not None:
       images = jax.tree.map(self._shard, tuple(images))
+    if rows is not None:
+      return _extend_rows_jit(params, cache, logits, self._chunk(chunk), image_embeds, images, self._rows(rows, cache),
+                              model_config=self.model_config)
     return _extend_jit(params, cache, self._chunk(chunk), image_embeds, images, logits, model_config=self.model_config)
 
   def prefill(self, params, cache, logits, chunk: Chunk, source: Sequence[int], images=None):
@@ -379,7 +415,8 @@ class Sampler:
 
   def generate(self, params, cache, logits, next_positions, rng, budget, forced: np.ndarray | None = None,
                repetition: tuple[np.ndarray, np.ndarray] | None = None, *, recent: np.ndarray | None = None,
-               max_steps: int | None = None, exit_after: int | None = None) -> tuple[GenerateOutput, text.KVCache]:
+               max_steps: int | None = None, exit_after: int | None = None,
+               rows: Sequence[int] | None = None) -> tuple[GenerateOutput, text.KVCache]:
     """Samples up to `min(budget[b], max_new_tokens)` tokens for every row with `budget[b] > 0`.
 
     `logits` are the next-token logits from the last extend/generate, `next_positions` (B,) the text position of
@@ -394,6 +431,9 @@ class Sampler:
     sampled in this turn as `recent` (B, stop_window) (-1 = none), and its budget and forced tokens offset by what
     it already sampled. Returns the output and the cache (donated) holding every sampled token. Rows with budget 0
     get a scratch write at slot `length`, so they need `length < cache size` if their cache is used again.
+
+    `rows` (b,), optional: decode cache rows `rows` only (-1: padding, budget 0): every per-row input and output
+    is then the b gathered rows', except `logits` (B, V), taken and returned whole.
     """
     batch, steps = len(next_positions), self.sampling.max_new_tokens
     budget = np.minimum(np.asarray(budget, np.int32), steps)
@@ -407,14 +447,17 @@ class Sampler:
       context, penalty = repetition
       repetition = (self._shard(np.asarray(context, np.int32)), self._shard(np.asarray(penalty, np.float32)))
     limits = np.int32(steps if max_steps is None else max_steps), np.int32(batch if exit_after is None else exit_after)
-    return _generate_jit(params, cache, logits, self._shard(np.asarray(next_positions, np.int32)), rng,
-                         self._shard(budget), self._shard(forced), self._token_bits, self._pattern_bits, repetition,
-                         self._shard(recent), *limits, model_config=self.model_config, sampling=self.sampling)
+    args = (self._shard(np.asarray(next_positions, np.int32)), rng, self._shard(budget), self._shard(forced),
+            self._token_bits, self._pattern_bits, repetition, self._shard(recent), *limits)
+    if rows is not None:
+      return _generate_rows_jit(params, cache, logits, self._rows(rows, cache), *args, model_config=self.model_config,
+                                sampling=self.sampling)
+    return _generate_jit(params, cache, logits, *args, model_config=self.model_config, sampling=self.sampling)
 
   @staticmethod
   def compile_count() -> int:
     """How many programs extend/generate hold, over all samplers (one per config and shape signature)."""
-    return _extend_jit._cache_size() + _generate_jit._cache_size() + _prefill_jit._cache_size()
+    return sum(program._cache_size() for program in _PROGRAMS)
 
 
 def bucket(n: int, buckets: Sequence[int], beyond: str = "error") -> int:
@@ -430,6 +473,15 @@ def bucket(n: int, buckets: Sequence[int], beyond: str = "error") -> int:
 def power_of_two_bucket(n: int, minimum: int = 1) -> int:
   """The smallest power of two >= max(n, minimum): the bucket of sizes with no fixed list."""
   return 1 << (max(int(n), int(minimum), 1) - 1).bit_length()
+
+
+def row_bucket(n: int, multiple: int = 1, minimum: int = 4) -> int:
+  """The rows a gathered program over `n` rows runs on: `multiple` times the smallest power of two or 1.5 x power
+  of two >= n / multiple (and >= `minimum`), so that the live rows fill at least 2/3 of it and few programs compile
+  (4, 6, 8, 12, 16, 24, ...)."""
+  per = max(-(-int(n) // multiple), minimum, 1)
+  two = power_of_two_bucket(per)
+  return multiple * (3 * two // 4 if two >= 4 and 3 * two // 4 >= per else two)
 
 
 def text_chunk(rows: Sequence[Sequence[int]], starts: Sequence[int], length: int) -> Chunk:

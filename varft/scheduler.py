@@ -2,12 +2,25 @@
 
 Each slot holds one trajectory's rows of the KV cache. A trajectory whose turn stops goes to its tools at once
 (the executor's futures) while the other slots keep decoding; when its observations are ready it rejoins: one
-extend of the ready rows only (the others masked, their logits kept), then it decodes again. A generate call
+extend of the ready rows only (gathered, see below), then it decodes again. A generate call
 returns early (once a few rows stopped, or after `resume_steps` steps while tools are out) so that stopped rows
 reach their tools and ready rows rejoin without waiting for the slowest row; no call waits for the slowest tool.
 A finished trajectory's slot takes the next prompt (evaluation streams through fewer slots than items), and a
 prompt's G samples share one prefill (copied into their G slots). Shapes are static: slots, the output buffer,
 the length / chunk / prompt-count buckets; `max_steps` and `exit_after` are traced, so nothing recompiles.
+
+Rows are computed only while they are live. An extend runs over the rows that rejoin, and a generate call over
+the rows that decode (not those waiting on a tool, nor finished ones), gathered from their slots into a batch of
+`sampling.row_bucket` rows (4, 6, 8, 12, 16, ...: the live rows fill at least 2/3 of it), run, and written back in
+place into the donated cache (`Sampler.extend` / `generate` with `rows=`). A program's cost then follows the rows
+it serves: on CPU, where the vocabulary matmul makes a step cost in proportion to its rows, that is the gain; on
+an accelerator it saves each idle row's KV-cache reads. The gather is a temporary copy of those cache rows (bf16 at
+3B with a 2k-token cache: 36 layers x 2 KV heads x 128 x 2 (k, v) x 2 bytes x 2048 = 75 MB a row), so a program
+gathers only when its bucket is at most `GATHER_MAX_FRACTION` (3/4) of the slots: the copy stays under 3/4 of the
+cache (at 3B, 64 slots of 2k: 3.6 GB beside the 4.8 GB cache, for the planner to add to the generate program),
+and above it the rows run in place over every slot, where more than half of them are live (a limit of half left
+in-place calls over mostly waiting slots, 0.755 live on the heterogeneous benchmark). A multi-shard mesh runs in
+place: a gather across devices would move KV rows between them.
 
 `schedule='lockstep'` keeps the previous engine's order (all rows decode until every row stopped, every tool of
 the turn finishes, then all rows are extended) for comparison.
@@ -28,6 +41,9 @@ from varft.models.qwen25vl import rope
 from varft.trajectory import Ledger
 
 SCHEDULES = ("continuous", "lockstep")
+# A program over some rows gathers them (a temporary of that many cache rows) only up to this fraction of the
+# slots; above it the program runs in place over every slot (see the module doc).
+GATHER_MAX_FRACTION = 0.75
 
 
 def _prompt_buckets(shards: int, slots: int) -> list[int]:
@@ -129,6 +145,18 @@ class Scheduler:
       image_index[:, :index.shape[1]] = index
     return sampling.Chunk(tokens, positions, mask, image_index), images
 
+  def _gathered(self, slots: Sequence[int]) -> np.ndarray | None:
+    """The cache rows (padded with -1 to `sampling.row_bucket`) a program over `slots` runs on, gathered; None:
+    in place over every slot (lock-step, a multi-shard mesh, or a bucket over `GATHER_MAX_FRACTION` of them)."""
+    if self.lockstep or self.sampler.num_shards > 1:
+      return None
+    size = sampling.row_bucket(len(slots))
+    if size > GATHER_MAX_FRACTION * len(self.slots):
+      return None
+    rows = np.full((size,), -1, np.int32)
+    rows[:len(slots)] = slots
+    return rows
+
   def _rejoin(self) -> None:
     """Rows whose observations are all in: record them and extend those rows (or prefill a single-turn prompt)."""
     active = self._active()
@@ -138,7 +166,7 @@ class Scheduler:
     decoding = any(not r.waiting for r in active)
     if decoding and len(ready) < self.config.rejoin_fraction * len(active):  # too few for an extend yet
       return
-    news, prompts = [None] * len(self.slots), []
+    extended, prompts = {}, []
     for row in ready:
       kind, new = self.engine.observe(row)
       if row.done:
@@ -146,26 +174,41 @@ class Scheduler:
       if kind == "prefill":
         prompts.append((new, [row.slot]))
       else:
-        news[row.slot] = new
+        extended[row.slot] = new
       self._begin_turn(row)
     if prompts:
       self._prefill(prompts)
-    if any(n is not None for n in news):
-      start = time.perf_counter()
-      length = sampling.bucket(max(len(n[0]) for n in news if n is not None), self.config.chunk_buckets)
-      chunk, images = self._chunk(news, length)
-      self.logits, self.cache = self.sampler.extend(self.params, self.cache, chunk, images=images, logits=self.logits)
-      self.counts["extends"] += 1
-      self.timings["extend_s"] += time.perf_counter() - start
+    if extended:
+      self._extend(extended)
+
+  def _extend(self, extended: dict[int, tuple]) -> None:
+    """One extend of the slots' new chunks: over those rows gathered, or in place over every slot."""
+    start = time.perf_counter()
+    rows = self._gathered(sorted(extended))
+    if rows is None:
+      news = [extended.get(s) for s in range(len(self.slots))]
+    else:
+      news = [extended.get(int(s)) for s in rows]
+    length = sampling.bucket(max(len(n[0]) for n in extended.values()), self.config.chunk_buckets)
+    chunk, images = self._chunk(news, length)
+    self.logits, self.cache = self.sampler.extend(self.params, self.cache, chunk, images=images, logits=self.logits,
+                                                  rows=rows)
+    self.counts["extends"] += 1
+    self.counts["extend_rows"] += len(news)
+    self.timings["extend_s"] += time.perf_counter() - start
 
   def _decode(self, decoding: Sequence[Ledger], waiting: bool) -> None:
-    """One generate call over every slot (only `decoding` rows live); stopped turns go to the engine."""
-    cfg, slots = self.config, len(self.slots)
+    """One generate call over the `decoding` rows gathered, or in place over every slot (only `decoding` rows
+    live); stopped turns go to the engine."""
+    cfg = self.config
+    rows = self._gathered(sorted(r.slot for r in decoding))
+    slots = len(self.slots) if rows is None else len(rows)
+    index = {r.slot: r.slot for r in decoding} if rows is None else {int(s): j for j, s in enumerate(rows)}
     budget, next_positions = np.zeros((slots,), np.int32), np.zeros((slots,), np.int32)
     recent = np.full((slots, self.sampler.stop_window), -1, np.int32)
     forced = None
     for row in decoding:
-      s = row.slot
+      s = index[row.slot]
       budget[s] = min(cfg.max_new_tokens - len(row.turn_tokens), cfg.max_total_tokens - len(row.tokens))
       next_positions[s] = row.next_position
       tail = row.turn_tokens[-self.sampler.stop_window:]
@@ -179,7 +222,7 @@ class Scheduler:
     if cfg.repetition_penalty != 1.0:
       context = np.full((slots, self.engine.cache_len), -1, np.int32)
       for row in decoding:
-        context[row.slot, :len(row.tokens)] = row.tokens
+        context[index[row.slot], :len(row.tokens)] = row.tokens
       repetition = context, np.full((slots,), cfg.repetition_penalty, np.float32)
     if self.lockstep:
       exit_after, max_steps = slots, cfg.max_new_tokens
@@ -189,7 +232,8 @@ class Scheduler:
     self.rng, key = jax.random.split(self.rng)
     start = time.perf_counter()
     out, self.cache = self.sampler.generate(self.params, self.cache, self.logits, next_positions, key, budget, forced,
-                                            repetition, recent=recent, max_steps=max_steps, exit_after=exit_after)
+                                            repetition, recent=recent, max_steps=max_steps, exit_after=exit_after,
+                                            rows=rows)
     self.logits = out.logits  # stays on the device
     tokens, logps, counts, reasons, tags, steps = jax.device_get(
         (out.tokens, out.logps, out.num_tokens, out.stop_reason, out.stop_index, out.steps))
@@ -197,10 +241,10 @@ class Scheduler:
     self.counts["generate_calls"] += 1
     self.counts["decode_steps"] += int(steps)
     self.counts["slot_steps"] += int(steps) * slots
-    self.counts["occupied_slot_steps"] += int(steps) * len(self._active())
+    self.counts["occupied_slot_steps"] += int(steps) * (len(self._active()) if rows is None else len(decoding))
     self.counts["live_slot_steps"] += int(counts.sum())
     for row in decoding:
-      s = row.slot
+      s = index[row.slot]
       n = int(counts[s])
       pos, nxt = rope.text_positions(row.next_position, n)
       row.append(tokens[s, :n], pos, nxt, sampled_logps=logps[s, :n])

@@ -105,3 +105,66 @@ def test_one_prefill_per_group_equals_prefilling_every_row(params, sampler):
   out, _ = sampler.generate(params, cache, logits, [len(seq)] * 4 + [len(PROMPTS[2]), len(seq)], jax.random.PRNGKey(4),
                             [2, 0, 0, 0, 0, 0])
   assert int(out.tokens[0, 0]) == int(np.argmax(full_logits(params, [seq])[0]))
+
+
+def test_a_gathered_extend_touches_only_its_rows(params, sampler):
+  """Rows 2 and 0 extended through a gathered batch of 4 (two padding rows): the same logits and cache as the
+  in-place extend; row 1's logits and cache rows are bit-identical to before; no full-cache copy is kept."""
+  logits, cache = prefill(sampler, params, PROMPTS)
+  kept_logits, kept_k = np.array(logits), np.array(cache["k"])
+  chunk = sampling.text_chunk([[13], [11, 12], [], []], [len(PROMPTS[2]), len(PROMPTS[0]), 0, 0], 16)
+  merged, gathered = sampler.extend(params, cache, chunk, logits=logits, rows=[2, 0, -1, -1])
+  assert cache["k"].is_deleted() and logits.is_deleted()
+  np.testing.assert_array_equal(merged[1], kept_logits[1])
+  np.testing.assert_array_equal(np.asarray(gathered["k"])[:, 1], kept_k[:, 1])
+  np.testing.assert_array_equal(gathered["length"], [len(PROMPTS[0]) + 2, len(PROMPTS[1]), len(PROMPTS[2]) + 1])
+  logits, cache = prefill(sampler, params, PROMPTS)
+  in_place, cache = sampler.extend(params, cache,
+                                   sampling.text_chunk([[11, 12], [], [13]], [len(r) for r in PROMPTS], 16),
+                                   logits=logits)
+  np.testing.assert_allclose(merged, in_place, atol=1e-5)
+  np.testing.assert_allclose(gathered["k"], cache["k"], atol=1e-5)
+
+
+def test_a_gathered_generate_equals_decoding_in_place(params, sampler):
+  """Rows 0 and 2 decode in a gathered batch of 4; row 1 (not decoding) keeps its cache and logits bit for bit,
+  and the decoded rows' tokens equal an in-place call's with row 1 at budget 0."""
+  logits, cache = prefill(sampler, params, PROMPTS)
+  want, _ = sampler.generate(params, cache, logits, [len(r) for r in PROMPTS], jax.random.PRNGKey(0), [12, 0, 7])
+  logits, cache = prefill(sampler, params, PROMPTS)
+  kept_logits, kept_k = np.array(logits), np.array(cache["k"])
+  got, gathered = sampler.generate(params, cache, logits, [len(PROMPTS[2]), len(PROMPTS[0]), 0, 0],
+                                   jax.random.PRNGKey(0), [7, 12, 0, 0], rows=[2, 0, -1, -1])
+  assert got.tokens.shape == (4, 12) and got.logits.shape == kept_logits.shape
+  np.testing.assert_array_equal(got.tokens[1], want.tokens[0])
+  np.testing.assert_array_equal(got.tokens[0, :7], want.tokens[2, :7])
+  np.testing.assert_array_equal(got.num_tokens, [7, 12, 0, 0])
+  np.testing.assert_allclose(np.asarray(got.logits)[[0, 2]], np.asarray(want.logits)[[0, 2]], atol=1e-4)
+  np.testing.assert_array_equal(got.logits[1], kept_logits[1])
+  np.testing.assert_array_equal(np.asarray(gathered["k"])[:, 1], kept_k[:, 1])
+  np.testing.assert_array_equal(gathered["length"], [len(PROMPTS[0]) + 12, len(PROMPTS[1]), len(PROMPTS[2]) + 7])
+
+
+def test_row_bucket():
+  assert [sampling.row_bucket(n) for n in (1, 4, 5, 7, 9, 13, 17, 25, 33, 49)] == [4, 4, 6, 8, 12, 16, 24, 32, 48, 64]
+  assert sampling.row_bucket(5, multiple=2) == 8 and sampling.row_bucket(17, multiple=2) == 24
+
+
+def test_a_gathered_generate_holds_its_rows_not_a_second_cache(sampler):
+  """Compiled at 32 rows of 1024 slots, a generate over 4 gathered rows needs temporaries well under the cache: the
+  4 rows and their logits, the cache and logits being donated and written back in place."""
+  rows, slots, width = 32, 1024, 4
+  cache = jax.eval_shape(lambda: text.init_cache(CFG.text, rows, slots))
+  abstract = lambda *shape: jax.ShapeDtypeStruct(shape, np.int32)
+  params = {"text": jax.eval_shape(lambda: text.init_params(jax.random.PRNGKey(0), CFG.text))}
+  logits = jax.ShapeDtypeStruct((rows, CFG.text.vocab_size), np.float32)
+  table = sampler.stop_table
+  args = (params, cache, logits, abstract(width), abstract(width), jax.random.PRNGKey(0), abstract(width),
+          abstract(width, 12), abstract(*table.token_bits.shape), abstract(*table.pattern_bits.shape), None,
+          abstract(width, sampler.stop_window), abstract(), abstract())
+  compiled = sampling._generate_rows_jit.lower(*args, model_config=CFG, sampling=sampler.sampling).compile()
+  memory = compiled.memory_analysis()
+  cache_bytes = cache["k"].size * 4 * 2
+  row_bytes = cache_bytes // rows + CFG.text.vocab_size * 4
+  assert memory.alias_size_in_bytes >= cache_bytes  # donated: written in place
+  assert memory.temp_size_in_bytes < min(3 * width * row_bytes, cache_bytes)

@@ -156,6 +156,31 @@ def _write_rows(stack: jnp.ndarray, new: jnp.ndarray, layer: jnp.ndarray, offset
   return jax.lax.bitcast_convert_type(out, stack.dtype)
 
 
+def _bits(x: jnp.ndarray) -> jnp.ndarray:
+  return jax.lax.bitcast_convert_type(x, jnp.uint16) if x.dtype.itemsize == 2 else x
+
+
+def take_rows(cache: KVCache, rows: jnp.ndarray) -> KVCache:
+  """Cache rows `rows` (b,) as a cache of b rows; an index past the cache's rows gives an empty row."""
+  take = lambda x, axis: jnp.take(x, rows, axis=axis, mode="fill", fill_value=0)
+  return {"k": take(cache["k"], 1), "v": take(cache["v"], 1), "length": take(cache["length"], 0)}
+
+
+def put_rows(cache: KVCache, rows: jnp.ndarray, new: KVCache) -> KVCache:
+  """Writes the b rows of `new` into cache rows `rows` (b,), in place in a donated cache; indices past the cache's
+  rows are dropped. Half-precision stacks are scattered as 16-bit patterns (see `_write_rows`)."""
+
+  def put(stack, update):
+    out = _bits(stack).at[:, rows].set(_bits(update.astype(stack.dtype)), mode="drop")
+    return jax.lax.bitcast_convert_type(out, stack.dtype) if stack.dtype.itemsize == 2 else out
+
+  return {
+      "k": put(cache["k"], new["k"]),
+      "v": put(cache["v"], new["v"]),
+      "length": cache["length"].at[rows].set(new["length"], mode="drop")
+  }
+
+
 def _layer(cfg: TextConfig, dtype, attention, x, layer_params, cos, sin, visibility, cache, offsets):
   """One decoder layer; `cache` = (layer index, k stack, v stack) or None. Returns (x, the updated stacks)."""
   batch, length, _ = x.shape
