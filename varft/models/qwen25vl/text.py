@@ -148,16 +148,17 @@ def _write_rows(stack: jnp.ndarray, new: jnp.ndarray, layer: jnp.ndarray, offset
   batch, length = new.shape[:2]
   rows = jnp.arange(batch, dtype=jnp.int32)[:, None]
   slots = offsets[:, None] + jnp.arange(length, dtype=jnp.int32)[None, :]
+  return _scatter(stack, (layer, rows, slots), new)
+
+
+def _scatter(stack: jnp.ndarray, index: tuple, new: jnp.ndarray) -> jnp.ndarray:
+  """`stack.at[index].set(new)` (indices past the end dropped), in place in a donated stack; a half-precision
+  stack is scattered as its 16-bit patterns (see `_write_rows`)."""
   new = new.astype(stack.dtype)
   if stack.dtype.itemsize != 2:
-    return stack.at[layer, rows, slots].set(new, mode="drop")
+    return stack.at[index].set(new, mode="drop")
   bits = lambda x: jax.lax.bitcast_convert_type(x, jnp.uint16)
-  out = bits(stack).at[layer, rows, slots].set(bits(new), mode="drop")
-  return jax.lax.bitcast_convert_type(out, stack.dtype)
-
-
-def _bits(x: jnp.ndarray) -> jnp.ndarray:
-  return jax.lax.bitcast_convert_type(x, jnp.uint16) if x.dtype.itemsize == 2 else x
+  return jax.lax.bitcast_convert_type(bits(stack).at[index].set(bits(new), mode="drop"), stack.dtype)
 
 
 def take_rows(cache: KVCache, rows: jnp.ndarray) -> KVCache:
@@ -168,15 +169,10 @@ def take_rows(cache: KVCache, rows: jnp.ndarray) -> KVCache:
 
 def put_rows(cache: KVCache, rows: jnp.ndarray, new: KVCache) -> KVCache:
   """Writes the b rows of `new` into cache rows `rows` (b,), in place in a donated cache; indices past the cache's
-  rows are dropped. Half-precision stacks are scattered as 16-bit patterns (see `_write_rows`)."""
-
-  def put(stack, update):
-    out = _bits(stack).at[:, rows].set(_bits(update.astype(stack.dtype)), mode="drop")
-    return jax.lax.bitcast_convert_type(out, stack.dtype) if stack.dtype.itemsize == 2 else out
-
+  rows are dropped (`_scatter`)."""
   return {
-      "k": put(cache["k"], new["k"]),
-      "v": put(cache["v"], new["v"]),
+      "k": _scatter(cache["k"], (slice(None), rows), new["k"]),
+      "v": _scatter(cache["v"], (slice(None), rows), new["v"]),
       "length": cache["length"].at[rows].set(new["length"], mode="drop")
   }
 
