@@ -206,7 +206,7 @@ def _sampler(config, model_cfg, rec: Recipe, mesh, params, tp: int):
 
 def prefill_prompts(rec: Recipe, shards: int) -> int:
   """The prompt rows of a step's first prefill: the scheduler's prompt-count bucket of all its prompts."""
-  return sampling.bucket(rec.prompts, scheduler._prompt_buckets(shards, rec.rows))
+  return sampling.bucket(rec.prompts, scheduler.prompt_buckets(shards, rec.rows))
 
 
 def _chunk_args(model_cfg, rec: Recipe, mesh, length: int, with_images: bool = True):

@@ -46,7 +46,7 @@ SCHEDULES = ("continuous", "lockstep")
 GATHER_MAX_FRACTION = 0.75
 
 
-def _prompt_buckets(shards: int, slots: int) -> list[int]:
+def prompt_buckets(shards: int, slots: int) -> list[int]:
   """Prompt counts a prefill is padded to: `shards` times powers of two, up to all slots."""
   sizes, n = [], shards
   while n < slots:
@@ -115,7 +115,7 @@ class Scheduler:
     """One prefill of each (chunk, slots) prompt, copied into its slots (which are reset to it)."""
     start = time.perf_counter()
     shards = self.sampler.num_shards
-    count = sampling.bucket(len(prompts), _prompt_buckets(shards, len(self.slots)))
+    count = sampling.bucket(len(prompts), prompt_buckets(shards, len(self.slots)))
     length = min(sampling.bucket(max(len(c[0]) for c, _ in prompts), self.config.length_buckets), self.engine.cache_len)
     source = np.full((len(self.slots),), -1, np.int32)
     for p, (_, slots) in enumerate(prompts):
