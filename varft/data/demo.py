@@ -18,22 +18,21 @@ with one or two MAT-Coding types; reading the answer needs the restored image. S
 the logo of a generated company; the corpus knows its founder, founding year and headquarters,
 and the cities' rivers, so questions need one search (year) or two (river of the headquarters
 city, birthplace of the founder). Everything derives from `seed` through numpy's PCG64.
+The images and the reference fix programs are drawn by `varft.data.demo_images`.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import io
 import json
 import os
 import shutil
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 from varft import prompts
+from varft.data import demo_images
 
-IMAGE_SIZE = 224
 SINGLE_TYPES = ('rotation90', 'rotation180', 'dark', 'overexposure', 'blur', 'noise', 'crop', 'none')
 # Hard MAT-Coding items combine a rotation with a photometric degradation.
 COMBINED_TYPES = (('rotation90', 'dark'), ('rotation180', 'blur'), ('rotation90', 'noise'), ('rotation180',
@@ -174,164 +173,36 @@ def reference_queries(e: dict, hops: int, question: str) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Drawing.
-
-
-def _font(size: int) -> ImageFont.ImageFont:
-  try:
-    return ImageFont.load_default(size=size)
-  except (TypeError, OSError):  # Pillow without FreeType: fixed bitmap font.
-    return ImageFont.load_default()
-
-
-def _centered_text(draw: ImageDraw.ImageDraw, box, text: str, size: int, fill) -> None:
-  font = _font(size)
-  left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
-  x = (box[0] + box[2] - (right - left)) / 2 - left
-  y = (box[1] + box[3] - (bottom - top)) / 2 - top
-  draw.text((x, y), text, font=font, fill=fill)
-
-
-def logo_image(e: dict) -> Image.Image:
-  """A company logo: a coloured shape and the company name."""
-  image = Image.new('RGB', (IMAGE_SIZE, IMAGE_SIZE), (245, 243, 235))
-  draw = ImageDraw.Draw(image)
-  c, r = IMAGE_SIZE // 2, IMAGE_SIZE // 4
-  box = (c - r, c - r - 30, c + r, c + r - 30)
-  if e['shape'] == 'circle':
-    draw.ellipse(box, fill=e['color'])
-  elif e['shape'] == 'square':
-    draw.rectangle(box, fill=e['color'])
-  else:
-    draw.polygon([(c, box[1]), (box[2], box[3]), (box[0], box[3])], fill=e['color'])
-  _centered_text(draw, (0, 150, IMAGE_SIZE, 190), e['company'], 22, (20, 20, 20))
-  return image
-
-
-def _code_word(rng: np.random.Generator) -> str:
-  letters = ''.join(rng.choice(list('ABCDEFGHJKLMNPRSTUVWXYZ'), size=3))
-  return f'{letters}-{int(rng.integers(100, 1000))}'
-
-
-def label_image(word: str, rng: np.random.Generator) -> Image.Image:
-  """A label with one code word on a textured background (asymmetric, so rotations show)."""
-  image = Image.new('RGB', (IMAGE_SIZE, IMAGE_SIZE), tuple(int(v) for v in rng.integers(150, 230, 3)))
-  draw = ImageDraw.Draw(image)
-  draw.rectangle((0, 0, IMAGE_SIZE, 36), fill=(40, 40, 60))
-  _centered_text(draw, (0, 0, IMAGE_SIZE, 36), 'SHIPPING LABEL', 16, (240, 240, 240))
-  draw.rectangle((16, 80, IMAGE_SIZE - 16, 150), fill=(255, 255, 255), outline=(0, 0, 0), width=2)
-  _centered_text(draw, (16, 80, IMAGE_SIZE - 16, 150), word, 30, (0, 0, 0))
-  return image
-
-
-def grid_image(words: list[str]) -> Image.Image:
-  """A 3x3 grid of words for `crop` questions."""
-  image = Image.new('RGB', (IMAGE_SIZE, IMAGE_SIZE), (250, 250, 250))
-  draw = ImageDraw.Draw(image)
-  cell = IMAGE_SIZE // 3
-  for k, word in enumerate(words):
-    x, y = (k % 3) * cell, (k // 3) * cell
-    draw.rectangle((x + 2, y + 2, x + cell - 2, y + cell - 2), outline=(120, 120, 120))
-    _centered_text(draw, (x, y, x + cell, y + cell), word, 11, (10, 10, 10))
-  return image
-
-
-def _grid_box(k: int) -> tuple[int, int, int, int]:
-  """Cell k of the 3x3 grid in the 0-1000 normalized coordinates MAT-Coding uses."""
-  cell = IMAGE_SIZE // 3
-  x, y = (k % 3) * cell, (k // 3) * cell
-  return tuple(int(round(v * 1000 / IMAGE_SIZE)) for v in (x, y, x + cell, y + cell))
-
-
-def degrade(image: Image.Image, kind: str, rng: np.random.Generator) -> Image.Image:
-  """Applies one MAT-Coding degradation (`crop` and `none` leave the image as it is)."""
-  if kind == 'rotation90':
-    return image.transpose(Image.Transpose.ROTATE_90)
-  if kind == 'rotation180':
-    return image.transpose(Image.Transpose.ROTATE_180)
-  if kind in ('crop', 'none'):
-    return image
-  if kind == 'blur':
-    return image.filter(ImageFilter.GaussianBlur(radius=2.0))
-  x = np.asarray(image, dtype=np.float32)
-  if kind == 'dark':
-    x = x * 0.25
-  elif kind == 'overexposure':
-    x = 180.0 + x * 0.3
-  elif kind == 'noise':
-    x = x + rng.normal(0.0, 40.0, size=x.shape)
-  else:
-    raise ValueError(f'unknown degradation {kind!r}')
-  return Image.fromarray(np.clip(np.round(x), 0, 255).astype(np.uint8))
-
-
-# The reference fix for each degradation, as the paper's code step writes it (OpenCV, reading
-# 'path_to_input_image.jpg' and writing 'path_to_output_image.jpg'). Short: every code step stays under 128 tokens,
-# the demo's turn budget (its update computes vocabulary logits for that many positions per row).
-_FIXES = {
-    'rotation90': 'image = cv2.rotate(image, cv2.ROTATE_90_CLOCKWISE)',
-    'rotation180': 'image = cv2.rotate(image, cv2.ROTATE_180)',
-    'dark': 'image = cv2.convertScaleAbs(image, alpha=4.0, beta=0)',
-    'overexposure': 'image = cv2.convertScaleAbs(image, alpha=3.3, beta=-594)',
-    'blur': 'image = cv2.addWeighted(image, 2, cv2.GaussianBlur(image, (0, 0), 2), -1, 0)',  # unsharp mask
-    'noise': 'image = cv2.fastNlMeansDenoisingColored(image, None, 15, 15, 7, 21)',
-}
-
-
-def fix_code(kinds: list[str], box: tuple[int, int, int, int] | None = None) -> str:
-  """The OpenCV program that undoes `kinds` (rotation first) or crops the normalized `box`."""
-  lines = ['import cv2', "image = cv2.imread('path_to_input_image.jpg')"]
-  if 'crop' in kinds:
-    x1, y1, x2, y2 = box
-    lines += [
-        'h, w = image.shape[:2]', f'image = image[{y1} * h // 1000:{y2} * h // 1000, {x1} * w // 1000:{x2} * w // 1000]'
-    ]
-  for kind in sorted(kinds, key=lambda k: not k.startswith('rotation')):
-    if kind in _FIXES:
-      lines.append(_FIXES[kind])
-  lines.append("cv2.imwrite('path_to_output_image.jpg', image)")
-  return '\n'.join(lines)
-
-
-# ---------------------------------------------------------------------------------------------
 # Items.
 
 
 def _coding_item(k: int, kinds: tuple[str, ...], rng: np.random.Generator) -> dict:
   """One degraded-image question: clean image, degraded image, question, answer, reference fix."""
   if 'crop' in kinds:
-    words = [_code_word(rng) for _ in range(9)]
+    words = [demo_images.code_word(rng) for _ in range(9)]
     cell = int(rng.integers(0, 9))
-    box = _grid_box(cell)
-    clean = grid_image(words)
+    box = demo_images.grid_box(cell)
+    clean = demo_images.grid_image(words)
     x1, y1, x2, y2 = box
     question = CROP_QUESTION.format(x1=x1, y1=y1, x2=x2, y2=y2)
     answer = words[cell]
     # The processed image of a crop item is the region the tool should cut out.
-    processed = clean.crop(tuple(int(v * IMAGE_SIZE / 1000) for v in box))
+    processed = clean.crop(tuple(int(v * demo_images.IMAGE_SIZE / 1000) for v in box))
     return dict(clean=clean, processed=processed, question=question, answer=answer, kinds=list(kinds),
-                code=fix_code(list(kinds), box))
-  answer = _code_word(rng)
-  clean = label_image(answer, rng)
+                code=demo_images.fix_code(list(kinds), box))
+  answer = demo_images.code_word(rng)
+  clean = demo_images.label_image(answer, rng)
   processed = clean
   for kind in kinds:
-    processed = degrade(processed, kind, rng)
+    processed = demo_images.degrade(processed, kind, rng)
   return dict(clean=clean, processed=processed, question='What code is printed on the label?', answer=answer,
-              kinds=list(kinds), code=fix_code(list(kinds)))
+              kinds=list(kinds), code=demo_images.fix_code(list(kinds)))
 
 
 def _coding_kinds(k: int, n_simple: int) -> tuple[str, ...]:
   if k < n_simple:
     return (SINGLE_TYPES[k % len(SINGLE_TYPES)],)
   return COMBINED_TYPES[(k - n_simple) % len(COMBINED_TYPES)]
-
-
-def _save(image: Image.Image, path: str) -> None:
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  buf = io.BytesIO()
-  image.save(buf, format='PNG')
-  with open(path, 'wb') as f:
-    f.write(buf.getvalue())
 
 
 def _write_json(path: str, obj) -> None:
@@ -361,8 +232,8 @@ def write_coding_benchmark(mat_dir: str, n: int, rng: np.random.Generator) -> li
     kinds = _coding_kinds(k, n_simple)
     item = _coding_item(k, kinds, rng)
     ori, proc = _coding_files(k, kinds)
-    _save(item['clean'], os.path.join(image_dir, ori))
-    _save(item['processed'], os.path.join(image_dir, proc))
+    demo_images.save_png(item['clean'], os.path.join(image_dir, ori))
+    demo_images.save_png(item['processed'], os.path.join(image_dir, proc))
     rows.append({
         'id': k + 1,
         'question': item['question'],
@@ -389,8 +260,8 @@ def write_coding_training(mat_dir: str, n: int, rng: np.random.Generator) -> lis
     kinds = _coding_kinds(k, n_simple=len(SINGLE_TYPES))
     item = _coding_item(k, kinds, rng)
     ori, proc = _coding_files(k, kinds)
-    _save(item['clean'], os.path.join(image_dir, ori))
-    _save(item['processed'], os.path.join(image_dir, proc))
+    demo_images.save_png(item['clean'], os.path.join(image_dir, ori))
+    demo_images.save_png(item['processed'], os.path.join(image_dir, proc))
     start = ori if 'crop' in kinds else proc
     query = f"<query> {item['question']} </query>"
     problem = f"<problem> {_kinds_text(kinds)} </problem>"
@@ -442,8 +313,9 @@ def write_search(out_dir: str, mat_dir: str, sizes: Sizes, rng: np.random.Genera
   docs = corpus(entities)
   _write_jsonl(os.path.join(out_dir, 'corpus.jsonl'), docs)
   for e in entities:
-    _save(logo_image(e),
-          os.path.join(mat_dir, 'MAT-Benchmark', 'MAT-Search-image', f"{e['company'].split()[0].lower()}.png"))
+    demo_images.save_png(
+        demo_images.logo_image(e),
+        os.path.join(mat_dir, 'MAT-Benchmark', 'MAT-Search-image', f"{e['company'].split()[0].lower()}.png"))
 
   # Benchmark: first half one-hop (simple), second half two-hop (hard), as in MAT-Search.
   n = sizes.search_benchmark
@@ -468,7 +340,7 @@ def write_search(out_dir: str, mat_dir: str, sizes: Sizes, rng: np.random.Genera
     e = entities[int(order[k % len(entities)])]
     question, _, answers, hops = questions(e)[k % 3]
     image_name = f"train_{k}_{e['company'].split()[0].lower()}.png"
-    _save(logo_image(e), os.path.join(image_dir, image_name))
+    demo_images.save_png(demo_images.logo_image(e), os.path.join(image_dir, image_name))
     chain = f'<query> {question} </query>'
     for step, query in enumerate(reference_queries(e, hops, question)):
       think = ('<think> The logo shows ' + e['company'] +
