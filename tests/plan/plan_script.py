@@ -14,7 +14,7 @@ import numpy as np
 from experiments import search
 from tests.trainer import step_script
 from varft import batch as batch_lib
-from varft import grpo, plan, sharding, train
+from varft import grpo, plan, plan_programs, sharding, train
 
 # The demo recipe cut down: the tiny model, 16 rows of 192 tokens, one 112x112 image per prompt.
 SMALL = dict(prompt_len=160)
@@ -48,11 +48,11 @@ def scaling():
 def gathers():
   """Every all-gather of the 8-device train step and reference log-probs (bf16 compute, fp32 master weights)."""
   config = small_config("bfloat16")
-  rec = plan.recipe(config, **SMALL)
+  rec = plan_programs.recipe(config, **SMALL)
   plans = plan.plan(config, jax.devices()[:8], programs=("train_step", "reference_logps"), **SMALL)
   # The compute-dtype copy of every weight is pinned to the weight's own (sharded) layout before any use.
   mesh = sharding.make_mesh(dict(config.mesh), jax.devices()[:8])
-  table, _ = plan._programs(config, train.model_config(config), rec, mesh, 1)
+  table, _ = plan_programs.programs(config, train.model_config(config), rec, mesh, 1)
   fn, args, kwargs, *_ = table["train_step"]
   with jax.sharding.set_mesh(mesh):
     lowered = fn.lower(*args, **kwargs).as_text()

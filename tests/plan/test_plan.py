@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from experiments import search
-from varft import grpo, plan, run_config, sampling, sharding, train
+from varft import grpo, plan, plan_programs, run_config, sampling, sharding, train
 from varft.models.qwen25vl import config as config_lib
 from varft.models.qwen25vl import text
 
@@ -33,21 +33,21 @@ def _script(name):
 
 
 def test_recipe_has_the_papers_shapes():
-  rec = plan.recipe(search.get_config("3b"))
+  rec = plan_programs.recipe(search.get_config("3b"))
   assert (rec.prompts, rec.samples, rec.rows) == (16, 8, 128)
   assert rec.prompt_len == 1024 and rec.new_tokens == 256
   assert rec.image_grid == (1, 44, 44)  # 720x720 resized under max_pixels 401408: 484 image tokens after merge
   assert rec.train_len == 2048 and rec.cache_len == 4096 + 1024  # the rollout's length bucket and cache
   assert rec.row_loss_tokens == 256 and rec.micro_batches == 16
-  assert plan.recipe(search.get_config("3b"), train_len=1280, cache_len=2048).train_len == 1280
+  assert plan_programs.recipe(search.get_config("3b"), train_len=1280, cache_len=2048).train_len == 1280
 
 
 def test_abstract_train_batch_is_what_prepare_batch_makes():
   config = search.get_config("demo")
   model_cfg = train.model_config(config)
   mesh = sharding.make_mesh({"data": 1}, jax.devices()[:1])
-  rec = plan.recipe(config, prompt_len=128)
-  abstract = plan.abstract_train_batch(config, model_cfg, rec, mesh)
+  rec = plan_programs.recipe(config, prompt_len=128)
+  abstract = plan_programs.abstract_train_batch(config, model_cfg, rec, mesh)
   rollout = {
       k: abstract[k]
       for k in ("tokens", "attention_mask", "positions", "loss_mask", "image_index", "pixel_values", "vision_inputs")
@@ -126,8 +126,10 @@ def test_rollout_tensor_parallel_auto_is_resolved_for_the_target_accelerator():
   config = search.get_config("7b")
   model_cfg = train.model_config(config)
   assert config.rollout.tensor_parallel == "auto"
-  assert plan.rollout_tensor_parallel(config, model_cfg, [jax.devices()[0]] * 16, plan.ACCELERATORS["TPU v5e"]) == 4
-  assert plan.rollout_tensor_parallel(config, model_cfg, [jax.devices()[0]] * 8, plan.ACCELERATORS["A100-80"]) == 1
+  tensor_parallel = lambda n, accelerator: plan_programs.rollout_tensor_parallel(config, model_cfg, [jax.devices()[0]] *
+                                                                                 n, plan.ACCELERATORS[accelerator])
+  assert tensor_parallel(16, "TPU v5e") == 4
+  assert tensor_parallel(8, "A100-80") == 1
 
 
 def test_tensor_parallel_sampling_weights_shrink_every_rollout_program():
@@ -189,13 +191,13 @@ def test_cpu_plans_keep_the_bf16_widening_inside_the_layer_loop():
 def test_prefill_is_planned_once_per_prompt_at_the_schedulers_bucket():
   from tests.plan import plan_script
   config = plan_script.small_config()
-  rec = plan.recipe(config, **plan_script.SMALL)
+  rec = plan_programs.recipe(config, **plan_script.SMALL)
   # The scheduler pads a prefill's prompt count to `shards` times a power of two (up to all slots).
-  buckets = [plan.prefill_prompts(dataclasses.replace(rec, prompts=p), s) for p, s in ((4, 1), (3, 1), (4, 8))]
+  buckets = [plan_programs.prefill_prompts(dataclasses.replace(rec, prompts=p), s) for p, s in ((4, 1), (3, 1), (4, 8))]
   assert buckets == [4, 4, 8]
   with sharding.axis_rules(config.sharding.rules):
     mesh = sharding.make_mesh(dict(config.mesh), jax.devices()[:1])
-    table, images = plan._programs(config, train.model_config(config), rec, mesh, 1)
+    table, images = plan_programs.programs(config, train.model_config(config), rec, mesh, 1)
   _, args, _, _, _ = table["prefill"]
   chunk, images_arg, source = args[3], args[5], args[6]
   assert chunk.tokens.shape == (rec.prompts, rec.prompt_len)  # P prompt rows, not the B x G rows
