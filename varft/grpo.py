@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Callable
 import dataclasses
 import functools
-import math
 from typing import Any
 
 import jax
@@ -62,12 +61,9 @@ class GRPOConfig:
 
 
 def _chunked_logps(text_params: Params, text_cfg, hidden: jnp.ndarray, targets: jnp.ndarray, temperature: float,
-                   chunk: int, valid: jnp.ndarray | None = None) -> tuple[jnp.ndarray, jnp.ndarray]:
+                   chunk: int) -> tuple[jnp.ndarray, jnp.ndarray]:
   """Log-probs and entropies of `targets` (N, T) under the logits of `hidden` (N, T, D), `chunk` positions at a
   time, so that (N, T, V) logits never exist at once (also not in the backward pass: each chunk is rematerialised).
-
-  With `valid` (N, T) bool, a chunk with no valid position is skipped (a `lax.cond`: only the taken branch runs,
-  forward and backward) and gives 0: fill slots past the loss tokens then cost no vocabulary projection.
 
   On a mesh the logits are vocabulary-parallel: the chunk's hidden states (rows x chunk x D, the loss slots only)
   are gathered over the fsdp axis and each device computes its slice of the vocabulary against its slice of the
@@ -84,8 +80,6 @@ def _chunked_logps(text_params: Params, text_cfg, hidden: jnp.ndarray, targets: 
   targets = jnp.pad(targets, ((0, 0), (0, padded - length)))
   hidden = hidden.reshape(n, padded // chunk, chunk, d).swapaxes(0, 1)
   targets = targets.reshape(n, padded // chunk, chunk).swapaxes(0, 1)
-  if valid is not None:
-    valid = jnp.pad(valid, ((0, 0), (0, padded - length))).reshape(n, padded // chunk, chunk).swapaxes(0, 1)
 
   @jax.checkpoint
   def one_chunk(h, t):
@@ -100,13 +94,7 @@ def _chunked_logps(text_params: Params, text_cfg, hidden: jnp.ndarray, targets: 
     entropy = jax.lax.stop_gradient(log_norm) - jnp.sum(probs * jax.lax.stop_gradient(logits), axis=-1)
     return logp, entropy
 
-  if valid is None:
-    _, (logps, entropy) = jax.lax.scan(lambda c, xs: (c, one_chunk(*xs)), None, (hidden, targets))
-  else:
-    out = jax.eval_shape(one_chunk, hidden[0], targets[0])
-    skipped = lambda h, t: tuple(jnp.zeros(o.shape, o.dtype) for o in out)
-    maybe = lambda h, t, v: jax.lax.cond(jnp.any(v), one_chunk, skipped, h, t)
-    _, (logps, entropy) = jax.lax.scan(lambda c, xs: (c, maybe(*xs)), None, (hidden, targets, valid))
+  _, (logps, entropy) = jax.lax.scan(lambda c, xs: (c, one_chunk(*xs)), None, (hidden, targets))
   rows = lambda x: sharding.constrain(x.swapaxes(0, 1).reshape(n, padded)[:, :length], ("batch", "length"))
   return rows(logps), rows(entropy)
 
@@ -148,14 +136,6 @@ def row_loss_token_bucket(loss_mask, minimum: int = 16) -> int:
   return sampling.power_of_two_bucket(per_row, minimum)
 
 
-def _batch_devices() -> int:
-  """Devices the rows are sharded over on the mesh being traced (1 without a mesh)."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty:
-    return 1
-  return math.prod(mesh.shape[a] for a in sharding.BATCH_AXES if a in mesh.shape)
-
-
 def sequence_logps(params: Params, config: Qwen25VLConfig, batch: Batch, image_embeds: jnp.ndarray | None,
                    temperature: float = 1.0, logits_chunk: int = 256, num_loss_tokens: int | None = None,
                    row_loss_tokens: int | None = None) -> tuple[jnp.ndarray, jnp.ndarray]:
@@ -165,10 +145,7 @@ def sequence_logps(params: Params, config: Qwen25VLConfig, batch: Batch, image_e
   outputs are most of a sequence, and the vocabulary projection dominates the cost of small models): with
   `row_loss_tokens` (static, >= the loss tokens of any row, see `row_loss_token_bucket`) each row gathers its own
   positions, so rows stay on their device; with `num_loss_tokens` (static, >= the loss tokens of the whole batch)
-  the positions of all rows are gathered into one list, and chunks of fill slots past the last one are skipped.
-  Neither: logits at every position. Where the rows are not sharded (one device on the batch axes: no row locality
-  to keep), `row_loss_tokens` takes the one-list layout with N x `row_loss_tokens` slots: the same static shapes,
-  but the logits cost the batch's loss tokens, not its longest row's times N.
+  the positions of all rows are gathered into one list. Neither: logits at every position.
   """
   tokens = batch["tokens"]
   embeds = model.embed(params, config, tokens, image_embeds, batch.get("image_index"))
@@ -179,8 +156,6 @@ def sequence_logps(params: Params, config: Qwen25VLConfig, batch: Batch, image_e
   targets = tokens[:, 1:]
   n, length, d = hidden.shape
   selected = batch["loss_mask"][:, 1:] > 0
-  if row_loss_tokens is not None and _batch_devices() == 1:
-    row_loss_tokens, num_loss_tokens = None, n * min(row_loss_tokens, length)
   if row_loss_tokens is not None:
     slots = min(row_loss_tokens, length)
     index = jax.vmap(lambda row: jnp.nonzero(row, size=slots, fill_value=length)[0])(selected)  # (N, slots)
@@ -196,7 +171,7 @@ def sequence_logps(params: Params, config: Qwen25VLConfig, batch: Batch, image_e
     picked_hidden = jnp.take(hidden.reshape(-1, d), index, axis=0, mode="fill", fill_value=0)
     picked_targets = jnp.take(targets.reshape(-1), index, axis=0, mode="fill", fill_value=0)
     picked = _chunked_logps(params["text"], config.text, picked_hidden[None], picked_targets[None], temperature,
-                            logits_chunk, valid=(index < n * length)[None])
+                            logits_chunk)
     scatter = lambda v: jnp.zeros((n * length,), v.dtype).at[index].set(v[0], mode="drop").reshape(n, length)
     logps, entropy = scatter(picked[0]), scatter(picked[1])
   else:

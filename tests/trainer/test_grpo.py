@@ -262,27 +262,3 @@ def test_bf16_compute_keeps_fp32_master_weights():
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state["opt_state"]) if x.ndim)
   np.testing.assert_allclose(m16["train/loss"], m32["train/loss"], atol=2e-2)
   np.testing.assert_allclose(m16["train/grad_norm"], m32["train/grad_norm"], rtol=5e-2)
-
-
-def test_unsharded_row_slots_take_one_list_and_skip_fill_chunks():
-  """One device on the batch axes: per-row slots become one list of N x slots whose chunks past the batch's loss
-  tokens are skipped (a cond in the program), with the numbers and gradients of logits everywhere."""
-  cfg = step_script.MODEL
-  params = {"text": text_model.init_params(jax.random.key(2), cfg.text)}
-  batch = {k: jnp.asarray(v) for k, v in step_script.toy_batch().items()}
-  slots = 4 * grpo.row_loss_token_bucket(batch["loss_mask"], minimum=1)  # fill chunks well past every row's tokens
-
-  def loss(p, row_loss_tokens):
-    logps, entropy = grpo.sequence_logps(p, cfg, batch, None, logits_chunk=4, row_loss_tokens=row_loss_tokens)
-    return jnp.sum(logps * batch["loss_mask"]), (logps, entropy * batch["loss_mask"])
-
-  jaxpr = str(jax.make_jaxpr(lambda p: loss(p, slots))(params))
-  assert "cond" in jaxpr and "scan" in jaxpr
-  (full, (lp_full, ent_full)), g_full = jax.value_and_grad(loss, has_aux=True)(params, None)
-  (picked, (lp_picked, ent_picked)), g_picked = jax.value_and_grad(loss, has_aux=True)(params, slots)
-  on = batch["loss_mask"] > 0
-  np.testing.assert_allclose(lp_picked[on], lp_full[on], atol=1e-5)
-  assert np.all(np.asarray(lp_picked)[~np.asarray(on)] == 0)
-  np.testing.assert_allclose(ent_picked, ent_full, atol=1e-4)
-  for a, b in zip(jax.tree.leaves(g_full), jax.tree.leaves(g_picked)):
-    np.testing.assert_allclose(a, b, atol=1e-5)
