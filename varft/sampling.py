@@ -24,7 +24,6 @@ which ids are EOS is the caller's (the agent's tags: `varft.turns`).
 from __future__ import annotations
 
 from collections.abc import Sequence
-import dataclasses
 from typing import NamedTuple
 
 import jax
@@ -35,42 +34,14 @@ import numpy as np
 
 from varft import batch as batch_lib
 from varft import sharding
+from varft.buckets import bucket, power_of_two_bucket, row_bucket  # noqa: F401 (part of the sampler's API)
 from varft.models.qwen25vl import model, text
 from varft.models.qwen25vl.config import Qwen25VLConfig
-from varft.sampling_draw import apply_repetition_penalty, sample, seen_tokens
+from varft.sampling_draw import SamplingConfig, apply_repetition_penalty, sample, seen_tokens
 from varft.stop_table import StopTable, make_stop_table, token_texts  # noqa: F401 (part of the sampler's API)
 
 # Why a row stopped (`GenerateOutput.stop_reason`).
 NOT_RUN, EOS, STOP_TAG, LENGTH = 0, 1, 2, 3
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplingConfig:
-  """How tokens are drawn. `temperature == 0` is greedy; `top_k == 0` and `top_p == 1` disable those filters.
-
-  `max_new_tokens` is the (static) length of the output buffer of one `generate` call; each row may also get a
-  smaller budget of its own. Log-probs are those of the temperature-scaled distribution before top-k/top-p
-  truncation (`log_softmax(logits / temperature)`; the raw `log_softmax(logits)` when greedy).
-  """
-  temperature: float = 1.0
-  top_k: int = 0
-  top_p: float = 1.0
-  max_new_tokens: int = 512  # the config's rollout.max_new_tokens
-  eos_ids: tuple[int, ...] = ()
-
-  def __post_init__(self):
-    if self.temperature < 0:
-      raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
-    if self.top_k < 0:
-      raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
-    if not 0 < self.top_p <= 1:
-      raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-    if self.max_new_tokens < 1:
-      raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-
-  @property
-  def greedy(self) -> bool:
-    return self.temperature == 0
 
 
 class Chunk(NamedTuple):
@@ -402,30 +373,6 @@ class Sampler:
   def compile_count() -> int:
     """How many programs extend/generate hold, over all samplers (one per config and shape signature)."""
     return sum(program._cache_size() for program in _PROGRAMS)
-
-
-def bucket(n: int, buckets: Sequence[int], beyond: str = "error") -> int:
-  """The smallest bucket >= n. Past the largest bucket: an error, or (`beyond='multiple'`) the next multiple of it."""
-  for b in sorted(buckets):
-    if n <= b:
-      return b
-  if beyond == "multiple":
-    return -(-n // max(buckets)) * max(buckets)
-  raise ValueError(f"Length {n} exceeds the largest bucket {max(buckets)}; add a larger bucket to the config.")
-
-
-def power_of_two_bucket(n: int, minimum: int = 1) -> int:
-  """The smallest power of two >= max(n, minimum): the bucket of sizes with no fixed list."""
-  return 1 << (max(int(n), int(minimum), 1) - 1).bit_length()
-
-
-def row_bucket(n: int, multiple: int = 1, minimum: int = 4) -> int:
-  """The rows a gathered program over `n` rows runs on: `multiple` times the smallest power of two or 1.5 x power
-  of two >= n / multiple (and >= `minimum`), so that the live rows fill at least 2/3 of it and few programs compile
-  (4, 6, 8, 12, 16, 24, ...)."""
-  per = max(-(-int(n) // multiple), minimum, 1)
-  two = power_of_two_bucket(per)
-  return multiple * (3 * two // 4 if two >= 4 and 3 * two // 4 >= per else two)
 
 
 def text_chunk(rows: Sequence[Sequence[int]], starts: Sequence[int], length: int) -> Chunk:

@@ -1,13 +1,44 @@
 """Drawing a token from next-token logits: greedy, temperature, top-k / top-p, transformers' repetition penalty.
 
-`sample` is one decode step's draw inside `varft.sampling`'s generate program; the full-vocabulary draw is an
-inverse CDF with one uniform per row (`categorical_from_weights`), which on CPU is much cheaper than
-`jax.random.categorical`'s B x V random numbers.
+`SamplingConfig` says how tokens are drawn; `sample` is one decode step's draw inside `varft.sampling`'s generate
+program; the full-vocabulary draw is an inverse CDF with one uniform per row (`categorical_from_weights`), which
+on CPU is much cheaper than `jax.random.categorical`'s B x V random numbers.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+  """How tokens are drawn. `temperature == 0` is greedy; `top_k == 0` and `top_p == 1` disable those filters.
+
+  `max_new_tokens` is the (static) length of the output buffer of one `generate` call; each row may also get a
+  smaller budget of its own. Log-probs are those of the temperature-scaled distribution before top-k/top-p
+  truncation (`log_softmax(logits / temperature)`; the raw `log_softmax(logits)` when greedy).
+  """
+  temperature: float = 1.0
+  top_k: int = 0
+  top_p: float = 1.0
+  max_new_tokens: int = 512  # the config's rollout.max_new_tokens
+  eos_ids: tuple[int, ...] = ()
+
+  def __post_init__(self):
+    if self.temperature < 0:
+      raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+    if self.top_k < 0:
+      raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+    if not 0 < self.top_p <= 1:
+      raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+    if self.max_new_tokens < 1:
+      raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+  @property
+  def greedy(self) -> bool:
+    return self.temperature == 0
 
 
 def first_argmax(x):

@@ -305,6 +305,6 @@ def test_cdf_block_divides_the_vocabulary_when_it_can():
   assert sampling_draw.cdf_block(3) == 256  # no divisor in range: pad
   logits = jax.random.normal(jax.random.PRNGKey(0), (4, 151936)) * 3
   token, logp = sampling_draw.sample(logits, jax.random.PRNGKey(1), sampling.SamplingConfig(temperature=0.7),
-                                 jnp.full((4,), -1, jnp.int32))
+                                     jnp.full((4,), -1, jnp.int32))
   expected = jnp.take_along_axis(jax.nn.log_softmax(logits / 0.7, axis=-1), token[:, None], axis=-1)[:, 0]
   np.testing.assert_allclose(logp, expected, atol=1e-5)
