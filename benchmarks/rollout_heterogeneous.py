@@ -82,7 +82,8 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--tasks", type=int, default=128)
   parser.add_argument("--repeats", type=int, default=3)
-  parser.add_argument("--slots", type=int, nargs="+", default=[32, 64], help="device slots of the streaming sides")
+  parser.add_argument("--slots", type=int, nargs="*", default=[32, 64],
+                      help="device slots of the streaming sides (none: no streaming side)")
   args = parser.parse_args()
   config = config_lib.get_config("tiny")
   params = model.init_params(jax.random.PRNGKey(0), config)

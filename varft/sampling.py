@@ -24,7 +24,6 @@ which ids are EOS is the caller's (the agent's tags: `varft.turns`).
 from __future__ import annotations
 
 from collections.abc import Sequence
-import dataclasses
 from typing import NamedTuple
 
 import jax
@@ -35,41 +34,14 @@ import numpy as np
 
 from varft import batch as batch_lib
 from varft import sharding
+from varft.buckets import bucket, power_of_two_bucket, row_bucket  # noqa: F401 (part of the sampler's API)
 from varft.models.qwen25vl import model, text
 from varft.models.qwen25vl.config import Qwen25VLConfig
+from varft.sampling_draw import SamplingConfig, apply_repetition_penalty, sample, seen_tokens
 from varft.stop_table import StopTable, make_stop_table, token_texts  # noqa: F401 (part of the sampler's API)
 
 # Why a row stopped (`GenerateOutput.stop_reason`).
 NOT_RUN, EOS, STOP_TAG, LENGTH = 0, 1, 2, 3
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplingConfig:
-  """How tokens are drawn. `temperature == 0` is greedy; `top_k == 0` and `top_p == 1` disable those filters.
-
-  `max_new_tokens` is the (static) length of the output buffer of one `generate` call; each row may also get a
-  smaller budget of its own. Log-probs are those of the temperature-scaled distribution before top-k/top-p
-  truncation (`log_softmax(logits / temperature)`; the raw `log_softmax(logits)` when greedy).
-  """
-  temperature: float = 1.0
-  top_k: int = 0
-  top_p: float = 1.0
-  max_new_tokens: int = 512  # the config's rollout.max_new_tokens
-  eos_ids: tuple[int, ...] = ()
-
-  def __post_init__(self):
-    if self.temperature < 0:
-      raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
-    if self.top_k < 0:
-      raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
-    if not 0 < self.top_p <= 1:
-      raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-    if self.max_new_tokens < 1:
-      raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-
-  @property
-  def greedy(self) -> bool:
-    return self.temperature == 0
 
 
 class Chunk(NamedTuple):
@@ -88,12 +60,24 @@ class GenerateOutput(NamedTuple):
   stop_reason: jax.Array  # (B,) int32: NOT_RUN, EOS, STOP_TAG, LENGTH
   stop_index: jax.Array  # (B,) int32: which stop string matched (-1 if none)
   next_positions: jax.Array  # (B,) int32: text position of the next token
-  logits: jax.Array  # (B, V) float32 next-token logits after the last fed token
+  logits: jax.Array  # (B, V) float32 next-token logits after the last fed token (or (B, D) hidden: `is_hidden`)
   steps: jax.Array  # () int32: decode steps this call ran
 
 
+def is_hidden(state, cfg) -> bool:
+  """Whether a next-token state is the last hidden state (B, D), from which a program computes the logits itself,
+  rather than the logits (B, V): the scheduler's, which so never holds, gathers or writes back 152k-wide rows."""
+  return state.shape[-1] != cfg.vocab_size
+
+
+def _next(params, cfg, hidden, state):
+  """The next-token state of the kind of `state` (None: logits) after final hidden states `hidden` (B, D)."""
+  return hidden if state is not None and is_hidden(state, cfg) else text.logits(params["text"], cfg, hidden)
+
+
 def _extend(params, cache, chunk: Chunk, image_embeds, images, logits=None, *, model_config: Qwen25VLConfig):
-  """`logits` (B, V), optional: the rows without tokens in `chunk` keep these (else they get padding's logits)."""
+  """`logits` (B, V) or hidden (B, D), optional: the rows without tokens in `chunk` keep these (else they get
+  padding's logits); the returned state is of the same kind."""
   cfg = model_config.text
   dtype = jnp.dtype(model_config.dtype)
   if images is not None:  # each device encodes its own rows' images (see `varft.batch`)
@@ -108,18 +92,20 @@ def _extend(params, cache, chunk: Chunk, image_embeds, images, logits=None, *, m
                                dtype=dtype, attention=model_config.attention)
   count = chunk.mask.sum(axis=1)
   last_hidden = jnp.take_along_axis(hidden, jnp.maximum(count - 1, 0)[:, None, None], axis=1)[:, 0]
-  new = text.logits(params["text"], cfg, last_hidden)
+  new = _next(params, cfg, last_hidden, logits)
   return (new if logits is None else jnp.where((count > 0)[:, None], new, logits)), cache
 
 
 def _prefill(params, cache, logits, chunk: Chunk, image_embeds, images, source, *, model_config: Qwen25VLConfig):
   """Prefills the P prompts of `chunk` (P, T) into a fresh (P, T) cache and copies prompt `source[b]` into row b of
   `cache` (B rows; `source[b] < 0`: row b and its logits are kept). The copy is a scatter per layer into the
-  donated cache (the temporary is one layer of B x T slots, never a second cache)."""
+  donated cache (the temporary is one layer of B x T slots, never a second cache). `logits` may be hidden states
+  (`is_hidden`): the new rows' are then too."""
   cfg = model_config.text
   prompts, length = chunk.tokens.shape
   fresh = text.init_cache(cfg, prompts, length, cache["k"].dtype)
-  new_logits, fresh = _extend(params, fresh, chunk, image_embeds, images, model_config=model_config)
+  new_logits, fresh = _extend(params, fresh, chunk, image_embeds, images,
+                              jnp.zeros((prompts,) + logits.shape[1:], logits.dtype), model_config=model_config)
   chosen = source >= 0
   source = jnp.maximum(source, 0)
   # Rows that keep their cache write past its end (dropped by the scatter).
@@ -135,109 +121,28 @@ def _prefill(params, cache, logits, chunk: Chunk, image_embeds, images, source, 
   return jnp.where(chosen[:, None], new_logits[source], logits), {"k": k, "v": v, "length": length}
 
 
-def _take_logits(logits, rows):
-  return jnp.take(logits, rows, axis=0, mode="fill", fill_value=0)
+def _take_state(state, rows):
+  return jnp.take(state, rows, axis=0, mode="fill", fill_value=0)
+
+
+def _put_state(state, rows, new):
+  return state.at[rows].set(new, mode="drop")
 
 
 def _extend_rows(params, cache, logits, chunk: Chunk, image_embeds, images, rows, *, model_config: Qwen25VLConfig):
   """`_extend` of a chunk of b rows into cache rows `rows` (b,) only (an index past the cache: a padding row): those
   rows are gathered, extended and written back in place; the others and their logits are untouched."""
-  new_logits, sub = _extend(params, text.take_rows(cache, rows), chunk, image_embeds, images,
-                            _take_logits(logits, rows), model_config=model_config)
-  return logits.at[rows].set(new_logits, mode="drop"), text.put_rows(cache, rows, sub)
+  new_logits, sub = _extend(params, text.take_rows(cache, rows), chunk, image_embeds, images, _take_state(logits, rows),
+                            model_config=model_config)
+  return _put_state(logits, rows, new_logits), text.put_rows(cache, rows, sub)
 
 
 def _generate_rows(params, cache, logits, rows, *args, model_config: Qwen25VLConfig, sampling: SamplingConfig):
   """`_generate` over cache rows `rows` (b,) only (gathered, decoded, written back in place); the per-row inputs
   and outputs are the b gathered rows', the returned logits all of the cache's rows."""
-  out, sub = _generate(params, text.take_rows(cache, rows), _take_logits(logits, rows), *args,
-                       model_config=model_config, sampling=sampling)
-  return out._replace(logits=logits.at[rows].set(out.logits, mode="drop")), text.put_rows(cache, rows, sub)
-
-
-def _first_argmax(x):
-  """argmax over the last axis (first maximum), as two plain reductions: much faster on CPU than a variadic one."""
-  top = jnp.max(x, axis=-1, keepdims=True)
-  index = jnp.arange(x.shape[-1], dtype=jnp.int32)
-  return jnp.min(jnp.where(x == top, index, x.shape[-1]), axis=-1)
-
-
-def _cdf_block(vocab: int, target: int = 256) -> int:
-  """Block length of the two-level CDF: a divisor of `vocab` near `target` when there is one, because padding the
-  vocabulary to whole blocks copies the (B, V) array every step."""
-  divisors = [size for size in range(32, 4 * target + 1) if vocab % size == 0]
-  return min(divisors, key=lambda size: abs(size - target)) if divisors else target
-
-
-def _categorical_from_weights(rng, weights, block: int | None = None):
-  """One draw per row with probability proportional to `weights` (B, V) >= 0, by inverse CDF with a single uniform
-  per row.
-
-  Equivalent to `jax.random.categorical` in distribution, but draws B random numbers instead of B x V (threefry over
-  a 152k vocabulary dominates a CPU decode step). The CDF is taken in two levels (block masses, then within the
-  chosen block) so that both cumulative sums stay short.
-  """
-  batch, vocab = weights.shape
-  block = block or _cdf_block(vocab)
-  blocks = -(-vocab // block)
-  if blocks * block != vocab:
-    weights = jnp.pad(weights, ((0, 0), (0, blocks * block - vocab)))
-  weights = weights.reshape(batch, blocks, block)
-  cum_blocks = jnp.cumsum(weights.sum(axis=-1), axis=-1)  # (B, blocks)
-  u = jax.random.uniform(rng, (batch,)) * cum_blocks[:, -1]
-  b = jnp.minimum(jnp.sum(cum_blocks <= u[:, None], axis=-1), blocks - 1)
-  before = jnp.where(b > 0, jnp.take_along_axis(cum_blocks, jnp.maximum(b - 1, 0)[:, None], axis=-1)[:, 0], 0.0)
-  inner = jnp.take_along_axis(weights, b[:, None, None], axis=1)[:, 0]  # (B, block)
-  i = jnp.sum(jnp.cumsum(inner, axis=-1) <= (u - before)[:, None], axis=-1)
-  # Rounding may push `i` past the block's last token of non-zero probability: clamp to it.
-  last = jnp.max(jnp.where(inner > 0, jnp.arange(block), 0), axis=-1)
-  return (b * block + jnp.minimum(i, last)).astype(jnp.int32)
-
-
-def _categorical(rng, logits, block: int | None = None):
-  """One draw per row from softmax(logits) (B, V); see `_categorical_from_weights`."""
-  return _categorical_from_weights(rng, jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True)), block)
-
-
-def apply_repetition_penalty(logits, seen, penalty):
-  """transformers' repetition penalty: the logit of every token a row has already seen (`seen` (B, V) bool) is
-  divided by the row's `penalty` (B,) when positive, multiplied by it otherwise; 1 leaves the row unchanged."""
-  p = penalty[:, None].astype(logits.dtype)
-  return jnp.where(seen, jnp.where(logits < 0, logits * p, logits / p), logits)
-
-
-def seen_tokens(context, vocab: int):
-  """(B, V) bool: which token ids occur in each row of `context` (B, C) int32 (entries < 0 are padding)."""
-  batch = context.shape[0]
-  ids = jnp.where(context >= 0, context, vocab)  # padding lands out of range and is dropped
-  return jnp.zeros((batch, vocab), bool).at[jnp.arange(batch)[:, None], ids].set(True, mode="drop")
-
-
-def _sample(logits, rng, sampling: SamplingConfig, forced):
-  """One token per row (the forced one where `forced >= 0`) and its log-prob under the temperature-scaled
-  distribution (the raw one when greedy)."""
-  scaled = logits if sampling.greedy else logits / sampling.temperature
-  # log p = shifted - log_norm, gathered at the chosen token only: no (B, V) log-softmax is written, and the full-
-  # vocabulary draw reuses the same exponentials.
-  shifted = scaled - jnp.max(scaled, axis=-1, keepdims=True)
-  weights = jnp.exp(shifted)
-  log_norm = jnp.log(jnp.sum(weights, axis=-1))
-  if sampling.greedy:
-    token = _first_argmax(logits)
-  elif sampling.top_k or sampling.top_p < 1:
-    k = sampling.top_k or logits.shape[-1]
-    values, indices = jax.lax.top_k(scaled, k)  # sorted, descending
-    if sampling.top_p < 1:
-      probs = jax.nn.softmax(values, axis=-1)
-      before = jnp.cumsum(probs, axis=-1) - probs
-      values = jnp.where(before < sampling.top_p, values, -jnp.inf)
-    choice = _categorical(rng, values)
-    token = jnp.take_along_axis(indices, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
-  else:
-    token = _categorical_from_weights(rng, weights)
-  token = jnp.where(forced >= 0, forced, token)
-  logp = jnp.take_along_axis(shifted, token[:, None], axis=-1)[:, 0] - log_norm
-  return token, logp
+  out, sub = _generate(params, text.take_rows(cache, rows), _take_state(logits, rows), *args, model_config=model_config,
+                       sampling=sampling)
+  return out._replace(logits=_put_state(logits, rows, out.logits)), text.put_rows(cache, rows, sub)
 
 
 def _generate(params, cache, logits, next_positions, rng, budget, forced, token_bits, pattern_bits, repetition=None,
@@ -245,10 +150,12 @@ def _generate(params, cache, logits, next_positions, rng, budget, forced, token_
   """`repetition`: None, or (context (B, C) int32, penalty (B,) float32): the repetition penalty of each row over the
   tokens of its context and of everything it samples. `recent` (B, W) int32: the row's last tokens of this turn
   before the call (-1 = none), so that a stop string begun in an earlier call still stops. Traced scalars:
-  `max_steps` (at most `max_new_tokens`) and `exit_after` (return once that many rows stopped in this call)."""
+  `max_steps` (at most `max_new_tokens`) and `exit_after` (return once that many rows stopped in this call).
+  `logits` may be the last hidden states (`is_hidden`): carried instead of (B, V) logits, and returned so."""
   cfg = model_config.text
   dtype = jnp.dtype(model_config.dtype)
   batch = logits.shape[0]
+  hidden_state = is_hidden(logits, cfg)  # each step computes its logits from the carried hidden state
   window = pattern_bits.shape[1]
   eos = jnp.asarray(sampling.eos_ids, jnp.int32)
   max_steps = jnp.int32(sampling.max_new_tokens) if max_steps is None else jnp.minimum(
@@ -263,8 +170,9 @@ def _generate(params, cache, logits, next_positions, rng, budget, forced, token_
   def body(state):
     step, cache, logits, positions, rng, done, tokens, logps, count, reason, stop_index, recent, seen = state
     rng, key = jax.random.split(rng)
-    scores = logits if seen is None else apply_repetition_penalty(logits, seen, repetition[1])
-    token, logp = _sample(scores, key, sampling, forced[:, step])
+    scores = text.logits(params["text"], cfg, logits) if hidden_state else logits
+    scores = scores if seen is None else apply_repetition_penalty(scores, seen, repetition[1])
+    token, logp = sample(scores, key, sampling, forced[:, step])
     live = ~done
     if seen is not None:
       seen = seen.at[jnp.arange(batch), token].set(seen[jnp.arange(batch), token] | live)
@@ -285,12 +193,12 @@ def _generate(params, cache, logits, next_positions, rng, budget, forced, token_
     pos3 = jnp.broadcast_to(positions[None, :, None], (3, batch, 1))
     hidden, cache = text.forward(params["text"], cfg, embeds, pos3, attention_mask=live[:, None].astype(jnp.int32),
                                  cache=cache, dtype=dtype, attention=model_config.attention)
-    logits = jnp.where(live[:, None], text.logits(params["text"], cfg, hidden[:, 0]), logits)
+    logits = jnp.where(live[:, None], _next(params, cfg, hidden[:, 0], logits), logits)
     positions = positions + live
     done = done | (live & (is_eos | is_tag | out_of_budget))
     return step + 1, cache, logits, positions, rng, done, tokens, logps, count, reason, stop_index, recent, seen
 
-  seen = None if repetition is None else seen_tokens(repetition[0], logits.shape[-1])
+  seen = None if repetition is None else seen_tokens(repetition[0], cfg.vocab_size)
   if recent is None:
     bits = jnp.zeros((batch, window), jnp.int32)
   else:
@@ -371,6 +279,11 @@ class Sampler:
     """(B, V) zeros, batch-sharded: the logits of rows that hold nothing yet (see `prefill`)."""
     return self._shard(np.zeros((batch, self.model_config.text.vocab_size), np.float32))
 
+  def empty_hidden(self, batch: int) -> jax.Array:
+    """(B, D) zeros (compute dtype), batch-sharded: a next-token state that every program takes in place of the
+    logits (`is_hidden`) and computes them from, so that no (B, V) array is kept, gathered or written back."""
+    return self._shard(np.zeros((batch, self.model_config.text.hidden_size), jnp.dtype(self.model_config.dtype)))
+
   @property
   def stop_window(self) -> int:
     """How many of a row's last tokens the stop strings look at (the width of `generate`'s `recent`)."""
@@ -391,7 +304,8 @@ class Sampler:
 
     Image tokens read `image_embeds` (a flat table), or `images = (pixel_values, vision_inputs)`: each device's
     image table (leading axis D, `varft.batch.image_tables`), encoded inside this program where it lives.
-    `logits` (B, V), optional: the rows without tokens in `chunk` keep theirs.
+    `logits` (B, V), optional: the rows without tokens in `chunk` keep theirs; or hidden states (B, D)
+    (`empty_hidden`), and hidden states are returned.
     `rows` (b,), optional: chunk row j goes to cache row `rows[j]` (-1: a padding row), and only those rows are
     computed (gathered, extended, written back in place; `logits` (B, V) is then required and returned whole).
     The padded chunk is written whole at each row's length, so every row needs `length + T <= cache size`
@@ -419,9 +333,10 @@ class Sampler:
                rows: Sequence[int] | None = None) -> tuple[GenerateOutput, text.KVCache]:
     """Samples up to `min(budget[b], max_new_tokens)` tokens for every row with `budget[b] > 0`.
 
-    `logits` are the next-token logits from the last extend/generate, `next_positions` (B,) the text position of
-    the first new token. `forced` (B, max_new_tokens), optional: where >= 0, that token is taken instead of a
-    sampled one (teacher forcing through the same program; its log-prob and the stop rules apply as usual).
+    `logits` are the next-token logits (or hidden states, `empty_hidden`: then returned as hidden states too) from
+    the last extend/generate, `next_positions` (B,) the text position of the first new token. `forced`
+    (B, max_new_tokens), optional: where >= 0, that token is taken instead of a sampled one (teacher forcing
+    through the same program; its log-prob and the stop rules apply as usual).
     `repetition` = (context (B, C) int32, penalty (B,) float), optional: each row's logits get transformers'
     repetition penalty (`apply_repetition_penalty`) over the tokens of its context (-1 = padding) and those it
     samples; penalty and context are traced (a fixed C compiles once); log-probs are those of the penalised logits.
@@ -458,30 +373,6 @@ class Sampler:
   def compile_count() -> int:
     """How many programs extend/generate hold, over all samplers (one per config and shape signature)."""
     return sum(program._cache_size() for program in _PROGRAMS)
-
-
-def bucket(n: int, buckets: Sequence[int], beyond: str = "error") -> int:
-  """The smallest bucket >= n. Past the largest bucket: an error, or (`beyond='multiple'`) the next multiple of it."""
-  for b in sorted(buckets):
-    if n <= b:
-      return b
-  if beyond == "multiple":
-    return -(-n // max(buckets)) * max(buckets)
-  raise ValueError(f"Length {n} exceeds the largest bucket {max(buckets)}; add a larger bucket to the config.")
-
-
-def power_of_two_bucket(n: int, minimum: int = 1) -> int:
-  """The smallest power of two >= max(n, minimum): the bucket of sizes with no fixed list."""
-  return 1 << (max(int(n), int(minimum), 1) - 1).bit_length()
-
-
-def row_bucket(n: int, multiple: int = 1, minimum: int = 4) -> int:
-  """The rows a gathered program over `n` rows runs on: `multiple` times the smallest power of two or 1.5 x power
-  of two >= n / multiple (and >= `minimum`), so that the live rows fill at least 2/3 of it and few programs compile
-  (4, 6, 8, 12, 16, 24, ...)."""
-  per = max(-(-int(n) // multiple), minimum, 1)
-  two = power_of_two_bucket(per)
-  return multiple * (3 * two // 4 if two >= 4 and 3 * two // 4 >= per else two)
 
 
 def text_chunk(rows: Sequence[Sequence[int]], starts: Sequence[int], length: int) -> Chunk:

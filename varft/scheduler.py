@@ -65,7 +65,8 @@ class Scheduler:
     self.config = engine.config
     self.slots: list[Ledger | None] = [None] * num_slots
     self.cache = self.sampler.new_cache(num_slots, engine.cache_len)
-    self.logits = self.sampler.empty_logits(num_slots)
+    # The rows' last hidden states, not their (B, V) logits: each program computes the logits of its rows.
+    self.hidden = self.sampler.empty_hidden(num_slots)
     self.counts = collections.Counter()
     self.timings = collections.Counter()
 
@@ -121,7 +122,7 @@ class Scheduler:
     for p, (_, slots) in enumerate(prompts):
       source[slots] = p
     chunk, images = self._chunk([c for c, _ in prompts] + [None] * (count - len(prompts)), length)
-    self.logits, self.cache = self.sampler.prefill(self.params, self.cache, self.logits, chunk, source, images)
+    self.hidden, self.cache = self.sampler.prefill(self.params, self.cache, self.hidden, chunk, source, images)
     self.counts["prefill_tokens"] += sum(len(c[0]) for c, _ in prompts)
     self.timings["prefill_s"] += time.perf_counter() - start
 
@@ -191,7 +192,7 @@ class Scheduler:
       news = [extended.get(int(s)) for s in rows]
     length = sampling.bucket(max(len(n[0]) for n in extended.values()), self.config.chunk_buckets)
     chunk, images = self._chunk(news, length)
-    self.logits, self.cache = self.sampler.extend(self.params, self.cache, chunk, images=images, logits=self.logits,
+    self.hidden, self.cache = self.sampler.extend(self.params, self.cache, chunk, images=images, logits=self.hidden,
                                                   rows=rows)
     self.counts["extends"] += 1
     self.counts["extend_rows"] += len(news)
@@ -231,10 +232,10 @@ class Scheduler:
       max_steps = cfg.resume_steps if waiting else cfg.max_new_tokens
     self.rng, key = jax.random.split(self.rng)
     start = time.perf_counter()
-    out, self.cache = self.sampler.generate(self.params, self.cache, self.logits, next_positions, key, budget, forced,
+    out, self.cache = self.sampler.generate(self.params, self.cache, self.hidden, next_positions, key, budget, forced,
                                             repetition, recent=recent, max_steps=max_steps, exit_after=exit_after,
                                             rows=rows)
-    self.logits = out.logits  # stays on the device
+    self.hidden = out.logits  # the rows' hidden states, on the device
     tokens, logps, counts, reasons, tags, steps = jax.device_get(
         (out.tokens, out.logps, out.num_tokens, out.stop_reason, out.stop_index, out.steps))
     self.timings["generate_s"] += time.perf_counter() - start

@@ -1,4 +1,5 @@
-"""The sampler's resumable generate (early exit, a stop string across calls), merged logits, one prefill per group."""
+"""The sampler's resumable generate (early exit, a stop string across calls), merged logits, one prefill per group,
+the next-token state kept as last hidden states (B, D) (the scheduler's) instead of (B, V) logits."""
 import jax
 import numpy as np
 import pytest
@@ -168,3 +169,67 @@ def test_a_gathered_generate_holds_its_rows_not_a_second_cache(sampler):
   row_bytes = cache_bytes // rows + CFG.text.vocab_size * 4
   assert memory.alias_size_in_bytes >= cache_bytes  # donated: written in place
   assert memory.temp_size_in_bytes < min(3 * width * row_bytes, cache_bytes)
+
+
+# ---- hidden states as the next-token state ----------------------------------------------------------------------
+
+STARTS = [len(r) for r in PROMPTS]
+
+
+def _prefilled(sampler, params, hidden: bool):
+  cache = sampler.new_cache(len(PROMPTS), 96)
+  state = sampler.empty_hidden(len(PROMPTS)) if hidden else None
+  return sampler.extend(params, cache, sampling.text_chunk(PROMPTS, [0] * len(PROMPTS), 32), logits=state)
+
+
+def test_an_extend_of_hidden_states_returns_the_last_hidden_state(params, sampler):
+  hidden, _ = _prefilled(sampler, params, hidden=True)
+  assert hidden.shape == (len(PROMPTS), CFG.text.hidden_size) and sampling.is_hidden(hidden, CFG.text)
+  logits = text.logits(params["text"], CFG.text, hidden)
+  for b, row in enumerate(PROMPTS):
+    np.testing.assert_allclose(logits[b], full_logits(params, [row])[0], atol=1e-4)
+
+
+@pytest.mark.parametrize("rows", [None, [2, 0, 1, -1]])
+def test_decoding_from_hidden_states_gives_the_tokens_of_logits(params, sampler, rows):
+  """In place and gathered: the same tokens, log-probs, counts as from (B, V) logits; a call resumed from the
+  returned hidden states goes on as one call would."""
+  logits, cache = _prefilled(sampler, params, hidden=False)
+  want, _ = sampler.generate(params, cache, logits, STARTS, jax.random.PRNGKey(0), [12, 5, 9])
+  hidden, cache = _prefilled(sampler, params, hidden=True)
+  order = [0, 1, 2] if rows is None else [2, 0, 1]
+  positions, budget = [STARTS[b] for b in order], [[12, 5, 9][b] for b in order]
+  if rows is not None:
+    positions, budget = positions + [0], budget + [0]
+  first, cache = sampler.generate(params, cache, hidden, positions, jax.random.PRNGKey(0), budget, max_steps=4,
+                                  rows=rows)
+  assert first.logits.shape == (len(PROMPTS), CFG.text.hidden_size)  # all the cache's rows, hidden
+  rest = np.maximum(np.asarray(budget) - np.asarray(first.num_tokens), 0)
+  second, _ = sampler.generate(params, cache, first.logits, first.next_positions, jax.random.PRNGKey(1), rest,
+                               rows=rows)
+  for j, b in enumerate(order):
+    got = np.concatenate([first.tokens[j, :int(first.num_tokens[j])], second.tokens[j, :int(second.num_tokens[j])]])
+    logps = np.concatenate([first.logps[j, :int(first.num_tokens[j])], second.logps[j, :int(second.num_tokens[j])]])
+    np.testing.assert_array_equal(got, want.tokens[b, :int(want.num_tokens[b])])
+    np.testing.assert_allclose(logps, want.logps[b, :int(want.num_tokens[b])], atol=1e-5)
+
+
+def test_a_gathered_generate_over_hidden_states_holds_no_vocabulary_wide_rows(sampler):
+  """Compiled at 32 rows, a generate over 4 gathered rows with hidden states takes and returns no (B, V) array:
+  its arguments and outputs are smaller than the logits program's by the (B, V) logits in and out."""
+  rows, slots, width, vocab = 32, 256, 4, CFG.text.vocab_size
+  cache = jax.eval_shape(lambda: text.init_cache(CFG.text, rows, slots))
+  abstract = lambda *shape: jax.ShapeDtypeStruct(shape, np.int32)
+  weights = {"text": jax.eval_shape(lambda: text.init_params(jax.random.PRNGKey(0), CFG.text))}
+  table = sampler.stop_table
+  memory = {}
+  for name, width_of_state in (("logits", vocab), ("hidden", CFG.text.hidden_size)):
+    state = jax.ShapeDtypeStruct((rows, width_of_state), np.float32)
+    args = (weights, cache, state, abstract(width), abstract(width), jax.random.PRNGKey(0), abstract(width),
+            abstract(width, 12), abstract(*table.token_bits.shape), abstract(*table.pattern_bits.shape), None,
+            abstract(width, sampler.stop_window), abstract(), abstract())
+    compiled = sampling._generate_rows_jit.lower(*args, model_config=CFG, sampling=sampler.sampling).compile()
+    memory[name] = compiled.memory_analysis()
+  logits_bytes = rows * vocab * 4
+  moved = lambda m: m.argument_size_in_bytes + m.output_size_in_bytes
+  assert moved(memory["hidden"]) <= moved(memory["logits"]) - 2 * logits_bytes + 2 * rows * CFG.text.hidden_size * 4

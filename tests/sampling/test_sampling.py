@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from varft import sampling, turns
+from varft import sampling, sampling_draw, turns
 from varft.models.qwen25vl import config as config_lib
 from varft.models.qwen25vl import text
 from varft.processing import chat
@@ -155,22 +155,22 @@ def test_filters_restrict_the_support():
   logits = jnp.asarray(np.random.default_rng(0).normal(size=(256, 50)).astype(np.float32) * 3)
   keys = jax.random.split(jax.random.PRNGKey(0), 4)
   no_force = jnp.full((256,), -1, jnp.int32)
-  greedy, _ = sampling._sample(logits, keys[0], sampling.SamplingConfig(temperature=0), no_force)
+  greedy, _ = sampling_draw.sample(logits, keys[0], sampling.SamplingConfig(temperature=0), no_force)
   np.testing.assert_array_equal(greedy, jnp.argmax(logits, -1))
   tied = jnp.zeros((2, 7)).at[0, 3].set(1.0).at[0, 5].set(1.0)
-  np.testing.assert_array_equal(sampling._first_argmax(tied), [3, 0])
-  top1, _ = sampling._sample(logits, keys[1], sampling.SamplingConfig(temperature=1.0, top_k=1), no_force)
+  np.testing.assert_array_equal(sampling_draw.first_argmax(tied), [3, 0])
+  top1, _ = sampling_draw.sample(logits, keys[1], sampling.SamplingConfig(temperature=1.0, top_k=1), no_force)
   np.testing.assert_array_equal(top1, greedy)
-  nucleus, _ = sampling._sample(logits, keys[2], sampling.SamplingConfig(temperature=1.0, top_p=1e-6), no_force)
+  nucleus, _ = sampling_draw.sample(logits, keys[2], sampling.SamplingConfig(temperature=1.0, top_p=1e-6), no_force)
   np.testing.assert_array_equal(nucleus, greedy)
-  top3, logp = sampling._sample(logits, keys[3], sampling.SamplingConfig(temperature=0.7, top_k=3), no_force)
+  top3, logp = sampling_draw.sample(logits, keys[3], sampling.SamplingConfig(temperature=0.7, top_k=3), no_force)
   ranks = jnp.sum(logits > jnp.take_along_axis(logits, top3[:, None], -1), axis=-1)
   assert int(ranks.max()) <= 2 and int(ranks.max()) > 0
   np.testing.assert_allclose(logp,
                              jnp.take_along_axis(jax.nn.log_softmax(logits / 0.7), top3[:, None], -1)[:, 0], atol=1e-5)
   # top_p=0.9 keeps the smallest prefix of the sorted distribution holding 90% of the mass.
   probs = jax.nn.softmax(logits, -1)
-  sampled, _ = sampling._sample(logits, keys[0], sampling.SamplingConfig(temperature=1.0, top_p=0.9), no_force)
+  sampled, _ = sampling_draw.sample(logits, keys[0], sampling.SamplingConfig(temperature=1.0, top_p=0.9), no_force)
   mass_above = jnp.sum(jnp.where(probs > jnp.take_along_axis(probs, sampled[:, None], -1), probs, 0), -1)
   assert float(mass_above.max()) < 0.9
 
@@ -185,11 +185,12 @@ def test_categorical_draws_from_the_softmax():
   def total_variation(draws):
     return 0.5 * np.abs(np.bincount(np.asarray(draws), minlength=200) / len(draws) - probs).sum()
 
-  ours = sampling._categorical(jax.random.PRNGKey(0), batch, block=64)
+  ours = sampling_draw.categorical(jax.random.PRNGKey(0), batch, block=64)
   assert np.all(np.asarray(ours) % 7 != 0)
   reference = total_variation(jax.random.categorical(jax.random.PRNGKey(1), batch))
   assert total_variation(ours) < 1.5 * reference + 0.005  # sampling noise only (~0.02 at 100k draws)
-  assert np.all(np.asarray(sampling._categorical(jax.random.PRNGKey(1), jnp.asarray([[0.0, -np.inf, -np.inf]]))) == 0)
+  one = sampling_draw.categorical(jax.random.PRNGKey(1), jnp.asarray([[0.0, -np.inf, -np.inf]]))
+  assert np.all(np.asarray(one) == 0)
 
 
 def test_sampling_is_seeded_and_spreads(params, stop_table):
@@ -299,11 +300,11 @@ def test_rows_and_cache_split_over_all_8_devices_with_the_1_device_tokens():
 
 
 def test_cdf_block_divides_the_vocabulary_when_it_can():
-  assert sampling._cdf_block(151936) == 128  # 2**7 * 1187: no padding copy of the (B, V) logits
-  assert sampling._cdf_block(50) == 50
-  assert sampling._cdf_block(3) == 256  # no divisor in range: pad
+  assert sampling_draw.cdf_block(151936) == 128  # 2**7 * 1187: no padding copy of the (B, V) logits
+  assert sampling_draw.cdf_block(50) == 50
+  assert sampling_draw.cdf_block(3) == 256  # no divisor in range: pad
   logits = jax.random.normal(jax.random.PRNGKey(0), (4, 151936)) * 3
-  token, logp = sampling._sample(logits, jax.random.PRNGKey(1), sampling.SamplingConfig(temperature=0.7),
-                                 jnp.full((4,), -1, jnp.int32))
+  token, logp = sampling_draw.sample(logits, jax.random.PRNGKey(1), sampling.SamplingConfig(temperature=0.7),
+                                     jnp.full((4,), -1, jnp.int32))
   expected = jnp.take_along_axis(jax.nn.log_softmax(logits / 0.7, axis=-1), token[:, None], axis=-1)[:, 0]
   np.testing.assert_allclose(logp, expected, atol=1e-5)
