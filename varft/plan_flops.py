@@ -5,7 +5,8 @@ XLA's `cost_analysis` counts the body of a `lax.scan` once, not once per layer, 
   text, per token at context S (keys the kernel computes against, masked or not):
       2 * layers * (D * hd * (2 H + 2 KV) + 3 D F)        q, k, v, o projections and the gated MLP
     + 4 * layers * H * hd * S                             scores and weighted values
-  logits, per position that gets them:  2 * D * V
+  logits, per position that gets them:  2 * D * V    (decode steps, loss slots; prefill and extend pass the
+                                                    last hidden state on: the scheduler's next-token state)
   vision, per patch (Dv, Fv; 64-patch blocks; a window query block visits 3 key blocks, a full one K):
       2 * 1176 * Dv + 2 * depth * (4 Dv^2 + 3 Dv Fv)      patch embedding, qkv + proj, gated MLP
     + 4 * Dv * 64 * (3 * window layers + K * full layers)
@@ -50,10 +51,9 @@ def program_flops(name: str, rec, model_cfg, config, tables: dict[str, tuple[int
     return images["prefill"]
   if name == "prefill":  # each prompt once, into a fresh cache of the chunk's length; its images encoded inside
     prompts = tables["prompt_rows"][0]
-    return (prompts * rec.prompt_len * text_token_flops(t, rec.prompt_len) + prompts * logits_flops(t) +
-            images.get("prefill", 0.0))
+    return prompts * rec.prompt_len * text_token_flops(t, rec.prompt_len) + images.get("prefill", 0.0)
   if name == "extend":  # an observation chunk on every row, its images encoded inside
-    return n * rec.chunk_len * text_token_flops(t, rec.cache_len) + n * logits_flops(t) + images.get("extend", 0.0)
+    return n * rec.chunk_len * text_token_flops(t, rec.cache_len) + images.get("extend", 0.0)
   if name == "generate":
     return n * rec.new_tokens * (text_token_flops(t, rec.cache_len) + logits_flops(t))
   text_forward = n * length * text_token_flops(t, length) + n * rec.row_loss_tokens * logits_flops(t)

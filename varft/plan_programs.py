@@ -186,7 +186,9 @@ def _sampler_programs(config, model_cfg, rec: Recipe, mesh, params, tp: int):
       "v": sds(kv_shape, model_cfg.dtype, 1, 3),
       "length": sds((n,), jnp.int32)
   }
-  logits = sds((n, t.vocab_size), jnp.float32)
+  # The scheduler's next-token state: each row's last hidden state (`Sampler.empty_hidden`); decode computes the
+  # logits from it step by step, and no (B, V) array is held between programs.
+  state = sds((n, t.hidden_size), model_cfg.dtype)
   prompts = dataclasses.replace(rec, prompts=prefill_prompts(rec, sampler.num_shards), samples=1)
   prompt_chunk, images = _chunk_args(model_cfg, prompts, sampler.mesh, rec.prompt_len)
   # An observation image per row when the code tool (whose output is an image) is on and one fits the chunk; search
@@ -196,17 +198,17 @@ def _sampler_programs(config, model_cfg, rec: Recipe, mesh, params, tp: int):
   observation, observed = _chunk_args(model_cfg, dataclasses.replace(rec, prompts=n, samples=1), sampler.mesh,
                                       rec.chunk_len, fits)
   rng = jax.eval_shape(lambda: jax.random.key(0))
-  generate_args = (weights, cache, logits, sds(
+  generate_args = (weights, cache, state, sds(
       (n,), jnp.int32), jax.ShapeDtypeStruct(rng.shape, rng.dtype,
                                              sharding=sharding.replicated(sampler.mesh)), sds(
                                                  (n,), jnp.int32), sds((n, rec.new_tokens), jnp.int32),
                    jnp.asarray(sampler.stop_table.token_bits), jnp.asarray(sampler.stop_table.pattern_bits))
   programs = {
       "sampling_weights": (reshard, (params,), {}),
-      "prefill": (sampling._prefill_jit, (weights, cache, logits, prompt_chunk, None, images, sds((n,), jnp.int32)), {
+      "prefill": (sampling._prefill_jit, (weights, cache, state, prompt_chunk, None, images, sds((n,), jnp.int32)), {
           "model_config": model_cfg
       }),
-      "extend": (sampling._extend_jit, (weights, cache, observation, None, observed, logits), {
+      "extend": (sampling._extend_jit, (weights, cache, observation, None, observed, state), {
           "model_config": model_cfg
       }),
       "generate": (sampling._generate_jit, generate_args, {

@@ -205,6 +205,10 @@ def test_prefill_is_planned_once_per_prompt_at_the_schedulers_bucket():
   assert args[1]["k"].shape[1] == rec.rows  # copied into every row of the cache
   _, args, _, _, _ = table["extend"]
   assert args[2].tokens.shape == (rec.rows, rec.chunk_len) and args[4] is None  # search observations: text
+  # Every sampler program carries the scheduler's next-token state: last hidden states, never (B, V) logits.
+  hidden = (rec.rows, train.model_config(config).text.hidden_size)
+  assert [table[name][1][2 if name != "extend" else 5].shape for name in ("prefill", "extend", "generate")
+         ] == [hidden] * 3
   assert images["prompt_rows"] == (rec.prompts, 0)
   plans = plan.plan(config, jax.devices()[:1], programs=("prefill", "extend"), **plan_script.SMALL)
   assert [p.program for p in plans] == ["prefill", "extend"]
