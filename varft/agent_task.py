@@ -22,7 +22,7 @@ import numpy as np
 from varft import batch as batch_lib
 from varft import rewards as rewards_lib
 from varft import rollout as rollout_lib
-from varft import sharding
+from varft import rollout_sharding
 from varft.environment import Experience, SampleRejected
 from varft.eval import stream
 from varft.processing import image as image_lib
@@ -88,11 +88,11 @@ TRAINER_ROLLOUT_KEYS = ("prompts_per_host", "num_samples", "tensor_parallel")
 
 
 def sampling_tensor_parallel(config: ml_collections.ConfigDict, model_cfg, dtype) -> int:
-  """`config.rollout.tensor_parallel` resolved (`sharding.resolve_tensor_parallel`) for the sampling weights."""
+  """`config.rollout.tensor_parallel` resolved (`rollout_sharding.resolve_tensor_parallel`) for the sampling weights."""
   from varft.models.qwen25vl import model
   shapes = jax.eval_shape(lambda: model.init_params(jax.random.key(0), model_cfg, dtype))
-  return sharding.resolve_tensor_parallel(config.rollout.get("tensor_parallel", "auto"),
-                                          sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes)))
+  return rollout_sharding.resolve_tensor_parallel(config.rollout.get("tensor_parallel", "auto"),
+                                                  sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes)))
 
 
 def rollout_config(rollout: ml_collections.ConfigDict, **overrides) -> rollout_lib.RolloutConfig:
@@ -260,7 +260,8 @@ class AgentEnvironment:
     self.tool_kinds = ("search",) * bool(config.tools.search.name) + ("code",) * bool(config.tools.use_code)
     self.mesh = mesh
     self.compute_dtype = jnp.dtype(model_cfg.dtype)
-    self.rollout_mesh = sharding.rollout_mesh(mesh, sampling_tensor_parallel(config, model_cfg, self.compute_dtype))
+    self.rollout_mesh = rollout_sharding.rollout_mesh(mesh,
+                                                      sampling_tensor_parallel(config, model_cfg, self.compute_dtype))
     self.engine = rollout_lib.RolloutEngine(model_cfg, tokenizer, self.executor, rollout_config(config.rollout),
                                             mesh=self.rollout_mesh, batch_devices=batch_lib.devices_per_host(mesh))
     from varft.eval import settings
@@ -286,7 +287,7 @@ class AgentEnvironment:
   def collect(self, params, rng, batches) -> Experience:
     """One step's rollouts on this host's next prompts, scored."""
     gold_rng = np.random.default_rng(np.asarray(jax.random.key_data(jax.random.fold_in(rng, jax.process_index()))))
-    params, rng = sharding.rollout_inputs(params, rng, self.mesh, self.rollout_mesh, self.compute_dtype)
+    params, rng = rollout_sharding.rollout_inputs(params, rng, self.mesh, self.rollout_mesh, self.compute_dtype)
     start = time.perf_counter()
     examples, result, skipped_batches = rollout_next(self.engine, batches, params, rng, self.num_samples)
     rolled = time.perf_counter()
@@ -329,7 +330,7 @@ class AgentEnvironment:
   def evaluate(self, params, rng, out_dir: str | None = None) -> dict[str, float]:
     """Greedy multi-turn evaluation on each configured benchmark: predictions JSON + score table under out_dir."""
     metrics = {}
-    params, rng = sharding.rollout_inputs(params, rng, self.mesh, self.rollout_mesh, self.compute_dtype)
+    params, rng = rollout_sharding.rollout_inputs(params, rng, self.mesh, self.rollout_mesh, self.compute_dtype)
     for name in self.config.eval.benchmarks:
       metrics.update(evaluate_benchmark(self, name, params, rng, out_dir))
     metrics.update({f"eval/{k}": v for k, v in tool_metrics(self.executor, self.tool_kinds).items()})

@@ -116,8 +116,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.rollout.prompts_per_host = 8
   c.rollout.num_samples = 8  # G
   # Sampling weights tensor-parallel over this many of a host's devices (rows over the rest): auto = the least
-  # degree at which they take at most a quarter of a device's memory (sharding.resolve_tensor_parallel; the planner
-  # resolves it for its --accelerator), or a number.
+  # degree at which they take at most a quarter of a device's memory (rollout_sharding.resolve_tensor_parallel;
+  # the planner resolves it for its --accelerator), or a number.
   c.rollout.tensor_parallel = "auto"
   c.rollout.temperature = 1.0
   c.rollout.top_k = 0

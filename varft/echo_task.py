@@ -17,7 +17,7 @@ import ml_collections
 import numpy as np
 
 from varft import batch as batch_lib
-from varft import sampling, sharding
+from varft import rollout_sharding, sampling
 from varft.environment import Experience
 from varft.models.qwen25vl.config import Qwen25VLConfig, TextConfig, VisionConfig
 
@@ -70,7 +70,7 @@ class EchoEnvironment:
                seed: int = 0, eval_prompts: int = 64, tensor_parallel: int = 1):
     self.model_cfg = model_cfg
     self.mesh = mesh
-    self.rollout_mesh = sharding.rollout_mesh(mesh, tensor_parallel)
+    self.rollout_mesh = rollout_sharding.rollout_mesh(mesh, tensor_parallel)
     self.prompts_per_host = prompts_per_host
     self.num_samples = num_samples
     self.temperature = temperature
@@ -103,7 +103,7 @@ class EchoEnvironment:
   def _rollout(self, params, shown: np.ndarray, rng, greedy: bool,
                num_samples: int = 1) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """The batch of one answer per shown token (rows b * num_samples .. are one prompt's group) and the rewards."""
-    params, rng = sharding.rollout_inputs(params, rng, self.mesh, self.rollout_mesh)
+    params, rng = rollout_sharding.rollout_inputs(params, rng, self.mesh, self.rollout_mesh)
     n = len(shown)
     sampler = self._samplers[greedy]
     rows = -(-n // sampler.num_shards) * sampler.num_shards  # empty rows fill the last devices

@@ -7,7 +7,7 @@ count bucket, copied into its G rows of the cache; the prompt images encoded ins
 chunk of the largest chunk bucket on every row; with the code tool, one observation image per row when one fits the
 chunk), `generate` (decode), `reference_logps`, `train_step`. The batches are `varft.batch.abstract` (rows
 over the batch axes, one image table per batch device); the sampler programs take `Sampler`'s arguments in its
-layouts on the rollout mesh, from the weights as `sharding.sampling_params` reshards them, tensor-parallel as
+layouts on the rollout mesh, from the weights as `rollout_sharding.sampling_params` reshards them, tensor-parallel as
 `rollout.tensor_parallel` resolves for the target accelerator's memory. Each program comes with the bytes that stay
 resident while it runs (the train state and the reference weights during rollouts, the rest of the state and the
 reference while the params are resharded, the reference weights during the update, the train state during the
@@ -24,7 +24,7 @@ from jax.sharding import NamedSharding
 import numpy as np
 
 from varft import batch as batch_lib
-from varft import environment, grpo, run_config, sampling, scheduler, sharding, train
+from varft import environment, grpo, rollout_sharding, run_config, sampling, scheduler, sharding, train
 from varft.models.qwen25vl import model as qwen_model
 from varft.processing import image as image_lib
 
@@ -134,22 +134,22 @@ def rollout_tensor_parallel(config, model_cfg, devices, memory_bytes: int | None
   dtype = jnp.dtype(model_cfg.dtype)
   shapes = jax.eval_shape(lambda: train.init_params(model_cfg, jax.random.key(0), False, dtype))
   local = [d for d in devices if d.process_index == jax.process_index()]
-  return sharding.resolve_tensor_parallel(config.rollout.get("tensor_parallel", "auto"),
-                                          sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes)), local,
-                                          memory_bytes)
+  return rollout_sharding.resolve_tensor_parallel(config.rollout.get("tensor_parallel", "auto"),
+                                                  sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes)),
+                                                  local, memory_bytes)
 
 
 def _sampler(config, model_cfg, rec: Recipe, mesh, params, tp: int):
-  """The rollout's Sampler on its mesh (`sharding.rollout_mesh`, `tp`-way tensor parallel) and the sampling
-  weights: `params` in the compute dtype in the layout `sharding.sampling_params` gives them."""
+  """The rollout's Sampler on its mesh (`rollout_sharding.rollout_mesh`, `tp`-way tensor parallel) and the sampling
+  weights: `params` in the compute dtype in the layout `rollout_sharding.sampling_params` gives them."""
   dtype = jnp.dtype(model_cfg.dtype)
   weights = jax.eval_shape(lambda p: jax.tree.map(lambda x: x.astype(dtype), p), params)
-  rollout_mesh = sharding.rollout_mesh(mesh, tp)
+  rollout_mesh = rollout_sharding.rollout_mesh(mesh, tp)
   sampler_cfg = sampling.SamplingConfig(temperature=config.rollout.temperature, top_k=config.rollout.top_k,
                                         top_p=config.rollout.top_p, max_new_tokens=rec.new_tokens)
   stop = sampling.StopTable(np.zeros((model_cfg.text.vocab_size,), np.int32), np.zeros((4, 4), np.int32), ())
   sampler = sampling.Sampler(model_cfg, sampler_cfg, stop, mesh=rollout_mesh)
-  return sampler, _abstract(weights, sharding.sampling_shardings(weights, rollout_mesh))
+  return sampler, _abstract(weights, rollout_sharding.sampling_shardings(weights, rollout_mesh))
 
 
 def prefill_prompts(rec: Recipe, shards: int) -> int:
@@ -176,7 +176,7 @@ def _sampler_programs(config, model_cfg, rec: Recipe, mesh, params, tp: int):
   """encode_images / prefill / extend / generate with the Sampler's signature and layouts: rows and KV cache over
   every batch axis of the rollout mesh, each device encoding its own rows' image table inside prefill / extend."""
   sampler, weights = _sampler(config, model_cfg, rec, mesh, params, tp)
-  reshard, _ = sharding.sampling_resharder(params, mesh, sampler.mesh, model_cfg.dtype)
+  reshard, _ = rollout_sharding.sampling_resharder(params, mesh, sampler.mesh, model_cfg.dtype)
   rec = dataclasses.replace(rec, prompts=rec.prompts // jax.process_count())  # each host samples its own prompts
   t, n = model_cfg.text, rec.rows
   sds = lambda shape, dt, *axes: jax.ShapeDtypeStruct(shape, dt, sharding=sampler.layout(shape, *axes))

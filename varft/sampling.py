@@ -227,7 +227,7 @@ class Sampler:
 
   On a mesh the batch axis of the cache and of every per-row array is sharded over all the batch axes
   (`sharding.BATCH_AXES`), so each device decodes only its own rows, and the cache's KV heads over `tensor`.
-  Parameters are used as given: on a rollout mesh, `sharding.sampling_params` (replicated or tensor-parallel).
+  Parameters are used as given: on a rollout mesh, `rollout_sharding.sampling_params` (replicated or tensor-parallel).
   """
 
   def __init__(self, model_config: Qwen25VLConfig, sampling: SamplingConfig, stop_table: StopTable, *,

@@ -14,7 +14,7 @@ import numpy as np
 from experiments import search
 from tests.trainer import step_script
 from varft import batch as batch_lib
-from varft import grpo, plan, plan_programs, sharding, train
+from varft import grpo, plan, plan_programs, rollout_sharding, sharding, train
 
 # The demo recipe cut down: the tiny model, 16 rows of 192 tokens, one 112x112 image per prompt.
 SMALL = dict(prompt_len=160)
@@ -113,7 +113,7 @@ def reshard():
     leaf = jax.ShapeDtypeStruct(shape, np.float32,
                                 sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec)))
     params = {"text": functools.reduce(lambda tree, key: {key: tree}, reversed(path), leaf)}
-    fn, _ = sharding.sampling_resharder(params, mesh, sharding.rollout_mesh(mesh, 2), "bfloat16")
+    fn, _ = rollout_sharding.sampling_resharder(params, mesh, rollout_sharding.rollout_mesh(mesh, 2), "bfloat16")
     stats = fn.lower(params).compile(plan.CPU_COMPILER_OPTIONS).memory_analysis()
     out[name] = {"temp": stats.temp_size_in_bytes, "bytes": int(np.prod(shape)) * 4}
   print(json.dumps(out))

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from experiments import search
-from varft import grpo, plan, plan_programs, run_config, sampling, sharding, train
+from varft import grpo, plan, plan_programs, rollout_sharding, run_config, sampling, sharding, train
 from varft.models.qwen25vl import config as config_lib
 from varft.models.qwen25vl import text
 
@@ -115,13 +115,14 @@ def test_check_fits_raises_one_clear_error_and_the_cli_exits_non_zero():
 def test_rollout_tensor_parallel_auto_is_resolved_for_the_target_accelerator():
   gib = 1 << 30
   devices = [jax.devices()[0]] * 8
-  assert sharding.resolve_tensor_parallel("auto", int(7.5 * gib), devices, 80 * gib) == 1  # 3B bf16 on A100-80
-  assert sharding.resolve_tensor_parallel("auto", int(7.5 * gib), devices, 16 * gib) == 2  # on v5e
-  assert sharding.resolve_tensor_parallel(0, int(15.2 * gib), devices, 16 * gib) == 4  # 7B on v5e
-  assert sharding.resolve_tensor_parallel("auto", 100 * gib, devices) == 1  # CPU: no memory to size by
-  assert sharding.resolve_tensor_parallel("2", 1, devices) == 2 and sharding.resolve_tensor_parallel(8, 1) == 8
+  assert rollout_sharding.resolve_tensor_parallel("auto", int(7.5 * gib), devices, 80 * gib) == 1  # 3B bf16 on A100-80
+  assert rollout_sharding.resolve_tensor_parallel("auto", int(7.5 * gib), devices, 16 * gib) == 2  # on v5e
+  assert rollout_sharding.resolve_tensor_parallel(0, int(15.2 * gib), devices, 16 * gib) == 4  # 7B on v5e
+  assert rollout_sharding.resolve_tensor_parallel("auto", 100 * gib, devices) == 1  # CPU: no memory to size by
+  assert rollout_sharding.resolve_tensor_parallel("2", 1, devices) == 2 and rollout_sharding.resolve_tensor_parallel(
+      8, 1) == 8
   with pytest.raises(ValueError, match="rollout.tensor_parallel='two'"):
-    sharding.resolve_tensor_parallel("two", 1, devices)
+    rollout_sharding.resolve_tensor_parallel("two", 1, devices)
   # The planner resolves the config's `auto` for the accelerator it checks against, not for the CPU it runs on.
   config = search.get_config("7b")
   model_cfg = train.model_config(config)

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 from PIL import Image
 
-from varft import rollout, sampling, sharding, turns
+from varft import rollout, rollout_sharding, sampling, sharding, turns
 from varft.models.qwen25vl import config as config_lib
 from varft.models.qwen25vl import model
 from varft.processing import chat
@@ -43,7 +43,7 @@ def run(mesh, params, tokenizer, table):
       "images": [_png(s, i)]
   } for i, s in enumerate(SIZES)]
   if mesh is not None:
-    params = sharding.sampling_params(params, mesh, mesh)
+    params = rollout_sharding.sampling_params(params, mesh, mesh)
   return engine.run(params, examples, jax.random.PRNGKey(0), num_samples=2)
 
 
@@ -52,13 +52,13 @@ def main():
   table = sampling.make_stop_table(tokenizer, CFG.text.vocab_size, turns.AGENT_STOP_TAGS)
   params = model.init_params(jax.random.PRNGKey(0), CFG)
   one = run(None, jax.device_put(params, jax.devices()[0]), tokenizer, table)
-  mesh = sharding.rollout_mesh(sharding.make_mesh({"fsdp": 8}))
+  mesh = rollout_sharding.rollout_mesh(sharding.make_mesh({"fsdp": 8}))
   eight = run(mesh, params, tokenizer, table)
   print("TOKENS", bool(np.array_equal(one.batch["tokens"], eight.batch["tokens"])))
   print("LOGPS", float(np.max(np.abs(one.batch["sampler_logps"] - eight.batch["sampler_logps"]))))
   print("ENCODED", one.stats["images_encoded"], eight.stats["images_encoded"])
   print("TABLE", "x".join(map(str, eight.batch["pixel_values"].shape)))
-  tensor = run(sharding.rollout_mesh(sharding.make_mesh({"fsdp": 8}), 2), params, tokenizer, table)
+  tensor = run(rollout_sharding.rollout_mesh(sharding.make_mesh({"fsdp": 8}), 2), params, tokenizer, table)
   print("TP2", bool(np.array_equal(one.batch["tokens"], tensor.batch["tokens"])),
         float(np.max(np.abs(one.batch["sampler_logps"] - tensor.batch["sampler_logps"]))),
         tensor.batch["pixel_values"].shape[0])

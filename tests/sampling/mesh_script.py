@@ -11,7 +11,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from varft import sampling, sharding, turns
+from varft import rollout_sharding, sampling, sharding, turns
 from varft.models.qwen25vl import config as config_lib
 from varft.models.qwen25vl import text
 from varft.processing import chat
@@ -35,8 +35,8 @@ def main():
     mesh = sharding.make_mesh(axes)
     rng = jax.random.PRNGKey(0)
     params = jax.jit(init, out_shardings=sharding.tree_shardings(jax.eval_shape(init, rng), mesh))(rng)
-    rollout_mesh = sharding.rollout_mesh(mesh, tp)
-    weights = sharding.sampling_params(params, mesh, rollout_mesh)
+    rollout_mesh = rollout_sharding.rollout_mesh(mesh, tp)
+    weights = rollout_sharding.sampling_params(params, mesh, rollout_mesh)
     out, cache = greedy(weights, rollout_mesh, table)
     equal = bool(np.array_equal(np.asarray(out.tokens), np.asarray(reference.tokens)))
     cache_shard = cache["k"].addressable_shards[0].data.shape
@@ -54,14 +54,14 @@ def compiles(table):
   jax.monitoring.register_event_duration_secs_listener(lambda event, _, **kw: backend_compiles.append(event)
                                                        if event.endswith("backend_compile_duration") else None)
   mesh = sharding.make_mesh({"fsdp": 8})
-  rollout_mesh = sharding.rollout_mesh(mesh, 2)
+  rollout_mesh = rollout_sharding.rollout_mesh(mesh, 2)
   train_params = lambda rng: {"text": text.init_params(rng, CFG.text)}
   init = jax.jit(train_params,
                  out_shardings=sharding.tree_shardings(jax.eval_shape(train_params, jax.random.PRNGKey(0)), mesh))
   counts = []
   for step in range(3):
     params = init(jax.random.PRNGKey(step))
-    out, _ = greedy(sharding.sampling_params(params, mesh, rollout_mesh, "bfloat16"), rollout_mesh, table)
+    out, _ = greedy(rollout_sharding.sampling_params(params, mesh, rollout_mesh, "bfloat16"), rollout_mesh, table)
     np.asarray(out.tokens)
     counts.append(len(backend_compiles))
   print("COMPILES", *counts)

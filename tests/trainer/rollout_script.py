@@ -12,7 +12,7 @@ import sys
 import jax
 import numpy as np
 
-from varft import echo_task, sharding
+from varft import echo_task, rollout_sharding, sharding
 from varft.models.qwen25vl import text as text_model
 
 MODEL = echo_task.model_config(vocab_size=64, hidden_size=32)
@@ -54,7 +54,9 @@ def run(mesh, tensor_parallel: int = 1) -> dict[str, np.ndarray]:
       "rollout_devices": np.asarray(env.rollout_mesh.devices.size),
       "compiles": np.asarray(compiles),
       "q_spec": np.asarray(
-          str(sharding.sampling_params(params, mesh, env.rollout_mesh)["text"]["layers"]["q"]["w"].sharding.spec))
+          str(
+              rollout_sharding.sampling_params(params, mesh,
+                                               env.rollout_mesh)["text"]["layers"]["q"]["w"].sharding.spec))
   }
 
 

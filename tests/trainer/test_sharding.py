@@ -9,7 +9,7 @@ from jax.sharding import PartitionSpec as P
 import numpy as np
 import pytest
 
-from varft import sharding
+from varft import rollout_sharding, sharding
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -211,10 +211,11 @@ class _Device:
 def test_sampling_weights_are_replicated_when_they_fit_and_tensor_parallel_when_not():
   gib = 1 << 30
   devices = [_Device(16 * gib)] * 8
-  assert sharding.sampling_tensor_parallel(3 * gib, devices) == 1  # 3B in bf16 on 16 GiB
-  assert sharding.sampling_tensor_parallel(15 * gib, devices) == 2  # 7B in bf16: 7.5 GiB per device
-  assert sharding.sampling_tensor_parallel(20 * gib, devices) == 4
-  assert sharding.sampling_tensor_parallel(20 * gib, [_Device(16 * gib)] * 2) == 2  # no more devices to split over
-  assert sharding.sampling_tensor_parallel(20 * gib, [_Device(None)] * 8) == 1  # CPU: no memory limit known
+  assert rollout_sharding.sampling_tensor_parallel(3 * gib, devices) == 1  # 3B in bf16 on 16 GiB
+  assert rollout_sharding.sampling_tensor_parallel(15 * gib, devices) == 2  # 7B in bf16: 7.5 GiB per device
+  assert rollout_sharding.sampling_tensor_parallel(20 * gib, devices) == 4
+  assert rollout_sharding.sampling_tensor_parallel(20 * gib,
+                                                   [_Device(16 * gib)] * 2) == 2  # no more devices to split over
+  assert rollout_sharding.sampling_tensor_parallel(20 * gib, [_Device(None)] * 8) == 1  # CPU: no memory limit known
   with pytest.raises(ValueError, match="does not divide this host's 1 devices"):
-    sharding.rollout_mesh(sharding.make_mesh({"data": 1}, jax.devices()[:1]), 2)
+    rollout_sharding.rollout_mesh(sharding.make_mesh({"data": 1}, jax.devices()[:1]), 2)

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 import pytest
 
-from varft import defaults, grpo, sharding
+from varft import defaults, grpo, rollout_sharding, sharding
 from varft.models.qwen25vl import config as config_lib
 from varft.models.qwen25vl import model, text, vision
 
@@ -48,8 +48,9 @@ def test_declared_axes_reproduce_the_path_table_specs(name):
   for mesh_name, shape in MESHES.items():
     assert _flat(sharding.tree_specs(state, _MeshShape(**shape))) == before[f"{name}/state/{mesh_name}"], mesh_name
   rollout = _MeshShape(data=4, tensor=2)
-  assert _flat(sharding.tree_specs(params, rollout, sharding.sampling_rules())) == before[f"{name}/sampling/rollout_t2"]
-  assert [list(x) if x else None for x in sharding.transit_pieces(params)] == before[f"{name}/transit"]
+  assert _flat(sharding.tree_specs(params, rollout,
+                                   rollout_sharding.sampling_rules())) == before[f"{name}/sampling/rollout_t2"]
+  assert [list(x) if x else None for x in rollout_sharding.transit_pieces(params)] == before[f"{name}/transit"]
 
 
 def test_text_only_params_keep_their_layout():
