@@ -150,9 +150,9 @@ def profile_scheduler(config, params, tasks: int):
   answer = tokenizer.encode("<answer> Paris </answer>")
   engine = scripted.ScriptedEngine(
       config, tokenizer, scripted.InstantSearch(),
-      rollout.RolloutConfig(max_turns=6, max_new_tokens=NEW, max_total_tokens=1024, length_buckets=(512, 1024),
-                            chunk_buckets=(CHUNK,), temperature=1.0), script=lambda i, t: free[(i, t)] +
-      (actions[t] if t <= tool_turns[i] else answer))
+      rollout.RolloutConfig(mode="multiturn", max_turns=6, max_new_tokens=NEW, max_total_tokens=1024,
+                            length_buckets=(512, 1024), chunk_buckets=(CHUNK,), temperature=1.0),
+      script=lambda i, t: free[(i, t)] + (actions[t] if t <= tool_turns[i] else answer))
   spent = {"decode": 0.0, "generate": 0.0, "calls": 0}
   decode, generate = scheduler.Scheduler._decode, sampling.Sampler.generate
 

@@ -99,8 +99,8 @@ def main():
   engines = {
       schedule: scripted.ScriptedEngine(
           config, tokenizer, executor,
-          rollout.RolloutConfig(max_turns=6, max_new_tokens=64, max_total_tokens=1024, length_buckets=(512, 1024),
-                                chunk_buckets=(64,), temperature=1.0, schedule=schedule),
+          rollout.RolloutConfig(mode="multiturn", max_turns=6, max_new_tokens=64, max_total_tokens=1024,
+                                length_buckets=(512, 1024), chunk_buckets=(64,), temperature=1.0, schedule=schedule),
           script=script) for schedule in ("continuous", "lockstep")
   }
   sides = {"v2": (engines["continuous"], None), "lockstep": (engines["lockstep"], None)}

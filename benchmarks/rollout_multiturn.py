@@ -104,7 +104,7 @@ def our_engine(config, tokenizer, actions):
   forced = {t: [-1] * FREE_TOKENS + ids for t, ids in actions.items()}
   return scripted.ScriptedEngine(
       config, tokenizer, LocalSearch(),
-      rollout.RolloutConfig(max_turns=TOOL_TURNS + 1, max_new_tokens=40, max_total_tokens=768,
+      rollout.RolloutConfig(mode="multiturn", max_turns=TOOL_TURNS + 1, max_new_tokens=40, max_total_tokens=768,
                             length_buckets=(512, 768), chunk_buckets=(64,), patch_buckets=(256,),
                             image_max_pixels=224 * 224, temperature=1.0), script=lambda row, turn: forced[turn])
 

@@ -19,6 +19,8 @@ STOP_REASONS = turns.STOP_REASONS
 class RolloutConfig:
   """Rollout limits, sampling settings and static-shape buckets.
 
+  mode: 'stepwise' (the paper's training: one turn per row, from a reference step's context) or 'multiturn' (whole
+  trajectories: actions run as real tool calls and their observations extend the row, up to max_turns).
   max_new_tokens: tokens per turn; max_total_tokens: prompt + all turns + observations per trajectory;
   max_tool_output_tokens: text tokens of one observation (longer ones are cut with a note saying so).
   length_buckets: prompt and final batch lengths; chunk_buckets: observation chunks; patch_buckets: vision patches
@@ -33,7 +35,7 @@ class RolloutConfig:
   once they are this fraction of the unfinished rows; an extend computes only its rows, so a small fraction lets
   rows rejoin early at the cost of a few more (small) extends.
   """
-  mode: str = "multiturn"
+  mode: str = "stepwise"
   max_turns: int = 5
   max_new_tokens: int = 512
   max_total_tokens: int = 4096

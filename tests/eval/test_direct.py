@@ -66,7 +66,7 @@ def setup(tmp_path_factory):
   tokenizer = chat.load_tokenizer()
   engine = direct.DirectAnswerEngine(
       config, tokenizer,
-      rollout.RolloutConfig(temperature=0.0, length_buckets=(128, 256), patch_buckets=(256,),
+      rollout.RolloutConfig(mode="multiturn", temperature=0.0, length_buckets=(128, 256), patch_buckets=(256,),
                             image_max_pixels=224 * 224, max_total_tokens=256), max_new_tokens=NEW_TOKENS)
   return config, params, torch_model, tokenizer, engine
 

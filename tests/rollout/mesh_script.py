@@ -32,8 +32,9 @@ def _png(size, seed):
 
 
 def run(mesh, params, tokenizer, table):
-  config = rollout.RolloutConfig(max_turns=1, max_new_tokens=6, max_total_tokens=512, length_buckets=(512,),
-                                 temperature=0.0, patch_buckets=(64, 256), image_max_pixels=112 * 112)
+  config = rollout.RolloutConfig(mode="multiturn", max_turns=1, max_new_tokens=6, max_total_tokens=512,
+                                 length_buckets=(512,), temperature=0.0, patch_buckets=(64, 256),
+                                 image_max_pixels=112 * 112)
   batch_devices = 1 if mesh is None else sharding.batch_size_multiple(mesh)
   engine = rollout.RolloutEngine(CFG, tokenizer, None, config, mesh=mesh, stop_table=table, batch_devices=batch_devices)
   examples = [{

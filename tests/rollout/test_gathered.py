@@ -41,8 +41,9 @@ def runs():
           ("instant", "continuous", scripted.InstantSearch()),
           ("instant_again", "continuous", scripted.InstantSearch())]
   for run, schedule, tools in plan:
-    config = rollout.RolloutConfig(max_turns=3, max_new_tokens=32, max_total_tokens=512, length_buckets=(512,),
-                                   chunk_buckets=(64,), temperature=0.0, rejoin_fraction=0.0, schedule=schedule)
+    config = rollout.RolloutConfig(mode="multiturn", max_turns=3, max_new_tokens=32, max_total_tokens=512,
+                                   length_buckets=(512,), chunk_buckets=(64,), temperature=0.0, rejoin_fraction=0.0,
+                                   schedule=schedule)
     engine = scripted.ScriptedEngine(CFG, tokenizer, tools, config, script=lambda r, t: text[(r, t)])
     out[run] = engine.run(params, EXAMPLES, jax.random.PRNGKey(0))
     out[f"{run}_compiles"] = sampling.Sampler.compile_count()
@@ -81,7 +82,7 @@ def test_gathered_programs_are_bounded_by_the_buckets_and_compile_once(runs):
 def test_the_scheduler_keeps_the_rows_hidden_states_not_their_logits():
   """The slots' next-token state is (slots, D) hidden states: no (slots, 152k) logits are kept or gathered."""
   tokenizer = chat.load_tokenizer()
-  config = rollout.RolloutConfig(max_total_tokens=512, length_buckets=(512,), chunk_buckets=(64,))
+  config = rollout.RolloutConfig(mode="multiturn", max_total_tokens=512, length_buckets=(512,), chunk_buckets=(64,))
   engine = rollout.RolloutEngine(CFG, tokenizer, scripted.InstantSearch(), config)
   params = model.init_params(jax.random.PRNGKey(0), CFG)
   loop = scheduler.Scheduler(engine, params, jax.random.PRNGKey(0), 8)

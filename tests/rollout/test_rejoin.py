@@ -19,8 +19,8 @@ EXAMPLES = [{"id": f"q{i}", "task": "search", "question": f"Question {i}?"} for 
 def runs():
   tokenizer = chat.load_tokenizer()
   params = model.init_params(jax.random.PRNGKey(0), CFG)
-  base = rollout.RolloutConfig(max_turns=3, max_new_tokens=32, max_total_tokens=512, length_buckets=(512,),
-                               chunk_buckets=(64,), temperature=0.0)
+  base = rollout.RolloutConfig(mode="multiturn", max_turns=3, max_new_tokens=32, max_total_tokens=512,
+                               length_buckets=(512,), chunk_buckets=(64,), temperature=0.0)
   # Row i searches after 2 + 2i free tokens, so the rows stop one after another; then each answers.
   text = {(i, 1): [300] * (2 + 2 * i) + tokenizer.encode(f"<search> q{i} </search>") for i in range(8)}
   text.update({(i, 2): tokenizer.encode(f"<answer> a{i} </answer>") for i in range(8)})

@@ -148,10 +148,10 @@ def setup(request, tmp_path_factory):
   # The longest prompt (example s2) leaves room for one short search turn but not for a long observation.
   text = prompts.user_text(prompts.SEARCH_AGENT, LONG_QUESTION)
   longest = len(chat.encode_messages(tokenizer, [{"role": "user", "content": text}]))
-  rollout_config = rollout.RolloutConfig(max_turns=3, max_new_tokens=24, max_total_tokens=longest + 56,
-                                         max_tool_output_tokens=TOOL_TOKENS, temperature=1.0, length_buckets=(512, 768),
-                                         chunk_buckets=(32, 64, 128), patch_buckets=(256,), image_max_pixels=224 * 224,
-                                         schedule=request.param)
+  rollout_config = rollout.RolloutConfig(mode="multiturn", max_turns=3, max_new_tokens=24,
+                                         max_total_tokens=longest + 56, max_tool_output_tokens=TOOL_TOKENS,
+                                         temperature=1.0, length_buckets=(512, 768), chunk_buckets=(32, 64, 128),
+                                         patch_buckets=(256,), image_max_pixels=224 * 224, schedule=request.param)
   executor = ScriptedExecutor() if request.param == "lockstep" else DelayedExecutor()
 
   def script(row, turn):

@@ -17,8 +17,8 @@ EXAMPLES = [{"id": f"q{i}", "task": "search", "question": f"Question {i}?" + " m
 def runs():
   tokenizer = chat.load_tokenizer()
   params = model.init_params(jax.random.PRNGKey(0), CFG)
-  config = rollout.RolloutConfig(max_turns=3, max_new_tokens=16, max_total_tokens=512, length_buckets=(512,),
-                                 chunk_buckets=(64,), temperature=0.0)
+  config = rollout.RolloutConfig(mode="multiturn", max_turns=3, max_new_tokens=16, max_total_tokens=512,
+                                 length_buckets=(512,), chunk_buckets=(64,), temperature=0.0)
   text = {(i, 1): f"<search> q{i} </search>" if i % 2 == 0 else f"<answer> a{i} </answer>" for i in range(5)}
   text.update({(i, 2): f"<answer> b{i} </answer>" for i in range(5)})
   engine = scripted.ScriptedEngine(CFG, tokenizer, scripted.InstantSearch(), config,
@@ -40,7 +40,7 @@ def test_two_slots_stream_five_items_with_the_same_trajectories(runs):
 
 
 def test_too_few_slots_for_a_group_is_an_error(runs):
-  engine_config = rollout.RolloutConfig(max_total_tokens=512, length_buckets=(512,))
+  engine_config = rollout.RolloutConfig(mode="multiturn", max_total_tokens=512, length_buckets=(512,))
   engine = rollout.RolloutEngine(CFG, chat.load_tokenizer(), scripted.InstantSearch(), engine_config)
   with pytest.raises(ValueError, match="1 slots cannot hold a prompt's 2 samples"):
     engine.run(None, EXAMPLES[:1], jax.random.PRNGKey(0), num_samples=2, slots=1)

@@ -259,8 +259,8 @@ _MESH_SCRIPT = textwrap.dedent("""
     # The rollout engine on the same mesh: 3 trajectories padded to 4 device rows, the batch holds the real 3.
     from varft import rollout
     mesh = jax.make_mesh((4,), ("data",), axis_types=(AxisType.Auto,))
-    config = rollout.RolloutConfig(max_turns=1, max_new_tokens=6, max_total_tokens=512, length_buckets=(512,),
-                                   temperature=0.0)
+    config = rollout.RolloutConfig(mode="multiturn", max_turns=1, max_new_tokens=6, max_total_tokens=512,
+                                   length_buckets=(512,), temperature=0.0)
     engine = rollout.RolloutEngine(cfg, chat.load_tokenizer(), None, config, mesh=mesh, stop_table=table)
     examples = [{"id": str(i), "task": "search", "question": "Q" * (i + 1), "images": []} for i in range(3)]
     result = engine.run(params, examples, jax.random.PRNGKey(0))
