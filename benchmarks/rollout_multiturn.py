@@ -39,7 +39,7 @@ from transformers import AutoTokenizer, LogitsProcessor, LogitsProcessorList, Qw
 
 from tests import hf_tiny
 from tests.rollout import scripted
-from varft import prompts, rollout, sampling
+from varft import prompts, rollout, sampling, sampling_draw
 from varft.models.qwen25vl import config as config_lib
 from varft.models.qwen25vl import hf
 from varft.processing import chat
@@ -150,7 +150,7 @@ def decode_floor_s(hidden: int, vocab: int, batch: int) -> dict[str, float]:
   def draw(carry):
     logits, rng = carry
     rng, key = jax.random.split(rng)
-    token, logp = sampling._sample(logits, key, config, jnp.full((batch,), -1, jnp.int32))
+    token, logp = sampling_draw.sample(logits, key, config, jnp.full((batch,), -1, jnp.int32))
     return logits.at[:, 0].add(1e-9 * (token + logp)), rng
 
   logits = jax.random.normal(jax.random.PRNGKey(0), (batch, vocab))
