@@ -38,13 +38,14 @@ def _time(fn, rounds: int) -> float:
   return statistics.median(times)
 
 
-def _batch(rows: int, length: int) -> dict:
+def update_batch(rows: int, length: int, loss_tokens: int = SAMPLED) -> dict:
+  """Random text rows of `length` tokens, 3/4 real, the last `loss_tokens` real ones carrying the loss."""
   rng = np.random.default_rng(0)
   real = length * 3 // 4
   mask = np.zeros((rows, length), np.int32)
   mask[:, :real] = 1
   loss = np.zeros((rows, length), np.float32)
-  loss[:, real - SAMPLED:real] = 1
+  loss[:, real - loss_tokens:real] = 1
   return {
       "tokens": jnp.asarray(rng.integers(0, 5000, (rows, length)), jnp.int32),
       "attention_mask": jnp.asarray(mask),
@@ -56,7 +57,7 @@ def _batch(rows: int, length: int) -> dict:
 def profile(length: int, rounds: int) -> dict[str, float]:
   cfg = config_lib.get_config("tiny").replace(dtype="float32", remat=False)
   params = {"text": text_model.init_params(jax.random.key(0), cfg.text)}
-  batch = _batch(ROWS, length)
+  batch = update_batch(ROWS, length)
   gcfg = grpo.GRPOConfig(beta=0.0)
   optimizer, _ = grpo.make_optimizer(1e-4, 100)
   slots = grpo.row_loss_token_bucket(batch["loss_mask"])
@@ -86,7 +87,7 @@ def profile(length: int, rounds: int) -> dict[str, float]:
   step = jax.jit(grpo.make_train_step(cfg, gcfg, optimizer), static_argnames="row_loss_tokens")
   state = grpo.init_train_state(params, optimizer)
   out["GRPO train_step"] = _time(lambda: step(state, prepared, row_loss_tokens=slots), rounds)
-  sft_rows = _batch(2, length)
+  sft_rows = update_batch(2, length)
   sft_batch = sft.prepare_batch(sft_rows, sft.SFTConfig())
   sft_step = jax.jit(sft.make_sft_step(cfg, sft.SFTConfig(), optimizer), static_argnames="row_loss_tokens")
   sft_slots = grpo.row_loss_token_bucket(sft_rows["loss_mask"])

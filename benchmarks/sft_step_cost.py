@@ -16,27 +16,11 @@ import statistics
 import time
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 
+from benchmarks.demo_update_profile import update_batch
 from varft import grpo, sft
 from varft.models.qwen25vl import config as config_lib
 from varft.models.qwen25vl import text as text_model
-
-
-def _batch(rows: int, length: int, loss_tokens: int) -> dict:
-  rng = np.random.default_rng(0)
-  real = length * 3 // 4
-  mask = np.zeros((rows, length), np.int32)
-  mask[:, :real] = 1
-  loss = np.zeros((rows, length), np.float32)
-  loss[:, real - loss_tokens:real] = 1
-  return {
-      "tokens": jnp.asarray(rng.integers(0, 5000, (rows, length)), jnp.int32),
-      "attention_mask": jnp.asarray(mask),
-      "loss_mask": jnp.asarray(loss),
-      "positions": jnp.asarray(np.broadcast_to(np.arange(length), (3, rows, length)), jnp.int32)
-  }
 
 
 def measure(rows: int, length: int, slots: int, loss_tokens: int, rounds: int) -> tuple[float, float]:
@@ -45,7 +29,7 @@ def measure(rows: int, length: int, slots: int, loss_tokens: int, rounds: int) -
   params = {"text": text_model.init_params(jax.random.key(0), cfg.text)}
   optimizer, _ = grpo.make_optimizer(1e-3, 100)
   scfg = sft.SFTConfig(logits_chunk=32)
-  batch = sft.prepare_batch(_batch(rows, length, loss_tokens), scfg)
+  batch = sft.prepare_batch(update_batch(rows, length, loss_tokens), scfg)
   step = jax.jit(sft.make_sft_step(cfg, scfg, optimizer), static_argnames="row_loss_tokens", donate_argnums=0)
   state = grpo.init_train_state(params, optimizer)
   state, _ = step(state, batch, row_loss_tokens=slots)
