@@ -9,6 +9,8 @@ import pytest
 from experiments import search
 from varft import metrics_writer, run_config, train
 from varft.data import builders, demo
+from varft.models import minilm
+from varft.rewards import host
 
 
 @pytest.fixture(scope="module")
@@ -105,6 +107,14 @@ def test_mode_sft_runs_only_the_supervised_phase(demo_root, tmp_path):
   config.sft.steps = 0
   with pytest.raises(ValueError, match=r"config\.sft\.steps"):
     run_config.validate(config)
+
+
+@pytest.mark.parametrize("folder", [None, "/an/installed/minilm"])
+def test_the_search_demo_scores_queries_the_same_on_either_install(monkeypatch, folder):
+  """Whether or not the MiniLM weights are installed (the base install vs `.[test]` / `.[dense]`), the demo scores
+  its search steps by word overlap, so the README's run and this module's test follow the same trajectory."""
+  monkeypatch.setattr(minilm, "minilm_folder", lambda: folder)
+  assert host.resolve_similarity(search.get_config("demo").reward_options.query_similarity) == "lexical"
 
 
 @pytest.mark.slow
