@@ -39,11 +39,11 @@ def main():
   penalty = np.full((BATCH,), 1.05, np.float32)
 
   def run(repetition):
-    logits, cache = sampler.extend(params, sampler.new_cache(BATCH, CACHE),
+    hidden, cache = sampler.extend(params, sampler.new_cache(BATCH, CACHE),
                                    sampling.text_chunk(rows, [0] * BATCH, PROMPT))
-    jax.block_until_ready(logits)
+    jax.block_until_ready(hidden)
     start = time.perf_counter()
-    out, _ = sampler.generate(params, cache, logits, [PROMPT] * BATCH, jax.random.PRNGKey(0), [NEW] * BATCH,
+    out, _ = sampler.generate(params, cache, hidden, [PROMPT] * BATCH, jax.random.PRNGKey(0), [NEW] * BATCH,
                               repetition=repetition)
     jax.block_until_ready(out.tokens)
     return time.perf_counter() - start

@@ -7,13 +7,14 @@ does, else in place over every slot), the median over `--repeats` calls of:
 * `host_args_ms`: building the per-row numpy arguments (budget, positions, recent, forced) and their upload;
 * `dispatch_ms`: the jitted call returning (asynchronous dispatch);
 * `call0_ms`: a whole call that runs 0 decode steps (`max_steps=0`), to the outputs being ready: the fixed device
-  cost (the gather and write-back of the cache rows and logits rows, the output buffers);
+  cost (the gather and write-back of the cache rows and their hidden states, the output buffers);
 * `step_ms`: the cost of one decode step, from calls of 0 and `--steps` steps;
 * `fetch_ms`: the device->host copy of the outputs the scheduler reads (tokens, log-probs, counts, reasons, ...);
-* `rows_ms` / `logit_rows_ms`: a take and put of b cache rows / b logits rows alone (donated, in place);
-
-each with the rows' next-token state kept as (B, V) logits (before) and as (B, D) hidden states (the scheduler's);
+* `rows_ms`: a take and put of b cache rows alone (donated, in place);
 * `extend_ms`: an extend of a (b, 64) chunk into those rows.
+
+(The rows' next-token state is their last hidden state (B, D), as in the scheduler; the section "Rollout engine v2:
+the per-call cost" of BENCHMARKS.md compares it with the (B, V) logits kept before.)
 
 And the scheduler's own Python per generate call (`--tasks` trajectories of the heterogeneous workload with
 instant tools): the time of `Scheduler._decode` outside `Sampler.generate` and the output fetch.
@@ -50,37 +51,27 @@ def _median_ms(fn, repeats):
   return round(statistics.median(times), 2)
 
 
-def _rows_and_logits_ms(rows, repeats):
-  """A take and put of the cache rows alone, and of the logits rows alone (each donated, in place)."""
+def _rows_ms(rows, repeats):
+  """A take and put of the cache rows alone (donated, in place)."""
   cfg = config_lib.get_config("tiny").text
-  cache = text.init_cache(cfg, SLOTS, CACHE_LEN)
-  logits = jnp.zeros((SLOTS, cfg.vocab_size), jnp.float32)
   rows = jnp.asarray(rows)
   cache_rt = jax.jit(lambda c, r: text.put_rows(c, r, jax.tree.map(lambda x: x + 0, text.take_rows(c, r))),
                      donate_argnums=(0,))
-  logits_rt = jax.jit(lambda x, r: x.at[r].set(jnp.take(x, r, axis=0, mode="fill", fill_value=0) + 1, mode="drop"),
-                      donate_argnums=(0,))
-  state = {"cache": cache_rt(cache, rows), "logits": logits_rt(logits, rows)}
-  jax.block_until_ready(state)
+  state = {"cache": jax.block_until_ready(cache_rt(text.init_cache(cfg, SLOTS, CACHE_LEN), rows))}
 
   def cache_once():
     state["cache"] = jax.block_until_ready(cache_rt(state["cache"], rows))
 
-  def logits_once():
-    state["logits"] = jax.block_until_ready(logits_rt(state["logits"], rows))
-
-  return _median_ms(cache_once, repeats), _median_ms(logits_once, repeats)
+  return _median_ms(cache_once, repeats)
 
 
-def profile_calls(sampler, params, live: int, repeats: int, steps: int, state: str):
-  """The per-call costs at `live` decoding rows (see the module doc), the rows' next-token state kept as `state`:
-  'logits' (B, V) or 'hidden' (B, D), the scheduler's."""
+def profile_calls(sampler, params, live: int, repeats: int, steps: int):
+  """The per-call costs at `live` decoding rows (see the module doc)."""
   gathered = sampling.row_bucket(live) <= scheduler.GATHER_MAX_FRACTION * SLOTS
   width = sampling.row_bucket(live) if gathered else SLOTS
   rows = np.full((width,), -1, np.int32)
   rows[:live] = np.arange(live) * (SLOTS // live)
-  empty = sampler.empty_hidden if state == "hidden" else sampler.empty_logits
-  kind, state = state, {"cache": sampler.new_cache(SLOTS, CACHE_LEN), "logits": empty(SLOTS)}
+  state = {"cache": sampler.new_cache(SLOTS, CACHE_LEN), "hidden": sampler.empty_hidden(SLOTS)}
   chunk = sampling.text_chunk([[7] * 8] * width, [0] * width, CHUNK)
   budget = np.where(np.arange(width) < live, NEW, 0).astype(np.int32)
 
@@ -88,10 +79,10 @@ def profile_calls(sampler, params, live: int, repeats: int, steps: int, state: s
     return (np.full((width,), 8, np.int32), jax.random.PRNGKey(0), budget)
 
   def call(max_steps):
-    out, state["cache"] = sampler.generate(params, state["cache"], state["logits"], *args(), None, None, recent=np.full(
+    out, state["cache"] = sampler.generate(params, state["cache"], state["hidden"], *args(), None, None, recent=np.full(
         (width, sampler.stop_window), -1, np.int32), max_steps=max_steps, exit_after=width,
                                            rows=rows if gathered else None)
-    state["logits"] = out.logits
+    state["hidden"] = out.hidden
     return out
 
   def host_args():
@@ -111,9 +102,9 @@ def profile_calls(sampler, params, live: int, repeats: int, steps: int, state: s
     jax.device_get((out.tokens, out.logps, out.num_tokens, out.stop_reason, out.stop_index, out.steps))
 
   def extend():
-    state["logits"], state["cache"] = sampler.extend(params, state["cache"], chunk, logits=state["logits"],
+    state["hidden"], state["cache"] = sampler.extend(params, state["cache"], chunk, hidden=state["hidden"],
                                                      rows=rows if gathered else None)
-    jax.block_until_ready(state["logits"])
+    jax.block_until_ready(state["hidden"])
     state["cache"]["length"] = jnp.zeros((SLOTS,), jnp.int32)  # keep room in the cache
 
   jax.block_until_ready(call(0))
@@ -124,9 +115,7 @@ def profile_calls(sampler, params, live: int, repeats: int, steps: int, state: s
   dispatch_ms = round(1e3 * statistics.median([dispatch() for _ in range(repeats)]), 2)
   jax.block_until_ready(state["out"])
   fetch_ms = _median_ms(fetch, repeats)
-  rows_ms, logit_rows_ms = _rows_and_logits_ms(rows, repeats) if gathered else (None, None)
   return {
-      "state": kind,
       "live": live,
       "program_rows": width,
       "gathered": gathered,
@@ -135,8 +124,7 @@ def profile_calls(sampler, params, live: int, repeats: int, steps: int, state: s
       "call0_ms": call0,
       "step_ms": round((callk - call0) / steps, 2),
       "fetch_ms": fetch_ms,
-      "rows_ms": rows_ms,
-      "logit_rows_ms": logit_rows_ms,
+      "rows_ms": _rows_ms(rows, repeats) if gathered else None,
       "extend_ms": _median_ms(extend, repeats),
   }
 
@@ -189,8 +177,6 @@ def main():
   parser.add_argument("--rows", type=int, nargs="+", default=[4, 16, 48, 128])
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--steps", type=int, default=8)
-  parser.add_argument("--states", nargs="+", default=["logits", "hidden"], choices=["logits", "hidden"],
-                      help="the rows' next-token state: logits (B, V) as before, hidden (B, D) as the scheduler's")
   parser.add_argument("--tasks", type=int, default=32, help="trajectories of the scheduler profile (0: skip)")
   args = parser.parse_args()
   config = config_lib.get_config("tiny")
@@ -200,7 +186,7 @@ def main():
   stop_table = sampling.make_stop_table(tokenizer, config.text.vocab_size, ("</search>", "</answer>"))
   sampler = sampling.Sampler(config, sampling.SamplingConfig(1.0, max_new_tokens=NEW, eos_ids=eos), stop_table)
   load = [os.getloadavg()[0]]
-  calls = [profile_calls(sampler, params, live, args.repeats, args.steps, s) for live in args.rows for s in args.states]
+  calls = [profile_calls(sampler, params, live, args.repeats, args.steps) for live in args.rows]
   for c in calls:
     print(json.dumps(c), flush=True)
   summary = {"calls": calls}

@@ -146,10 +146,10 @@ def bench(name: str, repeats: int, tokenizer):
   decode_times, counts = [], []
 
   def ours():
-    logits, cache = sampler.extend(params, sampler.new_cache(BATCH, cache_len), chunk)
-    logits.block_until_ready()
+    hidden, cache = sampler.extend(params, sampler.new_cache(BATCH, cache_len), chunk)
+    hidden.block_until_ready()
     start = time.perf_counter()
-    out, _ = sampler.generate(params, cache, logits, [PROMPT] * BATCH, jax.random.PRNGKey(0), [NEW] * BATCH)
+    out, _ = sampler.generate(params, cache, hidden, [PROMPT] * BATCH, jax.random.PRNGKey(0), [NEW] * BATCH)
     counts.append(int(np.asarray(out.num_tokens).sum()))
     decode_times.append(time.perf_counter() - start)
 

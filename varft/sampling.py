@@ -3,8 +3,8 @@
 Device programs, each compiled once per bucket shape:
 
 * `extend`: appends a right-padded chunk of tokens (text and image embeddings) to every row of a fixed-size KV cache
-  at that row's own offset and returns the next-token logits at each row's last new token. Prefill is an extend of
-  an empty cache.
+  at that row's own offset and returns each row's last hidden state (the next-token state, below). Prefill is an
+  extend of an empty cache.
 * `generate`: samples up to `max_new_tokens` tokens per row (greedy, temperature, top-k, top-p; optionally with a
   per-row repetition penalty over the tokens the row has seen) and feeds each back through the decoder, stopping a
   row on an EOS id, on a stop string (matched on device as a suffix of token classes, see `StopTable`; an empty
@@ -18,8 +18,11 @@ Device programs, each compiled once per bucket shape:
   it serves; the temporary is the b gathered rows (which rows, and when it is worth it: `varft.scheduler`).
 
 Every sampled token, including the one that stopped the row, is written to the cache, so a rollout can extend the
-same cache with the tool's observation and go on. The cache is donated to every program. Which strings stop and
-which ids are EOS is the caller's (the agent's tags: `varft.turns`).
+same cache with the tool's observation and go on. Between programs a row's next-token state is its last hidden state
+(B, D), not its (B, V) logits: `generate` computes the logits of the rows it decodes, step by step, so no
+vocabulary-wide array is kept, gathered or written back (`empty_hidden`; `text.logits` of it gives the logits).
+The cache is donated to every program. Which strings stop and which ids are EOS is the caller's (the agent's tags:
+`varft.turns`).
 """
 from __future__ import annotations
 
@@ -60,24 +63,13 @@ class GenerateOutput(NamedTuple):
   stop_reason: jax.Array  # (B,) int32: NOT_RUN, EOS, STOP_TAG, LENGTH
   stop_index: jax.Array  # (B,) int32: which stop string matched (-1 if none)
   next_positions: jax.Array  # (B,) int32: text position of the next token
-  logits: jax.Array  # (B, V) float32 next-token logits after the last fed token (or (B, D) hidden: `is_hidden`)
+  hidden: jax.Array  # (B, D) last hidden state after the last fed token: the next token's state
   steps: jax.Array  # () int32: decode steps this call ran
 
 
-def is_hidden(state, cfg) -> bool:
-  """Whether a next-token state is the last hidden state (B, D), from which a program computes the logits itself,
-  rather than the logits (B, V): the scheduler's, which so never holds, gathers or writes back 152k-wide rows."""
-  return state.shape[-1] != cfg.vocab_size
-
-
-def _next(params, cfg, hidden, state):
-  """The next-token state of the kind of `state` (None: logits) after final hidden states `hidden` (B, D)."""
-  return hidden if state is not None and is_hidden(state, cfg) else text.logits(params["text"], cfg, hidden)
-
-
-def _extend(params, cache, chunk: Chunk, image_embeds, images, logits=None, *, model_config: Qwen25VLConfig):
-  """`logits` (B, V) or hidden (B, D), optional: the rows without tokens in `chunk` keep these (else they get
-  padding's logits); the returned state is of the same kind."""
+def _extend(params, cache, chunk: Chunk, image_embeds, images, hidden=None, *, model_config: Qwen25VLConfig):
+  """Returns each row's last hidden state (B, D) and the cache; `hidden` (B, D), optional: the rows without tokens
+  in `chunk` keep theirs (else they get padding's)."""
   cfg = model_config.text
   dtype = jnp.dtype(model_config.dtype)
   if images is not None:  # each device encodes its own rows' images (see `varft.batch`)
@@ -88,24 +80,21 @@ def _extend(params, cache, chunk: Chunk, image_embeds, images, logits=None, *, m
     embeds = jnp.where((chunk.image_index >= 0)[..., None], rows, embeds)
   else:
     embeds = model.embed(params, model_config, chunk.tokens, image_embeds, chunk.image_index)
-  hidden, cache = text.forward(params["text"], cfg, embeds, chunk.positions, attention_mask=chunk.mask, cache=cache,
+  states, cache = text.forward(params["text"], cfg, embeds, chunk.positions, attention_mask=chunk.mask, cache=cache,
                                dtype=dtype, attention=model_config.attention)
   count = chunk.mask.sum(axis=1)
-  last_hidden = jnp.take_along_axis(hidden, jnp.maximum(count - 1, 0)[:, None, None], axis=1)[:, 0]
-  new = _next(params, cfg, last_hidden, logits)
-  return (new if logits is None else jnp.where((count > 0)[:, None], new, logits)), cache
+  last_hidden = jnp.take_along_axis(states, jnp.maximum(count - 1, 0)[:, None, None], axis=1)[:, 0]
+  return (last_hidden if hidden is None else jnp.where((count > 0)[:, None], last_hidden, hidden)), cache
 
 
-def _prefill(params, cache, logits, chunk: Chunk, image_embeds, images, source, *, model_config: Qwen25VLConfig):
+def _prefill(params, cache, hidden, chunk: Chunk, image_embeds, images, source, *, model_config: Qwen25VLConfig):
   """Prefills the P prompts of `chunk` (P, T) into a fresh (P, T) cache and copies prompt `source[b]` into row b of
-  `cache` (B rows; `source[b] < 0`: row b and its logits are kept). The copy is a scatter per layer into the
-  donated cache (the temporary is one layer of B x T slots, never a second cache). `logits` may be hidden states
-  (`is_hidden`): the new rows' are then too."""
+  `cache` and of `hidden` (B rows; `source[b] < 0`: row b is kept). The copy is a scatter per layer into the
+  donated cache (the temporary is one layer of B x T slots, never a second cache)."""
   cfg = model_config.text
   prompts, length = chunk.tokens.shape
   fresh = text.init_cache(cfg, prompts, length, cache["k"].dtype)
-  new_logits, fresh = _extend(params, fresh, chunk, image_embeds, images,
-                              jnp.zeros((prompts,) + logits.shape[1:], logits.dtype), model_config=model_config)
+  new_hidden, fresh = _extend(params, fresh, chunk, image_embeds, images, model_config=model_config)
   chosen = source >= 0
   source = jnp.maximum(source, 0)
   # Rows that keep their cache write past its end (dropped by the scatter).
@@ -118,7 +107,7 @@ def _prefill(params, cache, logits, chunk: Chunk, image_embeds, images, source, 
 
   k, v = jax.lax.fori_loop(0, cfg.num_layers, copy, (cache["k"], cache["v"]))
   length = jnp.where(chosen, fresh["length"][source], cache["length"])
-  return jnp.where(chosen[:, None], new_logits[source], logits), {"k": k, "v": v, "length": length}
+  return jnp.where(chosen[:, None], new_hidden[source], hidden), {"k": k, "v": v, "length": length}
 
 
 def _take_state(state, rows):
@@ -129,33 +118,32 @@ def _put_state(state, rows, new):
   return state.at[rows].set(new, mode="drop")
 
 
-def _extend_rows(params, cache, logits, chunk: Chunk, image_embeds, images, rows, *, model_config: Qwen25VLConfig):
+def _extend_rows(params, cache, hidden, chunk: Chunk, image_embeds, images, rows, *, model_config: Qwen25VLConfig):
   """`_extend` of a chunk of b rows into cache rows `rows` (b,) only (an index past the cache: a padding row): those
-  rows are gathered, extended and written back in place; the others and their logits are untouched."""
-  new_logits, sub = _extend(params, text.take_rows(cache, rows), chunk, image_embeds, images, _take_state(logits, rows),
+  rows are gathered, extended and written back in place; the others and their hidden states are untouched."""
+  new_hidden, sub = _extend(params, text.take_rows(cache, rows), chunk, image_embeds, images, _take_state(hidden, rows),
                             model_config=model_config)
-  return _put_state(logits, rows, new_logits), text.put_rows(cache, rows, sub)
+  return _put_state(hidden, rows, new_hidden), text.put_rows(cache, rows, sub)
 
 
-def _generate_rows(params, cache, logits, rows, *args, model_config: Qwen25VLConfig, sampling: SamplingConfig):
+def _generate_rows(params, cache, hidden, rows, *args, model_config: Qwen25VLConfig, sampling: SamplingConfig):
   """`_generate` over cache rows `rows` (b,) only (gathered, decoded, written back in place); the per-row inputs
-  and outputs are the b gathered rows', the returned logits all of the cache's rows."""
-  out, sub = _generate(params, text.take_rows(cache, rows), _take_state(logits, rows), *args, model_config=model_config,
+  and outputs are the b gathered rows', the returned hidden states all of the cache's rows."""
+  out, sub = _generate(params, text.take_rows(cache, rows), _take_state(hidden, rows), *args, model_config=model_config,
                        sampling=sampling)
-  return out._replace(logits=_put_state(logits, rows, out.logits)), text.put_rows(cache, rows, sub)
+  return out._replace(hidden=_put_state(hidden, rows, out.hidden)), text.put_rows(cache, rows, sub)
 
 
-def _generate(params, cache, logits, next_positions, rng, budget, forced, token_bits, pattern_bits, repetition=None,
+def _generate(params, cache, hidden, next_positions, rng, budget, forced, token_bits, pattern_bits, repetition=None,
               recent=None, max_steps=None, exit_after=None, *, model_config: Qwen25VLConfig, sampling: SamplingConfig):
   """`repetition`: None, or (context (B, C) int32, penalty (B,) float32): the repetition penalty of each row over the
   tokens of its context and of everything it samples. `recent` (B, W) int32: the row's last tokens of this turn
   before the call (-1 = none), so that a stop string begun in an earlier call still stops. Traced scalars:
   `max_steps` (at most `max_new_tokens`) and `exit_after` (return once that many rows stopped in this call).
-  `logits` may be the last hidden states (`is_hidden`): carried instead of (B, V) logits, and returned so."""
+  `hidden` (B, D): each step computes its rows' logits from it, and carries the new one."""
   cfg = model_config.text
   dtype = jnp.dtype(model_config.dtype)
-  batch = logits.shape[0]
-  hidden_state = is_hidden(logits, cfg)  # each step computes its logits from the carried hidden state
+  batch = hidden.shape[0]
   window = pattern_bits.shape[1]
   eos = jnp.asarray(sampling.eos_ids, jnp.int32)
   max_steps = jnp.int32(sampling.max_new_tokens) if max_steps is None else jnp.minimum(
@@ -168,9 +156,9 @@ def _generate(params, cache, logits, next_positions, rng, budget, forced, token_
     return (step < max_steps) & ~jnp.all(state[5]) & (jnp.sum(stopped) < exit_after)
 
   def body(state):
-    step, cache, logits, positions, rng, done, tokens, logps, count, reason, stop_index, recent, seen = state
+    step, cache, last, positions, rng, done, tokens, logps, count, reason, stop_index, recent, seen = state
     rng, key = jax.random.split(rng)
-    scores = text.logits(params["text"], cfg, logits) if hidden_state else logits
+    scores = text.logits(params["text"], cfg, last)
     scores = scores if seen is None else apply_repetition_penalty(scores, seen, repetition[1])
     token, logp = sample(scores, key, sampling, forced[:, step])
     live = ~done
@@ -191,12 +179,12 @@ def _generate(params, cache, logits, next_positions, rng, budget, forced, token_
     # Feed the token (also a stopping one, so that the cache holds the whole sample) for the live rows only.
     embeds = text.embed_tokens(params["text"], token[:, None], dtype)
     pos3 = jnp.broadcast_to(positions[None, :, None], (3, batch, 1))
-    hidden, cache = text.forward(params["text"], cfg, embeds, pos3, attention_mask=live[:, None].astype(jnp.int32),
-                                 cache=cache, dtype=dtype, attention=model_config.attention)
-    logits = jnp.where(live[:, None], _next(params, cfg, hidden[:, 0], logits), logits)
+    new, cache = text.forward(params["text"], cfg, embeds, pos3, attention_mask=live[:, None].astype(jnp.int32),
+                              cache=cache, dtype=dtype, attention=model_config.attention)
+    last = jnp.where(live[:, None], new[:, 0], last)
     positions = positions + live
     done = done | (live & (is_eos | is_tag | out_of_budget))
-    return step + 1, cache, logits, positions, rng, done, tokens, logps, count, reason, stop_index, recent, seen
+    return step + 1, cache, last, positions, rng, done, tokens, logps, count, reason, stop_index, recent, seen
 
   seen = None if repetition is None else seen_tokens(repetition[0], cfg.vocab_size)
   if recent is None:
@@ -205,12 +193,12 @@ def _generate(params, cache, logits, next_positions, rng, budget, forced, token_
     recent = recent[:, recent.shape[1] - window:]
     bits = jnp.where(recent >= 0, token_bits[jnp.maximum(recent, 0)], 0)
   steps = sampling.max_new_tokens
-  state = (jnp.int32(0), cache, logits, next_positions, rng, done, jnp.zeros(
+  state = (jnp.int32(0), cache, hidden, next_positions, rng, done, jnp.zeros(
       (batch, steps), jnp.int32), jnp.zeros((batch, steps), jnp.float32), jnp.zeros(
           (batch,), jnp.int32), jnp.zeros((batch,), jnp.int32), jnp.full((batch,), -1, jnp.int32), bits, seen)
   state = jax.lax.while_loop(cond, body, state)
-  step, cache, logits, positions, _, _, tokens, logps, count, reason, stop_index, _, _ = state
-  return GenerateOutput(tokens, logps, count, reason, stop_index, positions, logits, step), cache
+  step, cache, hidden, positions, _, _, tokens, logps, count, reason, stop_index, _, _ = state
+  return GenerateOutput(tokens, logps, count, reason, stop_index, positions, hidden, step), cache
 
 
 # Module-level so that samplers with equal configs (e.g. a multi-turn and a step-wise engine) share programs.
@@ -275,13 +263,9 @@ class Sampler:
         "length": self._shard(cache["length"])
     }
 
-  def empty_logits(self, batch: int) -> jax.Array:
-    """(B, V) zeros, batch-sharded: the logits of rows that hold nothing yet (see `prefill`)."""
-    return self._shard(np.zeros((batch, self.model_config.text.vocab_size), np.float32))
-
   def empty_hidden(self, batch: int) -> jax.Array:
-    """(B, D) zeros (compute dtype), batch-sharded: a next-token state that every program takes in place of the
-    logits (`is_hidden`) and computes them from, so that no (B, V) array is kept, gathered or written back."""
+    """(B, D) zeros (compute dtype), batch-sharded: the next-token state of rows that hold nothing yet (see
+    `prefill`)."""
     return self._shard(np.zeros((batch, self.model_config.text.hidden_size), jnp.dtype(self.model_config.dtype)))
 
   @property
@@ -299,42 +283,41 @@ class Sampler:
     return self._shard(np.where(rows < 0, cache["length"].shape[0], rows).astype(np.int32))
 
   def extend(self, params, cache, chunk: Chunk, image_embeds: jax.Array | None = None, images=None,
-             logits: jax.Array | None = None, rows: Sequence[int] | None = None):
-    """Appends `chunk` to each row of `cache` (donated); returns (next-token logits (B, V), new cache).
+             hidden: jax.Array | None = None, rows: Sequence[int] | None = None):
+    """Appends `chunk` to each row of `cache` (donated); returns (each row's last hidden state (B, D), new cache).
 
     Image tokens read `image_embeds` (a flat table), or `images = (pixel_values, vision_inputs)`: each device's
     image table (leading axis D, `varft.batch.image_tables`), encoded inside this program where it lives.
-    `logits` (B, V), optional: the rows without tokens in `chunk` keep theirs; or hidden states (B, D)
-    (`empty_hidden`), and hidden states are returned.
+    `hidden` (B, D), optional: the rows without tokens in `chunk` keep theirs.
     `rows` (b,), optional: chunk row j goes to cache row `rows[j]` (-1: a padding row), and only those rows are
-    computed (gathered, extended, written back in place; `logits` (B, V) is then required and returned whole).
+    computed (gathered, extended, written back in place; `hidden` (B, D) is then required and returned whole).
     The padded chunk is written whole at each row's length, so every row needs `length + T <= cache size`
     (rows without tokens included: they get scratch writes past their length).
     """
     if images is not None:
       images = jax.tree.map(self._shard, tuple(images))
     if rows is not None:
-      return _extend_rows_jit(params, cache, logits, self._chunk(chunk), image_embeds, images, self._rows(rows, cache),
+      return _extend_rows_jit(params, cache, hidden, self._chunk(chunk), image_embeds, images, self._rows(rows, cache),
                               model_config=self.model_config)
-    return _extend_jit(params, cache, self._chunk(chunk), image_embeds, images, logits, model_config=self.model_config)
+    return _extend_jit(params, cache, self._chunk(chunk), image_embeds, images, hidden, model_config=self.model_config)
 
-  def prefill(self, params, cache, logits, chunk: Chunk, source: Sequence[int], images=None):
+  def prefill(self, params, cache, hidden, chunk: Chunk, source: Sequence[int], images=None):
     """Prefills the P prompts of `chunk` once each and puts prompt `source[b]` into row b (`source[b] = -1`: row b
-    is kept as it is); a row that gets a prompt is reset to it. `cache` and `logits` (B, V) are donated; returns
-    (logits, cache). P must be a multiple of `num_shards` (pad with empty prompts); `images` as for `extend`."""
+    is kept as it is); a row that gets a prompt is reset to it. `cache` and `hidden` (B, D) are donated; returns
+    (hidden, cache). P must be a multiple of `num_shards` (pad with empty prompts); `images` as for `extend`."""
     if images is not None:
       images = jax.tree.map(self._shard, tuple(images))
-    return _prefill_jit(params, cache, logits, self._chunk(chunk), None, images,
+    return _prefill_jit(params, cache, hidden, self._chunk(chunk), None, images,
                         self._shard(np.asarray(source, np.int32)), model_config=self.model_config)
 
-  def generate(self, params, cache, logits, next_positions, rng, budget, forced: np.ndarray | None = None,
+  def generate(self, params, cache, hidden, next_positions, rng, budget, forced: np.ndarray | None = None,
                repetition: tuple[np.ndarray, np.ndarray] | None = None, *, recent: np.ndarray | None = None,
                max_steps: int | None = None, exit_after: int | None = None,
                rows: Sequence[int] | None = None) -> tuple[GenerateOutput, text.KVCache]:
     """Samples up to `min(budget[b], max_new_tokens)` tokens for every row with `budget[b] > 0`.
 
-    `logits` are the next-token logits (or hidden states, `empty_hidden`: then returned as hidden states too) from
-    the last extend/generate, `next_positions` (B,) the text position of the first new token. `forced`
+    `hidden` (B, D) are the last hidden states from the last extend/prefill/generate (`out.hidden`),
+    `next_positions` (B,) the text position of the first new token. `forced`
     (B, max_new_tokens), optional: where >= 0, that token is taken instead of a sampled one (teacher forcing
     through the same program; its log-prob and the stop rules apply as usual).
     `repetition` = (context (B, C) int32, penalty (B,) float), optional: each row's logits get transformers'
@@ -348,7 +331,7 @@ class Sampler:
     get a scratch write at slot `length`, so they need `length < cache size` if their cache is used again.
 
     `rows` (b,), optional: decode cache rows `rows` only (-1: padding, budget 0): every per-row input and output
-    is then the b gathered rows', except `logits` (B, V), taken and returned whole.
+    is then the b gathered rows', except `hidden` (B, D), taken and returned whole.
     """
     batch, steps = len(next_positions), self.sampling.max_new_tokens
     budget = np.minimum(np.asarray(budget, np.int32), steps)
@@ -365,9 +348,9 @@ class Sampler:
     args = (self._shard(np.asarray(next_positions, np.int32)), rng, self._shard(budget), self._shard(forced),
             self._token_bits, self._pattern_bits, repetition, self._shard(recent), *limits)
     if rows is not None:
-      return _generate_rows_jit(params, cache, logits, self._rows(rows, cache), *args, model_config=self.model_config,
+      return _generate_rows_jit(params, cache, hidden, self._rows(rows, cache), *args, model_config=self.model_config,
                                 sampling=self.sampling)
-    return _generate_jit(params, cache, logits, *args, model_config=self.model_config, sampling=self.sampling)
+    return _generate_jit(params, cache, hidden, *args, model_config=self.model_config, sampling=self.sampling)
 
   @staticmethod
   def compile_count() -> int:

@@ -65,7 +65,7 @@ class Scheduler:
     self.config = engine.config
     self.slots: list[Ledger | None] = [None] * num_slots
     self.cache = self.sampler.new_cache(num_slots, engine.cache_len)
-    # The rows' last hidden states, not their (B, V) logits: each program computes the logits of its rows.
+    # The rows' next-token states (`varft.sampling`): each program computes the logits of the rows it decodes.
     self.hidden = self.sampler.empty_hidden(num_slots)
     self.counts = collections.Counter()
     self.timings = collections.Counter()
@@ -192,7 +192,7 @@ class Scheduler:
       news = [extended.get(int(s)) for s in rows]
     length = sampling.bucket(max(len(n[0]) for n in extended.values()), self.config.chunk_buckets)
     chunk, images = self._chunk(news, length)
-    self.hidden, self.cache = self.sampler.extend(self.params, self.cache, chunk, images=images, logits=self.hidden,
+    self.hidden, self.cache = self.sampler.extend(self.params, self.cache, chunk, images=images, hidden=self.hidden,
                                                   rows=rows)
     self.counts["extends"] += 1
     self.counts["extend_rows"] += len(news)
@@ -235,7 +235,7 @@ class Scheduler:
     out, self.cache = self.sampler.generate(self.params, self.cache, self.hidden, next_positions, key, budget, forced,
                                             repetition, recent=recent, max_steps=max_steps, exit_after=exit_after,
                                             rows=rows)
-    self.hidden = out.logits  # the rows' hidden states, on the device
+    self.hidden = out.hidden  # on the device
     tokens, logps, counts, reasons, tags, steps = jax.device_get(
         (out.tokens, out.logps, out.num_tokens, out.stop_reason, out.stop_index, out.steps))
     self.timings["generate_s"] += time.perf_counter() - start

@@ -15,7 +15,7 @@ from tests.rollout import scripted  # noqa: E402
 from varft import rollout  # noqa: E402
 from varft.eval import direct, stream  # noqa: E402
 from varft.models.qwen25vl import config as config_lib  # noqa: E402
-from varft.models.qwen25vl import hf  # noqa: E402
+from varft.models.qwen25vl import hf, text  # noqa: E402
 from varft.processing import chat  # noqa: E402
 
 NEW_TOKENS = 6
@@ -103,7 +103,8 @@ def test_greedy_replies_equal_transformers_and_the_whole_reply_is_the_prediction
     with torch.no_grad():
       hf_logits = torch_model(**inputs).logits[0, -1].numpy()
       # The prompt the sampler prefills (text, image cells, M-RoPE positions) gives transformers' next-token logits.
-      logits, _ = engine._prefill(params, [row], images, 128)
+      hidden, _ = engine._prefill(params, [row], images, 128)
+      logits = text.logits(params["text"], config.text, hidden)
       np.testing.assert_allclose(np.asarray(logits)[0], hf_logits, rtol=1e-4, atol=1e-4)
       ids = torch_model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False,
                                  eos_token_id=[tokenizer.im_end_id,

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from tests.rollout import scripted
-from varft import rollout, sampling, scheduler
+from varft import rollout, sampling
 from varft.models.qwen25vl import config as config_lib
 from varft.models.qwen25vl import model
 from varft.processing import chat
@@ -77,13 +77,3 @@ def test_gathered_programs_are_bounded_by_the_buckets_and_compile_once(runs):
   instant = runs["instant_again"]
   assert instant.stats["decode_rows"] < instant.stats["decode_steps"] * ROWS
   np.testing.assert_array_equal(instant.batch["tokens"], runs["lockstep"].batch["tokens"])
-
-
-def test_the_scheduler_keeps_the_rows_hidden_states_not_their_logits():
-  """The slots' next-token state is (slots, D) hidden states: no (slots, 152k) logits are kept or gathered."""
-  tokenizer = chat.load_tokenizer()
-  config = rollout.RolloutConfig(mode="multiturn", max_total_tokens=512, length_buckets=(512,), chunk_buckets=(64,))
-  engine = rollout.RolloutEngine(CFG, tokenizer, scripted.InstantSearch(), config)
-  params = model.init_params(jax.random.PRNGKey(0), CFG)
-  loop = scheduler.Scheduler(engine, params, jax.random.PRNGKey(0), 8)
-  assert loop.hidden.shape == (8, CFG.text.hidden_size) and sampling.is_hidden(loop.hidden, CFG.text)

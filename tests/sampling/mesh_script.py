@@ -22,8 +22,8 @@ ROWS = [[9707, 11, 1879], [785, 6722], [40], [1, 2, 3, 4], [5, 6], [7], [8, 9, 1
 
 def greedy(params, mesh, table):
   s = sampling.Sampler(CFG, sampling.SamplingConfig(temperature=0, max_new_tokens=6), table, mesh=mesh)
-  logits, cache = s.extend(params, s.new_cache(8, 32), sampling.text_chunk(ROWS, [0] * 8, 8))
-  out, cache = s.generate(params, cache, logits, [len(r) for r in ROWS], jax.random.PRNGKey(0), [6] * 8)
+  hidden, cache = s.extend(params, s.new_cache(8, 32), sampling.text_chunk(ROWS, [0] * 8, 8))
+  out, cache = s.generate(params, cache, hidden, [len(r) for r in ROWS], jax.random.PRNGKey(0), [6] * 8)
   return out, cache
 
 

@@ -54,8 +54,8 @@ def _ours(config, params, sampler, ids, patches, grids):
     padded = 256
     pixel_values = np.pad(patches, ((0, padded - len(patches)), (0, 0)))
     image_embeds = model.encode_images(params, config, pixel_values, vision.vision_inputs(grids, config.vision, padded))
-  logits, cache = sampler.extend(params, sampler.new_cache(1, 160), chunk, image_embeds)
-  out, _ = sampler.generate(params, cache, logits, [int(positions.max()) + 1], jax.random.PRNGKey(0), [NEW_TOKENS])
+  hidden, cache = sampler.extend(params, sampler.new_cache(1, 160), chunk, image_embeds)
+  out, _ = sampler.generate(params, cache, hidden, [int(positions.max()) + 1], jax.random.PRNGKey(0), [NEW_TOKENS])
   return [int(t) for t in out.tokens[0, :out.num_tokens[0]]]
 
 

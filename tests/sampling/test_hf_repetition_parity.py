@@ -27,10 +27,10 @@ def _ours(config, params, sampler, ids, patches, grids, penalty):
                          pad(model.image_index_for(ids_np, config), -1))
   pixel_values = np.pad(patches, ((0, 256 - len(patches)), (0, 0)))
   image_embeds = model.encode_images(params, config, pixel_values, vision.vision_inputs(grids, config.vision, 256))
-  logits, cache = sampler.extend(params, sampler.new_cache(1, cache_len), chunk, image_embeds)
+  hidden, cache = sampler.extend(params, sampler.new_cache(1, cache_len), chunk, image_embeds)
   context = np.full((1, cache_len), -1, np.int32)
   context[0, :len(ids)] = ids
-  out, _ = sampler.generate(params, cache, logits, [int(positions.max()) + 1], jax.random.PRNGKey(0), [NEW_TOKENS],
+  out, _ = sampler.generate(params, cache, hidden, [int(positions.max()) + 1], jax.random.PRNGKey(0), [NEW_TOKENS],
                             repetition=(context, np.asarray([penalty], np.float32)))
   return [int(t) for t in out.tokens[0, :out.num_tokens[0]]]
 

@@ -69,9 +69,9 @@ def _greedy_reference(params, prompt, penalty, steps):
 
 def _generate(sampler, params, rows, penalties, steps, cache_len=64):
   cache = sampler.new_cache(len(rows), cache_len)
-  logits, cache = sampler.extend(params, cache, sampling.text_chunk(rows, [0] * len(rows), 16))
+  hidden, cache = sampler.extend(params, cache, sampling.text_chunk(rows, [0] * len(rows), 16))
   repetition = None if penalties is None else (_context(rows, cache_len), np.asarray(penalties, np.float32))
-  out, _ = sampler.generate(params, cache, logits, [len(r) for r in rows], jax.random.PRNGKey(0), [steps] * len(rows),
+  out, _ = sampler.generate(params, cache, hidden, [len(r) for r in rows], jax.random.PRNGKey(0), [steps] * len(rows),
                             repetition=repetition)
   return [list(np.asarray(out.tokens)[b, :int(out.num_tokens[b])]) for b in range(len(rows))], out
 
@@ -113,8 +113,8 @@ def test_empty_stop_table_stops_on_eos_and_budget_only(params, tokenizer):
   for b, s in enumerate(scripts):
     forced[b, :min(len(s), steps)] = s[:steps]
   rows = PROMPTS[:2]
-  logits, cache = sampler.extend(params, sampler.new_cache(2, 64), sampling.text_chunk(rows, [0, 0], 16))
-  out, _ = sampler.generate(params, cache, logits, [len(r) for r in rows], jax.random.PRNGKey(1), [steps, steps],
+  hidden, cache = sampler.extend(params, sampler.new_cache(2, 64), sampling.text_chunk(rows, [0, 0], 16))
+  out, _ = sampler.generate(params, cache, hidden, [len(r) for r in rows], jax.random.PRNGKey(1), [steps, steps],
                             forced)
   np.testing.assert_array_equal(out.stop_reason, [sampling.LENGTH, sampling.EOS])
   np.testing.assert_array_equal(out.num_tokens, [steps, len(scripts[1]) - 8])

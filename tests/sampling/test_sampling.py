@@ -51,6 +51,11 @@ def _forward(text_params, ids, pos, mask):
   return text.forward(text_params, CFG.text, text.embed_tokens(text_params, ids), pos, attention_mask=mask)
 
 
+def next_logits(params, hidden):
+  """The next-token logits of the sampler's next-token state (last hidden states (B, D))."""
+  return text.logits(params["text"], CFG.text, hidden)
+
+
 def full_logits(params, rows):
   """Last-token logits of each row."""
   logits = all_logits(params, rows)
@@ -67,8 +72,8 @@ PROMPTS = [[9707, 11, 1879, 0, 358, 1079], [785, 6722, 315, 9625, 374, 12095, 13
 
 def test_greedy_equals_argmax_of_full_forward(params, stop_table):
   sampler = sampling.Sampler(CFG, sampling.SamplingConfig(temperature=0, max_new_tokens=12, eos_ids=()), stop_table)
-  logits, cache = prefill(sampler, params, PROMPTS)
-  out, cache = sampler.generate(params, cache, logits, [len(r) for r in PROMPTS], jax.random.PRNGKey(0), [12, 7, 12])
+  hidden, cache = prefill(sampler, params, PROMPTS)
+  out, cache = sampler.generate(params, cache, hidden, [len(r) for r in PROMPTS], jax.random.PRNGKey(0), [12, 7, 12])
   np.testing.assert_array_equal(out.num_tokens, [12, 7, 12])
   np.testing.assert_array_equal(out.stop_reason, [sampling.LENGTH] * 3)
   np.testing.assert_array_equal(cache["length"], [6 + 12, 12 + 7, 1 + 12])
@@ -88,13 +93,13 @@ def test_extend_equals_prefill(params, stop_table):
   sampler = sampling.Sampler(CFG, sampling.SamplingConfig(temperature=0, max_new_tokens=4), stop_table)
   heads = [p[:3] for p in PROMPTS[:2]] + [PROMPTS[2]]
   tails = [p[3:] for p in PROMPTS[:2]] + [[11, 12, 13]]
-  logits, cache = prefill(sampler, params, heads)
-  logits, cache = sampler.extend(params, cache, sampling.text_chunk(tails, [len(h) for h in heads], 16))
+  hidden, cache = prefill(sampler, params, heads)
+  hidden, cache = sampler.extend(params, cache, sampling.text_chunk(tails, [len(h) for h in heads], 16))
   whole = [h + t for h, t in zip(heads, tails)]
   np.testing.assert_array_equal(cache["length"], [len(w) for w in whole])
-  np.testing.assert_allclose(logits, full_logits(params, whole), atol=1e-4)
+  np.testing.assert_allclose(next_logits(params, hidden), full_logits(params, whole), atol=1e-4)
   one_shot, _ = prefill(sampler, params, whole)
-  np.testing.assert_allclose(logits, one_shot, atol=1e-4)
+  np.testing.assert_allclose(hidden, one_shot, atol=1e-4)
 
 
 def test_stop_table_matches_tag_variants(tokenizer, stop_table):
@@ -133,8 +138,8 @@ def test_stop_on_tag_eos_and_budget(params, tokenizer, stop_table):
   for b, s in enumerate(scripts):
     forced[b, :min(len(s), steps)] = s[:steps]
   rows = [PROMPTS[0], PROMPTS[1], PROMPTS[2], PROMPTS[0]]
-  logits, cache = prefill(sampler, params, rows)
-  out, cache = sampler.generate(params, cache, logits, [len(r) for r in rows], jax.random.PRNGKey(1),
+  hidden, cache = prefill(sampler, params, rows)
+  out, cache = sampler.generate(params, cache, hidden, [len(r) for r in rows], jax.random.PRNGKey(1),
                                 [steps, steps, 5, steps], forced)
   search_len = len(tokenizer.encode("<search> who? </search>"))
   answer_len = len(tokenizer.encode("<answer> 3 </answer>"))
@@ -198,8 +203,8 @@ def test_sampling_is_seeded_and_spreads(params, stop_table):
   rows = [PROMPTS[1]] * 4
   outs = []
   for seed in (0, 0, 1):
-    logits, cache = prefill(sampler, params, rows)
-    out, _ = sampler.generate(params, cache, logits, [len(r) for r in rows], jax.random.PRNGKey(seed), [6] * 4)
+    hidden, cache = prefill(sampler, params, rows)
+    out, _ = sampler.generate(params, cache, hidden, [len(r) for r in rows], jax.random.PRNGKey(seed), [6] * 4)
     outs.append(np.asarray(out.tokens))
   np.testing.assert_array_equal(outs[0], outs[1])
   assert len({tuple(r) for r in outs[0]}) > 1  # rows of one prompt draw different samples
@@ -211,11 +216,11 @@ def test_no_recompiles_after_warmup_and_cache_donated(params, stop_table):
   for i, (rows, budget) in enumerate([(PROMPTS, [8, 8, 8]), ([[5, 6], [7], [8, 9, 10, 11]], [3, 0, 8]),
                                       ([[1] * 20, [2] * 3, [3]], [1, 2, 8])]):
     cache = sampler.new_cache(3, 96)
-    logits, new_cache = sampler.extend(params, cache, sampling.text_chunk(rows, [0] * 3, 32))
+    hidden, new_cache = sampler.extend(params, cache, sampling.text_chunk(rows, [0] * 3, 32))
     assert cache["k"].is_deleted()
-    out, newer = sampler.generate(params, new_cache, logits, [len(r) for r in rows], jax.random.PRNGKey(i), budget)
+    out, newer = sampler.generate(params, new_cache, hidden, [len(r) for r in rows], jax.random.PRNGKey(i), budget)
     assert new_cache["k"].is_deleted()
-    logits, _ = sampler.extend(params, newer, sampling.text_chunk([[1, 2]] * 3, np.asarray(out.next_positions), 32))
+    sampler.extend(params, newer, sampling.text_chunk([[1, 2]] * 3, np.asarray(out.next_positions), 32))
     if i == 0:
       warm = sampler.compile_count()
   assert sampler.compile_count() == warm
@@ -249,8 +254,8 @@ _MESH_SCRIPT = textwrap.dedent("""
     outs = []
     for mesh in (None, jax.make_mesh((4,), ("data",), axis_types=(AxisType.Auto,))):
       s = sampling.Sampler(cfg, sampling.SamplingConfig(temperature=0, max_new_tokens=6), table, mesh=mesh)
-      logits, cache = s.extend(params, s.new_cache(4, 32), sampling.text_chunk(rows, [0] * 4, 8))
-      out, cache = s.generate(params, cache, logits, [len(r) for r in rows], jax.random.PRNGKey(0), [6] * 4)
+      hidden, cache = s.extend(params, s.new_cache(4, 32), sampling.text_chunk(rows, [0] * 4, 8))
+      out, cache = s.generate(params, cache, hidden, [len(r) for r in rows], jax.random.PRNGKey(0), [6] * 4)
       outs.append(np.asarray(out.tokens))
       if mesh is not None:
         assert len(cache["k"].sharding.device_set) == 4, cache["k"].sharding

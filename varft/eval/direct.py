@@ -108,7 +108,7 @@ class DirectAnswerEngine:
     length = sampling.bucket(max(len(p[1].tokens) for p in prompted), self.config.length_buckets)
     rows = [p[1] for p in prompted] + [batch_lib.Row(0, [], np.zeros(
         (3, 0), np.int32), [], [], [], [])] * (num_rows - len(prompted))
-    logits, cache = self._prefill(params, rows, {k: v for p in prompted for k, v in p[2].items()}, length)
+    hidden, cache = self._prefill(params, rows, {k: v for p in prompted for k, v in p[2].items()}, length)
     budget = np.asarray([self.max_new_tokens] * len(prompted) + [0] * (num_rows - len(prompted)), np.int32)
     forced = np.full((num_rows, self.max_new_tokens), -1, np.int32)
     for r, (b, *_) in enumerate(prompted):
@@ -121,7 +121,7 @@ class DirectAnswerEngine:
       for r, (_, row, *_) in enumerate(prompted):
         context[r, :len(row.tokens)] = row.tokens
       repetition = (context, np.full((num_rows,), self.config.repetition_penalty, np.float32))
-    out, _ = self.sampler.generate(params, cache, logits, next_positions, rng, budget, forced, repetition)
+    out, _ = self.sampler.generate(params, cache, hidden, next_positions, rng, budget, forced, repetition)
     out = jax.device_get(out)
     transcripts = []
     for r, (b, row, images, _, rendered) in enumerate(prompted):
