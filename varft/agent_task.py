@@ -281,8 +281,9 @@ class AgentEnvironment:
     """The grain batches of `config.data.train` (`prompts_per_host` examples each; resumable)."""
     from varft.data import input_pipeline
     d = self.config.data
-    return input_pipeline.batches(training_source(self.config, self.paths, d.train), batch_size=self.prompts_per_host,
-                                  seed=self.config.seed, transform=image_lib.square_resizer(d.resize))
+    source = training_source(self.config, self.paths, d.train)
+    return input_pipeline.batches(source, batch_size=self.prompts_per_host, seed=self.config.seed,
+                                  transform=image_lib.square_resizer(d.resize), balance_by=d.balance_by)
 
   def collect(self, params, rng, batches) -> Experience:
     """One step's rollouts on this host's next prompts, scored."""

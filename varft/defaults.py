@@ -156,6 +156,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.train = "mat_training/search"
   c.data.train_split = ""
   c.data.resize = 0  # > 0: resize every input image to resize x resize first (the paper: 720)
+  # A record field each RL batch holds in about its share of the data (e.g. step_type: every batch mixes problem,
+  # code and answer steps alike); '' = a plain shuffle, as the paper's trainer.
+  c.data.balance_by = ""
 
   # Tools (varft.tools.executor.ToolExecutor config).
   c.tools = ml_collections.ConfigDict()

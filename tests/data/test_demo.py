@@ -158,3 +158,20 @@ def test_coding_reference_steps_fit_the_coding_demos_budgets(demo_dir):
   trajectories = sft_data.ReferenceSource(steps, 'multiturn')
   assert max(len(builder.multiturn(trajectories[i]).tokens) for i in range(len(trajectories))) <= max(
       config.sft.length_buckets)
+
+
+def test_the_coding_demos_grpo_batches_mix_the_step_types(demo_dir):
+  """The coding demo's batches of 4 steps (12 problem, 11 code, 12 answer) each hold 1-2 of every type, over
+  three epochs; a plain shuffle of the same steps deals batches without one."""
+  from experiments import coding
+  config = coding.get_config('demo')
+  steps = builders.load('mat_training/coding', manual_dir=demo.layout(demo_dir)['mat_dir'])
+
+  def counts(balance_by):
+    it = input_pipeline.batches(steps, batch_size=config.rollout.prompts_per_host, seed=config.seed, shard=(0, 1),
+                                balance_by=balance_by)
+    batches = [[e['step_type'] for e in next(it)] for _ in range(3 * len(steps) // 4)]
+    return [[b.count(t) for t in ('problem', 'code', 'answer')] for b in batches]
+
+  assert all(1 <= n <= 2 for c in counts(config.data.balance_by) for n in c)
+  assert any(0 in c for c in counts(''))

@@ -75,3 +75,57 @@ def test_too_many_hosts_is_an_error():
 
 def test_default_shard_comes_from_jax():
   assert input_pipeline.host_shard() == (0, 1)
+
+
+# ---- balance_by: every batch holds each kind in its share ---------------------------------------------------------
+
+
+def _typed(n):
+  """Half answer steps, a quarter each problem and code steps."""
+  kinds = ['answer', 'answer', 'problem', 'code']
+  return [{'id': str(i), 'step_type': kinds[i % 4]} for i in range(n)]
+
+
+def _mix_error(it, batches, batch_size):
+  """The largest gap over `batches` batches between a kind's count in a batch and its share of the batch."""
+  worst = 0.0
+  for _ in range(batches):
+    kinds = [e['step_type'] for e in next(it)]
+    for kind, share in (('answer', 0.5), ('problem', 0.25), ('code', 0.25)):
+      worst = max(worst, abs(kinds.count(kind) - share * batch_size))
+  return worst
+
+
+def test_balanced_batches_hold_each_kind_in_its_share():
+  balanced = input_pipeline.batches(_typed(64), batch_size=8, seed=0, shard=(0, 1), balance_by='step_type')
+  assert _mix_error(balanced, 24, 8) <= 1  # three epochs: every batch 4 +- 1 answers, 2 +- 1 of the others
+  shuffled = input_pipeline.batches(_typed(64), batch_size=8, seed=0, shard=(0, 1))
+  assert _mix_error(shuffled, 24, 8) >= 2  # a shuffle deals some batches far off the mix
+
+
+def test_balanced_epochs_split_the_data_between_hosts_and_are_reshuffled():
+  epochs = []  # epochs[host][epoch]: the ids that host saw in that epoch
+  for host in range(2):
+    it = input_pipeline.batches(_typed(40), batch_size=4, seed=1, shard=(host, 2), balance_by='step_type')
+    epochs.append([sum((_ids(next(it)) for _ in range(5)), []) for _ in range(2)])
+  for epoch in range(2):
+    assert len(set(epochs[0][epoch])) == len(set(epochs[1][epoch])) == 20
+    assert set(epochs[0][epoch]) | set(epochs[1][epoch]) == {str(i) for i in range(40)}
+  assert epochs[0][0] != epochs[0][1]
+
+
+def test_balanced_resume_gives_the_same_remaining_sequence():
+
+  def run(state=None, steps=9):
+    it = input_pipeline.batches(_typed(24), batch_size=4, seed=2, shard=(0, 1), state=state, balance_by='step_type')
+    return [_ids(next(it)) for _ in range(steps)], it.get_state()
+
+  whole, _ = run()
+  first, state = run(steps=4)
+  rest, _ = run(state=state, steps=5)
+  assert first + rest == whole
+
+
+def test_balance_by_a_field_no_record_has_is_an_error():
+  with pytest.raises(ValueError, match="balance_by='kind'"):
+    input_pipeline.batches(_typed(8), batch_size=4, shard=(0, 1), balance_by='kind')
