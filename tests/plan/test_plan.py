@@ -161,11 +161,12 @@ def test_rollout_programs_hold_one_kv_cache():
   cache_bytes = 2 * kv.size * 4
   chunk = sampling.Chunk(i32(rows, 32), i32(3, rows, 32), i32(rows, 32), i32(rows, 32))
   extend = sampling._extend_jit.lower(params, cache, chunk, None, None, model_config=cfg)
-  generate = sampling._generate_jit.lower(params, cache, jax.ShapeDtypeStruct((rows, t.vocab_size), jnp.float32),
+  hidden = jax.ShapeDtypeStruct((rows, t.hidden_size), jnp.float32)  # the next-token state
+  generate = sampling._generate_jit.lower(params, cache, hidden,
                                           i32(rows), jax.random.key(0), i32(rows), i32(rows, steps), i32(t.vocab_size),
                                           i32(4, 4), model_config=cfg,
                                           sampling=sampling.SamplingConfig(max_new_tokens=steps))
-  prefill = sampling._prefill_jit.lower(params, cache, jax.ShapeDtypeStruct((rows, t.vocab_size), jnp.float32),
+  prefill = sampling._prefill_jit.lower(params, cache, hidden,
                                         sampling.Chunk(i32(2, 32), i32(3, 2, 32), i32(2, 32), i32(2, 32)), None, None,
                                         i32(rows), model_config=cfg)
   for name, lowered in (("extend", extend), ("generate", generate), ("prefill", prefill)):
