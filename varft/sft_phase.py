@@ -134,6 +134,7 @@ class SupervisedPhase:
     metrics.update(sharding.host_mean(host))
     metrics.update({
         "sft/learning_rate": float(self.lr_fn(step_in_phase - 1)),
+        "sft/loss_slots": float(row_slots),  # per row: the logits the update computes
         "time/batch_s": built - start,
         "time/update_s": done - built,
         "time/step_s": done - start

@@ -97,11 +97,14 @@ def test_mode_sft_runs_only_the_supervised_phase(demo_root, tmp_path):
   config = _small(search.get_config("demo,multiturn"), sft_steps=2, grpo_steps=5)
   config.mode = "sft"
   config.samples_every = 2
+  config.rollout.max_new_tokens = 256  # the GRPO turn's bucket; the warm-up's slots fit its own batches
   workdir = _workdir(demo_root, tmp_path, "sft")
   metrics = train.train(config, workdir)
   rows = metrics_writer.read_metrics(workdir)
   assert [r["step"] for r in rows] == [1, 2] and "sft/loss" in metrics and "reward/mean" not in metrics
   assert metrics["sft/skipped"] == 0 and metrics["train/loss_tokens"] > 0
+  # A demo trajectory holds ~100 assistant tokens: its own bucket, not the 256 of the GRPO turn.
+  assert [r["sft/loss_slots"] for r in rows] == [128, 128]
   page = open(os.path.join(workdir, "samples", "step_000002.html")).read()
   assert "&lt;information&gt;" in page and "reference" in page  # whole trajectories with their search results
   config.sft.steps = 0
