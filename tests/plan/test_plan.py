@@ -162,9 +162,8 @@ def test_rollout_programs_hold_one_kv_cache():
   chunk = sampling.Chunk(i32(rows, 32), i32(3, rows, 32), i32(rows, 32), i32(rows, 32))
   extend = sampling._extend_jit.lower(params, cache, chunk, None, None, model_config=cfg)
   hidden = jax.ShapeDtypeStruct((rows, t.hidden_size), jnp.float32)  # the next-token state
-  generate = sampling._generate_jit.lower(params, cache, hidden,
-                                          i32(rows), jax.random.key(0), i32(rows), i32(rows, steps), i32(t.vocab_size),
-                                          i32(4, 4), model_config=cfg,
+  generate = sampling._generate_jit.lower(params, cache, hidden, i32(rows), jax.random.key(0), i32(rows),
+                                          i32(rows, steps), i32(t.vocab_size), i32(4, 4), model_config=cfg,
                                           sampling=sampling.SamplingConfig(max_new_tokens=steps))
   prefill = sampling._prefill_jit.lower(params, cache, hidden,
                                         sampling.Chunk(i32(2, 32), i32(3, 2, 32), i32(2, 32), i32(2, 32)), None, None,
