@@ -136,6 +136,14 @@ def row_loss_token_bucket(loss_mask, minimum: int = 16) -> int:
   return sampling.power_of_two_bucket(per_row, minimum)
 
 
+def loss_slots(loss_mask, minimum: int = 0) -> int:
+  """Per-row logit slots of a batch (`row_loss_token_bucket`, agreed by all hosts), at least `minimum`. GRPO passes
+  the bucket of `rollout.max_new_tokens` (what the planner plans for), so its update compiles once instead of once
+  per power of two its batches happen to need; the SFT warm-up passes none (its references' loss tokens vary 5x
+  over hundreds of updates, and its few buckets compile once each)."""
+  return max(minimum, *sharding.gather_json(row_loss_token_bucket(loss_mask)))
+
+
 def sequence_logps(params: Params, config: Qwen25VLConfig, batch: Batch, image_embeds: jnp.ndarray | None,
                    temperature: float = 1.0, logits_chunk: int = 256, num_loss_tokens: int | None = None,
                    row_loss_tokens: int | None = None) -> tuple[jnp.ndarray, jnp.ndarray]:

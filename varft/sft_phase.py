@@ -9,7 +9,7 @@ reference.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 import time
 from typing import Any
 
@@ -51,13 +51,11 @@ class SupervisedPhase:
   """Batches of reference rows (the `varft.batch` schema) and the jitted SFT step on the trainer's mesh and
   train-state shardings."""
 
-  def __init__(self, config: ml_collections.ConfigDict, model_cfg, mesh, workdir: str, state_shardings,
-               loss_slots: Callable[[Any], int]):
+  def __init__(self, config: ml_collections.ConfigDict, model_cfg, mesh, workdir: str, state_shardings):
     from varft.data import input_pipeline
     from varft.processing import chat
     self.config, self.model_cfg, self.mesh = config, model_cfg, mesh
     self.scfg = sft_config(config)
-    self.loss_slots = loss_slots  # the trainer's: loss mask -> the update's static per-row logit slots
     self.optimizer, self.lr_fn = make_optimizer(config)
     self.format = row_format(config)
     self.rows = config.sft.batch_size
@@ -121,7 +119,7 @@ class SupervisedPhase:
     local, self.last_samples, skipped = self.local_batch()
     built = time.perf_counter()
     tokens = float(local["attention_mask"].sum())
-    row_slots = self.loss_slots(local["loss_mask"])
+    row_slots = grpo.loss_slots(local["loss_mask"])  # each batch its own bucket
     batch = batch_lib.to_devices(local, self.mesh, self.model_cfg.vision)
     state, device_metrics = self._step(state, self._prepare(batch), row_loss_tokens=row_slots)
     metrics = {k: float(v) for k, v in sharding.to_host(device_metrics).items()}

@@ -84,13 +84,6 @@ def check_plan(config, mesh):
   return plan.check_fits(config, devices)
 
 
-def loss_slots(loss_mask, minimum: int) -> int:
-  """Per-row logit slots of a batch (`grpo.row_loss_token_bucket`, agreed by all hosts), at least `minimum`: with
-  the bucket of `rollout.max_new_tokens` as the minimum (what the planner plans for) a run compiles its update once
-  instead of once per power of two its batches happen to need."""
-  return max(minimum, *sharding.gather_json(grpo.row_loss_token_bucket(loss_mask)))
-
-
 @dataclasses.dataclass(frozen=True)
 class Run:
   """What `setup` builds once for a training run (the state that changes is passed alongside, see the module doc).
@@ -177,10 +170,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> tuple[Run, dict[st
     sft = None
     if sft_steps:
       from varft import sft_phase
-      # Each batch its own bucket of slots: a reference step's loss tokens vary 5x (an answer step ~24, a code step
-      # ~110), the warm-up runs hundreds of updates, and its few buckets compile once each.
-      sft = sft_phase.SupervisedPhase(config, model_cfg, mesh, workdir, state_shardings,
-                                      lambda mask: loss_slots(mask, minimum=0))
+      sft = sft_phase.SupervisedPhase(config, model_cfg, mesh, workdir, state_shardings)
   except BaseException:
     if task is not None:
       task.close()
@@ -261,9 +251,9 @@ def grpo_step(run: Run, state: dict[str, Any]) -> tuple[dict[str, Any], dict[str
   local["group_ids"] = (np.asarray(local["group_ids"], np.int32) +
                         jax.process_index() * config.rollout.prompts_per_host)
   batch = batch_lib.to_devices(local, run.mesh, run.model_cfg.vision)
-  # Logits only at the sampled positions: a static per-row bucket (agreed by all hosts) >= any row's count; with
-  # the bucket of `rollout.max_new_tokens` as the minimum (what the planner plans for) the update compiles once.
-  row_slots = loss_slots(local["loss_mask"], grpo.row_loss_token_bucket(np.ones((1, config.rollout.max_new_tokens))))
+  # Logits only at the sampled positions, at least a whole turn's bucket: the update compiles once.
+  turn_slots = grpo.row_loss_token_bucket(np.ones((1, config.rollout.max_new_tokens)))
+  row_slots = grpo.loss_slots(local["loss_mask"], turn_slots)
   logps = functools.partial(programs["logps"], batch=batch, row_loss_tokens=row_slots)
   advantages = programs["advantages"](batch["rewards"], batch["group_ids"])
   ref_logps = logps(state["reference"]) if run.gcfg.beta > 0 else None

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from experiments import search
-from varft import metrics_writer, run_config, train
+from varft import grpo, metrics_writer, run_config, train
 from varft.data import builders, demo
 from varft.models import minilm
 from varft.rewards import host
@@ -147,6 +147,6 @@ def test_sft_then_grpo_on_the_demo_writes_the_format_and_improves(demo_root, tmp
 def test_update_logit_slots_never_drop_below_the_rollouts_turn_bucket():
   """One compile per run: slots are the bucket of rollout.max_new_tokens unless a batch's rows need more."""
   minimum = 64
-  assert train.loss_slots(np.ones((2, 10)), minimum) == 64
-  assert train.loss_slots(np.ones((2, 100)), minimum) == 128
-  assert train.loss_slots(np.zeros((2, 100)), minimum) == 64
+  assert grpo.loss_slots(np.ones((2, 10)), minimum) == 64
+  assert grpo.loss_slots(np.ones((2, 100)), minimum) == 128
+  assert grpo.loss_slots(np.zeros((2, 100)), minimum) == 64
