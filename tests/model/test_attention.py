@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from varft.models.qwen25vl import attention, text, vision
+from varft.models.qwen25vl import attention, block_attention, text, vision
 from varft.models.qwen25vl.config import PRESETS
 
 B, H, KV, HD = 3, 4, 2, 16
@@ -162,10 +162,11 @@ def test_vision_block_attention_matches_dense_segment_masks():
   q, k, v = (jax.random.normal(key, (padded, 2, 8)) for key in keys)
   real = inputs["full_segment"] > 0
   weight = jnp.asarray(real, jnp.float32)[:, None, None]
-  for segment, key_blocks, chunk in ((inputs["window_segment"], vision._window_key_blocks(padded // block), 3),
+  for segment, key_blocks, chunk in ((inputs["window_segment"], block_attention.window_key_blocks(padded // block), 3),
                                      (inputs["full_segment"], jnp.asarray(inputs["full_key_blocks"]), 4)):
     segment = jnp.asarray(segment)
-    blocked = lambda q, k, v: vision._blocked_attention(q, k, v, segment, key_blocks, block, chunk)  # noqa: B023
+    attend = block_attention.blocked_attention
+    blocked = lambda q, k, v: attend(q, k, v, segment, key_blocks, block, chunk)  # noqa: B023
     dense = lambda q, k, v: _dense_segment_attention(q, k, v, segment)  # noqa: B023
     np.testing.assert_allclose(
         np.asarray(blocked(q, k, v))[real],

@@ -7,7 +7,7 @@ Patches (P, 1176) -> patch embedding (the stride-(2,14,14) Conv3d as a matmul) -
 Most blocks attend within windows of 112x112 px (4x4 merged cells); `fullatt_block_indexes` attend within the whole
 image. Inside the tower the patches are in *window order* (each window's cells contiguous); the output is put back
 in the processor's order. All index and segment arrays come from `vision_inputs` (host numpy, static shapes), so
-nothing loops over windows or images inside jit:
+nothing loops over windows or images inside jit (the attention itself is `block_attention`):
 
 * the sequence is cut into blocks of `B = (window_size / patch_size)**2` patches (one full window); each query block
   attends, with an online softmax scanned over key blocks, only to a static list of key blocks, masked by segment id;
@@ -27,22 +27,20 @@ Their logical axes (`PARAM_AXES`, beside `init_params`) say how they are sharded
 """
 from __future__ import annotations
 
-import functools
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from varft import sharding
-from varft.models.qwen25vl import rope
+from varft.models.qwen25vl import block_attention, rope
 from varft.models.qwen25vl.config import VisionConfig
 from varft.models.qwen25vl.text import rms_norm
 
 Params = dict[str, Any]
 
 _INTERNAL_PAD = -1  # segment id of the internal padding up to a whole number of blocks
-_NEVER = -2  # segment id of the empty key block that pads key-block lists
 FULL_ATTENTION_CHUNK = 4  # key blocks per online-softmax step in full attention
 
 # The logical axes of every parameter `init_params` creates, in its tree; `sharding` maps them to mesh axes by the
@@ -264,122 +262,6 @@ def rotary_cos_sin(rotary_ids: jnp.ndarray, head_dim: int, theta: float) -> tupl
   return jnp.cos(emb), jnp.sin(emb)
 
 
-class _Blocks(NamedTuple):
-  """Blocked views of one attention call: queries, keys/values with an empty block appended (index nb), the key
-  block list of every step (steps, nb, chunk), and the segment ids."""
-  q: jnp.ndarray  # (nb, block, H, hd)
-  k: jnp.ndarray  # (nb + 1, block, H, hd)
-  v: jnp.ndarray
-  query_segment: jnp.ndarray  # (nb, block)
-  key_segment: jnp.ndarray  # (nb + 1, block)
-  steps: jnp.ndarray  # (steps, nb, chunk) int32
-
-
-def _blocks(q, k, v, segment, key_blocks, block, chunk) -> _Blocks:
-  length, heads, hd = q.shape
-  nb = length // block
-  steps = -(-key_blocks.shape[1] // chunk)
-  key_blocks = jnp.pad(key_blocks, [(0, 0), (0, steps * chunk - key_blocks.shape[1])], constant_values=nb)
-
-  def with_empty_block(x, fill):
-    x = x.reshape((nb, block) + x.shape[1:])
-    return jnp.concatenate([x, jnp.full((1,) + x.shape[1:], fill, x.dtype)])
-
-  return _Blocks(q.reshape(nb, block, heads, hd), with_empty_block(k, 0), with_empty_block(v, 0),
-                 segment.reshape(nb, block), with_empty_block(segment, _NEVER),
-                 key_blocks.reshape(nb, steps, chunk).transpose(1, 0, 2))
-
-
-def _gather(x, index):  # (nb + 1, block, ...) at (nb, chunk) -> (nb, chunk * block, ...)
-  x = x[index]
-  return x.reshape((index.shape[0], -1) + x.shape[3:])
-
-
-def _step_scores(b: _Blocks, index):
-  """float32 scores (nb, H, block, chunk * block) of one step, -inf where the segments differ."""
-  scores = jnp.einsum("nqhd,nkhd->nhqk", b.q, _gather(b.k, index), preferred_element_type=jnp.float32)
-  visible = (b.query_segment[:, :, None] == _gather(b.key_segment, index)[:, None, :])[:, None]
-  return jnp.where(visible, scores * b.q.shape[-1] ** -0.5, -jnp.inf)
-
-
-def _blocked_forward(q, k, v, segment, key_blocks, block, chunk):
-  """(output (length, H, hd), log-sum-exp (nb, H, block); +inf for rows that see no key)."""
-  b = _blocks(q, k, v, segment, key_blocks, block, chunk)
-  nb, _, heads, hd = b.q.shape
-
-  def step(carry, index):
-    running_max, denom, acc = carry
-    scores = _step_scores(b, index)
-    new_max = jnp.maximum(running_max, scores.max(axis=-1))
-    shift = jnp.where(jnp.isfinite(new_max), new_max, 0.0)
-    probs = jnp.exp(scores - shift[..., None])
-    rescale = jnp.exp(running_max - shift)
-    denom = denom * rescale + probs.sum(axis=-1)
-    acc = acc * rescale[..., None] + jnp.einsum("nhqk,nkhd->nhqd", probs.astype(v.dtype), _gather(b.v, index),
-                                                preferred_element_type=jnp.float32)
-    return (new_max, denom, acc), None
-
-  init = (jnp.full((nb, heads, block), -jnp.inf, jnp.float32), jnp.zeros(
-      (nb, heads, block), jnp.float32), jnp.zeros((nb, heads, block, hd), jnp.float32))
-  (row_max, denom, acc), _ = jax.lax.scan(step, init, b.steps)
-  seen = denom > 0
-  out = acc / jnp.where(seen, denom, 1.0)[..., None]
-  lse = jnp.where(seen, row_max + jnp.log(jnp.where(seen, denom, 1.0)), jnp.inf)
-  return out.transpose(0, 2, 1, 3).reshape(q.shape).astype(q.dtype), lse
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _blocked_attention(q, k, v, segment, key_blocks, block, chunk):
-  """Attention of each block of `block` queries over the key blocks `key_blocks` (nb, K) (index nb: none),
-  restricted to equal segment ids. Online softmax in float32, scanned over the key blocks `chunk` at a time; the
-  backward pass recomputes each step's probabilities from the saved log-sum-exp (flash-attention style), so
-  neither scores nor per-step accumulators are kept.
-
-  q, k, v: (nb * block, H, hd); segment: (nb * block,). Rows with no visible key get zeros.
-  """
-  return _blocked_forward(q, k, v, segment, key_blocks, block, chunk)[0]
-
-
-def _blocked_attention_fwd(q, k, v, segment, key_blocks, block, chunk):
-  out, lse = _blocked_forward(q, k, v, segment, key_blocks, block, chunk)
-  return out, (q, k, v, segment, key_blocks, out, lse)
-
-
-def _blocked_attention_bwd(block, chunk, residuals, d_out):
-  q, k, v, segment, key_blocks, out, lse = residuals
-  b = _blocks(q, k, v, segment, key_blocks, block, chunk)
-  nb, _, heads, hd = b.q.shape
-  d_out = d_out.reshape(b.q.shape)
-  row_dot = jnp.einsum("nqhd,nqhd->nhq", d_out.astype(jnp.float32), out.reshape(b.q.shape).astype(jnp.float32))
-
-  def step(carry, index):
-    dq, dk, dv = carry
-    probs = jnp.exp(_step_scores(b, index) - lse[..., None])  # (nb, H, block, chunk * block)
-    dv_step = jnp.einsum("nhqk,nqhd->nkhd", probs.astype(v.dtype), d_out.astype(v.dtype),
-                         preferred_element_type=jnp.float32)
-    d_probs = jnp.einsum("nqhd,nkhd->nhqk", d_out.astype(v.dtype), _gather(b.v, index),
-                         preferred_element_type=jnp.float32)
-    d_scores = (probs * (d_probs - row_dot[..., None]) * hd ** -0.5).astype(q.dtype)
-    dq = dq + jnp.einsum("nhqk,nkhd->nqhd", d_scores, _gather(b.k, index), preferred_element_type=jnp.float32)
-    dk_step = jnp.einsum("nhqk,nqhd->nkhd", d_scores, b.q, preferred_element_type=jnp.float32)
-    scatter = lambda acc, x: acc.at[index].add(x.reshape(index.shape + (block, heads, hd)))
-    return (dq, scatter(dk, dk_step), scatter(dv, dv_step)), None
-
-  zeros = lambda n: jnp.zeros((n, block, heads, hd), jnp.float32)
-  (dq, dk, dv), _ = jax.lax.scan(step, (zeros(nb), zeros(nb + 1), zeros(nb + 1)), b.steps)
-  as_input = lambda x, like: x[:nb].reshape(like.shape).astype(like.dtype)
-  return as_input(dq, q), as_input(dk, k), as_input(dv, v), None, None
-
-
-_blocked_attention.defvjp(_blocked_attention_fwd, _blocked_attention_bwd)
-
-
-def _window_key_blocks(nb: int) -> jnp.ndarray:
-  """A window spans at most two consecutive blocks: each query block visits itself and both neighbours."""
-  run = jnp.arange(nb)[:, None] + jnp.arange(-1, 2)[None, :]
-  return jnp.where((run >= 0) & (run < nb), run, nb)
-
-
 def _dense(x, p, dtype):
   return x @ p["w"].astype(dtype) + p["b"].astype(dtype)
 
@@ -392,9 +274,10 @@ def _block(cfg: VisionConfig, dtype, block_len, x, layer_params, is_full, cos, s
   qkv = _dense(h, layer_params["qkv"], dtype).reshape(length, 3, heads, d // heads)
   q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
   q, k = rope.apply_rotary(q, cos, sin), rope.apply_rotary(k, cos, sin)
-  attn = jax.lax.cond(
-      is_full, lambda q, k, v: _blocked_attention(q, k, v, segments[1], key_blocks[1], block_len, FULL_ATTENTION_CHUNK),
-      lambda q, k, v: _blocked_attention(q, k, v, segments[0], key_blocks[0], block_len, 3), q, k, v)
+  attend = block_attention.blocked_attention
+  attn = jax.lax.cond(is_full,
+                      lambda q, k, v: attend(q, k, v, segments[1], key_blocks[1], block_len, FULL_ATTENTION_CHUNK),
+                      lambda q, k, v: attend(q, k, v, segments[0], key_blocks[0], block_len, 3), q, k, v)
   x = x + _dense(attn.reshape(length, d), layer_params["proj"], dtype)
   h = rms_norm(x, layer_params["norm2"], cfg.rms_norm_eps)
   mlp = jax.nn.silu(_dense(h, layer_params["gate"], dtype)) * _dense(h, layer_params["up"], dtype)
@@ -423,7 +306,7 @@ def forward(params: Params, cfg: VisionConfig, pixel_values: jnp.ndarray, inputs
 
   x, cos, sin = pad(x, 0), pad(cos, 1), pad(sin, 0)
   segments = (pad(inputs["window_segment"], _INTERNAL_PAD), pad(inputs["full_segment"], _INTERNAL_PAD))
-  key_blocks = (_window_key_blocks(padded // block_len), jnp.asarray(inputs["full_key_blocks"]))
+  key_blocks = (block_attention.window_key_blocks(padded // block_len), jnp.asarray(inputs["full_key_blocks"]))
   is_full = jnp.zeros((cfg.depth,), bool).at[jnp.array(cfg.fullatt_block_indexes, jnp.int32)].set(True)
 
   def body(x, scanned):
