@@ -19,10 +19,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from varft import batch as batch_lib
+from varft import batch_placement, rollout_sharding
 from varft import rewards as rewards_lib
 from varft import rollout as rollout_lib
-from varft import rollout_sharding
 from varft.environment import Experience, SampleRejected
 from varft.eval import stream
 from varft.processing import image as image_lib
@@ -263,7 +262,8 @@ class AgentEnvironment:
     self.rollout_mesh = rollout_sharding.rollout_mesh(mesh,
                                                       sampling_tensor_parallel(config, model_cfg, self.compute_dtype))
     self.engine = rollout_lib.RolloutEngine(model_cfg, tokenizer, self.executor, rollout_config(config.rollout),
-                                            mesh=self.rollout_mesh, batch_devices=batch_lib.devices_per_host(mesh))
+                                            mesh=self.rollout_mesh,
+                                            batch_devices=batch_placement.devices_per_host(mesh))
     from varft.eval import settings
     self.eval_settings = settings.describe(config, self.executor.search_backend)  # recorded with each result
     eval_config = rollout_config(config.rollout, **settings.rollout_overrides(config))

@@ -17,8 +17,7 @@ from absl import logging
 import jax
 import ml_collections
 
-from varft import batch as batch_lib
-from varft import grpo, sft, sft_data, sharding
+from varft import batch_placement, grpo, sft, sft_data, sharding
 from varft.processing import image as image_lib
 
 
@@ -59,7 +58,7 @@ class SupervisedPhase:
     self.optimizer, self.lr_fn = make_optimizer(config)
     self.format = row_format(config)
     self.rows = config.sft.batch_size
-    self.num_devices = batch_lib.devices_per_host(mesh)
+    self.num_devices = batch_placement.devices_per_host(mesh)
     r = config.rollout
     self.length_buckets = tuple(config.sft.length_buckets or r.length_buckets)
     self.max_image_patches = r.image_max_pixels // model_cfg.vision.patch_size ** 2
@@ -120,7 +119,7 @@ class SupervisedPhase:
     built = time.perf_counter()
     tokens = float(local["attention_mask"].sum())
     row_slots = grpo.loss_slots(local["loss_mask"])  # each batch its own bucket
-    batch = batch_lib.to_devices(local, self.mesh, self.model_cfg.vision)
+    batch = batch_placement.to_devices(local, self.mesh, self.model_cfg.vision)
     state, device_metrics = self._step(state, self._prepare(batch), row_loss_tokens=row_slots)
     metrics = {k: float(v) for k, v in sharding.to_host(device_metrics).items()}
     done = time.perf_counter()

@@ -5,7 +5,7 @@
     while state["step"] < run.total_steps:
       state, metrics, samples = train_step(run, state)   # SFT warm-up steps (varft.sft_phase), then GRPO steps:
         experience = task.collect(params, rng_step, batches)   # host: sampler + tools + rewards, this host's rows
-        batch = to_devices(experience)                         # global arrays (varft.batch), rows over (data, fsdp)
+        batch = to_devices(experience)                         # global arrays (varft.batch_placement), rows sharded
         advantages, ref_logps -> mu jitted updates (varft.grpo)  # old log-probs = the sampler's
       eval / log / samples / checkpoint
 
@@ -29,9 +29,18 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from varft import batch as batch_lib
+from varft import (
+    batch_placement,
+    console,
+    environment,
+    grpo,
+    grpo_loss,
+    metrics_writer,
+    preflight,
+    run_config,
+    sharding,
+)
 from varft import checkpoint as ckpt_lib
-from varft import console, environment, grpo, grpo_loss, metrics_writer, preflight, run_config, sharding
 from varft.models.qwen25vl import config as model_config_lib
 from varft.models.qwen25vl import text as text_model
 
@@ -250,7 +259,7 @@ def grpo_step(run: Run, state: dict[str, Any]) -> tuple[dict[str, Any], dict[str
   local["rewards"] = np.asarray(experience.rewards, np.float32)
   local["group_ids"] = (np.asarray(local["group_ids"], np.int32) +
                         jax.process_index() * config.rollout.prompts_per_host)
-  batch = batch_lib.to_devices(local, run.mesh, run.model_cfg.vision)
+  batch = batch_placement.to_devices(local, run.mesh, run.model_cfg.vision)
   # Logits only at the sampled positions, at least a whole turn's bucket: the update compiles once.
   turn_slots = grpo.row_loss_token_bucket(np.ones((1, config.rollout.max_new_tokens)))
   row_slots = grpo.loss_slots(local["loss_mask"], turn_slots)

@@ -13,8 +13,7 @@ import numpy as np
 
 from experiments import search
 from tests.trainer import step_script
-from varft import batch as batch_lib
-from varft import grpo, plan, plan_programs, rollout_sharding, sharding, train
+from varft import batch_placement, grpo, plan, plan_programs, rollout_sharding, sharding, train
 
 # The demo recipe cut down: the tiny model, 16 rows of 192 tokens, one 112x112 image per prompt.
 SMALL = dict(prompt_len=160)
@@ -86,7 +85,7 @@ def step():
     fn = grpo.make_train_step(model, gcfg, optimizer, mesh)
     if mesh is not None:
       state = jax.device_put(state, sharding.tree_shardings(state, mesh))
-      prepared = batch_lib.shard({k: np.asarray(v) for k, v in prepared.items()}, mesh)
+      prepared = batch_placement.shard({k: np.asarray(v) for k, v in prepared.items()}, mesh)
     new_state, _ = jax.jit(functools.partial(fn, row_loss_tokens=16))(state, prepared)
     results.append(jax.tree.leaves(jax.device_get(new_state["params"])))
   print(json.dumps({"diff": max(float(np.max(np.abs(a - b))) for a, b in zip(*results))}))

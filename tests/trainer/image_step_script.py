@@ -19,7 +19,7 @@ import numpy as np
 import optax
 
 from varft import batch as batch_lib
-from varft import echo_task, grpo, grpo_loss, sampling, sharding
+from varft import batch_placement, echo_task, grpo, grpo_loss, sampling, sharding
 from varft.models.qwen25vl import model
 
 MODEL = echo_task.model_config(vocab_size=64)
@@ -62,9 +62,9 @@ def step(mesh):
   rows, images = rows_and_images()
   per_host = len(rows) // jax.process_count()
   mine = slice(jax.process_index() * per_host, (jax.process_index() + 1) * per_host)
-  local = assemble(rows[mine], images, batch_lib.devices_per_host(mesh))
+  local = assemble(rows[mine], images, batch_placement.devices_per_host(mesh))
   local["rewards"] = np.linspace(0, 1, len(rows)).astype(np.float32)[mine]
-  batch = batch_lib.to_devices(local, mesh, MODEL.vision)
+  batch = batch_placement.to_devices(local, mesh, MODEL.vision)
   optimizer = optax.sgd(0.1)
   init = lambda rng: model.init_params(rng, MODEL)
   rng = jax.random.key(0)

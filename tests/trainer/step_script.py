@@ -13,8 +13,7 @@ import jax
 from jax.experimental import multihost_utils
 import numpy as np
 
-from varft import batch as batch_lib
-from varft import echo_task, grpo, grpo_loss, sharding
+from varft import batch_placement, echo_task, grpo, grpo_loss, sharding
 from varft.models.qwen25vl import text as text_model
 
 GCFG = grpo.GRPOConfig(beta=0.04, eps_low=0.2, eps_high=0.28, tis_cap=2.0, micro_batches=2, logits_chunk=4)
@@ -59,7 +58,7 @@ def run(mesh_axes: dict[str, int], devices=None) -> tuple[dict[str, np.ndarray],
   per_host = ROWS // jax.process_count()
   rows = slice(jax.process_index() * per_host, (jax.process_index() + 1) * per_host)
   local = {k: (v[:, rows] if k == "positions" else v[rows]) for k, v in full.items()}
-  batch = batch_lib.shard(local, mesh)
+  batch = batch_placement.shard(local, mesh)
   logps = jax.jit(functools.partial(grpo.make_logps_fn(MODEL, GCFG), num_loss_tokens=128))
   advantages = jax.jit(lambda r, g: grpo_loss.group_advantages(r, g, GROUPS))(batch["rewards"], batch["group_ids"])
   ref = logps(params, batch)

@@ -11,7 +11,7 @@ import pytest
 
 from tests.trainer import image_step_script
 from varft import batch as batch_lib
-from varft import grpo
+from varft import batch_placement, grpo
 from varft.models.qwen25vl import model, vision
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -84,14 +84,14 @@ def test_each_device_holds_and_encodes_only_its_own_rows_images():
 def test_tables_grown_to_agreed_shapes_give_the_same_embeddings():
   params = model.init_params(jax.random.key(0), MODEL)
   local = _assemble(8)
-  grown = batch_lib.pad_to_shapes(local, 40, (256, 4, 3), 8, MODEL.vision)
+  grown = batch_placement.pad_to_shapes(local, 40, (256, 4, 3), 8, MODEL.vision)
   assert grown["tokens"].shape == (16, 40) and grown["pixel_values"].shape == (8, 256, MODEL.vision.patch_dim)
   assert grown["vision_inputs"]["full_key_blocks"].shape == (8, 4, 4) and grown["image_grid_thw"].shape == (8, 3, 3)
   assert np.all(grown["image_index"][:, LENGTH:] == -1)
   np.testing.assert_allclose(_row_image_embeds(params, grown), _row_image_embeds(params, local), atol=1e-5)
   text_only = {k: v for k, v in local.items() if k not in ("pixel_values", "vision_inputs", "image_grid_thw")}
-  empty = batch_lib.pad_to_shapes(dict(text_only, image_index=np.full_like(local["image_index"], -1)), LENGTH,
-                                  (64, 1, 1), 8, MODEL.vision)
+  empty = batch_placement.pad_to_shapes(dict(text_only, image_index=np.full_like(local["image_index"], -1)), LENGTH,
+                                        (64, 1, 1), 8, MODEL.vision)
   assert empty["pixel_values"].shape == (8, 64, MODEL.vision.patch_dim) and not empty["pixel_values"].any()
 
 

@@ -98,9 +98,10 @@ def test_two_processes_equal_one_process(tmp_path):
 
 
 def test_shard_batch_rejects_rows_the_mesh_cannot_split():
-  from varft import batch as batch_lib
+  from varft import batch_placement
   mesh = sharding.make_mesh({"data": -1})
-  batch = batch_lib.shard({"tokens": np.zeros((2, 3), np.int32), "positions": np.zeros((3, 2, 3), np.int32)}, mesh)
+  local = {"tokens": np.zeros((2, 3), np.int32), "positions": np.zeros((3, 2, 3), np.int32)}
+  batch = batch_placement.shard(local, mesh)
   assert batch["positions"].sharding.spec == P(None, ("data", "fsdp"))
   assert sharding.spec_for(("vocab", "embed"), (10, 4), mesh) == P(None, None)
 
