@@ -81,7 +81,10 @@ def get_config(arg="demo"):
     c.rollout.max_new_tokens = 40
     c.rollout.max_total_tokens = 1024
     c.rollout.max_tool_output_tokens = 96
-    c.rollout.length_buckets = (1024,)
+    # A step's prompt is 356-735 tokens, so its rows (prompt + a 40-token turn) nearly always fit 768: prefill and
+    # update compute 768 positions a row, not 1024 (the update ~1.9x faster on CPU, the results bit for bit the
+    # same: BENCHMARKS.md, "The search demo's rows in a 768-token bucket").
+    c.rollout.length_buckets = (768, 1024)
     c.rollout.chunk_buckets = (128,)
     c.rollout.patch_buckets = (1024,)
     c.rollout.image_max_pixels = 112 * 112  # 16 image tokens: the tiny model cannot read images anyway

@@ -132,6 +132,7 @@ class SupervisedPhase:
     metrics.update({
         "sft/learning_rate": float(self.lr_fn(step_in_phase - 1)),
         "sft/loss_slots": float(row_slots),  # per row: the logits the update computes
+        "sft/padded_length": float(batch["tokens"].shape[1]),  # the row length it computes
         "time/batch_s": built - start,
         "time/update_s": done - built,
         "time/step_s": done - start

@@ -279,6 +279,8 @@ def grpo_step(run: Run, state: dict[str, Any]) -> tuple[dict[str, Any], dict[str
   metrics = sharding.host_mean(host_metrics(experience, local))
   metrics.update({k: float(v) for k, v in device_metrics.items()})
   metrics["train/learning_rate"] = float(run.lr_fn((step - run.sft_steps) * config.grpo.epochs - 1))
+  # The row length the update computes: the length bucket of the longest row (all hosts agree on it).
+  metrics["train/padded_length"] = float(batch["tokens"].shape[1])
   metrics["time/collect_s"] = collected - start
   metrics["time/update_s"] = updated - collected
   metrics["time/step_s"] = updated - start

@@ -142,6 +142,11 @@ def test_sft_then_grpo_on_the_demo_writes_the_format_and_improves(demo_root, tmp
   rewards = [r["reward/mean"] for r in grpo_rows]
   half = len(rewards) // 2
   assert np.mean(rewards[half:]) > np.mean(rewards[:half]), rewards
+  # The rows (a step's prompt, 356-735 tokens, plus a 40-token turn) fit the 768 bucket: the update computes 768
+  # positions a row, not max_total_tokens' 1024 (~1.9x slower on CPU at the demo's shape).
+  lengths = [r["train/padded_length"] for r in grpo_rows]
+  assert np.median(lengths) == 768 and max(lengths) <= 1024, lengths
+  assert {r["sft/padded_length"] for r in sft_rows} == {768}
 
 
 def test_update_logit_slots_never_drop_below_the_rollouts_turn_bucket():
