@@ -54,7 +54,10 @@ def get_config(arg="demo"):
     c.sft.schedule = "cosine"  # annealing to 0 brings the last loss down: the tags come out right more often
     c.sft.think = "step"  # the gt thinks describe the image, which the tiny model cannot read
     c.sft.length_buckets = (640, 768)  # step rows are <= ~590 tokens, whole trajectories (multiturn) <= ~660
-    c.total_steps = 16  # GRPO steps after the warm-up
+    # GRPO steps after the warm-up. At 16 the rise was +1.4 and +0.4 x its noise on seeds 0 and 1 (format 0.938 and
+    # 0.729 over the last 3); at 32, +2.0 and +1.6 (0.958 and 0.938), ~4.5 s a step (BENCHMARKS.md, "The search
+    # demo's rows in a 768-token bucket").
+    c.total_steps = 32
     c.checkpoint_every = 80
     c.samples_every = 10
     c.eval_every = 1000  # at the end only
