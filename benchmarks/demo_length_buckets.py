@@ -17,29 +17,13 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from benchmarks import demo_update_profile
 from experiments import coding, search
 from varft import grpo, run_config, train
 from varft.models.qwen25vl import model
 
 ROWS, REAL, SAMPLED = 16, 560, 40
-
-
-def demo_batch(length: int) -> dict:
-  """`ROWS` random text rows of `REAL` tokens padded to `length`, the last `SAMPLED` real ones carrying the loss."""
-  rng = np.random.default_rng(0)
-  mask = np.zeros((ROWS, length), np.int32)
-  mask[:, :REAL] = 1
-  loss = np.zeros((ROWS, length), np.float32)
-  loss[:, REAL - SAMPLED:REAL] = 1
-  tokens = np.where(mask > 0, rng.integers(0, 5000, (ROWS, length)), 0)
-  return {
-      "tokens": jnp.asarray(tokens, jnp.int32),
-      "attention_mask": jnp.asarray(mask),
-      "loss_mask": jnp.asarray(loss),
-      "positions": jnp.asarray(np.broadcast_to(np.arange(length), (3, ROWS, length)), jnp.int32)
-  }
 
 
 def update_fns(demo: str, lengths: list[int]):
@@ -49,11 +33,11 @@ def update_fns(demo: str, lengths: list[int]):
   gcfg = run_config.grpo_config(config)
   optimizer, _ = train.make_optimizer(config)
   state = grpo.init_train_state(model.init_params(jax.random.key(0), cfg), optimizer)
-  slots = grpo.row_loss_token_bucket(np.ones((1, config.rollout.max_new_tokens)))
+  slots = grpo.turn_loss_slots(config.rollout.max_new_tokens)
   step = jax.jit(grpo.make_train_step(cfg, gcfg, optimizer), static_argnames="row_loss_tokens")
   fns = {}
   for length in lengths:
-    batch = demo_batch(length)
+    batch = demo_update_profile.update_batch(ROWS, length, SAMPLED, real=REAL)
     prepared = grpo.prepare_batch(batch, jnp.ones((ROWS,)), jnp.zeros((ROWS, length)), gcfg)
     fns[length] = lambda prepared=prepared: step(state, prepared, row_loss_tokens=slots)
   return fns

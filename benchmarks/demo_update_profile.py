@@ -38,10 +38,11 @@ def _time(fn, rounds: int) -> float:
   return statistics.median(times)
 
 
-def update_batch(rows: int, length: int, loss_tokens: int = SAMPLED) -> dict:
-  """Random text rows of `length` tokens, 3/4 real, the last `loss_tokens` real ones carrying the loss."""
+def update_batch(rows: int, length: int, loss_tokens: int = SAMPLED, real: int | None = None) -> dict:
+  """Random text rows of `length` tokens, `real` of them real (default 3/4), the last `loss_tokens` real ones
+  carrying the loss."""
   rng = np.random.default_rng(0)
-  real = length * 3 // 4
+  real = length * 3 // 4 if real is None else real
   mask = np.zeros((rows, length), np.int32)
   mask[:, :real] = 1
   loss = np.zeros((rows, length), np.float32)

@@ -136,6 +136,12 @@ def row_loss_token_bucket(loss_mask, minimum: int = 16) -> int:
   return sampling.power_of_two_bucket(per_row, minimum)
 
 
+def turn_loss_slots(max_new_tokens: int) -> int:
+  """The per-row logit slots of one whole turn (`row_loss_token_bucket` of `max_new_tokens` loss tokens): GRPO's
+  floor, what the planner plans for."""
+  return row_loss_token_bucket(np.ones((1, max_new_tokens)))
+
+
 def loss_slots(loss_mask, minimum: int = 0) -> int:
   """Per-row logit slots of a batch (`row_loss_token_bucket`, agreed by all hosts), at least `minimum`. GRPO passes
   the bucket of `rollout.max_new_tokens` (what the planner plans for), so its update compiles once instead of once

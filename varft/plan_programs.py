@@ -67,8 +67,8 @@ def recipe(config, prompt_len: int = 1024, train_len: int = 0, cache_len: int = 
       chunk_len=max(r.chunk_buckets), new_tokens=r.max_new_tokens, train_len=train_len or
       sampling.bucket(min(prompt_len + r.max_new_tokens, r.max_total_tokens), r.length_buckets), cache_len=cache_len or
       r.max_total_tokens + max(r.chunk_buckets), image_grid=grid, max_image_patches=r.image_max_pixels // 14 ** 2,
-      micro_batches=config.grpo.micro_batches, row_loss_tokens=grpo.row_loss_token_bucket(np.ones(
-          (1, r.max_new_tokens))), patch_buckets=tuple(r.patch_buckets))
+      micro_batches=config.grpo.micro_batches, row_loss_tokens=grpo.turn_loss_slots(r.max_new_tokens),
+      patch_buckets=tuple(r.patch_buckets))
 
 
 def _abstract(tree, shardings):

@@ -261,7 +261,7 @@ def grpo_step(run: Run, state: dict[str, Any]) -> tuple[dict[str, Any], dict[str
                         jax.process_index() * config.rollout.prompts_per_host)
   batch = batch_placement.to_devices(local, run.mesh, run.model_cfg.vision)
   # Logits only at the sampled positions, at least a whole turn's bucket: the update compiles once.
-  turn_slots = grpo.row_loss_token_bucket(np.ones((1, config.rollout.max_new_tokens)))
+  turn_slots = grpo.turn_loss_slots(config.rollout.max_new_tokens)
   row_slots = grpo.loss_slots(local["loss_mask"], turn_slots)
   logps = functools.partial(programs["logps"], batch=batch, row_loss_tokens=row_slots)
   advantages = programs["advantages"](batch["rewards"], batch["group_ids"])
