@@ -9,6 +9,7 @@ import itertools
 import logging
 import os
 import signal
+import threading
 import time
 
 log = logging.getLogger(__name__)
@@ -90,6 +91,8 @@ class SlotCgroups:
     self.procs_files = procs_files  # slot -> list of cgroup.procs paths.
     self.oom_files = oom_files  # slot -> file holding the oom_kill counter.
     self.version = version
+    # The sandbox's finalizer and a warm start's done-callback (the spawner's thread) may both close.
+    self._closing = threading.Lock()
 
   @classmethod
   def create(cls, slots, memory_bytes, max_tasks):
@@ -203,7 +206,11 @@ class SlotCgroups:
 
   def close(self, wait_s=2.0):
     """Kills what is left in the cgroups and removes them, waiting up to `wait_s` for dying processes to leave;
-    safe to call again later for any that could not go yet."""
+    safe to call again later for any that could not go yet, and from several threads at once (one at a time)."""
+    with self._closing:
+      self._remove_all(wait_s)
+
+  def _remove_all(self, wait_s):
     deadline = time.monotonic() + wait_s
     tags = {os.path.dirname(d) for dirs in self.slot_dirs.values() for d in dirs}
     while self.slot_dirs:
