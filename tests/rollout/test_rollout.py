@@ -216,7 +216,9 @@ def _record_program_signatures(monkeypatch) -> list[set]:
 
     return call
 
-  for name in ("_extend_jit", "_generate_jit", "_prefill_jit", "_extend_rows_jit", "_generate_rows_jit"):
+  names = [name for name, value in vars(sampling).items() if any(value is p for p in sampling._PROGRAMS)]
+  assert len(names) == len(sampling._PROGRAMS)
+  for name in names:
     monkeypatch.setattr(sampling, name, spy(name, getattr(sampling, name)))
   return runs
 
